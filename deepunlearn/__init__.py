@@ -1,0 +1,33 @@
+"""deepunlearn: training-free class forgetting (Kodge, Saha, Roy, "Deep Unlearning", TMLR 2024).
+
+Quick use::
+
+    import deepunlearn
+    report = deepunlearn.unlearn(model, forget_loader, retain_loader, alpha_r=100, alpha_f=3)
+    print(report)
+
+See :func:`unlearn`, :func:`forget_classes`, :func:`search_alphas` and :func:`collect_statistics`.
+"""
+from ._ext import extension_info
+from .projection import Spectrum, scaled_projection
+from .report import LayerReport, UnlearnReport
+from .search import AlphaSearch, search_alphas
+from .statistics import SlotStatistics, Statistics, collect_statistics
+from .unlearn import forget_classes, unlearn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlphaSearch",
+    "LayerReport",
+    "SlotStatistics",
+    "Spectrum",
+    "Statistics",
+    "UnlearnReport",
+    "collect_statistics",
+    "extension_info",
+    "forget_classes",
+    "scaled_projection",
+    "search_alphas",
+    "unlearn",
+]

@@ -1,0 +1,56 @@
+"""Turn whatever the caller passes as data into a stream of input batches."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+DataLike = Any  # DataLoader | Dataset | Tensor | Iterable of batches
+
+
+def _first_tensor(batch: Any) -> torch.Tensor:
+    """Return the model input of one batch: ``x`` itself or the first item of ``(x, y, ...)``."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(
+        "each batch must be a tensor x or a tuple/list (x, y, ...) whose first item is a tensor; "
+        f"got {type(batch).__name__}"
+    )
+
+
+def iter_batches(data: DataLike, batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """Yield input tensors (batch dimension first) from a DataLoader, Dataset, tensor or iterable.
+
+    A tensor is split along dim 0 into chunks of ``batch_size``; a map-style Dataset is
+    wrapped in a DataLoader without shuffling; anything else is iterated as given.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0:
+            raise ValueError("a data tensor needs a batch dimension; got a 0-d tensor")
+        yield from data.split(batch_size)
+        return
+    if isinstance(data, Dataset):  # map-style or iterable: both yield samples, batch them
+        data = DataLoader(data, batch_size=batch_size, shuffle=False)
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be a DataLoader, a Dataset, a tensor or an iterable of batches; "
+            f"got {type(data).__name__}"
+        )
+    for batch in data:
+        yield _first_tensor(batch)
+
+
+def iter_labelled(data: DataLike, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` batches from a labelled DataLoader, Dataset or iterable of ``(x, y, ...)``."""
+    if isinstance(data, Dataset):
+        data = DataLoader(data, batch_size=batch_size, shuffle=False)
+    for batch in data:
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            raise TypeError("labelled data must yield (x, y, ...) batches")
+        yield batch[0], torch.as_tensor(batch[1])

@@ -1,0 +1,134 @@
+"""Input vectors of each layer kind and the streaming second-moment update ``C += Σ x xᵀ``.
+
+This module is the seam for the compiled kernels: :func:`accumulate_linear_` and
+:func:`accumulate_conv_` dispatch to the extension's ops when it is loaded, and otherwise
+run the pure-PyTorch twins defined here, which also serve as the tests' oracle.
+
+Shapes: a covariance buffer is ``(groups, d, d)``; ``d`` is the length of one input vector
+of one group. Linear layers have ``groups == 1``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Upper bound on the elements of one unfolded patch chunk in the pure conv path (~128 MiB in float64).
+_PATCH_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What a convolution does to its input, enough to rebuild its patches exactly."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: tuple[int, ...]  # F.pad order: (last_lo, last_hi, ..., first_lo, first_hi)
+    padding_mode: str  # 'zeros' | 'reflect' | 'replicate' | 'circular'
+    groups: int
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.kernel)
+
+    @classmethod
+    def of(cls, conv: nn.modules.conv._ConvNd) -> "ConvGeometry":
+        k, dil = tuple(conv.kernel_size), tuple(conv.dilation)
+        if isinstance(conv.padding, str):
+            if conv.padding == "valid":
+                lo_hi = [(0, 0)] * len(k)
+            else:  # 'same': torch puts the odd pixel on the high side
+                lo_hi = [(d * (kk - 1) // 2, d * (kk - 1) - d * (kk - 1) // 2) for kk, d in zip(k, dil)]
+        else:
+            lo_hi = [(p, p) for p in conv.padding]
+        pad = tuple(v for pair in reversed(lo_hi) for v in pair)
+        return cls(k, tuple(conv.stride), dil, pad, conv.padding_mode, conv.groups)
+
+
+def _pad(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    if not any(geom.padding):
+        return x
+    if geom.padding_mode == "zeros":
+        return F.pad(x, geom.padding, mode="constant", value=0.0)
+    return F.pad(x, geom.padding, mode=geom.padding_mode)
+
+
+def conv_patches(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """Every patch the convolution multiplies, as rows: ``(groups, N*prod(out), C/groups*prod(kernel))``.
+
+    ``x`` is ``(N, C, *spatial)`` (an unbatched ``(C, *spatial)`` input is accepted). Padding is
+    applied exactly as the conv applies it, so padded positions appear in the patches. Row
+    entries are ordered like the flattened weight ``(C/groups, *kernel)``.
+    """
+    nd = geom.spatial_dims
+    if x.dim() == nd + 1:
+        x = x.unsqueeze(0)
+    x = _pad(x, geom)
+    for i, (k, s, d) in enumerate(zip(geom.kernel, geom.stride, geom.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends the window as a trailing dim
+    x = x[(Ellipsis, *(slice(None, None, d) for d in geom.dilation))]
+    n_batch, channels = x.shape[:2]
+    perm = (0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
+    rows = x.permute(perm).reshape(-1, geom.groups, channels // geom.groups * math.prod(geom.kernel))
+    return rows.transpose(0, 1)
+
+
+def linear_rows(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Input vectors of a linear map as rows ``(n, d)``: every position of every leading dim."""
+    return x.reshape(-1, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure-PyTorch accumulation (the twins of the extension's ops)
+# ---------------------------------------------------------------------------------------------
+
+
+def accumulate_linear_reference_(cov: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``cov[0] += rowsᵀ rows`` in ``cov``'s dtype. ``cov``: ``(1, d, d)``; ``rows``: ``(n, d)``."""
+    rows = rows.to(cov.dtype)
+    cov[0].addmm_(rows.T, rows)
+    return cov
+
+
+def accumulate_conv_reference_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """``cov[g] += Σ_patches p pᵀ`` per group, unfolding the batch in bounded chunks.
+
+    ``cov``: ``(groups, d_g, d_g)``; ``x``: ``(N, C, *spatial)``. Peak extra memory is about
+    ``_PATCH_CHUNK_ELEMENTS`` elements of ``cov``'s dtype, whatever N is.
+    """
+    if x.dim() == geom.spatial_dims + 1:
+        x = x.unsqueeze(0)
+    d = cov.shape[-1]
+    out_positions = max(1, math.prod(s // st for s, st in zip(x.shape[2:], geom.stride)))
+    per_sample = out_positions * d * geom.groups
+    chunk = max(1, _PATCH_CHUNK_ELEMENTS // per_sample)
+    for xs in x.split(chunk):
+        rows = conv_patches(xs.to(cov.dtype), geom)  # (g, n, d)
+        cov.baddbmm_(rows.transpose(1, 2), rows)
+    return cov
+
+
+def accumulate_linear_(cov: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``cov += rowsᵀ rows``; the compiled op when available, else the pure twin."""
+    from . import _ext
+
+    if _ext.has_op("linear_cov_accumulate_", rows.device):
+        _ext.ops().linear_cov_accumulate_(cov[0], rows)
+        return cov
+    return accumulate_linear_reference_(cov, rows)
+
+
+def accumulate_conv_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """``cov += Σ patch patchᵀ`` per group; the compiled implicit-im2col op when available."""
+    from . import _ext
+
+    if _ext.has_op("conv_cov_accumulate_", x.device) and geom.padding_mode == "zeros" and geom.spatial_dims <= 2:
+        if x.dim() == geom.spatial_dims + 1:
+            x = x.unsqueeze(0)
+        _ext.ops().conv_cov_accumulate_(cov, x, list(geom.kernel), list(geom.stride), list(geom.padding), list(geom.dilation))
+        return cov
+    return accumulate_conv_reference_(cov, x, geom)

@@ -1,0 +1,100 @@
+"""Scaled subspace projections ``M(C, α) = U diag(λ(α)) Uᵀ`` with ``λ_i = α r_i / ((α−1) r_i + 1)``.
+
+``r_i = e_i / tr(C)`` are the normalised energies of the second moment ``C``. Three solvers
+give the same matrix (ALGORITHM.md §3):
+
+* ``"cholesky"``: no decomposition, ``M = α Ĉ ((α−1)Ĉ + I)⁻¹`` with ``Ĉ = C / tr(C)``; cheapest for one α.
+* ``"eigh"``: decompose ``C`` once (:class:`Spectrum`), then rescale per α; cheapest for many α.
+* ``"svd"``: singular vectors of ``C`` (the paper's decomposition, for reference).
+
+All functions take a batch of groups: ``C`` is ``(g, d, d)``. A group with ``tr(C) = 0`` (it saw
+only zeros) yields ``M = 0``: nothing is projected there.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SOLVERS = ("cholesky", "eigh", "svd")
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+    """Return ``alpha`` as a float, or raise ``ValueError`` unless it is finite and positive."""
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {alpha!r}") from None
+    if not math.isfinite(a) or a <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {alpha!r}")
+    return a
+
+
+def check_solver(solver: str) -> str:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    return solver
+
+
+def normalised(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Ĉ, tr)``: ``C / tr(C)`` per group (zero where the trace is zero) and the traces ``(g,)``."""
+    tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    safe = torch.where(tr > 0, tr, torch.ones_like(tr))
+    c_hat = torch.where((tr > 0)[:, None, None], cov / safe[:, None, None], torch.zeros_like(cov))
+    return c_hat, tr
+
+
+def scale_energies(r: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``λ(α) = α r / ((α−1) r + 1)`` elementwise (``r`` in [0, 1])."""
+    return alpha * r / ((alpha - 1.0) * r + 1.0)
+
+
+@dataclass
+class Spectrum:
+    """Eigen-decomposition of a batch of second moments, reusable for any α.
+
+    Attributes:
+        vectors: ``(g, d, d)`` orthonormal eigenvectors (columns).
+        energies: ``(g, d)`` normalised energies ``r_i = e_i / tr(C)``, clamped to [0, 1].
+    """
+
+    vectors: torch.Tensor
+    energies: torch.Tensor
+
+    @classmethod
+    def of(cls, cov: torch.Tensor, method: str = "eigh") -> "Spectrum":
+        c_hat, _ = normalised(cov)
+        c_hat = 0.5 * (c_hat + c_hat.transpose(-1, -2))  # exact symmetry for the symmetric solvers
+        if method == "svd":
+            u, s, _ = torch.linalg.svd(c_hat)
+        else:
+            s, u = torch.linalg.eigh(c_hat)
+        return cls(u, s.clamp(0.0, 1.0))
+
+    def projection(self, alpha: float) -> torch.Tensor:
+        """``M(C, α)`` as ``(g, d, d)``."""
+        lam = scale_energies(self.energies, alpha)
+        return (self.vectors * lam[:, None, :]) @ self.vectors.transpose(-1, -2)
+
+
+def projection_cholesky(cov: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``M = α ((α−1)Ĉ + I)⁻¹ Ĉ`` by one Cholesky factorisation and a triangular solve per group."""
+    c_hat, _ = normalised(cov)
+    c_hat = 0.5 * (c_hat + c_hat.transpose(-1, -2))
+    eye = torch.eye(c_hat.shape[-1], dtype=c_hat.dtype, device=c_hat.device)
+    a = (alpha - 1.0) * c_hat + eye  # SPD: eigenvalues in [min(1, α), max(1, α)]
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info.max()) > 0:
+        raise RuntimeError(f"Cholesky factorisation failed for alpha={alpha} (matrix not positive definite)")
+    m = alpha * torch.cholesky_solve(c_hat, chol)
+    return 0.5 * (m + m.transpose(-1, -2))  # Ĉ and A commute, so M is symmetric; remove rounding
+
+
+def scaled_projection(cov: torch.Tensor, alpha: float, solver: str = "cholesky") -> torch.Tensor:
+    """``M(C, α)`` for a batch ``cov`` of shape ``(g, d, d)`` by the named solver; returns ``(g, d, d)``."""
+    check_solver(solver)
+    alpha = check_alpha(alpha)
+    if solver == "cholesky":
+        return projection_cholesky(cov, alpha)
+    return Spectrum.of(cov, solver).projection(alpha)

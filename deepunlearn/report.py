@@ -1,0 +1,92 @@
+"""What an unlearning call did, per layer and in total, printable and JSON-ready."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+
+@dataclass
+class LayerReport:
+    """One edited weight matrix.
+
+    Attributes:
+        name: target name (see :class:`deepunlearn.layers.EditTarget`).
+        kind: layer kind.
+        weight_shape: shape of the edited weight (or row block).
+        groups: conv groups (1 otherwise).
+        d: input vector length per group.
+        forget_vectors, retain_vectors: input vectors (tokens / conv patches) accumulated per group.
+        forget_energy, retain_energy: ``tr(C)`` summed over groups.
+        relative_change: ``‖W_new − W‖_F / ‖W‖_F``.
+        notes: anything unusual (groups that saw only zeros, a layer the data never reached).
+    """
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    groups: int
+    d: int
+    forget_vectors: int
+    retain_vectors: int
+    forget_energy: float
+    retain_energy: float
+    relative_change: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UnlearnReport:
+    """Result of :func:`deepunlearn.unlearn`.
+
+    Attributes:
+        model: the edited model (the caller's own when ``inplace=True``, else a new copy).
+        layers: one :class:`LayerReport` per weight matrix, in model order.
+        skipped: ``(name, reason)`` for weighted layers that were not edited.
+        forget_samples, retain_samples: samples that went through the model.
+        alpha_r, alpha_f, solver: the settings used.
+        seconds: wall time in seconds: ``collect_forget``, ``collect_retain``, ``decompose``, ``edit``, ``total``.
+    """
+
+    model: nn.Module
+    layers: list[LayerReport]
+    skipped: list[tuple[str, str]]
+    forget_samples: int
+    retain_samples: int
+    alpha_r: float
+    alpha_f: float
+    solver: str
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the model, as plain JSON-serialisable data."""
+        return {
+            "layers": [asdict(layer) for layer in self.layers],
+            "skipped": [list(s) for s in self.skipped],
+            "forget_samples": self.forget_samples,
+            "retain_samples": self.retain_samples,
+            "alpha_r": self.alpha_r,
+            "alpha_f": self.alpha_f,
+            "solver": self.solver,
+            "seconds": dict(self.seconds),
+        }
+
+    def __str__(self) -> str:
+        head = (
+            f"deepunlearn: edited {len(self.layers)} weight matrices with {self.forget_samples} forget / "
+            f"{self.retain_samples} retain samples, alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}, solver={self.solver}"
+        )
+        t = self.seconds
+        times = (
+            f"time: collect {t['collect_forget'] + t['collect_retain']:.3f}s, decompose {t['decompose']:.3f}s, "
+            f"edit {t['edit']:.3f}s, total {t['total']:.3f}s"
+        )
+        rows = [f"{'layer':<40} {'kind':<14} {'d':>6} {'groups':>6} {'forget vec':>11} {'retain vec':>11} {'|dW|/|W|':>9}"]
+        for r in self.layers:
+            rows.append(
+                f"{r.name[:40]:<40} {r.kind:<14} {r.d:>6} {r.groups:>6} {r.forget_vectors:>11} {r.retain_vectors:>11} "
+                f"{r.relative_change:>9.4f}" + (f"  ({'; '.join(r.notes)})" if r.notes else "")
+            )
+        rows += [f"skipped {name}: {why}" for name, why in self.skipped]
+        return "\n".join([head, times, *rows])

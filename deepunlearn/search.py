@@ -1,0 +1,125 @@
+"""Choose ``(alpha_r, alpha_f)`` on held-out samples: decompose once, rescale per α."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._batches import DataLike, iter_labelled
+from .edit import apply_plan
+from .evaluation import class_accuracies
+from .layers import find_targets
+from .projection import Spectrum, check_alpha
+from .statistics import Statistics, _eval_no_grad, model_device
+from .unlearn import gather_statistics, layer_moments, plan_edits
+
+ALPHA_R_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+ALPHA_F_GRID = (0.25, 0.5, 0.9, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+
+
+@dataclass
+class AlphaSearch:
+    """Outcome of :func:`search_alphas`.
+
+    Attributes:
+        table: one dict per pair: ``alpha_r``, ``alpha_f``, ``retain_acc``, ``forget_acc`` (percent on the
+            held-out samples) and ``score = retain_acc * (100 - forget_acc)``, in grid order.
+        alpha_r, alpha_f: the best pair (highest score; ties go to the earlier grid entry).
+        seconds: wall time of the whole search.
+    """
+
+    table: list[dict[str, float]]
+    alpha_r: float
+    alpha_f: float
+    seconds: float
+
+    @property
+    def best(self) -> dict[str, float]:
+        return max(self.table, key=lambda r: r["score"])
+
+
+def _cache_labelled(data: DataLike, device: torch.device, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.to(device), y) for x, y in iter_labelled(data, batch_size)]
+
+
+def search_alphas(
+    model: nn.Module,
+    forget: DataLike | Statistics,
+    retain: DataLike | Statistics,
+    validation: DataLike,
+    forget_classes: Sequence[int],
+    *,
+    alpha_r_grid: Sequence[float] = ALPHA_R_GRID,
+    alpha_f_grid: Sequence[float] = ALPHA_F_GRID,
+    batch_size: int = 256,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> AlphaSearch:
+    """Grid-search the two scales and return every pair's held-out score; the model is left unchanged.
+
+    Each layer's second moments are eigen-decomposed once; each α only rescales the energies.
+    Every pair is applied to the model, scored on ``validation`` by
+    ``retain_acc · (100 − forget_acc)``, and the original weights are restored.
+
+    Args:
+        model: the trained classifier.
+        forget, retain: the data (or :class:`Statistics`) the edit is computed from, as in
+            :func:`deepunlearn.unlearn`.
+        validation: labelled held-out samples of all classes, ``(x, y)`` batches or a Dataset.
+            Use samples outside both ``forget``/``retain`` and the test split.
+        forget_classes: the class indices being forgotten (to split ``validation``).
+        alpha_r_grid, alpha_f_grid: candidate scales (ALGORITHM.md §4 grids by default).
+        batch_size, dtype, progress: as in :func:`deepunlearn.unlearn`.
+    """
+    t0 = time.perf_counter()
+    grid_r = [check_alpha(a, "alpha_r") for a in alpha_r_grid]
+    grid_f = [check_alpha(a, "alpha_f") for a in alpha_f_grid]
+    if not grid_r or not grid_f:
+        raise ValueError("alpha grids must not be empty")
+    targets, _ = find_targets(model)
+    if not targets:
+        raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
+    device = model_device(model)
+    kw = dict(batch_size=batch_size, dtype=dtype, progress=progress)
+    moments_f = layer_moments(targets, gather_statistics(model, forget, "forget", **kw), device)
+    moments_r = layer_moments(targets, gather_statistics(model, retain, "retain", **kw), device)
+    spectra_f = {k: None if c is None else Spectrum.of(c) for k, (c, _) in moments_f.items()}
+    spectra_r = {k: None if c is None else Spectrum.of(c) for k, (c, _) in moments_r.items()}
+    val = _cache_labelled(validation, device, batch_size)
+    if not val:
+        raise ValueError("the validation data is empty")
+    y_all = torch.cat([y for _, y in val]).long()
+    is_f = torch.isin(y_all, torch.as_tensor(list(forget_classes)))
+    if not is_f.any() or is_f.all():
+        raise ValueError("the validation data must hold samples of both the forget and the retain classes")
+
+    originals = [t.weight().detach().clone() for t in targets]
+    table: list[dict[str, float]] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(grid_r) * len(grid_f), desc="alpha search", disable=not progress, leave=False)
+    try:
+        for a_r in grid_r:
+            m_r = {k: None if s is None else s.projection(a_r) for k, s in spectra_r.items()}
+            for a_f in grid_f:
+                m_f = {k: None if s is None else s.projection(a_f) for k, s in spectra_f.items()}
+                plan, _ = plan_edits(targets, moments_f, moments_r, m_f, m_r)
+                apply_plan(plan)
+                with _eval_no_grad(model):
+                    probs = torch.cat([model(x).float().cpu() for x, _ in val])
+                r_acc, f_acc = class_accuracies(probs, y_all, forget_classes)
+                table.append({"alpha_r": a_r, "alpha_f": a_f, "retain_acc": r_acc, "forget_acc": f_acc, "score": r_acc * (100.0 - f_acc)})
+                with torch.no_grad():
+                    for t, w in zip(targets, originals):
+                        t.weight().copy_(w)
+                bar.update()
+    finally:
+        bar.close()
+        with torch.no_grad():
+            for t, w in zip(targets, originals):
+                t.weight().copy_(w)
+    best = max(table, key=lambda r: r["score"])
+    return AlphaSearch(table, best["alpha_r"], best["alpha_f"], time.perf_counter() - t0)

@@ -1,0 +1,356 @@
+"""Streamed per-layer second moments ``C = Σ x xᵀ`` of the inputs every edited weight sees.
+
+:func:`collect_statistics` runs the model over the data with hooks that feed each layer's
+input vectors (every token, every conv patch, padding included) into a ``(groups, d, d)``
+buffer. Nothing but those buffers is kept, so memory is O(d²) per layer whatever the
+number of samples, and statistics from different batches, shards or processes simply add.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._batches import DataLike, iter_batches
+from .covariance import ConvGeometry, accumulate_conv_, accumulate_linear_, linear_rows
+from .layers import EditTarget, find_targets
+
+_FORMAT = "deepunlearn.statistics"
+_VERSION = 1
+
+
+@dataclass
+class SlotStatistics:
+    """Second moment of one input slot.
+
+    Attributes:
+        cov: ``(groups, d, d)`` sum of ``x xᵀ`` over every input vector ``x`` of each group.
+        count: number of input vectors accumulated (per group).
+    """
+
+    cov: torch.Tensor
+    count: int = 0
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The one device holding all of ``model``'s parameters and buffers (error if several)."""
+    devices = {t.device for t in [*model.parameters(), *model.buffers()]}
+    if not devices:
+        raise ValueError("the model has no parameters")
+    if len(devices) > 1:
+        names = ", ".join(sorted(str(d) for d in devices))
+        raise ValueError(f"the model's parameters are on several devices ({names}); move it to one device first")
+    return devices.pop()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of the edited layers' names, shapes and weights (norms to 6 significant digits).
+
+    Rounding keeps the fingerprint equal for the same model on another device or after a
+    save/load round trip, while a different architecture or other weights change it.
+    """
+    targets, _ = find_targets(model)
+    desc = []
+    for t in targets:
+        w = t.weight().detach()
+        desc.append([t.name, list(w.shape), str(w.dtype).replace("torch.", ""), f"{w.double().norm().item():.6g}"])
+    return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Statistics:
+    """Per-slot input second moments of one model on one data set.
+
+    Attributes:
+        slots: slot name -> :class:`SlotStatistics`, in the order layers first ran.
+        samples: number of samples (batch rows) that went through the model.
+        fingerprint: :func:`model_fingerprint` of the model they were collected on.
+    """
+
+    slots: dict[str, SlotStatistics] = field(default_factory=dict)
+    samples: int = 0
+    fingerprint: str = ""
+
+    # -- combination and movement ---------------------------------------------------------
+    def __add__(self, other: "Statistics") -> "Statistics":
+        if not isinstance(other, Statistics):
+            return NotImplemented
+        if self.fingerprint != other.fingerprint:
+            raise ValueError(
+                f"cannot add statistics of different models (fingerprints {self.fingerprint} and {other.fingerprint})"
+            )
+        out = Statistics({k: SlotStatistics(v.cov.clone(), v.count) for k, v in self.slots.items()}, self.samples + other.samples, self.fingerprint)
+        for name, s in other.slots.items():
+            if name not in out.slots:
+                out.slots[name] = SlotStatistics(s.cov.clone(), s.count)
+                continue
+            mine = out.slots[name]
+            if mine.cov.shape != s.cov.shape:
+                raise ValueError(f"slot '{name}' has shape {tuple(mine.cov.shape)} in one and {tuple(s.cov.shape)} in the other")
+            if mine.cov.device != s.cov.device:
+                raise ValueError(f"slot '{name}' is on {mine.cov.device} in one and {s.cov.device} in the other; use .to() first")
+            mine.cov += s.cov.to(mine.cov.dtype)
+            mine.count += s.count
+        return out
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Statistics":
+        """A copy with every buffer moved to ``device`` and/or cast to ``dtype``."""
+        return Statistics({k: SlotStatistics(v.cov.to(device=device, dtype=dtype), v.count) for k, v in self.slots.items()}, self.samples, self.fingerprint)
+
+    @property
+    def device(self) -> torch.device | None:
+        return next(iter(self.slots.values())).cov.device if self.slots else None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return next(iter(self.slots.values())).cov.dtype if self.slots else None
+
+    # -- queries ----------------------------------------------------------------------------
+    def covariance(self, target: EditTarget) -> tuple[torch.Tensor | None, int]:
+        """Summed ``(groups, d, d)`` second moment of the slots ``target`` reads, and its vector count.
+
+        Returns ``(None, 0)`` when no input ever reached the target.
+        """
+        present = [self.slots[s] for s in target.slots if s in self.slots]
+        if not present:
+            return None, 0
+        cov = present[0].cov if len(present) == 1 else sum(p.cov for p in present)
+        d, g = target.in_features, target.groups
+        if tuple(cov.shape) != (g, d, d):
+            raise ValueError(
+                f"statistics for layer '{target.name}' have shape {tuple(cov.shape)} but the layer needs {(g, d, d)}: "
+                "they do not match this model"
+            )
+        return cov, sum(p.count for p in present)
+
+    def check_matches(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` unless these statistics were collected on ``model`` as it is now."""
+        fp = model_fingerprint(model)
+        if fp != self.fingerprint:
+            raise ValueError(
+                f"statistics do not match the model: collected on a model with fingerprint {self.fingerprint}, "
+                f"this model has {fp} (different layers, shapes or weights)"
+            )
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to ``path`` (torch serialisation; tensors are saved on the CPU)."""
+        torch.save(
+            {
+                "format": _FORMAT,
+                "version": _VERSION,
+                "fingerprint": self.fingerprint,
+                "samples": self.samples,
+                "slots": {k: {"cov": v.cov.detach().cpu(), "count": v.count} for k, v in self.slots.items()},
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: torch.device | str | None = None) -> "Statistics":
+        """Read statistics written by :meth:`save` (safe loading: tensors and plain data only)."""
+        try:
+            blob = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # unreadable, truncated or not a torch file
+            raise ValueError(f"cannot read statistics from {os.fspath(path)!r}: {exc}") from exc
+        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+            raise ValueError(f"{os.fspath(path)!r} is not a deepunlearn statistics file")
+        if blob.get("version") != _VERSION:
+            raise ValueError(f"{os.fspath(path)!r} has statistics format version {blob.get('version')}, expected {_VERSION}")
+        slots = {k: SlotStatistics(v["cov"], int(v["count"])) for k, v in blob["slots"].items()}
+        return cls(slots, int(blob["samples"]), str(blob["fingerprint"]))
+
+    def summary(self) -> list[dict]:
+        """One row per slot: name, groups, d, vectors, energy ``tr(C)`` (summed over groups)."""
+        return [
+            {"slot": k, "groups": v.cov.shape[0], "d": v.cov.shape[-1], "vectors": v.count,
+             "energy": float(v.cov.diagonal(dim1=-2, dim2=-1).sum())}
+            for k, v in self.slots.items()
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Collection
+# ---------------------------------------------------------------------------------------------
+
+
+class _Collector:
+    """Hooks that stream every edited layer's inputs into :class:`SlotStatistics`."""
+
+    def __init__(self, targets: list[EditTarget], device: torch.device, dtype: torch.dtype):
+        self.stats = Statistics()
+        self.device, self.dtype = device, dtype
+        self.handles: list = []
+        self._inside_mha_replay = False
+        seen: set[int] = set()
+        for t in targets:
+            m = t.module
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            if t.kind == "attention-out":
+                continue  # collected by the attention module's own hook
+            if t.kind == "attention-in":
+                self.handles.append(m.register_forward_hook(self._mha_hook(t.layer), with_kwargs=True))
+            elif t.kind == "linear":
+                self.handles.append(m.register_forward_pre_hook(self._linear_hook(t.name, t.in_features)))
+            else:
+                self.handles.append(m.register_forward_pre_hook(self._conv_hook(t.name, t.in_features, ConvGeometry.of(m))))
+
+    def _slot(self, name: str, groups: int, d: int) -> SlotStatistics:
+        s = self.stats.slots.get(name)
+        if s is None:
+            s = self.stats.slots[name] = SlotStatistics(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype))
+        return s
+
+    def _add_rows(self, name: str, rows: torch.Tensor) -> None:
+        s = self._slot(name, 1, rows.shape[-1])
+        accumulate_linear_(s.cov, rows)
+        s.count += rows.shape[0]
+
+    def _linear_hook(self, name: str, d: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._add_rows(name, linear_rows(args[0].detach(), d))
+
+        return hook
+
+    def _conv_hook(self, name: str, d: int, geom: ConvGeometry):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            s = self._slot(name, geom.groups, d)
+            accumulate_conv_(s.cov, x, geom)
+            batch = x.shape[0] if x.dim() == geom.spatial_dims + 2 else 1
+            s.count += batch * _out_positions(x.shape[-geom.spatial_dims :], geom)
+
+        return hook
+
+    def _mha_hook(self, name: str):
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output) -> None:
+            if self._inside_mha_replay:
+                return
+            names = ("query", "key", "value")
+            q, k, v = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
+            if q is k and k is v:
+                self._add_rows(f"{name}.in_proj", linear_rows(q.detach(), q.shape[-1]))
+            else:
+                for part, t in zip("qkv", (q, k, v)):
+                    self._add_rows(f"{name}.{part}", linear_rows(t.detach(), t.shape[-1]))
+            self._add_rows(f"{name}.out_proj", _attention_before_out_proj(module, args, kwargs, self))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _out_positions(spatial: torch.Size, geom: ConvGeometry) -> int:
+    n = 1
+    for i, (size, k, s, d) in enumerate(zip(spatial, geom.kernel, geom.stride, geom.dilation)):
+        nd = geom.spatial_dims
+        padded = size + geom.padding[2 * (nd - 1 - i)] + geom.padding[2 * (nd - 1 - i) + 1]
+        n *= (padded - d * (k - 1) - 1) // s + 1
+    return n
+
+
+def _attention_before_out_proj(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, collector: _Collector) -> torch.Tensor:
+    """Re-run ``mha`` with ``out_proj`` as the identity: the rows ``out_proj`` multiplies, ``(n, E)``.
+
+    ``out_proj`` is applied inside ``F.multi_head_attention_forward`` through its weight, so no
+    hook on it ever fires; replaying with an identity projection yields its exact input.
+    """
+    w = mha.out_proj.weight
+    params = {"out_proj.weight": torch.eye(w.shape[1], dtype=w.dtype, device=w.device)}
+    if mha.out_proj.bias is not None:
+        params["out_proj.bias"] = torch.zeros_like(mha.out_proj.bias)
+    args = list(args)
+    kwargs = dict(kwargs)
+    if len(args) > 4:
+        args[4] = False  # need_weights
+    else:
+        kwargs["need_weights"] = False
+    collector._inside_mha_replay = True
+    try:
+        out = torch.func.functional_call(mha, params, tuple(args), kwargs)[0]
+    finally:
+        collector._inside_mha_replay = False
+    if out.is_nested:
+        out = out.to_padded_tensor(0.0)
+    return out.detach().reshape(-1, w.shape[1])
+
+
+@contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd inside; every module's own training flag restored after, even on error."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+def collect_statistics(
+    model: nn.Module,
+    data: DataLike,
+    *,
+    batch_size: int = 256,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    desc: str = "statistics",
+) -> Statistics:
+    """Stream ``data`` through ``model`` and return every edited layer's input second moments.
+
+    Args:
+        model: the classifier; left exactly as it was (weights, training flags, hooks, requires_grad).
+        data: a DataLoader, Dataset, tensor ``(N, ...)`` or iterable of batches ``x`` or ``(x, y, ...)``;
+            batches are moved to the model's device.
+        batch_size: batch size used when ``data`` is a tensor or a Dataset.
+        dtype: accumulation dtype; default float64 on the CPU and float32 elsewhere.
+        progress: show a progress bar.
+        desc: progress bar label.
+
+    Raises:
+        ValueError: empty data, no editable layer, the model on several devices, or non-finite
+            statistics (the message names the first layer, in execution order, that saw them).
+    """
+    targets, _ = find_targets(model)
+    if not targets:
+        raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
+    device = model_device(model)
+    if dtype is None:
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+    collector = _Collector(targets, device, dtype)
+    samples = 0
+    try:
+        with _eval_no_grad(model):
+            from tqdm.auto import tqdm
+
+            for x in tqdm(iter_batches(data, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+                if x.shape[0] == 0:
+                    continue
+                model(x.to(device, non_blocking=True))
+                samples += x.shape[0]
+    finally:
+        collector.remove()
+    stats = collector.stats
+    if samples == 0:
+        raise ValueError(f"no samples in the {desc} data: it yielded no non-empty batch")
+    for name, s in stats.slots.items():
+        if not torch.isfinite(s.cov).all():
+            raise ValueError(
+                f"non-finite statistics at layer '{name}': its inputs contain NaN/Inf (or overflowed {dtype}); "
+                "check the data and the layers before it"
+            )
+    stats.samples = samples
+    stats.fingerprint = model_fingerprint(model)
+    return stats

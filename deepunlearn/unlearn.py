@@ -1,0 +1,259 @@
+"""The drop-in calls: :func:`unlearn` on forget/retain data, :func:`forget_classes` on a labelled dataset."""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from ._batches import DataLike
+from .edit import PlannedEdit, apply_plan, edited_weight
+from .layers import EditTarget, find_targets
+from .projection import check_alpha, check_solver, scaled_projection
+from .report import LayerReport, UnlearnReport
+from .statistics import Statistics, collect_statistics, model_device
+
+ProjectionFn = Callable[[torch.Tensor], torch.Tensor]  # (g, d, d) second moment -> (g, d, d) M
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gather_statistics(model: nn.Module, data: DataLike | Statistics, role: str, **collect_kwargs) -> Statistics:
+    """``data`` as :class:`Statistics` of ``model``: collected, or checked against the model if given."""
+    if isinstance(data, Statistics):
+        data.check_matches(model)
+        if data.samples == 0 or not data.slots:
+            raise ValueError(f"the {role} statistics are empty")
+        return data
+    if data is None:
+        raise ValueError(f"no {role} data given")
+    return collect_statistics(model, data, desc=role, **collect_kwargs)
+
+
+def layer_moments(targets: Sequence[EditTarget], stats: Statistics, device: torch.device) -> dict[tuple[str, ...], tuple[torch.Tensor | None, int]]:
+    """Second moment and vector count per distinct slot tuple (attention's q/k/v share one)."""
+    out: dict[tuple[str, ...], tuple[torch.Tensor | None, int]] = {}
+    for t in targets:
+        if t.slots not in out:
+            cov, n = stats.covariance(t)
+            out[t.slots] = (None if cov is None else cov.to(device), n)
+    return out
+
+
+def plan_edits(
+    targets: Sequence[EditTarget],
+    moments_f: dict,
+    moments_r: dict,
+    m_f: dict[tuple[str, ...], torch.Tensor | None],
+    m_r: dict[tuple[str, ...], torch.Tensor | None],
+) -> tuple[list[PlannedEdit], list[LayerReport]]:
+    """New weights for every target (nothing written) and the per-layer report rows."""
+    plan, rows = [], []
+    for t in targets:
+        w = t.weight().detach()
+        cov_f, n_f = moments_f[t.slots]
+        cov_r, n_r = moments_r[t.slots]
+        notes: list[str] = []
+        energy_f = 0.0 if cov_f is None else float(cov_f.diagonal(dim1=-2, dim2=-1).sum())
+        energy_r = 0.0 if cov_r is None else float(cov_r.diagonal(dim1=-2, dim2=-1).sum())
+        mf, mr = m_f[t.slots], m_r[t.slots]
+        if mf is None:
+            notes.append("never reached by the forget data: unchanged")
+            change = 0.0
+        else:
+            zero_f = _zero_groups(cov_f)
+            if zero_f:
+                notes.append(f"forget inputs all zero in group(s) {zero_f}: unchanged there")
+            if mr is None:
+                notes.append("never reached by the retain data: whole forget space removed")
+                mr = torch.zeros_like(mf)
+            else:
+                zero_r = _zero_groups(cov_r)
+                if zero_r:
+                    notes.append(f"retain inputs all zero in group(s) {zero_r}")
+            wg = t.as_matrices(w.to(mf.dtype))
+            new = edited_weight(wg, mr, mf).reshape(w.shape)
+            if not torch.isfinite(new).all():
+                raise RuntimeError(f"the edit produced non-finite weights at layer '{t.name}'; the model was not changed")
+            change = float((new - w.to(new.dtype)).norm() / w.to(new.dtype).norm().clamp_min(1e-30))
+            plan.append(PlannedEdit(t, new.to(w.dtype)))
+        rows.append(
+            LayerReport(t.name, t.kind, tuple(w.shape), t.groups, t.in_features, n_f, n_r, energy_f, energy_r, change, notes)
+        )
+    return plan, rows
+
+
+def _zero_groups(cov: torch.Tensor) -> list[int]:
+    tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return torch.nonzero(tr <= 0).flatten().tolist()
+
+
+def projections(moments: dict, proj: ProjectionFn) -> dict[tuple[str, ...], torch.Tensor | None]:
+    return {k: (None if cov is None else proj(cov)) for k, (cov, _) in moments.items()}
+
+
+def unlearn(
+    model: nn.Module,
+    forget: DataLike | Statistics,
+    retain: DataLike | Statistics,
+    *,
+    alpha_r: float = 100.0,
+    alpha_f: float = 3.0,
+    solver: str = "cholesky",
+    inplace: bool = True,
+    batch_size: int = 256,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> UnlearnReport:
+    """Make ``model`` forget the classes that ``forget`` holds, keeping what ``retain`` holds. No training.
+
+    For every weight matrix ``W`` (``Linear``, ``Conv1d/2d/3d`` per group, ``MultiheadAttention``
+    input and output projections, the classifier head) the second moments ``C_f``, ``C_r`` of its
+    inputs on the two data sets give scaled projections ``M_f = M(C_f, alpha_f)``,
+    ``M_r = M(C_r, alpha_r)``, and ``W ← W − (W (I − M_r)) M_f``. Biases are unchanged. All
+    statistics are collected on the original model, every new weight is computed, and only
+    then is anything written: on any error the model is left as it was.
+
+    Args:
+        model: a trained classifier on one device (CPU or CUDA). Not wrapped or modified in structure.
+        forget: samples of the classes to forget: a DataLoader, a Dataset, a tensor ``(N, ...)``, an
+            iterable of batches ``x`` or ``(x, y, ...)``, or :class:`Statistics` collected on this model.
+        retain: samples of the classes to keep, in any of the same forms (the paper uses about
+            100 per retain class).
+        alpha_r: scale of the retain space, > 0 (paper: 100 for CIFAR-10 and ImageNet, 1000 for CIFAR-100).
+        alpha_f: scale of the forget space, > 0 (paper: 3 for CIFAR-10, 30 for CIFAR-100, 10 for ImageNet).
+        solver: ``"cholesky"`` (default, no decomposition), ``"eigh"`` or ``"svd"``; all give the same result.
+        inplace: edit ``model`` itself (default) or a deep copy of it, returned as ``report.model``.
+        batch_size: batch size used when ``forget``/``retain`` is a tensor or a Dataset.
+        dtype: statistics and solve dtype; default float64 on the CPU, float32 on CUDA.
+        progress: show progress bars while collecting.
+
+    Returns:
+        :class:`UnlearnReport` with the edited model, per-layer shapes, vector counts, energies and
+        weight changes, skipped layers, and seconds spent collecting, decomposing and editing.
+
+    Raises:
+        ValueError: empty data, ``alpha`` not finite and positive, unknown solver, no editable layer,
+            model on several devices, statistics from another model, non-finite activations.
+    """
+    t_start = time.perf_counter()
+    alpha_r = check_alpha(alpha_r, "alpha_r")
+    alpha_f = check_alpha(alpha_f, "alpha_f")
+    check_solver(solver)
+    targets, skipped = find_targets(model)
+    if not targets:
+        raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
+    device = model_device(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+        targets, skipped = find_targets(model)
+    kw = dict(batch_size=batch_size, dtype=dtype, progress=progress)
+
+    t0 = time.perf_counter()
+    stats_f = gather_statistics(model, forget, "forget", **kw)
+    _sync(device)
+    t1 = time.perf_counter()
+    stats_r = gather_statistics(model, retain, "retain", **kw)
+    _sync(device)
+    t2 = time.perf_counter()
+
+    moments_f = layer_moments(targets, stats_f, device)
+    moments_r = layer_moments(targets, stats_r, device)
+    if all(cov is None for cov, _ in moments_f.values()):
+        raise ValueError("the forget data reached none of the editable layers")
+    m_f = projections(moments_f, lambda c: scaled_projection(c, alpha_f, solver))
+    m_r = projections(moments_r, lambda c: scaled_projection(c, alpha_r, solver))
+    _sync(device)
+    t3 = time.perf_counter()
+    plan, rows = plan_edits(targets, moments_f, moments_r, m_f, m_r)
+    apply_plan(plan)
+    _sync(device)
+    t4 = time.perf_counter()
+
+    seconds = {
+        "collect_forget": t1 - t0,
+        "collect_retain": t2 - t1,
+        "decompose": t3 - t2,
+        "edit": t4 - t3,
+        "total": t4 - t_start,
+    }
+    return UnlearnReport(
+        model, rows, [(s.name, s.reason) for s in skipped], stats_f.samples, stats_r.samples, alpha_r, alpha_f, solver, seconds
+    )
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """Integer labels of every sample of a labelled dataset, as a 1-d tensor."""
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None and hasattr(dataset, "tensors") and len(dataset.tensors) > 1:
+        targets = dataset.tensors[1]
+    if targets is None:
+        targets = [int(dataset[i][1]) for i in range(len(dataset))]
+    return torch.as_tensor(targets, dtype=torch.long).flatten()
+
+
+def class_balanced_indices(labels: torch.Tensor, classes: Sequence[int], total: int, generator: torch.Generator) -> list[int]:
+    """Up to ``total`` indices spread evenly over ``classes`` (random within each class)."""
+    per = [torch.nonzero(labels == c).flatten() for c in classes]
+    base, extra = divmod(total, len(classes))
+    out: list[int] = []
+    for i, idx in enumerate(per):
+        k = min(len(idx), base + (1 if i < extra else 0))
+        out += idx[torch.randperm(len(idx), generator=generator)[:k]].tolist()
+    return sorted(out)
+
+
+def forget_classes(
+    model: nn.Module,
+    dataset: Dataset,
+    classes: int | Sequence[int],
+    *,
+    retain_per_class: int = 100,
+    forget_samples: int | None = None,
+    seed: int = 0,
+    **unlearn_kwargs,
+) -> UnlearnReport:
+    """Forget whole ``classes`` using samples drawn from a labelled ``dataset``.
+
+    Draws ``retain_per_class`` random samples of every other class (paper: 100 per class, 900
+    for a 10-class problem) and ``forget_samples`` samples of the forgotten classes, spread
+    evenly over them (default: as many as the retain sample), then calls :func:`unlearn`.
+
+    Args:
+        model: as in :func:`unlearn`.
+        dataset: a labelled map-style dataset yielding ``(x, y, ...)``; labels are read from its
+            ``targets`` attribute when it has one.
+        classes: the class index, or indices, to forget (several in one call).
+        retain_per_class: retain samples per kept class.
+        forget_samples: total forget samples; default ``retain_per_class * number of kept classes``.
+        seed: seed of the random draw.
+        **unlearn_kwargs: passed to :func:`unlearn` (``alpha_r``, ``alpha_f``, ``solver``, ``inplace``...).
+    """
+    forget_set = sorted({int(c) for c in ([classes] if isinstance(classes, int) else classes)})
+    if not forget_set:
+        raise ValueError("no class to forget given")
+    if retain_per_class < 1:
+        raise ValueError(f"retain_per_class must be at least 1, got {retain_per_class}")
+    labels = dataset_labels(dataset)
+    present = set(labels.unique().tolist())
+    missing = [c for c in forget_set if c not in present]
+    if missing:
+        raise ValueError(f"class(es) {missing} do not occur in the dataset (its classes: {sorted(present)})")
+    keep = sorted(present - set(forget_set))
+    if not keep:
+        raise ValueError("forgetting every class leaves nothing to retain")
+    g = torch.Generator().manual_seed(seed)
+    retain_idx = class_balanced_indices(labels, keep, retain_per_class * len(keep), g)
+    n_forget = retain_per_class * len(keep) if forget_samples is None else int(forget_samples)
+    if n_forget < 1:
+        raise ValueError(f"forget_samples must be at least 1, got {forget_samples}")
+    forget_idx = class_balanced_indices(labels, forget_set, n_forget, g)
+    return unlearn(model, Subset(dataset, forget_idx), Subset(dataset, retain_idx), **unlearn_kwargs)
