@@ -13,7 +13,7 @@ from .projection import Spectrum, scaled_projection
 from .report import LayerReport, UnlearnReport
 from .search import AlphaSearch, search_alphas
 from .statistics import SlotStatistics, Statistics, collect_statistics
-from .unlearn import forget_classes, unlearn
+from .api import forget_classes, unlearn
 
 __version__ = "0.1.0"
 

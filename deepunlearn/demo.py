@@ -23,7 +23,7 @@ from .data import FASHION_MNIST_CLASSES, fashion_mnist
 from .evaluation import evaluate_forgetting, measure
 from .models import SmallCNN
 from .training import train_classifier
-from .unlearn import class_balanced_indices, dataset_labels
+from .api import class_balanced_indices, dataset_labels
 
 VALIDATION = 5000  # last training images, held out from training for the alpha search
 ROWS = [("retain_train", "retain acc, train (%)"), ("forget_train", "forget acc, train (%)"),

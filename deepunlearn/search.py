@@ -14,7 +14,7 @@ from .evaluation import class_accuracies
 from .layers import find_targets
 from .projection import Spectrum, check_alpha
 from .statistics import Statistics, _eval_no_grad, model_device
-from .unlearn import gather_statistics, layer_moments, plan_edits
+from .api import gather_statistics, layer_moments, plan_edits, traces
 
 ALPHA_R_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 ALPHA_F_GRID = (0.25, 0.5, 0.9, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -88,6 +88,7 @@ def search_alphas(
     moments_r = layer_moments(targets, gather_statistics(model, retain, "retain", **kw), device)
     spectra_f = {k: None if c is None else Spectrum.of(c) for k, (c, _) in moments_f.items()}
     spectra_r = {k: None if c is None else Spectrum.of(c) for k, (c, _) in moments_r.items()}
+    traces_f, traces_r = traces(moments_f), traces(moments_r)
     val = _cache_labelled(validation, device, batch_size)
     if not val:
         raise ValueError("the validation data is empty")
@@ -106,7 +107,7 @@ def search_alphas(
             m_r = {k: None if s is None else s.projection(a_r) for k, s in spectra_r.items()}
             for a_f in grid_f:
                 m_f = {k: None if s is None else s.projection(a_f) for k, s in spectra_f.items()}
-                plan, _ = plan_edits(targets, moments_f, moments_r, m_f, m_r)
+                plan, _ = plan_edits(targets, m_f, m_r, traces_f, traces_r)
                 apply_plan(plan)
                 with _eval_no_grad(model):
                     probs = torch.cat([model(x).float().cpu() for x, _ in val])

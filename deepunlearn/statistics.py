@@ -181,7 +181,11 @@ class Statistics:
 
 
 class _Collector:
-    """Hooks that stream every edited layer's inputs into :class:`SlotStatistics`."""
+    """Hooks that hand every edited layer's inputs to :meth:`add_rows` / :meth:`add_conv`.
+
+    The base class streams them into :class:`SlotStatistics`; :mod:`deepunlearn.reference`
+    subclasses it to keep the activation matrices instead, as the paper's code does.
+    """
 
     def __init__(self, targets: list[EditTarget], device: torch.device, dtype: torch.dtype):
         self.stats = Statistics()
@@ -191,42 +195,46 @@ class _Collector:
         seen: set[int] = set()
         for t in targets:
             m = t.module
-            if id(m) in seen:
+            if id(m) in seen or t.kind == "attention-out":  # out_proj is fed by the attention hook
                 continue
             seen.add(id(m))
-            if t.kind == "attention-out":
-                continue  # collected by the attention module's own hook
             if t.kind == "attention-in":
                 self.handles.append(m.register_forward_hook(self._mha_hook(t.layer), with_kwargs=True))
             elif t.kind == "linear":
                 self.handles.append(m.register_forward_pre_hook(self._linear_hook(t.name, t.in_features)))
             else:
-                self.handles.append(m.register_forward_pre_hook(self._conv_hook(t.name, t.in_features, ConvGeometry.of(m))))
+                self.handles.append(m.register_forward_pre_hook(self._conv_hook(t.name, ConvGeometry.of(m), t.in_features)))
 
+    # -- sinks (overridden by the reference procedure) --------------------------------------
     def _slot(self, name: str, groups: int, d: int) -> SlotStatistics:
         s = self.stats.slots.get(name)
         if s is None:
             s = self.stats.slots[name] = SlotStatistics(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype))
         return s
 
-    def _add_rows(self, name: str, rows: torch.Tensor) -> None:
+    def add_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Input vectors ``(n, d)`` of a linear map."""
         s = self._slot(name, 1, rows.shape[-1])
         accumulate_linear_(s.cov, rows)
         s.count += rows.shape[0]
 
+    def add_conv(self, name: str, x: torch.Tensor, geom: ConvGeometry, d: int) -> None:
+        """Input ``(N, C, *spatial)`` of a convolution with geometry ``geom``."""
+        s = self._slot(name, geom.groups, d)
+        accumulate_conv_(s.cov, x, geom)
+        s.count += x.shape[0] * _out_positions(x.shape[2:], geom)
+
+    # -- hooks ------------------------------------------------------------------------------
     def _linear_hook(self, name: str, d: int):
         def hook(module: nn.Module, args: tuple) -> None:
-            self._add_rows(name, linear_rows(args[0].detach(), d))
+            self.add_rows(name, linear_rows(args[0].detach(), d))
 
         return hook
 
-    def _conv_hook(self, name: str, d: int, geom: ConvGeometry):
+    def _conv_hook(self, name: str, geom: ConvGeometry, d: int):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
-            s = self._slot(name, geom.groups, d)
-            accumulate_conv_(s.cov, x, geom)
-            batch = x.shape[0] if x.dim() == geom.spatial_dims + 2 else 1
-            s.count += batch * _out_positions(x.shape[-geom.spatial_dims :], geom)
+            self.add_conv(name, x if x.dim() == geom.spatial_dims + 2 else x.unsqueeze(0), geom, d)
 
         return hook
 
@@ -237,11 +245,11 @@ class _Collector:
             names = ("query", "key", "value")
             q, k, v = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
             if q is k and k is v:
-                self._add_rows(f"{name}.in_proj", linear_rows(q.detach(), q.shape[-1]))
+                self.add_rows(f"{name}.in_proj", linear_rows(q.detach(), q.shape[-1]))
             else:
                 for part, t in zip("qkv", (q, k, v)):
-                    self._add_rows(f"{name}.{part}", linear_rows(t.detach(), t.shape[-1]))
-            self._add_rows(f"{name}.out_proj", _attention_before_out_proj(module, args, kwargs, self))
+                    self.add_rows(f"{name}.{part}", linear_rows(t.detach(), t.shape[-1]))
+            self.add_rows(f"{name}.out_proj", _attention_before_out_proj(module, args, kwargs, self))
 
         return hook
 
@@ -299,6 +307,29 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
             m.training = f
 
 
+def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batch_size: int, progress: bool, desc: str) -> int:
+    """Run ``model`` over ``data`` in eval mode without autograd, feeding ``collector``; return the sample count.
+
+    The hooks are removed and every module's training flag restored whatever happens.
+    """
+    from tqdm.auto import tqdm
+
+    device = collector.device
+    samples = 0
+    try:
+        with _eval_no_grad(model):
+            for x in tqdm(iter_batches(data, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+                if x.shape[0] == 0:
+                    continue
+                model(x.to(device, non_blocking=True))
+                samples += x.shape[0]
+    finally:
+        collector.remove()
+    if samples == 0:
+        raise ValueError(f"no samples in the {desc} data: it yielded no non-empty batch")
+    return samples
+
+
 def collect_statistics(
     model: nn.Module,
     data: DataLike,
@@ -330,21 +361,8 @@ def collect_statistics(
     if dtype is None:
         dtype = torch.float64 if device.type == "cpu" else torch.float32
     collector = _Collector(targets, device, dtype)
-    samples = 0
-    try:
-        with _eval_no_grad(model):
-            from tqdm.auto import tqdm
-
-            for x in tqdm(iter_batches(data, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-                if x.shape[0] == 0:
-                    continue
-                model(x.to(device, non_blocking=True))
-                samples += x.shape[0]
-    finally:
-        collector.remove()
+    samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
     stats = collector.stats
-    if samples == 0:
-        raise ValueError(f"no samples in the {desc} data: it yielded no non-empty batch")
     for name, s in stats.slots.items():
         if not torch.isfinite(s.cov).all():
             raise ValueError(

@@ -36,9 +36,12 @@ def gather_statistics(model: nn.Module, data: DataLike | Statistics, role: str, 
     return collect_statistics(model, data, desc=role, **collect_kwargs)
 
 
-def layer_moments(targets: Sequence[EditTarget], stats: Statistics, device: torch.device) -> dict[tuple[str, ...], tuple[torch.Tensor | None, int]]:
+Moments = dict[tuple[str, ...], tuple[torch.Tensor | None, int]]  # slot tuple -> ((g, d, d) C or None, vectors)
+
+
+def layer_moments(targets: Sequence[EditTarget], stats: Statistics, device: torch.device) -> Moments:
     """Second moment and vector count per distinct slot tuple (attention's q/k/v share one)."""
-    out: dict[tuple[str, ...], tuple[torch.Tensor | None, int]] = {}
+    out: Moments = {}
     for t in targets:
         if t.slots not in out:
             cov, n = stats.covariance(t)
@@ -46,55 +49,58 @@ def layer_moments(targets: Sequence[EditTarget], stats: Statistics, device: torc
     return out
 
 
+def traces(moments: Moments) -> Moments:
+    """The same dict with each ``(g, d, d)`` second moment replaced by its per-group traces ``(g,)``."""
+    return {k: (None if c is None else c.diagonal(dim1=-2, dim2=-1).sum(-1), n) for k, (c, n) in moments.items()}
+
+
 def plan_edits(
     targets: Sequence[EditTarget],
-    moments_f: dict,
-    moments_r: dict,
     m_f: dict[tuple[str, ...], torch.Tensor | None],
     m_r: dict[tuple[str, ...], torch.Tensor | None],
+    traces_f: Moments,
+    traces_r: Moments,
 ) -> tuple[list[PlannedEdit], list[LayerReport]]:
-    """New weights for every target (nothing written) and the per-layer report rows."""
+    """New weights for every target (nothing is written) and the per-layer report rows.
+
+    ``m_f``/``m_r`` map each slot tuple to its ``(g, d, d)`` projection (``None``: the data never
+    reached it); ``traces_f``/``traces_r`` to the per-group energies ``tr(C)`` and vector counts.
+    """
     plan, rows = [], []
     for t in targets:
         w = t.weight().detach()
-        cov_f, n_f = moments_f[t.slots]
-        cov_r, n_r = moments_r[t.slots]
+        tr_f, n_f = traces_f[t.slots]
+        tr_r, n_r = traces_r[t.slots]
         notes: list[str] = []
-        energy_f = 0.0 if cov_f is None else float(cov_f.diagonal(dim1=-2, dim2=-1).sum())
-        energy_r = 0.0 if cov_r is None else float(cov_r.diagonal(dim1=-2, dim2=-1).sum())
         mf, mr = m_f[t.slots], m_r[t.slots]
         if mf is None:
             notes.append("never reached by the forget data: unchanged")
             change = 0.0
         else:
-            zero_f = _zero_groups(cov_f)
-            if zero_f:
-                notes.append(f"forget inputs all zero in group(s) {zero_f}: unchanged there")
+            if (tr_f <= 0).any():
+                notes.append(f"forget inputs all zero in group(s) {_zero_groups(tr_f)}: unchanged there")
             if mr is None:
                 notes.append("never reached by the retain data: whole forget space removed")
                 mr = torch.zeros_like(mf)
-            else:
-                zero_r = _zero_groups(cov_r)
-                if zero_r:
-                    notes.append(f"retain inputs all zero in group(s) {zero_r}")
-            wg = t.as_matrices(w.to(mf.dtype))
-            new = edited_weight(wg, mr, mf).reshape(w.shape)
+            elif (tr_r <= 0).any():
+                notes.append(f"retain inputs all zero in group(s) {_zero_groups(tr_r)}")
+            w64 = w.to(mf.dtype)
+            new = edited_weight(t.as_matrices(w64), mr, mf).reshape(w.shape)
             if not torch.isfinite(new).all():
                 raise RuntimeError(f"the edit produced non-finite weights at layer '{t.name}'; the model was not changed")
-            change = float((new - w.to(new.dtype)).norm() / w.to(new.dtype).norm().clamp_min(1e-30))
+            change = float((new - w64).norm() / w64.norm().clamp_min(1e-30))
             plan.append(PlannedEdit(t, new.to(w.dtype)))
-        rows.append(
-            LayerReport(t.name, t.kind, tuple(w.shape), t.groups, t.in_features, n_f, n_r, energy_f, energy_r, change, notes)
-        )
+        energy_f = 0.0 if tr_f is None else float(tr_f.sum())
+        energy_r = 0.0 if tr_r is None else float(tr_r.sum())
+        rows.append(LayerReport(t.name, t.kind, tuple(w.shape), t.groups, t.in_features, n_f, n_r, energy_f, energy_r, change, notes))
     return plan, rows
 
 
-def _zero_groups(cov: torch.Tensor) -> list[int]:
-    tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+def _zero_groups(tr: torch.Tensor) -> list[int]:
     return torch.nonzero(tr <= 0).flatten().tolist()
 
 
-def projections(moments: dict, proj: ProjectionFn) -> dict[tuple[str, ...], torch.Tensor | None]:
+def projections(moments: Moments, proj: ProjectionFn) -> dict[tuple[str, ...], torch.Tensor | None]:
     return {k: (None if cov is None else proj(cov)) for k, (cov, _) in moments.items()}
 
 
@@ -171,7 +177,7 @@ def unlearn(
     m_r = projections(moments_r, lambda c: scaled_projection(c, alpha_r, solver))
     _sync(device)
     t3 = time.perf_counter()
-    plan, rows = plan_edits(targets, moments_f, moments_r, m_f, m_r)
+    plan, rows = plan_edits(targets, m_f, m_r, traces(moments_f), traces(moments_r))
     apply_plan(plan)
     _sync(device)
     t4 = time.perf_counter()

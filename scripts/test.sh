@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up, then run the test suite. Extra arguments go to pytest (e.g. -m "not slow").
+# pytest's exit code 5 (no test collected) is a failure here, never a pass.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+"${PYTHON:-python3}" -m pytest tests "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "scripts/test.sh: pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$rc"

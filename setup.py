@@ -1,0 +1,82 @@
+"""Build deepunlearn and, when sources exist, its torch extension ``deepunlearn._C``.
+
+The CUDA kernels are compiled whenever a CUDA toolkit and a CUDA build of torch are present;
+no GPU is needed (``torch.cuda.is_available()`` is never asked). Switches:
+
+* ``DEEPUNLEARN_CUDA=1`` / ``=0`` forces the CUDA kernels on / off;
+* ``DEEPUNLEARN_NO_EXT=1`` builds the pure-Python package only;
+* ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default ``8.0;9.0``).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit root: $CUDA_HOME/$CUDA_PATH, /usr/local/cuda, or nvcc's real location.
+
+    On some machines ``nvcc`` on PATH is a wrapper script in /usr/local/bin, from which torch
+    would guess CUDA_HOME=/usr/local and fail to link; a toolkit must hold bin/nvcc and lib64.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+    for c in candidates:
+        if c and (Path(c) / "bin" / "nvcc").exists() and ((Path(c) / "lib64").exists() or (Path(c) / "lib").exists()):
+            return c
+    return None
+
+
+def extensions():
+    if os.environ.get("DEEPUNLEARN_NO_EXT", "0") not in ("", "0"):
+        return [], {}
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    if not cpu_sources:
+        return [], {}
+    import torch
+
+    want_cuda = os.environ.get("DEEPUNLEARN_CUDA")
+    cuda_home = find_cuda_home()
+    use_cuda = torch.version.cuda is not None and cuda_home is not None
+    if want_cuda == "1" and not use_cuda:
+        sys.exit(f"DEEPUNLEARN_CUDA=1 but no CUDA toolkit ({cuda_home=}) or CPU-only torch (torch.version.cuda={torch.version.cuda})")
+    if want_cuda == "0":
+        use_cuda = False
+    if use_cuda:
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    from torch.utils import cpp_extension
+
+    cpp_extension.CUDA_HOME = cuda_home if use_cuda else cpp_extension.CUDA_HOME
+    define = [("DEEPUNLEARN_TORCH_VERSION", f'"{torch.__version__}"'), ("Py_LIMITED_API", "0x030A0000")]
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    sources = list(cpu_sources)
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define += [("DEEPUNLEARN_WITH_CUDA", "1"), ("DEEPUNLEARN_CUDA_VERSION", f'"{torch.version.cuda}"')]
+        ext = cpp_extension.CUDAExtension(
+            "deepunlearn._C", sources, define_macros=define, py_limited_api=True,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]},
+            extra_link_args=["-lcublas", "-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "deepunlearn._C", sources, define_macros=define, py_limited_api=True,
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+        )
+    print(f"deepunlearn: building the extension {'with' if use_cuda else 'without'} CUDA kernels"
+          + (f" (CUDA_HOME={cuda_home}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if use_cuda else ""))
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {})

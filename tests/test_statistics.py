@@ -1,0 +1,103 @@
+"""Statistics objects: arithmetic, persistence, devices, and leaving the model as it was."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import rel_err
+from deepunlearn import Statistics, collect_statistics
+from deepunlearn.statistics import model_fingerprint
+
+
+def small_model():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 25, 3))
+
+
+def test_statistics_add_equals_collection_over_the_union():
+    m = small_model()
+    x = torch.randn(12, 1, 5, 5)
+    a, b = collect_statistics(m, x[:5]), collect_statistics(m, x[5:])
+    both = collect_statistics(m, x)
+    s = a + b
+    assert s.samples == 12 and s.fingerprint == both.fingerprint
+    for k in both.slots:
+        assert rel_err(s.slots[k].cov, both.slots[k].cov) < 1e-13
+        assert s.slots[k].count == both.slots[k].count
+    # the operands are not modified
+    assert rel_err(a.slots["0"].cov, collect_statistics(m, x[:5]).slots["0"].cov) == 0
+
+
+def test_adding_statistics_of_different_models_is_refused():
+    x = torch.randn(4, 1, 5, 5)
+    with pytest.raises(ValueError, match="different models"):
+        collect_statistics(small_model(), x) + collect_statistics(small_model(), x)
+
+
+def test_save_load_round_trip(tmp_path):
+    m = small_model()
+    s = collect_statistics(m, torch.randn(6, 1, 5, 5))
+    path = tmp_path / "s.pt"
+    s.save(path)
+    t = Statistics.load(path)
+    assert t.fingerprint == s.fingerprint and t.samples == 6 and list(t.slots) == list(s.slots)
+    for k in s.slots:
+        assert torch.equal(t.slots[k].cov, s.slots[k].cov) and t.slots[k].count == s.slots[k].count
+    t.check_matches(m)
+    assert t.dtype == torch.float64 and [r["slot"] for r in t.summary()] == ["0", "5"]
+
+
+def test_loading_a_file_that_is_not_statistics_fails_clearly(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"hello": 1}, bad)
+    with pytest.raises(ValueError, match="not a deepunlearn statistics file"):
+        Statistics.load(bad)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="cannot read statistics"):
+        Statistics.load(junk)
+
+
+def test_to_moves_and_casts():
+    s = collect_statistics(small_model(), torch.randn(3, 1, 5, 5))
+    t = s.to("meta", torch.float32)
+    assert t.device.type == "meta" and t.dtype == torch.float32
+    assert s.device.type == "cpu" and s.dtype == torch.float64  # the original stays
+
+
+def test_fingerprint_changes_with_weights_and_matches_on_copy():
+    m = small_model()
+    fp = model_fingerprint(m)
+    import copy
+
+    assert model_fingerprint(copy.deepcopy(m)) == fp
+    with torch.no_grad():
+        m[0].weight.mul_(2)
+    assert model_fingerprint(m) != fp
+
+
+def model_state(m: nn.Module):
+    return (
+        {n: mod.training for n, mod in m.named_modules()},
+        {n: p.requires_grad for n, p in m.named_parameters()},
+        {n: (len(mod._forward_hooks), len(mod._forward_pre_hooks)) for n, mod in m.named_modules()},
+        {k: v.clone() for k, v in m.state_dict().items()},
+    )
+
+
+def assert_same_state(a, b):
+    assert a[0] == b[0] and a[1] == b[1] and a[2] == b[2]
+    assert a[3].keys() == b[3].keys() and all(torch.equal(a[3][k], b[3][k]) for k in a[3])
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_collection_leaves_the_model_exactly_as_it_was(fail):
+    m = small_model().train()
+    m[1].eval()  # mixed flags must come back mixed
+    m[0].weight.requires_grad_(False)
+    before = model_state(m)
+    data = [torch.randn(4, 1, 5, 5), torch.randn(4, 2, 5, 5) if fail else torch.randn(4, 1, 5, 5)]
+    if fail:
+        with pytest.raises(RuntimeError):
+            collect_statistics(m, data)
+    else:
+        collect_statistics(m, data)
+    assert_same_state(model_state(m), before)  # BN running stats untouched too: eval mode was used

@@ -1,0 +1,285 @@
+"""The edit, the drop-in calls, and every bad input."""
+import copy
+import inspect
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import deepunlearn
+from conftest import rel_err
+from deepunlearn import collect_statistics, forget_classes, unlearn
+from deepunlearn.reference import activation_matrices, unlearn_paper
+
+
+class Mixed(nn.Module):
+    """Conv (grouped), attention and linear layers, double precision."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.dw(torch.relu(self.conv(x))))  # (N, 8, H, W)
+        t = h.flatten(2).transpose(1, 2)  # tokens
+        t = self.attn(t, t, t, need_weights=False)[0]
+        return self.head(t.mean(1))
+
+
+def paper_edit(w: np.ndarray, r_f: np.ndarray, r_r: np.ndarray, a_f: float, a_r: float) -> np.ndarray:
+    """The paper's code path in numpy: SVD of each activation matrix R (d × n), P = I − M_f(I − M_r), W Pᵀ."""
+
+    def m(r, a):
+        u, s, _ = np.linalg.svd(r, full_matrices=False)
+        e = s**2 / (s**2).sum()
+        lam = a * e / ((a - 1) * e + 1)
+        return (u * lam) @ u.T
+
+    mf, mr = m(r_f, a_f), m(r_r, a_r)
+    p = np.eye(w.shape[1]) - mf @ (np.eye(w.shape[1]) - mr)
+    return w @ p.T
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "eigh", "svd"])
+def test_edit_equals_w_times_p_transpose_of_the_paper(solver):
+    model = Mixed().double()
+    xf, xr = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randn(7, 2, 5, 5, dtype=torch.float64)
+    acts_f, acts_r = activation_matrices(model, xf), activation_matrices(model, xr)
+    edited = unlearn(model, xf, xr, alpha_r=30.0, alpha_f=5.0, solver=solver, inplace=False).model
+    checks = {"conv": ("conv", "weight", None), "dw": ("dw", "weight", None), "head": ("head", "weight", None),
+              "attn.in_proj": ("attn", "in_proj_weight", None), "attn.out_proj": ("attn.out_proj", "weight", None)}
+    for slot, (mod, param, _) in checks.items():
+        w = getattr(model.get_submodule(mod), param).detach()
+        new = getattr(edited.get_submodule(mod), param).detach()
+        g = acts_f[slot].shape[0]
+        wg, ng = w.reshape(g, w.shape[0] // g, -1).numpy(), new.reshape(g, w.shape[0] // g, -1)
+        ref = np.stack([paper_edit(wg[i], acts_f[slot][i].T.numpy(), acts_r[slot][i].T.numpy(), 5.0, 30.0) for i in range(g)])
+        assert rel_err(ng, torch.from_numpy(ref)) < 1e-10, slot
+        assert rel_err(ng, torch.from_numpy(wg)) > 1e-3, slot  # the edit did something
+    for (n, p), (_, q) in zip(model.named_parameters(), edited.named_parameters()):
+        if n.endswith("bias"):
+            assert torch.equal(p, q), n  # biases are unchanged
+
+
+def test_streaming_path_equals_paper_procedure_on_the_same_batch():
+    model = Mixed().double()
+    xf, xr = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randn(9, 2, 6, 6, dtype=torch.float64)
+    a = unlearn(model, xf, xr, inplace=False).model
+    b = unlearn_paper(model, xf, xr, inplace=False).model
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert rel_err(p, q) < 1e-10, n
+
+
+def test_paper_procedure_crop_and_patch_sampling_options():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 3))
+    x = torch.randn(8, 3, 16, 16)
+    acts = activation_matrices(model, x, conv_crop=True, max_patches=50)
+    assert acts["0"].shape == (1, 50, 27)
+    full = activation_matrices(model, x)
+    assert full["0"].shape == (1, 8 * 256, 27)
+    crop = activation_matrices(model, x, conv_crop=True)
+    assert crop["0"].shape == (1, 8 * 7 * 7, 27)  # 9×9 window of the padded 18×18 input, k=3
+    r = unlearn_paper(model, x[:4], x[4:], conv_crop=True, max_patches=20, inplace=False)
+    assert r.layers[0].forget_vectors == 20 and r.solver == "paper-svd"
+
+
+def test_inplace_false_returns_an_edited_copy_and_keeps_the_original():
+    model = Mixed()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(6, 2, 5, 5)
+    r = unlearn(model, x[:3], x[3:], inplace=False)
+    assert r.model is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(r.model.head.weight, model.head.weight)
+    r2 = unlearn(model, x[:3], x[3:])
+    assert r2.model is model and torch.allclose(model.head.weight, r.model.head.weight, atol=1e-6)
+
+
+def test_report_contents_and_json():
+    model = Mixed()
+    x = torch.randn(6, 2, 5, 5)
+    r = unlearn(model, x[:2], x[2:])
+    names = [layer.name for layer in r.layers]
+    assert names == ["conv", "dw", "attn.in_proj.q", "attn.in_proj.k", "attn.in_proj.v", "attn.out_proj", "head"]
+    conv = r.layers[0]
+    assert conv.weight_shape == (8, 2, 3, 3) and conv.d == 18 and conv.forget_vectors == 2 * 25 and conv.retain_vectors == 4 * 25
+    assert r.layers[1].groups == 4 and r.layers[1].d == 18
+    assert r.layers[-1].forget_vectors == 2 and r.forget_samples == 2 and r.retain_samples == 4
+    assert all(layer.forget_energy > 0 and layer.retain_energy > 0 for layer in r.layers)
+    assert set(r.seconds) == {"collect_forget", "collect_retain", "decompose", "edit", "total"}
+    json.dumps(r.to_dict())
+    assert "attn.out_proj" in str(r)
+
+
+def test_unsupported_layers_are_listed_not_silently_skipped():
+    class WithEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.up = nn.ConvTranspose1d(6, 6, 2)
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, idx):
+            return self.fc(self.up(self.emb(idx).transpose(1, 2)).mean(-1))
+
+    idx = torch.randint(0, 10, (8, 5))
+    r = unlearn(WithEmbedding(), idx[:4], idx[4:])
+    assert [layer.name for layer in r.layers] == ["fc"]
+    assert {name for name, _ in r.skipped} == {"emb.weight", "up.weight"}
+    assert all("not a supported layer" in why for _, why in r.skipped)
+
+
+def test_multi_class_forgetting_draws_balanced_samples():
+    x = torch.randn(300, 4)
+    y = torch.arange(300) % 5
+    ds = TensorDataset(x, y)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))
+    r = forget_classes(model, ds, [1, 3], retain_per_class=20, inplace=False)
+    assert r.retain_samples == 60 and r.forget_samples == 60
+
+
+def test_dead_group_is_not_an_error_and_is_reported():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Flatten(), nn.Linear(4 * 16, 3)).double()
+    x = torch.randn(10, 4, 4, 4, dtype=torch.float64)
+    x[:, :2] = 0  # group 0 sees only zeros in both sets
+    w0 = model[0].weight.detach().clone()
+    r = unlearn(model, x[:4], x[4:])
+    conv = r.layers[0]
+    assert any("group(s) [0]" in n for n in conv.notes)
+    assert torch.isfinite(model[0].weight).all()
+    assert torch.equal(model[0].weight[:2], w0[:2])  # nothing projected in the dead group
+    assert not torch.equal(model[0].weight[2:], w0[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error, and the model unchanged
+# ---------------------------------------------------------------------------------------------
+
+
+def snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def unchanged(m, snap):
+    return all(torch.equal(snap[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.fixture
+def net():
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 9, 4))
+
+
+X = torch.randn(8, 1, 5, 5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(forget=X[:0], retain=X), "no samples in the forget data"),
+        (dict(forget=X, retain=[]), "no samples in the retain data"),
+        (dict(forget=X, retain=X, alpha_r=0), "alpha_r"),
+        (dict(forget=X, retain=X, alpha_f=-2), "alpha_f"),
+        (dict(forget=X, retain=X, alpha_f=math.nan), "alpha_f"),
+        (dict(forget=X, retain=X, alpha_r=math.inf), "alpha_r"),
+        (dict(forget=X, retain=X, solver="lu"), "solver"),
+        (dict(forget=None, retain=X), "no forget data"),
+        (dict(forget=X, retain=X, batch_size=0), "batch_size"),
+    ],
+)
+def test_bad_arguments(net, kwargs, match):
+    snap = snapshot(net)
+    with pytest.raises(ValueError, match=match):
+        unlearn(net, **kwargs)
+    assert unchanged(net, snap)
+
+
+def test_wrong_batch_type_is_named(net):
+    with pytest.raises(TypeError, match="each batch must be a tensor"):
+        unlearn(net, [{"x": X}], X)
+
+
+def test_model_without_supported_layer():
+    for model in (nn.Sequential(nn.ReLU()), nn.Sequential(nn.BatchNorm1d(3))):
+        with pytest.raises(ValueError, match="no layer deepunlearn can edit"):
+            unlearn(model, torch.randn(4, 3), torch.randn(4, 3))
+
+
+def test_non_finite_activations_name_the_first_layer(net):
+    snap = snapshot(net)
+    bad = X.clone()
+    bad[0, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite statistics at layer '0'"):
+        unlearn(net, bad, X)
+    with torch.no_grad():
+        net[3].weight[0, 0] = float("inf")  # a broken head: earlier layers are fine
+    snap = snapshot(net)
+    with pytest.raises(RuntimeError, match="non-finite weights at layer '3'"):
+        unlearn(net, X, X)
+    assert unchanged(net, snap)
+
+
+def test_statistics_from_another_model_are_refused(net):
+    other = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 9, 4))
+    stats = collect_statistics(other, X)
+    snap = snapshot(net)
+    with pytest.raises(ValueError, match="statistics do not match the model"):
+        unlearn(net, stats, X)
+    assert unchanged(net, snap)
+    ok = collect_statistics(net, X)
+    unlearn(net, ok, collect_statistics(net, X[:4]))  # matching statistics are accepted
+    assert not unchanged(net, snap)
+
+
+def test_model_on_several_devices_is_refused():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2, device="meta"))
+    with pytest.raises(ValueError, match="several devices"):
+        unlearn(model, torch.randn(4, 3), torch.randn(4, 3))
+
+
+def test_failure_while_planning_leaves_the_model_untouched(net, monkeypatch):
+    import deepunlearn.api as u
+
+    calls = []
+    real = u.edited_weight
+
+    def flaky(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom in the second layer")
+        return real(*a)
+
+    monkeypatch.setattr(u, "edited_weight", flaky)
+    snap = snapshot(net)
+    with pytest.raises(RuntimeError, match="boom"):
+        unlearn(net, X, X)
+    assert len(calls) == 2 and unchanged(net, snap)
+
+
+def test_forget_classes_bad_input():
+    ds = TensorDataset(torch.randn(40, 3), torch.arange(40) % 4)
+    model = nn.Linear(3, 4)
+    with pytest.raises(ValueError, match=r"class\(es\) \[7\] do not occur"):
+        forget_classes(model, ds, 7)
+    with pytest.raises(ValueError, match="nothing to retain"):
+        forget_classes(model, ds, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="no class to forget"):
+        forget_classes(model, ds, [])
+    with pytest.raises(ValueError, match="retain_per_class"):
+        forget_classes(model, ds, 1, retain_per_class=0)
+
+
+def test_help_documents_every_argument():
+    for fn in (deepunlearn.unlearn, deepunlearn.forget_classes, deepunlearn.search_alphas, deepunlearn.collect_statistics):
+        doc = inspect.getdoc(fn)
+        for name in inspect.signature(fn).parameters:
+            if name.startswith("**") or name == "unlearn_kwargs":
+                assert "unlearn_kwargs" in doc
+                continue
+            assert name in doc, f"{fn.__name__} does not document {name}"
