@@ -96,9 +96,9 @@ def plot(original: dict, unlearned: dict, title: str, path: Path) -> None:
     ax.bar(x + 0.2, [unlearned[k] for k, _ in ROWS], 0.4, label="unlearned (deepunlearn)")
     ax.set_xticks(x, labels, rotation=15, ha="right")
     ax.set_ylabel("%")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 125)  # head room for the legend above the bars
     ax.set_title(title)
-    ax.legend(loc="upper center")
+    ax.legend(loc="upper center", ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
