@@ -58,14 +58,14 @@ def extensions():
 
     cpp_extension.CUDA_HOME = cuda_home if use_cuda else cpp_extension.CUDA_HOME
     define = [("DEEPUNLEARN_TORCH_VERSION", f'"{torch.__version__}"'), ("Py_LIMITED_API", "0x030A0000")]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for (C++20 from torch 2.13)
     sources = list(cpu_sources)
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define += [("DEEPUNLEARN_WITH_CUDA", "1"), ("DEEPUNLEARN_CUDA_VERSION", f'"{torch.version.cuda}"')]
         ext = cpp_extension.CUDAExtension(
             "deepunlearn._C", sources, define_macros=define, py_limited_api=True,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-lcublas", "-fopenmp"],
         )
     else:

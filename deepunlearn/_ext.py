@@ -26,7 +26,25 @@ def _load() -> tuple[bool, str]:
             f"deepunlearn's extension was built with torch {built} but torch {torch.__version__} is installed; "
             "rebuild it with `pip install --no-build-isolation -e .` (or set DEEPUNLEARN_DISABLE_EXT=1)"
         )
+    _register_fakes()
     return True, ""
+
+
+def _register_fakes() -> None:
+    """Shape-only (meta) kernels, so torch.compile and torch.library.opcheck can trace the ops."""
+
+    @torch.library.register_fake("deepunlearn::linear_cov_accumulate_")
+    def _(cov, x):
+        return None
+
+    @torch.library.register_fake("deepunlearn::conv_cov_accumulate_")
+    def _(cov, x, kernel, stride, padding, dilation):
+        return None
+
+    @torch.library.register_fake("deepunlearn::projected_edit")
+    def _(w, m_r, m_f):
+        torch._check(w.dim() == 3 and m_r.shape == m_f.shape and m_r.shape[-1] == w.shape[-1])
+        return torch.empty_like(w)
 
 
 def loaded() -> bool:

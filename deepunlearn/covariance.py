@@ -123,12 +123,16 @@ def accumulate_linear_(cov: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate_conv_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
-    """``cov += Σ patch patchᵀ`` per group; the compiled implicit-im2col op when available."""
+    """``cov += Σ patch patchᵀ`` per group; the compiled implicit-im2col op when available (conv1d/2d)."""
     from . import _ext
 
-    if _ext.has_op("conv_cov_accumulate_", x.device) and geom.padding_mode == "zeros" and geom.spatial_dims <= 2:
+    if geom.spatial_dims <= 2 and _ext.has_op("conv_cov_accumulate_", x.device):
         if x.dim() == geom.spatial_dims + 1:
             x = x.unsqueeze(0)
-        _ext.ops().conv_cov_accumulate_(cov, x, list(geom.kernel), list(geom.stride), list(geom.padding), list(geom.dilation))
+        if geom.padding_mode == "zeros":  # the op pads with zeros itself, (low, high) per dim in natural order
+            pad = [v for i in reversed(range(geom.spatial_dims)) for v in geom.padding[2 * i : 2 * i + 2]]
+        else:  # reflect / replicate / circular: pad here (a copy of the input, not of the patches)
+            x, pad = _pad(x, geom), [0] * (2 * geom.spatial_dims)
+        _ext.ops().conv_cov_accumulate_(cov, x, list(geom.kernel), list(geom.stride), pad, list(geom.dilation))
         return cov
     return accumulate_conv_reference_(cov, x, geom)

@@ -1,0 +1,79 @@
+// conv_cov_accumulate_ on the CPU: implicit im2col in bounded chunks of output positions.
+//
+// The unfolded (n·positions, C·k²) matrix is never built: a chunk of at most kChunkElements
+// patch entries is gathered straight from the (any-layout) input, fed to the symmetric rank-k
+// update per group, and reused for the next chunk, so the extra memory is O(d²) + O(chunk).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../ops.h"
+
+namespace deepunlearn {
+
+namespace {
+
+template <typename in_t, typename acc_t>
+void gather_patches(const in_t* x, std::array<int64_t, 4> st, int64_t C, int64_t H, int64_t W, const ConvGeom& g,
+                    int64_t ho, int64_t wo, int64_t row0, int64_t rows, acc_t* buf) {
+  const int64_t kk = g.kh * g.kw, d = C * kk;
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t p = row0 + r;
+      const int64_t n = p / (ho * wo), oy = (p / wo) % ho, ox = p % wo;
+      acc_t* out = buf + r * d;
+      const in_t* xn = x + n * st[0];
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const int64_t iy = oy * g.sh - g.ph_lo + ky * g.dh;
+        const bool row_in = iy >= 0 && iy < H;
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const int64_t ix = ox * g.sw - g.pw_lo + kx * g.dw;
+          const int64_t k = ky * g.kw + kx;
+          if (row_in && ix >= 0 && ix < W) {
+            const in_t* src = xn + iy * st[2] + ix * st[3];
+            for (int64_t c = 0; c < C; ++c) out[c * kk + k] = static_cast<acc_t>(src[c * st[1]]);
+          } else {
+            for (int64_t c = 0; c < C; ++c) out[c * kk + k] = acc_t(0);  // zero padding, as the conv sees it
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+static void conv_cov_accumulate_cpu(at::Tensor cov, const at::Tensor& x_in, at::IntArrayRef kernel,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const ConvGeom g = parse_conv_geometry(x_in, kernel, stride, padding, dilation);
+  check_conv_cov_args(cov, x_in, g);
+  TORCH_CHECK(cov.device().is_cpu(), "conv_cov_accumulate_: CPU kernel called with ", cov.device());
+  const at::Tensor x = x_in.dim() == 3 ? x_in.unsqueeze(2) : x_in;  // conv1d as conv2d with H = 1
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t ho = g.out_h(H), wo = g.out_w(W), total = N * ho * wo;
+  if (total == 0) return;
+  const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
+  const int64_t chunk = std::max<int64_t>(1, std::min(total, kChunkElements / d));
+  at::Tensor buf = at::empty({chunk, d}, cov.options());
+  const std::array<int64_t, 4> st{x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  for (int64_t row0 = 0; row0 < total; row0 += chunk) {
+    const int64_t rows = std::min(chunk, total - row0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_cov_gather", [&] {
+      using in_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "conv_cov_acc", [&] {
+        gather_patches<in_t, scalar_t>(x.const_data_ptr<in_t>(), st, C, H, W, g, ho, wo, row0, rows,
+                                       buf.mutable_data_ptr<scalar_t>());
+      });
+    });
+    const at::Tensor part = buf.narrow(0, 0, rows);
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      at::Tensor cg = cov.select(0, gi);
+      syrk_accumulate_cpu(cg, part.narrow(1, gi * dg, dg));
+    }
+  }
+}
+
+TORCH_LIBRARY_IMPL(deepunlearn, CPU, m) { m.impl("conv_cov_accumulate_", &conv_cov_accumulate_cpu); }
+
+}  // namespace deepunlearn

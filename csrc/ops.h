@@ -1,0 +1,47 @@
+// Shared declarations and argument checks of deepunlearn's custom ops.
+//
+// Schemas live in ops.cpp (one place); each device's kernels live in cpu/ and cuda/, one file
+// per op per device. Every op has a pure-PyTorch twin in deepunlearn/covariance.py or
+// deepunlearn/edit.py that the tests compare against.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <cstdint>
+
+namespace deepunlearn {
+
+// Geometry of a 1-d or 2-d convolution, as seen by the covariance ops (1-d is 2-d with H = 1).
+struct ConvGeom {
+  int64_t kh, kw, sh, sw, ph_lo, ph_hi, pw_lo, pw_hi, dh, dw;
+  int64_t out_h(int64_t h) const { return (h + ph_lo + ph_hi - dh * (kh - 1) - 1) / sh + 1; }
+  int64_t out_w(int64_t w) const { return (w + pw_lo + pw_hi - dw * (kw - 1) - 1) / sw + 1; }
+};
+
+ConvGeom parse_conv_geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation);
+
+// cov: (d, d) float32/float64, contiguous, symmetric. x: (n, d).
+void check_linear_cov_args(const at::Tensor& cov, const at::Tensor& x);
+// cov: (groups, d_g, d_g); x: (N, C, H, W) or (N, C, L).
+void check_conv_cov_args(const at::Tensor& cov, const at::Tensor& x, const ConvGeom& g);
+// w: (g, o, d); m_r, m_f: (g, d, d); same dtype and device.
+void check_edit_args(const at::Tensor& w, const at::Tensor& m_r, const at::Tensor& m_f);
+
+// W − (W − W M_r) M_f with two batched GEMMs and one intermediate (device-generic ATen).
+at::Tensor projected_edit_impl(const at::Tensor& w, const at::Tensor& m_r, const at::Tensor& m_f);
+
+// cov (d, d) += aᵀ a for a (n, d) with a.stride(1) == 1 (any row stride), in cov's dtype: GEMMs on
+// the tiles on and below the diagonal only, then the strict upper triangle mirrored from below.
+void syrk_accumulate_cpu(at::Tensor& cov, const at::Tensor& a);
+#ifdef DEEPUNLEARN_WITH_CUDA
+void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a);
+#endif
+
+// Rows of the implicit im2col buffer gathered per chunk (bounds the extra memory to
+// about kChunkElements elements, whatever the batch size).
+constexpr int64_t kChunkElements = int64_t(1) << 22;
+
+}  // namespace deepunlearn
