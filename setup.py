@@ -36,6 +36,29 @@ def find_cuda_home() -> str | None:
     return None
 
 
+def cuda_library_flags(cuda_home: str) -> tuple[list[str], list[str]]:
+    """Include dirs and link flags for cuBLAS.
+
+    A full toolkit has them under CUDA_HOME; a minimal one (compiler and runtime only) relies on
+    the headers and libraries of the nvidia-* wheels that a CUDA build of torch installs.
+    """
+    if (Path(cuda_home) / "include" / "cublas_v2.h").exists():
+        return [], ["-lcublas"]
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+
+        roots = [Path(p) for p in nvidia.__path__]
+    except ImportError:
+        roots = []
+    for root in roots:
+        for inc in sorted(root.glob("*/include/cublas_v2.h")):
+            libs = sorted(inc.parent.parent.glob("lib/libcublas.so*"))
+            if libs:
+                lib = libs[0]
+                return [str(inc.parent)], [f"-L{lib.parent}", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
+    sys.exit(f"deepunlearn: no cuBLAS headers under {cuda_home} nor in the nvidia wheels; set DEEPUNLEARN_CUDA=0 to skip CUDA")
+
+
 def extensions():
     if os.environ.get("DEEPUNLEARN_NO_EXT", "0") not in ("", "0"):
         return [], {}
@@ -63,10 +86,11 @@ def extensions():
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define += [("DEEPUNLEARN_WITH_CUDA", "1"), ("DEEPUNLEARN_CUDA_VERSION", f'"{torch.version.cuda}"')]
+        include_dirs, link = cuda_library_flags(cuda_home)
         ext = cpp_extension.CUDAExtension(
-            "deepunlearn._C", sources, define_macros=define, py_limited_api=True,
+            "deepunlearn._C", sources, define_macros=define, py_limited_api=True, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=["-lcublas", "-fopenmp"],
+            extra_link_args=[*link, "-fopenmp"],
         )
     else:
         ext = cpp_extension.CppExtension(

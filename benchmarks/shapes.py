@@ -1,0 +1,49 @@
+"""Real layer shapes of the models the benchmarks cover (input side of every weight matrix)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    name: str
+    c_in: int
+    size: int  # input height = width
+    kernel: int = 3
+    stride: int = 1
+    padding: int = 1
+    groups: int = 1
+
+    @property
+    def d(self) -> int:
+        return self.c_in // self.groups * self.kernel**2
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    name: str
+    d: int
+    tokens_per_sample: int
+
+
+# ResNet-18 with the CIFAR stem (3×3 conv, no max-pool), 32×32 inputs.
+RESNET18_CIFAR = [
+    ConvShape("resnet18.conv1", 3, 32),
+    ConvShape("resnet18.layer1", 64, 32),
+    ConvShape("resnet18.layer2.0.conv1", 64, 32, stride=2),
+    ConvShape("resnet18.layer2", 128, 16),
+    ConvShape("resnet18.layer3", 256, 8),
+    ConvShape("resnet18.layer4", 512, 4),
+]
+# VGG-11-BN at 224×224.
+VGG11_BN = [
+    ConvShape("vgg11.features.0", 3, 224),
+    ConvShape("vgg11.features.4", 64, 112),
+    ConvShape("vgg11.features.8", 128, 56),
+    ConvShape("vgg11.features.11", 256, 56),
+    ConvShape("vgg11.features.15", 256, 28),
+    ConvShape("vgg11.features.18", 512, 28),
+    ConvShape("vgg11.features.22", 512, 14),
+]
+# ViT-B/16: 197 tokens; d = 768 (qkv, out_proj, mlp.fc1, head) and 3072 (mlp.fc2).
+VIT_B16 = [LinearShape("vit_b16.d768", 768, 197), LinearShape("vit_b16.d3072", 3072, 197)]

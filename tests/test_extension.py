@@ -1,0 +1,275 @@
+"""The compiled ops against their pure-PyTorch twins, opcheck, and proof of what the binary holds."""
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import deepunlearn
+from conftest import rel_err
+from deepunlearn import _ext
+from deepunlearn.covariance import ConvGeometry, accumulate_conv_, accumulate_conv_reference_
+from deepunlearn.edit import edited_weight_reference
+
+PURE_BUILD = os.environ.get("DEEPUNLEARN_NO_EXT", "0") not in ("", "0") or os.environ.get("DEEPUNLEARN_DISABLE_EXT", "0") not in ("", "0")
+needs_ext = pytest.mark.skipif(not _ext.loaded(), reason="extension not built or disabled")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def device_or_skip(device: str) -> torch.device:
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA GPU")
+        if not _ext.has_op("linear_cov_accumulate_", torch.device("cuda")):
+            pytest.fail("a GPU is present but the extension has no CUDA kernels")
+    return torch.device(device)
+
+
+def cuda_build_expected() -> bool:
+    """What setup.py does: CUDA kernels whenever torch is a CUDA build and a toolkit is present."""
+    if os.environ.get("DEEPUNLEARN_CUDA") == "0" or torch.version.cuda is None:
+        return False
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    return any(h and (Path(h) / "bin" / "nvcc").exists() for h in homes)
+
+
+def elf_section_names(path: Path) -> set[str]:
+    """Section names of a 64-bit little-endian ELF file (enough to find .nv_fatbin)."""
+    data = path.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    def section(i):
+        return struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize)
+    strtab_off = section(shstrndx)[4]
+    names = set()
+    for i in range(shnum):
+        name_off = section(i)[0]
+        end = data.index(b"\0", strtab_off + name_off)
+        names.add(data[strtab_off + name_off : end].decode())
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# What was built
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(PURE_BUILD, reason="pure-Python build requested")
+def test_extension_is_built_and_loaded():
+    info = deepunlearn.extension_info()
+    assert info["extension_loaded"], info
+    assert info["built_with_torch"].split("+")[0] == torch.__version__.split("+")[0]
+    for op in ("linear_cov_accumulate_", "conv_cov_accumulate_", "projected_edit"):
+        assert _ext.has_op(op, torch.device("cpu")), op
+
+
+@pytest.mark.skipif(PURE_BUILD or not cuda_build_expected(), reason="no CUDA toolkit or CPU-only torch: CPU-only build")
+def test_cuda_kernels_are_really_in_the_binary():
+    info = deepunlearn.extension_info()
+    assert info["cuda_kernels"] and info["built_with_cuda"] == torch.version.cuda, info
+    for op in ("linear_cov_accumulate_", "conv_cov_accumulate_", "projected_edit"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"deepunlearn::{op}", "CUDA"), op
+    from deepunlearn import _C
+
+    assert ".nv_fatbin" in elf_section_names(Path(_C.__file__)), "no device code in the extension"
+
+
+def test_disable_switch_forces_the_pure_path(monkeypatch):
+    import subprocess
+    import sys
+
+    code = "import deepunlearn, json; print(json.dumps(deepunlearn.extension_info()))"
+    env = dict(os.environ, DEEPUNLEARN_DISABLE_EXT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert '"extension_loaded": false' in out and "DEEPUNLEARN_DISABLE_EXT" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_cov_accumulate_
+# ---------------------------------------------------------------------------------------------
+
+
+def sym_poison(d, dtype, device):
+    """A non-zero symmetric starting value: the op must add to it, not overwrite it."""
+    a = torch.randn(d, d, dtype=torch.float64)
+    return (a @ a.T / d + 3.0).to(dtype=dtype, device=device)
+
+
+TOL = {torch.float64: 1e-13, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_dtype,cov_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.float16, torch.float32), (torch.float32, torch.float64),
+                                              (torch.float64, torch.float64)])
+@pytest.mark.parametrize("n,d", [(0, 9), (1, 9), (37, 1), (200, 7), (150, 385), (64, 800), (33, 1030)])
+def test_linear_cov_matches_float64_reference(device, x_dtype, cov_dtype, n, d):
+    dev = device_or_skip(device)
+    x = torch.randn(n, d, dtype=torch.float64).to(x_dtype)
+    cov = sym_poison(d, cov_dtype, dev)
+    ref = cov.double().cpu() + x.double().T @ x.double()  # x as stored (already rounded to its dtype)
+    _ext.ops().linear_cov_accumulate_(cov, x.to(dev))
+    tol = TOL[x_dtype] if dev.type == "cpu" or x_dtype != torch.float32 else 2e-3  # tf32 on GPUs may be on
+    assert rel_err(cov.cpu(), ref) < tol
+    assert torch.equal(cov, cov.T)  # exactly symmetric
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cov_non_contiguous_inputs(device):
+    dev = device_or_skip(device)
+    base = torch.randn(40, 900, dtype=torch.float32, device=dev)
+    for x in (base.T[:, :40].T, base[:, ::2], base.T.contiguous().T):  # strided and transposed views
+        cov = sym_poison(x.shape[1], torch.float64, dev)
+        ref = cov.clone() + x.double().T @ x.double()
+        _ext.ops().linear_cov_accumulate_(cov, x)
+        assert rel_err(cov, ref) < 1e-6
+
+
+@needs_ext
+def test_linear_cov_rejects_bad_arguments():
+    ops = _ext.ops()
+    with pytest.raises(RuntimeError, match=r"x must be \(n, 4\)"):
+        ops.linear_cov_accumulate_(torch.zeros(4, 4), torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match="cov must be float32 or float64"):
+        ops.linear_cov_accumulate_(torch.zeros(4, 4, dtype=torch.float16), torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match="float64 x needs a float64 cov"):
+        ops.linear_cov_accumulate_(torch.zeros(4, 4), torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.linear_cov_accumulate_(torch.zeros(4, 8)[:, :4], torch.randn(3, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# conv_cov_accumulate_
+# ---------------------------------------------------------------------------------------------
+
+CONVS = [
+    nn.Conv2d(3, 5, 3, padding=1),
+    nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), groups=2),
+    nn.Conv2d(6, 6, 3, stride=2, padding=2, dilation=2, groups=3),
+    nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise
+    nn.Conv2d(4, 4, 4, padding="same"),  # asymmetric zero padding
+    nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(4, 4, 3, padding=2, padding_mode="circular", stride=3),
+    nn.Conv2d(2, 4, 5, padding="valid"),
+    nn.Conv2d(40, 8, 5, padding=2),  # d = 1000: the tiled symmetric path
+    nn.Conv1d(4, 6, 5, stride=2, padding=2, groups=2),
+    nn.Conv1d(3, 3, 4, padding="same", padding_mode="replicate", dilation=2),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("conv", CONVS, ids=[f"{i}-{type(c).__name__}" for i, c in enumerate(CONVS)])
+@pytest.mark.parametrize("x_dtype,cov_dtype", [(torch.float32, torch.float64), (torch.float32, torch.float32),
+                                              (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_cov_matches_pure_twin(device, conv, x_dtype, cov_dtype, channels_last):
+    dev = device_or_skip(device)
+    spatial = (11, 9) if isinstance(conv, nn.Conv2d) else (17,)
+    x = torch.randn(3, conv.in_channels, *spatial, dtype=torch.float64).to(x_dtype)
+    if channels_last:
+        if x.dim() != 4:
+            pytest.skip("channels-last is a 4-d layout")
+        x = x.to(memory_format=torch.channels_last)
+    geom = ConvGeometry.of(conv)
+    d = conv.weight[0].numel()
+    start = torch.stack([sym_poison(d, torch.float64, "cpu") for _ in range(conv.groups)])
+    ref = accumulate_conv_reference_(start.clone(), x.double(), geom)  # float64 oracle on the stored values
+    got = accumulate_conv_(start.to(device=dev, dtype=cov_dtype), x.to(dev), geom)
+    tol = 1e-13 if cov_dtype == torch.float64 else (1e-5 if dev.type == "cpu" or x_dtype != torch.float32 else 2e-3)
+    assert rel_err(got.cpu(), ref) < tol
+
+
+@needs_ext
+def test_conv_cov_uses_bounded_memory_and_matches_with_many_chunks():
+    # 64 × 32 × 32 positions × d = 27: several chunks of the 4M-element buffer
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(64, 3, 128, 128)
+    geom = ConvGeometry.of(conv)
+    got = accumulate_conv_(torch.zeros(1, 27, 27, dtype=torch.float64), x, geom)
+    ref = accumulate_conv_reference_(torch.zeros(1, 27, 27, dtype=torch.float64), x, geom)
+    assert rel_err(got, ref) < 1e-12
+
+
+@needs_ext
+def test_conv_cov_rejects_bad_arguments():
+    ops = _ext.ops()
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.raises(RuntimeError, match="C/groups"):
+        ops.conv_cov_accumulate_(torch.zeros(1, 10, 10), x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="do not split into 3 groups"):
+        ops.conv_cov_accumulate_(torch.zeros(3, 12, 12), x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ops.conv_cov_accumulate_(torch.zeros(1, 4 * 49, 4 * 49), x, [7, 7], [1, 1], [0, 0, 0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match="padding"):
+        ops.conv_cov_accumulate_(torch.zeros(1, 36, 36), x, [3, 3], [1, 1], [1, 1], [1, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# projected_edit
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("g,o,d", [(1, 10, 7), (4, 3, 18), (1, 64, 600)])
+def test_projected_edit_matches_float64_reference(device, dtype, g, o, d):
+    dev = device_or_skip(device)
+    w = torch.randn(g, o, d, dtype=torch.float64)
+    m_r, m_f = (torch.linalg.qr(torch.randn(g, d, d, dtype=torch.float64))[0] for _ in range(2))
+    m_r, m_f = m_r @ m_r.transpose(1, 2) * 0.5, m_f @ m_f.transpose(1, 2) * 0.3  # symmetric, non-trivial
+    ref = edited_weight_reference(w, m_r, m_f)
+    got = _ext.ops().projected_edit(w.to(dev, dtype), m_r.to(dev, dtype), m_f.to(dev, dtype))
+    assert got.shape == w.shape and got.dtype == dtype
+    tol = 1e-13 if dtype == torch.float64 else (1e-5 if dev.type == "cpu" else 2e-3)
+    assert rel_err(got.cpu(), ref) < tol
+
+
+@needs_ext
+def test_projected_edit_rejects_bad_arguments():
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        _ext.ops().projected_edit(torch.randn(1, 3, 4), torch.randn(1, 5, 5), torch.randn(1, 5, 5))
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        _ext.ops().projected_edit(torch.randn(1, 3, 4), torch.randn(1, 4, 4, dtype=torch.float64), torch.randn(1, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck and end to end
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    dev = device_or_skip(device)
+    ops = _ext.ops()
+    d = 12
+    torch.library.opcheck(ops.linear_cov_accumulate_.default, (sym_poison(d, torch.float32, dev), torch.randn(5, d, device=dev)))
+    torch.library.opcheck(
+        ops.conv_cov_accumulate_.default,
+        (torch.stack([sym_poison(18, torch.float32, dev)] * 2), torch.randn(2, 4, 5, 5, device=dev), [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+    )
+    torch.library.opcheck(
+        ops.projected_edit.default,
+        (torch.randn(2, 3, d, device=dev), torch.randn(2, d, d, device=dev), torch.randn(2, d, d, device=dev)),
+    )
+
+
+@needs_ext
+def test_unlearning_gives_the_same_model_with_and_without_the_extension(monkeypatch):
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4, padding_mode="reflect"),
+        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 40), nn.ReLU(), nn.Linear(40, 5),
+    ).double()
+    x = torch.randn(20, 3, 6, 6, dtype=torch.float64)
+    with_ext = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False).model
+    monkeypatch.setattr(_ext, "has_op", lambda name, device: False)
+    without = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False).model
+    for (n, p), (_, q) in zip(with_ext.named_parameters(), without.named_parameters()):
+        assert rel_err(p, q) < 1e-10, n
