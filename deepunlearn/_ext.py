@@ -52,6 +52,10 @@ def loaded() -> bool:
 
 
 def ops() -> Any:
+    """``torch.ops.deepunlearn``, after loading the extension (error if it cannot be loaded)."""
+    ok, why = _load()
+    if not ok:
+        raise RuntimeError(f"deepunlearn's extension is not available: {why}")
     return torch.ops.deepunlearn
 
 

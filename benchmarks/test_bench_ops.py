@@ -1,0 +1,59 @@
+"""pytest-benchmark timings of each op and its pure-PyTorch twin on a few real layer shapes.
+
+    pytest benchmarks --benchmark-only            (CPU; add -m cuda on a GPU machine)
+
+These are measurements, not pass/fail targets: compare the groups' rows side by side. The
+ratio table with every shape comes from ``python benchmarks/bench_kernels.py``.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepunlearn import _ext
+from deepunlearn.covariance import ConvGeometry, accumulate_conv_
+
+pytestmark = pytest.mark.skipif(not _ext.loaded(), reason="extension not built")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")])]
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d", [768, 3072])
+@pytest.mark.parametrize("impl", ["addmm", "op"])
+def test_linear_cov(benchmark, device, d, impl):
+    benchmark.group = f"linear_cov d={d} {device}"
+    x = torch.randn(4 * 197, d, device=device)
+    cov = torch.zeros(d, d, device=device)
+    fn = (lambda: cov.addmm_(x.T, x)) if impl == "addmm" else (lambda: _ext.ops().linear_cov_accumulate_(cov, x))
+    benchmark(lambda: (fn(), sync(device)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c,hw", [(64, 32), (128, 16)])
+@pytest.mark.parametrize("impl", ["unfold+addmm", "op"])
+def test_conv_cov(benchmark, device, c, hw, impl):
+    benchmark.group = f"conv_cov C={c} {hw}x{hw} {device}"
+    x = torch.randn(16, c, hw, hw, device=device)
+    geom = ConvGeometry.of(torch.nn.Conv2d(c, c, 3, padding=1))
+    d = c * 9
+    cov = torch.zeros(1, d, d, device=device)
+
+    def unfold():
+        u = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, d)
+        cov[0].addmm_(u.T, u)
+
+    fn = unfold if impl != "op" else (lambda: accumulate_conv_(cov, x, geom))
+    benchmark(lambda: (fn(), sync(device)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["two-gemm", "op"])
+def test_projected_edit(benchmark, device, impl):
+    benchmark.group = f"projected_edit d=768 {device}"
+    w, m_r, m_f = (torch.randn(1, 768, 768, device=device) for _ in range(3))
+    fn = (lambda: w - (w - w @ m_r) @ m_f) if impl == "two-gemm" else (lambda: _ext.ops().projected_edit(w, m_r, m_f))
+    benchmark(lambda: (fn(), sync(device)))
