@@ -316,6 +316,10 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batc
 
     device = collector.device
     samples = 0
+    # Fused transformer fast paths run whole encoder layers in one kernel, bypassing the module
+    # calls our hooks watch; switch them off while collecting (restored after, whatever happens).
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with _eval_no_grad(model):
             for x in tqdm(iter_batches(data, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
@@ -325,6 +329,7 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batc
                 samples += x.shape[0]
     finally:
         collector.remove()
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     if samples == 0:
         raise ValueError(f"no samples in the {desc} data: it yielded no non-empty batch")
     return samples

@@ -191,3 +191,15 @@ def test_cross_attention_with_other_key_dims_gets_separate_slots():
         ref = unrolled_attention(mha, q, k, v)
     assert rel_err(stats.slots["a.out_proj"].cov[0], ref.T @ ref) < 1e-12
     assert "a.in_proj" not in stats.slots
+
+
+def test_transformer_encoder_layers_are_collected_despite_fused_fast_path():
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dropout=0.0)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(), nn.Linear(80, 3)).double()
+    x = torch.randn(6, 5, 16, dtype=torch.float64)
+    stats = collect_statistics(model, x)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+    assert {"0.layers.0.self_attn.in_proj", "0.layers.0.self_attn.out_proj", "0.layers.1.linear2", "2"} <= set(stats.slots)
+    assert stats.slots["0.layers.0.self_attn.in_proj"].count == 30
+    rows = x.reshape(-1, 16)
+    assert rel_err(stats.slots["0.layers.0.self_attn.in_proj"].cov[0], rows.T @ rows) < 1e-13
