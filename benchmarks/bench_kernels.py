@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -27,7 +26,7 @@ from shapes import RESNET18_CIFAR, VGG11_BN, VIT_B16  # noqa: E402
 
 import deepunlearn  # noqa: E402
 from deepunlearn import _ext  # noqa: E402
-from deepunlearn.evaluation import measure  # noqa: E402
+from deepunlearn.evaluation import exact_rss_peaks, measure  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -109,10 +108,7 @@ def bench_edit(shape, device, repeat):
 
 
 def main(argv=None) -> int:
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # A fixed mmap threshold makes glibc map and unmap every large buffer, so the sampled RSS
-        # sees each one (its default adaptive threshold recycles them invisibly); re-exec with it.
-        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576"))
+    exact_rss_peaks()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small batches, few repeats (smoke run)")

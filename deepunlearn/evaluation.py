@@ -83,6 +83,16 @@ class Measurement:
     peak_bytes: int = 0
 
 
+def exact_rss_peaks() -> None:
+    """Re-execute this Python process with a fixed glibc mmap threshold (once), so that every large
+    CPU buffer is mapped and unmapped and :func:`measure` sees it in the RSS. With glibc's default
+    adaptive threshold, freed buffers are recycled inside the heap and later peaks stay invisible."""
+    import sys
+
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576"))
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
