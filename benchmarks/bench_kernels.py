@@ -108,7 +108,7 @@ def bench_edit(shape, device, repeat):
 
 
 def main(argv=None) -> int:
-    exact_rss_peaks()
+    exact_rss_peaks()  # the memory column needs it; op and pure path pay the same page faults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small batches, few repeats (smoke run)")

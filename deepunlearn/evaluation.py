@@ -84,13 +84,19 @@ class Measurement:
 
 
 def exact_rss_peaks() -> None:
-    """Re-execute this Python process with a fixed glibc mmap threshold (once), so that every large
-    CPU buffer is mapped and unmapped and :func:`measure` sees it in the RSS. With glibc's default
-    adaptive threshold, freed buffers are recycled inside the heap and later peaks stay invisible."""
-    import sys
+    """From now on, let :func:`measure` see every large CPU buffer in the RSS.
 
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576"))
+    glibc's adaptive mmap threshold recycles freed large buffers inside the heap, so a later
+    peak does not raise the RSS; a fixed 1 MiB threshold maps and unmaps each of them. It makes
+    allocation-heavy code slower (page faults), so time measurements belong before this call.
+    Irreversible for the process; a no-op where glibc's ``mallopt`` is unavailable.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss_bytes() -> int:

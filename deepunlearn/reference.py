@@ -13,7 +13,6 @@ streamed second moment and the Cholesky solve of the main path avoid.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections import defaultdict
 
@@ -26,7 +25,7 @@ from .edit import apply_plan
 from .layers import find_targets
 from .projection import check_alpha, scale_energies
 from .report import UnlearnReport
-from .statistics import _Collector, _out_positions, model_device, run_with_hooks
+from .statistics import _Collector, model_device, run_with_hooks
 from .api import _sync, plan_edits
 
 
