@@ -14,11 +14,13 @@ from .report import LayerReport, UnlearnReport
 from .search import AlphaSearch, search_alphas
 from .statistics import SlotStatistics, Statistics, collect_statistics
 from .api import forget_classes, unlearn
+from .class_statistics import ClassStatistics
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlphaSearch",
+    "ClassStatistics",
     "LayerReport",
     "SlotStatistics",
     "Spectrum",

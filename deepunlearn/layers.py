@@ -117,6 +117,8 @@ def find_targets(model: nn.Module) -> tuple[list[EditTarget], list[SkippedLayer]
         targets.extend(new)
         for pname, p in module.named_parameters(recurse=False):
             if p.dim() >= 2 and id(p) not in covered:
-                skipped.append(SkippedLayer(f"{name}.{pname}" if name else pname, f"{type(module).__name__} is not a supported layer type"))
+                skipped.append(SkippedLayer(f"{name}.{pname}" if name else pname,
+                                            f"a {p.dim()}-d parameter of {type(module).__name__}, which is not a supported layer type "
+                                            "(only the weights of Linear, Conv1d/2d/3d and MultiheadAttention are edited)"))
                 covered.add(id(p))
     return targets, skipped

@@ -139,32 +139,56 @@ class Statistics:
             )
 
     # -- persistence ------------------------------------------------------------------------
+    def checksum(self) -> str:
+        """SHA-256 of the metadata and every buffer's bytes (as stored on the CPU)."""
+        h = hashlib.sha256(json.dumps([self.fingerprint, self.samples]).encode())
+        for name, s in self.slots.items():
+            cov = s.cov.detach().cpu().contiguous()
+            h.update(json.dumps([name, s.count, list(cov.shape), str(cov.dtype)]).encode())
+            h.update(cov.view(torch.uint8).numpy().tobytes() if cov.numel() else b"")
+        return h.hexdigest()
+
+    def to_blob(self) -> dict:
+        """Plain data for ``torch.save``: CPU tensors, counts, fingerprint and checksum."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "fingerprint": self.fingerprint,
+            "samples": self.samples,
+            "slots": {k: {"cov": v.cov.detach().cpu(), "count": v.count} for k, v in self.slots.items()},
+            "checksum": self.checksum(),
+        }
+
+    @classmethod
+    def from_blob(cls, blob: object, source: str = "statistics") -> "Statistics":
+        """Inverse of :meth:`to_blob`; refuses other formats and corrupted contents."""
+        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+            raise ValueError(f"{source} is not a deepunlearn statistics file")
+        if blob.get("version") != _VERSION:
+            raise ValueError(f"{source} has statistics format version {blob.get('version')}, expected {_VERSION}")
+        try:
+            slots = {k: SlotStatistics(v["cov"], int(v["count"])) for k, v in blob["slots"].items()}
+            stats = cls(slots, int(blob["samples"]), str(blob["fingerprint"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{source} is malformed: {exc}") from exc
+        if stats.checksum() != blob.get("checksum"):
+            raise ValueError(f"{source} is corrupted: its checksum does not match its contents")
+        return stats
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write to ``path`` (torch serialisation; tensors are saved on the CPU)."""
-        torch.save(
-            {
-                "format": _FORMAT,
-                "version": _VERSION,
-                "fingerprint": self.fingerprint,
-                "samples": self.samples,
-                "slots": {k: {"cov": v.cov.detach().cpu(), "count": v.count} for k, v in self.slots.items()},
-            },
-            path,
-        )
+        """Write to ``path`` (torch serialisation, tensors on the CPU, with a checksum)."""
+        torch.save(self.to_blob(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: torch.device | str | None = None) -> "Statistics":
-        """Read statistics written by :meth:`save` (safe loading: tensors and plain data only)."""
-        try:
-            blob = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # unreadable, truncated or not a torch file
-            raise ValueError(f"cannot read statistics from {os.fspath(path)!r}: {exc}") from exc
-        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a deepunlearn statistics file")
-        if blob.get("version") != _VERSION:
-            raise ValueError(f"{os.fspath(path)!r} has statistics format version {blob.get('version')}, expected {_VERSION}")
-        slots = {k: SlotStatistics(v["cov"], int(v["count"])) for k, v in blob["slots"].items()}
-        return cls(slots, int(blob["samples"]), str(blob["fingerprint"]))
+        """Read statistics written by :meth:`save` (safe loading: tensors and plain data only).
+
+        Raises ``ValueError`` for an unreadable file, another format, or contents whose checksum
+        does not match (a corrupted or hand-edited file).
+        """
+        blob = _load_blob(path)
+        stats = cls.from_blob(blob, repr(os.fspath(path)))
+        return stats if map_location is None else stats.to(map_location)
 
     def summary(self) -> list[dict]:
         """One row per slot: name, groups, d, vectors, energy ``tr(C)`` (summed over groups)."""
@@ -173,6 +197,13 @@ class Statistics:
              "energy": float(v.cov.diagonal(dim1=-2, dim2=-1).sum())}
             for k, v in self.slots.items()
         ]
+
+
+def _load_blob(path: str | os.PathLike) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable, truncated or not a torch file
+        raise ValueError(f"cannot read statistics from {os.fspath(path)!r}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------

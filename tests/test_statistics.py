@@ -101,3 +101,18 @@ def test_collection_leaves_the_model_exactly_as_it_was(fail):
     else:
         collect_statistics(m, data)
     assert_same_state(model_state(m), before)  # BN running stats untouched too: eval mode was used
+
+
+def test_corrupted_statistics_file_is_refused(tmp_path):
+    s = collect_statistics(small_model(), torch.randn(6, 1, 5, 5))
+    path = tmp_path / "s.pt"
+    s.save(path)
+    blob = torch.load(path, weights_only=True)
+    blob["slots"]["0"]["cov"][0, 0, 0] += 1.0  # one flipped value
+    torch.save(blob, path)
+    with pytest.raises(ValueError, match="corrupted"):
+        Statistics.load(path)
+    blob["slots"]["0"] = {"cov": 3}
+    torch.save(blob, path)
+    with pytest.raises(ValueError, match="malformed|corrupted"):
+        Statistics.load(path)

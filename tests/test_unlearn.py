@@ -133,7 +133,7 @@ def test_unsupported_layers_are_listed_not_silently_skipped():
     r = unlearn(WithEmbedding(), idx[:4], idx[4:])
     assert [layer.name for layer in r.layers] == ["fc"]
     assert {name for name, _ in r.skipped} == {"emb.weight", "up.weight"}
-    assert all("not a supported layer" in why for _, why in r.skipped)
+    assert all("not a supported layer type" in why for _, why in r.skipped)
 
 
 def test_multi_class_forgetting_draws_balanced_samples():
