@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Subset
 
 from ._batches import DataLike
 from .edit import PlannedEdit, apply_plan, edited_weight
-from .layers import EditTarget, find_targets
+from .layers import EditTarget, SkippedLayer, find_targets
 from .projection import check_alpha, check_solver, scaled_projection
 from .report import LayerReport, UnlearnReport
 from .statistics import Statistics, collect_statistics, model_device
@@ -181,6 +181,9 @@ def unlearn(
     apply_plan(plan)
     _sync(device)
     t4 = time.perf_counter()
+    unreached = [r for r in rows if r.forget_vectors == 0 and r.retain_vectors == 0]
+    rows = [r for r in rows if r not in unreached]
+    skipped = [*skipped, *(SkippedLayer(r.name, _UNREACHED) for r in unreached)]
 
     seconds = {
         "collect_forget": t1 - t0,
@@ -192,6 +195,10 @@ def unlearn(
     return UnlearnReport(
         model, rows, [(s.name, s.reason) for s in skipped], stats_f.samples, stats_r.samples, alpha_r, alpha_f, solver, seconds
     )
+
+
+_UNREACHED = ("its module was never called during the forward passes (the model may apply the weight "
+              "functionally, as torchvision's Swin attention does): unchanged")
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor:

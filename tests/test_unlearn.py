@@ -283,3 +283,21 @@ def test_help_documents_every_argument():
                 assert "unlearn_kwargs" in doc
                 continue
             assert name in doc, f"{fn.__name__} does not document {name}"
+
+
+def test_layers_applied_functionally_are_listed_as_skipped():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 4)
+            self.bypassed = nn.Linear(4, 4)  # its weight is used through F.linear, never via its module
+
+        def forward(self, x):
+            return nn.functional.linear(self.used(x), self.bypassed.weight)
+
+    model = Functional()
+    w = model.bypassed.weight.detach().clone()
+    r = unlearn(model, torch.randn(6, 4), torch.randn(6, 4))
+    assert [layer.name for layer in r.layers] == ["used"]
+    assert len(r.skipped) == 1 and r.skipped[0][0] == "bypassed" and "never called" in r.skipped[0][1]
+    assert torch.equal(model.bypassed.weight, w)
