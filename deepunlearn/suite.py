@@ -12,6 +12,7 @@ features?), wall time and peak memory. Writes ``results.json``, ``results.md`` a
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import json
 import math
 import os
@@ -139,11 +140,14 @@ def run(args: argparse.Namespace) -> dict:
             search = search_alphas(original, forget_sample, retain_sample, val, [c],
                                    alpha_r_grid=args.alpha_r_grid, alpha_f_grid=args.alpha_f_grid)
             a_r, a_f = search.alpha_r, search.alpha_f
+            # functools.partial binds this iteration's model, samples and alphas: the memory pass
+            # re-runs these after the loop, when the loop variables point elsewhere
+            common = dict(alpha_r=a_r, alpha_f=a_f, inplace=False)
             training_free = {
-                "deepunlearn": lambda: unlearn(original, forget_sample, retain_sample, alpha_r=a_r, alpha_f=a_f, inplace=False),
-                "deepunlearn-pure": lambda: _pure(unlearn, original, forget_sample, retain_sample, alpha_r=a_r, alpha_f=a_f, inplace=False),
-                "paper-procedure": lambda: unlearn_paper(original, forget_sample, retain_sample, alpha_r=a_r, alpha_f=a_f,
-                                                         inplace=False, conv_crop=True, max_patches=10000),
+                "deepunlearn": partial(unlearn, original, forget_sample, retain_sample, **common),
+                "deepunlearn-pure": partial(_pure, unlearn, original, forget_sample, retain_sample, **common),
+                "paper-procedure": partial(unlearn_paper, original, forget_sample, retain_sample, conv_crop=True,
+                                           max_patches=10000, **common),
             }
             for name, fn in training_free.items():
                 with measure("cpu") as m:
@@ -219,11 +223,13 @@ def targets(summary: list[dict]) -> list[str]:
             out.append(f"{arch}: MIA gap {du['mia_gap']:.1f} vs best baseline {best['method']} {best['mia_gap']:.1f}: "
                        f"{'met' if du['mia_gap'] <= best['mia_gap'] else 'MISSED'}")
             ok = [s for s in trained if s["forget_test"] <= 5]
-            if ok:
-                fastest = min(ok, key=lambda s: s["seconds"])
-                ratio = fastest["seconds"] / du["seconds"]
-                out.append(f"{arch}: {ratio:.1f}x less time than {fastest['method']} (fastest baseline with forget <= 5%; target 10x): "
-                           f"{'met' if ratio >= 10 else 'MISSED'}")
+            usable = [s for s in ok if orig["retain_test"] - s["retain_test"] <= 5]
+            for pool, what in ((ok, "forget <= 5%"), (usable, "forget <= 5% and retain within 5 points")):
+                if pool:
+                    fastest = min(pool, key=lambda s: s["seconds"])
+                    ratio = fastest["seconds"] / du["seconds"]
+                    out.append(f"{arch}: {ratio:.1f}x less time than {fastest['method']} (fastest baseline with {what}; "
+                               f"target 10x): {'met' if ratio >= 10 else 'MISSED'}")
         if "paper-procedure" in by:
             p = by["paper-procedure"]
             ratio = p["seconds"] / du["seconds"]

@@ -1,0 +1,98 @@
+"""Unmodified torchvision models: every weight matrix's statistics against an independent computation.
+
+Random initialisation, two 32×32 images: what is checked is that every weight matrix the model
+multiplies by is found, reached and given exactly the second moment of its real inputs. VGG-11-BN
+is left out on the CPU: its first classifier layer has d = 25,088 (a 2.5 GB float32 covariance).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import rel_err
+from deepunlearn import collect_statistics, unlearn
+from deepunlearn.layers import find_targets
+from test_covariance import unrolled_attention
+
+tv = pytest.importorskip("torchvision.models")
+
+MODELS = {
+    "vit_b_16": lambda: tv.vit_b_16(image_size=32),
+    "resnet50": lambda: tv.resnet50(),
+    "convnext_tiny": lambda: tv.convnext_tiny(),
+    "swin_t": lambda: tv.swin_t(),
+    "mobilenet_v3_small": lambda: tv.mobilenet_v3_small(),
+    "efficientnet_b0": lambda: tv.efficientnet_b0(),
+}
+
+
+def independent_moments(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Raw inputs captured with plain hooks; conv patches by F.unfold; attention unrolled by hand."""
+    out, handles = {}, []
+
+    def add(name, rows):
+        rows = rows.double()
+        out[name] = out.get(name, 0) + rows.T @ rows
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            def mha_hook(mod, args, kwargs, _o, name=name):
+                q = args[0]
+                add(f"{name}.in_proj", q.reshape(-1, q.shape[-1]))
+                with torch.no_grad():
+                    add(f"{name}.out_proj", unrolled_attention(mod, q, q, q))
+            handles.append(m.register_forward_hook(mha_hook, with_kwargs=True))
+        elif isinstance(m, nn.Linear) and not name.endswith("out_proj"):
+            handles.append(m.register_forward_pre_hook(lambda mod, a, name=name: add(name, a[0].reshape(-1, a[0].shape[-1]))))
+        elif isinstance(m, nn.Conv2d):
+            def conv_hook(mod, a, name=name):
+                u = F.unfold(a[0], mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (N, C*k*k, L)
+                g = mod.groups
+                u = u.reshape(u.shape[0], g, -1, u.shape[-1]).permute(1, 0, 3, 2).reshape(g, -1, u.shape[2] // g)
+                rows = u.double()
+                out[name] = out.get(name, 0) + rows.transpose(1, 2) @ rows
+            handles.append(m.register_forward_pre_hook(conv_hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_statistics_of_every_weight_matrix_match_an_independent_computation(name):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    stats = collect_statistics(model, x)
+    ref = independent_moments(model, x)
+    targets, skipped = find_targets(model)
+    assert not [s for s in skipped if "Linear" in s.reason or "Conv" in s.reason.split("(")[0]]
+    reached = 0
+    for t in targets:
+        cov, n = stats.covariance(t)
+        key = t.slots[0] if t.kind == "attention-in" else t.slots[-1]
+        if cov is None:  # only weights that the model applies functionally may be unreached
+            assert name == "swin_t" and key.endswith(("qkv", "proj")), t.name
+            assert key not in ref
+            continue
+        reached += 1
+        expected = ref[key] if torch.is_tensor(ref[key]) and ref[key].dim() == 3 else ref[key][None]
+        assert rel_err(cov, expected) < 1e-10, t.name
+    assert reached >= 0.8 * len(targets)
+
+
+@pytest.mark.slow
+def test_unlearn_runs_unchanged_on_mobilenet_v3_small():
+    torch.manual_seed(0)
+    model = tv.mobilenet_v3_small(num_classes=10).eval()
+    x = torch.randn(8, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = unlearn(model, x[:4], x[4:], inplace=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    depthwise = [layer for layer in r.layers if layer.groups > 1]
+    assert depthwise and all(layer.d == 9 or layer.d == 25 for layer in depthwise)
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())
