@@ -47,8 +47,8 @@ def independent_moments(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Te
         elif isinstance(m, nn.Conv2d):
             def conv_hook(mod, a, name=name):
                 u = F.unfold(a[0], mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (N, C*k*k, L)
-                g = mod.groups
-                u = u.reshape(u.shape[0], g, -1, u.shape[-1]).permute(1, 0, 3, 2).reshape(g, -1, u.shape[2] // g)
+                g, dg = mod.groups, u.shape[1] // mod.groups
+                u = u.reshape(u.shape[0], g, dg, u.shape[-1]).permute(1, 0, 3, 2).reshape(g, -1, dg)
                 rows = u.double()
                 out[name] = out.get(name, 0) + rows.transpose(1, 2) @ rows
             handles.append(m.register_forward_pre_hook(conv_hook))
@@ -65,12 +65,13 @@ def independent_moments(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Te
 @pytest.mark.parametrize("name", list(MODELS))
 def test_statistics_of_every_weight_matrix_match_an_independent_computation(name):
     torch.manual_seed(0)
-    model = MODELS[name]().eval()
-    x = torch.randn(2, 3, 32, 32)
+    model = MODELS[name]().double().eval()  # float64: fused and unfused attention kernels agree to rounding
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     stats = collect_statistics(model, x)
     ref = independent_moments(model, x)
     targets, skipped = find_targets(model)
-    assert not [s for s in skipped if "Linear" in s.reason or "Conv" in s.reason.split("(")[0]]
+    owners = [model.get_submodule(s.name.rpartition(".")[0]) for s in skipped]
+    assert not [o for o in owners if isinstance(o, (nn.Linear, nn.Conv2d))]  # no weight matrix left out
     reached = 0
     for t in targets:
         cov, n = stats.covariance(t)
@@ -81,8 +82,9 @@ def test_statistics_of_every_weight_matrix_match_an_independent_computation(name
             continue
         reached += 1
         expected = ref[key] if torch.is_tensor(ref[key]) and ref[key].dim() == 3 else ref[key][None]
-        assert rel_err(cov, expected) < 1e-10, t.name
-    assert reached >= 0.8 * len(targets)
+        assert rel_err(cov, expected) < 1e-9, t.name
+    # swin_t applies its attention's qkv and proj weights functionally: those are reported, not reached
+    assert reached == len(targets) or name == "swin_t"
 
 
 @pytest.mark.slow
