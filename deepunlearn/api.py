@@ -40,12 +40,21 @@ Moments = dict[tuple[str, ...], tuple[torch.Tensor | None, int]]  # slot tuple -
 
 
 def layer_moments(targets: Sequence[EditTarget], stats: Statistics, device: torch.device) -> Moments:
-    """Second moment and vector count per distinct slot tuple (attention's q/k/v share one)."""
+    """Second moment and vector count per distinct slot tuple.
+
+    Targets reading one input (attention's packed q/k/v, or Linear layers the statistics record
+    as sharing an input) get the very same tensor, so :func:`projections` solves once for them.
+    """
     out: Moments = {}
+    by_source: dict[tuple[str, ...], tuple[torch.Tensor | None, int]] = {}
     for t in targets:
-        if t.slots not in out:
+        if t.slots in out:
+            continue
+        source = stats.resolve(t.slots)
+        if source not in by_source:
             cov, n = stats.covariance(t)
-            out[t.slots] = (None if cov is None else cov.to(device), n)
+            by_source[source] = (None if cov is None else cov.to(device), n)
+        out[t.slots] = by_source[source]
     return out
 
 
@@ -100,8 +109,23 @@ def _zero_groups(tr: torch.Tensor) -> list[int]:
     return torch.nonzero(tr <= 0).flatten().tolist()
 
 
+def map_shared(values: dict, fn: Callable) -> dict:
+    """``{k: fn(v)}``, calling ``fn`` once per distinct object (``None`` stays ``None``).
+
+    Layers that read one input share one second-moment tensor; this solves it once for all.
+    """
+    done: dict[int, object] = {}
+    out = {}
+    for k, v in values.items():
+        if v is not None and id(v) not in done:
+            done[id(v)] = fn(v)
+        out[k] = None if v is None else done[id(v)]
+    return out
+
+
 def projections(moments: Moments, proj: ProjectionFn) -> dict[tuple[str, ...], torch.Tensor | None]:
-    return {k: (None if cov is None else proj(cov)) for k, (cov, _) in moments.items()}
+    """``proj`` of every second moment, solved once per distinct tensor."""
+    return map_shared({k: cov for k, (cov, _) in moments.items()}, proj)
 
 
 def unlearn(

@@ -33,7 +33,7 @@ class _ActivationRecorder(_Collector):
     """Keeps every layer's input vectors as ``(groups, n, d)`` activation matrices."""
 
     def __init__(self, targets, device, dtype, conv_crop: bool, max_patches: int | None, generator: torch.Generator):
-        super().__init__(targets, device, dtype)
+        super().__init__(targets, device, dtype, share_inputs=False)  # the paper keeps one matrix per layer
         self.rows: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.conv_crop, self.max_patches, self.generator = conv_crop, max_patches, generator
 

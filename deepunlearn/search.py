@@ -14,7 +14,7 @@ from .evaluation import class_accuracies
 from .layers import find_targets
 from .projection import Spectrum, check_alpha
 from .statistics import Statistics, _eval_no_grad, model_device
-from .api import gather_statistics, layer_moments, plan_edits, traces
+from .api import gather_statistics, layer_moments, map_shared, plan_edits, projections, traces
 
 ALPHA_R_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 ALPHA_F_GRID = (0.25, 0.5, 0.9, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -86,8 +86,8 @@ def search_alphas(
     kw = dict(batch_size=batch_size, dtype=dtype, progress=progress)
     moments_f = layer_moments(targets, gather_statistics(model, forget, "forget", **kw), device)
     moments_r = layer_moments(targets, gather_statistics(model, retain, "retain", **kw), device)
-    spectra_f = {k: None if c is None else Spectrum.of(c) for k, (c, _) in moments_f.items()}
-    spectra_r = {k: None if c is None else Spectrum.of(c) for k, (c, _) in moments_r.items()}
+    spectra_f = projections(moments_f, Spectrum.of)
+    spectra_r = projections(moments_r, Spectrum.of)
     traces_f, traces_r = traces(moments_f), traces(moments_r)
     val = _cache_labelled(validation, device, batch_size)
     if not val:
@@ -104,9 +104,9 @@ def search_alphas(
     bar = tqdm(total=len(grid_r) * len(grid_f), desc="alpha search", disable=not progress, leave=False)
     try:
         for a_r in grid_r:
-            m_r = {k: None if s is None else s.projection(a_r) for k, s in spectra_r.items()}
+            m_r = map_shared(spectra_r, lambda s: s.projection(a_r))
             for a_f in grid_f:
-                m_f = {k: None if s is None else s.projection(a_f) for k, s in spectra_f.items()}
+                m_f = map_shared(spectra_f, lambda s: s.projection(a_f))
                 plan, _ = plan_edits(targets, m_f, m_r, traces_f, traces_r)
                 apply_plan(plan)
                 with _eval_no_grad(model):

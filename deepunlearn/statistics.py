@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from .covariance import ConvGeometry, accumulate_conv_, accumulate_linear_, line
 from .layers import EditTarget, find_targets
 
 _FORMAT = "deepunlearn.statistics"
-_VERSION = 1
+_VERSION = 2  # 2 added input sharing (``aliases``); version-1 files are still read
 
 
 @dataclass
@@ -71,11 +73,15 @@ class Statistics:
         slots: slot name -> :class:`SlotStatistics`, in the order layers first ran.
         samples: number of samples (batch rows) that went through the model.
         fingerprint: :func:`model_fingerprint` of the model they were collected on.
+        aliases: slot name -> the slot that holds its statistics, for ``nn.Linear`` layers that
+            read the very same input tensor as an earlier one in every forward pass (separate
+            query/key/value projections): one buffer is accumulated for all of them.
     """
 
     slots: dict[str, SlotStatistics] = field(default_factory=dict)
     samples: int = 0
     fingerprint: str = ""
+    aliases: dict[str, str] = field(default_factory=dict)
 
     # -- combination and movement ---------------------------------------------------------
     def __add__(self, other: "Statistics") -> "Statistics":
@@ -85,8 +91,10 @@ class Statistics:
             raise ValueError(
                 f"cannot add statistics of different models (fingerprints {self.fingerprint} and {other.fingerprint})"
             )
-        out = Statistics({k: SlotStatistics(v.cov.clone(), v.count) for k, v in self.slots.items()}, self.samples + other.samples, self.fingerprint)
-        for name, s in other.slots.items():
+        a, b = (self, other) if self.aliases == other.aliases else (self.expanded(), other.expanded())
+        out = Statistics({k: SlotStatistics(v.cov.clone(), v.count) for k, v in a.slots.items()}, a.samples + b.samples,
+                         a.fingerprint, dict(a.aliases))
+        for name, s in b.slots.items():
             if name not in out.slots:
                 out.slots[name] = SlotStatistics(s.cov.clone(), s.count)
                 continue
@@ -101,7 +109,19 @@ class Statistics:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Statistics":
         """A copy with every buffer moved to ``device`` and/or cast to ``dtype``."""
-        return Statistics({k: SlotStatistics(v.cov.to(device=device, dtype=dtype), v.count) for k, v in self.slots.items()}, self.samples, self.fingerprint)
+        return Statistics({k: SlotStatistics(v.cov.to(device=device, dtype=dtype), v.count) for k, v in self.slots.items()},
+                          self.samples, self.fingerprint, dict(self.aliases))
+
+    def expanded(self) -> "Statistics":
+        """The same statistics with every alias turned into a slot of its own (sharing the buffer)."""
+        slots = dict(self.slots)
+        for name, owner in self.aliases.items():
+            slots[name] = self.slots[owner]
+        return Statistics(slots, self.samples, self.fingerprint)
+
+    def resolve(self, slots: tuple[str, ...]) -> tuple[str, ...]:
+        """The stored slots that hold the statistics of ``slots`` (aliases followed, duplicates dropped)."""
+        return tuple(dict.fromkeys(self.aliases.get(s, s) for s in slots))
 
     @property
     def device(self) -> torch.device | None:
@@ -117,7 +137,7 @@ class Statistics:
 
         Returns ``(None, 0)`` when no input ever reached the target.
         """
-        present = [self.slots[s] for s in target.slots if s in self.slots]
+        present = [self.slots[s] for s in self.resolve(target.slots) if s in self.slots]
         if not present:
             return None, 0
         cov = present[0].cov if len(present) == 1 else sum(p.cov for p in present)
@@ -141,7 +161,8 @@ class Statistics:
     # -- persistence ------------------------------------------------------------------------
     def checksum(self) -> str:
         """SHA-256 of the metadata and every buffer's bytes (as stored on the CPU)."""
-        h = hashlib.sha256(json.dumps([self.fingerprint, self.samples]).encode())
+        head = [self.fingerprint, self.samples] + ([sorted(self.aliases.items())] if self.aliases else [])
+        h = hashlib.sha256(json.dumps(head).encode())
         for name, s in self.slots.items():
             cov = s.cov.detach().cpu().contiguous()
             h.update(json.dumps([name, s.count, list(cov.shape), str(cov.dtype)]).encode())
@@ -156,6 +177,7 @@ class Statistics:
             "fingerprint": self.fingerprint,
             "samples": self.samples,
             "slots": {k: {"cov": v.cov.detach().cpu(), "count": v.count} for k, v in self.slots.items()},
+            "aliases": dict(self.aliases),
             "checksum": self.checksum(),
         }
 
@@ -164,13 +186,16 @@ class Statistics:
         """Inverse of :meth:`to_blob`; refuses other formats and corrupted contents."""
         if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
             raise ValueError(f"{source} is not a deepunlearn statistics file")
-        if blob.get("version") != _VERSION:
-            raise ValueError(f"{source} has statistics format version {blob.get('version')}, expected {_VERSION}")
+        if blob.get("version") not in (1, _VERSION):
+            raise ValueError(f"{source} has statistics format version {blob.get('version')}, expected at most {_VERSION}")
         try:
             slots = {k: SlotStatistics(v["cov"], int(v["count"])) for k, v in blob["slots"].items()}
-            stats = cls(slots, int(blob["samples"]), str(blob["fingerprint"]))
+            aliases = {str(k): str(v) for k, v in blob.get("aliases", {}).items()}
+            stats = cls(slots, int(blob["samples"]), str(blob["fingerprint"]), aliases)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{source} is malformed: {exc}") from exc
+        if any(owner not in slots for owner in aliases.values()):
+            raise ValueError(f"{source} is malformed: an alias points to a slot it does not hold")
         if stats.checksum() != blob.get("checksum"):
             raise ValueError(f"{source} is corrupted: its checksum does not match its contents")
         return stats
@@ -191,10 +216,14 @@ class Statistics:
         return stats if map_location is None else stats.to(map_location)
 
     def summary(self) -> list[dict]:
-        """One row per slot: name, groups, d, vectors, energy ``tr(C)`` (summed over groups)."""
+        """One row per slot: name, groups, d, vectors, energy ``tr(C)`` (summed over groups), and the
+        slots that share its buffer."""
+        shared: dict[str, list[str]] = {}
+        for name, owner in self.aliases.items():
+            shared.setdefault(owner, []).append(name)
         return [
             {"slot": k, "groups": v.cov.shape[0], "d": v.cov.shape[-1], "vectors": v.count,
-             "energy": float(v.cov.diagonal(dim1=-2, dim2=-1).sum())}
+             "energy": float(v.cov.diagonal(dim1=-2, dim2=-1).sum()), "shared_by": shared.get(k, [])}
             for k, v in self.slots.items()
         ]
 
@@ -218,11 +247,17 @@ class _Collector:
     subclasses it to keep the activation matrices instead, as the paper's code does.
     """
 
-    def __init__(self, targets: list[EditTarget], device: torch.device, dtype: torch.dtype):
+    def __init__(self, targets: list[EditTarget], device: torch.device, dtype: torch.dtype, share_inputs: bool = True):
         self.stats = Statistics()
         self.device, self.dtype = device, dtype
         self.handles: list = []
         self._inside_mha_replay = False
+        # Linear layers reading the very tensor an earlier one read (separate q/k/v projections)
+        # share its slot. Sharing is decided in the first forward pass and checked in every later one.
+        self.share_inputs = share_inputs
+        self._forwards = 0
+        self._inputs: dict[int, tuple[weakref.ref, int, str]] = {}  # id(input) -> (ref, version, owner slot)
+        self._calls: dict[str, int] = {}  # linear slot -> calls in the current forward pass
         seen: set[int] = set()
         for t in targets:
             m = t.module
@@ -258,9 +293,43 @@ class _Collector:
     # -- hooks ------------------------------------------------------------------------------
     def _linear_hook(self, name: str, d: int):
         def hook(module: nn.Module, args: tuple) -> None:
-            self.add_rows(name, linear_rows(args[0].detach(), d))
+            x = args[0]
+            if self.share_inputs and self._shared_owner(name, x) is not None:
+                return
+            self.add_rows(name, linear_rows(x.detach(), d))
 
         return hook
+
+    def _shared_owner(self, name: str, x: torch.Tensor) -> str | None:
+        """The slot already holding ``x`` in this forward pass if ``name`` shares it, else ``None``.
+
+        Raises :class:`_SharingChanged` when a sharing decided in the first pass does not hold.
+        """
+        entry = self._inputs.get(id(x))
+        owner = entry[2] if entry is not None and entry[0]() is x and entry[1] == x._version else None
+        alias = self.stats.aliases.get(name)
+        if alias is not None:
+            if owner != alias:
+                raise _SharingChanged(f"layer '{name}' read the same input as '{alias}' in the first batch but not later")
+        elif owner is not None and self._forwards == 0 and name not in self.stats.slots and name not in self._calls:
+            self.stats.aliases[name] = owner
+        else:
+            owner = None
+            if entry is None or entry[0]() is not x or entry[1] != x._version:  # first reader of x in this pass
+                self._inputs[id(x)] = (weakref.ref(x), x._version, name)
+        self._calls[name] = self._calls.get(name, 0) + 1
+        return owner
+
+    def end_forward(self) -> None:
+        """Close one forward pass: check the input sharing held, forget this pass's inputs."""
+        for name, owner in self.stats.aliases.items():
+            n_owner, n_member = self._calls.get(owner, 0), self._calls.get(name, 0)
+            if n_owner != n_member or n_owner > 1:  # a buffer holds one input per pass, for all who share it
+                raise _SharingChanged(f"layer '{name}' ran {n_member} time(s) in a forward pass where '{owner}', "
+                                      f"whose input it shares, ran {n_owner} time(s)")
+        self._inputs.clear()
+        self._calls.clear()
+        self._forwards += 1
 
     def _conv_hook(self, name: str, geom: ConvGeometry, d: int):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -288,6 +357,10 @@ class _Collector:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+class _SharingChanged(RuntimeError):
+    """The input sharing seen in the first forward pass did not hold in a later one."""
 
 
 def _out_positions(spatial: torch.Size, geom: ConvGeometry) -> int:
@@ -357,6 +430,7 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batc
                 if x.shape[0] == 0:
                     continue
                 model(x.to(device, non_blocking=True))
+                collector.end_forward()
                 samples += x.shape[0]
     finally:
         collector.remove()
@@ -397,7 +471,16 @@ def collect_statistics(
     if dtype is None:
         dtype = torch.float64 if device.type == "cpu" else torch.float32
     collector = _Collector(targets, device, dtype)
-    samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
+    try:
+        samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
+    except _SharingChanged as exc:
+        # Rare (layers whose inputs coincide only sometimes): collect again, one slot per layer.
+        if isinstance(data, Iterator):
+            raise ValueError(f"{exc}; pass data that can be iterated twice (a DataLoader, Dataset or tensor, "
+                             "not a one-shot iterator) so the statistics can be collected again per layer") from exc
+        warnings.warn(f"{exc}: collecting again with one statistic per layer", RuntimeWarning, stacklevel=2)
+        collector = _Collector(targets, device, dtype, share_inputs=False)
+        samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
     stats = collector.stats
     for name, s in stats.slots.items():
         if not torch.isfinite(s.cov).all():
