@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from . import distributed
 from ._batches import DataLike
 from .edit import PlannedEdit, apply_plan, edited_weight
 from .layers import EditTarget, SkippedLayer, find_targets
@@ -139,6 +140,7 @@ def unlearn(
     inplace: bool = True,
     batch_size: int = 256,
     dtype: torch.dtype | None = None,
+    autocast: torch.dtype | None = None,
     progress: bool = False,
 ) -> UnlearnReport:
     """Make ``model`` forget the classes that ``forget`` holds, keeping what ``retain`` holds. No training.
@@ -162,7 +164,13 @@ def unlearn(
         inplace: edit ``model`` itself (default) or a deep copy of it, returned as ``report.model``.
         batch_size: batch size used when ``forget``/``retain`` is a tensor or a Dataset.
         dtype: statistics and solve dtype; default float64 on the CPU, float32 on CUDA.
+        autocast: collect under ``torch.autocast`` with ``torch.bfloat16`` or ``torch.float16`` (faster
+            forward passes on GPUs); statistics are still accumulated and solved in ``dtype``.
         progress: show progress bars while collecting.
+
+    With a ``torch.distributed`` process group initialised, every rank calls this with its own
+    shard of ``forget`` and ``retain``: the statistics are summed over the ranks, rank 0 solves and
+    edits, and the new weights are broadcast, so every rank ends with the same model.
 
     Returns:
         :class:`UnlearnReport` with the edited model, per-layer shapes, vector counts, energies and
@@ -183,7 +191,7 @@ def unlearn(
     if not inplace:
         model = copy.deepcopy(model)
         targets, skipped = find_targets(model)
-    kw = dict(batch_size=batch_size, dtype=dtype, progress=progress)
+    kw = dict(batch_size=batch_size, dtype=dtype, autocast=autocast, progress=progress)
 
     t0 = time.perf_counter()
     stats_f = gather_statistics(model, forget, "forget", **kw)
@@ -193,18 +201,25 @@ def unlearn(
     _sync(device)
     t2 = time.perf_counter()
 
-    moments_f = layer_moments(targets, stats_f, device)
-    moments_r = layer_moments(targets, stats_r, device)
-    if all(cov is None for cov, _ in moments_f.values()):
-        raise ValueError("the forget data reached none of the editable layers")
-    m_f = projections(moments_f, lambda c: scaled_projection(c, alpha_f, solver))
-    m_r = projections(moments_r, lambda c: scaled_projection(c, alpha_r, solver))
-    _sync(device)
-    t3 = time.perf_counter()
-    plan, rows = plan_edits(targets, m_f, m_r, traces(moments_f), traces(moments_r))
-    apply_plan(plan)
+    def solve_and_edit() -> tuple[list[LayerReport], float]:
+        moments_f = layer_moments(targets, stats_f, device)
+        moments_r = layer_moments(targets, stats_r, device)
+        if all(cov is None for cov, _ in moments_f.values()):
+            raise ValueError("the forget data reached none of the editable layers")
+        m_f = projections(moments_f, lambda c: scaled_projection(c, alpha_f, solver))
+        m_r = projections(moments_r, lambda c: scaled_projection(c, alpha_r, solver))
+        _sync(device)
+        t_solved = time.perf_counter()
+        plan, rows = plan_edits(targets, m_f, m_r, traces(moments_f), traces(moments_r))
+        apply_plan(plan)
+        return rows, t_solved - t2
+
+    # Under torch.distributed: solved and written once, on rank 0; the new weights are broadcast.
+    edited = list({id(p): p for p in (getattr(t.module, t.param) for t in targets)}.values())
+    rows, solve_seconds = distributed.on_rank0(solve_and_edit, [p.data for p in edited])
     _sync(device)
     t4 = time.perf_counter()
+    t3 = t2 + solve_seconds
     unreached = [r for r in rows if r.forget_vectors == 0 and r.retain_vectors == 0]
     rows = [r for r in rows if r not in unreached]
     skipped = [*skipped, *(SkippedLayer(r.name, _UNREACHED) for r in unreached)]
@@ -271,7 +286,7 @@ def forget_classes(
         classes: the class index, or indices, to forget (several in one call).
         retain_per_class: retain samples per kept class.
         forget_samples: total forget samples; default ``retain_per_class * number of kept classes``.
-        seed: seed of the random draw.
+        seed: seed of the random draw (under ``torch.distributed`` each rank streams its share of the draw).
         **unlearn_kwargs: passed to :func:`unlearn` (``alpha_r``, ``alpha_f``, ``solver``, ``inplace``...).
     """
     forget_set = sorted({int(c) for c in ([classes] if isinstance(classes, int) else classes)})
@@ -293,4 +308,6 @@ def forget_classes(
     if n_forget < 1:
         raise ValueError(f"forget_samples must be at least 1, got {forget_samples}")
     forget_idx = class_balanced_indices(labels, forget_set, n_forget, g)
-    return unlearn(model, Subset(dataset, forget_idx), Subset(dataset, retain_idx), **unlearn_kwargs)
+    # Under torch.distributed every rank draws the same indices (same seed) and streams its share.
+    return unlearn(model, Subset(dataset, distributed.shard(forget_idx)), Subset(dataset, distributed.shard(retain_idx)),
+                   **unlearn_kwargs)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from .api import class_balanced_indices, dataset_labels
+from .distributed import shard
 from .statistics import Statistics, _load_blob, collect_statistics
 
 _FORMAT = "deepunlearn.class_statistics"
@@ -48,8 +49,13 @@ class ClassStatistics:
 
     @classmethod
     def collect(cls, model: nn.Module, dataset: Dataset, *, per_class: int = 100, seed: int = 0,
-                batch_size: int = 256, dtype: torch.dtype | None = None, progress: bool = False) -> "ClassStatistics":
-        """Collect ``per_class`` random samples' statistics for every class of a labelled ``dataset``."""
+                batch_size: int = 256, dtype: torch.dtype | None = None, autocast: torch.dtype | None = None,
+                progress: bool = False) -> "ClassStatistics":
+        """Collect ``per_class`` random samples' statistics for every class of a labelled ``dataset``.
+
+        ``batch_size``, ``dtype``, ``autocast``, ``progress`` are as in :func:`deepunlearn.collect_statistics`.
+        Under ``torch.distributed`` each rank streams its share of every class's draw and gets the sums.
+        """
         if per_class < 1:
             raise ValueError(f"per_class must be at least 1, got {per_class}")
         labels = dataset_labels(dataset)
@@ -57,8 +63,8 @@ class ClassStatistics:
         stats, idx = {}, {}
         for c in sorted(labels.unique().tolist()):
             idx[c] = class_balanced_indices(labels, [c], per_class, g)
-            stats[c] = collect_statistics(model, Subset(dataset, idx[c]), batch_size=batch_size, dtype=dtype,
-                                          progress=progress, desc=f"class {c}")
+            stats[c] = collect_statistics(model, Subset(dataset, shard(idx[c])), batch_size=batch_size, dtype=dtype,
+                                          autocast=autocast, progress=progress, desc=f"class {c}")
         return cls(stats, idx)
 
     def _check(self, classes: Iterable[int]) -> list[int]:

@@ -56,6 +56,7 @@ def search_alphas(
     alpha_f_grid: Sequence[float] = ALPHA_F_GRID,
     batch_size: int = 256,
     dtype: torch.dtype | None = None,
+    autocast: torch.dtype | None = None,
     progress: bool = False,
 ) -> AlphaSearch:
     """Grid-search the two scales and return every pair's held-out score; the model is left unchanged.
@@ -72,7 +73,9 @@ def search_alphas(
             Use samples outside both ``forget``/``retain`` and the test split.
         forget_classes: the class indices being forgotten (to split ``validation``).
         alpha_r_grid, alpha_f_grid: candidate scales (ALGORITHM.md §4 grids by default).
-        batch_size, dtype, progress: as in :func:`deepunlearn.unlearn`.
+        batch_size, dtype, autocast, progress: as in :func:`deepunlearn.unlearn` (validation runs in
+            full precision). Under ``torch.distributed`` the statistics are summed over the ranks;
+            give every rank the same ``validation`` data.
     """
     t0 = time.perf_counter()
     grid_r = [check_alpha(a, "alpha_r") for a in alpha_r_grid]
@@ -83,7 +86,7 @@ def search_alphas(
     if not targets:
         raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
     device = model_device(model)
-    kw = dict(batch_size=batch_size, dtype=dtype, progress=progress)
+    kw = dict(batch_size=batch_size, dtype=dtype, autocast=autocast, progress=progress)
     moments_f = layer_moments(targets, gather_statistics(model, forget, "forget", **kw), device)
     moments_r = layer_moments(targets, gather_statistics(model, retain, "retain", **kw), device)
     spectra_f = projections(moments_f, Spectrum.of)

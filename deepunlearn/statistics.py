@@ -13,11 +13,12 @@ import os
 import warnings
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from ._batches import DataLike, iter_batches
 from .covariance import ConvGeometry, accumulate_conv_, accumulate_linear_, linear_rows
@@ -247,9 +248,11 @@ class _Collector:
     subclasses it to keep the activation matrices instead, as the paper's code does.
     """
 
-    def __init__(self, targets: list[EditTarget], device: torch.device, dtype: torch.dtype, share_inputs: bool = True):
+    def __init__(self, targets: list[EditTarget], device: torch.device, dtype: torch.dtype, share_inputs: bool = True,
+                 autocast: torch.dtype | None = None):
         self.stats = Statistics()
         self.device, self.dtype = device, dtype
+        self.autocast = check_autocast(autocast)
         self.handles: list = []
         self._inside_mha_replay = False
         # Linear layers reading the very tensor an earlier one read (separate q/k/v projections)
@@ -291,12 +294,18 @@ class _Collector:
         s.count += x.shape[0] * _out_positions(x.shape[2:], geom)
 
     # -- hooks ------------------------------------------------------------------------------
+    def _computed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the layer multiplies it: autocast casts the inputs of linear maps and convs."""
+        x = x.detach()
+        return x.to(self.autocast) if self.autocast is not None and x.is_floating_point() else x
+
     def _linear_hook(self, name: str, d: int):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             if self.share_inputs and self._shared_owner(name, x) is not None:
                 return
-            self.add_rows(name, linear_rows(x.detach(), d))
+            with _autocast_off(self.device):
+                self.add_rows(name, linear_rows(self._computed(x), d))
 
         return hook
 
@@ -333,8 +342,9 @@ class _Collector:
 
     def _conv_hook(self, name: str, geom: ConvGeometry, d: int):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            self.add_conv(name, x if x.dim() == geom.spatial_dims + 2 else x.unsqueeze(0), geom, d)
+            x = self._computed(args[0])
+            with _autocast_off(self.device):
+                self.add_conv(name, x if x.dim() == geom.spatial_dims + 2 else x.unsqueeze(0), geom, d)
 
         return hook
 
@@ -344,12 +354,14 @@ class _Collector:
                 return
             names = ("query", "key", "value")
             q, k, v = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
-            if q is k and k is v:
-                self.add_rows(f"{name}.in_proj", linear_rows(q.detach(), q.shape[-1]))
-            else:
-                for part, t in zip("qkv", (q, k, v)):
-                    self.add_rows(f"{name}.{part}", linear_rows(t.detach(), t.shape[-1]))
-            self.add_rows(f"{name}.out_proj", _attention_before_out_proj(module, args, kwargs, self))
+            out_rows = _attention_before_out_proj(module, args, kwargs, self)  # replayed under the same autocast
+            with _autocast_off(self.device):
+                if q is k and k is v:
+                    self.add_rows(f"{name}.in_proj", linear_rows(self._computed(q), q.shape[-1]))
+                else:
+                    for part, t in zip("qkv", (q, k, v)):
+                        self.add_rows(f"{name}.{part}", linear_rows(self._computed(t), t.shape[-1]))
+                self.add_rows(f"{name}.out_proj", out_rows)
 
         return hook
 
@@ -357,6 +369,22 @@ class _Collector:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+def check_autocast(dtype: torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` if it is a valid autocast dtype for collection (``None``: full precision)."""
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None, got {dtype}")
+    return dtype
+
+
+def _autocast_off(device: torch.device):
+    """Accumulate in the statistics' own dtype even inside the model's autocast region."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def _autocast_on(device: torch.device, dtype: torch.dtype | None):
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 class _SharingChanged(RuntimeError):
@@ -411,6 +439,18 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
             m.training = f
 
 
+def _length(data: DataLike) -> int | None:
+    """Number of samples in ``data`` when it is known without iterating (for the progress bar)."""
+    if isinstance(data, torch.Tensor):
+        return data.shape[0]
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    try:
+        return len(data) if isinstance(data, Dataset) else None  # type: ignore[arg-type]
+    except TypeError:  # an iterable-style dataset without a length
+        return None
+
+
 def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batch_size: int, progress: bool, desc: str) -> int:
     """Run ``model`` over ``data`` in eval mode without autograd, feeding ``collector``; return the sample count.
 
@@ -424,19 +464,21 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batc
     # calls our hooks watch; switch them off while collecting (restored after, whatever happens).
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    bar = tqdm(total=_length(data), desc=desc, unit="img", unit_scale=True, disable=not progress, leave=False)
     try:
         with _eval_no_grad(model):
-            for x in tqdm(iter_batches(data, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+            for x in iter_batches(data, batch_size):
                 if x.shape[0] == 0:
                     continue
-                model(x.to(device, non_blocking=True))
+                with _autocast_on(device, collector.autocast):
+                    model(x.to(device, non_blocking=True))
                 collector.end_forward()
                 samples += x.shape[0]
+                bar.update(x.shape[0])
     finally:
+        bar.close()
         collector.remove()
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    if samples == 0:
-        raise ValueError(f"no samples in the {desc} data: it yielded no non-empty batch")
     return samples
 
 
@@ -446,6 +488,8 @@ def collect_statistics(
     *,
     batch_size: int = 256,
     dtype: torch.dtype | None = None,
+    autocast: torch.dtype | None = None,
+    distributed: bool = True,
     progress: bool = False,
     desc: str = "statistics",
 ) -> Statistics:
@@ -457,31 +501,40 @@ def collect_statistics(
             batches are moved to the model's device.
         batch_size: batch size used when ``data`` is a tensor or a Dataset.
         dtype: accumulation dtype; default float64 on the CPU and float32 elsewhere.
-        progress: show a progress bar.
+        autocast: run the forward passes under ``torch.autocast`` with this dtype (``torch.bfloat16``
+            or ``torch.float16``); each layer's statistics are then those of the reduced-precision
+            inputs it really multiplies, accumulated in ``dtype``.
+        distributed: when a ``torch.distributed`` process group is initialised, treat ``data`` as
+            this rank's shard and return the sum over all ranks (every rank must call this).
+        progress: show a progress bar (images and images per second).
         desc: progress bar label.
 
     Raises:
         ValueError: empty data, no editable layer, the model on several devices, or non-finite
             statistics (the message names the first layer, in execution order, that saw them).
     """
+    from . import distributed as dist
+
     targets, _ = find_targets(model)
     if not targets:
         raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
     device = model_device(model)
     if dtype is None:
         dtype = torch.float64 if device.type == "cpu" else torch.float32
-    collector = _Collector(targets, device, dtype)
+    check_autocast(autocast)
+    ranks = dist.world() if distributed else None
     try:
-        samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
-    except _SharingChanged as exc:
-        # Rare (layers whose inputs coincide only sometimes): collect again, one slot per layer.
-        if isinstance(data, Iterator):
-            raise ValueError(f"{exc}; pass data that can be iterated twice (a DataLoader, Dataset or tensor, "
-                             "not a one-shot iterator) so the statistics can be collected again per layer") from exc
-        warnings.warn(f"{exc}: collecting again with one statistic per layer", RuntimeWarning, stacklevel=2)
-        collector = _Collector(targets, device, dtype, share_inputs=False)
-        samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
-    stats = collector.stats
+        stats, samples = _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc)
+    except Exception as exc:
+        if ranks is None:
+            raise
+        stats, samples, error = Statistics(), 0, exc
+    else:
+        error = None
+    if ranks is not None:  # every rank reaches this collective, failed or not
+        stats, samples = dist.all_reduce_statistics(stats, samples, error)
+    if samples == 0:
+        raise ValueError(f"no samples in the {desc} data: it yielded no non-empty batch")
     for name, s in stats.slots.items():
         if not torch.isfinite(s.cov).all():
             raise ValueError(
@@ -491,3 +544,18 @@ def collect_statistics(
     stats.samples = samples
     stats.fingerprint = model_fingerprint(model)
     return stats
+
+
+def _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc) -> tuple[Statistics, int]:
+    collector = _Collector(targets, device, dtype, autocast=autocast)
+    try:
+        samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
+    except _SharingChanged as exc:
+        # Rare (layers whose inputs coincide only sometimes): collect again, one slot per layer.
+        if isinstance(data, Iterator):
+            raise ValueError(f"{exc}; pass data that can be iterated twice (a DataLoader, Dataset or tensor, "
+                             "not a one-shot iterator) so the statistics can be collected again per layer") from exc
+        warnings.warn(f"{exc}: collecting again with one statistic per layer", RuntimeWarning, stacklevel=3)
+        collector = _Collector(targets, device, dtype, share_inputs=False, autocast=autocast)
+        samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
+    return collector.stats, samples
