@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -59,9 +61,24 @@ def ops() -> Any:
     return torch.ops.deepunlearn
 
 
+_force_pure = False
+
+
+@contextmanager
+def pure_path() -> Iterator[None]:
+    """Inside this block every op runs its pure-PyTorch twin (for side-by-side comparisons)."""
+    global _force_pure
+    saved, _force_pure = _force_pure, True
+    try:
+        yield
+    finally:
+        _force_pure = saved
+
+
 def has_op(name: str, device: torch.device) -> bool:
-    """True when the extension is loaded and ``name`` has a kernel for ``device``'s type."""
-    if not loaded():
+    """True when the extension is loaded, not switched off by :func:`pure_path`, and ``name`` has a
+    kernel for ``device``'s type."""
+    if _force_pure or not loaded():
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
     if key is None:

@@ -263,6 +263,35 @@ def class_balanced_indices(labels: torch.Tensor, classes: Sequence[int], total: 
     return sorted(out)
 
 
+def draw_samples(labels: torch.Tensor, classes: int | Sequence[int], retain_per_class: int,
+                 forget_samples: int | None, seed: int) -> tuple[list[int], list[int]]:
+    """The paper's sample draw: ``(forget indices, retain indices)`` into a dataset with ``labels``.
+
+    ``retain_per_class`` random samples of every class not in ``classes``, and ``forget_samples``
+    samples of the ``classes`` spread evenly over them (default: as many as the retain sample,
+    capped by what the classes hold). Raises ``ValueError`` naming what is wrong with the request.
+    """
+    forget_set = sorted({int(c) for c in ([classes] if isinstance(classes, int) else classes)})
+    if not forget_set:
+        raise ValueError("no class to forget given")
+    if retain_per_class < 1:
+        raise ValueError(f"retain_per_class must be at least 1, got {retain_per_class}")
+    present = set(labels.unique().tolist())
+    missing = [c for c in forget_set if c not in present]
+    if missing:
+        raise ValueError(f"class(es) {missing} do not occur in the dataset (its classes: {sorted(present)})")
+    keep = sorted(present - set(forget_set))
+    if not keep:
+        raise ValueError("forgetting every class leaves nothing to retain")
+    g = torch.Generator().manual_seed(seed)
+    retain_idx = class_balanced_indices(labels, keep, retain_per_class * len(keep), g)
+    n_forget = retain_per_class * len(keep) if forget_samples is None else int(forget_samples)
+    if n_forget < 1:
+        raise ValueError(f"forget_samples must be at least 1, got {forget_samples}")
+    forget_idx = class_balanced_indices(labels, forget_set, n_forget, g)
+    return forget_idx, retain_idx
+
+
 def forget_classes(
     model: nn.Module,
     dataset: Dataset,
@@ -289,25 +318,7 @@ def forget_classes(
         seed: seed of the random draw (under ``torch.distributed`` each rank streams its share of the draw).
         **unlearn_kwargs: passed to :func:`unlearn` (``alpha_r``, ``alpha_f``, ``solver``, ``inplace``...).
     """
-    forget_set = sorted({int(c) for c in ([classes] if isinstance(classes, int) else classes)})
-    if not forget_set:
-        raise ValueError("no class to forget given")
-    if retain_per_class < 1:
-        raise ValueError(f"retain_per_class must be at least 1, got {retain_per_class}")
-    labels = dataset_labels(dataset)
-    present = set(labels.unique().tolist())
-    missing = [c for c in forget_set if c not in present]
-    if missing:
-        raise ValueError(f"class(es) {missing} do not occur in the dataset (its classes: {sorted(present)})")
-    keep = sorted(present - set(forget_set))
-    if not keep:
-        raise ValueError("forgetting every class leaves nothing to retain")
-    g = torch.Generator().manual_seed(seed)
-    retain_idx = class_balanced_indices(labels, keep, retain_per_class * len(keep), g)
-    n_forget = retain_per_class * len(keep) if forget_samples is None else int(forget_samples)
-    if n_forget < 1:
-        raise ValueError(f"forget_samples must be at least 1, got {forget_samples}")
-    forget_idx = class_balanced_indices(labels, forget_set, n_forget, g)
+    forget_idx, retain_idx = draw_samples(dataset_labels(dataset), classes, retain_per_class, forget_samples, seed)
     # Under torch.distributed every rank draws the same indices (same seed) and streams its share.
     return unlearn(model, Subset(dataset, distributed.shard(forget_idx)), Subset(dataset, distributed.shard(retain_idx)),
                    **unlearn_kwargs)

@@ -13,11 +13,11 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from .api import class_balanced_indices, dataset_labels
-from .distributed import shard
-from .statistics import Statistics, _load_blob, collect_statistics
+from .layers import find_targets
+from .statistics import Statistics, _collect, _load_blob, finish_statistics, model_device
 
 _FORMAT = "deepunlearn.class_statistics"
 
@@ -50,21 +50,50 @@ class ClassStatistics:
     @classmethod
     def collect(cls, model: nn.Module, dataset: Dataset, *, per_class: int = 100, seed: int = 0,
                 batch_size: int = 256, dtype: torch.dtype | None = None, autocast: torch.dtype | None = None,
-                progress: bool = False) -> "ClassStatistics":
+                workers: int = 0, progress: bool = False) -> "ClassStatistics":
         """Collect ``per_class`` random samples' statistics for every class of a labelled ``dataset``.
 
-        ``batch_size``, ``dtype``, ``autocast``, ``progress`` are as in :func:`deepunlearn.collect_statistics`.
-        Under ``torch.distributed`` each rank streams its share of every class's draw and gets the sums.
+        One pass over one DataLoader (``workers`` loader processes) whose batches never mix two
+        classes. ``batch_size``, ``dtype``, ``autocast``, ``progress`` are as in
+        :func:`deepunlearn.collect_statistics`. Under ``torch.distributed`` each rank streams its
+        share of every class's draw and gets the sums.
         """
+        from tqdm.auto import tqdm
+
+        from . import distributed
+
         if per_class < 1:
             raise ValueError(f"per_class must be at least 1, got {per_class}")
+        targets, _ = find_targets(model)
+        if not targets:
+            raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
+        device = model_device(model)
+        dtype = dtype or (torch.float64 if device.type == "cpu" else torch.float32)
         labels = dataset_labels(dataset)
         g = torch.Generator().manual_seed(seed)
-        stats, idx = {}, {}
-        for c in sorted(labels.unique().tolist()):
-            idx[c] = class_balanced_indices(labels, [c], per_class, g)
-            stats[c] = collect_statistics(model, Subset(dataset, shard(idx[c])), batch_size=batch_size, dtype=dtype,
-                                          autocast=autocast, progress=progress, desc=f"class {c}")
+        classes = sorted(labels.unique().tolist())
+        idx = {c: class_balanced_indices(labels, [c], per_class, g) for c in classes}
+        batches = [(c, mine[i : i + batch_size]) for c in classes
+                   for mine in [distributed.shard(idx[c])] for i in range(0, len(mine), batch_size)]
+        data = DataLoader(dataset, batch_sampler=[b for _, b in batches], num_workers=workers,
+                          pin_memory=device.type == "cuda")
+        partial: dict[int, tuple[Statistics, int]] = {}
+        error = None
+        bar = tqdm(total=sum(len(b) for _, b in batches), desc="class statistics", unit="img", unit_scale=True,
+                   disable=not progress, leave=False)
+        try:
+            for (c, _), batch in zip(batches, data):
+                one, n = _collect(model, [batch], targets, device, dtype, autocast, len(batch[0]), False, f"class {c}")
+                if c in partial:
+                    one, n = partial[c][0] + one, partial[c][1] + n
+                partial[c] = (one, n)
+                bar.update(n)
+        except Exception as exc:  # under torch.distributed the other ranks must hear of it
+            error = exc
+        finally:
+            bar.close()
+        stats = {c: finish_statistics(model, *partial.get(c, (Statistics(), 0)), error, distributed.world() is not None,
+                                      f"class {c}") for c in classes}
         return cls(stats, idx)
 
     def _check(self, classes: Iterable[int]) -> list[int]:

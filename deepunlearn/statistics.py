@@ -531,14 +531,24 @@ def collect_statistics(
         stats, samples, error = Statistics(), 0, exc
     else:
         error = None
-    if ranks is not None:  # every rank reaches this collective, failed or not
+    return finish_statistics(model, stats, samples, error, ranks is not None, desc)
+
+
+def finish_statistics(model: nn.Module, stats: Statistics, samples: int, error: BaseException | None,
+                      distributed: bool, desc: str) -> Statistics:
+    """Sum over ranks (if ``distributed``; a collective), check, and stamp with the model's fingerprint."""
+    from . import distributed as dist
+
+    if distributed:  # every rank reaches this collective, failed or not
         stats, samples = dist.all_reduce_statistics(stats, samples, error)
+    elif error is not None:
+        raise error
     if samples == 0:
         raise ValueError(f"no samples in the {desc} data: it yielded no non-empty batch")
     for name, s in stats.slots.items():
         if not torch.isfinite(s.cov).all():
             raise ValueError(
-                f"non-finite statistics at layer '{name}': its inputs contain NaN/Inf (or overflowed {dtype}); "
+                f"non-finite statistics at layer '{name}': its inputs contain NaN/Inf (or overflowed {s.cov.dtype}); "
                 "check the data and the layers before it"
             )
     stats.samples = samples

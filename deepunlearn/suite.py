@@ -71,12 +71,8 @@ def probe_audit(model: nn.Module, probe_train, forget_test, seed: int = 0) -> fl
 
 def _pure(fn, *args, **kwargs):
     """Call ``fn`` with deepunlearn's compiled ops switched off (the pure-PyTorch path)."""
-    saved = _ext.has_op
-    _ext.has_op = lambda name, device: False
-    try:
+    with _ext.pure_path():
         return fn(*args, **kwargs)
-    finally:
-        _ext.has_op = saved
 
 
 def cached_model(arch: str, train, epochs: int, seed: int, cache: Path, tag: str) -> tuple[nn.Module, float]:

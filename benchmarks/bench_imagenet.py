@@ -1,0 +1,204 @@
+"""ImageNet-shape end to end: torchvision ViT-B/16 and ResNet-50 at 224x224, in one run.
+
+    python benchmarks/bench_imagenet.py                      # GPU: 1000 forget + 1000 retain images, bf16
+    python benchmarks/bench_imagenet.py --device cpu --images 8 --archs resnet18   # a smoke run
+
+Random weights and random images (timing does not depend on them). For each architecture, side
+by side in one process:
+
+* ``forward``: the model's forward passes alone over the same images (the floor of any method);
+* ``deepunlearn``: statistics collected under autocast (``--autocast``, float32 statistics), Cholesky
+  solve, fused edit; wall time split into forward, statistics (collection minus forward), solve, edit;
+* ``pure``: the same with the compiled ops switched off (the pure-PyTorch twins);
+* ``paper``: the paper's procedure (activation matrices of one batch, SVD per layer), run with
+  ``--paper-images`` images per side, halved on out-of-memory until it fits (recorded).
+
+First the device's own ceilings are measured (device-to-device copy bandwidth, bf16 and tf32
+matrix-multiply rates). Results go to ``benchmarks/results/imagenet_<device>.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import deepunlearn  # noqa: E402
+from deepunlearn import _ext  # noqa: E402
+from deepunlearn.reference import unlearn_paper  # noqa: E402
+from deepunlearn.statistics import _eval_no_grad  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+_AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def ceilings(device: torch.device) -> dict[str, float]:
+    """The device's copy bandwidth (GB/s) and matrix-multiply rates (TFLOP/s), median of 5 runs."""
+    out = {}
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of float32
+    a = torch.empty(n, device=device)
+    b = torch.empty_like(a)
+
+    def best(fn) -> float:
+        fn()
+        return sorted(timed(fn, device)[0] for _ in range(5))[2]
+
+    out["copy_GBps"] = 2 * a.numel() * 4 / best(lambda: b.copy_(a)) / 1e9
+    del a, b
+    m = 8192 if device.type == "cuda" else 1024
+    for name, dtype, tf32 in (("bf16_matmul_TFLOPs", torch.bfloat16, False), ("tf32_matmul_TFLOPs", torch.float32, True),
+                              ("fp32_matmul_TFLOPs", torch.float32, False)):
+        x = torch.randn(m, m, device=device, dtype=dtype)
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            out[name] = 2 * m**3 / best(lambda: x @ x) / 1e12
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+    return out
+
+
+def images(n: int, size: int, device: torch.device, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(n, 3, size, size, device=device, generator=g)
+
+
+def forward_only(model, x: torch.Tensor, batch: int, autocast) -> None:
+    with _eval_no_grad(model), torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        for xb in x.split(batch):
+            model(xb)
+
+
+def run_deepunlearn(model, xf, xr, args, device, autocast) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t, report = timed(lambda: deepunlearn.unlearn(model, xf, xr, inplace=False, batch_size=args.batch_size,
+                                                  dtype=torch.float32, autocast=autocast), device)
+    s = report.seconds
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"total": t, "collect": s["collect_forget"] + s["collect_retain"], "solve": s["decompose"], "edit": s["edit"],
+            "layers": len(report.layers), "peak_bytes": peak}
+
+
+def run_paper(model, xf, xr, args, device) -> dict:
+    n = args.paper_images
+    while n >= 1:
+        try:
+            t, report = timed(lambda: unlearn_paper(model, xf[:n], xr[:n], inplace=False, batch_size=n,
+                                                    dtype=torch.float32, conv_crop=True, max_patches=10_000), device)
+            s = report.seconds
+            return {"images_per_side": n, "total": t, "collect": s["collect_forget"] + s["collect_retain"],
+                    "solve": s["decompose"], "edit": s["edit"]}
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            n //= 2
+    return {"images_per_side": 0, "error": "out of memory even with one image"}
+
+
+def bench_arch(arch: str, args, device: torch.device) -> dict:
+    import torchvision
+
+    autocast = _AUTOCAST[args.autocast]
+    torch.manual_seed(args.seed)
+    model = torchvision.models.get_model(arch, weights=None).to(device).eval()
+    xf, xr = images(args.images, 224, device, args.seed), images(args.images, 224, device, args.seed + 1)
+    forward_only(model, xf[: args.batch_size], args.batch_size, autocast)  # warm-up: cuDNN/cuBLAS plans, allocator
+    deepunlearn.unlearn(model, xf[:2], xr[:2], inplace=False, dtype=torch.float32, autocast=autocast)
+    fwd, _ = timed(lambda: (forward_only(model, xf, args.batch_size, autocast), forward_only(model, xr, args.batch_size, autocast)), device)
+    out = {"arch": arch, "params": sum(p.numel() for p in model.parameters()), "forward": fwd}
+    runs: dict[str, list[dict]] = {"deepunlearn": [], "pure": []}
+    for _ in range(args.repeat):  # interleaved, so that drift on a shared machine hits both alike
+        runs["deepunlearn"].append(run_deepunlearn(model, xf, xr, args, device, autocast))
+        with _ext.pure_path():
+            runs["pure"].append(run_deepunlearn(model, xf, xr, args, device, autocast))
+    for name, tries in runs.items():
+        res = min(tries, key=lambda r: r["total"])
+        res["statistics"] = max(0.0, res["collect"] - fwd)
+        out[name] = res
+        print(f"  {arch} {name}: total {res['total']:.2f}s (forward {fwd:.2f}, statistics {res['statistics']:.2f}, "
+              f"solve {res['solve']:.2f}, edit {res['edit']:.3f})", flush=True)
+    if not args.no_paper:
+        out["paper"] = run_paper(model, xf, xr, args, device)
+        p = out["paper"]
+        if "total" in p:
+            print(f"  {arch} paper ({p['images_per_side']} images/side): total {p['total']:.2f}s", flush=True)
+            out["paper_over_deepunlearn"] = p["total"] / out["deepunlearn"]["total"]
+    out["pure_over_deepunlearn"] = out["pure"]["total"] / out["deepunlearn"]["total"]
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# ImageNet-shape end to end on {result['device_name']}", "",
+             f"{result['images']} forget + {result['images']} retain images, 224x224, autocast {result['autocast']}, "
+             f"batch {result['batch_size']}, float32 statistics; random weights and images.", "",
+             "Ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in result["ceilings"].items()), "",
+             "| arch | method | images/side | total (s) | forward (s) | statistics (s) | solve (s) | edit (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["archs"]:
+        for m in ("deepunlearn", "pure"):
+            x = r[m]
+            lines.append(f"| {r['arch']} | {m} | {result['images']} | {x['total']:.2f} | {r['forward']:.2f} | "
+                         f"{x['statistics']:.2f} | {x['solve']:.2f} | {x['edit']:.3f} |")
+        p = r.get("paper")
+        if p and "total" in p:
+            lines.append(f"| {r['arch']} | paper | {p['images_per_side']} | {p['total']:.2f} | — | {p['collect']:.2f} (with forward) | "
+                         f"{p['solve']:.2f} | {p['edit']:.3f} |")
+    lines.append("")
+    for r in result["archs"]:
+        ratio = r.get("paper_over_deepunlearn")
+        lines.append(f"- {r['arch']}: paper / deepunlearn = {ratio:.1f}x" if ratio else f"- {r['arch']}: paper not run",)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--archs", nargs="+", default=["vit_b_16", "resnet50"])
+    p.add_argument("--images", type=int, default=1000, help="forget images, and as many retain images")
+    p.add_argument("--paper-images", type=int, default=None, help="images per side for the paper's procedure (default --images)")
+    p.add_argument("--no-paper", action="store_true")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--autocast", choices=sorted(_AUTOCAST), default="bf16")
+    p.add_argument("--repeat", type=int, default=2, help="runs of each path (the fastest is kept)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/imagenet_<device>")
+    args = p.parse_args(argv)
+    args.paper_images = args.paper_images or args.images
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"device: {name}; extension: {_ext.extension_info()}", flush=True)
+    result = {"device": str(device), "device_name": name, "torch": torch.__version__, "extension": _ext.extension_info(),
+              "images": args.images, "batch_size": args.batch_size, "autocast": args.autocast,
+              "ceilings": ceilings(device), "archs": []}
+    print("ceilings: " + json.dumps(result["ceilings"]), flush=True)
+    for arch in args.archs:
+        result["archs"].append(bench_arch(arch, args, device))
+    stem = args.out or RESULTS / f"imagenet_{'cuda' if gpu else 'cpu'}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
