@@ -1,8 +1,9 @@
 """Unmodified torchvision models: every weight matrix's statistics against an independent computation.
 
 Random initialisation, two 32×32 images: what is checked is that every weight matrix the model
-multiplies by is found, reached and given exactly the second moment of its real inputs. VGG-11-BN
-is left out on the CPU: its first classifier layer has d = 25,088 (a 2.5 GB float32 covariance).
+multiplies by is found, reached and given exactly the second moment of its real inputs. VGG-11-BN,
+whose first classifier layer has d = 25,088 (a 2.5 GB float32 covariance), has its own test that
+checks each covariance through products with random vectors.
 """
 import pytest
 import torch
@@ -98,3 +99,36 @@ def test_unlearn_runs_unchanged_on_mobilenet_v3_small():
     depthwise = [layer for layer in r.layers if layer.groups > 1]
     assert depthwise and all(layer.d == 9 or layer.d == 25 for layer in depthwise)
     assert all(torch.isfinite(p).all() for p in r.model.parameters())
+
+
+@pytest.mark.slow
+def test_vgg11_bn_statistics_including_its_25088_wide_classifier():
+    """VGG-11-BN's first classifier layer has d = 25,088: its covariance (2.5 GB in float32) is
+    checked through products with random vectors, against the raw inputs, never formed twice."""
+    torch.manual_seed(0)
+    model = tv.vgg11_bn().eval()
+    x = torch.randn(2, 3, 32, 32)
+    rows: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            def conv_hook(mod, a, name=name):
+                u = F.unfold(a[0], mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+                rows[name] = u.transpose(1, 2).reshape(-1, u.shape[1]).double()
+            handles.append(m.register_forward_pre_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_pre_hook(lambda mod, a, name=name: rows.__setitem__(name, a[0].double())))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    stats = collect_statistics(model, x, dtype=torch.float32)
+    targets, skipped = find_targets(model)
+    assert not skipped and {t.name for t in targets} == set(rows)
+    assert max(t.in_features for t in targets) == 25088
+    for t in targets:
+        cov, n = stats.covariance(t)
+        r = rows[t.name]
+        v = torch.randn(r.shape[1], 3, dtype=torch.float64)
+        assert n == r.shape[0]
+        assert rel_err(cov[0] @ v.float(), r.T @ (r @ v)) < 1e-5, t.name

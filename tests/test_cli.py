@@ -210,6 +210,7 @@ def test_imagenet_architectures_end_to_end(tree, tmp_path, arch):
         expected += 3 * len(model.encoder.layers)
         assert {s[0] for s in report["report"]["skipped"]} == {"class_token", "encoder.pos_embedding"}
     assert len(layers) == expected
-    assert all(layer["relative_change"] > 0 for layer in layers)
+    zero_init = {"heads.head"}  # torchvision initialises ViT's classifier to zeros: nothing to project
+    assert all(layer["relative_change"] > 0 for layer in layers if layer["name"] not in zero_init)
     state = torch.load(out, weights_only=True)
     model.load_state_dict(state)  # strict: the saved file is a complete state dict of the architecture
