@@ -159,6 +159,10 @@ CONVS = [
     nn.Conv2d(40, 8, 5, padding=2),  # d = 1000: the tiled symmetric path
     nn.Conv1d(4, 6, 5, stride=2, padding=2, groups=2),
     nn.Conv1d(3, 3, 4, padding="same", padding_mode="replicate", dilation=2),
+    # stride 1, dilation 1: the CPU kernel takes the shifted cross-correlation path for these
+    nn.Conv1d(3, 5, 3, padding=1),
+    nn.Conv2d(3, 4, (1, 5), padding=(0, 2)),
+    nn.Conv2d(2, 4, (5, 3), padding=(2, 0), groups=2),
 ]
 
 
@@ -194,6 +198,13 @@ def test_conv_cov_uses_bounded_memory_and_matches_with_many_chunks():
     got = accumulate_conv_(torch.zeros(1, 27, 27, dtype=torch.float64), x, geom)
     ref = accumulate_conv_reference_(torch.zeros(1, 27, 27, dtype=torch.float64), x, geom)
     assert rel_err(got, ref) < 1e-12
+    # the shifted path processes padded images in chunks too: 300 images of 4 × 66 × 66 make two
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(300, 4, 64, 64)
+    geom = ConvGeometry.of(conv)
+    got = accumulate_conv_(torch.zeros(1, 36, 36, dtype=torch.float64), x, geom)
+    ref = accumulate_conv_reference_(torch.zeros(1, 36, 36, dtype=torch.float64), x, geom)
+    assert rel_err(got, ref) < 1e-12 and torch.equal(got, got.transpose(1, 2))
 
 
 @needs_ext
