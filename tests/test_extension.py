@@ -159,10 +159,11 @@ CONVS = [
     nn.Conv2d(40, 8, 5, padding=2),  # d = 1000: the tiled symmetric path
     nn.Conv1d(4, 6, 5, stride=2, padding=2, groups=2),
     nn.Conv1d(3, 3, 4, padding="same", padding_mode="replicate", dilation=2),
-    # stride 1, dilation 1: the CPU kernel takes the shifted cross-correlation path for these
-    nn.Conv1d(3, 5, 3, padding=1),
-    nn.Conv2d(3, 4, (1, 5), padding=(0, 2)),
-    nn.Conv2d(2, 4, (5, 3), padding=(2, 0), groups=2),
+    # stride 1, dilation 1, >= 16 channels per group: the CPU kernel's shifted cross-correlation path
+    nn.Conv1d(16, 5, 3, padding=1),
+    nn.Conv2d(16, 4, (1, 5), padding=(0, 2)),
+    nn.Conv2d(32, 4, (5, 3), padding=(2, 0), groups=2),
+    nn.Conv2d(20, 4, 3, padding=1),
 ]
 
 
@@ -174,7 +175,7 @@ CONVS = [
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv_cov_matches_pure_twin(device, conv, x_dtype, cov_dtype, channels_last):
     dev = device_or_skip(device)
-    spatial = (11, 9) if isinstance(conv, nn.Conv2d) else (17,)
+    spatial = (19, 17) if isinstance(conv, nn.Conv2d) else (300,)
     x = torch.randn(3, conv.in_channels, *spatial, dtype=torch.float64).to(x_dtype)
     if channels_last:
         if x.dim() != 4:
@@ -198,12 +199,12 @@ def test_conv_cov_uses_bounded_memory_and_matches_with_many_chunks():
     got = accumulate_conv_(torch.zeros(1, 27, 27, dtype=torch.float64), x, geom)
     ref = accumulate_conv_reference_(torch.zeros(1, 27, 27, dtype=torch.float64), x, geom)
     assert rel_err(got, ref) < 1e-12
-    # the shifted path processes padded images in chunks too: 300 images of 4 × 66 × 66 make two
-    conv = nn.Conv2d(4, 4, 3, padding=1)
-    x = torch.randn(300, 4, 64, 64)
+    # the shifted path processes padded images in chunks too: 80 images of 16 × 34 × 34 make two
+    conv = nn.Conv2d(16, 4, 3, padding=1)
+    x = torch.randn(80, 16, 32, 32)
     geom = ConvGeometry.of(conv)
-    got = accumulate_conv_(torch.zeros(1, 36, 36, dtype=torch.float64), x, geom)
-    ref = accumulate_conv_reference_(torch.zeros(1, 36, 36, dtype=torch.float64), x, geom)
+    got = accumulate_conv_(torch.zeros(1, 144, 144, dtype=torch.float64), x, geom)
+    ref = accumulate_conv_reference_(torch.zeros(1, 144, 144, dtype=torch.float64), x, geom)
     assert rel_err(got, ref) < 1e-12 and torch.equal(got, got.transpose(1, 2))
 
 

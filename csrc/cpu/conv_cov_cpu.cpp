@@ -25,6 +25,7 @@ namespace {
 // The shifted algorithm is used when its GEMM work is below this share of the direct one: it
 // runs more, smaller GEMMs and copies each shifted slice once.
 constexpr double kShiftAdvantage = 0.6;
+constexpr int64_t kShiftMinChannels = 16, kShiftMinPositions = 256;
 
 template <typename in_t, typename acc_t>
 void gather_patches(const in_t* x, std::array<int64_t, 4> st, int64_t C, int64_t H, int64_t W, const ConvGeom& g,
@@ -147,8 +148,11 @@ static void conv_cov_accumulate_cpu(at::Tensor cov, const at::Tensor& x_in, at::
   const int64_t ho = g.out_h(H), wo = g.out_w(W), total = N * ho * wo;
   if (total == 0) return;
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
+  // Measured on the CPU (benchmarks/results/kernels_cpu.md): with few channels per group or tiny
+  // feature maps the shifted GEMMs are too small and the block assembly dominates; gather there.
   const bool shiftable = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.kh * g.kw > 1 &&
-                         ho >= g.kh - 1 && wo >= g.kw - 1;
+                         ho >= g.kh - 1 && wo >= g.kw - 1 && C / groups >= kShiftMinChannels &&
+                         ho * wo >= kShiftMinPositions;
   if (shiftable && shift_work(g, ho, wo) < kShiftAdvantage * direct_work(g.kh * g.kw, ho, wo)) {
     const int64_t cg = C / groups, hp = H + g.ph_lo + g.ph_hi, wp = W + g.pw_lo + g.pw_hi;
     const int64_t images = std::max<int64_t>(1, kChunkElements / (C * hp * wp));
