@@ -16,8 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .api import class_balanced_indices, dataset_labels
-from .layers import find_targets
-from .statistics import Statistics, _collect, _load_blob, finish_statistics, model_device
+from .statistics import Statistics, _collect, _load_blob, collection_setup, finish_statistics
 
 _FORMAT = "deepunlearn.class_statistics"
 
@@ -64,11 +63,7 @@ class ClassStatistics:
 
         if per_class < 1:
             raise ValueError(f"per_class must be at least 1, got {per_class}")
-        targets, _ = find_targets(model)
-        if not targets:
-            raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
-        device = model_device(model)
-        dtype = dtype or (torch.float64 if device.type == "cpu" else torch.float32)
+        targets, device, dtype = collection_setup(model, dtype)
         labels = dataset_labels(dataset)
         g = torch.Generator().manual_seed(seed)
         classes = sorted(labels.unique().tolist())
@@ -126,9 +121,12 @@ class ClassStatistics:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ClassStatistics":
         """Read a file written by :meth:`save`; a corrupted class or another format is refused."""
-        blob = _load_blob(path)
-        name = repr(os.fspath(path))
+        return cls.from_blob(_load_blob(path), repr(os.fspath(path)))
+
+    @classmethod
+    def from_blob(cls, blob: object, source: str = "class statistics") -> "ClassStatistics":
+        """Inverse of what :meth:`save` writes; each class's checksum is verified."""
         if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-            raise ValueError(f"{name} is not a deepunlearn class-statistics file")
-        per_class = {int(c): Statistics.from_blob(b, f"{name} (class {c})") for c, b in blob["classes"].items()}
+            raise ValueError(f"{source} is not a deepunlearn class-statistics file")
+        per_class = {int(c): Statistics.from_blob(b, f"{source} (class {c})") for c, b in blob["classes"].items()}
         return cls(per_class, {int(c): list(v) for c, v in blob.get("indices", {}).items()})

@@ -197,16 +197,22 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
-def _held_out(labels: torch.Tensor, used: set[int], per_class: int, seed: int) -> list[int]:
-    """Up to ``per_class`` random indices of every class, none of them in ``used``."""
+def _per_class(order: list[int], labels: torch.Tensor, per_class: int) -> list[int]:
+    """The first ``per_class`` indices of every class in ``order``, sorted."""
     taken: dict[int, int] = {}
     out = []
-    for i in torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist():
+    for i in order:
         c = int(labels[i])
-        if i not in used and taken.get(c, 0) < per_class:
+        if taken.get(c, 0) < per_class:
             taken[c] = taken.get(c, 0) + 1
             out.append(i)
     return sorted(out)
+
+
+def _held_out(labels: torch.Tensor, used: set[int], per_class: int, seed: int) -> list[int]:
+    """Up to ``per_class`` random indices of every class, none of them in ``used``."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+    return _per_class([i for i in order if i not in used], labels, per_class)
 
 
 def _int_classes(specs: list[str]) -> list[int]:
@@ -234,12 +240,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     labels = torch.as_tensor(tree.targets)
     idx = list(range(len(labels)))
     if args.per_class is not None:  # the first images of each class, in the tree's order
-        taken: dict[int, int] = {}
-        idx = []
-        for i, c in enumerate(labels.tolist()):
-            if taken.get(c, 0) < args.per_class:
-                taken[c] = taken.get(c, 0) + 1
-                idx.append(i)
+        idx = _per_class(idx, labels, args.per_class)
     probs, y = predictions(model, loader(tree, idx, args.batch_size, args.workers, device))
     hit = probs.argmax(1) == y
     is_f = torch.isin(y, torch.as_tensor(classes))
@@ -288,16 +289,17 @@ def cmd_stats_show(args: argparse.Namespace) -> int:
     from . import ClassStatistics, Statistics
     from .statistics import _load_blob
 
-    blob = _load_blob(args.file)  # read once to tell the two kinds apart
+    blob = _load_blob(args.file)  # read once; its format field tells the two kinds apart
+    source = repr(args.file)
     kind = blob.get("format") if isinstance(blob, dict) else None
     if kind == "deepunlearn.class_statistics":
-        store = ClassStatistics.load(args.file)
+        store = ClassStatistics.from_blob(blob, source)
         parts = list(store.per_class.values())
         stats = sum(parts[1:], parts[0])  # buffers summed over the classes
         info = {"file": args.file, "kind": "per-class statistics", "classes": store.classes,
                 "samples_per_class": {c: s.samples for c, s in store.per_class.items()}}
     else:
-        stats = Statistics.load(args.file)
+        stats = Statistics.from_blob(blob, source)
         info = {"file": args.file, "kind": "statistics", "samples": stats.samples}
     info.update(fingerprint=stats.fingerprint, dtype=str(stats.dtype).replace("torch.", ""), checksum="verified",
                 slots=stats.summary())

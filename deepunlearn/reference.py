@@ -25,7 +25,7 @@ from .edit import apply_plan
 from .layers import find_targets
 from .projection import check_alpha, scale_energies
 from .report import UnlearnReport
-from .statistics import _Collector, model_device, run_with_hooks
+from .statistics import _Collector, collection_setup, model_device, run_with_hooks
 from .api import _sync, plan_edits
 
 
@@ -70,11 +70,7 @@ def _first_batch(data: DataLike, batch_size: int) -> torch.Tensor:
 def activation_matrices(model: nn.Module, batch: torch.Tensor, *, conv_crop: bool = False, max_patches: int | None = None,
                         seed: int = 0, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every slot's activation matrix on one batch, as ``(groups, n, d)`` (rows are input vectors)."""
-    targets, _ = find_targets(model)
-    if not targets:
-        raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
-    device = model_device(model)
-    dtype = dtype or (torch.float64 if device.type == "cpu" else torch.float32)
+    targets, device, dtype = collection_setup(model, dtype)
     rec = _ActivationRecorder(targets, device, dtype, conv_crop, max_patches, torch.Generator().manual_seed(seed))
     run_with_hooks(model, [batch], rec, batch.shape[0], False, "reference")
     return {k: torch.cat(v, dim=1) for k, v in rec.rows.items()}

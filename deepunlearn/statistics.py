@@ -315,16 +315,17 @@ class _Collector:
         Raises :class:`_SharingChanged` when a sharing decided in the first pass does not hold.
         """
         entry = self._inputs.get(id(x))
-        owner = entry[2] if entry is not None and entry[0]() is x and entry[1] == x._version else None
+        seen_by = entry[2] if entry is not None and entry[0]() is x and entry[1] == x._version else None
         alias = self.stats.aliases.get(name)
+        owner = seen_by
         if alias is not None:
-            if owner != alias:
+            if seen_by != alias:
                 raise _SharingChanged(f"layer '{name}' read the same input as '{alias}' in the first batch but not later")
-        elif owner is not None and self._forwards == 0 and name not in self.stats.slots and name not in self._calls:
-            self.stats.aliases[name] = owner
+        elif seen_by is not None and self._forwards == 0 and name not in self.stats.slots and name not in self._calls:
+            self.stats.aliases[name] = seen_by
         else:
             owner = None
-            if entry is None or entry[0]() is not x or entry[1] != x._version:  # first reader of x in this pass
+            if seen_by is None:  # first reader of x in this pass
                 self._inputs[id(x)] = (weakref.ref(x), x._version, name)
         self._calls[name] = self._calls.get(name, 0) + 1
         return owner
@@ -482,6 +483,16 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batc
     return samples
 
 
+def collection_setup(model: nn.Module, dtype: torch.dtype | None) -> tuple[list[EditTarget], torch.device, torch.dtype]:
+    """The model's edit targets, its one device, and the accumulation dtype (default float64 on
+    the CPU, float32 elsewhere); ``ValueError`` when nothing is editable or devices are mixed."""
+    targets, _ = find_targets(model)
+    if not targets:
+        raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
+    device = model_device(model)
+    return targets, device, dtype or (torch.float64 if device.type == "cpu" else torch.float32)
+
+
 def collect_statistics(
     model: nn.Module,
     data: DataLike,
@@ -515,12 +526,7 @@ def collect_statistics(
     """
     from . import distributed as dist
 
-    targets, _ = find_targets(model)
-    if not targets:
-        raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
-    device = model_device(model)
-    if dtype is None:
-        dtype = torch.float64 if device.type == "cpu" else torch.float32
+    targets, device, dtype = collection_setup(model, dtype)
     check_autocast(autocast)
     ranks = dist.world() if distributed else None
     try:
