@@ -65,7 +65,7 @@ def all_reduce_statistics(stats: Statistics, samples: int, error: BaseException 
         for a in alias_sets:
             for k, owner in a.items():
                 union.setdefault(k, union[owner])
-    device, dtype = stats.device, stats.dtype
+    device = stats.device
     if device is None:  # this rank saw nothing: take the others' layout
         device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
     slots: dict[str, SlotStatistics] = {}

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from deepunlearn.evaluation import accuracy, class_accuracies, measure, svc_mia
+from deepunlearn.evaluation import accuracy, class_accuracies, svc_mia
 
 
 def test_svc_mia_separates_confident_members_from_unsure_non_members():
