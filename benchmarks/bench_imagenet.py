@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ceilings, device_name, timed  # noqa: E402
 import deepunlearn  # noqa: E402
 from deepunlearn import _ext  # noqa: E402
 from deepunlearn.reference import unlearn_paper  # noqa: E402
@@ -35,45 +35,6 @@ from deepunlearn.statistics import _eval_no_grad  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> tuple[float, object]:
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
-
-
-def ceilings(device: torch.device) -> dict[str, float]:
-    """The device's copy bandwidth (GB/s) and matrix-multiply rates (TFLOP/s), median of 5 runs."""
-    out = {}
-    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of float32
-    a = torch.empty(n, device=device)
-    b = torch.empty_like(a)
-
-    def best(fn) -> float:
-        fn()
-        return sorted(timed(fn, device)[0] for _ in range(5))[2]
-
-    out["copy_GBps"] = 2 * a.numel() * 4 / best(lambda: b.copy_(a)) / 1e9
-    a = b = None  # free the copy buffers before the matrix products
-    m = 8192 if device.type == "cuda" else 1024
-    for name, dtype, tf32 in (("bf16_matmul_TFLOPs", torch.bfloat16, False), ("tf32_matmul_TFLOPs", torch.float32, True),
-                              ("fp32_matmul_TFLOPs", torch.float32, False)):
-        x = torch.randn(m, m, device=device, dtype=dtype)
-        saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            out[name] = 2 * m**3 / best(lambda: x @ x) / 1e12
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = saved
-    return out
 
 
 def images(n: int, size: int, device: torch.device, seed: int) -> torch.Tensor:
@@ -184,18 +145,18 @@ def main(argv=None) -> int:
     args.paper_images = args.paper_images or args.images
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = device_name(device)
     print(f"device: {name}; extension: {_ext.extension_info()}", flush=True)
     result = {"device": str(device), "device_name": name, "torch": torch.__version__, "extension": _ext.extension_info(),
               "images": args.images, "batch_size": args.batch_size, "autocast": args.autocast,
               "ceilings": ceilings(device), "archs": []}
     print("ceilings: " + json.dumps(result["ceilings"]), flush=True)
-    for arch in args.archs:
-        result["archs"].append(bench_arch(arch, args, device))
     stem = args.out or RESULTS / f"imagenet_{'cuda' if gpu else 'cpu'}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(markdown(result))
+    for arch in args.archs:  # written after each architecture, so a run cut short keeps what it measured
+        result["archs"].append(bench_arch(arch, args, device))
+        Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 

@@ -7,21 +7,25 @@ Compares linear covariance with ``cov.addmm_(xᵀ, x)``, conv covariance with ``
 shapes of ResNet-18 (CIFAR stem), VGG-11-BN and ViT-B/16. Prints a table of ratios (pure time
 / op time: above 1 means the op is faster) and writes
 ``benchmarks/results/kernels_<device>.json`` and ``.md`` with the device name.
+
+On a GPU it also measures the device's ceilings (bf16 / tf32 / fp32 matrix-multiply rates, copy
+bandwidth) in the same run, adds bf16 rows (the pure path being its float32 twin, as in
+``deepunlearn.covariance``), a tf32 row (the op with tf32 against the float32 ``addmm``), and sweeps
+the ops' tuning knobs (output tile of the symmetric GEMMs, conv chunk size).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ceilings, device_name, env, median_time, tf32  # noqa: E402
 from shapes import RESNET18_CIFAR, VGG11_BN, VIT_B16  # noqa: E402
 
 import deepunlearn  # noqa: E402
@@ -31,61 +35,55 @@ from deepunlearn.evaluation import exact_rss_peaks, measure  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def timeit(fn, device: torch.device, repeat: int) -> float:
-    """Median wall seconds of ``fn`` over ``repeat`` runs after one warm-up (CUDA synchronised)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def peak_extra(fn, device: torch.device) -> int:
     with measure(device) as m:
         fn()
     return m.peak_bytes
 
 
-def bench_linear(shape, batch, device, dtype, repeat):
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
+def bench_linear(shape, batch, device, dtype, repeat, op_tf32=False):
+    """``op_tf32``: the op runs with tf32 allowed, the float32 ``addmm`` without (the issue's target)."""
     n = batch * shape.tokens_per_sample
     x = torch.randn(n, shape.d, device=device, dtype=dtype)
     cov = torch.zeros(shape.d, shape.d, device=device, dtype=torch.float32)
-    xf = x.float()
 
-    def pure():
+    def pure():  # the pure twin: float32 rows, one full GEMM
+        xf = x.float()
         cov.addmm_(xf.T, xf)
 
     def op():
         _ext.ops().linear_cov_accumulate_(cov, x)
 
-    t_pure, t_op = timeit(pure, device, repeat), timeit(op, device, repeat)
+    with tf32(False):
+        t_pure = median_time(pure, device, repeat)
+    with tf32(op_tf32):
+        t_op = median_time(op, device, repeat)
     flops = 2.0 * n * shape.d**2
-    return {"op": "linear_cov", "layer": shape.name, "d": shape.d, "rows": n, "dtype": str(dtype).split(".")[-1],
-            "pure_s": t_pure, "op_s": t_op, "speedup": t_pure / t_op, "op_tflops_full_gemm_equiv": flops / t_op / 1e12}
+    return {"op": "linear_cov", "layer": shape.name, "d": shape.d, "rows": n,
+            "dtype": _name(dtype) + ("/tf32" if op_tf32 else ""), "pure_s": t_pure, "op_s": t_op,
+            "speedup": t_pure / t_op, "op_tflops_full_gemm_equiv": flops / t_op / 1e12}
 
 
-def bench_conv(shape, batch, device, repeat):
-    x = torch.randn(batch, shape.c_in, shape.size, shape.size, device=device)
+def bench_conv(shape, batch, device, repeat, dtype=torch.float32):
+    x = torch.randn(batch, shape.c_in, shape.size, shape.size, device=device, dtype=dtype)
     conv = torch.nn.Conv2d(shape.c_in, shape.c_in, shape.kernel, shape.stride, shape.padding, groups=shape.groups)
     geom = deepunlearn.covariance.ConvGeometry.of(conv)
     d = shape.d
     cov = torch.zeros(shape.groups, d, d, device=device)
 
-    def pure():  # the unfolded matrix in memory, then one GEMM
-        u = F.unfold(x, shape.kernel, padding=shape.padding, stride=shape.stride).transpose(1, 2).reshape(-1, d)
+    def pure():  # the unfolded matrix in memory (float32, as the pure twin), then one GEMM
+        u = F.unfold(x.float(), shape.kernel, padding=shape.padding, stride=shape.stride).transpose(1, 2).reshape(-1, d)
         cov[0].addmm_(u.T, u)
 
     def op():
         deepunlearn.covariance.accumulate_conv_(cov, x, geom)
 
-    t_pure, t_op = timeit(pure, device, repeat), timeit(op, device, repeat)
-    return {"op": "conv_cov", "layer": shape.name, "d": d, "batch": batch, "hw": shape.size,
+    t_pure, t_op = median_time(pure, device, repeat), median_time(op, device, repeat)
+    return {"op": "conv_cov", "layer": shape.name, "d": d, "batch": batch, "hw": shape.size, "dtype": _name(dtype),
             "pure_s": t_pure, "op_s": t_op, "speedup": t_pure / t_op,
             "pure_peak_extra_bytes": peak_extra(pure, device), "op_peak_extra_bytes": peak_extra(op, device)}
 
@@ -101,10 +99,60 @@ def bench_edit(shape, device, repeat):
     def op():
         return _ext.ops().projected_edit(w, m_r, m_f)
 
-    t_pure, t_op = timeit(pure, device, repeat), timeit(op, device, repeat)
+    t_pure, t_op = median_time(pure, device, repeat), median_time(op, device, repeat)
     return {"op": "projected_edit", "layer": shape.name, "d": d, "pure_s": t_pure, "op_s": t_op,
             "speedup": t_pure / t_op, "pure_peak_extra_bytes": peak_extra(pure, device),
             "op_peak_extra_bytes": peak_extra(op, device)}
+
+
+def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
+    """GPU only: op time against the CUDA kernels' tuning knobs (env variables read per call)."""
+    rows = []
+    for s in VIT_B16:
+        x16 = torch.randn(vit_batch * s.tokens_per_sample, s.d, device=device, dtype=torch.bfloat16)
+        x32 = x16.float()
+        cov = torch.zeros(s.d, s.d, device=device)
+        for tile in (128, 256, 512, 1024, s.d):
+            with env("DEEPUNLEARN_CUDA_SYRK_TILE", str(tile)):
+                for x, label in ((x16, "bfloat16"), (x32, "float32/tf32")):
+                    with tf32(True):
+                        t = median_time(lambda: _ext.ops().linear_cov_accumulate_(cov, x), device, repeat)
+                    rows.append({"knob": "DEEPUNLEARN_CUDA_SYRK_TILE", "value": tile, "layer": s.name, "dtype": label,
+                                 "op_s": t, "tflops_full_gemm_equiv": 2.0 * x.shape[0] * s.d**2 / t / 1e12})
+                    print(rows[-1], flush=True)
+    for s in (RESNET18_CIFAR[1], VGG11_BN[1], VGG11_BN[3]):
+        batch = conv_batch[s.name.split(".")[0]]
+        x = torch.randn(batch, s.c_in, s.size, s.size, device=device, dtype=torch.bfloat16)
+        conv = torch.nn.Conv2d(s.c_in, s.c_in, s.kernel, s.stride, s.padding)
+        geom = deepunlearn.covariance.ConvGeometry.of(conv)
+        cov = torch.zeros(1, s.d, s.d, device=device)
+        for chunk in (1 << 22, 1 << 24, 1 << 25, 1 << 26):
+            with env("DEEPUNLEARN_CUDA_CONV_CHUNK", str(chunk)):
+                t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
+            rows.append({"knob": "DEEPUNLEARN_CUDA_CONV_CHUNK", "value": chunk, "layer": s.name, "dtype": "bfloat16",
+                         "op_s": t})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Kernel benchmark on {result['device']} (torch {result['torch']})", "",
+             "speedup = pure-PyTorch time / op time, measured side by side in one run.", ""]
+    if result.get("ceilings"):
+        lines += ["Ceilings measured in the same run: " + ", ".join(f"{k} {v:.1f}" for k, v in result["ceilings"].items()), ""]
+    lines += ["| op | layer | d | pure (ms) | op (ms) | speedup | op TFLOP/s (full-GEMM equiv.) | peak extra pure / op (MiB) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        mem = (f"{r['pure_peak_extra_bytes'] / 2**20:.1f} / {r['op_peak_extra_bytes'] / 2**20:.1f}"
+               if "pure_peak_extra_bytes" in r else "")
+        rate = f"{r['op_tflops_full_gemm_equiv']:.0f}" if "op_tflops_full_gemm_equiv" in r else ""
+        label = r["layer"] + (f" ({r['dtype']})" if "dtype" in r else "")
+        lines.append(f"| {r['op']} | {label} | {r['d']} | {r['pure_s'] * 1e3:.2f} | {r['op_s'] * 1e3:.2f} | "
+                     f"{r['speedup']:.2f} | {rate} | {mem} |")
+    if result.get("sweep"):
+        lines += ["", "Tuning knobs (op time, ms):", "", "| knob | value | layer | dtype | op (ms) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['knob']} | {r['value']} | {r['layer']} | {r['dtype']} | {r['op_s'] * 1e3:.3f} |" for r in result["sweep"]]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -112,6 +160,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small batches, few repeats (smoke run)")
+    p.add_argument("--no-sweep", action="store_true", help="GPU: skip the tuning-knob sweep")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -119,35 +168,33 @@ def main(argv=None) -> int:
         sys.exit(f"the extension is not loaded: {_ext.extension_info()}")
     gpu = device.type == "cuda"
     repeat = 3 if a.quick else (20 if gpu else 5)
-    vit_batch = (1 if a.quick else (64 if gpu else 8))
+    vit_batch = (1 if a.quick else (256 if gpu else 8))
     conv_batch = {"resnet18": 8 if a.quick else (256 if gpu else 32), "vgg11": 1 if a.quick else (32 if gpu else 2)}
-    rows = []
+    result = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+              "extension": _ext.extension_info(), "quick": a.quick,
+              "ceilings": ceilings(device) if gpu else None, "rows": [], "sweep": []}
+    if gpu:
+        print("ceilings:", result["ceilings"], flush=True)
+    rows = result["rows"]
     for s in VIT_B16:
-        for dt in ([torch.float32, torch.bfloat16] if gpu else [torch.float32]):
-            rows.append(bench_linear(s, vit_batch, device, dt, repeat))
+        for dt, t32 in ([(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)] if gpu else [(torch.float32, False)]):
+            rows.append(bench_linear(s, vit_batch, device, dt, repeat, op_tf32=t32))
             print(rows[-1], flush=True)
     for s in RESNET18_CIFAR + VGG11_BN:
-        rows.append(bench_conv(s, conv_batch[s.name.split(".")[0]], device, repeat))
-        print(rows[-1], flush=True)
+        for dt in ([torch.float32, torch.bfloat16] if gpu else [torch.float32]):
+            rows.append(bench_conv(s, conv_batch[s.name.split(".")[0]], device, repeat, dt))
+            print(rows[-1], flush=True)
     for s in VIT_B16:
         rows.append(bench_edit(s, device, repeat))
         print(rows[-1], flush=True)
-    name = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    result = {"device": name, "device_type": device.type, "torch": torch.__version__, "extension": _ext.extension_info(),
-              "tf32": torch.backends.cuda.matmul.allow_tf32, "quick": a.quick, "rows": rows}
+    if gpu and not a.quick and not a.no_sweep:
+        result["sweep"] = sweep_knobs(device, repeat, vit_batch, conv_batch)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = f"kernels_{device.type}" + ("_quick" if a.quick else "")
     (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# Kernel benchmark on {name} (torch {torch.__version__})", "",
-             "speedup = pure-PyTorch time / op time, measured side by side in one run.", "",
-             "| op | layer | d | pure (ms) | op (ms) | speedup | peak extra pure / op (MiB) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        mem = (f"{r['pure_peak_extra_bytes'] / 2**20:.1f} / {r['op_peak_extra_bytes'] / 2**20:.1f}"
-               if "pure_peak_extra_bytes" in r else "")
-        label = r["layer"] + (f" ({r['dtype']})" if "dtype" in r else "")
-        lines.append(f"| {r['op']} | {label} | {r['d']} | {r['pure_s'] * 1e3:.2f} | {r['op_s'] * 1e3:.2f} | {r['speedup']:.2f} | {mem} |")
-    (a.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = markdown(result)
+    (a.out / f"{stem}.md").write_text(text)
+    print(text)
     return 0
 
 

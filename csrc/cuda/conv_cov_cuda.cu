@@ -2,12 +2,20 @@
 // of patches (in the input's dtype, so bf16/fp16 keep the tensor-core GEMM) straight from the
 // input in any memory layout; the symmetric tile GEMMs of linear_cov_cuda.cu accumulate it per
 // group. Extra memory: one chunk buffer, whatever the batch size.
+//
+// The chunk is stored column-major, (d, rows) with the output positions contiguous: consecutive
+// threads read consecutive output positions, which are consecutive input elements of an NCHW
+// tensor at stride 1, and write consecutive buffer elements; each block handles one column
+// (c, ky, kx), so the column's decomposition is computed once per block, not per element.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <climits>
+#include <cstdlib>
 
 #include "../ops.h"
 
@@ -19,22 +27,48 @@ struct Strides {
   int64_t n, c, h, w;
 };
 
-// One thread per (row, column) of the chunk: row = output position, column = c·k² + ky·kw + kx.
-template <typename T>
-__global__ void gather_patches_kernel(const T* __restrict__ x, Strides st, int64_t C, int64_t H, int64_t W,
-                                      ConvGeom g, int64_t ho, int64_t wo, int64_t row0, int64_t rows,
-                                      T* __restrict__ buf) {
-  const int64_t kk = g.kh * g.kw, d = C * kk;
-  const int64_t total = rows * d;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = idx / d, col = idx % d;
-    const int64_t c = col / kk, k = col % kk, ky = k / g.kw, kx = k % g.kw;
-    const int64_t p = row0 + r;
-    const int64_t n = p / (ho * wo), oy = (p / wo) % ho, ox = p % wo;
-    const int64_t iy = oy * g.sh - g.ph_lo + ky * g.dh, ix = ox * g.sw - g.pw_lo + kx * g.dw;
-    buf[idx] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? x[n * st.n + c * st.c + iy * st.h + ix * st.w] : T(0);
+// Patch entries per chunk on the GPU (32M: 64 MiB in bf16): large enough that each tile GEMM
+// fills the GPU. DEEPUNLEARN_CUDA_CONV_CHUNK overrides it (benchmarks sweep it).
+int64_t chunk_elements() {
+  if (const char* env = std::getenv("DEEPUNLEARN_CUDA_CONV_CHUNK")) {
+    const long long e = std::atoll(env);
+    if (e > 0) return e;
   }
+  return int64_t(1) << 25;
+}
+
+// buf[col * ld + r] = patch entry `col` = c·kh·kw + ky·kw + kx of output position row0 + r.
+// Index type I: 32-bit when every position index fits, which keeps the divisions cheap.
+template <typename T, typename I>
+__global__ void gather_patches_colmajor(const T* __restrict__ x, Strides st, I H, I W, ConvGeom g, I ho, I wo,
+                                        int64_t row0, I rows, int64_t d, int64_t ld, T* __restrict__ buf) {
+  const I kk = static_cast<I>(g.kh * g.kw), hw = ho * wo;
+  for (int64_t col = blockIdx.y; col < d; col += gridDim.y) {
+    const I c = static_cast<I>(col / kk), k = static_cast<I>(col % kk);
+    const I ky = k / static_cast<I>(g.kw), kx = k % static_cast<I>(g.kw);
+    const I y0 = ky * static_cast<I>(g.dh) - static_cast<I>(g.ph_lo), x0 = kx * static_cast<I>(g.dw) - static_cast<I>(g.pw_lo);
+    const T* xc = x + c * st.c;
+    T* out = buf + col * ld;
+    for (I r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x) {
+      const I p = static_cast<I>(row0) + r;  // fits I: the caller checks row0 + rows against I's range
+      const I n = p / hw, rem = p - n * hw, oy = rem / wo, ox = rem - oy * wo;
+      const I iy = oy * static_cast<I>(g.sh) + y0, ix = ox * static_cast<I>(g.sw) + x0;
+      out[r] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? xc[n * st.n + iy * st.h + ix * st.w] : T(0);
+    }
+  }
+}
+
+template <typename T, typename I>
+void launch_gather(const at::Tensor& x, const ConvGeom& g, int64_t ho, int64_t wo, int64_t row0, int64_t rows,
+                   int64_t d, at::Tensor& buf, cudaStream_t stream) {
+  const Strides st{x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  const int threads = 256;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((rows + threads - 1) / threads, 1024)),
+                  static_cast<unsigned>(std::min<int64_t>(d, 65535)));
+  gather_patches_colmajor<T, I><<<grid, threads, 0, stream>>>(
+      x.const_data_ptr<T>(), st, static_cast<I>(x.size(2)), static_cast<I>(x.size(3)), g, static_cast<I>(ho),
+      static_cast<I>(wo), row0, static_cast<I>(rows), d, buf.stride(0), buf.mutable_data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -50,26 +84,29 @@ static void conv_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x_in, at:
   const int64_t ho = g.out_h(H), wo = g.out_w(W), total = N * ho * wo;
   if (total == 0) return;
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
-  const int64_t chunk = std::max<int64_t>(1, std::min(total, kChunkElements / d));
+  const int64_t chunk = std::max<int64_t>(1, std::min(total, chunk_elements() / d));
   // float64 statistics gather in float64; otherwise the chunk keeps the input's dtype.
   const at::ScalarType buf_t = cov.scalar_type() == at::kDouble ? at::kDouble : x.scalar_type();
   const at::Tensor xs = x.scalar_type() == buf_t ? x : x.to(buf_t);
-  at::Tensor buf = at::empty({chunk, d}, x.options().dtype(buf_t));
-  const Strides st{xs.stride(0), xs.stride(1), xs.stride(2), xs.stride(3)};
+  at::Tensor buf = at::empty({d, chunk}, x.options().dtype(buf_t));  // column-major chunk: (d, rows)
+  // 32-bit indices when positions and input offsets fit (the common case), else 64-bit.
+  const int64_t max_offset = (N - 1) * std::abs(xs.stride(0)) + (C - 1) * std::abs(xs.stride(1)) +
+                             (H - 1) * std::abs(xs.stride(2)) + (W - 1) * std::abs(xs.stride(3));
+  const bool small = total < INT_MAX && max_offset < INT_MAX && H < INT_MAX / 2 && W < INT_MAX / 2;
   auto stream = at::cuda::getCurrentCUDAStream();
   for (int64_t row0 = 0; row0 < total; row0 += chunk) {
     const int64_t rows = std::min(chunk, total - row0);
-    const int threads = 256;
-    const int64_t blocks = std::min<int64_t>((rows * d + threads - 1) / threads, 65535 * 8);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf_t, "conv_cov_gather_cuda", [&] {
-      gather_patches_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-          xs.const_data_ptr<scalar_t>(), st, C, H, W, g, ho, wo, row0, rows, buf.mutable_data_ptr<scalar_t>());
+      if (small) {
+        launch_gather<scalar_t, int32_t>(xs, g, ho, wo, row0, rows, d, buf, stream);
+      } else {
+        launch_gather<scalar_t, int64_t>(xs, g, ho, wo, row0, rows, d, buf, stream);
+      }
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const at::Tensor part = buf.narrow(0, 0, rows);
+    // Group gi's patches are rows [gi·dg, (gi+1)·dg) of buf: a column-major (rows × dg) matrix.
     for (int64_t gi = 0; gi < groups; ++gi) {
       at::Tensor cg = cov.select(0, gi);
-      syrk_accumulate_cuda(cg, part.narrow(1, gi * dg, dg));
+      syrk_accumulate_cuda(cg, buf.narrow(0, gi * dg, dg).narrow(1, 0, rows).t());
     }
   }
 }

@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cublas_v2.h>
+
+#include <cstdlib>
 #include <torch/library.h>
 
 #include "../ops.h"
@@ -46,7 +48,15 @@ cudaDataType_t cuda_type(at::ScalarType t) {
   }
 }
 
-int64_t tile_for(int64_t d) { return d >= 2048 ? 512 : (d >= 512 ? 256 : d); }
+// Side of the square output tiles. DEEPUNLEARN_CUDA_SYRK_TILE overrides it (benchmarks sweep it;
+// a value >= d means one full GEMM, no symmetry saving).
+int64_t tile_for(int64_t d) {
+  if (const char* env = std::getenv("DEEPUNLEARN_CUDA_SYRK_TILE")) {
+    const long long t = std::atoll(env);
+    if (t > 0) return std::min<int64_t>(t, d);
+  }
+  return d >= 2048 ? 512 : (d >= 512 ? 256 : d);
+}
 
 }  // namespace
 
@@ -55,8 +65,13 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
   if (n == 0) return;
   at::Tensor a = a_in;
   if (cov.scalar_type() == at::kDouble && a.scalar_type() != at::kDouble) a = a.to(at::kDouble);
-  TORCH_CHECK(a.stride(1) == 1, "syrk_accumulate_cuda: rows must be contiguous");
-  TORCH_CHECK(n <= INT32_MAX && a.stride(0) <= INT32_MAX, "deepunlearn: too many rows for one cuBLAS call; split the batch");
+  // Row-major a (stride(1) == 1) is cuBLAS's column-major (d × n) matrix; column-major a
+  // (stride(0) == 1, as the conv gather writes it) is cuBLAS's (n × d) matrix.
+  const bool row_major = a.stride(1) == 1 && (d == 1 || a.stride(0) >= d);
+  TORCH_CHECK(row_major || (a.stride(0) == 1 && a.stride(1) >= n),
+              "syrk_accumulate_cuda: rows or columns must be contiguous");
+  const int64_t ld64 = row_major ? a.stride(0) : a.stride(1);
+  TORCH_CHECK(n <= INT32_MAX && ld64 <= INT32_MAX, "deepunlearn: too many rows for one cuBLAS call; split the batch");
   const bool dbl = cov.scalar_type() == at::kDouble;
   const cublasComputeType_t compute =
       dbl ? CUBLAS_COMPUTE_64F
@@ -67,18 +82,20 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
   const void* one = dbl ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f);
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
   const cudaDataType_t at_ = cuda_type(a.scalar_type()), ct = cuda_type(cov.scalar_type());
-  const int lda = static_cast<int>(a.stride(0)), ldc = static_cast<int>(d);
+  const int ld = static_cast<int>(std::max<int64_t>(ld64, 1)), ldc = static_cast<int>(d);
   const char* ap = static_cast<const char*>(a.const_data_ptr());
   char* cp = static_cast<char*>(cov.mutable_data_ptr());
   const int64_t ae = a.element_size(), ce = cov.element_size(), t = tile_for(d);
-  // Row-major C[I, J] (I ≥ J) is, in cuBLAS's column-major view, the (tj × ti) matrix
-  // A_J · A_Iᵀ where A_J is the (tj × n) column-major view of the row-major columns J of a.
+  // Row-major C[I, J] (I ≥ J) is, in cuBLAS's column-major view, the (tj × ti) matrix A_Jᵀ A_I,
+  // A_J being columns J of a: (tj × n) op N for row-major a, (n × tj) op T for column-major a.
+  const cublasOperation_t op_j = row_major ? CUBLAS_OP_N : CUBLAS_OP_T, op_i = row_major ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int64_t col_step = row_major ? 1 : ld64;  // elements between consecutive columns of a
   for (int64_t i0 = 0; i0 < d; i0 += t) {
     const int ti = static_cast<int>(std::min(t, d - i0));
     for (int64_t j0 = 0; j0 <= i0; j0 += t) {
       const int tj = static_cast<int>(std::min(t, d - j0));
-      TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, tj, ti, static_cast<int>(n), one,
-                                        ap + j0 * ae, at_, lda, ap + i0 * ae, at_, lda, one,
+      TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, op_j, op_i, tj, ti, static_cast<int>(n), one,
+                                        ap + j0 * col_step * ae, at_, ld, ap + i0 * col_step * ae, at_, ld, one,
                                         cp + (i0 * d + j0) * ce, ct, ldc, compute, CUBLAS_GEMM_DEFAULT));
     }
   }
@@ -96,7 +113,8 @@ static void linear_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x) {
   check_linear_cov_args(cov, x);
   TORCH_CHECK(cov.is_cuda(), "linear_cov_accumulate_: CUDA kernel called with ", cov.device());
   const c10::cuda::CUDAGuard guard(cov.device());
-  at::Tensor a = x.stride(1) == 1 && x.stride(0) >= x.size(1) ? x : x.contiguous();
+  const bool usable = (x.stride(1) == 1 && x.stride(0) >= x.size(1)) || (x.stride(0) == 1 && x.stride(1) >= x.size(0));
+  at::Tensor a = usable ? x : x.contiguous();
   syrk_accumulate_cuda(cov, a);
 }
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# On a machine with a GPU and torch already installed (the lent device machine: no network):
+# build the extension in place against that torch, run the CUDA tests and the whole suite, then
+# the GPU benchmarks. Everything is logged to OUT/log.txt; benchmark results land in OUT.
+#
+#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [tests] [kernels] [imagenet]
+#
+# A folder .devcarry/ (ignored by git), when present, supplies what the machine lacks: wheels
+# (foolbox, for the CLI test's photographs) and fashion-mnist/ (the Debian package's IDX files).
+# Each stage runs under its own time limit (seconds: T_BUILD, T_CUDA_TESTS, T_TESTS, T_KERNELS,
+# T_IMAGENET), so one slow stage cannot take the others' results with it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: gpu_check.sh OUT [stages...]}
+shift
+mkdir -p "$out"
+log="$out/log.txt"
+stages=${*:-build cuda-tests tests kernels imagenet}
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ -d .devcarry ]; then
+  if ls .devcarry/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/devsite .devcarry/*.whl >>"$log" 2>&1
+    export PYTHONPATH=$PYTHONPATH:/tmp/devsite
+  fi
+  [ -d .devcarry/fashion-mnist ] && export DEEPUNLEARN_FASHION_MNIST=$PWD/.devcarry/fashion-mnist
+fi
+
+stage() {  # stage NAME LIMIT COMMAND...: run, log, and record the exit status
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$log"
+  return $rc
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda)"
+} >>"$log" 2>&1
+for s in $stages; do
+  case $s in
+    build)
+      CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) \
+        stage build "${T_BUILD:-300}" $PY setup.py build_ext --inplace || exit 1
+      stage info 60 $PY -c "import deepunlearn, json; print(json.dumps(deepunlearn.extension_info()))" || exit 1 ;;
+    cuda-tests) stage cuda-tests "${T_CUDA_TESTS:-240}" $PY -m pytest tests -m cuda -q -p no:cacheprovider ;;
+    tests) stage tests "${T_TESTS:-400}" $PY -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ;;
+    kernels) stage kernels "${T_KERNELS:-240}" $PY benchmarks/bench_kernels.py --device cuda --out "$out" ;;
+    imagenet) stage imagenet "${T_IMAGENET:-360}" $PY benchmarks/bench_imagenet.py --out "$out/imagenet_cuda" ;;
+    *) echo "unknown stage $s" | tee -a "$log"; exit 2 ;;
+  esac
+done
