@@ -106,32 +106,44 @@ def bench_edit(shape, device, repeat):
 
 
 def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
-    """GPU only: op time against the CUDA kernels' tuning knobs (env variables read per call)."""
+    """GPU only: op time against the CUDA kernels' tuning knobs (env variables read per call) and
+    the linear op's rate against the number of rows."""
     rows = []
+
+    def record(knob, value, layer, dtype, t, flops=None):
+        rows.append({"knob": knob, "value": value, "layer": layer, "dtype": dtype, "op_s": t}
+                    | ({"tflops_full_gemm_equiv": flops / t / 1e12} if flops else {}))
+        print(rows[-1], flush=True)
+
     for s in VIT_B16:
+        cov = torch.zeros(s.d, s.d, device=device)
+        for images in (64, 256, 1000):  # default tiles: rate against the length of the sum
+            x = torch.randn(images * s.tokens_per_sample, s.d, device=device, dtype=torch.bfloat16)
+            t = median_time(lambda: _ext.ops().linear_cov_accumulate_(cov, x), device, repeat)
+            record("rows (images x 197)", images, s.name, "bfloat16", t, 2.0 * x.shape[0] * s.d**2)
         x16 = torch.randn(vit_batch * s.tokens_per_sample, s.d, device=device, dtype=torch.bfloat16)
         x32 = x16.float()
-        cov = torch.zeros(s.d, s.d, device=device)
-        for tile in (128, 256, 512, 1024, s.d):
+        for tile in (256, 512, 1024, s.d):
             with env("DEEPUNLEARN_CUDA_SYRK_TILE", str(tile)):
                 for x, label in ((x16, "bfloat16"), (x32, "float32/tf32")):
                     with tf32(True):
                         t = median_time(lambda: _ext.ops().linear_cov_accumulate_(cov, x), device, repeat)
-                    rows.append({"knob": "DEEPUNLEARN_CUDA_SYRK_TILE", "value": tile, "layer": s.name, "dtype": label,
-                                 "op_s": t, "tflops_full_gemm_equiv": 2.0 * x.shape[0] * s.d**2 / t / 1e12})
-                    print(rows[-1], flush=True)
-    for s in (RESNET18_CIFAR[1], VGG11_BN[1], VGG11_BN[3]):
+                    record("DEEPUNLEARN_CUDA_SYRK_TILE", tile, s.name, label, t, 2.0 * x.shape[0] * s.d**2)
+    for s in (RESNET18_CIFAR[1], VGG11_BN[1], VGG11_BN[3], VGG11_BN[5]):
         batch = conv_batch[s.name.split(".")[0]]
-        x = torch.randn(batch, s.c_in, s.size, s.size, device=device, dtype=torch.bfloat16)
-        conv = torch.nn.Conv2d(s.c_in, s.c_in, s.kernel, s.stride, s.padding)
-        geom = deepunlearn.covariance.ConvGeometry.of(conv)
+        geom = deepunlearn.covariance.ConvGeometry.of(torch.nn.Conv2d(s.c_in, s.c_in, s.kernel, s.stride, s.padding))
         cov = torch.zeros(1, s.d, s.d, device=device)
-        for chunk in (1 << 22, 1 << 24, 1 << 25, 1 << 26):
-            with env("DEEPUNLEARN_CUDA_CONV_CHUNK", str(chunk)):
-                t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
-            rows.append({"knob": "DEEPUNLEARN_CUDA_CONV_CHUNK", "value": chunk, "layer": s.name, "dtype": "bfloat16",
-                         "op_s": t})
-            print(rows[-1], flush=True)
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(batch, s.c_in, s.size, s.size, device=device, dtype=dtype)
+            for tile in (512, 1024, s.d):
+                with env("DEEPUNLEARN_CUDA_SYRK_TILE", str(tile)):
+                    t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
+                record("DEEPUNLEARN_CUDA_SYRK_TILE", tile, s.name, _name(dtype), t)
+            if dtype == torch.bfloat16:
+                for chunk in (1 << 24, 1 << 25, 1 << 26, 1 << 27):
+                    with env("DEEPUNLEARN_CUDA_CONV_CHUNK", str(chunk)):
+                        t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
+                    record("DEEPUNLEARN_CUDA_CONV_CHUNK", chunk, s.name, _name(dtype), t)
     return rows
 
 
@@ -150,8 +162,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['op']} | {label} | {r['d']} | {r['pure_s'] * 1e3:.2f} | {r['op_s'] * 1e3:.2f} | "
                      f"{r['speedup']:.2f} | {rate} | {mem} |")
     if result.get("sweep"):
-        lines += ["", "Tuning knobs (op time, ms):", "", "| knob | value | layer | dtype | op (ms) |", "|---|---|---|---|---|"]
-        lines += [f"| {r['knob']} | {r['value']} | {r['layer']} | {r['dtype']} | {r['op_s'] * 1e3:.3f} |" for r in result["sweep"]]
+        lines += ["", "Tuning knobs and sizes (op time; linear: TFLOP/s as a full GEMM would count them):", "",
+                  "| knob | value | layer | dtype | op (ms) | TFLOP/s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['knob']} | {r['value']} | {r['layer']} | {r['dtype']} | {r['op_s'] * 1e3:.3f} | "
+                  f"{r.get('tflops_full_gemm_equiv', float('nan')):.0f} |".replace("| nan |", "|  |") for r in result["sweep"]]
     return "\n".join(lines) + "\n"
 
 

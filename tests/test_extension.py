@@ -209,6 +209,66 @@ def test_conv_cov_uses_bounded_memory_and_matches_with_many_chunks():
 
 
 @needs_ext
+@pytest.mark.cuda
+@pytest.mark.parametrize("tile", ["1", "128", "300"])
+def test_cuda_symmetric_gemm_tiles(monkeypatch, tile):
+    # The CUDA kernels pick one full GEMM up to d = 1024; small tiles (the tuning knob) exercise
+    # the triangle of tiles with ragged edges, in both memory layouts the GEMMs read.
+    dev = device_or_skip("cuda")
+    monkeypatch.setenv("DEEPUNLEARN_CUDA_SYRK_TILE", tile)
+    for x in (torch.randn(70, 385, device=dev), torch.randn(385, 70, device=dev).T):  # row- and column-major
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype)
+            cov = sym_poison(385, torch.float32, dev)
+            ref = cov.double() + xd.double().T @ xd.double()
+            _ext.ops().linear_cov_accumulate_(cov, xd)
+            assert rel_err(cov, ref) < 2e-3 and torch.equal(cov, cov.T)
+
+
+@needs_ext
+@pytest.mark.cuda
+@pytest.mark.parametrize("conv", [CONVS[1], CONVS[2], CONVS[8], CONVS[9]], ids=["strided-groups", "dilated", "d1000", "conv1d"])
+def test_cuda_conv_cov_many_small_chunks(monkeypatch, conv):
+    # 1000-entry chunks: rows of a chunk rarely align with images or output rows.
+    dev = device_or_skip("cuda")
+    monkeypatch.setenv("DEEPUNLEARN_CUDA_CONV_CHUNK", str(1000 + conv.weight[0].numel()))
+    spatial = (19, 17) if isinstance(conv, nn.Conv2d) else (300,)
+    x = torch.randn(5, conv.in_channels, *spatial, dtype=torch.float64)
+    geom = ConvGeometry.of(conv)
+    d = conv.weight[0].numel()
+    start = torch.stack([sym_poison(d, torch.float64, "cpu") for _ in range(conv.groups)])
+    ref = accumulate_conv_reference_(start.clone(), x, geom)
+    got = accumulate_conv_(start.to(dev), x.to(dev), geom)
+    assert rel_err(got.cpu(), ref) < 1e-13
+
+
+@needs_ext
+@pytest.mark.cuda
+def test_cuda_conv_cov_64bit_indices():
+    # More than 2^31 output positions: the gather switches to 64-bit index arithmetic.
+    dev = device_or_skip("cuda")
+    length = 2**31 + 4099
+    if torch.cuda.mem_get_info(dev)[0] < 3 * length * 2:
+        pytest.skip("needs about 13 GB of free GPU memory")
+    x = torch.randn(1, 1, length, device=dev, dtype=torch.bfloat16)
+    geom = ConvGeometry.of(nn.Conv1d(1, 1, 2, padding=1))  # d = 2: x_i² and x_i x_{i+1} sums
+    got = accumulate_conv_(torch.zeros(1, 2, 2, device=dev), x, geom)
+    ref = torch.zeros(2, 2, dtype=torch.float64)
+    step = 2**28
+    for i in range(0, length, step):
+        a = x[0, 0, i : i + step + 1].double()
+        sq = a[: min(step, length - i)].pow(2).sum()
+        ref[0, 0] += sq
+        ref[1, 1] += sq
+        if a.numel() > 1:
+            cross = (a[:-1] * a[1:]).sum()
+            ref[0, 1] += cross
+            ref[1, 0] += cross
+    assert rel_err(got[0].cpu(), ref) < 1e-3
+    del x
+
+
+@needs_ext
 def test_conv_cov_rejects_bad_arguments():
     ops = _ext.ops()
     x = torch.randn(2, 4, 6, 6)
@@ -285,3 +345,18 @@ def test_unlearning_gives_the_same_model_with_and_without_the_extension(monkeypa
     without = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False).model
     for (n, p), (_, q) in zip(with_ext.named_parameters(), without.named_parameters()):
         assert rel_err(p, q) < 1e-10, n
+
+
+@needs_ext
+@pytest.mark.cuda
+def test_unlearning_on_cuda_matches_the_cpu():
+    dev = device_or_skip("cuda")
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 36, 40), nn.ReLU(), nn.Linear(40, 5),
+    ).double()
+    x = torch.randn(20, 3, 6, 6, dtype=torch.float64)
+    on_cpu = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False).model
+    on_gpu = deepunlearn.unlearn(model.to(dev), x[:8].to(dev), x[8:].to(dev), inplace=False).model
+    for (n, p), (_, q) in zip(on_gpu.named_parameters(), on_cpu.named_parameters()):
+        assert p.device.type == "cuda" and rel_err(p.cpu(), q) < 1e-10, n

@@ -27,14 +27,16 @@ struct Strides {
   int64_t n, c, h, w;
 };
 
-// Patch entries per chunk on the GPU (32M: 64 MiB in bf16): large enough that each tile GEMM
-// fills the GPU. DEEPUNLEARN_CUDA_CONV_CHUNK overrides it (benchmarks sweep it).
-int64_t chunk_elements() {
+// Patch entries per chunk on the GPU: 128 MiB of buffer (64M bf16 entries). Measured on an H100
+// (knob sweep in benchmarks/results/kernels_cuda.md): the tile GEMMs need long sums (many rows per
+// chunk) to fill the GPU; 4M-entry chunks ran 2-3x slower. DEEPUNLEARN_CUDA_CONV_CHUNK (entries)
+// overrides it.
+int64_t chunk_elements(int64_t element_size) {
   if (const char* env = std::getenv("DEEPUNLEARN_CUDA_CONV_CHUNK")) {
     const long long e = std::atoll(env);
     if (e > 0) return e;
   }
-  return int64_t(1) << 25;
+  return (int64_t(128) << 20) / element_size;
 }
 
 // buf[col * ld + r] = patch entry `col` = c·kh·kw + ky·kw + kx of output position row0 + r.
@@ -84,9 +86,9 @@ static void conv_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x_in, at:
   const int64_t ho = g.out_h(H), wo = g.out_w(W), total = N * ho * wo;
   if (total == 0) return;
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
-  const int64_t chunk = std::max<int64_t>(1, std::min(total, chunk_elements() / d));
   // float64 statistics gather in float64; otherwise the chunk keeps the input's dtype.
   const at::ScalarType buf_t = cov.scalar_type() == at::kDouble ? at::kDouble : x.scalar_type();
+  const int64_t chunk = std::max<int64_t>(1, std::min(total, chunk_elements(c10::elementSize(buf_t)) / d));
   const at::Tensor xs = x.scalar_type() == buf_t ? x : x.to(buf_t);
   at::Tensor buf = at::empty({d, chunk}, x.options().dtype(buf_t));  // column-major chunk: (d, rows)
   // 32-bit indices when positions and input offsets fit (the common case), else 64-bit.

@@ -48,14 +48,17 @@ cudaDataType_t cuda_type(at::ScalarType t) {
   }
 }
 
-// Side of the square output tiles. DEEPUNLEARN_CUDA_SYRK_TILE overrides it (benchmarks sweep it;
-// a value >= d means one full GEMM, no symmetry saving).
-int64_t tile_for(int64_t d) {
+// Side of the square output tiles. Measured on an H100 (benchmarks/results/kernels_cuda.md, knob
+// sweep): tiles starve the GPU when they are small (a 256×256 output is 4 CTAs of 132 SMs), so up
+// to d = 1024 one full GEMM beats the half-work triangle; above it 1024 (16-bit inputs) or 512
+// (float32, float64) tiles win. DEEPUNLEARN_CUDA_SYRK_TILE overrides it (the benchmark sweeps it).
+int64_t tile_for(int64_t d, at::ScalarType input) {
   if (const char* env = std::getenv("DEEPUNLEARN_CUDA_SYRK_TILE")) {
     const long long t = std::atoll(env);
     if (t > 0) return std::min<int64_t>(t, d);
   }
-  return d >= 2048 ? 512 : (d >= 512 ? 256 : d);
+  if (d <= 1024) return d;
+  return input == at::kBFloat16 || input == at::kHalf ? 1024 : 512;
 }
 
 }  // namespace
@@ -85,7 +88,7 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
   const int ld = static_cast<int>(std::max<int64_t>(ld64, 1)), ldc = static_cast<int>(d);
   const char* ap = static_cast<const char*>(a.const_data_ptr());
   char* cp = static_cast<char*>(cov.mutable_data_ptr());
-  const int64_t ae = a.element_size(), ce = cov.element_size(), t = tile_for(d);
+  const int64_t ae = a.element_size(), ce = cov.element_size(), t = tile_for(d, a.scalar_type());
   // Row-major C[I, J] (I ≥ J) is, in cuBLAS's column-major view, the (tj × ti) matrix A_Jᵀ A_I,
   // A_J being columns J of a: (tj × n) op N for row-major a, (n × tj) op T for column-major a.
   const cublasOperation_t op_j = row_major ? CUBLAS_OP_N : CUBLAS_OP_T, op_i = row_major ? CUBLAS_OP_T : CUBLAS_OP_N;
