@@ -112,12 +112,18 @@ def accumulate_conv_reference_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeo
     return cov
 
 
+def _narrowed(x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """float64 inputs to float32 statistics are rounded first, as the pure twins do (the ops refuse
+    them, so that no caller loses float64 precision without asking)."""
+    return x.to(cov.dtype) if x.dtype == torch.float64 and cov.dtype != torch.float64 else x
+
+
 def accumulate_linear_(cov: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``cov += rowsᵀ rows``; the compiled op when available, else the pure twin."""
     from . import _ext
 
     if _ext.has_op("linear_cov_accumulate_", rows.device):
-        _ext.ops().linear_cov_accumulate_(cov[0], rows)
+        _ext.ops().linear_cov_accumulate_(cov[0], _narrowed(rows, cov))
         return cov
     return accumulate_linear_reference_(cov, rows)
 
@@ -133,6 +139,6 @@ def accumulate_conv_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) -> 
             pad = [v for i in reversed(range(geom.spatial_dims)) for v in geom.padding[2 * i : 2 * i + 2]]
         else:  # reflect / replicate / circular: pad here (a copy of the input, not of the patches)
             x, pad = _pad(x, geom), [0] * (2 * geom.spatial_dims)
-        _ext.ops().conv_cov_accumulate_(cov, x, list(geom.kernel), list(geom.stride), pad, list(geom.dilation))
+        _ext.ops().conv_cov_accumulate_(cov, _narrowed(x, cov), list(geom.kernel), list(geom.stride), pad, list(geom.dilation))
         return cov
     return accumulate_conv_reference_(cov, x, geom)

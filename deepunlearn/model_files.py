@@ -6,6 +6,7 @@ is built at random initialisation (for tests and timing).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -94,11 +95,25 @@ def load_model(source: ModelSource, device: torch.device | str = "cpu") -> nn.Mo
 def save_model(model: nn.Module, source: ModelSource, out: str | os.PathLike) -> None:
     """Write ``model`` as ``source`` was given: a state dict for an architecture, else the whole module.
 
-    The file is written next to ``out`` and renamed over it, so an error never leaves half a file.
+    Tensors are written on the CPU, so the file loads on any machine (a whole module is moved
+    there for the write and back afterwards). The file is written next to ``out`` and renamed
+    over it, so an error never leaves half a file.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = model.state_dict() if source.arch is not None else model
+    if source.arch is not None:
+        _write_atomically({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
+        return
+    devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    model.cpu()
+    try:
+        _write_atomically(model, out)
+    finally:
+        if len(devices) == 1:
+            model.to(devices.pop())
+
+
+def _write_atomically(payload: object, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:

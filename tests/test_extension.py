@@ -253,17 +253,13 @@ def test_cuda_conv_cov_64bit_indices():
     x = torch.randn(1, 1, length, device=dev, dtype=torch.bfloat16)
     geom = ConvGeometry.of(nn.Conv1d(1, 1, 2, padding=1))  # d = 2: x_i² and x_i x_{i+1} sums
     got = accumulate_conv_(torch.zeros(1, 2, 2, device=dev), x, geom)
-    ref = torch.zeros(2, 2, dtype=torch.float64)
+    sq = cross = 0.0
     step = 2**28
     for i in range(0, length, step):
         a = x[0, 0, i : i + step + 1].double()
-        sq = a[: min(step, length - i)].pow(2).sum()
-        ref[0, 0] += sq
-        ref[1, 1] += sq
-        if a.numel() > 1:
-            cross = (a[:-1] * a[1:]).sum()
-            ref[0, 1] += cross
-            ref[1, 0] += cross
+        sq += a[: min(step, length - i)].pow(2).sum().item()
+        cross += (a[:-1] * a[1:]).sum().item()
+    ref = torch.tensor([[sq, cross], [cross, sq]], dtype=torch.float64)
     assert rel_err(got[0].cpu(), ref) < 1e-3
     del x
 

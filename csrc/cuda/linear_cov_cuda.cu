@@ -49,16 +49,19 @@ cudaDataType_t cuda_type(at::ScalarType t) {
 }
 
 // Side of the square output tiles. Measured on an H100 (benchmarks/results/kernels_cuda.md, knob
-// sweep): tiles starve the GPU when they are small (a 256×256 output is 4 CTAs of 132 SMs), so up
-// to d = 1024 one full GEMM beats the half-work triangle; above it 1024 (16-bit inputs) or 512
-// (float32, float64) tiles win. DEEPUNLEARN_CUDA_SYRK_TILE overrides it (the benchmark sweeps it).
-int64_t tile_for(int64_t d, at::ScalarType input) {
+// sweep): on the tensor cores (16-bit inputs, or float32 with tf32) small tiles starve the GPU (a
+// 256×256 output is 4 CTAs for 132 SMs), so up to d = 1024 one full GEMM beats the half-work
+// triangle and above it 1024 tiles win; on the CUDA cores (float32 without tf32, float64) the
+// GEMMs are compute-bound and the triangle's half work pays from 256 tiles on.
+// DEEPUNLEARN_CUDA_SYRK_TILE overrides it (the benchmark sweeps it).
+int64_t tile_for(int64_t d, at::ScalarType input, bool tf32) {
   if (const char* env = std::getenv("DEEPUNLEARN_CUDA_SYRK_TILE")) {
     const long long t = std::atoll(env);
     if (t > 0) return std::min<int64_t>(t, d);
   }
-  if (d <= 1024) return d;
-  return input == at::kBFloat16 || input == at::kHalf ? 1024 : 512;
+  const bool tensor_cores = input == at::kBFloat16 || input == at::kHalf || (input == at::kFloat && tf32);
+  if (tensor_cores) return d <= 1024 ? d : 1024;
+  return d >= 2048 ? 512 : (d >= 512 ? 256 : d);
 }
 
 }  // namespace
@@ -76,10 +79,8 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
   const int64_t ld64 = row_major ? a.stride(0) : a.stride(1);
   TORCH_CHECK(n <= INT32_MAX && ld64 <= INT32_MAX, "deepunlearn: too many rows for one cuBLAS call; split the batch");
   const bool dbl = cov.scalar_type() == at::kDouble;
-  const cublasComputeType_t compute =
-      dbl ? CUBLAS_COMPUTE_64F
-          : (a.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS() ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                                                                  : CUBLAS_COMPUTE_32F);
+  const bool tf32 = !dbl && a.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS();
+  const cublasComputeType_t compute = dbl ? CUBLAS_COMPUTE_64F : (tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F);
   const float one_f = 1.f;
   const double one_d = 1.0;
   const void* one = dbl ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f);
@@ -88,7 +89,7 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
   const int ld = static_cast<int>(std::max<int64_t>(ld64, 1)), ldc = static_cast<int>(d);
   const char* ap = static_cast<const char*>(a.const_data_ptr());
   char* cp = static_cast<char*>(cov.mutable_data_ptr());
-  const int64_t ae = a.element_size(), ce = cov.element_size(), t = tile_for(d, a.scalar_type());
+  const int64_t ae = a.element_size(), ce = cov.element_size(), t = tile_for(d, a.scalar_type(), tf32);
   // Row-major C[I, J] (I ≥ J) is, in cuBLAS's column-major view, the (tj × ti) matrix A_Jᵀ A_I,
   // A_J being columns J of a: (tj × n) op N for row-major a, (n × tj) op T for column-major a.
   const cublasOperation_t op_j = row_major ? CUBLAS_OP_N : CUBLAS_OP_T, op_i = row_major ? CUBLAS_OP_T : CUBLAS_OP_N;
