@@ -43,10 +43,8 @@ stage() {  # stage NAME LIMIT COMMAND...: run, log, and record the exit status
 for s in $stages; do
   case $s in
     build)
-      # The device image sets CXX/CC to /opt/gcc, whose runtime does not match torch's: an extension
-      # built with it segfaults whenever an op raises an error (seen 2026-11-23). Use the system GCC.
-      echo "CXX=${CXX:-} ($(${CXX:-c++} -dumpfullversion 2>&1)); /usr/bin/g++ $(/usr/bin/g++ -dumpfullversion 2>&1)" >>"$log"
-      [ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+      echo "CXX=${CXX:-c++} $(${CXX:-c++} -dumpfullversion 2>&1), default ABI: $(echo '#include <string>' |
+        ${CXX:-c++} -dM -E -x c++ - 2>&1 | grep -o '_GLIBCXX_USE_CXX11_ABI [01]')" >>"$log"
       CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) \
         stage build "${T_BUILD:-300}" $PY -m pip install --no-build-isolation --no-deps --no-index -e . || exit 1
       stage info 60 $PY -c "import deepunlearn, json; print(json.dumps(deepunlearn.extension_info()))" || exit 1 ;;

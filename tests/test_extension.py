@@ -353,6 +353,11 @@ def test_unlearning_on_cuda_matches_the_cpu():
     ).double()
     x = torch.randn(20, 3, 6, 6, dtype=torch.float64)
     on_cpu = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False).model
-    on_gpu = deepunlearn.unlearn(model.to(dev), x[:8].to(dev), x[8:].to(dev), inplace=False).model
+    kw = {"inplace": False, "dtype": torch.float64}  # the GPU's default statistics are float32
+    on_gpu = deepunlearn.unlearn(model.to(dev), x[:8].to(dev), x[8:].to(dev), **kw).model
     for (n, p), (_, q) in zip(on_gpu.named_parameters(), on_cpu.named_parameters()):
         assert p.device.type == "cuda" and rel_err(p.cpu(), q) < 1e-10, n
+    # float32 statistics (the GPU default) of a float64 model: float64 inputs rounded, then the same edit
+    on_gpu32 = deepunlearn.unlearn(model.to(dev), x[:8].to(dev), x[8:].to(dev), inplace=False).model
+    for (n, p), (_, q) in zip(on_gpu32.named_parameters(), on_cpu.named_parameters()):
+        assert rel_err(p.cpu(), q) < 1e-5, n
