@@ -80,9 +80,8 @@ def extensions():
     from torch.utils import cpp_extension
 
     cpp_extension.CUDA_HOME = cuda_home if use_cuda else cpp_extension.CUDA_HOME
-    # torch's C++ ABI, stated rather than left to the compiler's default: a GCC configured for the old
-    # ABI (seen on a GPU image, 2026-11-23) builds an extension that works until an op raises, and
-    # then segfaults as torch reads the error's std::string.
+    # torch's C++ ABI, stated rather than left to the compiler's default (a GCC configured for the
+    # old ABI would build an extension that crashes when an op's error crosses into torch).
     abi = ("_GLIBCXX_USE_CXX11_ABI", str(int(torch._C._GLIBCXX_USE_CXX11_ABI)))
     define = [("DEEPUNLEARN_TORCH_VERSION", f'"{torch.__version__}"'), ("Py_LIMITED_API", "0x030A0000"), abi]
     cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for (C++20 from torch 2.13)

@@ -43,11 +43,15 @@ stage() {  # stage NAME LIMIT COMMAND...: run, log, and record the exit status
 for s in $stages; do
   case $s in
     build)
-      echo "CXX=${CXX:-c++} $(${CXX:-c++} -dumpfullversion 2>&1), default ABI: $(echo '#include <string>' |
-        ${CXX:-c++} -dM -E -x c++ - 2>&1 | grep -o '_GLIBCXX_USE_CXX11_ABI [01]')" >>"$log"
+      # The device image sets CXX/CC to /opt/gcc (a shell-script wrapper around GCC 13.3, as torch's, same ABI), yet an extension
+      # built with it segfaults whenever an op raises an error; one built by /usr/bin/g++ raises
+      # cleanly (seen 2026-11-23). Build with the system GCC where there is one.
+      { echo "CXX=${CXX:-} LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; ${CXX:-c++} -v 2>&1 | tail -2; } >>"$log"
+      [ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++ CC=/usr/bin/gcc
       CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) \
         stage build "${T_BUILD:-300}" $PY -m pip install --no-build-isolation --no-deps --no-index -e . || exit 1
-      stage info 60 $PY -c "import deepunlearn, json; print(json.dumps(deepunlearn.extension_info()))" || exit 1 ;;
+      stage info 60 $PY -c "import deepunlearn, json; print(json.dumps(deepunlearn.extension_info()))" || exit 1
+      ldd deepunlearn/_C*.so | grep -E "stdc|gcc_s|gomp" >>"$log" 2>&1 ;;
     cuda-tests) stage cuda-tests "${T_CUDA_TESTS:-240}" $PY -m pytest tests -m cuda -q -p no:cacheprovider ;;
     tests) stage tests "${T_TESTS:-400}" $PY -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ;;
     kernels) stage kernels "${T_KERNELS:-240}" $PY benchmarks/bench_kernels.py --device cuda --out "$out" ;;
