@@ -133,17 +133,20 @@ def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
         batch = conv_batch[s.name.split(".")[0]]
         geom = deepunlearn.covariance.ConvGeometry.of(torch.nn.Conv2d(s.c_in, s.c_in, s.kernel, s.stride, s.padding))
         cov = torch.zeros(1, s.d, s.d, device=device)
-        for dtype in (torch.bfloat16, torch.float32):
-            x = torch.randn(batch, s.c_in, s.size, s.size, device=device, dtype=dtype)
-            for tile in (512, 1024, s.d):
-                with env("DEEPUNLEARN_CUDA_SYRK_TILE", str(tile)):
-                    t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
-                record("DEEPUNLEARN_CUDA_SYRK_TILE", tile, s.name, _name(dtype), t)
-            if dtype == torch.bfloat16:
-                for chunk in (1 << 24, 1 << 25, 1 << 26, 1 << 27):
-                    with env("DEEPUNLEARN_CUDA_CONV_CHUNK", str(chunk)):
-                        t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
-                    record("DEEPUNLEARN_CUDA_CONV_CHUNK", chunk, s.name, _name(dtype), t)
+        x = torch.randn(batch, s.c_in, s.size, s.size, device=device, dtype=torch.bfloat16)
+        for tile in (512, 1024, s.d):
+            with env("DEEPUNLEARN_CUDA_SYRK_TILE", str(tile)):
+                t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
+            record("DEEPUNLEARN_CUDA_SYRK_TILE", tile, s.name, "bfloat16", t)
+        for chunk in (1 << 24, 1 << 25, 1 << 26, 1 << 27):
+            with env("DEEPUNLEARN_CUDA_CONV_CHUNK", str(chunk)):
+                t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
+            record("DEEPUNLEARN_CUDA_CONV_CHUNK", chunk, s.name, "bfloat16", t)
+        x = x.float()  # float32 without tf32: the shifted form (the default there) against the gather
+        for shift in ("0", None):
+            with env("DEEPUNLEARN_CUDA_CONV_SHIFT", shift):
+                t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
+            record("DEEPUNLEARN_CUDA_CONV_SHIFT", shift or "default", s.name, "float32", t)
     return rows
 
 

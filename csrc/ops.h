@@ -40,6 +40,13 @@ void syrk_accumulate_cpu(at::Tensor& cov, const at::Tensor& a);
 void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a);
 #endif
 
+// Stride-1 convolutions by shifted cross-correlations (conv_shift.cpp, device-generic ATen):
+// whether that beats the direct patch product for this geometry, and the accumulation itself
+// (cov (groups, d_g, d_g) += …, x (N, C, H, W) unpadded) over chunks of about chunk_elements
+// padded input entries, in cov's dtype.
+bool shift_pays(const ConvGeom& g, int64_t ho, int64_t wo, int64_t channels_per_group);
+void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
+
 // Rows of the implicit im2col buffer gathered per chunk (bounds the extra memory to
 // about kChunkElements elements, whatever the batch size).
 constexpr int64_t kChunkElements = int64_t(1) << 22;

@@ -227,9 +227,11 @@ def test_cuda_symmetric_gemm_tiles(monkeypatch, tile):
 
 @needs_ext
 @pytest.mark.cuda
-@pytest.mark.parametrize("conv", [CONVS[1], CONVS[2], CONVS[8], CONVS[9]], ids=["strided-groups", "dilated", "d1000", "conv1d"])
+@pytest.mark.parametrize("conv", [CONVS[1], CONVS[2], CONVS[8], CONVS[9], CONVS[14]],
+                         ids=["strided-groups", "dilated", "d1000", "conv1d", "shifted"])
 def test_cuda_conv_cov_many_small_chunks(monkeypatch, conv):
-    # 1000-entry chunks: rows of a chunk rarely align with images or output rows.
+    # 1000-entry chunks: rows of a chunk rarely align with images or output rows (the shifted
+    # form, taken for float64 statistics of stride-1 convs, then runs one image per chunk).
     dev = device_or_skip("cuda")
     monkeypatch.setenv("DEEPUNLEARN_CUDA_CONV_CHUNK", str(1000 + conv.weight[0].numel()))
     spatial = (19, 17) if isinstance(conv, nn.Conv2d) else (300,)

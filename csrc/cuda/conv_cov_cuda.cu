@@ -3,11 +3,15 @@
 // input in any memory layout; the symmetric tile GEMMs of linear_cov_cuda.cu accumulate it per
 // group. Extra memory: one chunk buffer, whatever the batch size.
 //
+// Stride-1 convs whose GEMMs run on the CUDA cores take the shifted cross-correlation form
+// instead (conv_shift.cpp, shared with the CPU).
+//
 // The chunk is stored column-major, (d, rows) with the output positions contiguous: consecutive
 // threads read consecutive output positions, which are consecutive input elements of an NCHW
 // tensor at stride 1, and write consecutive buffer elements; each block handles one column
 // (c, ky, kx), so the column's decomposition is computed once per block, not per element.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -16,6 +20,7 @@
 
 #include <climits>
 #include <cstdlib>
+#include <string>
 
 #include "../ops.h"
 
@@ -37,6 +42,17 @@ int64_t chunk_elements(int64_t element_size) {
     if (e > 0) return e;
   }
   return (int64_t(128) << 20) / element_size;
+}
+
+// Whether the shifted cross-correlation form (conv_shift.cpp) is used: only where the GEMMs run
+// on the CUDA cores (float32 without tf32, float64), which are compute-bound, so that its fewer
+// multiply-adds pay; on the tensor cores the gather and its few large GEMMs win.
+// DEEPUNLEARN_CUDA_CONV_SHIFT=0 switches it off (the benchmark compares both).
+bool shift_allowed(at::ScalarType t) {
+  if (const char* env = std::getenv("DEEPUNLEARN_CUDA_CONV_SHIFT")) {
+    if (std::string(env) == "0") return false;
+  }
+  return t == at::kDouble || (t == at::kFloat && !at::globalContext().allowTF32CuBLAS());
 }
 
 // buf[col * ld + r] = patch entry `col` = c·kh·kw + ky·kw + kx of output position row0 + r.
@@ -88,6 +104,10 @@ static void conv_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x_in, at:
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
   // float64 statistics gather in float64; otherwise the chunk keeps the input's dtype.
   const at::ScalarType buf_t = cov.scalar_type() == at::kDouble ? at::kDouble : x.scalar_type();
+  if (shift_allowed(buf_t) && shift_pays(g, ho, wo, C / groups)) {
+    shift_accumulate_chunked(cov, x, g, chunk_elements(c10::elementSize(cov.scalar_type())));
+    return;
+  }
   // Rows per chunk: a multiple of 16 (the buffer's leading dimension), so every column starts
   // 16-byte aligned. Measured on an H100: an odd leading dimension pushed cuBLAS onto kernels
   // 2-3x slower.
