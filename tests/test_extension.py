@@ -246,6 +246,26 @@ def test_cuda_conv_cov_many_small_chunks(monkeypatch, conv):
 
 @needs_ext
 @pytest.mark.cuda
+@pytest.mark.parametrize("conv", CONVS[11:], ids=["conv1d", "1x5", "5x3-groups", "3x3"])
+@pytest.mark.parametrize("cov_dtype", [torch.float64, torch.float32])
+def test_cuda_shifted_form(monkeypatch, conv, cov_dtype):
+    # On the GPU the shifted form is chosen for wide layers only; forced here on small ones.
+    dev = device_or_skip("cuda")
+    monkeypatch.setenv("DEEPUNLEARN_CUDA_CONV_SHIFT", "1")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    spatial = (19, 17) if isinstance(conv, nn.Conv2d) else (300,)
+    x = torch.randn(3, conv.in_channels, *spatial, dtype=torch.float64)
+    geom = ConvGeometry.of(conv)
+    d = conv.weight[0].numel()
+    start = torch.stack([sym_poison(d, torch.float64, "cpu") for _ in range(conv.groups)])
+    ref = accumulate_conv_reference_(start.clone(), x, geom)
+    got = accumulate_conv_(start.to(device=dev, dtype=cov_dtype), x.to(dev, cov_dtype), geom)
+    assert rel_err(got.cpu(), ref) < (1e-13 if cov_dtype == torch.float64 else 1e-5)
+    assert torch.equal(got, got.transpose(1, 2))
+
+
+@needs_ext
+@pytest.mark.cuda
 def test_cuda_conv_cov_64bit_indices():
     # More than 2^31 output positions: the gather switches to 64-bit index arithmetic.
     dev = device_or_skip("cuda")
