@@ -3,8 +3,8 @@
 // input in any memory layout; the symmetric tile GEMMs of linear_cov_cuda.cu accumulate it per
 // group. Extra memory: one chunk buffer, whatever the batch size.
 //
-// Stride-1 convs whose GEMMs run on the CUDA cores take the shifted cross-correlation form
-// instead (conv_shift.cpp, shared with the CPU).
+// Wide stride-1 convs whose GEMMs run on the CUDA cores take the shifted cross-correlation form
+// instead (conv_shift.cpp, shared with the CPU; see shift_allowed).
 //
 // The chunk is stored column-major, (d, rows) with the output positions contiguous: consecutive
 // threads read consecutive output positions, which are consecutive input elements of an NCHW
