@@ -16,6 +16,7 @@ the ops' tuning knobs (output tile of the symmetric GEMMs, conv chunk size).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def peak_extra(fn, device: torch.device) -> int:
+    if device.type == "cpu":  # freed heap pages back to the OS, so that reusing them shows in the RSS
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with measure(device) as m:
         fn()
     return m.peak_bytes
@@ -84,8 +87,7 @@ def bench_conv(shape, batch, device, repeat, dtype=torch.float32):
 
     t_pure, t_op = median_time(pure, device, repeat), median_time(op, device, repeat)
     return {"op": "conv_cov", "layer": shape.name, "d": d, "batch": batch, "hw": shape.size, "dtype": _name(dtype),
-            "pure_s": t_pure, "op_s": t_op, "speedup": t_pure / t_op,
-            "pure_peak_extra_bytes": peak_extra(pure, device), "op_peak_extra_bytes": peak_extra(op, device)}
+            "pure_s": t_pure, "op_s": t_op, "speedup": t_pure / t_op}, pure, op
 
 
 def bench_edit(shape, device, repeat):
@@ -101,8 +103,7 @@ def bench_edit(shape, device, repeat):
 
     t_pure, t_op = median_time(pure, device, repeat), median_time(op, device, repeat)
     return {"op": "projected_edit", "layer": shape.name, "d": d, "pure_s": t_pure, "op_s": t_op,
-            "speedup": t_pure / t_op, "pure_peak_extra_bytes": peak_extra(pure, device),
-            "op_peak_extra_bytes": peak_extra(op, device)}
+            "speedup": t_pure / t_op}, pure, op
 
 
 def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
@@ -173,7 +174,6 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    exact_rss_peaks()  # the memory column needs it; op and pure path pay the same page faults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small batches, few repeats (smoke run)")
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     if not _ext.loaded():
         sys.exit(f"the extension is not loaded: {_ext.extension_info()}")
     gpu = device.type == "cuda"
-    repeat = 3 if a.quick else (20 if gpu else 5)
+    repeat = 3 if a.quick else (20 if gpu else 9)
     vit_batch = (1 if a.quick else (256 if gpu else 8))
     conv_batch = {"resnet18": 8 if a.quick else (256 if gpu else 32), "vgg11": 1 if a.quick else (32 if gpu else 2)}
     result = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
@@ -197,15 +197,23 @@ def main(argv=None) -> int:
         for dt, t32 in ([(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)] if gpu else [(torch.float32, False)]):
             rows.append(bench_linear(s, vit_batch, device, dt, repeat, op_tf32=t32))
             print(rows[-1], flush=True)
+    pending = []  # (row, pure, op): peak memory is measured after every timing
     for s in RESNET18_CIFAR + VGG11_BN:
         for dt in ([torch.float32, torch.bfloat16] if gpu else [torch.float32]):
-            rows.append(bench_conv(s, conv_batch[s.name.split(".")[0]], device, repeat, dt))
+            pending.append(bench_conv(s, conv_batch[s.name.split(".")[0]], device, repeat, dt))
+            rows.append(pending[-1][0])
             print(rows[-1], flush=True)
     for s in VIT_B16:
-        rows.append(bench_edit(s, device, repeat))
+        pending.append(bench_edit(s, device, repeat))
+        rows.append(pending[-1][0])
         print(rows[-1], flush=True)
     if gpu and not a.quick and not a.no_sweep:
         result["sweep"] = sweep_knobs(device, repeat, vit_batch, conv_batch)
+    # Only now: on the CPU the exact RSS mode maps every large buffer afresh (page faults), which
+    # slows allocation-heavy code and would distort the times above.
+    exact_rss_peaks()
+    for row, pure, op in pending:
+        row["pure_peak_extra_bytes"], row["op_peak_extra_bytes"] = peak_extra(pure, device), peak_extra(op, device)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = f"kernels_{device.type}" + ("_quick" if a.quick else "")
     (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
