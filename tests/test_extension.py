@@ -167,6 +167,17 @@ CONVS = [
 ]
 
 
+def conv_case(conv: nn.Module, images: int, x_dtype: torch.dtype = torch.float64):
+    """Input ``x`` (rounded to ``x_dtype``), geometry, a symmetric non-zero starting statistic
+    and the float64 oracle's result on the stored values of ``x``."""
+    spatial = (19, 17) if isinstance(conv, nn.Conv2d) else (300,)
+    x = torch.randn(images, conv.in_channels, *spatial, dtype=torch.float64).to(x_dtype)
+    geom = ConvGeometry.of(conv)
+    d = conv.weight[0].numel()
+    start = torch.stack([sym_poison(d, torch.float64, "cpu") for _ in range(conv.groups)])
+    return x, geom, start, accumulate_conv_reference_(start.clone(), x.double(), geom)
+
+
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("conv", CONVS, ids=[f"{i}-{type(c).__name__}" for i, c in enumerate(CONVS)])
@@ -175,16 +186,11 @@ CONVS = [
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv_cov_matches_pure_twin(device, conv, x_dtype, cov_dtype, channels_last):
     dev = device_or_skip(device)
-    spatial = (19, 17) if isinstance(conv, nn.Conv2d) else (300,)
-    x = torch.randn(3, conv.in_channels, *spatial, dtype=torch.float64).to(x_dtype)
+    x, geom, start, ref = conv_case(conv, 3, x_dtype)
     if channels_last:
         if x.dim() != 4:
             pytest.skip("channels-last is a 4-d layout")
         x = x.to(memory_format=torch.channels_last)
-    geom = ConvGeometry.of(conv)
-    d = conv.weight[0].numel()
-    start = torch.stack([sym_poison(d, torch.float64, "cpu") for _ in range(conv.groups)])
-    ref = accumulate_conv_reference_(start.clone(), x.double(), geom)  # float64 oracle on the stored values
     got = accumulate_conv_(start.to(device=dev, dtype=cov_dtype), x.to(dev), geom)
     tol = 1e-13 if cov_dtype == torch.float64 else (1e-5 if dev.type == "cpu" or x_dtype != torch.float32 else 2e-3)
     assert rel_err(got.cpu(), ref) < tol
@@ -234,12 +240,7 @@ def test_cuda_conv_cov_many_small_chunks(monkeypatch, conv):
     # form, taken for float64 statistics of stride-1 convs, then runs one image per chunk).
     dev = device_or_skip("cuda")
     monkeypatch.setenv("DEEPUNLEARN_CUDA_CONV_CHUNK", str(1000 + conv.weight[0].numel()))
-    spatial = (19, 17) if isinstance(conv, nn.Conv2d) else (300,)
-    x = torch.randn(5, conv.in_channels, *spatial, dtype=torch.float64)
-    geom = ConvGeometry.of(conv)
-    d = conv.weight[0].numel()
-    start = torch.stack([sym_poison(d, torch.float64, "cpu") for _ in range(conv.groups)])
-    ref = accumulate_conv_reference_(start.clone(), x, geom)
+    x, geom, start, ref = conv_case(conv, 5)
     got = accumulate_conv_(start.to(dev), x.to(dev), geom)
     assert rel_err(got.cpu(), ref) < 1e-13
 
@@ -253,12 +254,7 @@ def test_cuda_shifted_form(monkeypatch, conv, cov_dtype):
     dev = device_or_skip("cuda")
     monkeypatch.setenv("DEEPUNLEARN_CUDA_CONV_SHIFT", "1")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    spatial = (19, 17) if isinstance(conv, nn.Conv2d) else (300,)
-    x = torch.randn(3, conv.in_channels, *spatial, dtype=torch.float64)
-    geom = ConvGeometry.of(conv)
-    d = conv.weight[0].numel()
-    start = torch.stack([sym_poison(d, torch.float64, "cpu") for _ in range(conv.groups)])
-    ref = accumulate_conv_reference_(start.clone(), x, geom)
+    x, geom, start, ref = conv_case(conv, 3)
     got = accumulate_conv_(start.to(device=dev, dtype=cov_dtype), x.to(dev, cov_dtype), geom)
     assert rel_err(got.cpu(), ref) < (1e-13 if cov_dtype == torch.float64 else 1e-5)
     assert torch.equal(got, got.transpose(1, 2))
