@@ -1,12 +1,10 @@
 // The shifted cross-correlation form of the stride-1 patch covariance, in device-generic ATen
-// (the CPU and CUDA kernels of conv_cov_accumulate_ both call it):
-//
-// * shifted cross-correlations (stride 1, dilation 1): block (a, b) of the patch covariance, for
-//   kernel offsets a and b, is Σ_{u ∈ window(a)} x_u x_{u+s}ᵀ with s = b − a. All blocks with the
-//   same shift share the sum over the intersection of their windows (the "core"), so one GEMM per
-//   shift ((2k−1)² shifts, half of them by symmetry) plus thin corrections (the rows and columns
-//   of each window outside the core) replace the k⁴ blocks. The input is padded and processed in
-//   chunks of images, so the extra memory is O(d²) + O(chunk) here too.
+// (the CPU and CUDA kernels of conv_cov_accumulate_ both call it). For stride 1 and dilation 1,
+// block (a, b) of the patch covariance, for kernel offsets a and b, is Σ_{u ∈ window(a)} x_u x_{u+s}ᵀ
+// with s = b − a. All blocks with the same shift share the sum over the intersection of their
+// windows (the "core"), so one GEMM per shift ((2k−1)² shifts, half of them by symmetry) plus thin
+// corrections (the rows and columns of each window outside the core) replace the k⁴ blocks. The
+// input is padded and processed in chunks of images, so the extra memory is O(d²) + O(chunk).
 #include <ATen/ATen.h>
 
 #include <vector>
@@ -102,7 +100,6 @@ void shift_accumulate(at::Tensor cov, const at::Tensor& xp, int64_t kh, int64_t 
         }
     }
 }
-
 
 }  // namespace
 

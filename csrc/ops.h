@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <cstdlib>
 #include <cstdint>
 
 namespace deepunlearn {
@@ -46,6 +47,14 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a);
 // padded input entries, in cov's dtype.
 bool shift_pays(const ConvGeom& g, int64_t ho, int64_t wo, int64_t channels_per_group);
 void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
+
+// A tuning knob: the positive integer in environment variable `name`, or 0 when it is unset or
+// not positive (the caller's default then applies). Read per call, so benchmarks can sweep it.
+inline int64_t env_knob(const char* name) {
+  const char* v = std::getenv(name);
+  const long long n = v ? std::atoll(v) : 0;
+  return n > 0 ? n : 0;
+}
 
 // Rows of the implicit im2col buffer gathered per chunk (bounds the extra memory to
 // about kChunkElements elements, whatever the batch size).

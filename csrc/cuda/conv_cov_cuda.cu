@@ -37,10 +37,7 @@ struct Strides {
 // chunk) to fill the GPU; 4M-entry chunks ran 2-3x slower. DEEPUNLEARN_CUDA_CONV_CHUNK (entries)
 // overrides it.
 int64_t chunk_elements(int64_t element_size) {
-  if (const char* env = std::getenv("DEEPUNLEARN_CUDA_CONV_CHUNK")) {
-    const long long e = std::atoll(env);
-    if (e > 0) return e;
-  }
+  if (const int64_t e = env_knob("DEEPUNLEARN_CUDA_CONV_CHUNK")) return e;
   return (int64_t(128) << 20) / element_size;
 }
 

@@ -9,8 +9,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cublas_v2.h>
-
-#include <cstdlib>
 #include <torch/library.h>
 
 #include "../ops.h"
@@ -55,10 +53,7 @@ cudaDataType_t cuda_type(at::ScalarType t) {
 // GEMMs are compute-bound and the triangle's half work pays from 256 tiles on.
 // DEEPUNLEARN_CUDA_SYRK_TILE overrides it (the benchmark sweeps it).
 int64_t tile_for(int64_t d, at::ScalarType input, bool tf32) {
-  if (const char* env = std::getenv("DEEPUNLEARN_CUDA_SYRK_TILE")) {
-    const long long t = std::atoll(env);
-    if (t > 0) return std::min<int64_t>(t, d);
-  }
+  if (const int64_t t = env_knob("DEEPUNLEARN_CUDA_SYRK_TILE")) return std::min<int64_t>(t, d);
   const bool tensor_cores = input == at::kBFloat16 || input == at::kHalf || (input == at::kFloat && tf32);
   if (tensor_cores) return d <= 1024 ? d : 1024;
   return d >= 2048 ? 512 : (d >= 512 ? 256 : d);
