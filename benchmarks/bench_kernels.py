@@ -6,7 +6,8 @@ Compares linear covariance with ``cov.addmm_(xᵀ, x)``, conv covariance with ``
 ``addmm`` (per group), and the fused edit with the two-GEMM torch expression, on the real layer
 shapes of ResNet-18 (CIFAR stem), VGG-11-BN and ViT-B/16. Prints a table of ratios (pure time
 / op time: above 1 means the op is faster) and writes
-``benchmarks/results/kernels_<device>.json`` and ``.md`` with the device name.
+``benchmarks/results/kernels_<device>.json`` and ``.md`` with the device name. A sweep then
+times the conv op with each of its two exact forms forced (``DEEPUNLEARN_CONV_SHIFT=0/1``).
 
 On a GPU it also measures the device's ceilings (bf16 / tf32 / fp32 matrix-multiply rates, copy
 bandwidth) in the same run, adds bf16 rows (the pure path being its float32 twin, as in
@@ -143,11 +144,23 @@ def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
             with env("DEEPUNLEARN_CUDA_CONV_CHUNK", str(chunk)):
                 t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
             record("DEEPUNLEARN_CUDA_CONV_CHUNK", chunk, s.name, "bfloat16", t)
-        x = x.float()  # float32 without tf32: the shifted form (the default there) against the gather
-        for shift in ("0", None):
-            with env("DEEPUNLEARN_CUDA_CONV_SHIFT", shift):
+    rows += sweep_conv_forms(device, repeat, conv_batch, [RESNET18_CIFAR[1], VGG11_BN[1], VGG11_BN[3], VGG11_BN[5]])
+    return rows
+
+
+def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
+    """float32 conv covariance (no tf32) with the shifted form forced off, forced on, and as chosen."""
+    rows = []
+    for s in shapes:
+        geom = deepunlearn.covariance.ConvGeometry.of(torch.nn.Conv2d(s.c_in, s.c_in, s.kernel, s.stride, s.padding))
+        cov = torch.zeros(1, s.d, s.d, device=device)
+        x = torch.randn(conv_batch[s.name.split(".")[0]], s.c_in, s.size, s.size, device=device)
+        for shift in ("0", "1", None):
+            with env("DEEPUNLEARN_CONV_SHIFT", shift), tf32(False):
                 t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
-            record("DEEPUNLEARN_CUDA_CONV_SHIFT", shift or "default", s.name, "float32", t)
+            rows.append({"knob": "DEEPUNLEARN_CONV_SHIFT", "value": shift or "default", "layer": s.name,
+                         "dtype": "float32", "op_s": t})
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -177,7 +190,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small batches, few repeats (smoke run)")
-    p.add_argument("--no-sweep", action="store_true", help="GPU: skip the tuning-knob sweep")
+    p.add_argument("--no-sweep", action="store_true", help="skip the tuning-knob sweep")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -207,8 +220,9 @@ def main(argv=None) -> int:
         pending.append(bench_edit(s, device, repeat))
         rows.append(pending[-1][0])
         print(rows[-1], flush=True)
-    if gpu and not a.quick and not a.no_sweep:
-        result["sweep"] = sweep_knobs(device, repeat, vit_batch, conv_batch)
+    if not a.quick and not a.no_sweep:
+        result["sweep"] = (sweep_knobs(device, repeat, vit_batch, conv_batch) if gpu else
+                           sweep_conv_forms(device, repeat, conv_batch, [s for s in RESNET18_CIFAR + VGG11_BN if s.stride == 1]))
     # Only now: on the CPU the exact RSS mode maps every large buffer afresh (page faults), which
     # slows allocation-heavy code and would distort the times above.
     exact_rss_peaks()

@@ -1,12 +1,29 @@
-// The shifted cross-correlation form of the stride-1 patch covariance, in device-generic ATen
-// (the CPU and CUDA kernels of conv_cov_accumulate_ both call it). For stride 1 and dilation 1,
-// block (a, b) of the patch covariance, for kernel offsets a and b, is Σ_{u ∈ window(a)} x_u x_{u+s}ᵀ
-// with s = b − a. All blocks with the same shift share the sum over the intersection of their
-// windows (the "core"), so one GEMM per shift ((2k−1)² shifts, half of them by symmetry) plus thin
-// corrections (the rows and columns of each window outside the core) replace the k⁴ blocks. The
-// input is padded and processed in chunks of images, so the extra memory is O(d²) + O(chunk).
+// The shifted cross-correlation form of the stride-1 patch covariance (the CPU and CUDA kernels
+// of conv_cov_accumulate_ both call it; the GEMMs are ATen's, the final scatter per device).
+//
+// For stride 1 and dilation 1, block (a, b) of the patch covariance, for kernel taps a and b, is
+// Σ_{u ∈ window(a)} x_u x_{u+s}ᵀ with s = b − a: every block of one shift is a sum over nearly the
+// same positions. So one large GEMM per shift ((2k−1)² shifts, half of them by symmetry) plus thin
+// corrections at the window edges replace the k⁴ blocks of the unfolded product.
+//
+// Layout. Each chunk of images is copied once, zero-padded, into R = (C, hp, N, wp): rows of the
+// padded map outermost, then images, then columns. A set of whole rows of every image is then one
+// contiguous (C, rows·N·wp) matrix, and its partner at shift s is the same matrix moved by
+// s1·N·wp + s2 elements: each GEMM reads R in place. Where a column runs past the row end the
+// partner wraps into the next row segment; the k−1 zero columns between segments (the conv's own
+// padding, topped up when it is narrower) make every such product zero, so a GEMM over whole rows
+// sums exactly the positions u where both u and u + s lie inside the real (unpadded) map. Rows of
+// pure padding are never read; a block whose window misses some real columns subtracts them (thin
+// GEMMs on copies of those columns).
+//
+// The pieces are summed over all chunks first and scattered into cov once per call, a pass over
+// d² entries (cov's row c·kk + a holds block (a, b) for all b, interleaved), so the extra memory
+// is O(d²) + O(chunk).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "ops.h"
@@ -15,110 +32,297 @@ namespace deepunlearn {
 
 namespace {
 
-// The shifted algorithm is used when its GEMM work is below this share of the direct one: it
-// runs more, smaller GEMMs and copies each shifted slice once.
-constexpr double kShiftAdvantage = 0.6;
-constexpr int64_t kShiftMinChannels = 16, kShiftMinPositions = 256;
+// shift_pays' cost model, in multiply-adds, fitted on the CPU (2 threads; forced runs of both
+// forms over maps of 1-224 pixels, 3-512 channels, kernels 3-7, 1-32 images): updating one entry
+// of cov outside a GEMM (the scatter, the mirror) costs about kCovPassCost multiply-adds, one pass
+// over an entry of a (C_g, C_g) sum kSumPassCost, and each group about kShiftCallCost (planning,
+// allocations and some 30 GEMM calls, whatever their size).
+constexpr double kCovPassCost = 100.0, kSumPassCost = 15.0, kShiftCallCost = 15e6;
 
-// (N, C, h, w) -> (C, N·h·w): the channel vectors of every position as columns.
-at::Tensor as_columns(const at::Tensor& x) { return x.permute({1, 0, 2, 3}).reshape({x.size(1), -1}); }
-
-// Σ over u in rows [r0, r1) × cols [c0, c1) of x_u x_{u+s}ᵀ, (C, C).
-at::Tensor shifted_gram(const at::Tensor& x, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t s1, int64_t s2) {
-  const at::Tensor a = x.slice(2, r0, r1).slice(3, c0, c1);
-  const at::Tensor b = x.slice(2, r0 + s1, r1 + s1).slice(3, c0 + s2, c1 + s2);
-  return at::mm(as_columns(a), as_columns(b).t());
-}
-
-// The offsets a (along one axis) that pair with a + s inside a kernel of size k, the core rows
-// they all cover, and the rows outside the core (each a window-row for some of those offsets).
-struct ShiftAxis {
-  int64_t lo, hi;              // offsets a in [lo, hi]
-  int64_t core_begin, core_end;
-  std::vector<int64_t> extra;  // rows in some window but not in the core
-  ShiftAxis(int64_t k, int64_t s, int64_t out) {
-    lo = std::max<int64_t>(0, -s);
-    hi = k - 1 - std::max<int64_t>(0, s);
-    core_begin = hi;
-    core_end = lo + out;
-    for (int64_t r = lo; r < hi; ++r) extra.push_back(r);
-    for (int64_t r = lo + out; r < hi + out; ++r) extra.push_back(r);
-  }
-  int64_t core() const { return core_end - core_begin; }
+struct Segment {
+  int64_t begin, end;
+  int64_t size() const { return end - begin; }
+  bool inside_window(int64_t a, int64_t out) const { return a <= begin && end <= a + out; }
 };
 
-// GEMM work of each algorithm for one group, in units of C_g² multiply-adds per image.
-double direct_work(int64_t kk, int64_t ho, int64_t wo) { return 0.5 * kk * (kk + 1) * ho * wo; }
-double shift_work(const ConvGeom& g, int64_t ho, int64_t wo) {
-  double w = 0;
-  for (int64_t s1 = 0; s1 < g.kh; ++s1)
-    for (int64_t s2 = -(g.kw - 1); s2 < g.kw; ++s2) {
-      if (s1 == 0 && s2 < 0) continue;  // the transpose of shift −s
-      const ShiftAxis r(g.kh, s1, ho), c(g.kw, s2, wo);
-      const double er = double(r.extra.size()), ec = double(c.extra.size());
-      w += double(r.core()) * c.core() + er * c.core() + ec * r.core() + er * ec;
-    }
-  return w;
+// [lo, hi) cut at the window edges a and a + out of every tap offset a in [a_lo, a_hi].
+std::vector<Segment> cut(int64_t lo, int64_t hi, int64_t a_lo, int64_t a_hi, int64_t out) {
+  std::vector<int64_t> pts{lo, hi};
+  for (int64_t a = a_lo; a <= a_hi; ++a)
+    for (int64_t p : {a, a + out}) pts.push_back(std::clamp(p, lo, hi));
+  std::sort(pts.begin(), pts.end());
+  pts.erase(std::unique(pts.begin(), pts.end()), pts.end());
+  std::vector<Segment> segs;
+  for (size_t i = 0; i + 1 < pts.size(); ++i) segs.push_back({pts[i], pts[i + 1]});
+  return segs;
 }
 
-// cov (C·kh·kw)² += the stride-1 patch covariance of xp (N, C, Hp, Wp), already padded, in cov's dtype.
-void shift_accumulate(at::Tensor cov, const at::Tensor& xp, int64_t kh, int64_t kw) {
-  const int64_t C = xp.size(1), ho = xp.size(2) - kh + 1, wo = xp.size(3) - kw + 1, kk = kh * kw;
-  at::Tensor blocks = cov.view({C, kk, C, kk});  // [c, a, c', b]
-  for (int64_t s1 = 0; s1 < kh; ++s1)
-    for (int64_t s2 = -(kw - 1); s2 < kw; ++s2) {
+// One block (a, b) of a shift: the sum of its row pieces' whole-row GEMMs, minus, on each of those
+// pieces, the column segments outside its window.
+struct Block {
+  int64_t a, b;               // kernel taps, ky·kw + kx
+  std::vector<size_t> rows;   // indices into Shift::rows
+  std::vector<size_t> minus;  // indices into Shift::cols
+};
+
+struct Shift {
+  int64_t s1, s2;                   // s1 >= 0, and s2 >= 0 where s1 == 0: the other half are transposes
+  std::vector<Segment> rows, cols;  // row pieces (padded coordinates) and column segments
+  std::vector<Block> blocks;
+  std::vector<bool> subtracted;     // [piece · cols.size() + segment]: some block subtracts that pair
+};
+
+// Every shift with at least one real product, in padded coordinates of the (hp, wp) map.
+std::vector<Shift> plan(const ConvGeom& g, int64_t H, int64_t W) {
+  const int64_t ho = g.out_h(H), wo = g.out_w(W);
+  std::vector<Shift> shifts;
+  for (int64_t s1 = 0; s1 < g.kh; ++s1)
+    for (int64_t s2 = -(g.kw - 1); s2 < g.kw; ++s2) {
       if (s1 == 0 && s2 < 0) continue;
-      const ShiftAxis r(kh, s1, ho), c(kw, s2, wo);
-      const at::Tensor core = shifted_gram(xp, r.core_begin, r.core_end, c.core_begin, c.core_end, s1, s2);
-      std::vector<at::Tensor> by_row, by_col, corner;  // corrections of one extra row / column / both
-      for (int64_t y : r.extra) by_row.push_back(shifted_gram(xp, y, y + 1, c.core_begin, c.core_end, s1, s2));
-      for (int64_t x : c.extra) by_col.push_back(shifted_gram(xp, r.core_begin, r.core_end, x, x + 1, s1, s2));
-      for (int64_t y : r.extra)
-        for (int64_t x : c.extra) corner.push_back(shifted_gram(xp, y, y + 1, x, x + 1, s1, s2));
-      for (int64_t a1 = r.lo; a1 <= r.hi; ++a1)
-        for (int64_t a2 = c.lo; a2 <= c.hi; ++a2) {
-          at::Tensor blk = core.clone();
-          std::vector<bool> row_in(r.extra.size()), col_in(c.extra.size());
-          for (size_t i = 0; i < r.extra.size(); ++i) {
-            row_in[i] = r.extra[i] >= a1 && r.extra[i] < a1 + ho;
-            if (row_in[i]) blk.add_(by_row[i]);
-          }
-          for (size_t j = 0; j < c.extra.size(); ++j) {
-            col_in[j] = c.extra[j] >= a2 && c.extra[j] < a2 + wo;
-            if (col_in[j]) blk.add_(by_col[j]);
-          }
-          for (size_t i = 0; i < r.extra.size(); ++i)
-            for (size_t j = 0; j < c.extra.size(); ++j)
-              if (row_in[i] && col_in[j]) blk.add_(corner[i * c.extra.size() + j]);
-          const int64_t ia = a1 * kw + a2, ib = (a1 + s1) * kw + (a2 + s2);
-          if (ia == ib) {  // a diagonal block: add its symmetric part, so cov stays exactly symmetric
-            blocks.select(3, ia).select(1, ia).add_(blk + blk.t(), 0.5);
-          } else {
-            blocks.select(3, ib).select(1, ia).add_(blk);
-            blocks.select(3, ia).select(1, ib).add_(blk.t());
-          }
+      // positions u (padded) with u and u + s both in the real map
+      const int64_t r_lo = g.ph_lo, r_hi = g.ph_lo + H - s1;
+      const int64_t c_lo = std::max(g.pw_lo, g.pw_lo - s2), c_hi = std::min(g.pw_lo + W, g.pw_lo + W - s2);
+      if (r_lo >= r_hi || c_lo >= c_hi) continue;
+      const int64_t a1_lo = 0, a1_hi = g.kh - 1 - s1, a2_lo = std::max<int64_t>(0, -s2),
+                    a2_hi = g.kw - 1 - std::max<int64_t>(0, s2);
+      Shift sh{s1, s2, {}, cut(c_lo, c_hi, a2_lo, a2_hi, wo), {}, {}};
+      for (const Segment& r : cut(r_lo, r_hi, a1_lo, a1_hi, ho)) {
+        bool used = false;
+        for (int64_t a1 = a1_lo; a1 <= a1_hi; ++a1) used = used || r.inside_window(a1, ho);
+        if (used) sh.rows.push_back(r);
+      }
+      for (int64_t a1 = a1_lo; a1 <= a1_hi; ++a1)
+        for (int64_t a2 = a2_lo; a2 <= a2_hi; ++a2) {
+          Block blk{a1 * g.kw + a2, (a1 + s1) * g.kw + a2 + s2, {}, {}};
+          for (size_t i = 0; i < sh.rows.size(); ++i)
+            if (sh.rows[i].inside_window(a1, ho)) blk.rows.push_back(i);
+          for (size_t j = 0; j < sh.cols.size(); ++j)
+            if (!sh.cols[j].inside_window(a2, wo)) blk.minus.push_back(j);
+          if (!blk.rows.empty()) sh.blocks.push_back(std::move(blk));
         }
+      sh.subtracted.assign(sh.rows.size() * sh.cols.size(), false);
+      for (const Block& blk : sh.blocks)
+        for (size_t p : blk.rows)
+          for (size_t j : blk.minus) sh.subtracted[p * sh.cols.size() + j] = true;
+      shifts.push_back(std::move(sh));
     }
+  return shifts;
+}
+
+// Width of a padded row in R: the conv's padding, topped up to k − 1 zero columns between the real
+// columns of consecutive row segments (what the wrap of a shift by up to k − 1 columns needs).
+int64_t row_width(const ConvGeom& g, int64_t W) {
+  return W + g.pw_lo + g.pw_hi + std::max<int64_t>(0, g.kw - 1 - g.pw_lo - g.pw_hi);
+}
+
+// Sums of one shift over all chunks: a (C_g, C_g) matrix per row piece (whole rows) and per
+// (row piece, column segment) pair some block subtracts.
+struct ShiftSums {
+  std::vector<at::Tensor> rows;
+  std::vector<at::Tensor> cols;  // [piece · n_cols + segment], undefined where unused
+};
+
+// sums += the products of one chunk, R holding cg channels of n images (see the layout above).
+void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& sums, const at::Tensor& storage,
+                      int64_t cg, int64_t hp, int64_t n, int64_t wp) {
+  const int64_t rs = n * wp, cs = hp * rs;  // element strides of a padded row and of a channel
+  const at::Tensor R = storage.narrow(0, 0, cg * cs).view({cg, hp, n, wp});
+  for (size_t i = 0; i < shifts.size(); ++i) {
+    const Shift& sh = shifts[i];
+    const int64_t off = sh.s1 * rs + sh.s2;
+    for (size_t p = 0; p < sh.rows.size(); ++p) {
+      const Segment& r = sh.rows[p];
+      const at::Tensor a = storage.as_strided({cg, r.size() * rs}, {cs, 1}, r.begin * rs);
+      const at::Tensor b = storage.as_strided({cg, r.size() * rs}, {cs, 1}, r.begin * rs + off);
+      sums[i].rows[p].addmm_(a, b.t());
+      for (size_t j = 0; j < sh.cols.size(); ++j) {
+        if (!sh.subtracted[p * sh.cols.size() + j]) continue;
+        at::Tensor& out = sums[i].cols[p * sh.cols.size() + j];
+        const Segment& c = sh.cols[j];
+        const at::Tensor ac = R.slice(1, r.begin, r.end).slice(3, c.begin, c.end).reshape({cg, -1});
+        const at::Tensor bc =
+            R.slice(1, r.begin + sh.s1, r.end + sh.s1).slice(3, c.begin + sh.s2, c.end + sh.s2).reshape({cg, -1});
+        out.addmm_(ac, bc.t());
+      }
+    }
+  }
+}
+
+// One summand of a (C, C) block: weight · m, weight · mᵀ, or weight · (m + mᵀ) (IEEE addition
+// commutes, so the last is exactly symmetric).
+enum class Form { kDirect, kTransposed, kSymmetric };
+struct Term {
+  at::Tensor m;
+  double weight;
+  Form form;
+};
+using BlockTerms = std::vector<std::vector<Term>>;  // [a·kk + b]; empty: a zero block
+
+// The terms of every tap pair's block: the shifts' planned half directly, the other half as
+// transposes in the same order, and the diagonal blocks as the mean of the block and its
+// transpose, so that cov stays exactly symmetric whatever the GEMMs rounded.
+BlockTerms block_terms(const std::vector<Shift>& shifts, const std::vector<ShiftSums>& sums, int64_t kk) {
+  BlockTerms terms(kk * kk);
+  for (size_t i = 0; i < shifts.size(); ++i) {
+    const Shift& sh = shifts[i];
+    for (const Block& blk : sh.blocks) {
+      std::vector<Term> t;
+      for (size_t p : blk.rows) {
+        t.push_back({sums[i].rows[p], 1.0, Form::kDirect});
+        for (size_t j : blk.minus) t.push_back({sums[i].cols[p * sh.cols.size() + j], -1.0, Form::kDirect});
+      }
+      std::vector<Term> mirrored = t;
+      for (Term& m : mirrored) m.form = Form::kTransposed;
+      if (blk.a == blk.b) {
+        for (Term& m : t) m = {m.m, 0.5 * m.weight, Form::kSymmetric};
+        terms[blk.a * kk + blk.a] = std::move(t);
+      } else {
+        terms[blk.a * kk + blk.b] = std::move(t);
+        terms[blk.b * kk + blk.a] = std::move(mirrored);
+      }
+    }
+  }
+  return terms;
+}
+
+// cov_g (kk·C, kk·C, entries [c, a, c', b]) += the blocks, on the CPU. Per tap a and tile of
+// channels c, the tile's rows of every block (a, ·) are summed from their terms into a small
+// buffer (rows of direct terms, columns a tile wide of transposed ones), then each of the tile's
+// rows of cov, a contiguous d-vector holding block (a, b) for every b interleaved, is updated in
+// one pass.
+template <typename T>
+void scatter_blocks_cpu(at::Tensor& cov_g, const BlockTerms& terms, int64_t C, int64_t kk) {
+  constexpr int64_t kTileC = 16;
+  const int64_t d = C * kk, tiles = (C + kTileC - 1) / kTileC;
+  T* cov = cov_g.mutable_data_ptr<T>();
+  at::parallel_for(0, kk * tiles, 1, [&](int64_t begin, int64_t end) {
+    // Buffer rows padded off a power-of-two stride, so the tile's rows do not share cache sets.
+    const int64_t ld = C + 16;
+    std::vector<T> buf(kk * kTileC * ld);
+    std::vector<const T*> rows(kk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t a = task / tiles, c0 = (task % tiles) * kTileC, tc = std::min(C, c0 + kTileC) - c0;
+      std::vector<int64_t> present;
+      for (int64_t b = 0; b < kk; ++b) {
+        if (terms[a * kk + b].empty()) continue;
+        present.push_back(b);
+        T* out = buf.data() + b * kTileC * ld;
+        for (int64_t i = 0; i < tc; ++i) std::fill(out + i * ld, out + i * ld + C, T(0));
+        for (const Term& term : terms[a * kk + b]) {
+          const T* m = term.m.const_data_ptr<T>();
+          const T w = static_cast<T>(term.weight);
+          if (term.form == Form::kDirect)  // rows c0.. of m
+            for (int64_t i = 0; i < tc; ++i)
+              for (int64_t c2 = 0; c2 < C; ++c2) out[i * ld + c2] += w * m[(c0 + i) * C + c2];
+          if (term.form == Form::kTransposed)  // columns c0.. of m: one cache line per row, each on
+            for (int64_t c2 = 0; c2 < C; ++c2) {  // another page (no hardware prefetch): prefetched here
+              if (c2 + 16 < C) __builtin_prefetch(m + (c2 + 16) * C + c0);
+              for (int64_t i = 0; i < tc; ++i) out[i * ld + c2] += w * m[c2 * C + c0 + i];
+            }
+          if (term.form == Form::kSymmetric)  // one sum per term, so that entries (c, c2) and (c2, c) match
+            for (int64_t i = 0; i < tc; ++i)
+              for (int64_t c2 = 0; c2 < C; ++c2) out[i * ld + c2] += w * (m[(c0 + i) * C + c2] + m[c2 * C + c0 + i]);
+        }
+      }
+      for (int64_t i = 0; i < tc; ++i) {
+        T* dst = cov + ((c0 + i) * kk + a) * d;
+        for (size_t k = 0; k < present.size(); ++k) rows[k] = buf.data() + present[k] * kTileC * ld + i * ld;
+        for (int64_t c2 = 0; c2 < C; ++c2, dst += kk)
+          for (size_t k = 0; k < present.size(); ++k) dst[present[k]] += rows[k][c2];
+      }
+    }
+  });
+}
+
+// The same on any device with ATen: each block summed from its terms, one stacked (C, C, kk) slab
+// per tap a.
+void scatter_blocks_generic(at::Tensor& cov_g, const BlockTerms& terms, int64_t C, int64_t kk) {
+  const at::Tensor by_tap = cov_g.view({C, kk, C, kk});
+  for (int64_t a = 0; a < kk; ++a) {
+    std::vector<at::Tensor> row;
+    for (int64_t b = 0; b < kk; ++b) {
+      at::Tensor blk = at::zeros({C, C}, cov_g.options());
+      for (const Term& term : terms[a * kk + b]) {
+        if (term.form == Form::kSymmetric) {
+          blk.add_(term.m + term.m.t(), term.weight);
+        } else {
+          blk.add_(term.form == Form::kTransposed ? term.m.t() : term.m, term.weight);
+        }
+      }
+      row.push_back(blk);
+    }
+    by_tap.select(1, a).add_(at::stack(row, 2));
+  }
 }
 
 }  // namespace
 
-bool shift_pays(const ConvGeom& g, int64_t ho, int64_t wo, int64_t channels_per_group) {
-  // Measured on the CPU (benchmarks/results/kernels_cpu.md): with few channels per group or tiny
-  // feature maps the shifted GEMMs are too small and the block assembly dominates.
-  const bool shiftable = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.kh * g.kw > 1 && ho >= g.kh - 1 &&
-                         wo >= g.kw - 1 && channels_per_group >= kShiftMinChannels && ho * wo >= kShiftMinPositions;
-  return shiftable && shift_work(g, ho, wo) < kShiftAdvantage * direct_work(g.kh * g.kw, ho, wo);
+bool shift_pays(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t channels_per_group) {
+  const int64_t kk = g.kh * g.kw;
+  if (g.sh != 1 || g.sw != 1 || g.dh != 1 || g.dw != 1 || kk == 1) return false;
+  if (const int forced = env_switch("DEEPUNLEARN_CONV_SHIFT"); forced >= 0) return forced == 1;
+  // Costs in multiply-adds. GEMMs: the shifted form's whole padded rows and subtracted columns,
+  // against the direct form's half of the unfolded product. Passes over memory: the direct form
+  // mirrors all of cov; the shifted form writes only the blocks some shift reaches, and makes
+  // extra passes over its (C_g, C_g) sums (allocating them, reading every term of every block).
+  const int64_t wp = row_width(g, W);
+  double gemm = 0, sum_passes = 0, blocks = 0;
+  for (const Shift& sh : plan(g, H, W)) {
+    for (size_t p = 0; p < sh.rows.size(); ++p) {
+      gemm += double(sh.rows[p].size()) * double(wp);
+      for (size_t j = 0; j < sh.cols.size(); ++j)
+        if (sh.subtracted[p * sh.cols.size() + j]) {
+          gemm += double(sh.rows[p].size()) * double(sh.cols[j].size());
+          sum_passes += 1;
+        }
+    }
+    sum_passes += double(sh.rows.size());
+    for (const Block& blk : sh.blocks) {
+      sum_passes += 2.0 * double(blk.rows.size()) * double(1 + blk.minus.size());
+      blocks += blk.a == blk.b ? 1 : 2;
+    }
+  }
+  const double cg2 = double(channels_per_group) * double(channels_per_group);
+  const double shifted = gemm * double(N) * cg2 + (kCovPassCost * blocks + kSumPassCost * sum_passes) * cg2 + kShiftCallCost;
+  const double direct = (0.5 * double(kk) * double(kk + 1) * double(g.out_h(H)) * double(g.out_w(W)) * double(N) +
+                         kCovPassCost * double(kk * kk)) * cg2;
+  return shifted < direct;
 }
 
 void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements) {
-  const int64_t N = x.size(0), C = x.size(1), groups = cov.size(0), cg = C / groups;
-  const int64_t hp = x.size(2) + g.ph_lo + g.ph_hi, wp = x.size(3) + g.pw_lo + g.pw_hi;
-  const int64_t images = std::max<int64_t>(1, chunk_elements / (C * hp * wp));
-  for (int64_t n0 = 0; n0 < N; n0 += images) {
-    const at::Tensor xp = at::constant_pad_nd(x.narrow(0, n0, std::min(images, N - n0)).to(cov.scalar_type()),
-                                              {g.pw_lo, g.pw_hi, g.ph_lo, g.ph_hi}, 0);
-    for (int64_t gi = 0; gi < groups; ++gi) shift_accumulate(cov.select(0, gi), xp.narrow(1, gi * cg, cg), g.kh, g.kw);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t groups = cov.size(0), cg = C / groups, kk = g.kh * g.kw;
+  const int64_t hp = H + g.ph_lo + g.ph_hi, wp = row_width(g, W), slack = g.kw;  // partners run ≤ kw−1 past the end
+  const int64_t images = std::max<int64_t>(1, chunk_elements / (cg * hp * wp));
+  const std::vector<Shift> shifts = plan(g, H, W);
+  const at::TensorOptions opts = cov.options();
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    std::vector<ShiftSums> sums(shifts.size());
+    for (size_t i = 0; i < shifts.size(); ++i) {
+      const Shift& sh = shifts[i];
+      for (size_t p = 0; p < sh.rows.size(); ++p) sums[i].rows.push_back(at::zeros({cg, cg}, opts));
+      sums[i].cols.resize(sh.subtracted.size());
+      for (size_t k = 0; k < sh.subtracted.size(); ++k)
+        if (sh.subtracted[k]) sums[i].cols[k] = at::zeros({cg, cg}, opts);
+    }
+    for (int64_t n0 = 0; n0 < N; n0 += images) {
+      const int64_t n = std::min(images, N - n0);
+      at::Tensor storage = at::zeros({cg * hp * n * wp + slack}, opts);
+      storage.narrow(0, 0, cg * hp * n * wp)
+          .view({cg, hp, n, wp})
+          .slice(1, g.ph_lo, g.ph_lo + H)
+          .slice(3, g.pw_lo, g.pw_lo + W)
+          .copy_(x.narrow(0, n0, n).narrow(1, gi * cg, cg).permute({1, 2, 0, 3}));
+      accumulate_chunk(shifts, sums, storage, cg, hp, n, wp);
+    }
+    at::Tensor cov_g = cov.select(0, gi);
+    const BlockTerms terms = block_terms(shifts, sums, kk);
+    if (cov.is_cpu()) {
+      AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "scatter_blocks_cpu",
+                                 [&] { scatter_blocks_cpu<scalar_t>(cov_g, terms, cg, kk); });
+    } else {
+      scatter_blocks_generic(cov_g, terms, cg, kk);
+    }
   }
 }
 

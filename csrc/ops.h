@@ -42,10 +42,11 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a);
 #endif
 
 // Stride-1 convolutions by shifted cross-correlations (conv_shift.cpp, device-generic ATen):
-// whether that beats the direct patch product for this geometry, and the accumulation itself
-// (cov (groups, d_g, d_g) += …, x (N, C, H, W) unpadded) over chunks of about chunk_elements
-// padded input entries, in cov's dtype.
-bool shift_pays(const ConvGeom& g, int64_t ho, int64_t wo, int64_t channels_per_group);
+// whether that beats the direct patch product for N images of (H, W) with this geometry
+// (DEEPUNLEARN_CONV_SHIFT=0 / 1 forces it off / on wherever stride and dilation are 1), and the
+// accumulation itself (cov (groups, d_g, d_g) += …, x (N, C, H, W) unpadded) over chunks of about
+// chunk_elements padded input entries, in cov's dtype.
+bool shift_pays(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t channels_per_group);
 void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
 
 // A tuning knob: the positive integer in environment variable `name`, or 0 when it is unset or
@@ -56,8 +57,12 @@ inline int64_t env_knob(const char* name) {
   return n > 0 ? n : 0;
 }
 
-// Rows of the implicit im2col buffer gathered per chunk (bounds the extra memory to
-// about kChunkElements elements, whatever the batch size).
-constexpr int64_t kChunkElements = int64_t(1) << 22;
+// An on/off switch: 1 or 0 where environment variable `name` is "1" or "0", else -1 (unset).
+inline int env_switch(const char* name) {
+  const char* v = std::getenv(name);
+  if (v != nullptr && v[0] != 0 && v[1] == 0 && (v[0] == '0' || v[0] == '1')) return v[0] - '0';
+  return -1;
+}
+
 
 }  // namespace deepunlearn

@@ -95,7 +95,8 @@ def test_disable_switch_forces_the_pure_path(monkeypatch):
 def sym_poison(d, dtype, device):
     """A non-zero symmetric starting value: the op must add to it, not overwrite it."""
     a = torch.randn(d, d, dtype=torch.float64)
-    return (a @ a.T / d + 3.0).to(dtype=dtype, device=device)
+    s = a @ a.T / d + 3.0
+    return ((s + s.T) / 2).to(dtype=dtype, device=device)  # exactly symmetric, whatever the GEMM rounded
 
 
 TOL = {torch.float64: 1e-13, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
@@ -159,7 +160,7 @@ CONVS = [
     nn.Conv2d(40, 8, 5, padding=2),  # d = 1000: the tiled symmetric path
     nn.Conv1d(4, 6, 5, stride=2, padding=2, groups=2),
     nn.Conv1d(3, 3, 4, padding="same", padding_mode="replicate", dilation=2),
-    # stride 1, dilation 1, >= 16 channels per group: the CPU kernel's shifted cross-correlation path
+    # stride 1, dilation 1, wider layers: where the shifted cross-correlation form is likely taken
     nn.Conv1d(16, 5, 3, padding=1),
     nn.Conv2d(16, 4, (1, 5), padding=(0, 2)),
     nn.Conv2d(32, 4, (5, 3), padding=(2, 0), groups=2),
@@ -167,10 +168,10 @@ CONVS = [
 ]
 
 
-def conv_case(conv: nn.Module, images: int, x_dtype: torch.dtype = torch.float64):
+def conv_case(conv: nn.Module, images: int, x_dtype: torch.dtype = torch.float64, spatial: tuple[int, ...] | None = None):
     """Input ``x`` (rounded to ``x_dtype``), geometry, a symmetric non-zero starting statistic
     and the float64 oracle's result on the stored values of ``x``."""
-    spatial = (19, 17) if isinstance(conv, nn.Conv2d) else (300,)
+    spatial = spatial or ((19, 17) if isinstance(conv, nn.Conv2d) else (300,))
     x = torch.randn(images, conv.in_channels, *spatial, dtype=torch.float64).to(x_dtype)
     geom = ConvGeometry.of(conv)
     d = conv.weight[0].numel()
@@ -197,7 +198,7 @@ def test_conv_cov_matches_pure_twin(device, conv, x_dtype, cov_dtype, channels_l
 
 
 @needs_ext
-def test_conv_cov_uses_bounded_memory_and_matches_with_many_chunks():
+def test_conv_cov_uses_bounded_memory_and_matches_with_many_chunks(monkeypatch):
     # 64 × 32 × 32 positions × d = 27: several chunks of the 4M-element buffer
     conv = nn.Conv2d(3, 4, 3, padding=1)
     x = torch.randn(64, 3, 128, 128)
@@ -205,13 +206,69 @@ def test_conv_cov_uses_bounded_memory_and_matches_with_many_chunks():
     got = accumulate_conv_(torch.zeros(1, 27, 27, dtype=torch.float64), x, geom)
     ref = accumulate_conv_reference_(torch.zeros(1, 27, 27, dtype=torch.float64), x, geom)
     assert rel_err(got, ref) < 1e-12
-    # the shifted path processes padded images in chunks too: 80 images of 16 × 34 × 34 make two
+    # the shifted form processes padded images in chunks too: here one image of 16 × 34 × 34 each
+    monkeypatch.setenv("DEEPUNLEARN_CPU_CONV_CHUNK", str(16 * 34 * 34))
+    monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "1")
     conv = nn.Conv2d(16, 4, 3, padding=1)
-    x = torch.randn(80, 16, 32, 32)
+    x = torch.randn(5, 16, 32, 32)
     geom = ConvGeometry.of(conv)
     got = accumulate_conv_(torch.zeros(1, 144, 144, dtype=torch.float64), x, geom)
     ref = accumulate_conv_reference_(torch.zeros(1, 144, 144, dtype=torch.float64), x, geom)
     assert rel_err(got, ref) < 1e-12 and torch.equal(got, got.transpose(1, 2))
+
+
+# Stride-1 geometries for the two exact forms of the conv op, each forced in turn: (conv, map).
+# The shifted form reads whole padded rows and relies on k - 1 zero columns between them (the
+# conv's padding or extra ones), skips rows and columns of pure padding, and subtracts the real
+# columns a window misses: these cases take every branch of that.
+SHIFT_CASES = [
+    (nn.Conv2d(3, 5, 3, padding=1), (19, 17)),
+    (nn.Conv2d(8, 8, 3, padding=1, groups=8), (19, 17)),  # depthwise
+    (nn.Conv2d(4, 4, 4, padding="same"), (19, 17)),  # asymmetric zero padding (1, 2)
+    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), (19, 17)),  # padded in Python: no zero columns
+    (nn.Conv2d(2, 4, 5, padding="valid"), (19, 17)),
+    (nn.Conv2d(3, 4, 3, padding=4), (6, 5)),  # padding wider than the kernel
+    (nn.Conv2d(3, 4, 7, padding=3), (3, 2)),  # kernel wider than the map
+    (nn.Conv2d(6, 4, 3, padding=1, groups=2), (1, 1)),  # one pixel: the centre tap only
+    (nn.Conv2d(32, 4, (5, 3), padding=(2, 0), groups=2), (19, 17)),
+    (nn.Conv2d(16, 4, (1, 5), padding=(0, 2)), (19, 17)),
+    (nn.Conv1d(16, 5, 3, padding=1), (300,)),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["shifted", "gathered"])
+@pytest.mark.parametrize("conv,spatial", SHIFT_CASES, ids=[f"{i}" for i in range(len(SHIFT_CASES))])
+def test_both_conv_forms_match_float64_oracle(monkeypatch, device, form, conv, spatial):
+    dev = device_or_skip(device)
+    monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "1" if form == "shifted" else "0")
+    x, geom, start, ref = conv_case(conv, 3, spatial=spatial)
+    got = accumulate_conv_(start.to(dev), x.to(dev), geom)
+    assert rel_err(got.cpu(), ref) < 1e-13 and torch.equal(got, got.transpose(1, 2))
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["bf16", "channels-last", "strided", "chunks"])
+def test_shifted_form_float32_statistics(monkeypatch, device, layout):
+    # float32 sums of bf16, channels-last, non-contiguous inputs; one image per chunk
+    dev = device_or_skip(device)
+    monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "1")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    conv = nn.Conv2d(20, 4, 3, padding=1)
+    x, geom, start, ref = conv_case(conv, 4, torch.bfloat16 if layout == "bf16" else torch.float32,
+                                    spatial=(19, 21 if layout == "strided" else 17))
+    if layout == "strided":  # every other column of a wider map
+        x = x[..., ::2][..., :11]
+        ref = accumulate_conv_reference_(start.clone(), x.double(), geom)
+    if layout == "channels-last":
+        x = x.to(memory_format=torch.channels_last)
+    if layout == "chunks":
+        monkeypatch.setenv("DEEPUNLEARN_CPU_CONV_CHUNK", "1")
+        monkeypatch.setenv("DEEPUNLEARN_CUDA_CONV_CHUNK", "1")
+    got = accumulate_conv_(start.to(device=dev, dtype=torch.float32), x.to(dev), geom)
+    assert rel_err(got.cpu(), ref) < 1e-5 and torch.equal(got, got.transpose(1, 2))
 
 
 @needs_ext
@@ -243,21 +300,6 @@ def test_cuda_conv_cov_many_small_chunks(monkeypatch, conv):
     x, geom, start, ref = conv_case(conv, 5)
     got = accumulate_conv_(start.to(dev), x.to(dev), geom)
     assert rel_err(got.cpu(), ref) < 1e-13
-
-
-@needs_ext
-@pytest.mark.cuda
-@pytest.mark.parametrize("conv", CONVS[11:], ids=["conv1d", "1x5", "5x3-groups", "3x3"])
-@pytest.mark.parametrize("cov_dtype", [torch.float64, torch.float32])
-def test_cuda_shifted_form(monkeypatch, conv, cov_dtype):
-    # On the GPU the shifted form is chosen for wide layers only; forced here on small ones.
-    dev = device_or_skip("cuda")
-    monkeypatch.setenv("DEEPUNLEARN_CUDA_CONV_SHIFT", "1")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    x, geom, start, ref = conv_case(conv, 3)
-    got = accumulate_conv_(start.to(device=dev, dtype=cov_dtype), x.to(dev, cov_dtype), geom)
-    assert rel_err(got.cpu(), ref) < (1e-13 if cov_dtype == torch.float64 else 1e-5)
-    assert torch.equal(got, got.transpose(1, 2))
 
 
 @needs_ext

@@ -1,6 +1,6 @@
 // conv_cov_accumulate_ on the CPU. Two exact algorithms, chosen per call by their GEMM work:
 //
-// * implicit im2col (any stride, dilation): a chunk of at most kChunkElements patch entries is
+// * implicit im2col (any stride, dilation): a chunk of at most chunk_elements() patch entries is
 //   gathered straight from the (any-layout) input, fed to the symmetric rank-k update per group,
 //   and reused for the next chunk; the unfolded (n·positions, C·k²) matrix is never built.
 // * shifted cross-correlations (stride 1, dilation 1; conv_shift.cpp, shared with the GPU).
@@ -15,6 +15,13 @@
 namespace deepunlearn {
 
 namespace {
+
+// Entries of a gathered chunk, or of a chunk of padded images in the shifted form: bounds the extra
+// memory (16 MiB in float32) whatever the batch size. DEEPUNLEARN_CPU_CONV_CHUNK overrides it.
+int64_t chunk_elements() {
+  if (const int64_t e = env_knob("DEEPUNLEARN_CPU_CONV_CHUNK")) return e;
+  return int64_t(1) << 22;
+}
 
 template <typename in_t, typename acc_t>
 void gather_patches(const in_t* x, std::array<int64_t, 4> st, int64_t C, int64_t H, int64_t W, const ConvGeom& g,
@@ -56,11 +63,11 @@ static void conv_cov_accumulate_cpu(at::Tensor cov, const at::Tensor& x_in, at::
   const int64_t ho = g.out_h(H), wo = g.out_w(W), total = N * ho * wo;
   if (total == 0) return;
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
-  if (shift_pays(g, ho, wo, C / groups)) {
-    shift_accumulate_chunked(cov, x, g, kChunkElements);
+  if (shift_pays(g, N, H, W, C / groups)) {
+    shift_accumulate_chunked(cov, x, g, chunk_elements());
     return;
   }
-  const int64_t chunk = std::max<int64_t>(1, std::min(total, kChunkElements / d));
+  const int64_t chunk = std::max<int64_t>(1, std::min(total, chunk_elements() / d));
   at::Tensor buf = at::empty({chunk, d}, cov.options());
   const std::array<int64_t, 4> st{x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   for (int64_t row0 = 0; row0 < total; row0 += chunk) {

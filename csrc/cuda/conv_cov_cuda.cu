@@ -19,8 +19,6 @@
 #include <torch/library.h>
 
 #include <climits>
-#include <cstdlib>
-#include <string>
 
 #include "../ops.h"
 
@@ -41,18 +39,15 @@ int64_t chunk_elements(int64_t element_size) {
   return (int64_t(128) << 20) / element_size;
 }
 
-// Whether the shifted cross-correlation form (conv_shift.cpp) is used: only where the GEMMs run
-// on the CUDA cores (float32 without tf32, float64), which are compute-bound, so that its fewer
+// Whether the shifted cross-correlation form (conv_shift.cpp) may be used: only where the GEMMs
+// run on the CUDA cores (float32 without tf32, float64), which are compute-bound, so that its fewer
 // multiply-adds pay, and only for wide layers on large maps. Measured on an H100 (float32, VGG-11
-// at 32 images): 1.7-1.8x faster than the gather for 256 channels at 56x56 and 512 at 28x28,
-// slower for 64-128 channels or 256 at 28x28, where its many small GEMMs and copies dominate; on
-// the tensor cores the gather and its few large GEMMs win. DEEPUNLEARN_CUDA_CONV_SHIFT=0 / =1
-// switches it off / on wherever the geometry allows (the benchmark and the tests use both).
+// at 32 images, with the form's first version, which copied every shifted slice): 1.7-1.8x faster
+// than the gather for 256 channels at 56x56 and 512 at 28x28, slower for 64-128 channels or 256 at
+// 28x28; on the tensor cores the gather and its few large GEMMs win. DEEPUNLEARN_CONV_SHIFT=1
+// allows it wherever the geometry does (shift_pays then takes it; =0 switches it off there).
 bool shift_allowed(at::ScalarType t, int64_t channels_per_group, int64_t positions) {
-  if (const char* env = std::getenv("DEEPUNLEARN_CUDA_CONV_SHIFT")) {
-    if (std::string(env) == "0") return false;
-    if (std::string(env) == "1") return true;
-  }
+  if (env_switch("DEEPUNLEARN_CONV_SHIFT") == 1) return true;
   const bool cuda_cores = t == at::kDouble || (t == at::kFloat && !at::globalContext().allowTF32CuBLAS());
   return cuda_cores && channels_per_group >= 256 && channels_per_group * positions >= 512 * 28 * 28;
 }
@@ -106,7 +101,7 @@ static void conv_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x_in, at:
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
   // float64 statistics gather in float64; otherwise the chunk keeps the input's dtype.
   const at::ScalarType buf_t = cov.scalar_type() == at::kDouble ? at::kDouble : x.scalar_type();
-  if (shift_allowed(buf_t, C / groups, ho * wo) && shift_pays(g, ho, wo, C / groups)) {
+  if (shift_allowed(buf_t, C / groups, ho * wo) && shift_pays(g, N, H, W, C / groups)) {
     shift_accumulate_chunked(cov, x, g, chunk_elements(c10::elementSize(cov.scalar_type())));
     return;
   }
