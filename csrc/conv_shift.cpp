@@ -36,8 +36,9 @@ namespace {
 // forms over maps of 1-224 pixels, 3-512 channels, kernels 3-7, 1-32 images): updating one entry
 // of cov outside a GEMM (the scatter, the mirror) costs about kCovPassCost multiply-adds, one pass
 // over an entry of a (C_g, C_g) sum kSumPassCost, and each group about kShiftCallCost (planning,
-// allocations and some 30 GEMM calls, whatever their size).
-constexpr double kCovPassCost = 100.0, kSumPassCost = 15.0, kShiftCallCost = 15e6;
+// allocations and some 30 GEMM calls, whatever their size); the direct form's gather about
+// kGatherCost per patch entry written and read back (it dominates on 3-channel stems).
+constexpr double kCovPassCost = 100.0, kSumPassCost = 15.0, kShiftCallCost = 15e6, kGatherCost = 100.0;
 
 struct Segment {
   int64_t begin, end;
@@ -263,7 +264,7 @@ bool shift_pays(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t chan
   if (const int forced = env_switch("DEEPUNLEARN_CONV_SHIFT"); forced >= 0) return forced == 1;
   // Costs in multiply-adds. GEMMs: the shifted form's whole padded rows and subtracted columns,
   // against the direct form's half of the unfolded product. Passes over memory: the direct form
-  // mirrors all of cov; the shifted form writes only the blocks some shift reaches, and makes
+  // gathers every patch and mirrors all of cov; the shifted form writes only the blocks some shift reaches, and makes
   // extra passes over its (C_g, C_g) sums (allocating them, reading every term of every block).
   const int64_t wp = row_width(g, W);
   double gemm = 0, sum_passes = 0, blocks = 0;
@@ -284,8 +285,9 @@ bool shift_pays(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t chan
   }
   const double cg2 = double(channels_per_group) * double(channels_per_group);
   const double shifted = gemm * double(N) * cg2 + (kCovPassCost * blocks + kSumPassCost * sum_passes) * cg2 + kShiftCallCost;
-  const double direct = (0.5 * double(kk) * double(kk + 1) * double(g.out_h(H)) * double(g.out_w(W)) * double(N) +
-                         kCovPassCost * double(kk * kk)) * cg2;
+  const double positions = double(g.out_h(H)) * double(g.out_w(W)) * double(N);
+  const double direct = (0.5 * double(kk) * double(kk + 1) * positions + kCovPassCost * double(kk * kk)) * cg2 +
+                        kGatherCost * positions * double(kk * channels_per_group);
   return shifted < direct;
 }
 
