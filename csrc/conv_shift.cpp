@@ -172,12 +172,12 @@ BlockTerms block_terms(const std::vector<Shift>& shifts, const std::vector<Shift
         t.push_back({sums[i].rows[p], 1.0, Form::kDirect});
         for (size_t j : blk.minus) t.push_back({sums[i].cols[p * sh.cols.size() + j], -1.0, Form::kDirect});
       }
-      std::vector<Term> mirrored = t;
-      for (Term& m : mirrored) m.form = Form::kTransposed;
       if (blk.a == blk.b) {
         for (Term& m : t) m = {m.m, 0.5 * m.weight, Form::kSymmetric};
         terms[blk.a * kk + blk.a] = std::move(t);
       } else {
+        std::vector<Term> mirrored = t;
+        for (Term& m : mirrored) m.form = Form::kTransposed;
         terms[blk.a * kk + blk.b] = std::move(t);
         terms[blk.b * kk + blk.a] = std::move(mirrored);
       }

@@ -64,5 +64,4 @@ inline int env_switch(const char* name) {
   return -1;
 }
 
-
 }  // namespace deepunlearn

@@ -1,4 +1,4 @@
-// conv_cov_accumulate_ on the CPU. Two exact algorithms, chosen per call by their GEMM work:
+// conv_cov_accumulate_ on the CPU. Two exact algorithms, chosen per call by shift_pays' cost model:
 //
 // * implicit im2col (any stride, dilation): a chunk of at most chunk_elements() patch entries is
 //   gathered straight from the (any-layout) input, fed to the symmetric rank-k update per group,
@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include "../ops.h"
-
 
 namespace deepunlearn {
 
