@@ -34,9 +34,12 @@ void check_edit_args(const at::Tensor& w, const at::Tensor& m_r, const at::Tenso
 // W − (W − W M_r) M_f with two batched GEMMs and one intermediate (device-generic ATen).
 at::Tensor projected_edit_impl(const at::Tensor& w, const at::Tensor& m_r, const at::Tensor& m_f);
 
-// cov (d, d) += aᵀ a for a (n, d) with a.stride(1) == 1 (any row stride), in cov's dtype: GEMMs on
-// the tiles on and below the diagonal only, then the strict upper triangle mirrored from below.
-void syrk_accumulate_cpu(at::Tensor& cov, const at::Tensor& a);
+// cov (d, d) += aᵀ a for a (n, d) with a.stride(1) == 1 (any row stride), in cov's dtype, on the
+// lower triangle (GEMMs on a staircase of row blocks; entries above it keep their old values);
+// the mirror then copies the strict lower triangle to the upper one, so that after any number of
+// updates one mirror makes cov exactly symmetric.
+void syrk_lower_cpu(at::Tensor& cov, const at::Tensor& a);
+void mirror_lower_to_upper_cpu(at::Tensor& cov);
 #ifdef DEEPUNLEARN_WITH_CUDA
 void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a);
 #endif

@@ -107,7 +107,7 @@ TOL = {torch.float64: 1e-13, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.fl
 @pytest.mark.parametrize("x_dtype,cov_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                               (torch.float16, torch.float32), (torch.float32, torch.float64),
                                               (torch.float64, torch.float64)])
-@pytest.mark.parametrize("n,d", [(0, 9), (1, 9), (37, 1), (200, 7), (150, 385), (64, 800), (33, 1030)])
+@pytest.mark.parametrize("n,d", [(0, 9), (1, 9), (37, 1), (200, 7), (150, 385), (64, 800), (33, 1030), (20, 2100)])
 def test_linear_cov_matches_float64_reference(device, x_dtype, cov_dtype, n, d):
     dev = device_or_skip(device)
     x = torch.randn(n, d, dtype=torch.float64).to(x_dtype)
@@ -223,6 +223,7 @@ def test_conv_cov_uses_bounded_memory_and_matches_with_many_chunks(monkeypatch):
 # columns a window misses: these cases take every branch of that.
 SHIFT_CASES = [
     (nn.Conv2d(3, 5, 3, padding=1), (19, 17)),
+    (nn.Conv2d(7, 4, 3, padding=1), (9, 8)),  # channels not a multiple of the CPU scatter's 4-wide tiles
     (nn.Conv2d(8, 8, 3, padding=1, groups=8), (19, 17)),  # depthwise
     (nn.Conv2d(4, 4, 4, padding="same"), (19, 17)),  # asymmetric zero padding (1, 2)
     (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), (19, 17)),  # padded in Python: no zero columns
@@ -239,13 +240,16 @@ SHIFT_CASES = [
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form", ["shifted", "gathered"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("conv,spatial", SHIFT_CASES, ids=[f"{i}" for i in range(len(SHIFT_CASES))])
-def test_both_conv_forms_match_float64_oracle(monkeypatch, device, form, conv, spatial):
+def test_both_conv_forms_match_float64_oracle(monkeypatch, device, form, dtype, conv, spatial):
     dev = device_or_skip(device)
     monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "1" if form == "shifted" else "0")
-    x, geom, start, ref = conv_case(conv, 3, spatial=spatial)
-    got = accumulate_conv_(start.to(dev), x.to(dev), geom)
-    assert rel_err(got.cpu(), ref) < 1e-13 and torch.equal(got, got.transpose(1, 2))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x, geom, start, ref = conv_case(conv, 3, dtype, spatial=spatial)
+    got = accumulate_conv_(start.to(device=dev, dtype=dtype), x.to(dev), geom)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert rel_err(got.cpu().double(), ref) < tol and torch.equal(got, got.transpose(1, 2))
 
 
 @needs_ext

@@ -22,27 +22,32 @@ int64_t chunk_elements() {
   return int64_t(1) << 22;
 }
 
+// buf rows (one per output position row0.., in unfold's (c, ky, kx) order) written in order: per
+// channel the kh × kw window, read from the same few cache lines as the neighbouring positions'.
 template <typename in_t, typename acc_t>
 void gather_patches(const in_t* x, std::array<int64_t, 4> st, int64_t C, int64_t H, int64_t W, const ConvGeom& g,
                     int64_t ho, int64_t wo, int64_t row0, int64_t rows, acc_t* buf) {
-  const int64_t kk = g.kh * g.kw, d = C * kk;
+  const int64_t d = C * g.kh * g.kw;
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t p = row0 + r;
       const int64_t n = p / (ho * wo), oy = (p / wo) % ho, ox = p % wo;
-      acc_t* out = buf + r * d;
+      const int64_t iy0 = oy * g.sh - g.ph_lo, ix0 = ox * g.sw - g.pw_lo;
+      const bool inside = iy0 >= 0 && iy0 + (g.kh - 1) * g.dh < H && ix0 >= 0 && ix0 + (g.kw - 1) * g.dw < W;
       const in_t* xn = x + n * st[0];
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t iy = oy * g.sh - g.ph_lo + ky * g.dh;
-        const bool row_in = iy >= 0 && iy < H;
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const int64_t ix = ox * g.sw - g.pw_lo + kx * g.dw;
-          const int64_t k = ky * g.kw + kx;
-          if (row_in && ix >= 0 && ix < W) {
-            const in_t* src = xn + iy * st[2] + ix * st[3];
-            for (int64_t c = 0; c < C; ++c) out[c * kk + k] = static_cast<acc_t>(src[c * st[1]]);
-          } else {
-            for (int64_t c = 0; c < C; ++c) out[c * kk + k] = acc_t(0);  // zero padding, as the conv sees it
+      acc_t* out = buf + r * d;
+      for (int64_t c = 0; c < C; ++c) {
+        const in_t* xc = xn + c * st[1];
+        for (int64_t ky = 0; ky < g.kh; ++ky) {
+          const int64_t iy = iy0 + ky * g.dh;
+          const in_t* src = xc + iy * st[2];
+          if (inside) {
+            for (int64_t kx = 0; kx < g.kw; ++kx) *out++ = static_cast<acc_t>(src[(ix0 + kx * g.dw) * st[3]]);
+            continue;
+          }
+          for (int64_t kx = 0; kx < g.kw; ++kx) {  // zero padding, as the conv sees it
+            const int64_t ix = ix0 + kx * g.dw;
+            *out++ = iy >= 0 && iy < H && ix >= 0 && ix < W ? static_cast<acc_t>(src[ix * st[3]]) : acc_t(0);
           }
         }
       }
@@ -81,8 +86,12 @@ static void conv_cov_accumulate_cpu(at::Tensor cov, const at::Tensor& x_in, at::
     const at::Tensor part = buf.narrow(0, 0, rows);
     for (int64_t gi = 0; gi < groups; ++gi) {
       at::Tensor cg = cov.select(0, gi);
-      syrk_accumulate_cpu(cg, part.narrow(1, gi * dg, dg));
+      syrk_lower_cpu(cg, part.narrow(1, gi * dg, dg));
     }
+  }
+  for (int64_t gi = 0; gi < groups; ++gi) {  // once per call, not per chunk
+    at::Tensor cg = cov.select(0, gi);
+    mirror_lower_to_upper_cpu(cg);
   }
 }
 
