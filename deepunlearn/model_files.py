@@ -96,8 +96,9 @@ def save_model(model: nn.Module, source: ModelSource, out: str | os.PathLike) ->
     """Write ``model`` as ``source`` was given: a state dict for an architecture, else the whole module.
 
     Tensors are written on the CPU, so the file loads on any machine (a whole module is moved
-    there for the write and back afterwards). The file is written next to ``out`` and renamed
-    over it, so an error never leaves half a file.
+    there for the write and back afterwards when it sat on one device; one spread over several
+    devices stays on the CPU). The file is written next to ``out`` and renamed over it, so an
+    error never leaves half a file.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
