@@ -18,7 +18,9 @@
 //
 // The pieces are summed over all chunks first and scattered into cov once per call, a pass over
 // d² entries (cov's row c·kk + a holds block (a, b) for all b, interleaved), so the extra memory
-// is O(d²) + O(chunk).
+// is O(d²) + O(chunk). The pieces of shift 0, the only ones in the diagonal blocks (a, a), are
+// made exactly symmetric before the scatter (on the CPU their GEMMs are symmetric updates, half
+// the work), so cov stays exactly symmetric whatever the GEMMs rounded.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -72,6 +74,7 @@ struct Block {
 
 struct Shift {
   int64_t s1, s2;                   // s1 >= 0, and s2 >= 0 where s1 == 0: the other half are transposes
+  bool symmetric() const { return s1 == 0 && s2 == 0; }  // its pieces are Σ x_u x_uᵀ
   std::vector<Segment> rows, cols;  // row pieces (padded coordinates) and column segments
   std::vector<Block> blocks;
   std::vector<bool> subtracted;     // [piece · cols.size() + segment]: some block subtracts that pair
@@ -139,12 +142,20 @@ void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& 
       const Segment& r = sh.rows[p];
       const at::Tensor a = storage.as_strided({cg, r.size() * rs}, {cs, 1}, r.begin * rs);
       const at::Tensor b = storage.as_strided({cg, r.size() * rs}, {cs, 1}, r.begin * rs + off);
-      sums[i].rows[p].addmm_(a, b.t());
+      if (sh.symmetric() && storage.is_cpu()) {
+        syrk_lower_cpu(sums[i].rows[p], a.t());
+      } else {
+        sums[i].rows[p].addmm_(a, b.t());
+      }
       for (size_t j = 0; j < sh.cols.size(); ++j) {
         if (!sh.subtracted[p * sh.cols.size() + j]) continue;
         at::Tensor& out = sums[i].cols[p * sh.cols.size() + j];
         const Segment& c = sh.cols[j];
         const at::Tensor ac = R.slice(1, r.begin, r.end).slice(3, c.begin, c.end).reshape({cg, -1});
+        if (sh.symmetric() && storage.is_cpu()) {
+          syrk_lower_cpu(out, ac.t());
+          continue;
+        }
         const at::Tensor bc =
             R.slice(1, r.begin + sh.s1, r.end + sh.s1).slice(3, c.begin + sh.s2, c.end + sh.s2).reshape({cg, -1});
         out.addmm_(ac, bc.t());
@@ -153,19 +164,18 @@ void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& 
   }
 }
 
-// One summand of a (C, C) block: weight · m, weight · mᵀ, or weight · (m + mᵀ) (IEEE addition
-// commutes, so the last is exactly symmetric).
-enum class Form { kDirect, kTransposed, kSymmetric };
+// One summand of a (C, C) block: weight · m or weight · mᵀ.
+enum class Form { kDirect, kTransposed };
 struct Term {
-  at::Tensor m;
+  at::Tensor m;  // (C, C), unit column stride, any row stride
   double weight;
   Form form;
 };
 using BlockTerms = std::vector<std::vector<Term>>;  // [a·kk + b]; empty: a zero block
 
 // The terms of every tap pair's block: the shifts' planned half directly, the other half as
-// transposes in the same order, and the diagonal blocks as the mean of the block and its
-// transpose, so that cov stays exactly symmetric whatever the GEMMs rounded.
+// transposes in the same order (so block (b, a) is exactly block (a, b)ᵀ); the diagonal blocks
+// are sums of exactly symmetric pieces.
 BlockTerms block_terms(const std::vector<Shift>& shifts, const std::vector<ShiftSums>& sums, int64_t kk) {
   BlockTerms terms(kk * kk);
   for (size_t i = 0; i < shifts.size(); ++i) {
@@ -177,7 +187,6 @@ BlockTerms block_terms(const std::vector<Shift>& shifts, const std::vector<Shift
         for (size_t j : blk.minus) t.push_back({sums[i].cols[p * sh.cols.size() + j], -1.0, Form::kDirect});
       }
       if (blk.a == blk.b) {
-        for (Term& m : t) m = {m.m, 0.5 * m.weight, Form::kSymmetric};
         terms[blk.a * kk + blk.a] = std::move(t);
       } else {
         std::vector<Term> mirrored = t;
@@ -222,6 +231,40 @@ void interleave_add<float>(float* dst, const float* const* rows, int64_t kk, int
 }
 #endif
 
+// out[i · ld + j] += w · m[(j0 + j) · ldm + c0 + i] for i < tc, j < jn: a tile of mᵀ.
+template <typename T>
+void add_transposed_tile(T* out, int64_t ld, const T* m, int64_t ldm, int64_t c0, int64_t j0, int64_t tc, int64_t jn,
+                         T w) {
+  for (int64_t i = 0; i < tc; ++i)
+    for (int64_t j = 0; j < jn; ++j) out[i * ld + j] += w * m[(j0 + j) * ldm + c0 + i];
+}
+
+#if defined(__SSE2__)
+// float: 4 × 4 sub-tiles transposed in registers (rows of m read 4 wide instead of one entry at a
+// time); edges of fewer than 4 rows or columns take the scalar loop.
+template <>
+void add_transposed_tile<float>(float* out, int64_t ld, const float* m, int64_t ldm, int64_t c0, int64_t j0,
+                                int64_t tc, int64_t jn, float w) {
+  const int64_t tc4 = tc & ~int64_t(3), jn4 = jn & ~int64_t(3);
+  const __m128 wv = _mm_set1_ps(w);
+  for (int64_t j = 0; j < jn4; j += 4) {
+    const float* src = m + (j0 + j) * ldm + c0;
+    for (int64_t i = 0; i < tc4; i += 4) {
+      __m128 r0 = _mm_loadu_ps(src + i), r1 = _mm_loadu_ps(src + ldm + i);
+      __m128 r2 = _mm_loadu_ps(src + 2 * ldm + i), r3 = _mm_loadu_ps(src + 3 * ldm + i);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_q = m[j0 + j .. j0 + j + 3][c0 + i + q]
+      const __m128 t[4] = {r0, r1, r2, r3};
+      for (int64_t q = 0; q < 4; ++q) {
+        float* o = out + (i + q) * ld + j;
+        _mm_storeu_ps(o, _mm_add_ps(_mm_loadu_ps(o), _mm_mul_ps(wv, t[q])));
+      }
+    }
+  }
+  for (int64_t i = 0; i < tc; ++i)  // edges: columns from jn4 in every row, all columns in rows from tc4
+    for (int64_t j = i < tc4 ? jn4 : 0; j < jn; ++j) out[i * ld + j] += w * m[(j0 + j) * ldm + c0 + i];
+}
+#endif
+
 // cov_g (kk·C, kk·C, entries [c, a, c', b]) += the blocks, on the CPU. Per tap a and tile of
 // channels c, the tile's rows of every block (a, ·) are summed from their terms into a small
 // buffer (rows of direct terms, columns a tile wide of transposed ones), then each of the tile's
@@ -250,25 +293,16 @@ void scatter_blocks_cpu(at::Tensor& cov_g, const BlockTerms& terms, int64_t C, i
         for (const Term& term : terms[a * kk + b]) {
           const T* m = term.m.const_data_ptr<T>();
           const T w = static_cast<T>(term.weight);
+          const int64_t ldm = term.m.stride(0);
           if (term.form == Form::kDirect) {  // rows c0.. of m
             for (int64_t i = 0; i < tc; ++i)
-              for (int64_t c2 = 0; c2 < C; ++c2) out[i * ld + c2] += w * m[(c0 + i) * C + c2];
+              for (int64_t c2 = 0; c2 < C; ++c2) out[i * ld + c2] += w * m[(c0 + i) * ldm + c2];
             continue;
           }
-          // Columns c0.. of m: kTileC rows of m at a time, so that their cache lines stay in L1
-          // while the tile's rows are updated, and prefetched (each row sits on another page).
-          for (int64_t j0 = 0; j0 < C; j0 += kTileC) {
-            const int64_t jn = std::min(kTileC, C - j0);
-            for (int64_t j = 0; j < jn && j0 + kTileC + j < C; ++j) __builtin_prefetch(m + (j0 + kTileC + j) * C + c0);
-            for (int64_t i = 0; i < tc; ++i) {
-              const T* row = m + (c0 + i) * C + j0;
-              T* o = out + i * ld + j0;
-              if (term.form == Form::kTransposed)
-                for (int64_t j = 0; j < jn; ++j) o[j] += w * m[(j0 + j) * C + c0 + i];
-              else  // kSymmetric: one sum per term, so that entries (c, c2) and (c2, c) match
-                for (int64_t j = 0; j < jn; ++j) o[j] += w * (row[j] + m[(j0 + j) * C + c0 + i]);
-            }
-          }
+          // Columns c0.. of m, kTileC rows of m at a time: their cache lines stay in L1 while the
+          // tile's rows are updated.
+          for (int64_t j0 = 0; j0 < C; j0 += kTileC)
+            add_transposed_tile(out + j0, ld, m, ldm, c0, j0, tc, std::min(kTileC, C - j0), w);
         }
       }
       for (int64_t i = 0; i < tc; ++i) {
@@ -293,13 +327,8 @@ void scatter_blocks_generic(at::Tensor& cov_g, const BlockTerms& terms, int64_t 
     std::vector<at::Tensor> row;
     for (int64_t b = 0; b < kk; ++b) {
       at::Tensor blk = at::zeros({C, C}, cov_g.options());
-      for (const Term& term : terms[a * kk + b]) {
-        if (term.form == Form::kSymmetric) {
-          blk.add_(term.m + term.m.t(), term.weight);
-        } else {
-          blk.add_(term.form == Form::kTransposed ? term.m.t() : term.m, term.weight);
-        }
-      }
+      for (const Term& term : terms[a * kk + b])
+        blk.add_(term.form == Form::kTransposed ? term.m.t() : term.m, term.weight);
       row.push_back(blk);
     }
     by_tap.select(1, a).add_(at::stack(row, 2));
@@ -349,13 +378,19 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
   const std::vector<Shift> shifts = plan(g, H, W);
   const at::TensorOptions opts = cov.options();
   for (int64_t gi = 0; gi < groups; ++gi) {
+    // All sums in one allocation, rows padded off a power-of-two length: the scatter reads their
+    // columns, and rows 2^k bytes apart would share a few cache sets and evict each other.
+    int64_t count = 0;
+    for (const Shift& sh : shifts) count += sh.rows.size() + std::count(sh.subtracted.begin(), sh.subtracted.end(), true);
+    const at::Tensor pool = at::zeros({count, cg, cg + 16}, opts);
+    int64_t next = 0;
     std::vector<ShiftSums> sums(shifts.size());
     for (size_t i = 0; i < shifts.size(); ++i) {
       const Shift& sh = shifts[i];
-      for (size_t p = 0; p < sh.rows.size(); ++p) sums[i].rows.push_back(at::zeros({cg, cg}, opts));
+      for (size_t p = 0; p < sh.rows.size(); ++p) sums[i].rows.push_back(pool.select(0, next++).narrow(1, 0, cg));
       sums[i].cols.resize(sh.subtracted.size());
       for (size_t k = 0; k < sh.subtracted.size(); ++k)
-        if (sh.subtracted[k]) sums[i].cols[k] = at::zeros({cg, cg}, opts);
+        if (sh.subtracted[k]) sums[i].cols[k] = pool.select(0, next++).narrow(1, 0, cg);
     }
     for (int64_t n0 = 0; n0 < N; n0 += images) {
       const int64_t n = std::min(images, N - n0);
@@ -366,6 +401,18 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
           .slice(3, g.pw_lo, g.pw_lo + W)
           .copy_(x.narrow(0, n0, n).narrow(1, gi * cg, cg).permute({1, 2, 0, 3}));
       accumulate_chunk(shifts, sums, storage, cg, hp, n, wp);
+    }
+    for (size_t i = 0; i < shifts.size(); ++i) {  // shift 0's pieces: exactly symmetric
+      if (!shifts[i].symmetric()) continue;
+      for (std::vector<at::Tensor>* list : {&sums[i].rows, &sums[i].cols})
+        for (at::Tensor& m : *list) {
+          if (!m.defined()) continue;
+          if (m.is_cpu()) {
+            mirror_lower_to_upper_cpu(m);  // after symmetric updates
+          } else {
+            m.copy_(m + m.t()).mul_(0.5);  // (IEEE addition commutes)
+          }
+        }
     }
     at::Tensor cov_g = cov.select(0, gi);
     const BlockTerms terms = block_terms(shifts, sums, kk);

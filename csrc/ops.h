@@ -34,10 +34,11 @@ void check_edit_args(const at::Tensor& w, const at::Tensor& m_r, const at::Tenso
 // W − (W − W M_r) M_f with two batched GEMMs and one intermediate (device-generic ATen).
 at::Tensor projected_edit_impl(const at::Tensor& w, const at::Tensor& m_r, const at::Tensor& m_f);
 
-// cov (d, d) += aᵀ a for a (n, d) with a.stride(1) == 1 (any row stride), in cov's dtype, on the
-// lower triangle and a staircase just above it (one GEMM per block of rows; the entries above the
-// staircase keep their old values); the mirror then copies the strict lower triangle to the upper
-// one, so that after any number of updates one mirror makes cov exactly symmetric.
+// cov (d, d) += aᵀ a for a (n, d), in cov's dtype, on the lower triangle and a staircase just
+// above it (one GEMM per block of rows; the entries above the staircase keep their old values);
+// the mirror then copies the strict lower triangle to the upper one, so that after any number of
+// updates one mirror makes cov exactly symmetric. cov: unit column stride, any row stride; a: one
+// unit stride (either), so that the GEMMs read it in place.
 void syrk_lower_cpu(at::Tensor& cov, const at::Tensor& a);
 void mirror_lower_to_upper_cpu(at::Tensor& cov);
 #ifdef DEEPUNLEARN_WITH_CUDA
