@@ -6,16 +6,15 @@
 // same positions. So one large GEMM per shift ((2k−1)² shifts, half of them by symmetry) plus thin
 // corrections at the window edges replace the k⁴ blocks of the unfolded product.
 //
-// Layout. Each chunk of images is copied into R_q = (C, H, N, W + q): rows of the map outermost,
-// then images, then the W real columns followed by q zero columns. A set of whole rows of every
-// image is then one contiguous (C, rows·N·(W + q)) matrix, and its partner at shift s is the same
-// matrix moved by s1·N·(W + q) + s2 elements: each GEMM reads R_q in place. Where a column runs
-// past the row end the partner wraps into the next row segment; shifts with |s2| = q read R_q, whose
-// q zero columns between segments make every such product zero, so a GEMM over whole rows sums
-// exactly the positions u where both u and u + s lie inside the real map (q = k − 1 for all shifts
-// would cost up to (W + k − 1) / W more GEMM work: 1.5x on a 4-pixel map). The conv's padding is
-// never stored (no product reads it); a block whose window misses some real columns subtracts
-// them (thin GEMMs on copies of those columns).
+// Layout. For a shift s, only the columns u with u and u + s2 both inside the map have products:
+// a window of W − |s2| columns starting at lo = max(0, −s2), and its partner window at lo + s2.
+// Each chunk of images is copied once per such window into (C, H, N, W − |s2|): rows of the map
+// outermost, then images, then the window's columns. A set of whole rows of every image is then
+// one contiguous (C, rows·N·(W − |s2|)) matrix, and its partner is the same rows s1 further on in
+// the partner window's copy: each GEMM reads two copies in place and computes exactly the products
+// of positions u where both u and u + s lie inside the map (no zero padding: on a 4-pixel map a
+// zero-padded layout doubles the GEMM work). A block whose window misses some of them subtracts
+// those columns (thin GEMMs on copies of them).
 //
 // The pieces are summed over all chunks first and scattered into cov once per call, a pass over
 // d² entries (cov's row c·kk + a holds block (a, b) for all b, interleaved), so the extra memory
@@ -27,6 +26,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <map>
+#include <set>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -81,7 +82,7 @@ struct Shift {
   std::vector<bool> subtracted;     // [piece · cols.size() + segment]: some block subtracts that pair
 };
 
-// Every shift with at least one real product, in padded coordinates of the (hp, wp) map.
+// Every shift with at least one real product, in coordinates of the map padded by the conv.
 std::vector<Shift> plan(const ConvGeom& g, int64_t H, int64_t W) {
   const int64_t ho = g.out_h(H), wo = g.out_w(W);
   std::vector<Shift> shifts;
@@ -118,9 +119,13 @@ std::vector<Shift> plan(const ConvGeom& g, int64_t H, int64_t W) {
   return shifts;
 }
 
-// Width of a row segment in the copy a shift reads: W real columns and |s2| zero columns, what the
-// wrap of a shift by s2 columns needs (see the layout above).
-int64_t row_width(const Shift& sh, int64_t W) { return W + std::abs(sh.s2); }
+// The columns a shift's GEMMs read (see the layout above): lo.. and, for the partner, lo + s2..
+struct Window {
+  int64_t lo, width;
+  bool operator<(const Window& o) const { return lo != o.lo ? lo < o.lo : width < o.width; }
+};
+Window first_window(const Shift& sh, int64_t W) { return {std::max<int64_t>(0, -sh.s2), W - std::abs(sh.s2)}; }
+Window partner_window(const Shift& sh, int64_t W) { return {std::max<int64_t>(0, sh.s2), W - std::abs(sh.s2)}; }
 
 // Sums of one shift over all chunks: a (C_g, C_g) matrix per row piece (whole rows) and per
 // (row piece, column segment) pair some block subtracts.
@@ -129,23 +134,22 @@ struct ShiftSums {
   std::vector<at::Tensor> cols;  // [piece · n_cols + segment], undefined where unused
 };
 
-// sums += the products of one chunk of n images, copies[q] holding its cg channels as R_q (see the
-// layout above; in the plan's coordinates, padded by the conv, real rows start at row ph_lo and real
-// columns at column pw_lo).
+// sums += the products of one chunk of n images, copies holding its cg channels per column window
+// (see the layout above; in the plan's coordinates, padded by the conv, the map starts at row
+// ph_lo and column pw_lo).
 void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& sums,
-                      const std::vector<at::Tensor>& copies, const ConvGeom& g, int64_t cg, int64_t H, int64_t W,
-                      int64_t n) {
+                      const std::map<Window, at::Tensor>& copies, const ConvGeom& g, int64_t cg, int64_t W) {
   for (size_t i = 0; i < shifts.size(); ++i) {
     const Shift& sh = shifts[i];
-    const at::Tensor& storage = copies[std::abs(sh.s2)];
-    const int64_t wq = row_width(sh, W), rs = n * wq, cs = H * rs;  // element strides of a row and a channel
-    const at::Tensor R = storage.narrow(0, 0, cg * cs).view({cg, H, n, wq});
-    const int64_t off = sh.s1 * rs + sh.s2;
+    const Window win = first_window(sh, W);
+    const at::Tensor& A = copies.at(win);  // (cg, H, n, width)
+    const at::Tensor& B = copies.at(partner_window(sh, W));
+    const int64_t rs = A.stride(1);  // elements per row of the map (all images)
     for (size_t p = 0; p < sh.rows.size(); ++p) {
-      const Segment r{sh.rows[p].begin - g.ph_lo, sh.rows[p].end - g.ph_lo};  // rows of R_q
-      const at::Tensor a = storage.as_strided({cg, r.size() * rs}, {cs, 1}, r.begin * rs);
-      const at::Tensor b = storage.as_strided({cg, r.size() * rs}, {cs, 1}, r.begin * rs + off);
-      if (sh.symmetric() && storage.is_cpu()) {
+      const Segment r{sh.rows[p].begin - g.ph_lo, sh.rows[p].end - g.ph_lo};  // rows of the copies
+      const at::Tensor a = A.view({cg, -1}).narrow(1, r.begin * rs, r.size() * rs);
+      const at::Tensor b = B.view({cg, -1}).narrow(1, (r.begin + sh.s1) * rs, r.size() * rs);
+      if (sh.symmetric() && A.is_cpu()) {
         syrk_lower_cpu(sums[i].rows[p], a.t());
       } else {
         sums[i].rows[p].addmm_(a, b.t());
@@ -153,14 +157,13 @@ void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& 
       for (size_t j = 0; j < sh.cols.size(); ++j) {
         if (!sh.subtracted[p * sh.cols.size() + j]) continue;
         at::Tensor& out = sums[i].cols[p * sh.cols.size() + j];
-        const Segment c{sh.cols[j].begin - g.pw_lo, sh.cols[j].end - g.pw_lo};  // columns of R_q
-        const at::Tensor ac = R.slice(1, r.begin, r.end).slice(3, c.begin, c.end).reshape({cg, -1});
-        if (sh.symmetric() && storage.is_cpu()) {
+        const Segment c{sh.cols[j].begin - g.pw_lo - win.lo, sh.cols[j].end - g.pw_lo - win.lo};  // of the copies
+        const at::Tensor ac = A.slice(1, r.begin, r.end).slice(3, c.begin, c.end).reshape({cg, -1});
+        if (sh.symmetric() && A.is_cpu()) {
           syrk_lower_cpu(out, ac.t());
           continue;
         }
-        const at::Tensor bc =
-            R.slice(1, r.begin + sh.s1, r.end + sh.s1).slice(3, c.begin + sh.s2, c.end + sh.s2).reshape({cg, -1});
+        const at::Tensor bc = B.slice(1, r.begin + sh.s1, r.end + sh.s1).slice(3, c.begin, c.end).reshape({cg, -1});
         out.addmm_(ac, bc.t());
       }
     }
@@ -216,6 +219,8 @@ void interleave_add<float>(float* dst, const float* const* rows, int64_t kk, int
   int64_t c2 = 0;
   for (; c2 + 4 <= n; c2 += 4) {
     float* out = dst + c2 * kk;
+    // cov's row, 1 KiB ahead: the hardware's prefetchers stop at each page's end.
+    for (int64_t ahead = 256; ahead < 256 + 48; ahead += 16) __builtin_prefetch(out + ahead, 1);
     int64_t b = 0;
     for (; b + 4 <= kk; b += 4) {
       __m128 r0 = _mm_loadu_ps(rows[b] + c2), r1 = _mm_loadu_ps(rows[b + 1] + c2);
@@ -354,7 +359,7 @@ bool shift_pays(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t chan
   double gemm = 0, sum_passes = 0, blocks = 0;
   for (const Shift& sh : plan(g, H, W)) {
     for (size_t p = 0; p < sh.rows.size(); ++p) {
-      gemm += double(sh.rows[p].size()) * double(row_width(sh, W));
+      gemm += double(sh.rows[p].size()) * double(first_window(sh, W).width);
       for (size_t j = 0; j < sh.cols.size(); ++j)
         if (sh.subtracted[p * sh.cols.size() + j]) {
           gemm += double(sh.rows[p].size()) * double(sh.cols[j].size());
@@ -379,14 +384,11 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t groups = cov.size(0), cg = C / groups, kk = g.kh * g.kw;
   const std::vector<Shift> shifts = plan(g, H, W);
-  std::vector<bool> used(g.kw, false);  // copies R_q some shift reads
-  int64_t image_elements = 0;           // of every copy together
-  for (const Shift& sh : shifts)
-    if (!used[std::abs(sh.s2)]) {
-      used[std::abs(sh.s2)] = true;
-      image_elements += cg * H * row_width(sh, W);
-    }
-  const int64_t images = std::max<int64_t>(1, chunk_elements / image_elements), slack = g.kw;  // partners run ≤ kw−1 past the end
+  std::set<Window> windows;  // the column windows some shift reads
+  for (const Shift& sh : shifts) windows.insert({first_window(sh, W), partner_window(sh, W)});
+  int64_t image_elements = 0;  // of every copy together
+  for (const Window& w : windows) image_elements += cg * H * w.width;
+  const int64_t images = std::max<int64_t>(1, chunk_elements / image_elements);
   const at::TensorOptions opts = cov.options();
   for (int64_t gi = 0; gi < groups; ++gi) {
     // All sums in one allocation, rows padded off a power-of-two length: the scatter reads their
@@ -405,14 +407,12 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
     }
     for (int64_t n0 = 0; n0 < N; n0 += images) {
       const int64_t n = std::min(images, N - n0);
-      const at::Tensor images_cg = x.narrow(0, n0, n).narrow(1, gi * cg, cg).permute({1, 2, 0, 3});  // (cg, H, n, W)
-      std::vector<at::Tensor> copies(g.kw);
-      for (int64_t q = 0; q < g.kw; ++q) {
-        if (!used[q]) continue;
-        copies[q] = at::zeros({cg * H * n * (W + q) + slack}, opts);
-        copies[q].narrow(0, 0, cg * H * n * (W + q)).view({cg, H, n, W + q}).narrow(3, 0, W).copy_(images_cg);
-      }
-      accumulate_chunk(shifts, sums, copies, g, cg, H, W, n);
+      // (cg, H, n, W) in cov's dtype: the whole map once, each window sliced from that copy
+      at::Tensor whole = at::empty({cg, H, n, W}, opts);
+      whole.copy_(x.narrow(0, n0, n).narrow(1, gi * cg, cg).permute({1, 2, 0, 3}));
+      std::map<Window, at::Tensor> copies;
+      for (const Window& w : windows) copies[w] = whole.narrow(3, w.lo, w.width).contiguous();
+      accumulate_chunk(shifts, sums, copies, g, cg, W);
     }
     for (size_t i = 0; i < shifts.size(); ++i) {  // shift 0's pieces: exactly symmetric
       if (!shifts[i].symmetric()) continue;
