@@ -218,9 +218,9 @@ def test_conv_cov_uses_bounded_memory_and_matches_with_many_chunks(monkeypatch):
 
 
 # Stride-1 geometries for the two exact forms of the conv op, each forced in turn: (conv, map).
-# The shifted form reads whole padded rows and relies on k - 1 zero columns between them (the
-# conv's padding or extra ones), skips rows and columns of pure padding, and subtracts the real
-# columns a window misses: these cases take every branch of that.
+# The shifted form reads whole rows of copies cut to the columns each shift has products in,
+# never reads the conv's padding, and subtracts the real columns a window misses: these cases take
+# every branch of that.
 SHIFT_CASES = [
     (nn.Conv2d(3, 5, 3, padding=1), (19, 17)),
     (nn.Conv2d(7, 4, 3, padding=1), (9, 8)),  # channels not a multiple of the CPU scatter's 4-wide tiles
@@ -254,9 +254,10 @@ def test_both_conv_forms_match_float64_oracle(monkeypatch, device, form, dtype, 
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["bf16", "channels-last", "strided", "chunks"])
+@pytest.mark.parametrize("layout", ["bf16", "channels-last", "strided", "chunks", "inference-mode"])
 def test_shifted_form_float32_statistics(monkeypatch, device, layout):
-    # float32 sums of bf16, channels-last, non-contiguous inputs; one image per chunk
+    # float32 sums of bf16, channels-last, non-contiguous inputs; one image per chunk; under
+    # inference mode (the CPU kernel runs its GEMMs on worker threads, which must keep the mode)
     dev = device_or_skip(device)
     monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "1")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -271,7 +272,8 @@ def test_shifted_form_float32_statistics(monkeypatch, device, layout):
     if layout == "chunks":
         monkeypatch.setenv("DEEPUNLEARN_CPU_CONV_CHUNK", "1")
         monkeypatch.setenv("DEEPUNLEARN_CUDA_CONV_CHUNK", "1")
-    got = accumulate_conv_(start.to(device=dev, dtype=torch.float32), x.to(dev), geom)
+    with torch.inference_mode(layout == "inference-mode"):
+        got = accumulate_conv_(start.to(device=dev, dtype=torch.float32), x.to(dev), geom)
     assert rel_err(got.cpu(), ref) < 1e-5 and torch.equal(got, got.transpose(1, 2))
 
 
