@@ -146,13 +146,13 @@ struct ShiftSums {
 // the threads: most are thin (one row of the map: K = N·(W − |s2|)), and the BLAS splitting each
 // over the threads costs more than it gains (measured 10 % of the call on ResNet-18 layer4).
 void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& sums,
-                      const std::map<Window, at::Tensor>& copies, const ConvGeom& g, int64_t cg, int64_t W) {
+                      const std::map<Window, at::Tensor>& copies, const ConvGeom& g, int64_t cg, int64_t W,
+                      bool cpu) {
   struct Job {
     double cost;  // multiply-adds / cg²
     std::function<void()> run;
   };
   std::vector<Job> jobs;
-  const bool cpu = copies.begin()->second.is_cpu();
   for (size_t i = 0; i < shifts.size(); ++i) {
     const Shift& sh = shifts[i];
     const Window win = first_window(sh, W);
@@ -431,6 +431,10 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
   for (const Window& w : windows) image_elements += cg * H * w.width;
   const int64_t images = std::max<int64_t>(1, chunk_elements / image_elements);
   const at::TensorOptions opts = cov.options();
+  // The CPU's own kernels (threaded GEMMs, symmetric updates, the tiled scatter), or the
+  // device-generic ATen path the GPU runs; DEEPUNLEARN_CONV_SHIFT_GENERIC=1 forces the latter on
+  // the CPU, so that the CPU tests cover it too.
+  const bool cpu = cov.is_cpu() && env_switch("DEEPUNLEARN_CONV_SHIFT_GENERIC") != 1;
   for (int64_t gi = 0; gi < groups; ++gi) {
     // All sums in one allocation, rows padded off a power-of-two length: the scatter reads their
     // columns, and rows 2^k bytes apart would share a few cache sets and evict each other.
@@ -453,14 +457,14 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
       whole.copy_(x.narrow(0, n0, n).narrow(1, gi * cg, cg).permute({1, 2, 0, 3}));
       std::map<Window, at::Tensor> copies;
       for (const Window& w : windows) copies[w] = whole.narrow(3, w.lo, w.width).contiguous();
-      accumulate_chunk(shifts, sums, copies, g, cg, W);
+      accumulate_chunk(shifts, sums, copies, g, cg, W, cpu);
     }
     for (size_t i = 0; i < shifts.size(); ++i) {  // shift 0's pieces: exactly symmetric
       if (!shifts[i].symmetric()) continue;
       for (std::vector<at::Tensor>* list : {&sums[i].rows, &sums[i].cols})
         for (at::Tensor& m : *list) {
           if (!m.defined()) continue;
-          if (m.is_cpu()) {
+          if (cpu) {
             mirror_lower_to_upper_cpu(m);  // after symmetric updates
           } else {
             m.copy_(m + m.t()).mul_(0.5);  // (IEEE addition commutes)
@@ -469,7 +473,7 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
     }
     at::Tensor cov_g = cov.select(0, gi);
     const BlockTerms terms = block_terms(shifts, sums, kk);
-    if (cov.is_cpu()) {
+    if (cpu) {
       AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "scatter_blocks_cpu",
                                  [&] { scatter_blocks_cpu<scalar_t>(cov_g, terms, cg, kk); });
     } else {
