@@ -30,7 +30,6 @@
 
 #include <functional>
 #include <map>
-#include <set>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -137,17 +136,17 @@ struct ShiftSums {
   std::vector<at::Tensor> cols;  // [piece · n_cols + segment], undefined where unused
 };
 
-// sums += the products of one chunk of n images, copies holding its cg channels per column window
-// (see the layout above; in the plan's coordinates, padded by the conv, the map starts at row
-// ph_lo and column pw_lo).
+// sums += the products of one chunk of n images for the shifts with |s2| = q, copies holding its cg
+// channels in their two column windows (see the layout above; in the plan's coordinates, padded
+// by the conv, the map starts at row ph_lo and column pw_lo).
 //
 // The GEMMs are independent (each updates its own sum). On the CPU they run side by side, each on
 // one thread (the BLAS runs single-threaded inside a parallel region), spread longest first over
 // the threads: most are thin (one row of the map: K = N·(W − |s2|)), and the BLAS splitting each
 // over the threads costs more than it gains (measured 10 % of the call on ResNet-18 layer4).
 void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& sums,
-                      const std::map<Window, at::Tensor>& copies, const ConvGeom& g, int64_t cg, int64_t W,
-                      bool cpu) {
+                      const std::map<Window, at::Tensor>& copies, int64_t q, const ConvGeom& g, int64_t cg,
+                      int64_t W, bool cpu) {
   struct Job {
     double cost;  // multiply-adds / cg²
     std::function<void()> run;
@@ -155,6 +154,7 @@ void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& 
   std::vector<Job> jobs;
   for (size_t i = 0; i < shifts.size(); ++i) {
     const Shift& sh = shifts[i];
+    if (std::abs(sh.s2) != q) continue;
     const Window win = first_window(sh, W);
     const at::Tensor& A = copies.at(win);  // (cg, H, n, width)
     const at::Tensor& B = copies.at(partner_window(sh, W));
@@ -425,11 +425,9 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t groups = cov.size(0), cg = C / groups, kk = g.kh * g.kw;
   const std::vector<Shift> shifts = plan(g, H, W);
-  std::set<Window> windows;  // the column windows some shift reads
-  for (const Shift& sh : shifts) windows.insert({first_window(sh, W), partner_window(sh, W)});
-  int64_t image_elements = 0;  // of every copy together
-  for (const Window& w : windows) image_elements += cg * H * w.width;
-  const int64_t images = std::max<int64_t>(1, chunk_elements / image_elements);
+  // Copies per image at most: the whole map and the two windows of one |s2| (made and dropped in
+  // turn), at most 3 W columns.
+  const int64_t images = std::max<int64_t>(1, chunk_elements / (cg * H * 3 * W));
   const at::TensorOptions opts = cov.options();
   // The CPU's own kernels (threaded GEMMs, symmetric updates, the tiled scatter), or the
   // device-generic ATen path the GPU runs; DEEPUNLEARN_CONV_SHIFT_GENERIC=1 forces the latter on
@@ -455,9 +453,11 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
       // (cg, H, n, W) in cov's dtype: the whole map once, each window sliced from that copy
       at::Tensor whole = at::empty({cg, H, n, W}, opts);
       whole.copy_(x.narrow(0, n0, n).narrow(1, gi * cg, cg).permute({1, 2, 0, 3}));
-      std::map<Window, at::Tensor> copies;
-      for (const Window& w : windows) copies[w] = whole.narrow(3, w.lo, w.width).contiguous();
-      accumulate_chunk(shifts, sums, copies, g, cg, W, cpu);
+      for (int64_t q = 0; q < std::min(W, g.kw); ++q) {  // shifts by q columns either way
+        std::map<Window, at::Tensor> copies;
+        for (const Window& w : {Window{0, W - q}, Window{q, W - q}}) copies[w] = whole.narrow(3, w.lo, w.width).contiguous();
+        accumulate_chunk(shifts, sums, copies, q, g, cg, W, cpu);
+      }
     }
     for (size_t i = 0; i < shifts.size(); ++i) {  // shift 0's pieces: exactly symmetric
       if (!shifts[i].symmetric()) continue;
