@@ -24,10 +24,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-
-#include <algorithm>
 #include <ATen/ThreadLocalState.h>
 
+#include <algorithm>
 #include <functional>
 #include <map>
 #include <vector>

@@ -49,7 +49,7 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a);
 // whether that beats the direct patch product for N images of (H, W) with this geometry
 // (DEEPUNLEARN_CONV_SHIFT=0 / 1 forces it off / on wherever stride and dilation are 1), and the
 // accumulation itself (cov (groups, d_g, d_g) += …, x (N, C, H, W) unpadded) over chunks of about
-// chunk_elements padded input entries, in cov's dtype.
+// chunk_elements entries of the input's copies, in cov's dtype.
 bool shift_pays(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t channels_per_group);
 void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
 
