@@ -145,7 +145,7 @@ struct ShiftSums {
 // over the threads costs more than it gains (measured 10 % of the call on ResNet-18 layer4).
 void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& sums,
                       const std::map<Window, at::Tensor>& copies, int64_t q, const ConvGeom& g, int64_t cg,
-                      int64_t W, bool cpu) {
+                      int64_t W, bool cpu, double beta) {
   struct Job {
     double cost;  // multiply-adds / cg²
     std::function<void()> run;
@@ -166,9 +166,9 @@ void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& 
         const at::Tensor a = A.view({cg, -1}).narrow(1, r.begin * rs, r.size() * rs);
         const at::Tensor b = B.view({cg, -1}).narrow(1, (r.begin + s1) * rs, r.size() * rs);
         if (syrk) {
-          syrk_lower_cpu(out, a.t());
+          syrk_lower_cpu(out, a.t(), beta);
         } else {
-          out.addmm_(a, b.t());
+          out.addmm_(a, b.t(), beta);
         }
       }});
       for (size_t j = 0; j < sh.cols.size(); ++j) {
@@ -178,11 +178,11 @@ void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& 
         jobs.push_back({double(r.size() * c.size() * A.size(2)) * (syrk ? 0.67 : 1.0), [=]() mutable {
           const at::Tensor ac = A.slice(1, r.begin, r.end).slice(3, c.begin, c.end).reshape({cg, -1});
           if (syrk) {
-            syrk_lower_cpu(outc, ac.t());
+            syrk_lower_cpu(outc, ac.t(), beta);
             return;
           }
           const at::Tensor bc = B.slice(1, r.begin + s1, r.end + s1).slice(3, c.begin, c.end).reshape({cg, -1});
-          outc.addmm_(ac, bc.t());
+          outc.addmm_(ac, bc.t(), beta);
         }});
       }
     }
@@ -437,7 +437,7 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
     // columns, and rows 2^k bytes apart would share a few cache sets and evict each other.
     int64_t count = 0;
     for (const Shift& sh : shifts) count += sh.rows.size() + std::count(sh.subtracted.begin(), sh.subtracted.end(), true);
-    const at::Tensor pool = at::zeros({count, cg, cg + 16}, opts);
+    const at::Tensor pool = at::empty({count, cg, cg + 16}, opts);  // the first chunk's GEMMs write it
     int64_t next = 0;
     std::vector<ShiftSums> sums(shifts.size());
     for (size_t i = 0; i < shifts.size(); ++i) {
@@ -455,7 +455,7 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
       for (int64_t q = 0; q < std::min(W, g.kw); ++q) {  // shifts by q columns either way
         std::map<Window, at::Tensor> copies;
         for (const Window& w : {Window{0, W - q}, Window{q, W - q}}) copies[w] = whole.narrow(3, w.lo, w.width).contiguous();
-        accumulate_chunk(shifts, sums, copies, q, g, cg, W, cpu);
+        accumulate_chunk(shifts, sums, copies, q, g, cg, W, cpu, n0 == 0 ? 0.0 : 1.0);
       }
     }
     for (size_t i = 0; i < shifts.size(); ++i) {  // shift 0's pieces: exactly symmetric

@@ -38,8 +38,9 @@ at::Tensor projected_edit_impl(const at::Tensor& w, const at::Tensor& m_r, const
 // above it (one GEMM per block of rows; the entries above the staircase keep their old values);
 // the mirror then copies the strict lower triangle to the upper one, so that after any number of
 // updates one mirror makes cov exactly symmetric. cov: unit column stride, any row stride; a: one
-// unit stride (either), so that the GEMMs read it in place.
-void syrk_lower_cpu(at::Tensor& cov, const at::Tensor& a);
+// unit stride (either), so that the GEMMs read it in place. beta = 0: cov ← aᵀ a instead (its old
+// values are never read, so it may be uninitialised memory; the mirror then fills the rest).
+void syrk_lower_cpu(at::Tensor& cov, const at::Tensor& a, double beta = 1.0);
 void mirror_lower_to_upper_cpu(at::Tensor& cov);
 #ifdef DEEPUNLEARN_WITH_CUDA
 void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a);

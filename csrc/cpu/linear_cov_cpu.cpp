@@ -47,12 +47,15 @@ void mirror(T* c, int64_t d, int64_t ld) {
 
 }  // namespace
 
-void syrk_lower_cpu(at::Tensor& cov, const at::Tensor& a) {
+void syrk_lower_cpu(at::Tensor& cov, const at::Tensor& a, double beta) {
   const int64_t d = cov.size(0), rows = staircase_rows(d);
-  if (a.size(0) == 0) return;
+  if (a.size(0) == 0) {
+    if (beta == 0) cov.zero_();
+    return;
+  }
   for (int64_t i0 = 0; i0 < d; i0 += rows) {  // rows i0.. against the columns up to their block's end
     const int64_t e = std::min(d, i0 + rows);
-    cov.narrow(0, i0, e - i0).narrow(1, 0, e).addmm_(a.narrow(1, i0, e - i0).t(), a.narrow(1, 0, e));
+    cov.narrow(0, i0, e - i0).narrow(1, 0, e).addmm_(a.narrow(1, i0, e - i0).t(), a.narrow(1, 0, e), beta);
   }
 }
 
