@@ -24,10 +24,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
-#include <functional>
 #include <map>
 #include <vector>
 
@@ -137,77 +135,41 @@ struct ShiftSums {
 
 // sums += the products of one chunk of n images for the shifts with |s2| = q, copies holding its cg
 // channels in their two column windows (see the layout above; in the plan's coordinates, padded
-// by the conv, the map starts at row ph_lo and column pw_lo).
-//
-// The GEMMs are independent (each updates its own sum). On the CPU they run side by side, each on
-// one thread (the BLAS runs single-threaded inside a parallel region), spread longest first over
-// the threads: most are thin (one row of the map: K = N·(W − |s2|)), and the BLAS splitting each
-// over the threads costs more than it gains (measured 10 % of the call on ResNet-18 layer4).
+// by the conv, the map starts at row ph_lo and column pw_lo). The first chunk's GEMMs write the
+// sums (beta = 0), the others add to them. On the CPU, shift 0's products are symmetric updates.
 void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& sums,
                       const std::map<Window, at::Tensor>& copies, int64_t q, const ConvGeom& g, int64_t cg,
                       int64_t W, bool cpu, double beta) {
-  struct Job {
-    double cost;  // multiply-adds / cg²
-    std::function<void()> run;
-  };
-  std::vector<Job> jobs;
   for (size_t i = 0; i < shifts.size(); ++i) {
     const Shift& sh = shifts[i];
     if (std::abs(sh.s2) != q) continue;
     const Window win = first_window(sh, W);
     const at::Tensor& A = copies.at(win);  // (cg, H, n, width)
     const at::Tensor& B = copies.at(partner_window(sh, W));
-    const int64_t rs = A.stride(1), s1 = sh.s1;  // elements per row of the map (all images); rows apart
+    const int64_t rs = A.stride(1);  // elements per row of the map (all images)
     const bool syrk = sh.symmetric() && cpu;
     for (size_t p = 0; p < sh.rows.size(); ++p) {
       const Segment r{sh.rows[p].begin - g.ph_lo, sh.rows[p].end - g.ph_lo};  // rows of the copies
-      at::Tensor out = sums[i].rows[p];
-      jobs.push_back({double(r.size() * rs) * (syrk ? 0.67 : 1.0), [=]() mutable {
-        const at::Tensor a = A.view({cg, -1}).narrow(1, r.begin * rs, r.size() * rs);
-        const at::Tensor b = B.view({cg, -1}).narrow(1, (r.begin + s1) * rs, r.size() * rs);
-        if (syrk) {
-          syrk_lower_cpu(out, a.t(), beta);
-        } else {
-          out.addmm_(a, b.t(), beta);
-        }
-      }});
+      const at::Tensor a = A.view({cg, -1}).narrow(1, r.begin * rs, r.size() * rs);
+      if (syrk) {
+        syrk_lower_cpu(sums[i].rows[p], a.t(), beta);
+      } else {
+        sums[i].rows[p].addmm_(a, B.view({cg, -1}).narrow(1, (r.begin + sh.s1) * rs, r.size() * rs).t(), beta);
+      }
       for (size_t j = 0; j < sh.cols.size(); ++j) {
         if (!sh.subtracted[p * sh.cols.size() + j]) continue;
-        at::Tensor outc = sums[i].cols[p * sh.cols.size() + j];
+        at::Tensor& out = sums[i].cols[p * sh.cols.size() + j];
         const Segment c{sh.cols[j].begin - g.pw_lo - win.lo, sh.cols[j].end - g.pw_lo - win.lo};  // of the copies
-        jobs.push_back({double(r.size() * c.size() * A.size(2)) * (syrk ? 0.67 : 1.0), [=]() mutable {
-          const at::Tensor ac = A.slice(1, r.begin, r.end).slice(3, c.begin, c.end).reshape({cg, -1});
-          if (syrk) {
-            syrk_lower_cpu(outc, ac.t(), beta);
-            return;
-          }
-          const at::Tensor bc = B.slice(1, r.begin + s1, r.end + s1).slice(3, c.begin, c.end).reshape({cg, -1});
-          outc.addmm_(ac, bc.t(), beta);
-        }});
+        const at::Tensor ac = A.slice(1, r.begin, r.end).slice(3, c.begin, c.end).reshape({cg, -1});
+        if (syrk) {
+          syrk_lower_cpu(out, ac.t(), beta);
+          continue;
+        }
+        const at::Tensor bc = B.slice(1, r.begin + sh.s1, r.end + sh.s1).slice(3, c.begin, c.end).reshape({cg, -1});
+        out.addmm_(ac, bc.t(), beta);
       }
     }
   }
-  const int threads = at::get_num_threads();
-  if (!cpu || threads == 1) {  // (on a GPU: one stream, in order)
-    for (Job& job : jobs) job.run();
-    return;
-  }
-  std::vector<size_t> order(jobs.size());
-  for (size_t k = 0; k < order.size(); ++k) order[k] = k;
-  std::sort(order.begin(), order.end(), [&](size_t x, size_t y) { return jobs[x].cost > jobs[y].cost; });
-  std::vector<std::vector<size_t>> share(threads);
-  std::vector<double> load(threads, 0.0);
-  for (size_t k : order) {
-    const int t = int(std::min_element(load.begin(), load.end()) - load.begin());
-    share[t].push_back(k);
-    load[t] += jobs[k].cost;
-  }
-  const at::ThreadLocalState state;  // the caller's dispatch state (inference mode…) on every thread
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard guard(state);
-    for (int64_t t = begin; t < end; ++t)
-      for (size_t k : share[t]) jobs[k].run();
-  });
 }
 
 // One summand of a (C, C) block: weight · m or weight · mᵀ.
