@@ -12,9 +12,10 @@
 // outermost, then images, then the window's columns. A set of whole rows of every image is then
 // one contiguous (C, rows·N·(W − |s2|)) matrix, and its partner is the same rows s1 further on in
 // the partner window's copy: each GEMM reads two copies in place and computes exactly the products
-// of positions u where both u and u + s lie inside the map (no zero padding: on a 4-pixel map a
-// zero-padded layout doubles the GEMM work). A block whose window misses some of them subtracts
-// those columns (thin GEMMs on copies of them).
+// of positions u where both u and u + s lie inside the map (on a 4-pixel map a zero-padded layout
+// doubles the GEMM work). On wide maps with few channels one zero-padded copy per |s2| costs less
+// than two cut ones (see ChunkCopies). A block whose window misses some of them subtracts those
+// columns (thin GEMMs on copies of them).
 //
 // The pieces are summed over all chunks first and scattered into cov once per call, a pass over
 // d² entries (cov's row c·kk + a holds block (a, b) for all b, interleaved), so the extra memory
@@ -118,13 +119,37 @@ std::vector<Shift> plan(const ConvGeom& g, int64_t H, int64_t W) {
   return shifts;
 }
 
-// The columns a shift's GEMMs read (see the layout above): lo.. and, for the partner, lo + s2..
-struct Window {
-  int64_t lo, width;
-  bool operator<(const Window& o) const { return lo != o.lo ? lo < o.lo : width < o.width; }
+// One chunk's copies for the shifts with |s2| = q, each (cg, H, n, width) and at storage offset 0.
+// Cut (see the layout above): the two windows, by the map column their rows start at. Padded: one
+// copy of whole rows, each followed by q zero columns, read by both operands, the partner s2
+// entries further on (where that runs past a row's end it wraps into zero columns, so those
+// products vanish; q spare entries at the end): (W + q) / (W − q) times the cut copies' GEMM work
+// but one copy instead of two. That pays on wide maps with few channels: 2 q C_g multiply-adds
+// more per copied entry, against W − 3 q entries fewer to copy per row and image, each worth ~64
+// multiply-adds on the CPU (VGG features.4, 64 channels at 112 × 112: 14 % of the call).
+struct ChunkCopies {
+  bool padded;
+  int64_t width;                            // entries per row segment
+  std::map<int64_t, at::Tensor> by_column;  // padded: the one copy, at column 0
 };
-Window first_window(const Shift& sh, int64_t W) { return {std::max<int64_t>(0, -sh.s2), W - std::abs(sh.s2)}; }
-Window partner_window(const Shift& sh, int64_t W) { return {std::max<int64_t>(0, sh.s2), W - std::abs(sh.s2)}; }
+
+bool padded_pays(int64_t q, int64_t cg, int64_t W) { return q > 0 && 2 * q * cg < (W - 3 * q) * 64; }
+
+ChunkCopies copy_chunk(const at::Tensor& whole, int64_t q) {  // whole: (cg, H, n, W), contiguous
+  const int64_t cg = whole.size(0), H = whole.size(1), n = whole.size(2), W = whole.size(3);
+  ChunkCopies c{padded_pays(q, cg, W), 0, {}};
+  c.width = c.padded ? W + q : W - q;
+  if (c.padded) {
+    const at::Tensor grid = at::zeros({cg * H * n * c.width + q}, whole.options())
+                                .narrow(0, 0, cg * H * n * c.width)
+                                .view({cg, H, n, c.width});
+    grid.narrow(3, 0, W).copy_(whole);
+    c.by_column[0] = grid;
+  } else {
+    for (const int64_t lo : {int64_t(0), q}) c.by_column[lo] = whole.narrow(3, lo, c.width).contiguous();
+  }
+  return c;
+}
 
 // Sums of one shift over all chunks: a (C_g, C_g) matrix per row piece (whole rows) and per
 // (row piece, column segment) pair some block subtracts.
@@ -133,39 +158,42 @@ struct ShiftSums {
   std::vector<at::Tensor> cols;  // [piece · n_cols + segment], undefined where unused
 };
 
-// sums += the products of one chunk of n images for the shifts with |s2| = q, copies holding its cg
-// channels in their two column windows (see the layout above; in the plan's coordinates, padded
-// by the conv, the map starts at row ph_lo and column pw_lo). The first chunk's GEMMs write the
-// sums (beta = 0), the others add to them. On the CPU, shift 0's products are symmetric updates.
-void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& sums,
-                      const std::map<Window, at::Tensor>& copies, int64_t q, const ConvGeom& g, int64_t cg,
-                      int64_t W, bool cpu, double beta) {
+// sums += the products of one chunk for the shifts with |s2| = q, read from its copies (in the
+// plan's coordinates, padded by the conv, the map starts at row ph_lo and column pw_lo). The first
+// chunk's GEMMs write the sums (beta = 0), the others add to them. On the CPU, shift 0's products
+// are symmetric updates.
+void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& sums, const ChunkCopies& copies,
+                      int64_t q, const ConvGeom& g, int64_t cg, bool cpu, double beta) {
   for (size_t i = 0; i < shifts.size(); ++i) {
     const Shift& sh = shifts[i];
     if (std::abs(sh.s2) != q) continue;
-    const Window win = first_window(sh, W);
-    const at::Tensor& A = copies.at(win);  // (cg, H, n, width)
-    const at::Tensor& B = copies.at(partner_window(sh, W));
-    const int64_t rs = A.stride(1);  // elements per row of the map (all images)
+    // Map columns where the operands' rows start, and how many entries further the partner's are.
+    const int64_t first_col = copies.padded ? 0 : std::max<int64_t>(0, -sh.s2);
+    const int64_t partner_col = copies.padded ? 0 : first_col + sh.s2, shift = sh.s2 - (partner_col - first_col);
+    const at::Tensor& A = copies.by_column.at(first_col);
+    const at::Tensor& B = copies.by_column.at(partner_col);
+    const int64_t rs = A.stride(1), cs = A.stride(0);  // elements per row of the map (all images), per channel
     const bool syrk = sh.symmetric() && cpu;
     for (size_t p = 0; p < sh.rows.size(); ++p) {
       const Segment r{sh.rows[p].begin - g.ph_lo, sh.rows[p].end - g.ph_lo};  // rows of the copies
-      const at::Tensor a = A.view({cg, -1}).narrow(1, r.begin * rs, r.size() * rs);
+      const at::Tensor a = A.as_strided({cg, r.size() * rs}, {cs, 1}, r.begin * rs);
       if (syrk) {
         syrk_lower_cpu(sums[i].rows[p], a.t(), beta);
       } else {
-        sums[i].rows[p].addmm_(a, B.view({cg, -1}).narrow(1, (r.begin + sh.s1) * rs, r.size() * rs).t(), beta);
+        const at::Tensor b = B.as_strided({cg, r.size() * rs}, {cs, 1}, (r.begin + sh.s1) * rs + shift);
+        sums[i].rows[p].addmm_(a, b.t(), beta);
       }
       for (size_t j = 0; j < sh.cols.size(); ++j) {
         if (!sh.subtracted[p * sh.cols.size() + j]) continue;
         at::Tensor& out = sums[i].cols[p * sh.cols.size() + j];
-        const Segment c{sh.cols[j].begin - g.pw_lo - win.lo, sh.cols[j].end - g.pw_lo - win.lo};  // of the copies
-        const at::Tensor ac = A.slice(1, r.begin, r.end).slice(3, c.begin, c.end).reshape({cg, -1});
+        const int64_t c0 = sh.cols[j].begin - g.pw_lo, cn = sh.cols[j].size();  // map columns
+        const at::Tensor ac = A.slice(1, r.begin, r.end).narrow(3, c0 - first_col, cn).reshape({cg, -1});
         if (syrk) {
           syrk_lower_cpu(out, ac.t(), beta);
           continue;
         }
-        const at::Tensor bc = B.slice(1, r.begin + sh.s1, r.end + sh.s1).slice(3, c.begin, c.end).reshape({cg, -1});
+        const at::Tensor bc =
+            B.slice(1, r.begin + sh.s1, r.end + sh.s1).narrow(3, c0 + sh.s2 - partner_col, cn).reshape({cg, -1});
         out.addmm_(ac, bc.t(), beta);
       }
     }
@@ -361,7 +389,8 @@ bool shift_pays(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t chan
   double gemm = 0, sum_passes = 0, blocks = 0;
   for (const Shift& sh : plan(g, H, W)) {
     for (size_t p = 0; p < sh.rows.size(); ++p) {
-      gemm += double(sh.rows[p].size()) * double(first_window(sh, W).width);
+      const int64_t q = std::abs(sh.s2);
+      gemm += double(sh.rows[p].size()) * double(padded_pays(q, channels_per_group, W) ? W + q : W - q);
       for (size_t j = 0; j < sh.cols.size(); ++j)
         if (sh.subtracted[p * sh.cols.size() + j]) {
           gemm += double(sh.rows[p].size()) * double(sh.cols[j].size());
@@ -414,11 +443,8 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
       // (cg, H, n, W) in cov's dtype: the whole map once, each window sliced from that copy
       at::Tensor whole = at::empty({cg, H, n, W}, opts);
       whole.copy_(x.narrow(0, n0, n).narrow(1, gi * cg, cg).permute({1, 2, 0, 3}));
-      for (int64_t q = 0; q < std::min(W, g.kw); ++q) {  // shifts by q columns either way
-        std::map<Window, at::Tensor> copies;
-        for (const Window& w : {Window{0, W - q}, Window{q, W - q}}) copies[w] = whole.narrow(3, w.lo, w.width).contiguous();
-        accumulate_chunk(shifts, sums, copies, q, g, cg, W, cpu, n0 == 0 ? 0.0 : 1.0);
-      }
+      for (int64_t q = 0; q < std::min(W, g.kw); ++q)  // shifts by q columns either way
+        accumulate_chunk(shifts, sums, copy_chunk(whole, q), q, g, cg, cpu, n0 == 0 ? 0.0 : 1.0);
     }
     for (size_t i = 0; i < shifts.size(); ++i) {  // shift 0's pieces: exactly symmetric
       if (!shifts[i].symmetric()) continue;
