@@ -126,10 +126,10 @@ std::vector<Shift> plan(const ConvGeom& g, int64_t H, int64_t W) {
 // products vanish; q spare entries at the end): (W + q) / (W − q) times the cut copies' GEMM work
 // but one copy instead of two. That pays on wide maps with few channels: 2 q C_g multiply-adds
 // more per copied entry, against W − 3 q entries fewer to copy per row and image, each worth ~64
-// multiply-adds on the CPU (VGG features.4, 64 channels at 112 × 112: 14 % of the call).
+// multiply-adds on the CPU (cut copies made VGG features.4's calls, 64 channels at 112 × 112,
+// about 10 % slower).
 struct ChunkCopies {
   bool padded;
-  int64_t width;                            // entries per row segment
   std::map<int64_t, at::Tensor> by_column;  // padded: the one copy, at column 0
 };
 
@@ -137,16 +137,16 @@ bool padded_pays(int64_t q, int64_t cg, int64_t W) { return q > 0 && 2 * q * cg 
 
 ChunkCopies copy_chunk(const at::Tensor& whole, int64_t q) {  // whole: (cg, H, n, W), contiguous
   const int64_t cg = whole.size(0), H = whole.size(1), n = whole.size(2), W = whole.size(3);
-  ChunkCopies c{padded_pays(q, cg, W), 0, {}};
-  c.width = c.padded ? W + q : W - q;
+  ChunkCopies c{padded_pays(q, cg, W), {}};
+  const int64_t width = c.padded ? W + q : W - q;  // entries per row segment
   if (c.padded) {
-    const at::Tensor grid = at::zeros({cg * H * n * c.width + q}, whole.options())
-                                .narrow(0, 0, cg * H * n * c.width)
-                                .view({cg, H, n, c.width});
+    const at::Tensor grid = at::zeros({cg * H * n * width + q}, whole.options())
+                                .narrow(0, 0, cg * H * n * width)
+                                .view({cg, H, n, width});
     grid.narrow(3, 0, W).copy_(whole);
     c.by_column[0] = grid;
   } else {
-    for (const int64_t lo : {int64_t(0), q}) c.by_column[lo] = whole.narrow(3, lo, c.width).contiguous();
+    for (const int64_t lo : {int64_t(0), q}) c.by_column[lo] = whole.narrow(3, lo, width).contiguous();
   }
   return c;
 }
@@ -172,7 +172,7 @@ void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& 
     const int64_t partner_col = copies.padded ? 0 : first_col + sh.s2, shift = sh.s2 - (partner_col - first_col);
     const at::Tensor& A = copies.by_column.at(first_col);
     const at::Tensor& B = copies.by_column.at(partner_col);
-    const int64_t rs = A.stride(1), cs = A.stride(0);  // elements per row of the map (all images), per channel
+    const int64_t rs = A.stride(1), cs = A.stride(0);  // entries per row of the map (all images) and per channel
     const bool syrk = sh.symmetric() && cpu;
     for (size_t p = 0; p < sh.rows.size(); ++p) {
       const Segment r{sh.rows[p].begin - g.ph_lo, sh.rows[p].end - g.ph_lo};  // rows of the copies
