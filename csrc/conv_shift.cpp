@@ -382,10 +382,11 @@ bool shift_pays(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t chan
   const int64_t kk = g.kh * g.kw;
   if (g.sh != 1 || g.sw != 1 || g.dh != 1 || g.dw != 1 || kk == 1) return false;
   if (const int forced = env_switch("DEEPUNLEARN_CONV_SHIFT"); forced >= 0) return forced == 1;
-  // Costs in multiply-adds. GEMMs: the shifted form's whole padded rows and subtracted columns,
-  // against the direct form's half of the unfolded product. Passes over memory: the direct form
-  // gathers every patch and mirrors all of cov; the shifted form writes only the blocks some shift reaches, and makes
-  // extra passes over its (C_g, C_g) sums (allocating them, reading every term of every block).
+  // Costs in multiply-adds. GEMMs: the shifted form's whole rows of its copies (cut or padded, as
+  // copy_chunk picks) and subtracted columns, against the direct form's half of the unfolded
+  // product. Passes over memory: the direct form gathers every patch and mirrors all of cov; the
+  // shifted form writes only the blocks some shift reaches, and makes extra passes over its
+  // (C_g, C_g) sums (allocating them, reading every term of every block).
   double gemm = 0, sum_passes = 0, blocks = 0;
   for (const Shift& sh : plan(g, H, W)) {
     for (size_t p = 0; p < sh.rows.size(); ++p) {
@@ -419,15 +420,15 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
   // turn), at most 3 W columns.
   const int64_t images = std::max<int64_t>(1, chunk_elements / (cg * H * 3 * W));
   const at::TensorOptions opts = cov.options();
-  // The CPU's own kernels (threaded GEMMs, symmetric updates, the tiled scatter), or the
+  // The CPU's own kernels (symmetric updates for shift 0, the tiled scatter), or the
   // device-generic ATen path the GPU runs; DEEPUNLEARN_CONV_SHIFT_GENERIC=1 forces the latter on
   // the CPU, so that the CPU tests cover it too.
   const bool cpu = cov.is_cpu() && env_switch("DEEPUNLEARN_CONV_SHIFT_GENERIC") != 1;
+  int64_t count = 0;  // sums per group
+  for (const Shift& sh : shifts) count += sh.rows.size() + std::count(sh.subtracted.begin(), sh.subtracted.end(), true);
   for (int64_t gi = 0; gi < groups; ++gi) {
     // All sums in one allocation, rows padded off a power-of-two length: the scatter reads their
     // columns, and rows 2^k bytes apart would share a few cache sets and evict each other.
-    int64_t count = 0;
-    for (const Shift& sh : shifts) count += sh.rows.size() + std::count(sh.subtracted.begin(), sh.subtracted.end(), true);
     const at::Tensor pool = at::empty({count, cg, cg + 16}, opts);  // the first chunk's GEMMs write it
     int64_t next = 0;
     std::vector<ShiftSums> sums(shifts.size());

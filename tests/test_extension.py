@@ -206,7 +206,7 @@ def test_conv_cov_uses_bounded_memory_and_matches_with_many_chunks(monkeypatch):
     got = accumulate_conv_(torch.zeros(1, 27, 27, dtype=torch.float64), x, geom)
     ref = accumulate_conv_reference_(torch.zeros(1, 27, 27, dtype=torch.float64), x, geom)
     assert rel_err(got, ref) < 1e-12
-    # the shifted form processes padded images in chunks too: here one image of 16 × 34 × 34 each
+    # the shifted form copies the images in chunks too: here one image per chunk
     monkeypatch.setenv("DEEPUNLEARN_CPU_CONV_CHUNK", str(16 * 34 * 34))
     monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "1")
     conv = nn.Conv2d(16, 4, 3, padding=1)
@@ -261,7 +261,7 @@ def test_both_conv_forms_match_float64_oracle(monkeypatch, device, form, dtype, 
 @pytest.mark.parametrize("layout", ["bf16", "channels-last", "strided", "chunks", "inference-mode"])
 def test_shifted_form_float32_statistics(monkeypatch, device, layout):
     # float32 sums of bf16, channels-last, non-contiguous inputs; one image per chunk; under
-    # inference mode (the CPU kernel runs its GEMMs on worker threads, which must keep the mode)
+    # inference mode (the op updates tensors it made itself in place)
     dev = device_or_skip(device)
     monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "1")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)

@@ -15,8 +15,8 @@ namespace deepunlearn {
 
 namespace {
 
-// Entries of a gathered chunk, or of a chunk of padded images in the shifted form: bounds the extra
-// memory (16 MiB in float32) whatever the batch size. DEEPUNLEARN_CPU_CONV_CHUNK overrides it.
+// Entries of a gathered chunk, or of a chunk's copies of the input in the shifted form: bounds the
+// extra memory (16 MiB in float32) whatever the batch size. DEEPUNLEARN_CPU_CONV_CHUNK overrides it.
 int64_t chunk_elements() {
   if (const int64_t e = env_knob("DEEPUNLEARN_CPU_CONV_CHUNK")) return e;
   return int64_t(1) << 22;
