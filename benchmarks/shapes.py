@@ -45,5 +45,13 @@ VGG11_BN = [
     ConvShape("vgg11.features.18", 512, 28),
     ConvShape("vgg11.features.22", 512, 14),
 ]
+# Depthwise convs (groups = channels) of MobileNetV2 (3×3) and ConvNeXt-T (7×7) at 224×224: one
+# channel per group, where the CPU kernel's fused pass makes the shifted form's sums.
+DEPTHWISE = [
+    ConvShape("mobilenet_v2.features.3.conv.1.0", 144, 56, groups=144),
+    ConvShape("mobilenet_v2.features.15.conv.1.0", 960, 7, groups=960),
+    ConvShape("convnext_tiny.features.1.0.block.0", 96, 56, kernel=7, padding=3, groups=96),
+    ConvShape("convnext_tiny.features.5.0.block.0", 384, 14, kernel=7, padding=3, groups=384),
+]
 # ViT-B/16: 197 tokens; d = 768 (qkv, out_proj, mlp.fc1, head) and 3072 (mlp.fc2).
 VIT_B16 = [LinearShape("vit_b16.d768", 768, 197), LinearShape("vit_b16.d3072", 3072, 197)]

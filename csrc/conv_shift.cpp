@@ -27,7 +27,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -40,13 +43,23 @@ namespace deepunlearn {
 
 namespace {
 
-// shift_pays' cost model, in multiply-adds, fitted on the CPU (2 threads; forced runs of both
-// forms over maps of 1-224 pixels, 3-512 channels, kernels 3-7, 1-32 images): updating one entry
-// of cov outside a GEMM (the scatter, the mirror) costs about kCovPassCost multiply-adds, one pass
-// over an entry of a (C_g, C_g) sum kSumPassCost, and each group about kShiftCallCost (planning,
-// allocations and some 30 GEMM calls, whatever their size); the direct form's gather about
-// kGatherCost per patch entry written and read back (it dominates on 3-channel stems).
+// shift_pays' cost model, in multiply-adds of a large GEMM, fitted on the CPU (2 threads; forced
+// runs of both forms over maps of 1-224 pixels, 1-512 channels per group, 1-32 groups, kernels
+// 3-7, 1-64 images): updating one entry of cov outside a GEMM (the scatter, the mirror) costs
+// about kCovPassCost multiply-adds, one pass over an entry of a (C_g, C_g) sum kSumPassCost, and
+// each group about kShiftCallCost (planning, allocations and some 30 GEMM calls, whatever their
+// size); the direct form's gather about kGatherCost per patch entry written and read back (it
+// dominates on 3-channel stems), and each group kDirectGroupCost (its GEMM calls). The fused pass
+// (few channels per group) does kFusedMacCost per multiply-add (kFusedScalarFactor times that in
+// windows narrower than a vector), plus kFusedTaskCost per group and shift, kFusedBlockCost per
+// group and block (the scatter's bookkeeping) and kFusedShiftCost per shift.
 constexpr double kCovPassCost = 100.0, kSumPassCost = 15.0, kShiftCallCost = 15e6, kGatherCost = 100.0;
+constexpr double kDirectGroupCost = 3e5, kFusedMacCost = 5.0, kFusedScalarFactor = 3.0, kFusedTaskCost = 1.5e4,
+                 kFusedBlockCost = 1e3, kFusedShiftCost = 2e4;
+
+// Channels per group up to which the CPU makes the shifted form's sums in one fused pass, not
+// GEMMs (measured: 2-5x faster up to 8 channels, even at 12, slower from 16 on 3x3 kernels).
+constexpr int64_t kFusedMaxChannels = 12;
 
 struct Segment {
   int64_t begin, end;
@@ -151,12 +164,40 @@ ChunkCopies copy_chunk(const at::Tensor& whole, int64_t q) {  // whole: (cg, H, 
   return c;
 }
 
-// Sums of one shift over all chunks: a (C_g, C_g) matrix per row piece (whole rows) and per
-// (row piece, column segment) pair some block subtracts.
+// Where each sum of a shift lives in a pool of (C_g, C_g) matrices, per group: one per row piece
+// (whole rows) and one per (row piece, column segment) pair some block subtracts.
+struct SumSlots {
+  std::vector<std::vector<int64_t>> rows;  // [shift][piece]
+  std::vector<std::vector<int64_t>> cols;  // [shift][piece · n_cols + segment], -1 where unused
+  int64_t count = 0;
+};
+
+SumSlots sum_slots(const std::vector<Shift>& shifts) {
+  SumSlots s;
+  for (const Shift& sh : shifts) {
+    s.rows.emplace_back();
+    for (size_t p = 0; p < sh.rows.size(); ++p) s.rows.back().push_back(s.count++);
+    s.cols.emplace_back();
+    for (const bool used : sh.subtracted) s.cols.back().push_back(used ? s.count++ : -1);
+  }
+  return s;
+}
+
+// The sums of one shift as views of a group's pool (count, C_g, ld), for the GEMMs to write.
 struct ShiftSums {
   std::vector<at::Tensor> rows;
-  std::vector<at::Tensor> cols;  // [piece · n_cols + segment], undefined where unused
+  std::vector<at::Tensor> cols;  // undefined where unused
 };
+
+std::vector<ShiftSums> sum_views(const SumSlots& slots, const at::Tensor& pool_g, int64_t cg) {
+  std::vector<ShiftSums> sums(slots.rows.size());
+  const auto view = [&](int64_t slot) { return slot < 0 ? at::Tensor() : pool_g.select(0, slot).narrow(1, 0, cg); };
+  for (size_t i = 0; i < sums.size(); ++i) {
+    for (const int64_t slot : slots.rows[i]) sums[i].rows.push_back(view(slot));
+    for (const int64_t slot : slots.cols[i]) sums[i].cols.push_back(view(slot));
+  }
+  return sums;
+}
 
 // sums += the products of one chunk for the shifts with |s2| = q, read from its copies (in the
 // plan's coordinates, padded by the conv, the map starts at row ph_lo and column pw_lo). The first
@@ -200,10 +241,10 @@ void accumulate_chunk(const std::vector<Shift>& shifts, std::vector<ShiftSums>& 
   }
 }
 
-// One summand of a (C, C) block: weight · m or weight · mᵀ.
+// One summand of a (C, C) block: weight · m or weight · mᵀ, m the sum in pool slot `slot`.
 enum class Form { kDirect, kTransposed };
 struct Term {
-  at::Tensor m;  // (C, C), unit column stride, any row stride
+  int64_t slot;
   double weight;
   Form form;
 };
@@ -212,15 +253,15 @@ using BlockTerms = std::vector<std::vector<Term>>;  // [a·kk + b]; empty: a zer
 // The terms of every tap pair's block: the shifts' planned half directly, the other half as
 // transposes in the same order (so block (b, a) is exactly block (a, b)ᵀ); the diagonal blocks
 // are sums of exactly symmetric pieces.
-BlockTerms block_terms(const std::vector<Shift>& shifts, const std::vector<ShiftSums>& sums, int64_t kk) {
+BlockTerms block_terms(const std::vector<Shift>& shifts, const SumSlots& slots, int64_t kk) {
   BlockTerms terms(kk * kk);
   for (size_t i = 0; i < shifts.size(); ++i) {
     const Shift& sh = shifts[i];
     for (const Block& blk : sh.blocks) {
       std::vector<Term> t;
       for (size_t p : blk.rows) {
-        t.push_back({sums[i].rows[p], 1.0, Form::kDirect});
-        for (size_t j : blk.minus) t.push_back({sums[i].cols[p * sh.cols.size() + j], -1.0, Form::kDirect});
+        t.push_back({slots.rows[i][p], 1.0, Form::kDirect});
+        for (size_t j : blk.minus) t.push_back({slots.cols[i][p * sh.cols.size() + j], -1.0, Form::kDirect});
       }
       if (blk.a == blk.b) {
         terms[blk.a * kk + blk.a] = std::move(t);
@@ -233,6 +274,32 @@ BlockTerms block_terms(const std::vector<Shift>& shifts, const std::vector<Shift
     }
   }
   return terms;
+}
+
+// A geometry's shifts, where their sums live and each block's terms: built once per geometry and
+// map size, then kept (a 7 × 7 kernel's take ~0.1 ms, longer than a small layer's whole call).
+struct ShiftPlan {
+  std::vector<Shift> shifts;
+  SumSlots slots;
+  BlockTerms terms;
+};
+
+std::shared_ptr<const ShiftPlan> shift_plan(const ConvGeom& g, int64_t H, int64_t W) {
+  static std::mutex mutex;
+  static std::map<std::array<int64_t, 12>, std::shared_ptr<const ShiftPlan>> cache;
+  const std::array<int64_t, 12> key{g.kh, g.kw, g.sh, g.sw, g.ph_lo, g.ph_hi, g.pw_lo, g.pw_hi, g.dh, g.dw, H, W};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (const auto it = cache.find(key); it != cache.end()) return it->second;
+  }
+  auto built = std::make_shared<ShiftPlan>();
+  built->shifts = plan(g, H, W);
+  built->slots = sum_slots(built->shifts);
+  built->terms = block_terms(built->shifts, built->slots, g.kh * g.kw);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() >= 256) cache.clear();  // a model has a few dozen geometries; a sweep may have more
+  cache.emplace(key, built);
+  return built;
 }
 
 // dst[c2·kk + b] += rows[b][c2] for every b < kk and c2 < n: kk streams interleaved into one.
@@ -303,13 +370,14 @@ void add_transposed_tile<float>(float* out, int64_t ld, const float* m, int64_t 
 }
 #endif
 
-// cov_g (kk·C, kk·C, entries [c, a, c', b]) += the blocks, on the CPU. Per tap a and tile of
+// cov_g (kk·C, kk·C, entries [c, a, c', b]) += the blocks, on the CPU; sum slot k is the (C, C)
+// matrix at pool + k · C · ld, rows ld apart. Per tap a and tile of
 // channels c, the tile's rows of every block (a, ·) are summed from their terms into a small
 // buffer (rows of direct terms, columns a tile wide of transposed ones), then each of the tile's
 // rows of cov, a contiguous d-vector holding block (a, b) for every b interleaved, is updated in
 // one pass.
 template <typename T>
-void scatter_blocks_cpu(at::Tensor& cov_g, const BlockTerms& terms, int64_t C, int64_t kk) {
+void scatter_blocks_cpu(at::Tensor& cov_g, const BlockTerms& terms, const T* pool, int64_t ldm, int64_t C, int64_t kk) {
   constexpr int64_t kTileC = 16;
   const int64_t d = C * kk, tiles = (C + kTileC - 1) / kTileC;
   T* cov = cov_g.mutable_data_ptr<T>();
@@ -329,9 +397,8 @@ void scatter_blocks_cpu(at::Tensor& cov_g, const BlockTerms& terms, int64_t C, i
         T* out = buf.data() + b * kTileC * ld;
         for (int64_t i = 0; i < tc; ++i) std::fill(out + i * ld, out + i * ld + C, T(0));
         for (const Term& term : terms[a * kk + b]) {
-          const T* m = term.m.const_data_ptr<T>();
+          const T* m = pool + term.slot * C * ldm;
           const T w = static_cast<T>(term.weight);
-          const int64_t ldm = term.m.stride(0);
           if (term.form == Form::kDirect) {  // rows c0.. of m
             for (int64_t i = 0; i < tc; ++i)
               for (int64_t c2 = 0; c2 < C; ++c2) out[i * ld + c2] += w * m[(c0 + i) * ldm + c2];
@@ -360,37 +427,221 @@ void scatter_blocks_cpu(at::Tensor& cov_g, const BlockTerms& terms, int64_t C, i
   });
 }
 
-// The same on any device with ATen: each block summed from its terms, one stacked (C, C, kk) slab
-// per tap a.
-void scatter_blocks_generic(at::Tensor& cov_g, const BlockTerms& terms, int64_t C, int64_t kk) {
+// The same on any device with ATen (pool_g: (count, C, ld)): each block summed from its terms, one
+// stacked (C, C, kk) slab per tap a.
+void scatter_blocks_generic(at::Tensor& cov_g, const BlockTerms& terms, const at::Tensor& pool_g, int64_t C,
+                            int64_t kk) {
   const at::Tensor by_tap = cov_g.view({C, kk, C, kk});
   for (int64_t a = 0; a < kk; ++a) {
     std::vector<at::Tensor> row;
     for (int64_t b = 0; b < kk; ++b) {
       at::Tensor blk = at::zeros({C, C}, cov_g.options());
-      for (const Term& term : terms[a * kk + b])
-        blk.add_(term.form == Form::kTransposed ? term.m.t() : term.m, term.weight);
+      for (const Term& term : terms[a * kk + b]) {
+        const at::Tensor m = pool_g.select(0, term.slot).narrow(1, 0, C);
+        blk.add_(term.form == Form::kTransposed ? m.t() : m, term.weight);
+      }
       row.push_back(blk);
     }
     by_tap.select(1, a).add_(at::stack(row, 2));
   }
 }
 
+// Few channels per group, on the CPU. The shifts' products are then (C_g, C_g) matrices over long
+// rows: ATen's GEMMs run such shapes far below their rate, each call costs microseconds, and a
+// depthwise conv would make ~30 calls per group. Here one parallel pass makes every group's sums
+// straight from the chunk's (C, H, n, W) copy: per (group, shift, channel c1), each piece's rows are
+// multiplied column-wise into one accumulator per column and partner channel c2, whose sums over
+// the window and over each subtracted column segment are the piece's sums (shift 0's written to
+// both triangles, exactly symmetric). pool: (groups, count, C_g, ld).
+
+// 32-byte vectors of GCC's / Clang's vector extension: the baseline build lowers them to SSE pairs.
+template <typename T> struct Vec32;
+template <> struct Vec32<float> { typedef float type __attribute__((vector_size(32))); };
+template <> struct Vec32<double> { typedef double type __attribute__((vector_size(32))); };
+
+template <typename V, typename T>
+inline __attribute__((always_inline)) V load32(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));  // unaligned
+  return v;
+}
+
+// acc[c · ld + x] += Σ_r a[r · stride + x] · b[c][r · stride + x] for kV vectors of columns from x0
+// (those from x0 + skip added: an overlapping last block), r < rows and kC partner channels c. The
+// accumulators stay in registers over all rows: each row costs one load of a and one of each b per
+// kC vector multiply-adds.
+template <typename T, int kC, int kV>
+inline __attribute__((always_inline)) void product_block(T* acc, int64_t ld, const T* a, const T* const* b,
+                                                         int64_t x0, int64_t skip, int64_t rows, int64_t stride) {
+  using V = typename Vec32<T>::type;
+  constexpr int kL = 32 / sizeof(T);
+  V s[kC][kV] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    V av[kV];
+    for (int v = 0; v < kV; ++v) av[v] = load32<V>(a + r * stride + x0 + v * kL);
+    for (int c = 0; c < kC; ++c)
+      for (int v = 0; v < kV; ++v) s[c][v] += av[v] * load32<V>(b[c] + r * stride + x0 + v * kL);
+  }
+  for (int c = 0; c < kC; ++c)
+    for (int v = 0; v < kV; ++v)
+      for (int l = 0; l < kL; ++l)
+        if (v * kL + l >= skip) acc[c * ld + x0 + v * kL + l] += s[c][v][l];
+}
+
+// The same for columns x < w: blocks of a cache line (two vectors), the last one overlapping its
+// predecessor where w is no multiple of it; maps narrower than a vector column by column.
+template <typename T, int kC>
+inline __attribute__((always_inline)) void add_products(T* acc, int64_t ld, const T* a, const T* const* b, int64_t w,
+                                                        int64_t rows, int64_t stride) {
+  constexpr int64_t kL = 32 / sizeof(T);
+  if (w >= 2 * kL) {
+    int64_t x0 = 0;
+    for (; x0 + 2 * kL <= w; x0 += 2 * kL) product_block<T, kC, 2>(acc, ld, a, b, x0, 0, rows, stride);
+    if (x0 < w) product_block<T, kC, 2>(acc, ld, a, b, w - 2 * kL, x0 - (w - 2 * kL), rows, stride);
+  } else if (w >= kL) {
+    product_block<T, kC, 1>(acc, ld, a, b, 0, 0, rows, stride);
+    if (w > kL) product_block<T, kC, 1>(acc, ld, a, b, w - kL, 2 * kL - w, rows, stride);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int c = 0; c < kC; ++c)
+        for (int64_t x = 0; x < w; ++x) acc[c * ld + x] += a[r * stride + x] * b[c][r * stride + x];
+  }
+}
+
+// Compiled for AVX2 + FMA as well as the baseline, the right one picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DEEPUNLEARN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DEEPUNLEARN_CLONES
+#endif
+
+template <typename T>
+DEEPUNLEARN_CLONES void add_products_upto4(T* acc, int64_t ld, const T* a, const T* const* b, int nc, int64_t w,
+                                           int64_t rows, int64_t stride) {
+  switch (nc) {
+    case 4: add_products<T, 4>(acc, ld, a, b, w, rows, stride); break;
+    case 3: add_products<T, 3>(acc, ld, a, b, w, rows, stride); break;
+    case 2: add_products<T, 2>(acc, ld, a, b, w, rows, stride); break;
+    default: add_products<T, 1>(acc, ld, a, b, w, rows, stride); break;
+  }
+}
+
+template <typename T>
+void fused_sums_cpu(const T* whole, int64_t C, int64_t H, int64_t n, int64_t W, const std::vector<Shift>& shifts,
+                    const SumSlots& slots, const ConvGeom& g, int64_t cg, T* pool, int64_t ld, bool overwrite) {
+  const int64_t groups = C / cg, per_shift = cg, tasks = groups * int64_t(shifts.size()) * per_shift;
+  const int64_t plane = H * n * W;  // one channel of the copy
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(cg * W);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c1 = task % cg, i = (task / cg) % int64_t(shifts.size()), gi = task / (cg * int64_t(shifts.size()));
+      const Shift& sh = shifts[i];
+      const int64_t lo = std::max<int64_t>(0, -sh.s2), w = W - std::abs(sh.s2);  // the window's map columns
+      const int64_t c2_end = sh.symmetric() ? c1 + 1 : cg;
+      const T* a_plane = whole + (gi * cg + c1) * plane + lo;
+      T* pool_g = pool + gi * slots.count * cg * ld;
+      const auto put = [&](int64_t slot, int64_t c2, T v) {
+        T* m = pool_g + slot * cg * ld;
+        if (overwrite) {
+          m[c1 * ld + c2] = v;
+          if (sh.symmetric()) m[c2 * ld + c1] = v;
+        } else {
+          m[c1 * ld + c2] += v;
+          if (sh.symmetric() && c2 != c1) m[c2 * ld + c1] += v;
+        }
+      };
+      for (size_t p = 0; p < sh.rows.size(); ++p) {
+        const int64_t r0 = sh.rows[p].begin - g.ph_lo, rows = sh.rows[p].size() * n;  // image rows, all images
+        std::fill(acc.begin(), acc.begin() + c2_end * w, T(0));
+        for (int64_t c2 = 0; c2 < c2_end; c2 += 4) {
+          const T* b[4];
+          const int nc = int(std::min<int64_t>(4, c2_end - c2));
+          for (int c = 0; c < nc; ++c) b[c] = whole + (gi * cg + c2 + c) * plane + (r0 + sh.s1) * n * W + lo + sh.s2;
+          add_products_upto4<T>(acc.data() + c2 * w, w, a_plane + r0 * n * W, b, nc, w, rows, W);
+        }
+        for (int64_t c2 = 0; c2 < c2_end; ++c2) {
+          const T* col = acc.data() + c2 * w;
+          T total = 0;
+          for (int64_t x = 0; x < w; ++x) total += col[x];
+          put(slots.rows[i][p], c2, total);
+          for (size_t j = 0; j < sh.cols.size(); ++j) {
+            const int64_t slot = slots.cols[i][p * sh.cols.size() + j];
+            if (slot < 0) continue;
+            const int64_t x0 = sh.cols[j].begin - g.pw_lo - lo;
+            T part = 0;
+            for (int64_t x = x0; x < x0 + sh.cols[j].size(); ++x) part += col[x];
+            put(slot, c2, part);
+          }
+        }
+      }
+    }
+  });
+}
+
+
+// The CPU's own kernels (symmetric updates for shift 0, the tiled scatter, the fused pass), or the
+// device-generic ATen path the GPU runs; DEEPUNLEARN_CONV_SHIFT_GENERIC=1 forces the latter on the
+// CPU, so that the CPU tests cover it too.
+bool cpu_kernels_on(const at::Tensor& cov) {
+  return cov.is_cpu() && env_switch("DEEPUNLEARN_CONV_SHIFT_GENERIC") != 1;
+}
+
+// Whether the fused pass makes the sums (DEEPUNLEARN_CONV_FUSED=0 / 1 forces it off / on there).
+bool fused_sums_on(const at::Tensor& cov, int64_t cg) {
+  if (!cpu_kernels_on(cov)) return false;
+  if (const int forced = env_switch("DEEPUNLEARN_CONV_FUSED"); forced >= 0) return forced == 1;
+  return cg <= kFusedMaxChannels;
+}
+
+void shift_accumulate_fused_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements,
+                                const std::vector<Shift>& shifts, const SumSlots& slots, const BlockTerms& terms) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t groups = cov.size(0), cg = C / groups, kk = g.kh * g.kw;
+  const int64_t images = std::max<int64_t>(1, chunk_elements / (C * H * W));
+  const at::Tensor pool = at::empty({groups, slots.count, cg, cg}, cov.options());  // the first chunk writes it
+  for (int64_t n0 = 0; n0 < N; n0 += images) {
+    const int64_t n = std::min(images, N - n0);
+    at::Tensor whole = at::empty({C, H, n, W}, cov.options());  // in cov's dtype
+    whole.copy_(x.narrow(0, n0, n).permute({1, 2, 0, 3}));
+    AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "fused_sums_cpu", [&] {
+      fused_sums_cpu<scalar_t>(whole.const_data_ptr<scalar_t>(), C, H, n, W, shifts, slots, g, cg,
+                               pool.mutable_data_ptr<scalar_t>(), cg, n0 == 0);
+    });
+  }
+  AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "scatter_blocks_cpu", [&] {
+    const scalar_t* sums = pool.const_data_ptr<scalar_t>();
+    const int64_t per_group = slots.count * cg * cg;
+    // One group: the scatter's own threads; many (depthwise): a group per task, each scattered serially.
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t gi = begin; gi < end; ++gi) {
+        at::Tensor cov_g = cov.select(0, gi);
+        scatter_blocks_cpu<scalar_t>(cov_g, terms, sums + gi * per_group, cg, cg, kk);
+      }
+    });
+  });
+}
+
 }  // namespace
 
-bool shift_pays(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t channels_per_group) {
-  const int64_t kk = g.kh * g.kw;
+bool shift_pays(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, int64_t W) {
+  const int64_t kk = g.kh * g.kw, groups = cov.size(0), channels_per_group = cov.size(1) / kk;
   if (g.sh != 1 || g.sw != 1 || g.dh != 1 || g.dw != 1 || kk == 1) return false;
   if (const int forced = env_switch("DEEPUNLEARN_CONV_SHIFT"); forced >= 0) return forced == 1;
   // Costs in multiply-adds. GEMMs: the shifted form's whole rows of its copies (cut or padded, as
   // copy_chunk picks) and subtracted columns, against the direct form's half of the unfolded
   // product. Passes over memory: the direct form gathers every patch and mirrors all of cov; the
   // shifted form writes only the blocks some shift reaches, and makes extra passes over its
-  // (C_g, C_g) sums (allocating them, reading every term of every block).
-  double gemm = 0, sum_passes = 0, blocks = 0;
-  for (const Shift& sh : plan(g, H, W)) {
+  // (C_g, C_g) sums (allocating them, reading every term of every block). The fused pass makes
+  // only the window's products (its column sums come from its accumulators).
+  const bool fused = fused_sums_on(cov, channels_per_group);
+  const std::shared_ptr<const ShiftPlan> sp = shift_plan(g, H, W);
+  const std::vector<Shift>& shifts = sp->shifts;
+  double gemm = 0, fused_macs = 0, sum_passes = 0, blocks = 0;
+  for (const Shift& sh : shifts) {
     for (size_t p = 0; p < sh.rows.size(); ++p) {
       const int64_t q = std::abs(sh.s2);
+      // windows narrower than a vector take the scalar loop
+      fused_macs += double(sh.rows[p].size()) * double(W - q) * (W - q < 32 / int64_t(cov.element_size()) ? kFusedScalarFactor : 1.0);
       gemm += double(sh.rows[p].size()) * double(padded_pays(q, channels_per_group, W) ? W + q : W - q);
       for (size_t j = 0; j < sh.cols.size(); ++j)
         if (sh.subtracted[p * sh.cols.size() + j]) {
@@ -405,40 +656,40 @@ bool shift_pays(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t chan
     }
   }
   const double cg2 = double(channels_per_group) * double(channels_per_group);
-  const double shifted = gemm * double(N) * cg2 + (kCovPassCost * blocks + kSumPassCost * sum_passes) * cg2 + kShiftCallCost;
+  const double n_shifts = double(shifts.size());
+  const double shifted =
+      fused ? double(groups) * ((kFusedMacCost * fused_macs * double(N) + kCovPassCost * blocks) * cg2 +
+                                kFusedTaskCost * n_shifts + kFusedBlockCost * blocks) +
+                  kFusedShiftCost * n_shifts
+            : double(groups) * (gemm * double(N) * cg2 + (kCovPassCost * blocks + kSumPassCost * sum_passes) * cg2 +
+                                kShiftCallCost);
   const double positions = double(g.out_h(H)) * double(g.out_w(W)) * double(N);
-  const double direct = (0.5 * double(kk) * double(kk + 1) * positions + kCovPassCost * double(kk * kk)) * cg2 +
-                        kGatherCost * positions * double(kk * channels_per_group);
+  const double direct = double(groups) * ((0.5 * double(kk) * double(kk + 1) * positions + kCovPassCost * double(kk * kk)) * cg2 +
+                                          kGatherCost * positions * double(kk * channels_per_group) + kDirectGroupCost);
   return shifted < direct;
 }
 
 void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t groups = cov.size(0), cg = C / groups, kk = g.kh * g.kw;
-  const std::vector<Shift> shifts = plan(g, H, W);
+  const std::shared_ptr<const ShiftPlan> sp = shift_plan(g, H, W);
+  const std::vector<Shift>& shifts = sp->shifts;
+  const SumSlots& slots = sp->slots;
+  const BlockTerms& terms = sp->terms;
   // Copies per image at most: the whole map and the two windows of one |s2| (made and dropped in
   // turn), at most 3 W columns.
   const int64_t images = std::max<int64_t>(1, chunk_elements / (cg * H * 3 * W));
   const at::TensorOptions opts = cov.options();
-  // The CPU's own kernels (symmetric updates for shift 0, the tiled scatter), or the
-  // device-generic ATen path the GPU runs; DEEPUNLEARN_CONV_SHIFT_GENERIC=1 forces the latter on
-  // the CPU, so that the CPU tests cover it too.
-  const bool cpu = cov.is_cpu() && env_switch("DEEPUNLEARN_CONV_SHIFT_GENERIC") != 1;
-  int64_t count = 0;  // sums per group
-  for (const Shift& sh : shifts) count += sh.rows.size() + std::count(sh.subtracted.begin(), sh.subtracted.end(), true);
+  const bool cpu = cpu_kernels_on(cov);
+  if (fused_sums_on(cov, cg)) {
+    shift_accumulate_fused_cpu(cov, x, g, chunk_elements, shifts, slots, terms);
+    return;
+  }
   for (int64_t gi = 0; gi < groups; ++gi) {
     // All sums in one allocation, rows padded off a power-of-two length: the scatter reads their
     // columns, and rows 2^k bytes apart would share a few cache sets and evict each other.
-    const at::Tensor pool = at::empty({count, cg, cg + 16}, opts);  // the first chunk's GEMMs write it
-    int64_t next = 0;
-    std::vector<ShiftSums> sums(shifts.size());
-    for (size_t i = 0; i < shifts.size(); ++i) {
-      const Shift& sh = shifts[i];
-      for (size_t p = 0; p < sh.rows.size(); ++p) sums[i].rows.push_back(pool.select(0, next++).narrow(1, 0, cg));
-      sums[i].cols.resize(sh.subtracted.size());
-      for (size_t k = 0; k < sh.subtracted.size(); ++k)
-        if (sh.subtracted[k]) sums[i].cols[k] = pool.select(0, next++).narrow(1, 0, cg);
-    }
+    const at::Tensor pool = at::empty({slots.count, cg, cg + 16}, opts);  // the first chunk's GEMMs write it
+    std::vector<ShiftSums> sums = sum_views(slots, pool, cg);
     for (int64_t n0 = 0; n0 < N; n0 += images) {
       const int64_t n = std::min(images, N - n0);
       // (cg, H, n, W) in cov's dtype: the whole map once, each window sliced from that copy
@@ -460,12 +711,12 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
         }
     }
     at::Tensor cov_g = cov.select(0, gi);
-    const BlockTerms terms = block_terms(shifts, sums, kk);
     if (cpu) {
-      AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "scatter_blocks_cpu",
-                                 [&] { scatter_blocks_cpu<scalar_t>(cov_g, terms, cg, kk); });
+      AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "scatter_blocks_cpu", [&] {
+        scatter_blocks_cpu<scalar_t>(cov_g, terms, pool.const_data_ptr<scalar_t>(), pool.stride(1), cg, kk);
+      });
     } else {
-      scatter_blocks_generic(cov_g, terms, cg, kk);
+      scatter_blocks_generic(cov_g, terms, pool, cg, kk);
     }
   }
 }

@@ -47,11 +47,11 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a);
 #endif
 
 // Stride-1 convolutions by shifted cross-correlations (conv_shift.cpp, device-generic ATen):
-// whether that beats the direct patch product for N images of (H, W) with this geometry
-// (DEEPUNLEARN_CONV_SHIFT=0 / 1 forces it off / on wherever stride and dilation are 1), and the
-// accumulation itself (cov (groups, d_g, d_g) += …, x (N, C, H, W) unpadded) over chunks of about
-// chunk_elements entries of the input's copies, in cov's dtype.
-bool shift_pays(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t channels_per_group);
+// whether that beats the direct patch product into cov (groups, d_g, d_g), on its device, for N
+// images of (H, W) with this geometry (DEEPUNLEARN_CONV_SHIFT=0 / 1 forces it off / on wherever
+// stride and dilation are 1), and the accumulation itself (cov += …, x (N, C, H, W) unpadded)
+// over chunks of about chunk_elements entries of the input's copies, in cov's dtype.
+bool shift_pays(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, int64_t W);
 void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
 
 // A tuning knob: the positive integer in environment variable `name`, or 0 when it is unset or

@@ -239,15 +239,18 @@ SHIFT_CASES = [
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("form", ["shifted", "shifted-generic", "gathered"])
+@pytest.mark.parametrize("form", ["shifted", "shifted-fused", "shifted-generic", "gathered"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("conv,spatial", SHIFT_CASES, ids=[f"{i}" for i in range(len(SHIFT_CASES))])
 def test_both_conv_forms_match_float64_oracle(monkeypatch, device, form, dtype, conv, spatial):
-    # "shifted-generic": the shifted form's device-generic ATen path (what a GPU runs) on the CPU
+    # "shifted": its sums by GEMMs; "shifted-fused": by the CPU's one pass for few channels per
+    # group (forced here at any width); "shifted-generic": the device-generic ATen path (what a
+    # GPU runs) on the CPU
     dev = device_or_skip(device)
-    if form == "shifted-generic" and device != "cpu":
-        pytest.skip("the generic path is what the GPU runs anyway")
+    if form in ("shifted-fused", "shifted-generic") and device != "cpu":
+        pytest.skip("a CPU path (the GPU runs the generic one anyway)")
     monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "0" if form == "gathered" else "1")
+    monkeypatch.setenv("DEEPUNLEARN_CONV_FUSED", "1" if form == "shifted-fused" else "0")
     monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT_GENERIC", "1" if form == "shifted-generic" else "0")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     x, geom, start, ref = conv_case(conv, 3, dtype, spatial=spatial)

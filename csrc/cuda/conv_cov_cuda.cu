@@ -101,7 +101,7 @@ static void conv_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x_in, at:
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
   // float64 statistics gather in float64; otherwise the chunk keeps the input's dtype.
   const at::ScalarType buf_t = cov.scalar_type() == at::kDouble ? at::kDouble : x.scalar_type();
-  if (shift_allowed(buf_t, C / groups, ho * wo) && shift_pays(g, N, H, W, C / groups)) {
+  if (shift_allowed(buf_t, C / groups, ho * wo) && shift_pays(cov, g, N, H, W)) {
     shift_accumulate_chunked(cov, x, g, chunk_elements(c10::elementSize(cov.scalar_type())));
     return;
   }
