@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -54,8 +55,8 @@ namespace {
 // windows narrower than a vector), plus kFusedTaskCost per group and shift, kFusedBlockCost per
 // group and block (the scatter's bookkeeping) and kFusedShiftCost per shift.
 constexpr double kCovPassCost = 100.0, kSumPassCost = 15.0, kShiftCallCost = 15e6, kGatherCost = 100.0;
-constexpr double kDirectGroupCost = 3e5, kFusedMacCost = 5.0, kFusedScalarFactor = 3.0, kFusedTaskCost = 1.5e4,
-                 kFusedBlockCost = 1e3, kFusedShiftCost = 2e4;
+constexpr double kDirectGroupCost = 3e5, kFusedMacCost = 5.0, kFusedScalarFactor = 4.0, kFusedTaskCost = 1.5e4,
+                 kFusedBlockCost = 1e2, kFusedShiftCost = 2e4;
 
 // Channels per group up to which the CPU makes the shifted form's sums in one fused pass, not
 // GEMMs (measured: 2-5x faster up to 8 channels, even at 12, slower from 16 on 3x3 kernels).
@@ -278,10 +279,51 @@ BlockTerms block_terms(const std::vector<Shift>& shifts, const SumSlots& slots, 
 
 // A geometry's shifts, where their sums live and each block's terms: built once per geometry and
 // map size, then kept (a 7 × 7 kernel's take ~0.1 ms, longer than a small layer's whole call).
+// The fused pass's layout: per shift, a (pieces + 1) × (segments + 1) grid of prefix sums, Q[p][j]
+// = the products over row pieces < p and column segments < j. A block's rows are a run of pieces
+// and its columns a run of segments (both are cut at every window's edges), so each block is four
+// entries of its shift's grid, whatever the number of pieces it spans.
+struct GridBlock {
+  int64_t b;                    // partner tap (the block's row tap is the list it sits in)
+  int64_t q11, q01, q10, q00;   // grid slots: Q[p1][j1] − Q[p0][j1] − Q[p1][j0] + Q[p0][j0]
+  bool transposed;              // block (b, a) of a planned shift: the grid's matrices transposed
+};
+
+struct FusedLayout {
+  std::vector<int64_t> offset;               // [shift]: its grid's first slot
+  int64_t count = 0;                         // slots per group
+  std::vector<std::vector<GridBlock>> by_tap;  // [a]: every block (a, ·)
+};
+
+FusedLayout fused_layout(const std::vector<Shift>& shifts, int64_t kk) {
+  FusedLayout f;
+  f.by_tap.resize(kk);
+  for (const Shift& sh : shifts) {
+    f.offset.push_back(f.count);
+    const int64_t stride = int64_t(sh.cols.size()) + 1, base = f.count;
+    f.count += (int64_t(sh.rows.size()) + 1) * stride;
+    for (const Block& blk : sh.blocks) {
+      const int64_t p0 = int64_t(blk.rows.front()), p1 = int64_t(blk.rows.back()) + 1;
+      TORCH_INTERNAL_ASSERT(p1 - p0 == int64_t(blk.rows.size()), "a block's row pieces are not one run");
+      std::vector<int64_t> inside;  // column segments in the block's window
+      for (int64_t j = 0; j < stride - 1; ++j)
+        if (std::find(blk.minus.begin(), blk.minus.end(), size_t(j)) == blk.minus.end()) inside.push_back(j);
+      const int64_t j0 = inside.empty() ? 0 : inside.front(), j1 = inside.empty() ? 0 : inside.back() + 1;
+      TORCH_INTERNAL_ASSERT(j1 - j0 == int64_t(inside.size()), "a block's column segments are not one run");
+      const auto slot = [&](int64_t p, int64_t j) { return base + p * stride + j; };
+      const GridBlock gb{blk.b, slot(p1, j1), slot(p0, j1), slot(p1, j0), slot(p0, j0), false};
+      f.by_tap[blk.a].push_back(gb);
+      if (blk.a != blk.b) f.by_tap[blk.b].push_back({blk.a, gb.q11, gb.q01, gb.q10, gb.q00, true});
+    }
+  }
+  return f;
+}
+
 struct ShiftPlan {
   std::vector<Shift> shifts;
-  SumSlots slots;
+  SumSlots slots;     // the GEMMs' sums
   BlockTerms terms;
+  FusedLayout fused;  // the fused pass's grids
 };
 
 std::shared_ptr<const ShiftPlan> shift_plan(const ConvGeom& g, int64_t H, int64_t W) {
@@ -296,6 +338,7 @@ std::shared_ptr<const ShiftPlan> shift_plan(const ConvGeom& g, int64_t H, int64_
   built->shifts = plan(g, H, W);
   built->slots = sum_slots(built->shifts);
   built->terms = block_terms(built->shifts, built->slots, g.kh * g.kw);
+  built->fused = fused_layout(built->shifts, g.kh * g.kw);
   std::lock_guard<std::mutex> lock(mutex);
   if (cache.size() >= 256) cache.clear();  // a model has a few dozen geometries; a sweep may have more
   cache.emplace(key, built);
@@ -446,6 +489,14 @@ void scatter_blocks_generic(at::Tensor& cov_g, const BlockTerms& terms, const at
   }
 }
 
+// Memory the caller writes in full before reading it; DEEPUNLEARN_POISON_SCRATCH=1 fills it with NaN
+// first, so that the tests catch any entry left unwritten.
+at::Tensor scratch(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  if (env_switch("DEEPUNLEARN_POISON_SCRATCH") == 1) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
 // Few channels per group, on the CPU. The shifts' products are then (C_g, C_g) matrices over long
 // rows: ATen's GEMMs run such shapes far below their rate, each call costs microseconds, and a
 // depthwise conv would make ~30 calls per group. Here one parallel pass makes every group's sums
@@ -455,6 +506,10 @@ void scatter_blocks_generic(at::Tensor& cov_g, const BlockTerms& terms, const at
 // both triangles, exactly symmetric). pool: (groups, count, C_g, ld).
 
 // 32-byte vectors of GCC's / Clang's vector extension: the baseline build lowers them to SSE pairs.
+// (Passed only between always-inlined functions, so GCC's note on their ABI without AVX is moot.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 template <typename T> struct Vec32;
 template <> struct Vec32<float> { typedef float type __attribute__((vector_size(32))); };
 template <> struct Vec32<double> { typedef double type __attribute__((vector_size(32))); };
@@ -528,28 +583,31 @@ DEEPUNLEARN_CLONES void add_products_upto4(T* acc, int64_t ld, const T* a, const
 
 template <typename T>
 void fused_sums_cpu(const T* whole, int64_t C, int64_t H, int64_t n, int64_t W, const std::vector<Shift>& shifts,
-                    const SumSlots& slots, const ConvGeom& g, int64_t cg, T* pool, int64_t ld, bool overwrite) {
-  const int64_t groups = C / cg, per_shift = cg, tasks = groups * int64_t(shifts.size()) * per_shift;
+                    const FusedLayout& layout, const ConvGeom& g, int64_t cg, T* pool, bool overwrite) {
+  const int64_t groups = C / cg, n_shifts = int64_t(shifts.size()), tasks = groups * n_shifts * cg;
   const int64_t plane = H * n * W;  // one channel of the copy
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(cg * W);
+    std::vector<T> acc(cg * W), prev;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t c1 = task % cg, i = (task / cg) % int64_t(shifts.size()), gi = task / (cg * int64_t(shifts.size()));
+      const int64_t c1 = task % cg, i = (task / cg) % n_shifts, gi = task / (cg * n_shifts);
       const Shift& sh = shifts[i];
       const int64_t lo = std::max<int64_t>(0, -sh.s2), w = W - std::abs(sh.s2);  // the window's map columns
-      const int64_t c2_end = sh.symmetric() ? c1 + 1 : cg;
+      const int64_t c2_end = sh.symmetric() ? c1 + 1 : cg, stride = int64_t(sh.cols.size()) + 1;
       const T* a_plane = whole + (gi * cg + c1) * plane + lo;
-      T* pool_g = pool + gi * slots.count * cg * ld;
-      const auto put = [&](int64_t slot, int64_t c2, T v) {
-        T* m = pool_g + slot * cg * ld;
+      T* grid = pool + (gi * layout.count + layout.offset[i]) * cg * cg;
+      const auto put = [&](int64_t slot, int64_t c2, T v) {  // shift 0: both triangles, the same value
+        T* m = grid + slot * cg * cg;
         if (overwrite) {
-          m[c1 * ld + c2] = v;
-          if (sh.symmetric()) m[c2 * ld + c1] = v;
+          m[c1 * cg + c2] = v;
+          if (sh.symmetric()) m[c2 * cg + c1] = v;
         } else {
-          m[c1 * ld + c2] += v;
-          if (sh.symmetric() && c2 != c1) m[c2 * ld + c1] += v;
+          m[c1 * cg + c2] += v;
+          if (sh.symmetric() && c2 != c1) m[c2 * cg + c1] += v;
         }
       };
+      prev.assign(c2_end * stride, T(0));  // this chunk's Q[p], per partner channel
+      for (int64_t c2 = 0; c2 < c2_end; ++c2)
+        for (int64_t j = 0; j < stride; ++j) put(j, c2, T(0));
       for (size_t p = 0; p < sh.rows.size(); ++p) {
         const int64_t r0 = sh.rows[p].begin - g.ph_lo, rows = sh.rows[p].size() * n;  // image rows, all images
         std::fill(acc.begin(), acc.begin() + c2_end * w, T(0));
@@ -559,18 +617,16 @@ void fused_sums_cpu(const T* whole, int64_t C, int64_t H, int64_t n, int64_t W, 
           for (int c = 0; c < nc; ++c) b[c] = whole + (gi * cg + c2 + c) * plane + (r0 + sh.s1) * n * W + lo + sh.s2;
           add_products_upto4<T>(acc.data() + c2 * w, w, a_plane + r0 * n * W, b, nc, w, rows, W);
         }
-        for (int64_t c2 = 0; c2 < c2_end; ++c2) {
+        for (int64_t c2 = 0; c2 < c2_end; ++c2) {  // Q[p + 1][j + 1] = Q[p][j + 1] + Σ_{j' <= j} segment j'
           const T* col = acc.data() + c2 * w;
-          T total = 0;
-          for (int64_t x = 0; x < w; ++x) total += col[x];
-          put(slots.rows[i][p], c2, total);
+          T* q = prev.data() + c2 * stride;
+          T run = 0;
+          put((int64_t(p) + 1) * stride, c2, T(0));
           for (size_t j = 0; j < sh.cols.size(); ++j) {
-            const int64_t slot = slots.cols[i][p * sh.cols.size() + j];
-            if (slot < 0) continue;
             const int64_t x0 = sh.cols[j].begin - g.pw_lo - lo;
-            T part = 0;
-            for (int64_t x = x0; x < x0 + sh.cols[j].size(); ++x) part += col[x];
-            put(slot, c2, part);
+            for (int64_t x = x0; x < x0 + sh.cols[j].size(); ++x) run += col[x];
+            q[j + 1] += run;
+            put((int64_t(p) + 1) * stride + int64_t(j) + 1, c2, q[j + 1]);
           }
         }
       }
@@ -578,6 +634,22 @@ void fused_sums_cpu(const T* whole, int64_t C, int64_t H, int64_t n, int64_t W, 
   });
 }
 
+// cov_g (kk·C, kk·C, entries [c, a, c', b]) += every block of tap a, each from four entries of its
+// shift's grid (q: (count, C, C)); the rows c·kk + a of cov, for every c, are this task's alone.
+template <typename T>
+void scatter_grid_blocks(T* cov_g, const FusedLayout& layout, const T* q, int64_t C, int64_t kk, int64_t a) {
+  const int64_t d = C * kk, mat = C * C;
+  for (const GridBlock& gb : layout.by_tap[a]) {
+    const T *q11 = q + gb.q11 * mat, *q01 = q + gb.q01 * mat, *q10 = q + gb.q10 * mat, *q00 = q + gb.q00 * mat;
+    for (int64_t c = 0; c < C; ++c) {
+      T* row = cov_g + (c * kk + a) * d + gb.b;
+      for (int64_t c2 = 0; c2 < C; ++c2) {
+        const int64_t e = gb.transposed ? c2 * C + c : c * C + c2;
+        row[c2 * kk] += q11[e] - q01[e] - q10[e] + q00[e];  // one order for a block and its transpose
+      }
+    }
+  }
+}
 
 // The CPU's own kernels (symmetric updates for shift 0, the tiled scatter, the fused pass), or the
 // device-generic ATen path the GPU runs; DEEPUNLEARN_CONV_SHIFT_GENERIC=1 forces the latter on the
@@ -594,28 +666,28 @@ bool fused_sums_on(const at::Tensor& cov, int64_t cg) {
 }
 
 void shift_accumulate_fused_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements,
-                                const std::vector<Shift>& shifts, const SumSlots& slots, const BlockTerms& terms) {
+                                const std::vector<Shift>& shifts, const FusedLayout& layout) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t groups = cov.size(0), cg = C / groups, kk = g.kh * g.kw;
   const int64_t images = std::max<int64_t>(1, chunk_elements / (C * H * W));
-  const at::Tensor pool = at::empty({groups, slots.count, cg, cg}, cov.options());  // the first chunk writes it
+  const at::Tensor pool = scratch({groups, layout.count, cg, cg}, cov.options());  // the first chunk writes it
   for (int64_t n0 = 0; n0 < N; n0 += images) {
     const int64_t n = std::min(images, N - n0);
     at::Tensor whole = at::empty({C, H, n, W}, cov.options());  // in cov's dtype
     whole.copy_(x.narrow(0, n0, n).permute({1, 2, 0, 3}));
     AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "fused_sums_cpu", [&] {
-      fused_sums_cpu<scalar_t>(whole.const_data_ptr<scalar_t>(), C, H, n, W, shifts, slots, g, cg,
-                               pool.mutable_data_ptr<scalar_t>(), cg, n0 == 0);
+      fused_sums_cpu<scalar_t>(whole.const_data_ptr<scalar_t>(), C, H, n, W, shifts, layout, g, cg,
+                               pool.mutable_data_ptr<scalar_t>(), n0 == 0);
     });
   }
-  AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "scatter_blocks_cpu", [&] {
-    const scalar_t* sums = pool.const_data_ptr<scalar_t>();
-    const int64_t per_group = slots.count * cg * cg;
-    // One group: the scatter's own threads; many (depthwise): a group per task, each scattered serially.
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t gi = begin; gi < end; ++gi) {
-        at::Tensor cov_g = cov.select(0, gi);
-        scatter_blocks_cpu<scalar_t>(cov_g, terms, sums + gi * per_group, cg, cg, kk);
+  AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "scatter_grid_blocks", [&] {
+    const scalar_t* grids = pool.const_data_ptr<scalar_t>();
+    scalar_t* out = cov.mutable_data_ptr<scalar_t>();
+    const int64_t d = cg * kk;
+    at::parallel_for(0, groups * kk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t gi = task / kk;
+        scatter_grid_blocks(out + gi * d * d, layout, grids + gi * layout.count * cg * cg, cg, kk, task % kk);
       }
     });
   });
@@ -682,13 +754,13 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
   const at::TensorOptions opts = cov.options();
   const bool cpu = cpu_kernels_on(cov);
   if (fused_sums_on(cov, cg)) {
-    shift_accumulate_fused_cpu(cov, x, g, chunk_elements, shifts, slots, terms);
+    shift_accumulate_fused_cpu(cov, x, g, chunk_elements, shifts, sp->fused);
     return;
   }
   for (int64_t gi = 0; gi < groups; ++gi) {
     // All sums in one allocation, rows padded off a power-of-two length: the scatter reads their
     // columns, and rows 2^k bytes apart would share a few cache sets and evict each other.
-    const at::Tensor pool = at::empty({slots.count, cg, cg + 16}, opts);  // the first chunk's GEMMs write it
+    const at::Tensor pool = scratch({slots.count, cg, cg + 16}, opts);  // the first chunk's GEMMs write it
     std::vector<ShiftSums> sums = sum_views(slots, pool, cg);
     for (int64_t n0 = 0; n0 < N; n0 += images) {
       const int64_t n = std::min(images, N - n0);

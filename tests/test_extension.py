@@ -252,6 +252,8 @@ def test_both_conv_forms_match_float64_oracle(monkeypatch, device, form, dtype, 
     monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "0" if form == "gathered" else "1")
     monkeypatch.setenv("DEEPUNLEARN_CONV_FUSED", "1" if form == "shifted-fused" else "0")
     monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT_GENERIC", "1" if form == "shifted-generic" else "0")
+    if form == "shifted-fused":  # one image per chunk: the first writes the sums, the others add to them
+        monkeypatch.setenv("DEEPUNLEARN_CPU_CONV_CHUNK", "1")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     x, geom, start, ref = conv_case(conv, 3, dtype, spatial=spatial)
     got = accumulate_conv_(start.to(device=dev, dtype=dtype), x.to(dev), geom)
@@ -261,14 +263,19 @@ def test_both_conv_forms_match_float64_oracle(monkeypatch, device, form, dtype, 
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sums", ["gemm", "fused"])
 @pytest.mark.parametrize("layout", ["bf16", "channels-last", "strided", "chunks", "inference-mode"])
-def test_shifted_form_float32_statistics(monkeypatch, device, layout):
+def test_shifted_form_float32_statistics(monkeypatch, device, sums, layout):
     # float32 sums of bf16, channels-last, non-contiguous inputs; one image per chunk; under
-    # inference mode (the op updates tensors it made itself in place)
+    # inference mode (the op updates tensors it made itself in place). "fused": 3 channels per
+    # group, where the CPU makes the sums in its fused pass.
     dev = device_or_skip(device)
+    if sums == "fused" and device != "cpu":
+        pytest.skip("the fused pass is the CPU's")
     monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "1")
+    monkeypatch.setenv("DEEPUNLEARN_CONV_FUSED", "1" if sums == "fused" else "0")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    conv = nn.Conv2d(20, 4, 3, padding=1)
+    conv = nn.Conv2d(20, 4, 3, padding=1) if sums == "gemm" else nn.Conv2d(12, 8, 3, padding=1, groups=4)
     x, geom, start, ref = conv_case(conv, 4, torch.bfloat16 if layout == "bf16" else torch.float32,
                                     spatial=(19, 21 if layout == "strided" else 17))
     if layout == "strided":  # every other column of a wider map
