@@ -59,8 +59,9 @@ constexpr double kDirectGroupCost = 3e5, kFusedMacCost = 5.0, kFusedScalarFactor
                  kFusedBlockCost = 1e2, kFusedShiftCost = 2e4;
 
 // Channels per group up to which the CPU makes the shifted form's sums in one fused pass, not
-// GEMMs (measured: 2-5x faster up to 8 channels, even at 12, slower from 16 on 3x3 kernels).
-constexpr int64_t kFusedMaxChannels = 12;
+// GEMMs: measured 1.5-7x faster up to 12 channels; with 16-24 channels slower on 3 × 3 kernels
+// (by up to 1.9x) but 1.6-2.6x faster on 7 × 7 ones (85 shifts, many small GEMM calls each).
+constexpr int64_t kFusedMaxChannels = 12, kFusedMaxChannelsWide = 24, kWideKernelTaps = 25;
 
 struct Segment {
   int64_t begin, end;
@@ -659,10 +660,10 @@ bool cpu_kernels_on(const at::Tensor& cov) {
 }
 
 // Whether the fused pass makes the sums (DEEPUNLEARN_CONV_FUSED=0 / 1 forces it off / on there).
-bool fused_sums_on(const at::Tensor& cov, int64_t cg) {
+bool fused_sums_on(const at::Tensor& cov, int64_t cg, int64_t kk) {
   if (!cpu_kernels_on(cov)) return false;
   if (const int forced = env_switch("DEEPUNLEARN_CONV_FUSED"); forced >= 0) return forced == 1;
-  return cg <= kFusedMaxChannels;
+  return cg <= (kk >= kWideKernelTaps ? kFusedMaxChannelsWide : kFusedMaxChannels);
 }
 
 void shift_accumulate_fused_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements,
@@ -705,7 +706,7 @@ bool shift_pays(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, 
   // shifted form writes only the blocks some shift reaches, and makes extra passes over its
   // (C_g, C_g) sums (allocating them, reading every term of every block). The fused pass makes
   // only the window's products (its column sums come from its accumulators).
-  const bool fused = fused_sums_on(cov, channels_per_group);
+  const bool fused = fused_sums_on(cov, channels_per_group, kk);
   const std::shared_ptr<const ShiftPlan> sp = shift_plan(g, H, W);
   const std::vector<Shift>& shifts = sp->shifts;
   double gemm = 0, fused_macs = 0, sum_passes = 0, blocks = 0;
@@ -753,7 +754,7 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
   const int64_t images = std::max<int64_t>(1, chunk_elements / (cg * H * 3 * W));
   const at::TensorOptions opts = cov.options();
   const bool cpu = cpu_kernels_on(cov);
-  if (fused_sums_on(cov, cg)) {
+  if (fused_sums_on(cov, cg, kk)) {
     shift_accumulate_fused_cpu(cov, x, g, chunk_elements, shifts, sp->fused);
     return;
   }
