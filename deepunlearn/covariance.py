@@ -129,16 +129,63 @@ def accumulate_linear_(cov: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate_conv_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
-    """``cov += Σ patch patchᵀ`` per group; the compiled implicit-im2col op when available (conv1d/2d)."""
+    """``cov += Σ patch patchᵀ`` per group; the compiled op when available (conv1d/2d, and conv3d
+    through it), else the pure twin."""
     from . import _ext
 
-    if geom.spatial_dims <= 2 and _ext.has_op("conv_cov_accumulate_", x.device):
-        if x.dim() == geom.spatial_dims + 1:
-            x = x.unsqueeze(0)
-        if geom.padding_mode == "zeros":  # the op pads with zeros itself, (low, high) per dim in natural order
-            pad = [v for i in reversed(range(geom.spatial_dims)) for v in geom.padding[2 * i : 2 * i + 2]]
-        else:  # reflect / replicate / circular: pad here (a copy of the input, not of the patches)
-            x, pad = _pad(x, geom), [0] * (2 * geom.spatial_dims)
-        _ext.ops().conv_cov_accumulate_(cov, _narrowed(x, cov), list(geom.kernel), list(geom.stride), pad, list(geom.dilation))
-        return cov
-    return accumulate_conv_reference_(cov, x, geom)
+    if not _ext.has_op("conv_cov_accumulate_", x.device):
+        return accumulate_conv_reference_(cov, x, geom)
+    if x.dim() == geom.spatial_dims + 1:
+        x = x.unsqueeze(0)
+    if geom.spatial_dims == 3:
+        return _accumulate_conv3d_(cov, x, geom)
+    if geom.padding_mode == "zeros":  # the op pads with zeros itself, (low, high) per dim in natural order
+        pad = [v for i in reversed(range(geom.spatial_dims)) for v in geom.padding[2 * i : 2 * i + 2]]
+    else:  # reflect / replicate / circular: pad here (a copy of the input, not of the patches)
+        x, pad = _pad(x, geom), [0] * (2 * geom.spatial_dims)
+    _ext.ops().conv_cov_accumulate_(cov, _narrowed(x, cov), list(geom.kernel), list(geom.stride), pad, list(geom.dilation))
+    return cov
+
+
+# Upper bound on the elements of one chunk of depth slabs in the conv3d path (64 MiB in float32).
+_SLAB_CHUNK_ELEMENTS = 1 << 24
+
+
+def _accumulate_conv3d_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """conv3d through the 2-d op: output depth z reads kd input slices, stacked as the channels
+    ``(c, tz)`` of one 2-d input per (image, z), whose 2-d patch at ``(y, x)`` is the 3-d patch at
+    ``(z, y, x)``, entries in the weight's ``(c, tz, ty, tx)`` order (and each group's channels
+    still together). That costs kd copies of the input, in chunks of at most
+    ``_SLAB_CHUNK_ELEMENTS``, instead of the kd·kh·kw of the unfolded patches.
+
+    ``x``: ``(N, C, D, H, W)``.
+    """
+    from . import _ext
+
+    (kd, kh, kw), (sd, sh, sw), (dd, dh, dw) = geom.kernel, geom.stride, geom.dilation
+    if geom.padding_mode == "zeros":  # depth padded here; the op pads height and width itself
+        w_lo, w_hi, h_lo, h_hi, d_lo, d_hi = geom.padding
+        x = F.pad(x, (0, 0, 0, 0, d_lo, d_hi)) if d_lo or d_hi else x
+        pad = [h_lo, h_hi, w_lo, w_hi]
+    else:
+        x, pad = _pad(x, geom), [0, 0, 0, 0]
+    x = _narrowed(x, cov)
+    n_images, channels, depth, height, width = x.shape
+    span = dd * (kd - 1) + 1
+    out_depth = (depth - span) // sd + 1
+    if out_depth < 1:
+        raise ValueError(f"conv3d statistics: a depth kernel of span {span} does not fit the padded depth {depth}")
+    per_slab = channels * kd * height * width
+    if per_slab * out_depth <= _SLAB_CHUNK_ELEMENTS:  # whole images per chunk
+        step = _SLAB_CHUNK_ELEMENTS // (per_slab * out_depth)
+        chunks = [(n, min(n_images, n + step), 0, out_depth) for n in range(0, n_images, step)]
+    else:  # runs of output depths of one image
+        step = max(1, _SLAB_CHUNK_ELEMENTS // per_slab)
+        chunks = [(n, n + 1, z, min(out_depth, z + step)) for n in range(n_images) for z in range(0, out_depth, step)]
+    ops = _ext.ops()
+    for n0, n1, z0, z1 in chunks:
+        window = x[n0:n1, :, z0 * sd : (z1 - 1) * sd + span]
+        slabs = window.unfold(2, span, sd)[..., ::dd]  # (n, C, z, H, W, kd)
+        slabs = slabs.permute(0, 2, 1, 5, 3, 4).reshape((n1 - n0) * (z1 - z0), channels * kd, height, width)
+        ops.conv_cov_accumulate_(cov, slabs, [kh, kw], [sh, sw], pad, [dh, dw])
+    return cov

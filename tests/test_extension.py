@@ -261,6 +261,47 @@ def test_both_conv_forms_match_float64_oracle(monkeypatch, device, form, dtype, 
     assert rel_err(got.cpu().double(), ref) < tol and torch.equal(got, got.transpose(1, 2))
 
 
+CONV3D_CASES = [
+    (nn.Conv3d(3, 4, 3, padding=1), (6, 9, 8)),
+    (nn.Conv3d(4, 6, (2, 3, 1), stride=(2, 1, 1), padding=(1, 1, 0), dilation=(2, 1, 1), groups=2), (7, 9, 6)),
+    (nn.Conv3d(4, 4, 3, stride=2, padding="valid"), (7, 9, 8)),
+    (nn.Conv3d(6, 6, 3, padding="same", groups=6), (5, 8, 7)),  # depthwise
+    (nn.Conv3d(2, 4, (3, 3, 3), padding=(1, 2, 0), padding_mode="replicate"), (4, 6, 9)),
+    (nn.Conv3d(2, 4, (1, 3, 3), padding=(0, 1, 1)), (5, 8, 8)),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("chunks", ["whole", "images", "depths"])
+@pytest.mark.parametrize("conv,spatial", CONV3D_CASES, ids=[f"{i}" for i in range(len(CONV3D_CASES))])
+def test_conv3d_through_the_2d_op_matches_float64_oracle(monkeypatch, device, dtype, chunks, conv, spatial):
+    # conv3d as conv2d over depth slabs stacked as channels: the op, never the pure twin, and the
+    # same statistics whatever the chunks (one image per chunk; three output depths per chunk)
+    import deepunlearn.covariance as cv
+
+    dev = device_or_skip(device)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(cv, "accumulate_conv_reference_", lambda *a: pytest.fail("took the pure path"))
+    x, geom, start, ref = conv_case(conv, 3, dtype, spatial=spatial)
+    per_slab = conv.in_channels * conv.kernel_size[0] * spatial[1] * spatial[2]
+    out_depth = conv.double()(x[:1].double()).shape[2]
+    if chunks != "whole":
+        monkeypatch.setattr(cv, "_SLAB_CHUNK_ELEMENTS", per_slab * (3 if chunks == "depths" else out_depth))
+    got = accumulate_conv_(start.to(device=dev, dtype=dtype), x.to(dev), geom)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert rel_err(got.cpu().double(), ref) < tol and torch.equal(got, got.transpose(1, 2))
+
+
+@needs_ext
+def test_conv3d_channels_last_and_bf16_inputs():
+    conv = nn.Conv3d(4, 4, 3, padding=1)
+    x, geom, start, ref = conv_case(conv, 2, torch.bfloat16, spatial=(5, 7, 6))
+    got = accumulate_conv_(start.float(), x.to(memory_format=torch.channels_last_3d), geom)
+    assert rel_err(got, ref) < 1e-5 and torch.equal(got, got.transpose(1, 2))
+
+
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sums", ["gemm", "fused"])
