@@ -22,6 +22,9 @@
 // is O(d²) + O(chunk). The pieces of shift 0, the only ones in the diagonal blocks (a, a), are
 // made exactly symmetric before the scatter (on the CPU their GEMMs are symmetric updates, half
 // the work), so cov stays exactly symmetric whatever the GEMMs rounded.
+//
+// With few channels per group the CPU makes the sums in one fused pass over all groups instead
+// of GEMMs (per shift a grid of prefix sums; see "Few channels per group" below).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -278,8 +281,6 @@ BlockTerms block_terms(const std::vector<Shift>& shifts, const SumSlots& slots, 
   return terms;
 }
 
-// A geometry's shifts, where their sums live and each block's terms: built once per geometry and
-// map size, then kept (a 7 × 7 kernel's take ~0.1 ms, longer than a small layer's whole call).
 // The fused pass's layout: per shift, a (pieces + 1) × (segments + 1) grid of prefix sums, Q[p][j]
 // = the products over row pieces < p and column segments < j. A block's rows are a run of pieces
 // and its columns a run of segments (both are cut at every window's edges), so each block is four
@@ -320,6 +321,8 @@ FusedLayout fused_layout(const std::vector<Shift>& shifts, int64_t kk) {
   return f;
 }
 
+// A geometry's shifts, where their sums live and each block's terms: built once per geometry and
+// map size, then kept (a 7 × 7 kernel's take ~0.1 ms, longer than a small layer's whole call).
 struct ShiftPlan {
   std::vector<Shift> shifts;
   SumSlots slots;     // the GEMMs' sums
@@ -503,8 +506,8 @@ at::Tensor scratch(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 // depthwise conv would make ~30 calls per group. Here one parallel pass makes every group's sums
 // straight from the chunk's (C, H, n, W) copy: per (group, shift, channel c1), each piece's rows are
 // multiplied column-wise into one accumulator per column and partner channel c2, whose sums over
-// the window and over each subtracted column segment are the piece's sums (shift 0's written to
-// both triangles, exactly symmetric). pool: (groups, count, C_g, ld).
+// the column segments fill the shift's grid of prefix sums (FusedLayout; shift 0's written to both
+// triangles, exactly symmetric). pool: (groups, count, C_g, C_g).
 
 // 32-byte vectors of GCC's / Clang's vector extension: the baseline build lowers them to SSE pairs.
 // (Passed only between always-inlined functions, so GCC's note on their ABI without AVX is moot.)
@@ -713,8 +716,8 @@ bool shift_pays(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, 
   for (const Shift& sh : shifts) {
     for (size_t p = 0; p < sh.rows.size(); ++p) {
       const int64_t q = std::abs(sh.s2);
-      // windows narrower than a vector take the scalar loop
-      fused_macs += double(sh.rows[p].size()) * double(W - q) * (W - q < 32 / int64_t(cov.element_size()) ? kFusedScalarFactor : 1.0);
+      const bool scalar = W - q < 32 / int64_t(cov.element_size());  // a window narrower than a vector
+      fused_macs += double(sh.rows[p].size()) * double(W - q) * (scalar ? kFusedScalarFactor : 1.0);
       gemm += double(sh.rows[p].size()) * double(padded_pays(q, channels_per_group, W) ? W + q : W - q);
       for (size_t j = 0; j < sh.cols.size(); ++j)
         if (sh.subtracted[p * sh.cols.size() + j]) {
@@ -747,6 +750,10 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
   const int64_t groups = cov.size(0), cg = C / groups, kk = g.kh * g.kw;
   const std::shared_ptr<const ShiftPlan> sp = shift_plan(g, H, W);
   const std::vector<Shift>& shifts = sp->shifts;
+  if (fused_sums_on(cov, cg, kk)) {
+    shift_accumulate_fused_cpu(cov, x, g, chunk_elements, shifts, sp->fused);
+    return;
+  }
   const SumSlots& slots = sp->slots;
   const BlockTerms& terms = sp->terms;
   // Copies per image at most: the whole map and the two windows of one |s2| (made and dropped in
@@ -754,10 +761,6 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
   const int64_t images = std::max<int64_t>(1, chunk_elements / (cg * H * 3 * W));
   const at::TensorOptions opts = cov.options();
   const bool cpu = cpu_kernels_on(cov);
-  if (fused_sums_on(cov, cg, kk)) {
-    shift_accumulate_fused_cpu(cov, x, g, chunk_elements, shifts, sp->fused);
-    return;
-  }
   for (int64_t gi = 0; gi < groups; ++gi) {
     // All sums in one allocation, rows padded off a power-of-two length: the scatter reads their
     // columns, and rows 2^k bytes apart would share a few cache sets and evict each other.
