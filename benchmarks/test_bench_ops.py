@@ -33,18 +33,18 @@ def test_linear_cov(benchmark, device, d, impl):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("c,hw", [(64, 32), (128, 16)])
+@pytest.mark.parametrize("c,hw,groups", [(64, 32, 1), (128, 16, 1), (144, 56, 144)])  # the last: depthwise
 @pytest.mark.parametrize("impl", ["unfold+addmm", "op"])
-def test_conv_cov(benchmark, device, c, hw, impl):
-    benchmark.group = f"conv_cov C={c} {hw}x{hw} {device}"
-    x = torch.randn(16, c, hw, hw, device=device)
-    geom = ConvGeometry.of(torch.nn.Conv2d(c, c, 3, padding=1))
-    d = c * 9
-    cov = torch.zeros(1, d, d, device=device)
+def test_conv_cov(benchmark, device, c, hw, groups, impl):
+    benchmark.group = f"conv_cov C={c} {hw}x{hw} groups={groups} {device}"
+    x = torch.randn(16 if groups == 1 else 4, c, hw, hw, device=device)
+    geom = ConvGeometry.of(torch.nn.Conv2d(c, c, 3, padding=1, groups=groups))
+    d = c // groups * 9
+    cov = torch.zeros(groups, d, d, device=device)
 
-    def unfold():
-        u = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, d)
-        cov[0].addmm_(u.T, u)
+    def unfold():  # one GEMM per group, batched
+        u = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, groups, d).transpose(0, 1)
+        cov.baddbmm_(u.transpose(1, 2), u)
 
     fn = unfold if impl != "op" else (lambda: accumulate_conv_(cov, x, geom))
     benchmark(lambda: (fn(), sync(device)))
