@@ -699,10 +699,20 @@ void shift_accumulate_fused_cpu(at::Tensor& cov, const at::Tensor& x, const Conv
 
 }  // namespace
 
-bool shift_pays(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, int64_t W) {
+namespace {
+
+// The direct form's cost (the gather and the symmetric update; any stride) in shift_pays' units.
+double direct_cost(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t channels_per_group, int64_t groups) {
+  const int64_t kk = g.kh * g.kw;
+  const double cg2 = double(channels_per_group) * double(channels_per_group);
+  const double positions = double(g.out_h(H)) * double(g.out_w(W)) * double(N);
+  return double(groups) * ((0.5 * double(kk) * double(kk + 1) * positions + kCovPassCost * double(kk * kk)) * cg2 +
+                           kGatherCost * positions * double(kk * channels_per_group) + kDirectGroupCost);
+}
+
+// The shifted form's cost for a stride-1 geometry, with its sums as cov's device and width get them.
+double shifted_cost(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, int64_t W) {
   const int64_t kk = g.kh * g.kw, groups = cov.size(0), channels_per_group = cov.size(1) / kk;
-  if (g.sh != 1 || g.sw != 1 || g.dh != 1 || g.dw != 1 || kk == 1) return false;
-  if (const int forced = env_switch("DEEPUNLEARN_CONV_SHIFT"); forced >= 0) return forced == 1;
   // Costs in multiply-adds. GEMMs: the shifted form's whole rows of its copies (cut or padded, as
   // copy_chunk picks) and subtracted columns, against the direct form's half of the unfolded
   // product. Passes over memory: the direct form gathers every patch and mirrors all of cov; the
@@ -739,10 +749,16 @@ bool shift_pays(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, 
                   kFusedShiftCost * n_shifts
             : double(groups) * (gemm * double(N) * cg2 + (kCovPassCost * blocks + kSumPassCost * sum_passes) * cg2 +
                                 kShiftCallCost);
-  const double positions = double(g.out_h(H)) * double(g.out_w(W)) * double(N);
-  const double direct = double(groups) * ((0.5 * double(kk) * double(kk + 1) * positions + kCovPassCost * double(kk * kk)) * cg2 +
-                                          kGatherCost * positions * double(kk * channels_per_group) + kDirectGroupCost);
-  return shifted < direct;
+  return shifted;
+}
+
+}  // namespace
+
+bool shift_pays(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, int64_t W) {
+  const int64_t kk = g.kh * g.kw, groups = cov.size(0), channels_per_group = cov.size(1) / kk;
+  if (g.sh != 1 || g.sw != 1 || g.dh != 1 || g.dw != 1 || kk == 1) return false;
+  if (const int forced = env_switch("DEEPUNLEARN_CONV_SHIFT"); forced >= 0) return forced == 1;
+  return shifted_cost(cov, g, N, H, W) < direct_cost(g, N, H, W, channels_per_group, groups);
 }
 
 void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements) {
@@ -795,6 +811,45 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
       scatter_blocks_generic(cov_g, terms, pool, cg, kk);
     }
   }
+}
+
+bool phase_accumulate_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements) {
+  // Strided, undilated, with overlapping windows (k > s in some dim): tap a = s·α + φ of output o
+  // reads the input at s·(o + α) + φ, i.e. tap α of a stride-1 conv over phase image φ.
+  if ((g.sh == 1 && g.sw == 1) || g.dh != 1 || g.dw != 1 || (g.kh <= g.sh && g.kw <= g.sw)) return false;
+  const int forced = env_switch("DEEPUNLEARN_CONV_PHASES");
+  if (forced == 0) return false;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), groups = cov.size(0), cg = C / groups;
+  const int64_t kh = (g.kh + g.sh - 1) / g.sh, kw = (g.kw + g.sw - 1) / g.sw, cp = cg * g.sh * g.sw;
+  const int64_t ho = g.out_h(H), wo = g.out_w(W), hp = ho + kh - 1, wp = wo + kw - 1;  // phase image size
+  const ConvGeom pg{kh, kw, 1, 1, 0, 0, 0, 0, 1, 1};
+  const int64_t dp = cp * kh * kw;
+  at::Tensor big = at::empty({groups, dp, dp}, cov.options());  // the phase conv's statistics
+  if (forced != 1 && !(fused_sums_on(big, cp, kh * kw) &&
+                       shifted_cost(big, pg, N, hp, wp) < direct_cost(g, N, H, W, cg, groups)))
+    return false;
+  big.zero_();
+  // Phase images, (n, C·sh·sw, hp, wp) with channels (c, φ1, φ2): each group's still together. The
+  // padded input is cut or zero-extended to sh·hp × sw·wp (ghost taps s·α + φ >= k read the
+  // extension; their rows of big are dropped below).
+  const int64_t images = std::max<int64_t>(1, chunk_elements / (C * g.sh * g.sw * hp * wp));
+  for (int64_t n0 = 0; n0 < N; n0 += images) {
+    const int64_t n = std::min(images, N - n0);
+    const at::Tensor padded = at::constant_pad_nd(
+        x.narrow(0, n0, n), {g.pw_lo, g.sw * wp - W - g.pw_lo, g.ph_lo, g.sh * hp - H - g.ph_lo}, 0);
+    const at::Tensor phases = padded.view({n, C, hp, g.sh, wp, g.sw}).permute({0, 1, 3, 5, 2, 4})
+                                  .reshape({n, C * g.sh * g.sw, hp, wp});
+    shift_accumulate_chunked(big, phases, pg, chunk_elements);
+  }
+  // cov's entry (c, a1, a2) is big's (c, a1 mod sh, a2 mod sw, a1 div sh, a2 div sw).
+  std::vector<int64_t> idx;
+  for (int64_t c = 0; c < cg; ++c)
+    for (int64_t a1 = 0; a1 < g.kh; ++a1)
+      for (int64_t a2 = 0; a2 < g.kw; ++a2)
+        idx.push_back((((c * g.sh + a1 % g.sh) * g.sw + a2 % g.sw) * kh + a1 / g.sh) * kw + a2 / g.sw);
+  const at::Tensor index = at::tensor(idx, at::TensorOptions().dtype(at::kLong));
+  cov.add_(big.index_select(1, index).index_select(2, index));
+  return true;
 }
 
 }  // namespace deepunlearn

@@ -52,6 +52,11 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a);
 // stride and dilation are 1), and the accumulation itself (cov += …, x (N, C, H, W) unpadded)
 // over chunks of about chunk_elements entries of the input's copies, in cov's dtype.
 bool shift_pays(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, int64_t W);
+// Strided convs on the CPU with few channels per group (stems, strided depthwise): the same
+// statistics from the stride-1 conv over the input's s_h·s_w phase images (channels (c, φ1, φ2),
+// kernel ceil(k/s)), whose shifted form's fused pass is far cheaper than gathering; true where it
+// took the call (DEEPUNLEARN_CONV_PHASES=0 / 1 forces it off / on wherever the geometry allows).
+bool phase_accumulate_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
 void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
 
 // A tuning knob: the positive integer in environment variable `name`, or 0 when it is unset or

@@ -261,6 +261,34 @@ def test_both_conv_forms_match_float64_oracle(monkeypatch, device, form, dtype, 
     assert rel_err(got.cpu().double(), ref) < tol and torch.equal(got, got.transpose(1, 2))
 
 
+# Strided, undilated geometries with overlapping windows: the CPU's phase form (a stride-1 conv
+# over the input's phase images) against the gather, each forced.
+PHASE_CASES = [
+    (nn.Conv2d(3, 8, 7, stride=2, padding=3), (33, 30)),  # an ImageNet stem
+    (nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), (15, 16)),  # strided depthwise
+    (nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), groups=2), (19, 17)),
+    (nn.Conv2d(4, 4, (5, 2), stride=(2, 3), padding=(2, 1)), (11, 13)),  # k < s in one dim
+    (nn.Conv2d(4, 4, 4, stride=2, padding="valid"), (4, 5)),  # one output row
+    (nn.Conv2d(2, 4, 3, stride=3, padding=(0, 1), padding_mode="reflect"), (9, 9)),
+    (nn.Conv2d(32, 8, 3, stride=2, padding=1), (9, 9)),  # wide: its phase conv's sums by GEMMs
+    (nn.Conv1d(4, 6, 5, stride=2, padding=2, groups=2), (31,)),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("phases", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("conv,spatial", PHASE_CASES, ids=[f"{i}" for i in range(len(PHASE_CASES))])
+def test_strided_conv_phase_form_matches_float64_oracle(monkeypatch, phases, dtype, conv, spatial):
+    monkeypatch.setenv("DEEPUNLEARN_CONV_PHASES", phases)
+    if phases == "1":  # one image per chunk
+        monkeypatch.setenv("DEEPUNLEARN_CPU_CONV_CHUNK", "1")
+    x, geom, start, ref = conv_case(conv, 3, dtype, spatial=spatial)
+    got = accumulate_conv_(start.to(dtype), x, geom)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert rel_err(got.double(), ref) < tol and torch.equal(got, got.transpose(1, 2))
+
+
 CONV3D_CASES = [
     (nn.Conv3d(3, 4, 3, padding=1), (6, 9, 8)),
     (nn.Conv3d(4, 6, (2, 3, 1), stride=(2, 1, 1), padding=(1, 1, 0), dilation=(2, 1, 1), groups=2), (7, 9, 6)),
