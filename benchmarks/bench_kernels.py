@@ -5,7 +5,7 @@
 Compares linear covariance with ``cov.addmm_(xᵀ, x)``, conv covariance with ``F.unfold`` +
 ``addmm`` (per group), and the fused edit with the two-GEMM torch expression, on the real layer
 shapes of ResNet-18 (CIFAR stem), VGG-11-BN and ViT-B/16, and on depthwise layers of MobileNetV2 and
-ConvNeXt-T. Prints a table of ratios (pure time
+ConvNeXt-T and the ImageNet ResNet stem. Prints a table of ratios (pure time
 / op time: above 1 means the op is faster) and writes
 ``benchmarks/results/kernels_<device>.json`` and ``.md`` with the device name. A sweep then
 times the conv op with each of its two exact forms forced (``DEEPUNLEARN_CONV_SHIFT=0/1``).
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ceilings, device_name, env, median_time, tf32  # noqa: E402
-from shapes import DEPTHWISE, RESNET18_CIFAR, VGG11_BN, VIT_B16  # noqa: E402
+from shapes import DEPTHWISE, RESNET18_CIFAR, STRIDED, VGG11_BN, VIT_B16  # noqa: E402
 
 import deepunlearn  # noqa: E402
 from deepunlearn import _ext  # noqa: E402
@@ -158,16 +158,17 @@ def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
 def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
     """float32 conv covariance (no tf32) with the shifted form forced off, forced on, and as chosen;
     on the CPU, where a group has few channels, also the shifted form with its sums made by GEMMs
-    instead of the fused pass (DEEPUNLEARN_CONV_FUSED=0)."""
+    instead of the fused pass (DEEPUNLEARN_CONV_FUSED=0). Strided layers: the CPU's phase form
+    forced off, on, and as chosen."""
     rows = []
     for s in shapes:
         conv = torch.nn.Conv2d(s.c_in, s.c_in, s.kernel, s.stride, s.padding, groups=s.groups)
         geom = deepunlearn.covariance.ConvGeometry.of(conv)
         cov = torch.zeros(s.groups, s.d, s.d, device=device)
         x = torch.randn(conv_batch[s.name.split(".")[0]], s.c_in, s.size, s.size, device=device)
-        settings = [("DEEPUNLEARN_CONV_SHIFT", "0", {}), ("DEEPUNLEARN_CONV_SHIFT", "1", {}),
-                    ("DEEPUNLEARN_CONV_SHIFT", "default", {})]
-        if device.type == "cpu" and s.c_in // s.groups <= 12:
+        knob = "DEEPUNLEARN_CONV_PHASES" if s.stride > 1 else "DEEPUNLEARN_CONV_SHIFT"
+        settings = [(knob, "0", {}), (knob, "1", {}), (knob, "default", {})]
+        if device.type == "cpu" and s.c_in // s.groups <= 12 and s.stride == 1:
             settings.append(("DEEPUNLEARN_CONV_FUSED", "0", {"DEEPUNLEARN_CONV_SHIFT": "1"}))
         for knob, value, also in settings:
             with ExitStack() as stack:
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
     repeat = 3 if a.quick else (20 if gpu else 9)
     vit_batch = (1 if a.quick else (256 if gpu else 8))
     conv_batch = {"resnet18": 8 if a.quick else (256 if gpu else 32), "vgg11": 1 if a.quick else (32 if gpu else 2),
-                  "mobilenet_v2": 2 if a.quick else (64 if gpu else 8), "convnext_tiny": 2 if a.quick else (64 if gpu else 8)}
+                  **{m: 2 if a.quick else (64 if gpu else 8) for m in ("mobilenet_v2", "convnext_tiny", "resnet50")}}
     result = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
               "extension": _ext.extension_info(), "quick": a.quick,
               "ceilings": ceilings(device) if gpu else None, "rows": [], "sweep": []}
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
             rows.append(bench_linear(s, vit_batch, device, dt, repeat, op_tf32=t32))
             print(rows[-1], flush=True)
     pending = []  # (row, pure, op): peak memory is measured after every timing
-    for s in RESNET18_CIFAR + VGG11_BN + DEPTHWISE:
+    for s in RESNET18_CIFAR + VGG11_BN + DEPTHWISE + STRIDED:
         for dt in ([torch.float32, torch.bfloat16] if gpu else [torch.float32]):
             pending.append(bench_conv(s, conv_batch[s.name.split(".")[0]], device, repeat, dt))
             rows.append(pending[-1][0])
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
     if not a.quick and not a.no_sweep:
         result["sweep"] = (sweep_knobs(device, repeat, vit_batch, conv_batch) if gpu else
                            sweep_conv_forms(device, repeat, conv_batch,
-                                            [s for s in RESNET18_CIFAR + VGG11_BN + DEPTHWISE if s.stride == 1]))
+                                            [s for s in RESNET18_CIFAR + VGG11_BN + DEPTHWISE if s.stride == 1] + STRIDED))
     # Only now: on the CPU the exact RSS mode maps every large buffer afresh (page faults), which
     # slows allocation-heavy code and would distort the times above.
     exact_rss_peaks()

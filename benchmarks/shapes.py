@@ -53,5 +53,11 @@ DEPTHWISE = [
     ConvShape("convnext_tiny.features.1.0.block.0", 96, 56, kernel=7, padding=3, groups=96),
     ConvShape("convnext_tiny.features.5.0.block.0", 384, 14, kernel=7, padding=3, groups=384),
 ]
+# Strided layers with few channels per group, where the CPU kernel takes the phase form: a strided
+# depthwise conv of MobileNetV2 and the 7×7 stride-2 stem of the ImageNet ResNets, at 224×224.
+STRIDED = [
+    ConvShape("mobilenet_v2.features.4.conv.1.0", 144, 56, stride=2, groups=144),
+    ConvShape("resnet50.conv1", 3, 224, kernel=7, stride=2, padding=3),
+]
 # ViT-B/16: 197 tokens; d = 768 (qkv, out_proj, mlp.fc1, head) and 3072 (mlp.fc2).
 VIT_B16 = [LinearShape("vit_b16.d768", 768, 197), LinearShape("vit_b16.d3072", 3072, 197)]

@@ -835,10 +835,11 @@ bool phase_accumulate_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& 
   const int64_t images = std::max<int64_t>(1, chunk_elements / (C * g.sh * g.sw * hp * wp));
   for (int64_t n0 = 0; n0 < N; n0 += images) {
     const int64_t n = std::min(images, N - n0);
-    const at::Tensor padded = at::constant_pad_nd(
-        x.narrow(0, n0, n), {g.pw_lo, g.sw * wp - W - g.pw_lo, g.ph_lo, g.sh * hp - H - g.ph_lo}, 0);
-    const at::Tensor phases = padded.view({n, C, hp, g.sh, wp, g.sw}).permute({0, 1, 3, 5, 2, 4})
-                                  .reshape({n, C * g.sh * g.sw, hp, wp});
+    const at::Tensor phases =  // (the padded copy freed once the phases are copied out of it)
+        at::constant_pad_nd(x.narrow(0, n0, n), {g.pw_lo, g.sw * wp - W - g.pw_lo, g.ph_lo, g.sh * hp - H - g.ph_lo}, 0)
+            .view({n, C, hp, g.sh, wp, g.sw})
+            .permute({0, 1, 3, 5, 2, 4})
+            .reshape({n, C * g.sh * g.sw, hp, wp});
     shift_accumulate_chunked(big, phases, pg, chunk_elements);
   }
   // cov's entry (c, a1, a2) is big's (c, a1 mod sh, a2 mod sw, a1 div sh, a2 div sw).
