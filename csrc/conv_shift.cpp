@@ -701,7 +701,8 @@ void shift_accumulate_fused_cpu(at::Tensor& cov, const at::Tensor& x, const Conv
 
 namespace {
 
-// The direct form's cost (the gather and the symmetric update; any stride) in shift_pays' units.
+// The direct form's cost (any stride) in shift_pays' units: half of the unfolded product (the
+// symmetric update), the gather of every patch, the mirror of all of cov.
 double direct_cost(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t channels_per_group, int64_t groups) {
   const int64_t kk = g.kh * g.kw;
   const double cg2 = double(channels_per_group) * double(channels_per_group);
@@ -710,23 +711,20 @@ double direct_cost(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t c
                            kGatherCost * positions * double(kk * channels_per_group) + kDirectGroupCost);
 }
 
-// The shifted form's cost for a stride-1 geometry, with its sums as cov's device and width get them.
-double shifted_cost(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, int64_t W) {
-  const int64_t kk = g.kh * g.kw, groups = cov.size(0), channels_per_group = cov.size(1) / kk;
-  // Costs in multiply-adds. GEMMs: the shifted form's whole rows of its copies (cut or padded, as
-  // copy_chunk picks) and subtracted columns, against the direct form's half of the unfolded
-  // product. Passes over memory: the direct form gathers every patch and mirrors all of cov; the
-  // shifted form writes only the blocks some shift reaches, and makes extra passes over its
-  // (C_g, C_g) sums (allocating them, reading every term of every block). The fused pass makes
-  // only the window's products (its column sums come from its accumulators).
-  const bool fused = fused_sums_on(cov, channels_per_group, kk);
+// The shifted form's cost for a stride-1 geometry, its sums made by the fused pass or by GEMMs, in
+// entries of element_size bytes. GEMMs: the whole rows of its copies (cut or padded, as copy_chunk
+// picks) and subtracted columns; passes over memory: only the blocks some shift reaches, and extra
+// passes over its (C_g, C_g) sums (allocating them, reading every term of every block). The fused
+// pass makes only the window's products (its column sums come from its accumulators).
+double shifted_cost(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t channels_per_group, int64_t groups,
+                    bool fused, int64_t element_size) {
   const std::shared_ptr<const ShiftPlan> sp = shift_plan(g, H, W);
   const std::vector<Shift>& shifts = sp->shifts;
   double gemm = 0, fused_macs = 0, sum_passes = 0, blocks = 0;
   for (const Shift& sh : shifts) {
     for (size_t p = 0; p < sh.rows.size(); ++p) {
       const int64_t q = std::abs(sh.s2);
-      const bool scalar = W - q < 32 / int64_t(cov.element_size());  // a window narrower than a vector
+      const bool scalar = W - q < 32 / element_size;  // a window narrower than a vector
       fused_macs += double(sh.rows[p].size()) * double(W - q) * (scalar ? kFusedScalarFactor : 1.0);
       gemm += double(sh.rows[p].size()) * double(padded_pays(q, channels_per_group, W) ? W + q : W - q);
       for (size_t j = 0; j < sh.cols.size(); ++j)
@@ -758,7 +756,9 @@ bool shift_pays(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, 
   const int64_t kk = g.kh * g.kw, groups = cov.size(0), channels_per_group = cov.size(1) / kk;
   if (g.sh != 1 || g.sw != 1 || g.dh != 1 || g.dw != 1 || kk == 1) return false;
   if (const int forced = env_switch("DEEPUNLEARN_CONV_SHIFT"); forced >= 0) return forced == 1;
-  return shifted_cost(cov, g, N, H, W) < direct_cost(g, N, H, W, channels_per_group, groups);
+  const bool fused = fused_sums_on(cov, channels_per_group, kk);
+  return shifted_cost(g, N, H, W, channels_per_group, groups, fused, cov.element_size()) <
+         direct_cost(g, N, H, W, channels_per_group, groups);
 }
 
 void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements) {
@@ -823,12 +823,12 @@ bool phase_accumulate_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& 
   const int64_t kh = (g.kh + g.sh - 1) / g.sh, kw = (g.kw + g.sw - 1) / g.sw, cp = cg * g.sh * g.sw;
   const int64_t ho = g.out_h(H), wo = g.out_w(W), hp = ho + kh - 1, wp = wo + kw - 1;  // phase image size
   const ConvGeom pg{kh, kw, 1, 1, 0, 0, 0, 0, 1, 1};
-  const int64_t dp = cp * kh * kw;
-  at::Tensor big = at::empty({groups, dp, dp}, cov.options());  // the phase conv's statistics
-  if (forced != 1 && !(fused_sums_on(big, cp, kh * kw) &&
-                       shifted_cost(big, pg, N, hp, wp) < direct_cost(g, N, H, W, cg, groups)))
+  if (forced != 1 && !(fused_sums_on(cov, cp, kh * kw) &&
+                       shifted_cost(pg, N, hp, wp, cp, groups, true, cov.element_size()) <
+                           direct_cost(g, N, H, W, cg, groups)))
     return false;
-  big.zero_();
+  const int64_t dp = cp * kh * kw;
+  at::Tensor big = at::zeros({groups, dp, dp}, cov.options());  // the phase conv's statistics
   // Phase images, (n, C·sh·sw, hp, wp) with channels (c, φ1, φ2): each group's still together. The
   // padded input is cut or zero-extended to sh·hp × sw·wp (ghost taps s·α + φ >= k read the
   // extension; their rows of big are dropped below).
