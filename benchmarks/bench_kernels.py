@@ -4,16 +4,18 @@
 
 Compares linear covariance with ``cov.addmm_(xᵀ, x)``, conv covariance with ``F.unfold`` +
 ``addmm`` (per group), and the fused edit with the two-GEMM torch expression, on the real layer
-shapes of ResNet-18 (CIFAR stem), VGG-11-BN and ViT-B/16, and on depthwise layers of MobileNetV2 and
-ConvNeXt-T and the ImageNet ResNet stem. Prints a table of ratios (pure time
-/ op time: above 1 means the op is faster) and writes
-``benchmarks/results/kernels_<device>.json`` and ``.md`` with the device name. A sweep then
-times the conv op with each of its two exact forms forced (``DEEPUNLEARN_CONV_SHIFT=0/1``).
+shapes of ResNet-18 (CIFAR stem), VGG-11-BN and ViT-B/16, on depthwise layers of MobileNetV2 and
+ConvNeXt-T, strided ones (MobileNetV2, the ImageNet ResNet stem) and dilated ones (ResNet-50 at
+output stride 8). Prints a table of ratios (pure time / op time: above 1 means the op is faster)
+and writes ``benchmarks/results/kernels_<device>.json`` and ``.md`` with the device name. A sweep
+then times the conv op with each of its exact forms forced (``DEEPUNLEARN_CONV_SHIFT``,
+``_PHASES``, ``_RESIDUES`` = 0 / 1).
 
 On a GPU it also measures the device's ceilings (bf16 / tf32 / fp32 matrix-multiply rates, copy
 bandwidth) in the same run, adds bf16 rows (the pure path being its float32 twin, as in
-``deepunlearn.covariance``), a tf32 row (the op with tf32 against the float32 ``addmm``), and sweeps
-the ops' tuning knobs (output tile of the symmetric GEMMs, conv chunk size).
+``deepunlearn.covariance``), tf32 rows (linear: the op with tf32 against the float32 ``addmm``;
+conv: tf32 allowed on both sides), and sweeps the ops' tuning knobs (output tile of the symmetric
+GEMMs, conv chunk size).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ceilings, device_name, env, median_time, tf32  # noqa: E402
-from shapes import DEPTHWISE, RESNET18_CIFAR, STRIDED, VGG11_BN, VIT_B16  # noqa: E402
+from shapes import DEPTHWISE, DILATED, RESNET18_CIFAR, STRIDED, VGG11_BN, VIT_B16  # noqa: E402
 
 import deepunlearn  # noqa: E402
 from deepunlearn import _ext  # noqa: E402
@@ -74,15 +76,20 @@ def bench_linear(shape, batch, device, dtype, repeat, op_tf32=False):
             "speedup": t_pure / t_op, "op_tflops_full_gemm_equiv": flops / t_op / 1e12}
 
 
-def bench_conv(shape, batch, device, repeat, dtype=torch.float32):
+def conv_module(shape) -> torch.nn.Conv2d:
+    return torch.nn.Conv2d(shape.c_in, shape.c_in, shape.kernel, shape.stride, shape.padding, shape.dilation,
+                           groups=shape.groups)
+
+
+def bench_conv(shape, batch, device, repeat, dtype=torch.float32, allow_tf32=False):
+    """``allow_tf32``: both sides with tf32 allowed (the GPU's float32 GEMMs on the tensor cores)."""
     x = torch.randn(batch, shape.c_in, shape.size, shape.size, device=device, dtype=dtype)
-    conv = torch.nn.Conv2d(shape.c_in, shape.c_in, shape.kernel, shape.stride, shape.padding, groups=shape.groups)
-    geom = deepunlearn.covariance.ConvGeometry.of(conv)
+    geom = deepunlearn.covariance.ConvGeometry.of(conv_module(shape))
     d = shape.d
     cov = torch.zeros(shape.groups, d, d, device=device)
 
     def pure():  # the unfolded matrix in memory (float32, as the pure twin), then one GEMM per group
-        u = F.unfold(x.float(), shape.kernel, padding=shape.padding, stride=shape.stride).transpose(1, 2)
+        u = F.unfold(x.float(), shape.kernel, shape.dilation, shape.padding, shape.stride).transpose(1, 2)
         if shape.groups == 1:
             u = u.reshape(-1, d)
             cov[0].addmm_(u.T, u)
@@ -93,9 +100,11 @@ def bench_conv(shape, batch, device, repeat, dtype=torch.float32):
     def op():
         deepunlearn.covariance.accumulate_conv_(cov, x, geom)
 
-    t_pure, t_op = median_time(pure, device, repeat), median_time(op, device, repeat)
-    return {"op": "conv_cov", "layer": shape.name, "d": d, "batch": batch, "hw": shape.size, "dtype": _name(dtype),
-            "pure_s": t_pure, "op_s": t_op, "speedup": t_pure / t_op}, pure, op
+    with tf32(allow_tf32):
+        t_pure, t_op = median_time(pure, device, repeat), median_time(op, device, repeat)
+    return {"op": "conv_cov", "layer": shape.name, "d": d, "batch": batch, "hw": shape.size,
+            "dtype": _name(dtype) + ("/tf32" if allow_tf32 else ""), "pure_s": t_pure, "op_s": t_op,
+            "speedup": t_pure / t_op}, pure, op
 
 
 def bench_edit(shape, device, repeat):
@@ -140,7 +149,7 @@ def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
                     record("DEEPUNLEARN_CUDA_SYRK_TILE", tile, s.name, label, t, 2.0 * x.shape[0] * s.d**2)
     for s in (RESNET18_CIFAR[1], VGG11_BN[1], VGG11_BN[3], VGG11_BN[5]):
         batch = conv_batch[s.name.split(".")[0]]
-        geom = deepunlearn.covariance.ConvGeometry.of(torch.nn.Conv2d(s.c_in, s.c_in, s.kernel, s.stride, s.padding))
+        geom = deepunlearn.covariance.ConvGeometry.of(conv_module(s))
         cov = torch.zeros(1, s.d, s.d, device=device)
         x = torch.randn(batch, s.c_in, s.size, s.size, device=device, dtype=torch.bfloat16)
         for tile in (512, 1024, s.d):
@@ -151,7 +160,7 @@ def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
             with env("DEEPUNLEARN_CUDA_CONV_CHUNK", str(chunk)):
                 t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
             record("DEEPUNLEARN_CUDA_CONV_CHUNK", chunk, s.name, "bfloat16", t)
-    rows += sweep_conv_forms(device, repeat, conv_batch, [RESNET18_CIFAR[1], VGG11_BN[1], VGG11_BN[3], VGG11_BN[5]])
+    rows += sweep_conv_forms(device, repeat, conv_batch, [RESNET18_CIFAR[1], VGG11_BN[1], VGG11_BN[3], VGG11_BN[5]] + DILATED)
     return rows
 
 
@@ -159,16 +168,16 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
     """float32 conv covariance (no tf32) with the shifted form forced off, forced on, and as chosen;
     on the CPU, where a group has few channels, also the shifted form with its sums made by GEMMs
     instead of the fused pass (DEEPUNLEARN_CONV_FUSED=0). Strided layers: the CPU's phase form
-    forced off, on, and as chosen."""
+    forced off, on, and as chosen; dilated ones: the residue form."""
     rows = []
     for s in shapes:
-        conv = torch.nn.Conv2d(s.c_in, s.c_in, s.kernel, s.stride, s.padding, groups=s.groups)
-        geom = deepunlearn.covariance.ConvGeometry.of(conv)
+        geom = deepunlearn.covariance.ConvGeometry.of(conv_module(s))
         cov = torch.zeros(s.groups, s.d, s.d, device=device)
         x = torch.randn(conv_batch[s.name.split(".")[0]], s.c_in, s.size, s.size, device=device)
-        knob = "DEEPUNLEARN_CONV_PHASES" if s.stride > 1 else "DEEPUNLEARN_CONV_SHIFT"
+        knob = ("DEEPUNLEARN_CONV_PHASES" if s.stride > 1 else
+                "DEEPUNLEARN_CONV_RESIDUES" if s.dilation > 1 else "DEEPUNLEARN_CONV_SHIFT")
         settings = [(knob, "0", {}), (knob, "1", {}), (knob, "default", {})]
-        if device.type == "cpu" and s.c_in // s.groups <= 12 and s.stride == 1:
+        if device.type == "cpu" and s.c_in // s.groups <= 12 and s.stride == 1 and s.dilation == 1:
             settings.append(("DEEPUNLEARN_CONV_FUSED", "0", {"DEEPUNLEARN_CONV_SHIFT": "1"}))
         for knob, value, also in settings:
             with ExitStack() as stack:
@@ -217,7 +226,8 @@ def main(argv=None) -> int:
     repeat = 3 if a.quick else (20 if gpu else 9)
     vit_batch = (1 if a.quick else (256 if gpu else 8))
     conv_batch = {"resnet18": 8 if a.quick else (256 if gpu else 32), "vgg11": 1 if a.quick else (32 if gpu else 2),
-                  **{m: 2 if a.quick else (64 if gpu else 8) for m in ("mobilenet_v2", "convnext_tiny", "resnet50")}}
+                  **{m: 2 if a.quick else (64 if gpu else 8) for m in ("mobilenet_v2", "convnext_tiny", "resnet50")},
+                  "resnet50_os8": 1 if a.quick else (32 if gpu else 4)}
     result = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
               "extension": _ext.extension_info(), "quick": a.quick,
               "ceilings": ceilings(device) if gpu else None, "rows": [], "sweep": []}
@@ -229,9 +239,10 @@ def main(argv=None) -> int:
             rows.append(bench_linear(s, vit_batch, device, dt, repeat, op_tf32=t32))
             print(rows[-1], flush=True)
     pending = []  # (row, pure, op): peak memory is measured after every timing
-    for s in RESNET18_CIFAR + VGG11_BN + DEPTHWISE + STRIDED:
-        for dt in ([torch.float32, torch.bfloat16] if gpu else [torch.float32]):
-            pending.append(bench_conv(s, conv_batch[s.name.split(".")[0]], device, repeat, dt))
+    for s in RESNET18_CIFAR + VGG11_BN + DEPTHWISE + STRIDED + DILATED:
+        variants = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)] if gpu else [(torch.float32, False)]
+        for dt, t32 in variants:
+            pending.append(bench_conv(s, conv_batch[s.name.split(".")[0]], device, repeat, dt, allow_tf32=t32))
             rows.append(pending[-1][0])
             print(rows[-1], flush=True)
     for s in VIT_B16:
@@ -241,7 +252,8 @@ def main(argv=None) -> int:
     if not a.quick and not a.no_sweep:
         result["sweep"] = (sweep_knobs(device, repeat, vit_batch, conv_batch) if gpu else
                            sweep_conv_forms(device, repeat, conv_batch,
-                                            [s for s in RESNET18_CIFAR + VGG11_BN + DEPTHWISE if s.stride == 1] + STRIDED))
+                                            [s for s in RESNET18_CIFAR + VGG11_BN + DEPTHWISE if s.stride == 1] + STRIDED
+                                            + DILATED))
     # Only now: on the CPU the exact RSS mode maps every large buffer afresh (page faults), which
     # slows allocation-heavy code and would distort the times above.
     exact_rss_peaks()

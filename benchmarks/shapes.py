@@ -13,6 +13,7 @@ class ConvShape:
     stride: int = 1
     padding: int = 1
     groups: int = 1
+    dilation: int = 1
 
     @property
     def d(self) -> int:
@@ -58,6 +59,12 @@ DEPTHWISE = [
 STRIDED = [
     ConvShape("mobilenet_v2.features.4.conv.1.0", 144, 56, stride=2, groups=144),
     ConvShape("resnet50.conv1", 3, 224, kernel=7, stride=2, padding=3),
+]
+# Dilated layers: torchvision's ResNet-50 with its last two strides replaced by dilation (output
+# stride 8, the DeepLabV3 backbone) at 224×224, where the ops take the residue form.
+DILATED = [
+    ConvShape("resnet50_os8.layer3.1.conv2", 256, 28, padding=2, dilation=2),
+    ConvShape("resnet50_os8.layer4.1.conv2", 512, 28, padding=4, dilation=4),
 ]
 # ViT-B/16: 197 tokens; d = 768 (qkv, out_proj, mlp.fc1, head) and 3072 (mlp.fc2).
 VIT_B16 = [LinearShape("vit_b16.d768", 768, 197), LinearShape("vit_b16.d3072", 3072, 197)]

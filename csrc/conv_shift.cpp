@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <array>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
@@ -58,7 +59,7 @@ namespace {
 // windows narrower than a vector), plus kFusedTaskCost per group and shift, kFusedBlockCost per
 // group and block (the scatter's bookkeeping) and kFusedShiftCost per shift.
 constexpr double kCovPassCost = 100.0, kSumPassCost = 15.0, kShiftCallCost = 15e6, kGatherCost = 100.0;
-constexpr double kDirectGroupCost = 3e5, kFusedMacCost = 5.0, kFusedScalarFactor = 4.0, kFusedTaskCost = 1.5e4,
+constexpr double kDirectGroupCost = 3e5, kFusedMacCost = 5.0, kFusedScalarFactor = 4.0, kFusedTaskCost = 1.5e3,
                  kFusedBlockCost = 1e2, kFusedShiftCost = 2e4;
 
 // Channels per group up to which the CPU makes the shifted form's sums in one fused pass, not
@@ -655,6 +656,26 @@ void scatter_grid_blocks(T* cov_g, const FusedLayout& layout, const T* q, int64_
   }
 }
 
+// The images of a stride-1 conv that the shifted form reads, copied chunk by chunk into its
+// (channels, H, images, W) layout: a conv's own input, or images made from another conv's input
+// (the phase images of a strided conv, the residue images of a dilated one), which then exist only
+// as those chunks.
+struct ShiftImages {
+  int64_t count, channels, H, W;
+  int64_t granule = 1;  // chunks hold a multiple of this many images
+  // dst (c, H, n, W), in cov's dtype ← channels [c0, c0 + c) of images [i0, i0 + n); i0 and n are
+  // multiples of granule (n may be cut at count)
+  std::function<void(const at::Tensor& dst, int64_t i0, int64_t c0)> fill;
+
+  int64_t per_chunk(int64_t images) const { return std::max(granule, images / granule * granule); }
+};
+
+ShiftImages plain_images(const at::Tensor& x) {
+  return {x.size(0), x.size(1), x.size(2), x.size(3), 1, [x](const at::Tensor& dst, int64_t i0, int64_t c0) {
+            dst.copy_(x.narrow(0, i0, dst.size(2)).narrow(1, c0, dst.size(0)).permute({1, 2, 0, 3}));
+          }};
+}
+
 // The CPU's own kernels (symmetric updates for shift 0, the tiled scatter, the fused pass), or the
 // device-generic ATen path the GPU runs; DEEPUNLEARN_CONV_SHIFT_GENERIC=1 forces the latter on the
 // CPU, so that the CPU tests cover it too.
@@ -669,16 +690,16 @@ bool fused_sums_on(const at::Tensor& cov, int64_t cg, int64_t kk) {
   return cg <= (kk >= kWideKernelTaps ? kFusedMaxChannelsWide : kFusedMaxChannels);
 }
 
-void shift_accumulate_fused_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements,
+void shift_accumulate_fused_cpu(at::Tensor& cov, const ShiftImages& in, const ConvGeom& g, int64_t chunk_elements,
                                 const std::vector<Shift>& shifts, const FusedLayout& layout) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t N = in.count, C = in.channels, H = in.H, W = in.W;
   const int64_t groups = cov.size(0), cg = C / groups, kk = g.kh * g.kw;
-  const int64_t images = std::max<int64_t>(1, chunk_elements / (C * H * W));
+  const int64_t images = in.per_chunk(chunk_elements / (C * H * W));
   const at::Tensor pool = scratch({groups, layout.count, cg, cg}, cov.options());  // the first chunk writes it
   for (int64_t n0 = 0; n0 < N; n0 += images) {
     const int64_t n = std::min(images, N - n0);
-    at::Tensor whole = at::empty({C, H, n, W}, cov.options());  // in cov's dtype
-    whole.copy_(x.narrow(0, n0, n).permute({1, 2, 0, 3}));
+    at::Tensor whole = scratch({C, H, n, W}, cov.options());  // in cov's dtype, written by fill
+    in.fill(whole, n0, 0);
     AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "fused_sums_cpu", [&] {
       fused_sums_cpu<scalar_t>(whole.const_data_ptr<scalar_t>(), C, H, n, W, shifts, layout, g, cg,
                                pool.mutable_data_ptr<scalar_t>(), n0 == 0);
@@ -743,7 +764,7 @@ double shifted_cost(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t 
   const double n_shifts = double(shifts.size());
   const double shifted =
       fused ? double(groups) * ((kFusedMacCost * fused_macs * double(N) + kCovPassCost * blocks) * cg2 +
-                                kFusedTaskCost * n_shifts + kFusedBlockCost * blocks) +
+                                kFusedTaskCost * double(channels_per_group) * n_shifts + kFusedBlockCost * blocks) +
                   kFusedShiftCost * n_shifts
             : double(groups) * (gemm * double(N) * cg2 + (kCovPassCost * blocks + kSumPassCost * sum_passes) * cg2 +
                                 kShiftCallCost);
@@ -761,20 +782,24 @@ bool shift_pays(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, 
          direct_cost(g, N, H, W, channels_per_group, groups);
 }
 
-void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+namespace {
+
+// cov += the statistics of the stride-1 conv g over `in`'s images, in chunks of about
+// chunk_elements entries of their copies.
+void accumulate_images(at::Tensor& cov, const ShiftImages& in, const ConvGeom& g, int64_t chunk_elements) {
+  const int64_t N = in.count, C = in.channels, H = in.H, W = in.W;
   const int64_t groups = cov.size(0), cg = C / groups, kk = g.kh * g.kw;
   const std::shared_ptr<const ShiftPlan> sp = shift_plan(g, H, W);
   const std::vector<Shift>& shifts = sp->shifts;
   if (fused_sums_on(cov, cg, kk)) {
-    shift_accumulate_fused_cpu(cov, x, g, chunk_elements, shifts, sp->fused);
+    shift_accumulate_fused_cpu(cov, in, g, chunk_elements, shifts, sp->fused);
     return;
   }
   const SumSlots& slots = sp->slots;
   const BlockTerms& terms = sp->terms;
   // Copies per image at most: the whole map and the two windows of one |s2| (made and dropped in
   // turn), at most 3 W columns.
-  const int64_t images = std::max<int64_t>(1, chunk_elements / (cg * H * 3 * W));
+  const int64_t images = in.per_chunk(chunk_elements / (cg * H * 3 * W));
   const at::TensorOptions opts = cov.options();
   const bool cpu = cpu_kernels_on(cov);
   for (int64_t gi = 0; gi < groups; ++gi) {
@@ -785,8 +810,8 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
     for (int64_t n0 = 0; n0 < N; n0 += images) {
       const int64_t n = std::min(images, N - n0);
       // (cg, H, n, W) in cov's dtype: the whole map once, each window sliced from that copy
-      at::Tensor whole = at::empty({cg, H, n, W}, opts);
-      whole.copy_(x.narrow(0, n0, n).narrow(1, gi * cg, cg).permute({1, 2, 0, 3}));
+      at::Tensor whole = scratch({cg, H, n, W}, opts);  // written by fill
+      in.fill(whole, n0, gi * cg);
       for (int64_t q = 0; q < std::min(W, g.kw); ++q)  // shifts by q columns either way
         accumulate_chunk(shifts, sums, copy_chunk(whole, q), q, g, cg, cpu, n0 == 0 ? 0.0 : 1.0);
     }
@@ -813,6 +838,23 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
   }
 }
 
+}  // namespace
+
+void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements) {
+  accumulate_images(cov, plain_images(x), g, chunk_elements);
+}
+
+namespace {
+
+// The indices m < count with 0 <= offset + step·m < size (step > 0): a run, maybe empty.
+Segment inside(int64_t offset, int64_t step, int64_t count, int64_t size) {
+  const int64_t begin = std::min(count, offset >= 0 ? 0 : (step - 1 - offset) / step);
+  const int64_t end = offset >= size ? 0 : (size - 1 - offset) / step + 1;
+  return {begin, std::max(begin, std::min(end, count))};
+}
+
+}  // namespace
+
 bool phase_accumulate_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements) {
   // Strided, undilated, with overlapping windows (k > s in some dim): tap a = s·α + φ of output o
   // reads the input at s·(o + α) + φ, i.e. tap α of a stride-1 conv over phase image φ.
@@ -820,36 +862,120 @@ bool phase_accumulate_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& 
   const int forced = env_switch("DEEPUNLEARN_CONV_PHASES");
   if (forced == 0) return false;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), groups = cov.size(0), cg = C / groups;
-  const int64_t kh = (g.kh + g.sh - 1) / g.sh, kw = (g.kw + g.sw - 1) / g.sw, cp = cg * g.sh * g.sw;
+  const int64_t sh = g.sh, sw = g.sw, kh = (g.kh + sh - 1) / sh, kw = (g.kw + sw - 1) / sw, cp = cg * sh * sw;
   const int64_t ho = g.out_h(H), wo = g.out_w(W), hp = ho + kh - 1, wp = wo + kw - 1;  // phase image size
   const ConvGeom pg{kh, kw, 1, 1, 0, 0, 0, 0, 1, 1};
   if (forced != 1 && !(fused_sums_on(cov, cp, kh * kw) &&
                        shifted_cost(pg, N, hp, wp, cp, groups, true, cov.element_size()) <
                            direct_cost(g, N, H, W, cg, groups)))
     return false;
+  // Phase images (hp, wp) with channels (c, φ1, φ2), each group's still together: entry (i, j) of
+  // phase φ is the padded input's (s_h·i + φ1, s_w·j + φ2), zero past its end (ghost taps
+  // s·α + φ >= k read those; their rows of big are dropped below).
+  std::vector<std::array<Segment, 2>> parts;  // per phase: its rows and columns inside the input
+  bool whole = true;
+  for (int64_t f1 = 0; f1 < sh; ++f1)
+    for (int64_t f2 = 0; f2 < sw; ++f2) {
+      parts.push_back({inside(f1 - g.ph_lo, sh, hp, H), inside(f2 - g.pw_lo, sw, wp, W)});
+      whole = whole && parts.back()[0].size() == hp && parts.back()[1].size() == wp;
+    }
+  ShiftImages phases{N, C * sh * sw, hp, wp, 1, [&](const at::Tensor& dst, int64_t i0, int64_t c0) {
+    const int64_t c = dst.size(0) / (sh * sw), n = dst.size(2);
+    if (!whole) dst.zero_();
+    const at::Tensor src = x.narrow(0, i0, n).narrow(1, c0 / (sh * sw), c);
+    const at::Tensor out = dst.view({c, sh, sw, hp, n, wp});
+    for (int64_t f1 = 0; f1 < sh; ++f1)
+      for (int64_t f2 = 0; f2 < sw; ++f2) {
+        const Segment rows = parts[f1 * sw + f2][0], cols = parts[f1 * sw + f2][1];
+        if (rows.size() == 0 || cols.size() == 0) continue;
+        const int64_t y0 = sh * rows.begin + f1 - g.ph_lo, x0 = sw * cols.begin + f2 - g.pw_lo;
+        out.select(1, f1).select(1, f2).narrow(1, rows.begin, rows.size()).narrow(3, cols.begin, cols.size())
+            .copy_(src.slice(2, y0, y0 + sh * (rows.size() - 1) + 1, sh)
+                       .slice(3, x0, x0 + sw * (cols.size() - 1) + 1, sw)
+                       .permute({1, 2, 0, 3}));
+      }
+  }};
   const int64_t dp = cp * kh * kw;
   at::Tensor big = at::zeros({groups, dp, dp}, cov.options());  // the phase conv's statistics
-  // Phase images, (n, C·sh·sw, hp, wp) with channels (c, φ1, φ2): each group's still together. The
-  // padded input is cut or zero-extended to sh·hp × sw·wp (ghost taps s·α + φ >= k read the
-  // extension; their rows of big are dropped below).
-  const int64_t images = std::max<int64_t>(1, chunk_elements / (C * g.sh * g.sw * hp * wp));
-  for (int64_t n0 = 0; n0 < N; n0 += images) {
-    const int64_t n = std::min(images, N - n0);
-    const at::Tensor phases =  // (the padded copy freed once the phases are copied out of it)
-        at::constant_pad_nd(x.narrow(0, n0, n), {g.pw_lo, g.sw * wp - W - g.pw_lo, g.ph_lo, g.sh * hp - H - g.ph_lo}, 0)
-            .view({n, C, hp, g.sh, wp, g.sw})
-            .permute({0, 1, 3, 5, 2, 4})
-            .reshape({n, C * g.sh * g.sw, hp, wp});
-    shift_accumulate_chunked(big, phases, pg, chunk_elements);
-  }
+  accumulate_images(big, phases, pg, chunk_elements);
   // cov's entry (c, a1, a2) is big's (c, a1 mod sh, a2 mod sw, a1 div sh, a2 div sw).
   std::vector<int64_t> idx;
   for (int64_t c = 0; c < cg; ++c)
     for (int64_t a1 = 0; a1 < g.kh; ++a1)
       for (int64_t a2 = 0; a2 < g.kw; ++a2)
-        idx.push_back((((c * g.sh + a1 % g.sh) * g.sw + a2 % g.sw) * kh + a1 / g.sh) * kw + a2 / g.sw);
+        idx.push_back((((c * sh + a1 % sh) * sw + a2 % sw) * kh + a1 / sh) * kw + a2 / sw);
   const at::Tensor index = at::tensor(idx, at::TensorOptions().dtype(at::kLong));
   cov.add_(big.index_select(1, index).index_select(2, index));
+  return true;
+}
+
+namespace {
+
+// One dimension of a dilated stride-1 conv, by output residue: output o = r + δ·m (δ the
+// dilation) has its taps at padded input r + δ·(m + a), so the outputs of residue r are those of
+// an undilated conv over the residue image, the padded input's entries r + δ·m. A run holds
+// `count` consecutive residues whose images have the same shape: `real` input entries from
+// start + j (residue j of the run), δ apart, after `lo` and before `hi` entries of padding.
+struct ResidueRun {
+  int64_t count, start, real, lo, hi;
+};
+
+std::vector<ResidueRun> residue_runs(int64_t size, int64_t pad_lo, int64_t pad_hi, int64_t k, int64_t dil) {
+  const int64_t out = size + pad_lo + pad_hi - dil * (k - 1);
+  std::vector<ResidueRun> runs;
+  for (int64_t r = 0; r < std::min(dil, out); ++r) {
+    const int64_t len = (out - r + dil - 1) / dil + k - 1;  // the residue image: its outputs + k − 1
+    const Segment real = inside(r - pad_lo, dil, len, size);
+    if (real.size() == 0) continue;  // only padding: its patches are zero
+    const ResidueRun run{1, r - pad_lo + dil * real.begin, real.size(), real.begin, len - real.end};
+    ResidueRun* last = runs.empty() ? nullptr : &runs.back();
+    if (last != nullptr && last->real == run.real && last->lo == run.lo && last->hi == run.hi &&
+        last->start + last->count == run.start) {
+      ++last->count;
+    } else {
+      runs.push_back(run);
+    }
+  }
+  return runs;
+}
+
+}  // namespace
+
+bool residue_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements) {
+  if (g.sh != 1 || g.sw != 1 || (g.dh == 1 && g.dw == 1) || g.kh * g.kw == 1) return false;
+  const int forced = env_switch("DEEPUNLEARN_CONV_RESIDUES");
+  if (forced == 0) return false;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), groups = cov.size(0), cg = C / groups;
+  const std::vector<ResidueRun> rows = residue_runs(H, g.ph_lo, g.ph_hi, g.kh, g.dh);
+  const std::vector<ResidueRun> cols = residue_runs(W, g.pw_lo, g.pw_hi, g.kw, g.dw);
+  const auto geometry = [&](const ResidueRun& a, const ResidueRun& b) {
+    return ConvGeom{g.kh, g.kw, 1, 1, a.lo, a.hi, b.lo, b.hi, 1, 1};
+  };
+  if (forced != 1) {
+    const bool fused = fused_sums_on(cov, cg, g.kh * g.kw);
+    double cost = 0;
+    for (const ResidueRun& a : rows)
+      for (const ResidueRun& b : cols)
+        cost += shifted_cost(geometry(a, b), N * a.count * b.count, a.real, b.real, cg, groups, fused,
+                             cov.element_size());
+    if (!(cost < direct_cost(g, N, H, W, cg, groups))) return false;
+  }
+  // Per pair of runs one call over its residue images, ordered (image, row residue, column
+  // residue): a chunk of whole images is one strided view of x, copied once.
+  for (const ResidueRun& a : rows)
+    for (const ResidueRun& b : cols) {
+      const int64_t per_image = a.count * b.count;
+      ShiftImages residues{N * per_image, C, a.real, b.real, per_image, [&](const at::Tensor& dst, int64_t i0, int64_t c0) {
+        const int64_t c = dst.size(0), n = dst.size(2) / per_image;
+        const at::Tensor src = x.as_strided(
+            {n, c, a.count, a.real, b.count, b.real},
+            {x.stride(0), x.stride(1), x.stride(2), g.dh * x.stride(2), x.stride(3), g.dw * x.stride(3)},
+            x.storage_offset() + i0 / per_image * x.stride(0) + c0 * x.stride(1) + a.start * x.stride(2) +
+                b.start * x.stride(3));
+        dst.view({c, a.real, n, a.count, b.count, b.real}).copy_(src.permute({1, 3, 0, 2, 4, 5}));
+      }};
+      accumulate_images(cov, residues, geometry(a, b), chunk_elements);
+    }
   return true;
 }
 

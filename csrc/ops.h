@@ -58,6 +58,11 @@ bool shift_pays(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, 
 // took the call (DEEPUNLEARN_CONV_PHASES=0 / 1 forces it off / on wherever the geometry allows).
 bool phase_accumulate_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
 void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
+// Dilated stride-1 convs (device-generic): the outputs of each residue class modulo the dilation
+// are those of an undilated conv over the input's entries of that residue, so the statistics are
+// the shifted form's over the residue images stacked as images; true where it took the call, by
+// the cost model (DEEPUNLEARN_CONV_RESIDUES=0 / 1 forces it off / on wherever the geometry allows).
+bool residue_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
 
 // A tuning knob: the positive integer in environment variable `name`, or 0 when it is unset or
 // not positive (the caller's default then applies). Read per call, so benchmarks can sweep it.

@@ -289,6 +289,47 @@ def test_strided_conv_phase_form_matches_float64_oracle(monkeypatch, phases, dty
     assert rel_err(got.double(), ref) < tol and torch.equal(got, got.transpose(1, 2))
 
 
+# Dilated stride-1 geometries: the residue form (the shifted form over the residue images modulo
+# the dilation) against the gather, each forced. Maps whose size the dilation does not divide make
+# runs of residues of two shapes; a dilation wider than the map leaves residues of padding only.
+DILATED_CASES = [
+    (nn.Conv2d(4, 4, 3, padding=2, dilation=2), (16, 12)),  # one run per dimension
+    (nn.Conv2d(4, 4, 3, padding=2, dilation=2), (19, 17)),  # two runs per dimension
+    (nn.Conv2d(3, 5, (3, 2), padding=(3, 1), dilation=(3, 2)), (13, 11)),
+    (nn.Conv2d(6, 6, 3, padding=1, dilation=(1, 3), groups=3), (9, 14)),  # dilated in one dimension
+    (nn.Conv2d(8, 8, 3, padding=4, dilation=4, groups=8), (14, 13)),  # depthwise
+    (nn.Conv2d(4, 4, 3, padding="valid", dilation=3), (12, 10)),
+    (nn.Conv2d(2, 4, 3, padding=5, dilation=5), (4, 6)),  # dilation wider than the map
+    (nn.Conv2d(3, 4, 4, padding="same", dilation=3), (11, 10)),  # asymmetric zero padding (4, 5)
+    (nn.Conv2d(4, 4, 3, padding=2, dilation=2, padding_mode="reflect"), (10, 9)),  # padded in Python
+    (nn.Conv2d(32, 8, 3, padding=2, dilation=2), (10, 10)),  # wide: sums by GEMMs
+    (nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2), (31,)),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["residues", "residues-fused", "residues-generic", "gathered"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("conv,spatial", DILATED_CASES, ids=[f"{i}" for i in range(len(DILATED_CASES))])
+def test_dilated_conv_residue_form_matches_float64_oracle(monkeypatch, device, form, dtype, conv, spatial):
+    dev = device_or_skip(device)
+    if form in ("residues-fused", "residues-generic") and device != "cpu":
+        pytest.skip("a CPU path (the GPU runs the generic one anyway)")
+    monkeypatch.setenv("DEEPUNLEARN_CONV_RESIDUES", "0" if form == "gathered" else "1")
+    monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "1")  # on a GPU, allows the shifted form's GEMMs at any width
+    monkeypatch.setenv("DEEPUNLEARN_CONV_FUSED", "1" if form == "residues-fused" else "0")
+    monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT_GENERIC", "1" if form == "residues-generic" else "0")
+    if form != "gathered":  # one image's residue images per chunk
+        monkeypatch.setenv("DEEPUNLEARN_CPU_CONV_CHUNK", "1")
+        monkeypatch.setenv("DEEPUNLEARN_CUDA_CONV_CHUNK", "1")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x, geom, start, ref = conv_case(conv, 3, dtype, spatial=spatial)
+    got = accumulate_conv_(start.to(device=dev, dtype=dtype), x.to(dev), geom)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert rel_err(got.cpu().double(), ref) < tol and torch.equal(got, got.transpose(1, 2))
+
+
 CONV3D_CASES = [
     (nn.Conv3d(3, 4, 3, padding=1), (6, 9, 8)),
     (nn.Conv3d(4, 6, (2, 3, 1), stride=(2, 1, 1), padding=(1, 1, 0), dilation=(2, 1, 1), groups=2), (7, 9, 6)),

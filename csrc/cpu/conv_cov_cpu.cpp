@@ -1,9 +1,11 @@
-// conv_cov_accumulate_ on the CPU. Two exact algorithms, chosen per call by shift_pays' cost model:
+// conv_cov_accumulate_ on the CPU. Two exact algorithms, chosen per call by a cost model (shift_pays):
 //
 // * implicit im2col (any stride, dilation): a chunk of at most chunk_elements() patch entries is
 //   gathered straight from the (any-layout) input, fed to the symmetric rank-k update per group,
 //   and reused for the next chunk; the unfolded (n·positions, C·k²) matrix is never built.
-// * shifted cross-correlations (stride 1, dilation 1; conv_shift.cpp, shared with the GPU).
+// * shifted cross-correlations (conv_shift.cpp, shared with the GPU): stride-1 convs directly,
+//   dilated ones over their residue images, strided ones with few channels per group over their
+//   phase images.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -68,6 +70,7 @@ static void conv_cov_accumulate_cpu(at::Tensor cov, const at::Tensor& x_in, at::
   if (total == 0) return;
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
   if (phase_accumulate_cpu(cov, x, g, chunk_elements())) return;
+  if (residue_accumulate(cov, x, g, chunk_elements())) return;
   if (shift_pays(cov, g, N, H, W)) {
     shift_accumulate_chunked(cov, x, g, chunk_elements());
     return;

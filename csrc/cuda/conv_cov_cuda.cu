@@ -4,7 +4,8 @@
 // group. Extra memory: one chunk buffer, whatever the batch size.
 //
 // Wide stride-1 convs whose GEMMs run on the CUDA cores take the shifted cross-correlation form
-// instead (conv_shift.cpp, shared with the CPU; see shift_allowed).
+// instead (conv_shift.cpp, shared with the CPU; see shift_allowed), dilated ones over their residue
+// images.
 //
 // The chunk is stored column-major, (d, rows) with the output positions contiguous: consecutive
 // threads read consecutive output positions, which are consecutive input elements of an NCHW
@@ -101,9 +102,13 @@ static void conv_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x_in, at:
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
   // float64 statistics gather in float64; otherwise the chunk keeps the input's dtype.
   const at::ScalarType buf_t = cov.scalar_type() == at::kDouble ? at::kDouble : x.scalar_type();
-  if (shift_allowed(buf_t, C / groups, ho * wo) && shift_pays(cov, g, N, H, W)) {
-    shift_accumulate_chunked(cov, x, g, chunk_elements(c10::elementSize(cov.scalar_type())));
-    return;
+  if (shift_allowed(buf_t, C / groups, ho * wo) || env_switch("DEEPUNLEARN_CONV_RESIDUES") == 1) {
+    const int64_t shift_chunk = chunk_elements(c10::elementSize(cov.scalar_type()));
+    if (residue_accumulate(cov, x, g, shift_chunk)) return;
+    if (shift_pays(cov, g, N, H, W)) {
+      shift_accumulate_chunked(cov, x, g, shift_chunk);
+      return;
+    }
   }
   // Rows per chunk: a multiple of 16 (the buffer's leading dimension), so every column starts
   // 16-byte aligned. Measured on an H100: an odd leading dimension pushed cuBLAS onto kernels
