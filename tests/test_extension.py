@@ -375,17 +375,22 @@ def test_conv3d_channels_last_and_bf16_inputs():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sums", ["gemm", "fused"])
 @pytest.mark.parametrize("layout", ["bf16", "channels-last", "strided", "chunks", "inference-mode"])
-def test_shifted_form_float32_statistics(monkeypatch, device, sums, layout):
+@pytest.mark.parametrize("form", ["shifted", "residues", "phases"])
+def test_shifted_form_float32_statistics(monkeypatch, device, sums, layout, form):
     # float32 sums of bf16, channels-last, non-contiguous inputs; one image per chunk; under
     # inference mode (the op updates tensors it made itself in place). "fused": 3 channels per
-    # group, where the CPU makes the sums in its fused pass.
+    # group, where the CPU makes the sums in its fused pass. The form straight, over the residue
+    # images of a dilated conv, over the phase images of a strided one.
     dev = device_or_skip(device)
-    if sums == "fused" and device != "cpu":
-        pytest.skip("the fused pass is the CPU's")
-    monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "1")
+    if (sums == "fused" or form == "phases") and device != "cpu":
+        pytest.skip("the fused pass and the phase form are the CPU's")
+    for knob in ("SHIFT", "RESIDUES", "PHASES"):
+        monkeypatch.setenv(f"DEEPUNLEARN_CONV_{knob}", "1")
     monkeypatch.setenv("DEEPUNLEARN_CONV_FUSED", "1" if sums == "fused" else "0")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    conv = nn.Conv2d(20, 4, 3, padding=1) if sums == "gemm" else nn.Conv2d(12, 8, 3, padding=1, groups=4)
+    options = {"shifted": {"padding": 1}, "residues": {"padding": 2, "dilation": 2},
+               "phases": {"padding": 1, "stride": 2}}[form]
+    conv = nn.Conv2d(20, 4, 3, **options) if sums == "gemm" else nn.Conv2d(12, 8, 3, groups=4, **options)
     x, geom, start, ref = conv_case(conv, 4, torch.bfloat16 if layout == "bf16" else torch.float32,
                                     spatial=(19, 21 if layout == "strided" else 17))
     if layout == "strided":  # every other column of a wider map
