@@ -525,10 +525,17 @@ def test_opcheck(device):
 
 
 @needs_ext
-def test_unlearning_gives_the_same_model_with_and_without_the_extension(monkeypatch):
+@pytest.mark.parametrize("forms", ["chosen", "forced"])
+def test_unlearning_gives_the_same_model_with_and_without_the_extension(monkeypatch, forms):
+    # "forced": the shifted, residue and phase forms wherever the geometry allows them
+    if forms == "forced":
+        for knob in ("SHIFT", "RESIDUES", "PHASES"):
+            monkeypatch.setenv(f"DEEPUNLEARN_CONV_{knob}", "1")
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4, padding_mode="reflect"),
-        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 40), nn.ReLU(), nn.Linear(40, 5),
+        nn.ReLU(), nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 9, 40), nn.ReLU(), nn.Linear(40, 5),
     ).double()
     x = torch.randn(20, 3, 6, 6, dtype=torch.float64)
     with_ext = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False).model
