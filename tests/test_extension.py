@@ -237,30 +237,6 @@ SHIFT_CASES = [
 ]
 
 
-@needs_ext
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("form", ["shifted", "shifted-fused", "shifted-generic", "gathered"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("conv,spatial", SHIFT_CASES, ids=[f"{i}" for i in range(len(SHIFT_CASES))])
-def test_both_conv_forms_match_float64_oracle(monkeypatch, device, form, dtype, conv, spatial):
-    # "shifted": its sums by GEMMs; "shifted-fused": by the CPU's one pass for few channels per
-    # group (forced here at any width); "shifted-generic": the device-generic ATen path (what a
-    # GPU runs) on the CPU
-    dev = device_or_skip(device)
-    if form in ("shifted-fused", "shifted-generic") and device != "cpu":
-        pytest.skip("a CPU path (the GPU runs the generic one anyway)")
-    monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "0" if form == "gathered" else "1")
-    monkeypatch.setenv("DEEPUNLEARN_CONV_FUSED", "1" if form == "shifted-fused" else "0")
-    monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT_GENERIC", "1" if form == "shifted-generic" else "0")
-    if form == "shifted-fused":  # one image per chunk: the first writes the sums, the others add to them
-        monkeypatch.setenv("DEEPUNLEARN_CPU_CONV_CHUNK", "1")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    x, geom, start, ref = conv_case(conv, 3, dtype, spatial=spatial)
-    got = accumulate_conv_(start.to(device=dev, dtype=dtype), x.to(dev), geom)
-    tol = 1e-13 if dtype == torch.float64 else 1e-5
-    assert rel_err(got.cpu().double(), ref) < tol and torch.equal(got, got.transpose(1, 2))
-
-
 # Strided, undilated geometries with overlapping windows: the CPU's phase form (a stride-1 conv
 # over the input's phase images) against the gather, each forced.
 PHASE_CASES = [
@@ -289,8 +265,8 @@ def test_strided_conv_phase_form_matches_float64_oracle(monkeypatch, phases, dty
     assert rel_err(got.double(), ref) < tol and torch.equal(got, got.transpose(1, 2))
 
 
-# Dilated stride-1 geometries: the residue form (the shifted form over the residue images modulo
-# the dilation) against the gather, each forced. Maps whose size the dilation does not divide make
+# Dilated stride-1 geometries, for the residue form (the shifted form over the residue images
+# modulo the dilation). Maps whose size the dilation does not divide make
 # runs of residues of two shapes; a dilation wider than the map leaves residues of padding only.
 DILATED_CASES = [
     (nn.Conv2d(4, 4, 3, padding=2, dilation=2), (16, 12)),  # one run per dimension
@@ -309,18 +285,24 @@ DILATED_CASES = [
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("form", ["residues", "residues-fused", "residues-generic", "gathered"])
+@pytest.mark.parametrize("form", ["shifted", "shifted-fused", "shifted-generic", "gathered"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("conv,spatial", DILATED_CASES, ids=[f"{i}" for i in range(len(DILATED_CASES))])
-def test_dilated_conv_residue_form_matches_float64_oracle(monkeypatch, device, form, dtype, conv, spatial):
+@pytest.mark.parametrize("conv,spatial", SHIFT_CASES + DILATED_CASES,
+                         ids=[f"s{i}" for i in range(len(SHIFT_CASES))] + [f"d{i}" for i in range(len(DILATED_CASES))])
+def test_shifted_and_gathered_forms_match_float64_oracle(monkeypatch, device, form, dtype, conv, spatial):
+    # "shifted": its sums by GEMMs; "shifted-fused": by the CPU's one pass for few channels per
+    # group (forced here at any width); "shifted-generic": the device-generic ATen path (what a
+    # GPU runs) on the CPU. Dilated convs: the same over their residue images.
     dev = device_or_skip(device)
-    if form in ("residues-fused", "residues-generic") and device != "cpu":
+    if form in ("shifted-fused", "shifted-generic") and device != "cpu":
         pytest.skip("a CPU path (the GPU runs the generic one anyway)")
-    monkeypatch.setenv("DEEPUNLEARN_CONV_RESIDUES", "0" if form == "gathered" else "1")
-    monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", "1")  # on a GPU, allows the shifted form's GEMMs at any width
-    monkeypatch.setenv("DEEPUNLEARN_CONV_FUSED", "1" if form == "residues-fused" else "0")
-    monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT_GENERIC", "1" if form == "residues-generic" else "0")
-    if form != "gathered":  # one image's residue images per chunk
+    forced = "0" if form == "gathered" else "1"
+    monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", forced)  # on a GPU, also allows the residue form at any width
+    monkeypatch.setenv("DEEPUNLEARN_CONV_RESIDUES", forced)
+    monkeypatch.setenv("DEEPUNLEARN_CONV_FUSED", "1" if form == "shifted-fused" else "0")
+    monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT_GENERIC", "1" if form == "shifted-generic" else "0")
+    if form == "shifted-fused" or (form != "gathered" and max(conv.dilation) > 1):
+        # one image (its residue images) per chunk: the first writes the sums, the others add to them
         monkeypatch.setenv("DEEPUNLEARN_CPU_CONV_CHUNK", "1")
         monkeypatch.setenv("DEEPUNLEARN_CUDA_CONV_CHUNK", "1")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
