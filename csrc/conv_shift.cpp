@@ -57,9 +57,9 @@ namespace {
 // dominates on 3-channel stems), and each group kDirectGroupCost (its GEMM calls). The fused pass
 // (few channels per group) does kFusedMacCost per multiply-add (kFusedScalarFactor times that in
 // windows narrower than a vector), plus kFusedTaskCost per task (group, shift, channel; charged
-// per group and shift it had overcharged depthwise convs on small maps fivefold, which hid the
-// residue form's gains there), kFusedBlockCost per group and block (the scatter's bookkeeping) and
-// kFusedShiftCost per shift.
+// per group and shift instead, it overcharged depthwise convs on small maps about fivefold and hid
+// the residue form's gains there), kFusedBlockCost per group and block (the scatter's bookkeeping)
+// and kFusedShiftCost per shift.
 constexpr double kCovPassCost = 100.0, kSumPassCost = 15.0, kShiftCallCost = 15e6, kGatherCost = 100.0;
 constexpr double kDirectGroupCost = 3e5, kFusedMacCost = 5.0, kFusedScalarFactor = 4.0, kFusedTaskCost = 1.5e3,
                  kFusedBlockCost = 1e2, kFusedShiftCost = 2e4;
