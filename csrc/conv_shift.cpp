@@ -55,14 +55,14 @@ namespace {
 // each group about kShiftCallCost (planning, allocations and some 30 GEMM calls, whatever their
 // size); the direct form's gather about kGatherCost per patch entry written and read back (it
 // dominates on 3-channel stems), and each group kDirectGroupCost (its GEMM calls). The fused pass
-// (few channels per group) does kFusedMacCost per multiply-add (kFusedScalarFactor times that in
-// windows narrower than a vector), plus kFusedTaskCost per task (group, shift, channel; charged
+// (few channels per group) does kFusedMacCost per multiply-add (kFusedHalfFactor times that in
+// windows narrower than a vector, kFusedScalarFactor in those narrower than half a vector), plus kFusedTaskCost per task (group, shift, channel; charged
 // per group and shift instead, it overcharged depthwise convs on small maps about fivefold and hid
 // the residue form's gains there), kFusedBlockCost per group and block (the scatter's bookkeeping)
 // and kFusedShiftCost per shift.
 constexpr double kCovPassCost = 100.0, kSumPassCost = 15.0, kShiftCallCost = 15e6, kGatherCost = 100.0;
-constexpr double kDirectGroupCost = 3e5, kFusedMacCost = 5.0, kFusedScalarFactor = 4.0, kFusedTaskCost = 1.5e3,
-                 kFusedBlockCost = 1e2, kFusedShiftCost = 2e4;
+constexpr double kDirectGroupCost = 3e5, kFusedMacCost = 5.0, kFusedHalfFactor = 1.5, kFusedScalarFactor = 4.0,
+                 kFusedTaskCost = 1.5e3, kFusedBlockCost = 1e2, kFusedShiftCost = 2e4;
 
 // Channels per group up to which the CPU makes the shifted form's sums in one fused pass, not
 // GEMMs: measured 1.5-7x faster up to 12 channels; with 16-24 channels slower on 3 × 3 kernels
@@ -512,37 +512,40 @@ at::Tensor scratch(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 // the column segments fill the shift's grid of prefix sums (FusedLayout; shift 0's written to both
 // triangles, exactly symmetric). pool: (groups, count, C_g, C_g).
 
-// 32-byte vectors of GCC's / Clang's vector extension: the baseline build lowers them to SSE pairs.
-// (Passed only between always-inlined functions, so GCC's note on their ABI without AVX is moot.)
+// 32-byte vectors of GCC's / Clang's vector extension (the baseline build lowers them to SSE
+// pairs), and 16-byte ones for windows narrower than those. (Passed only between always-inlined
+// functions, so GCC's note on their ABI without AVX is moot.)
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
-template <typename T> struct Vec32;
-template <> struct Vec32<float> { typedef float type __attribute__((vector_size(32))); };
-template <> struct Vec32<double> { typedef double type __attribute__((vector_size(32))); };
+template <typename T, int kBytes> struct Vec;
+template <> struct Vec<float, 32> { typedef float type __attribute__((vector_size(32))); };
+template <> struct Vec<double, 32> { typedef double type __attribute__((vector_size(32))); };
+template <> struct Vec<float, 16> { typedef float type __attribute__((vector_size(16))); };
+template <> struct Vec<double, 16> { typedef double type __attribute__((vector_size(16))); };
 
 template <typename V, typename T>
-inline __attribute__((always_inline)) V load32(const T* p) {
+inline __attribute__((always_inline)) V load_vec(const T* p) {
   V v;
   __builtin_memcpy(&v, p, sizeof(V));  // unaligned
   return v;
 }
 
-// acc[c · ld + x] += Σ_r a[r · stride + x] · b[c][r · stride + x] for kV vectors of columns from x0
-// (those from x0 + skip added: an overlapping last block), r < rows and kC partner channels c. The
-// accumulators stay in registers over all rows: each row costs one load of a and one of each b per
-// kC vector multiply-adds.
-template <typename T, int kC, int kV>
+// acc[c · ld + x] += Σ_r a[r · stride + x] · b[c][r · stride + x] for kV vectors of kBytes bytes
+// of columns from x0 (those from x0 + skip added: an overlapping last block), r < rows and kC
+// partner channels c. The accumulators stay in registers over all rows: each row costs one load of
+// a and one of each b per kC vector multiply-adds.
+template <typename T, int kC, int kV, int kBytes = 32>
 inline __attribute__((always_inline)) void product_block(T* acc, int64_t ld, const T* a, const T* const* b,
                                                          int64_t x0, int64_t skip, int64_t rows, int64_t stride) {
-  using V = typename Vec32<T>::type;
-  constexpr int kL = 32 / sizeof(T);
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kL = kBytes / sizeof(T);
   V s[kC][kV] = {};
   for (int64_t r = 0; r < rows; ++r) {
     V av[kV];
-    for (int v = 0; v < kV; ++v) av[v] = load32<V>(a + r * stride + x0 + v * kL);
+    for (int v = 0; v < kV; ++v) av[v] = load_vec<V>(a + r * stride + x0 + v * kL);
     for (int c = 0; c < kC; ++c)
-      for (int v = 0; v < kV; ++v) s[c][v] += av[v] * load32<V>(b[c] + r * stride + x0 + v * kL);
+      for (int v = 0; v < kV; ++v) s[c][v] += av[v] * load_vec<V>(b[c] + r * stride + x0 + v * kL);
   }
   for (int c = 0; c < kC; ++c)
     for (int v = 0; v < kV; ++v)
@@ -551,7 +554,9 @@ inline __attribute__((always_inline)) void product_block(T* acc, int64_t ld, con
 }
 
 // The same for columns x < w: blocks of a cache line (two vectors), the last one overlapping its
-// predecessor where w is no multiple of it; maps narrower than a vector column by column.
+// predecessor where w is no multiple of it; windows narrower than a vector by two overlapping
+// half-width vectors (4-7 floats, 2-3 doubles: a 7 × 7 map, small residue images), narrower ones
+// column by column.
 template <typename T, int kC>
 inline __attribute__((always_inline)) void add_products(T* acc, int64_t ld, const T* a, const T* const* b, int64_t w,
                                                         int64_t rows, int64_t stride) {
@@ -563,6 +568,9 @@ inline __attribute__((always_inline)) void add_products(T* acc, int64_t ld, cons
   } else if (w >= kL) {
     product_block<T, kC, 1>(acc, ld, a, b, 0, 0, rows, stride);
     if (w > kL) product_block<T, kC, 1>(acc, ld, a, b, w - kL, 2 * kL - w, rows, stride);
+  } else if (w >= kL / 2) {
+    product_block<T, kC, 1, 16>(acc, ld, a, b, 0, 0, rows, stride);
+    if (w > kL / 2) product_block<T, kC, 1, 16>(acc, ld, a, b, w - kL / 2, kL - w, rows, stride);
   } else {
     for (int64_t r = 0; r < rows; ++r)
       for (int c = 0; c < kC; ++c)
@@ -747,8 +755,9 @@ double shifted_cost(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t 
   for (const Shift& sh : shifts) {
     for (size_t p = 0; p < sh.rows.size(); ++p) {
       const int64_t q = std::abs(sh.s2);
-      const bool scalar = W - q < 32 / element_size;  // a window narrower than a vector
-      fused_macs += double(sh.rows[p].size()) * double(W - q) * (scalar ? kFusedScalarFactor : 1.0);
+      const int64_t w = W - q;  // the window: below a vector or half a vector wide, slower (add_products)
+      const double factor = w < 16 / element_size ? kFusedScalarFactor : (w < 32 / element_size ? kFusedHalfFactor : 1.0);
+      fused_macs += double(sh.rows[p].size()) * double(w) * factor;
       gemm += double(sh.rows[p].size()) * double(padded_pays(q, channels_per_group, W) ? W + q : W - q);
       for (size_t j = 0; j < sh.cols.size(); ++j)
         if (sh.subtracted[p * sh.cols.size() + j]) {
