@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, device_name, env, median_time, tf32  # noqa: E402
+from common import ceilings, device_name, env, median_time, paired_median_times, tf32  # noqa: E402
 from shapes import DEPTHWISE, DILATED, RESNET18_CIFAR, STRIDED, VGG11_BN, VIT_B16  # noqa: E402
 
 import deepunlearn  # noqa: E402
@@ -66,10 +66,13 @@ def bench_linear(shape, batch, device, dtype, repeat, op_tf32=False):
     def op():
         _ext.ops().linear_cov_accumulate_(cov, x)
 
-    with tf32(False):
-        t_pure = median_time(pure, device, repeat)
-    with tf32(op_tf32):
-        t_op = median_time(op, device, repeat)
+    def under(fn, allow):
+        def run():
+            with tf32(allow):
+                fn()
+        return run
+
+    t_pure, t_op = paired_median_times([under(pure, False), under(op, op_tf32)], device, repeat)
     flops = 2.0 * n * shape.d**2
     return {"op": "linear_cov", "layer": shape.name, "d": shape.d, "rows": n,
             "dtype": _name(dtype) + ("/tf32" if op_tf32 else ""), "pure_s": t_pure, "op_s": t_op,
@@ -101,7 +104,7 @@ def bench_conv(shape, batch, device, repeat, dtype=torch.float32, allow_tf32=Fal
         deepunlearn.covariance.accumulate_conv_(cov, x, geom)
 
     with tf32(allow_tf32):
-        t_pure, t_op = median_time(pure, device, repeat), median_time(op, device, repeat)
+        t_pure, t_op = paired_median_times([pure, op], device, repeat)
     return {"op": "conv_cov", "layer": shape.name, "d": d, "batch": batch, "hw": shape.size,
             "dtype": _name(dtype) + ("/tf32" if allow_tf32 else ""), "pure_s": t_pure, "op_s": t_op,
             "speedup": t_pure / t_op}, pure, op
@@ -118,7 +121,7 @@ def bench_edit(shape, device, repeat):
     def op():
         return _ext.ops().projected_edit(w, m_r, m_f)
 
-    t_pure, t_op = median_time(pure, device, repeat), median_time(op, device, repeat)
+    t_pure, t_op = paired_median_times([pure, op], device, repeat)
     return {"op": "projected_edit", "layer": shape.name, "d": d, "pure_s": t_pure, "op_s": t_op,
             "speedup": t_pure / t_op}, pure, op
 
@@ -192,7 +195,7 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
 
 def markdown(result: dict) -> str:
     lines = [f"# Kernel benchmark on {result['device']} (torch {result['torch']})", "",
-             "speedup = pure-PyTorch time / op time, measured side by side in one run.", ""]
+             "speedup = pure-PyTorch time / op time, measured side by side in one run (medians, the two timed in turn).", ""]
     if result.get("ceilings"):
         lines += ["Ceilings measured in the same run: " + ", ".join(f"{k} {v:.1f}" for k, v in result["ceilings"].items()), ""]
     lines += ["| op | layer | d | pure (ms) | op (ms) | speedup | op TFLOP/s (full-GEMM equiv.) | peak extra pure / op (MiB) |",

@@ -5,7 +5,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -29,6 +29,19 @@ def median_time(fn: Callable[[], object], device: torch.device, repeat: int) -> 
     """Median wall seconds of ``fn`` over ``repeat`` runs after one warm-up."""
     fn()
     return statistics.median(timed(fn, device)[0] for _ in range(repeat))
+
+
+def paired_median_times(fns: Sequence[Callable[[], object]], device: torch.device, repeat: int) -> list[float]:
+    """Median wall seconds of each of ``fns`` over ``repeat`` rounds, one run of each per round in
+    turn after one warm-up each: on a shared machine a load that comes and goes then slows every
+    side alike, instead of whichever was being timed."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, ts in zip(fns, times):
+            ts.append(timed(fn, device)[0])
+    return [statistics.median(ts) for ts in times]
 
 
 def device_name(device: torch.device) -> str:
