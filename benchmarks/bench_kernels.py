@@ -168,7 +168,8 @@ def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
 
 
 def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
-    """float32 conv covariance (no tf32) with the shifted form forced off, forced on, and as chosen;
+    """float32 conv covariance (no tf32) with the shifted form forced off, forced on, and as chosen
+    (the settings timed in turn);
     on the CPU, where a group has few channels, also the shifted form with its sums made by GEMMs
     instead of the fused pass (DEEPUNLEARN_CONV_FUSED=0). Strided layers: the CPU's phase form
     forced off, on, and as chosen; dilated ones: the residue form."""
@@ -182,12 +183,18 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
         settings = [(knob, "0", {}), (knob, "1", {}), (knob, "default", {})]
         if device.type == "cpu" and s.c_in // s.groups <= 12 and s.stride == 1 and s.dilation == 1:
             settings.append(("DEEPUNLEARN_CONV_FUSED", "0", {"DEEPUNLEARN_CONV_SHIFT": "1"}))
-        for knob, value, also in settings:
-            with ExitStack() as stack:
-                for k, v in {**also, knob: None if value == "default" else value}.items():
-                    stack.enter_context(env(k, v))
-                stack.enter_context(tf32(False))
-                t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
+
+        def under(knob, value, also):
+            def run():
+                with ExitStack() as stack:
+                    for k, v in {**also, knob: None if value == "default" else value}.items():
+                        stack.enter_context(env(k, v))
+                    stack.enter_context(tf32(False))
+                    deepunlearn.covariance.accumulate_conv_(cov, x, geom)
+            return run
+
+        times = paired_median_times([under(*setting) for setting in settings], device, repeat)  # in turn
+        for (knob, value, _), t in zip(settings, times):
             rows.append({"knob": knob, "value": value, "layer": s.name, "dtype": "float32", "op_s": t})
             print(rows[-1], flush=True)
     return rows
