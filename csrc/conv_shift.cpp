@@ -56,10 +56,11 @@ namespace {
 // size); the direct form's gather about kGatherCost per patch entry written and read back (it
 // dominates on 3-channel stems), and each group kDirectGroupCost (its GEMM calls). The fused pass
 // (few channels per group) does kFusedMacCost per multiply-add (kFusedHalfFactor times that in
-// windows narrower than a vector, kFusedScalarFactor in those narrower than half a vector), plus kFusedTaskCost per task (group, shift, channel; charged
-// per group and shift instead, it overcharged depthwise convs on small maps about fivefold and hid
-// the residue form's gains there), kFusedBlockCost per group and block (the scatter's bookkeeping)
-// and kFusedShiftCost per shift.
+// windows narrower than a vector, kFusedScalarFactor in those narrower than half a vector), plus
+// kFusedTaskCost per task (group, shift, channel; charged per group and shift instead, it
+// overcharged depthwise convs on small maps about fivefold and hid the residue form's gains
+// there), kFusedBlockCost per group and block (the scatter's bookkeeping) and kFusedShiftCost per
+// shift.
 constexpr double kCovPassCost = 100.0, kSumPassCost = 15.0, kShiftCallCost = 15e6, kGatherCost = 100.0;
 constexpr double kDirectGroupCost = 3e5, kFusedMacCost = 5.0, kFusedHalfFactor = 1.5, kFusedScalarFactor = 4.0,
                  kFusedTaskCost = 1.5e3, kFusedBlockCost = 1e2, kFusedShiftCost = 2e4;
@@ -756,7 +757,8 @@ double shifted_cost(const ConvGeom& g, int64_t N, int64_t H, int64_t W, int64_t 
     for (size_t p = 0; p < sh.rows.size(); ++p) {
       const int64_t q = std::abs(sh.s2);
       const int64_t w = W - q;  // the window: below a vector or half a vector wide, slower (add_products)
-      const double factor = w < 16 / element_size ? kFusedScalarFactor : (w < 32 / element_size ? kFusedHalfFactor : 1.0);
+      const double factor =
+          w < 16 / element_size ? kFusedScalarFactor : (w < 32 / element_size ? kFusedHalfFactor : 1.0);
       fused_macs += double(sh.rows[p].size()) * double(w) * factor;
       gemm += double(sh.rows[p].size()) * double(padded_pays(q, channels_per_group, W) ? W + q : W - q);
       for (size_t j = 0; j < sh.cols.size(); ++j)
@@ -884,15 +886,15 @@ bool phase_accumulate_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& 
   // phase φ is the padded input's (s_h·i + φ1, s_w·j + φ2), zero past its end (ghost taps
   // s·α + φ >= k read those; their rows of big are dropped below).
   std::vector<std::array<Segment, 2>> parts;  // per phase: its rows and columns inside the input
-  bool whole = true;
+  bool all_inside = true;                      // no phase image reads padding: nothing to zero
   for (int64_t f1 = 0; f1 < sh; ++f1)
     for (int64_t f2 = 0; f2 < sw; ++f2) {
       parts.push_back({inside(f1 - g.ph_lo, sh, hp, H), inside(f2 - g.pw_lo, sw, wp, W)});
-      whole = whole && parts.back()[0].size() == hp && parts.back()[1].size() == wp;
+      all_inside = all_inside && parts.back()[0].size() == hp && parts.back()[1].size() == wp;
     }
   ShiftImages phases{N, C * sh * sw, hp, wp, 1, [&](const at::Tensor& dst, int64_t i0, int64_t c0) {
     const int64_t c = dst.size(0) / (sh * sw), n = dst.size(2);
-    if (!whole) dst.zero_();
+    if (!all_inside) dst.zero_();
     const at::Tensor src = x.narrow(0, i0, n).narrow(1, c0 / (sh * sw), c);
     const at::Tensor out = dst.view({c, sh, sw, hp, n, wp});
     for (int64_t f1 = 0; f1 < sh; ++f1)
@@ -976,7 +978,7 @@ bool residue_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g,
   for (const ResidueRun& a : rows)
     for (const ResidueRun& b : cols) {
       const int64_t per_image = a.count * b.count;
-      ShiftImages residues{N * per_image, C, a.real, b.real, per_image, [&](const at::Tensor& dst, int64_t i0, int64_t c0) {
+      const auto fill = [&](const at::Tensor& dst, int64_t i0, int64_t c0) {
         const int64_t c = dst.size(0), n = dst.size(2) / per_image;
         const at::Tensor src = x.as_strided(
             {n, c, a.count, a.real, b.count, b.real},
@@ -984,7 +986,8 @@ bool residue_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g,
             x.storage_offset() + i0 / per_image * x.stride(0) + c0 * x.stride(1) + a.start * x.stride(2) +
                 b.start * x.stride(3));
         dst.view({c, a.real, n, a.count, b.count, b.real}).copy_(src.permute({1, 3, 0, 2, 4, 5}));
-      }};
+      };
+      const ShiftImages residues{N * per_image, C, a.real, b.real, per_image, fill};
       accumulate_images(cov, residues, geometry(a, b), chunk_elements);
     }
   return true;

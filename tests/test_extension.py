@@ -266,8 +266,8 @@ def test_strided_conv_phase_form_matches_float64_oracle(monkeypatch, phases, dty
 
 
 # Dilated stride-1 geometries, for the residue form (the shifted form over the residue images
-# modulo the dilation). Maps whose size the dilation does not divide make
-# runs of residues of two shapes; a dilation wider than the map leaves residues of padding only.
+# modulo the dilation). Maps whose size the dilation does not divide make runs of residues of two
+# shapes; a dilation wider than the map leaves residues of padding only.
 DILATED_CASES = [
     (nn.Conv2d(4, 4, 3, padding=2, dilation=2), (16, 12)),  # one run per dimension
     (nn.Conv2d(4, 4, 3, padding=2, dilation=2), (19, 17)),  # two runs per dimension
