@@ -507,6 +507,36 @@ def test_opcheck(device):
 
 
 @needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_ops_compile_in_one_graph(device, backend):
+    # fullgraph: any graph break (an op dynamo or the fake kernels cannot trace) is an error; the
+    # in-place ops must still write their inputs once functionalised, as in eager mode
+    dev = device_or_skip(device)
+    ops = _ext.ops()
+
+    def step(cov, conv_cov, x, images, w, m_r, m_f):
+        ops.linear_cov_accumulate_(cov, 2.0 * x)
+        ops.conv_cov_accumulate_(conv_cov, images.relu(), [3, 3], [2, 1], [1, 0, 1, 1], [1, 2])
+        return ops.projected_edit(w, m_r, m_f) + 1.0
+
+    d = 12
+    args = (sym_poison(d, torch.float32, dev), torch.stack([sym_poison(18, torch.float32, dev)] * 2),
+            torch.randn(9, d, device=dev), torch.randn(3, 4, 7, 8, device=dev), torch.randn(2, 5, d, device=dev),
+            torch.randn(2, d, d, device=dev), torch.randn(2, d, d, device=dev))
+    eager_args = tuple(a.clone() for a in args)
+    starts = tuple(a.clone() for a in args[:2])
+    torch._dynamo.reset()
+    # no cached graph: inductor compares the real outputs with the fake kernels' only when it compiles
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        out = torch.compile(step, fullgraph=True, backend=backend)(*args)
+    expected = step(*eager_args)
+    assert rel_err(out, expected) < 1e-6
+    for got, want, start in zip(args[:2], eager_args[:2], starts):
+        assert rel_err(got, want) < 1e-6 and rel_err(got, start) > 0.1  # written, as in eager mode
+
+
+@needs_ext
 @pytest.mark.parametrize("forms", ["chosen", "forced"])
 def test_unlearning_gives_the_same_model_with_and_without_the_extension(monkeypatch, forms):
     # "forced": the shifted, residue and phase forms wherever the geometry allows them
