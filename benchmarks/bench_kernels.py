@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import statistics
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, device_name, env, median_time, paired_median_times, tf32  # noqa: E402
+from common import (GPU_BLOCK_SECONDS, ceilings, device_name, env, median_time, paired_median_times,  # noqa: E402
+                    tf32, timed)
 from shapes import DEPTHWISE, DILATED, RESNET18_CIFAR, STRIDED, VGG11_BN, VIT_B16  # noqa: E402
 
 import deepunlearn  # noqa: E402
@@ -74,9 +76,12 @@ def bench_linear(shape, batch, device, dtype, repeat, op_tf32=False):
 
     t_pure, t_op = paired_median_times([under(pure, False), under(op, op_tf32)], device, repeat)
     flops = 2.0 * n * shape.d**2
-    return {"op": "linear_cov", "layer": shape.name, "d": shape.d, "rows": n,
-            "dtype": _name(dtype) + ("/tf32" if op_tf32 else ""), "pure_s": t_pure, "op_s": t_op,
-            "speedup": t_pure / t_op, "op_tflops_full_gemm_equiv": flops / t_op / 1e12}
+    row = {"op": "linear_cov", "layer": shape.name, "d": shape.d, "rows": n,
+           "dtype": _name(dtype) + ("/tf32" if op_tf32 else ""), "pure_s": t_pure, "op_s": t_op,
+           "speedup": t_pure / t_op, "op_tflops_full_gemm_equiv": flops / t_op / 1e12}
+    if device.type == "cuda":  # the rate of one synchronised call too, launch latency included
+        row["op_single_call_s"] = statistics.median(timed(under(op, op_tf32), device)[0] for _ in range(repeat))
+    return row
 
 
 def conv_module(shape) -> torch.nn.Conv2d:
@@ -202,7 +207,10 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
 
 def markdown(result: dict) -> str:
     lines = [f"# Kernel benchmark on {result['device']} (torch {result['torch']})", "",
-             "speedup = pure-PyTorch time / op time, measured side by side in one run (medians, the two timed in turn).", ""]
+             "speedup = pure-PyTorch time / op time, measured side by side in one run (medians, the two timed in turn).",
+             *([f"Times per call, each timed within a block of back-to-back calls of at least {GPU_BLOCK_SECONDS * 1e3:g} ms "
+                "(launch and synchronisation latency hidden, as when the calls queue behind a forward pass)."]
+               if result["device_type"] == "cuda" else []), ""]
     if result.get("ceilings"):
         lines += ["Ceilings measured in the same run: " + ", ".join(f"{k} {v:.1f}" for k, v in result["ceilings"].items()), ""]
     lines += ["| op | layer | d | pure (ms) | op (ms) | speedup | op TFLOP/s (full-GEMM equiv.) | peak extra pure / op (MiB) |",
@@ -211,6 +219,8 @@ def markdown(result: dict) -> str:
         mem = (f"{r['pure_peak_extra_bytes'] / 2**20:.1f} / {r['op_peak_extra_bytes'] / 2**20:.1f}"
                if "pure_peak_extra_bytes" in r else "")
         rate = f"{r['op_tflops_full_gemm_equiv']:.0f}" if "op_tflops_full_gemm_equiv" in r else ""
+        if "op_single_call_s" in r:
+            rate += f" ({r['op_tflops_full_gemm_equiv'] * r['op_s'] / r['op_single_call_s']:.0f} one call alone)"
         label = r["layer"] + (f" ({r['dtype']})" if "dtype" in r else "")
         lines.append(f"| {r['op']} | {label} | {r['d']} | {r['pure_s'] * 1e3:.2f} | {r['op_s'] * 1e3:.2f} | "
                      f"{r['speedup']:.2f} | {rate} | {mem} |")

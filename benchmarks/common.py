@@ -1,6 +1,7 @@
 """Timing helpers and device ceilings shared by the benchmark scripts."""
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -25,22 +26,46 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object
     return time.perf_counter() - t0, out
 
 
+# On a GPU a call is timed within a block of back-to-back calls lasting at least this long (seconds):
+# a synchronised single launch costs tens of microseconds of host time that, in use, overlaps the
+# GPU's work (the ops are queued behind the model's forward pass), yet would count fully against a
+# 0.1 ms op. On the CPU every call is timed alone (its host time is its cost).
+GPU_BLOCK_SECONDS = 2e-3
+
+
+def calls_per_block(fn: Callable[[], object], device: torch.device) -> int:
+    """How many back-to-back calls of ``fn`` make one timed block on ``device`` (1 on the CPU)."""
+    if device.type != "cuda":
+        return 1
+    return max(1, math.ceil(GPU_BLOCK_SECONDS / timed(fn, device)[0]))
+
+
+def block_time(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Wall seconds per call of ``calls`` back-to-back calls of ``fn`` (CUDA synchronised around them)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / calls
+
+
 def median_time(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
-    """Median wall seconds of ``fn`` over ``repeat`` runs after one warm-up."""
-    fn()
-    return statistics.median(timed(fn, device)[0] for _ in range(repeat))
+    """Median wall seconds per call of ``fn`` over ``repeat`` blocks (``calls_per_block``) after one warm-up."""
+    return paired_median_times([fn], device, repeat)[0]
 
 
 def paired_median_times(fns: Sequence[Callable[[], object]], device: torch.device, repeat: int) -> list[float]:
-    """Median wall seconds of each of ``fns`` over ``repeat`` rounds, one run of each per round in
-    turn after one warm-up each: on a shared machine a load that comes and goes then slows every
-    side alike, instead of whichever was being timed."""
+    """Median wall seconds per call of each of ``fns`` over ``repeat`` rounds, one block of each
+    (``calls_per_block``) per round in turn after one warm-up each: on a shared machine a load that
+    comes and goes then slows every side alike, instead of whichever was being timed."""
     for fn in fns:
         fn()
+    calls = [calls_per_block(fn, device) for fn in fns]
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
-        for fn, ts in zip(fns, times):
-            ts.append(timed(fn, device)[0])
+        for fn, k, ts in zip(fns, calls, times):
+            ts.append(block_time(fn, device, k))
     return [statistics.median(ts) for ts in times]
 
 

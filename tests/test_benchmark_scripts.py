@@ -1,9 +1,12 @@
 """The benchmark scripts run end to end (tiny sizes on the CPU) and write their JSON and table."""
 import json
+import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -24,3 +27,46 @@ def test_imagenet_benchmark_smoke(tmp_path):
         assert r["total"] >= r["solve"] + r["edit"]
     assert arch["paper"]["images_per_side"] == 2 and arch["paper_over_deepunlearn"] > 0
     assert "| mobilenet_v3_small | paper | 2 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_kernel_benchmark_smoke(tmp_path):
+    import bench_kernels
+    import shapes
+
+    assert bench_kernels.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "kernels_cpu_quick.json").read_text())
+    convs = shapes.RESNET18_CIFAR + shapes.VGG11_BN + shapes.DEPTHWISE + shapes.STRIDED + shapes.DILATED
+    assert [r["layer"] for r in result["rows"]] == [s.name for s in shapes.VIT_B16 + convs + shapes.VIT_B16]
+    for r in result["rows"]:
+        assert r["pure_s"] > 0 and r["op_s"] > 0 and r["speedup"] == r["pure_s"] / r["op_s"]
+        assert "op_single_call_s" not in r  # a GPU-only column
+    table = (tmp_path / "kernels_cpu_quick.md").read_text()
+    assert "| conv_cov | resnet50_os8.layer4.1.conv2 (float32) | 4608 |" in table and "back-to-back" not in table
+
+
+def test_gpu_times_are_per_call_within_blocks_of_back_to_back_calls(monkeypatch):
+    import common
+
+    calls = []
+    monkeypatch.setattr(common, "sync", lambda device: calls.append("sync"))
+    fake_gpu, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def op():  # about 0.3 ms a call
+        calls.append("op")
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 3e-4:
+            pass
+
+    most = math.ceil(common.GPU_BLOCK_SECONDS / 3e-4)  # 7 calls make a block of at least 2 ms
+    assert 1 <= common.calls_per_block(op, fake_gpu) <= most
+    assert common.calls_per_block(op, cpu) == 1
+    calls.clear()
+    t0 = time.perf_counter()
+    t = common.block_time(op, fake_gpu, 5)
+    assert calls == ["sync"] + ["op"] * 5 + ["sync"] and 3e-4 <= t <= (time.perf_counter() - t0) / 5  # per call
+    calls.clear()
+    (t_op,) = common.paired_median_times([op], fake_gpu, 3)
+    # one warm-up, one call sizing the block, then three blocks of equal size
+    n = calls.count("op") - 2
+    assert n % 3 == 0 and 3 <= n <= 3 * most and t_op >= 3e-4
