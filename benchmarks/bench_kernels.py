@@ -24,7 +24,9 @@ import ctypes
 import json
 import statistics
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,7 +57,27 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
-def bench_linear(shape, batch, device, dtype, repeat, op_tf32=False):
+def under_tf32(fn, allow: bool):
+    """``fn`` run with cuBLAS's tf32 mode set to ``allow`` (torch's switch, which the ops read too)."""
+    def run():
+        with tf32(allow):
+            return fn()
+    return run
+
+
+@dataclass
+class Case:
+    """One row of the benchmark: the op and the pure-PyTorch path it replaces, ready to call."""
+    op: str
+    layer: str
+    d: int
+    dtype: str | None  # None: the edit (float32 only)
+    pure: Callable[[], object]
+    run_op: Callable[[], object]
+    info: dict  # the row's sizes: rows (linear), batch and map side (conv)
+
+
+def linear_case(shape, batch, device, dtype, op_tf32=False) -> Case:
     """``op_tf32``: the op runs with tf32 allowed, the float32 ``addmm`` without (the issue's target)."""
     n = batch * shape.tokens_per_sample
     x = torch.randn(n, shape.d, device=device, dtype=dtype)
@@ -68,20 +90,8 @@ def bench_linear(shape, batch, device, dtype, repeat, op_tf32=False):
     def op():
         _ext.ops().linear_cov_accumulate_(cov, x)
 
-    def under(fn, allow):
-        def run():
-            with tf32(allow):
-                fn()
-        return run
-
-    t_pure, t_op = paired_median_times([under(pure, False), under(op, op_tf32)], device, repeat)
-    flops = 2.0 * n * shape.d**2
-    row = {"op": "linear_cov", "layer": shape.name, "d": shape.d, "rows": n,
-           "dtype": _name(dtype) + ("/tf32" if op_tf32 else ""), "pure_s": t_pure, "op_s": t_op,
-           "speedup": t_pure / t_op, "op_tflops_full_gemm_equiv": flops / t_op / 1e12}
-    if device.type == "cuda":  # the rate of one synchronised call too, launch latency included
-        row["op_single_call_s"] = statistics.median(timed(under(op, op_tf32), device)[0] for _ in range(repeat))
-    return row
+    return Case("linear_cov", shape.name, shape.d, _name(dtype) + ("/tf32" if op_tf32 else ""),
+                under_tf32(pure, False), under_tf32(op, op_tf32), {"rows": n})
 
 
 def conv_module(shape) -> torch.nn.Conv2d:
@@ -89,7 +99,7 @@ def conv_module(shape) -> torch.nn.Conv2d:
                            groups=shape.groups)
 
 
-def bench_conv(shape, batch, device, repeat, dtype=torch.float32, allow_tf32=False):
+def conv_case(shape, batch, device, dtype=torch.float32, allow_tf32=False) -> Case:
     """``allow_tf32``: both sides with tf32 allowed (the GPU's float32 GEMMs on the tensor cores)."""
     x = torch.randn(batch, shape.c_in, shape.size, shape.size, device=device, dtype=dtype)
     geom = deepunlearn.covariance.ConvGeometry.of(conv_module(shape))
@@ -108,14 +118,11 @@ def bench_conv(shape, batch, device, repeat, dtype=torch.float32, allow_tf32=Fal
     def op():
         deepunlearn.covariance.accumulate_conv_(cov, x, geom)
 
-    with tf32(allow_tf32):
-        t_pure, t_op = paired_median_times([pure, op], device, repeat)
-    return {"op": "conv_cov", "layer": shape.name, "d": d, "batch": batch, "hw": shape.size,
-            "dtype": _name(dtype) + ("/tf32" if allow_tf32 else ""), "pure_s": t_pure, "op_s": t_op,
-            "speedup": t_pure / t_op}, pure, op
+    return Case("conv_cov", shape.name, d, _name(dtype) + ("/tf32" if allow_tf32 else ""),
+                under_tf32(pure, allow_tf32), under_tf32(op, allow_tf32), {"batch": batch, "hw": shape.size})
 
 
-def bench_edit(shape, device, repeat):
+def edit_case(shape, device) -> Case:
     o, d = shape.d, shape.d
     w = torch.randn(1, o, d, device=device)
     m_r, m_f = torch.randn(1, d, d, device=device), torch.randn(1, d, d, device=device)
@@ -126,9 +133,44 @@ def bench_edit(shape, device, repeat):
     def op():
         return _ext.ops().projected_edit(w, m_r, m_f)
 
-    t_pure, t_op = paired_median_times([pure, op], device, repeat)
-    return {"op": "projected_edit", "layer": shape.name, "d": d, "pure_s": t_pure, "op_s": t_op,
-            "speedup": t_pure / t_op}, pure, op
+    return Case("projected_edit", shape.name, d, None, pure, op, {})
+
+
+def batch_sizes(gpu: bool, quick: bool) -> tuple[int, dict[str, int]]:
+    """Images per call: ViT-B/16's, and each conv model's (keyed by the layer name's first part)."""
+    vit = 1 if quick else (256 if gpu else 8)
+    conv = {"resnet18": 8 if quick else (256 if gpu else 32), "vgg11": 1 if quick else (32 if gpu else 2),
+            **{m: 2 if quick else (64 if gpu else 8) for m in ("mobilenet_v2", "convnext_tiny", "resnet50")},
+            "resnet50_os8": 1 if quick else (32 if gpu else 4)}
+    return vit, conv
+
+
+def cases(device: torch.device, quick: bool, keep: Callable[[str], bool] = lambda layer: True) -> Iterator[Case]:
+    """Every row of the benchmark whose layer name ``keep`` accepts, in order, built one at a time
+    (each holds its inputs)."""
+    gpu = device.type == "cuda"
+    vit_batch, conv_batch = batch_sizes(gpu, quick)
+    variants = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)] if gpu else [(torch.float32, False)]
+    for s in filter(lambda s: keep(s.name), VIT_B16):
+        for dt, t32 in variants:
+            yield linear_case(s, vit_batch, device, dt, op_tf32=t32)
+    for s in filter(lambda s: keep(s.name), RESNET18_CIFAR + VGG11_BN + DEPTHWISE + STRIDED + DILATED):
+        for dt, t32 in variants:
+            yield conv_case(s, conv_batch[s.name.split(".")[0]], device, dt, allow_tf32=t32)
+    for s in filter(lambda s: keep(s.name), VIT_B16):
+        yield edit_case(s, device)
+
+
+def bench(case: Case, device: torch.device, repeat: int) -> dict:
+    """The case's row: pure and op timed in turn, their ratio, and for the linear op its rate."""
+    t_pure, t_op = paired_median_times([case.pure, case.run_op], device, repeat)
+    row = {"op": case.op, "layer": case.layer, "d": case.d, **case.info, **({"dtype": case.dtype} if case.dtype else {}),
+           "pure_s": t_pure, "op_s": t_op, "speedup": t_pure / t_op}
+    if case.op == "linear_cov":
+        row["op_tflops_full_gemm_equiv"] = 2.0 * case.info["rows"] * case.d**2 / t_op / 1e12
+        if device.type == "cuda":  # the rate of one synchronised call too, launch latency included
+            row["op_single_call_s"] = statistics.median(timed(case.run_op, device)[0] for _ in range(repeat))
+    return row
 
 
 def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
@@ -244,31 +286,19 @@ def main(argv=None) -> int:
         sys.exit(f"the extension is not loaded: {_ext.extension_info()}")
     gpu = device.type == "cuda"
     repeat = 3 if a.quick else (20 if gpu else 9)
-    vit_batch = (1 if a.quick else (256 if gpu else 8))
-    conv_batch = {"resnet18": 8 if a.quick else (256 if gpu else 32), "vgg11": 1 if a.quick else (32 if gpu else 2),
-                  **{m: 2 if a.quick else (64 if gpu else 8) for m in ("mobilenet_v2", "convnext_tiny", "resnet50")},
-                  "resnet50_os8": 1 if a.quick else (32 if gpu else 4)}
+    vit_batch, conv_batch = batch_sizes(gpu, a.quick)
     result = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
               "extension": _ext.extension_info(), "quick": a.quick,
               "ceilings": ceilings(device) if gpu else None, "rows": [], "sweep": []}
     if gpu:
         print("ceilings:", result["ceilings"], flush=True)
     rows = result["rows"]
-    for s in VIT_B16:
-        for dt, t32 in ([(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)] if gpu else [(torch.float32, False)]):
-            rows.append(bench_linear(s, vit_batch, device, dt, repeat, op_tf32=t32))
-            print(rows[-1], flush=True)
     pending = []  # (row, pure, op): peak memory is measured after every timing
-    for s in RESNET18_CIFAR + VGG11_BN + DEPTHWISE + STRIDED + DILATED:
-        variants = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)] if gpu else [(torch.float32, False)]
-        for dt, t32 in variants:
-            pending.append(bench_conv(s, conv_batch[s.name.split(".")[0]], device, repeat, dt, allow_tf32=t32))
-            rows.append(pending[-1][0])
-            print(rows[-1], flush=True)
-    for s in VIT_B16:
-        pending.append(bench_edit(s, device, repeat))
-        rows.append(pending[-1][0])
+    for case in cases(device, a.quick):
+        rows.append(bench(case, device, repeat))
         print(rows[-1], flush=True)
+        if case.op != "linear_cov":
+            pending.append((rows[-1], case.pure, case.run_op))
     if not a.quick and not a.no_sweep:
         result["sweep"] = (sweep_knobs(device, repeat, vit_batch, conv_batch) if gpu else
                            sweep_conv_forms(device, repeat, conv_batch,

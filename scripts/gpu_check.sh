@@ -3,19 +3,19 @@
 # build the extension in place against that torch, run the CUDA tests and the whole suite, then
 # the GPU benchmarks. Everything is logged to OUT/log.txt; benchmark results land in OUT.
 #
-#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [tests] [kernels] [imagenet]
+#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [tests] [kernels] [profile] [imagenet]
 #
 # A folder .devcarry/ (ignored by git), when present, supplies what the machine lacks: wheels
 # (foolbox, for the CLI test's photographs) and fashion-mnist/ (the Debian package's IDX files).
 # Each stage runs under its own time limit (seconds: T_BUILD, T_CUDA_TESTS, T_TESTS, T_KERNELS,
-# T_IMAGENET), so one slow stage cannot take the others' results with it.
+# T_PROFILE, T_IMAGENET), so one slow stage cannot take the others' results with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUT [stages...]}
 shift
 mkdir -p "$out"
 log="$out/log.txt"
-stages=${*:-build cuda-tests tests kernels imagenet}
+stages=${*:-build cuda-tests tests kernels profile imagenet}
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ -d .devcarry ]; then
@@ -55,6 +55,7 @@ for s in $stages; do
     cuda-tests) stage cuda-tests "${T_CUDA_TESTS:-240}" $PY -m pytest tests -m cuda -q -p no:cacheprovider ;;
     tests) stage tests "${T_TESTS:-400}" $PY -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ;;
     kernels) stage kernels "${T_KERNELS:-240}" $PY benchmarks/bench_kernels.py --device cuda --out "$out" ;;
+    profile) stage profile "${T_PROFILE:-150}" $PY benchmarks/profile_kernels.py --device cuda --out "$out" ;;
     imagenet) stage imagenet "${T_IMAGENET:-360}" $PY benchmarks/bench_imagenet.py --out "$out/imagenet_cuda" ;;
     *) echo "unknown stage $s" | tee -a "$log"; exit 2 ;;
   esac

@@ -70,3 +70,22 @@ def test_gpu_times_are_per_call_within_blocks_of_back_to_back_calls(monkeypatch)
     # one warm-up, one call sizing the block, then three blocks of equal size
     n = calls.count("op") - 2
     assert n % 3 == 0 and 3 <= n <= 3 * most and t_op >= 3e-4
+
+
+def test_profile_script_names_where_the_time_goes(tmp_path):
+    import profile_kernels
+
+    layers = ["resnet18.layer4", "vit_b16.d768"]
+    assert profile_kernels.main(["--device", "cpu", "--quick", "--calls", "2", "--layers", *layers, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "profile_cpu_quick.json").read_text())
+    assert [(r["op"], r["layer"]) for r in result["rows"]] == [
+        ("linear_cov", "vit_b16.d768"), ("conv_cov", "resnet18.layer4"), ("projected_edit", "vit_b16.d768")]
+    conv = result["rows"][1]
+    assert conv["pure"]["top"][0]["name"] == "aten::addmm_"  # the unfolded product's one GEMM
+    assert "deepunlearn::conv_cov_accumulate_" in [t["name"] for t in conv["op_side"]["top"]]
+    for r in result["rows"]:
+        for side in (r["pure"], r["op_side"]):
+            assert side["wall_s"] > 0 and side["busy_s"] is None and 0 < len(side["top"]) <= profile_kernels.TOP
+    assert "| conv_cov | resnet18.layer4 | float32 | op |" in (tmp_path / "profile_cpu_quick.md").read_text()
+    with pytest.raises(SystemExit, match="no benchmark row matches"):
+        profile_kernels.main(["--device", "cpu", "--quick", "--layers", "no_such_layer", "--out", str(tmp_path)])
