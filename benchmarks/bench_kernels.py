@@ -15,7 +15,7 @@ On a GPU it also measures the device's ceilings (bf16 / tf32 / fp32 matrix-multi
 bandwidth) in the same run, adds bf16 rows (the pure path being its float32 twin, as in
 ``deepunlearn.covariance``), tf32 rows (linear: the op with tf32 against the float32 ``addmm``;
 conv: tf32 allowed on both sides), and sweeps the ops' tuning knobs (output tile of the symmetric
-GEMMs, conv chunk size).
+GEMMs, split-K slices, conv chunk size).
 """
 from __future__ import annotations
 
@@ -210,6 +210,22 @@ def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
             with env("DEEPUNLEARN_CUDA_CONV_CHUNK", str(chunk)):
                 t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
             record("DEEPUNLEARN_CUDA_CONV_CHUNK", chunk, s.name, "bfloat16", t)
+    for s in (RESNET18_CIFAR[0], VGG11_BN[0]):  # stems, d = 27: a cov of one CTA's tile over millions of rows
+        geom = deepunlearn.covariance.ConvGeometry.of(conv_module(s))
+        cov = torch.zeros(1, s.d, s.d, device=device)
+        x16 = torch.randn(conv_batch[s.name.split(".")[0]], s.c_in, s.size, s.size, device=device, dtype=torch.bfloat16)
+        for x, label in ((x16, "bfloat16"), (x16.float(), "float32")):
+            for split in (1, 8, 64, 512):
+                with env("DEEPUNLEARN_CUDA_SPLIT_K", str(split)):
+                    t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
+                record("DEEPUNLEARN_CUDA_SPLIT_K", split, s.name, label, t)
+    s = VIT_B16[0]
+    x = torch.randn(vit_batch * s.tokens_per_sample, s.d, device=device, dtype=torch.bfloat16)
+    cov = torch.zeros(s.d, s.d, device=device)
+    for split in (1, 2, 4, 8):
+        with env("DEEPUNLEARN_CUDA_SPLIT_K", str(split)):
+            t = median_time(lambda: _ext.ops().linear_cov_accumulate_(cov, x), device, repeat)
+        record("DEEPUNLEARN_CUDA_SPLIT_K", split, s.name, "bfloat16", t, 2.0 * x.shape[0] * s.d**2)
     rows += sweep_conv_forms(device, repeat, conv_batch, [RESNET18_CIFAR[1], VGG11_BN[1], VGG11_BN[3], VGG11_BN[5]] + DILATED)
     return rows
 

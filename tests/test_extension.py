@@ -407,6 +407,27 @@ def test_cuda_symmetric_gemm_tiles(monkeypatch, tile):
 
 @needs_ext
 @pytest.mark.cuda
+@pytest.mark.parametrize("split", ["2", "7", "1000"])
+def test_cuda_split_k(monkeypatch, split):
+    # Slices of the rows in one strided-batched GEMM, then their sum (7: rows left over go straight
+    # into cov; 1000: capped at 256 rows a slice), in both memory layouts and for the conv gather.
+    dev = device_or_skip("cuda")
+    monkeypatch.setenv("DEEPUNLEARN_CUDA_SPLIT_K", split)
+    for x in (torch.randn(3001, 27, device=dev), torch.randn(27, 3001, device=dev).T):  # row- and column-major
+        for dtype, cov_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float64)):
+            xd = x.to(dtype)
+            cov = sym_poison(27, cov_dtype, dev)
+            ref = cov.double() + xd.double().T @ xd.double()
+            _ext.ops().linear_cov_accumulate_(cov, xd)
+            assert rel_err(cov, ref) < (1e-13 if cov_dtype == torch.float64 else 2e-3) and torch.equal(cov, cov.T)
+    conv = CONVS[0]
+    x, geom, start, ref = conv_case(conv, 40)
+    got = accumulate_conv_(start.to(dev), x.to(dev), geom)
+    assert rel_err(got.cpu(), ref) < 1e-13
+
+
+@needs_ext
+@pytest.mark.cuda
 @pytest.mark.parametrize("conv", [CONVS[1], CONVS[2], CONVS[8], CONVS[9], CONVS[14]],
                          ids=["strided-groups", "dilated", "d1000", "conv1d", "shifted"])
 def test_cuda_conv_cov_many_small_chunks(monkeypatch, conv):

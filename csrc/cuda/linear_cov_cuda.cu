@@ -59,6 +59,19 @@ int64_t tile_for(int64_t d, at::ScalarType input, bool tf32) {
   return d >= 2048 ? 512 : (d >= 512 ? 256 : d);
 }
 
+// Slices of the rows summed by separate GEMMs of one strided-batched call (split-K), for a cov
+// that is one tile: its few output tiles (one CTA each for d = 27) leave most SMs idle over a long
+// sum. DEEPUNLEARN_CUDA_SPLIT_K sets the number of slices (off, 1, unless set; not yet timed on a
+// GPU, so the benchmark sweeps it); capped so that every slice has at least kMinSliceRows rows and
+// the partials take at most 64 MiB.
+constexpr int64_t kMinSliceRows = 256;
+int64_t split_for(int64_t d, int64_t n, int64_t tile, int64_t element_size) {
+  const int64_t asked = env_knob("DEEPUNLEARN_CUDA_SPLIT_K");
+  if (asked <= 1 || tile < d) return 1;
+  const int64_t most = std::min(n / kMinSliceRows, (int64_t(64) << 20) / (d * d * element_size));
+  return std::max<int64_t>(1, std::min(asked, most));
+}
+
 }  // namespace
 
 void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
@@ -88,15 +101,37 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
   // Row-major C[I, J] (I ≥ J) is, in cuBLAS's column-major view, the (tj × ti) matrix A_Jᵀ A_I,
   // A_J being columns J of a: (tj × n) op N for row-major a, (n × tj) op T for column-major a.
   const cublasOperation_t op_j = row_major ? CUBLAS_OP_N : CUBLAS_OP_T, op_i = row_major ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const int64_t col_step = row_major ? 1 : ld64;  // elements between consecutive columns of a
-  for (int64_t i0 = 0; i0 < d; i0 += t) {
-    const int ti = static_cast<int>(std::min(t, d - i0));
-    for (int64_t j0 = 0; j0 <= i0; j0 += t) {
-      const int tj = static_cast<int>(std::min(t, d - j0));
-      TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, op_j, op_i, tj, ti, static_cast<int>(n), one,
-                                        ap + j0 * col_step * ae, at_, ld, ap + i0 * col_step * ae, at_, ld, one,
-                                        cp + (i0 * d + j0) * ce, ct, ldc, compute, CUBLAS_GEMM_DEFAULT));
+  const int64_t row_step = a.stride(0), col_step = a.stride(1);  // elements between rows / columns of a
+  // cov's lower tiles += (rows [r0, r0 + rows) of a)ᵀ (the same rows)
+  auto lower_tiles = [&](int64_t r0, int64_t rows) {
+    const char* ar = ap + r0 * row_step * ae;
+    for (int64_t i0 = 0; i0 < d; i0 += t) {
+      const int ti = static_cast<int>(std::min(t, d - i0));
+      for (int64_t j0 = 0; j0 <= i0; j0 += t) {
+        const int tj = static_cast<int>(std::min(t, d - j0));
+        TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, op_j, op_i, tj, ti, static_cast<int>(rows), one,
+                                          ar + j0 * col_step * ae, at_, ld, ar + i0 * col_step * ae, at_, ld, one,
+                                          cp + (i0 * d + j0) * ce, ct, ldc, compute, CUBLAS_GEMM_DEFAULT));
+      }
     }
+  };
+  const int64_t split = split_for(d, n, t, ce);
+  if (split > 1) {
+    // One strided-batched GEMM: slice s (rows [s·k, (s+1)·k)) into its own (d × d) partial, then
+    // cov += their sum; the n − split·k rows left over go straight into cov.
+    const int64_t k = n / split;
+    const double zero_d = 0.0;
+    const float zero_f = 0.f;
+    const void* zero = dbl ? static_cast<const void*>(&zero_d) : static_cast<const void*>(&zero_f);
+    at::Tensor partial = at::empty({split, d, d}, cov.options());
+    TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(
+        handle, op_j, op_i, static_cast<int>(d), static_cast<int>(d), static_cast<int>(k), one, ap, at_, ld,
+        k * row_step, ap, at_, ld, k * row_step, zero, partial.mutable_data_ptr(), ct, ldc, d * d,
+        static_cast<int>(split), compute, CUBLAS_GEMM_DEFAULT));
+    cov.add_(partial.sum(0));
+    if (n > split * k) lower_tiles(split * k, n - split * k);
+  } else {
+    lower_tiles(0, n);
   }
   const dim3 grid((d + kMirrorTile - 1) / kMirrorTile, (d + kMirrorTile - 1) / kMirrorTile), block(kMirrorTile, 8);
   auto stream = at::cuda::getCurrentCUDAStream();
