@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import json
 import statistics
 import sys
@@ -231,16 +232,18 @@ def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
 
 
 def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
-    """float32 conv covariance (no tf32) with the shifted form forced off, forced on, and as chosen
-    (the settings timed in turn);
+    """Conv covariance with the shifted form forced off, forced on, and as chosen (the settings
+    timed in turn): float32 without tf32, and on a GPU also with tf32 and in bf16 (where the GEMMs
+    run on the tensor cores and the gather is the default);
     on the CPU, where a group has few channels, also the shifted form with its sums made by GEMMs
     instead of the fused pass (DEEPUNLEARN_CONV_FUSED=0). Strided layers: the CPU's phase form
     forced off, on, and as chosen; dilated ones: the residue form."""
     rows = []
-    for s in shapes:
+    variants = [(torch.float32, False)] + ([(torch.float32, True), (torch.bfloat16, False)] if device.type == "cuda" else [])
+    for s, (dtype, allow_tf32) in itertools.product(shapes, variants):
         geom = deepunlearn.covariance.ConvGeometry.of(conv_module(s))
         cov = torch.zeros(s.groups, s.d, s.d, device=device)
-        x = torch.randn(conv_batch[s.name.split(".")[0]], s.c_in, s.size, s.size, device=device)
+        x = torch.randn(conv_batch[s.name.split(".")[0]], s.c_in, s.size, s.size, device=device, dtype=dtype)
         knob = ("DEEPUNLEARN_CONV_PHASES" if s.stride > 1 else
                 "DEEPUNLEARN_CONV_RESIDUES" if s.dilation > 1 else "DEEPUNLEARN_CONV_SHIFT")
         settings = [(knob, "0", {}), (knob, "1", {}), (knob, "default", {})]
@@ -252,13 +255,14 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
                 with ExitStack() as stack:
                     for k, v in {**also, knob: None if value == "default" else value}.items():
                         stack.enter_context(env(k, v))
-                    stack.enter_context(tf32(False))
+                    stack.enter_context(tf32(allow_tf32))
                     deepunlearn.covariance.accumulate_conv_(cov, x, geom)
             return run
 
         times = paired_median_times([under(*setting) for setting in settings], device, repeat)  # in turn
         for (knob, value, _), t in zip(settings, times):
-            rows.append({"knob": knob, "value": value, "layer": s.name, "dtype": "float32", "op_s": t})
+            rows.append({"knob": knob, "value": value, "layer": s.name,
+                         "dtype": _name(dtype) + ("/tf32" if allow_tf32 else ""), "op_s": t})
             print(rows[-1], flush=True)
     return rows
 
