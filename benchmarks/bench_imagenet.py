@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, device_name, timed  # noqa: E402
+from common import ceilings, device_name, timed, write_results  # noqa: E402
 import deepunlearn  # noqa: E402
 from deepunlearn import _ext  # noqa: E402
 from deepunlearn.reference import unlearn_paper  # noqa: E402
@@ -164,11 +164,9 @@ def main(argv=None) -> int:
               "ceilings": ceilings(device), "archs": []}
     print("ceilings: " + json.dumps(result["ceilings"]), flush=True)
     stem = args.out or RESULTS / f"imagenet_{'cuda' if gpu else 'cpu'}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
     for arch in args.archs:  # written after each architecture, so a run cut short keeps what it measured
         result["archs"].append(bench_arch(arch, args, device))
-        Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        Path(f"{stem}.md").write_text(markdown(result))
+        write_results(stem, result, markdown(result))
     print(markdown(result))
     return 0
 

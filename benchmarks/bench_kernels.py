@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import itertools
-import json
 import statistics
 import sys
 from collections.abc import Callable, Iterator
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GPU_BLOCK_SECONDS, ceilings, device_name, env, median_time, paired_median_times,  # noqa: E402
-                    tf32, timed)
+                    tf32, timed, write_results)
 from shapes import DEPTHWISE, DILATED, RESNET18_CIFAR, STRIDED, VGG11_BN, VIT_B16  # noqa: E402
 
 import deepunlearn  # noqa: E402
@@ -329,11 +328,8 @@ def main(argv=None) -> int:
     exact_rss_peaks()
     for row, pure, op in pending:
         row["pure_peak_extra_bytes"], row["op_peak_extra_bytes"] = peak_extra(pure, device), peak_extra(op, device)
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels_{device.type}" + ("_quick" if a.quick else "")
-    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     text = markdown(result)
-    (a.out / f"{stem}.md").write_text(text)
+    write_results(a.out / (f"kernels_{device.type}" + ("_quick" if a.quick else "")), result, text)
     print(text)
     return 0
 

@@ -1,6 +1,7 @@
 """Timing helpers and device ceilings shared by the benchmark scripts."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -8,6 +9,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -117,3 +119,10 @@ def ceilings(device: torch.device) -> dict[str, float]:
         with tf32(use_tf32):
             out[name] = 2 * m**3 / median_time(lambda: x @ x, device, 5) / 1e12
     return out
+
+
+def write_results(stem: Path, result: dict, table: str) -> None:
+    """``result`` as ``<stem>.json`` and ``table`` (Markdown) as ``<stem>.md``, the folder made if needed."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(table)

@@ -13,7 +13,6 @@ above the rest names the part to improve. Writes ``benchmarks/results/profile_<d
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import RESULTS, Case, cases  # noqa: E402
-from common import block_time, device_name, sync  # noqa: E402
+from common import block_time, device_name, sync, write_results  # noqa: E402
 
 from deepunlearn import _ext  # noqa: E402
 
@@ -97,11 +96,8 @@ def main(argv=None) -> int:
               flush=True)
     if not result["rows"]:
         sys.exit(f"no benchmark row matches --layers {a.layers}")
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"profile_{device.type}" + ("_quick" if a.quick else "")
-    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     text = markdown(result)
-    (a.out / f"{stem}.md").write_text(text)
+    write_results(a.out / (f"profile_{device.type}" + ("_quick" if a.quick else "")), result, text)
     print(text)
     return 0
 

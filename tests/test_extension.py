@@ -390,38 +390,23 @@ def test_shifted_form_float32_statistics(monkeypatch, device, sums, layout, form
 
 @needs_ext
 @pytest.mark.cuda
-@pytest.mark.parametrize("tile", ["1", "128", "300"])
-def test_cuda_symmetric_gemm_tiles(monkeypatch, tile):
-    # The CUDA kernels pick one full GEMM up to d = 1024; small tiles (the tuning knob) exercise
-    # the triangle of tiles with ragged edges, in both memory layouts the GEMMs read.
+@pytest.mark.parametrize("knob,value,n,d", [("SYRK_TILE", v, 70, 385) for v in ("1", "128", "300")]
+                         + [("SPLIT_K", v, 3001, 27) for v in ("2", "7", "1000")])
+def test_cuda_symmetric_gemm_knobs(monkeypatch, knob, value, n, d):
+    # SYRK_TILE: the kernels pick one full GEMM up to d = 1024; small tiles exercise the triangle of
+    # tiles with ragged edges. SPLIT_K: slices of the rows in one strided-batched GEMM, then their
+    # sum (7: rows left over go straight into cov; 1000: capped at 256 rows a slice). Both memory
+    # layouts the GEMMs read, and the conv gather's.
     dev = device_or_skip("cuda")
-    monkeypatch.setenv("DEEPUNLEARN_CUDA_SYRK_TILE", tile)
-    for x in (torch.randn(70, 385, device=dev), torch.randn(385, 70, device=dev).T):  # row- and column-major
-        for dtype in (torch.float32, torch.bfloat16):
-            xd = x.to(dtype)
-            cov = sym_poison(385, torch.float32, dev)
-            ref = cov.double() + xd.double().T @ xd.double()
-            _ext.ops().linear_cov_accumulate_(cov, xd)
-            assert rel_err(cov, ref) < 2e-3 and torch.equal(cov, cov.T)
-
-
-@needs_ext
-@pytest.mark.cuda
-@pytest.mark.parametrize("split", ["2", "7", "1000"])
-def test_cuda_split_k(monkeypatch, split):
-    # Slices of the rows in one strided-batched GEMM, then their sum (7: rows left over go straight
-    # into cov; 1000: capped at 256 rows a slice), in both memory layouts and for the conv gather.
-    dev = device_or_skip("cuda")
-    monkeypatch.setenv("DEEPUNLEARN_CUDA_SPLIT_K", split)
-    for x in (torch.randn(3001, 27, device=dev), torch.randn(27, 3001, device=dev).T):  # row- and column-major
+    monkeypatch.setenv(f"DEEPUNLEARN_CUDA_{knob}", value)
+    for x in (torch.randn(n, d, device=dev), torch.randn(d, n, device=dev).T):  # row- and column-major
         for dtype, cov_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float64)):
             xd = x.to(dtype)
-            cov = sym_poison(27, cov_dtype, dev)
+            cov = sym_poison(d, cov_dtype, dev)
             ref = cov.double() + xd.double().T @ xd.double()
             _ext.ops().linear_cov_accumulate_(cov, xd)
             assert rel_err(cov, ref) < (1e-13 if cov_dtype == torch.float64 else 2e-3) and torch.equal(cov, cov.T)
-    conv = CONVS[0]
-    x, geom, start, ref = conv_case(conv, 40)
+    x, geom, start, ref = conv_case(CONVS[0], 40)  # d = 27, float64
     got = accumulate_conv_(start.to(dev), x.to(dev), geom)
     assert rel_err(got.cpu(), ref) < 1e-13
 
