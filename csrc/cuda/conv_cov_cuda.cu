@@ -133,10 +133,7 @@ static void conv_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x_in, at:
       }
     });
     // Group gi's patches are rows [gi·dg, (gi+1)·dg) of buf: a column-major (rows × dg) matrix.
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      at::Tensor cg = cov.select(0, gi);
-      syrk_accumulate_cuda(cg, buf.narrow(0, gi * dg, dg).narrow(1, 0, rows).t());
-    }
+    syrk_accumulate_cuda(cov, buf.narrow(1, 0, rows).view({groups, dg, rows}).transpose(1, 2));
   }
 }
 

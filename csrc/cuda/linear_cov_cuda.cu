@@ -19,10 +19,14 @@ namespace {
 
 constexpr int kMirrorTile = 32;
 
-// c[i][j] = c[j][i] for i < j, through a shared-memory tile so reads and writes are coalesced.
+constexpr int64_t kMaxGridZ = 65535;
+
+// c_z[i][j] = c_z[j][i] for i < j, matrix z = blockIdx.z of (d × d) matrices d² apart, through a
+// shared-memory tile so reads and writes are coalesced.
 template <typename T>
 __global__ void mirror_lower_to_upper(T* __restrict__ c, int64_t d) {
   __shared__ T tile[kMirrorTile][kMirrorTile + 1];
+  c += static_cast<int64_t>(blockIdx.z) * d * d;
   const int64_t tr = blockIdx.y, tc = blockIdx.x;  // destination tile (row, col)
   if (tr > tc) return;                              // lower tiles are sources only
   for (int j = threadIdx.y; j < kMirrorTile; j += blockDim.y) {
@@ -75,23 +79,25 @@ int64_t split_for(int64_t d, int64_t n, int64_t tile, int64_t element_size) {
 }  // namespace
 
 void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
-  const int64_t d = cov.size(0), n = a_in.size(0);
-  if (n == 0) return;
+  const int64_t batch = cov.size(0), d = cov.size(1), n = a_in.size(1);
+  if (n == 0 || batch == 0) return;
   at::Tensor a = a_in;
   if (cov.scalar_type() == at::kDouble && a.scalar_type() != at::kDouble) a = a.to(at::kDouble);
-  // Row-major a (stride(1) == 1) is cuBLAS's column-major (d × n) matrix; column-major a
-  // (stride(0) == 1, as the conv gather writes it) is cuBLAS's (n × d) matrix.
-  const bool row_major = a.stride(1) == 1 && (d == 1 || a.stride(0) >= d);
-  TORCH_CHECK(row_major || (a.stride(0) == 1 && a.stride(1) >= n),
+  // Each row-major a_b (stride(2) == 1) is cuBLAS's column-major (d × n) matrix; each
+  // column-major a_b (stride(1) == 1, as the conv gather writes it) is cuBLAS's (n × d) matrix.
+  const bool row_major = a.stride(2) == 1 && (d == 1 || a.stride(1) >= d);
+  TORCH_CHECK(row_major || (a.stride(1) == 1 && a.stride(2) >= n),
               "syrk_accumulate_cuda: rows or columns must be contiguous");
-  const int64_t ld64 = row_major ? a.stride(0) : a.stride(1);
-  TORCH_CHECK(n <= INT32_MAX && ld64 <= INT32_MAX, "deepunlearn: too many rows for one cuBLAS call; split the batch");
+  const int64_t ld64 = row_major ? a.stride(1) : a.stride(2);
+  TORCH_CHECK(n <= INT32_MAX && ld64 <= INT32_MAX && batch <= INT32_MAX,
+              "deepunlearn: too many rows for one cuBLAS call; split the batch");
   const bool dbl = cov.scalar_type() == at::kDouble;
   const bool tf32 = !dbl && a.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS();
   const cublasComputeType_t compute = dbl ? CUBLAS_COMPUTE_64F : (tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F);
-  const float one_f = 1.f;
-  const double one_d = 1.0;
+  const float one_f = 1.f, zero_f = 0.f;
+  const double one_d = 1.0, zero_d = 0.0;
   const void* one = dbl ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f);
+  const void* zero = dbl ? static_cast<const void*>(&zero_d) : static_cast<const void*>(&zero_f);
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
   const cudaDataType_t at_ = cuda_type(a.scalar_type()), ct = cuda_type(cov.scalar_type());
   const int ld = static_cast<int>(std::max<int64_t>(ld64, 1)), ldc = static_cast<int>(d);
@@ -101,46 +107,56 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
   // Row-major C[I, J] (I ≥ J) is, in cuBLAS's column-major view, the (tj × ti) matrix A_Jᵀ A_I,
   // A_J being columns J of a: (tj × n) op N for row-major a, (n × tj) op T for column-major a.
   const cublasOperation_t op_j = row_major ? CUBLAS_OP_N : CUBLAS_OP_T, op_i = row_major ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const int64_t row_step = a.stride(0), col_step = a.stride(1);  // elements between rows / columns of a
-  // cov's lower tiles += (rows [r0, r0 + rows) of a)ᵀ (the same rows)
-  auto lower_tiles = [&](int64_t r0, int64_t rows) {
-    const char* ar = ap + r0 * row_step * ae;
+  // elements between matrices / rows / columns of a
+  const int64_t batch_step = a.stride(0), row_step = a.stride(1), col_step = a.stride(2);
+  // `count` whole (d × d) products in one strided-batched GEMM: the first `rows` rows of the
+  // matrix at from + b·from_step (elements) into the one at to + b·d², times beta.
+  auto whole = [&](const char* from, int64_t from_step, int64_t rows, const void* beta, void* to, int64_t count) {
+    TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(
+        handle, op_j, op_i, static_cast<int>(d), static_cast<int>(d), static_cast<int>(rows), one, from, at_, ld,
+        from_step, from, at_, ld, from_step, beta, to, ct, ldc, d * d, static_cast<int>(count), compute,
+        CUBLAS_GEMM_DEFAULT));
+  };
+  // cov_b's lower tiles += (rows [r0, r0 + rows) of a_b)ᵀ (the same rows)
+  auto lower_tiles = [&](int64_t b, int64_t r0, int64_t rows) {
+    const char* ar = ap + (b * batch_step + r0 * row_step) * ae;
+    char* cb = cp + b * d * d * ce;
     for (int64_t i0 = 0; i0 < d; i0 += t) {
       const int ti = static_cast<int>(std::min(t, d - i0));
       for (int64_t j0 = 0; j0 <= i0; j0 += t) {
         const int tj = static_cast<int>(std::min(t, d - j0));
         TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, op_j, op_i, tj, ti, static_cast<int>(rows), one,
                                           ar + j0 * col_step * ae, at_, ld, ar + i0 * col_step * ae, at_, ld, one,
-                                          cp + (i0 * d + j0) * ce, ct, ldc, compute, CUBLAS_GEMM_DEFAULT));
+                                          cb + (i0 * d + j0) * ce, ct, ldc, compute, CUBLAS_GEMM_DEFAULT));
       }
     }
   };
-  const int64_t split = split_for(d, n, t, ce);
-  if (split > 1) {
-    // One strided-batched GEMM: slice s (rows [s·k, (s+1)·k)) into its own (d × d) partial, then
-    // cov += their sum; the n − split·k rows left over go straight into cov.
+  const int64_t split = batch == 1 ? split_for(d, n, t, ce) : 1;
+  if (batch > 1 && t == d) {
+    // Many small products (a grouped conv's, one per group): one batched call, not one per group.
+    whole(ap, batch_step, n, one, cp, batch);
+  } else if (split > 1) {
+    // Slice s (rows [s·k, (s+1)·k)) into its own (d × d) partial, then cov += their sum; the
+    // n − split·k rows left over go straight into cov.
     const int64_t k = n / split;
-    const double zero_d = 0.0;
-    const float zero_f = 0.f;
-    const void* zero = dbl ? static_cast<const void*>(&zero_d) : static_cast<const void*>(&zero_f);
     at::Tensor partial = at::empty({split, d, d}, cov.options());
-    TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(
-        handle, op_j, op_i, static_cast<int>(d), static_cast<int>(d), static_cast<int>(k), one, ap, at_, ld,
-        k * row_step, ap, at_, ld, k * row_step, zero, partial.mutable_data_ptr(), ct, ldc, d * d,
-        static_cast<int>(split), compute, CUBLAS_GEMM_DEFAULT));
-    cov.add_(partial.sum(0));
-    if (n > split * k) lower_tiles(split * k, n - split * k);
+    whole(ap, k * row_step, k, zero, partial.mutable_data_ptr(), split);
+    cov.add_(partial.sum(0, /*keepdim=*/true));
+    if (n > split * k) lower_tiles(0, split * k, n - split * k);
   } else {
-    lower_tiles(0, n);
+    for (int64_t b = 0; b < batch; ++b) lower_tiles(b, 0, n);
   }
-  const dim3 grid((d + kMirrorTile - 1) / kMirrorTile, (d + kMirrorTile - 1) / kMirrorTile), block(kMirrorTile, 8);
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (dbl) {
-    mirror_lower_to_upper<double><<<grid, block, 0, stream>>>(cov.mutable_data_ptr<double>(), d);
-  } else {
-    mirror_lower_to_upper<float><<<grid, block, 0, stream>>>(cov.mutable_data_ptr<float>(), d);
+  const int64_t tiles = (d + kMirrorTile - 1) / kMirrorTile;
+  for (int64_t b0 = 0; b0 < batch; b0 += kMaxGridZ) {
+    const dim3 grid(tiles, tiles, static_cast<unsigned>(std::min(kMaxGridZ, batch - b0))), block(kMirrorTile, 8);
+    if (dbl) {
+      mirror_lower_to_upper<double><<<grid, block, 0, stream>>>(cov.mutable_data_ptr<double>() + b0 * d * d, d);
+    } else {
+      mirror_lower_to_upper<float><<<grid, block, 0, stream>>>(cov.mutable_data_ptr<float>() + b0 * d * d, d);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 static void linear_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x) {
@@ -149,7 +165,8 @@ static void linear_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x) {
   const c10::cuda::CUDAGuard guard(cov.device());
   const bool usable = (x.stride(1) == 1 && x.stride(0) >= x.size(1)) || (x.stride(0) == 1 && x.stride(1) >= x.size(0));
   at::Tensor a = usable ? x : x.contiguous();
-  syrk_accumulate_cuda(cov, a);
+  at::Tensor cov_batch = cov.unsqueeze(0);
+  syrk_accumulate_cuda(cov_batch, a.unsqueeze(0));
 }
 
 TORCH_LIBRARY_IMPL(deepunlearn, CUDA, m) { m.impl("linear_cov_accumulate_", &linear_cov_accumulate_cuda); }
