@@ -9,6 +9,13 @@
 # (foolbox, for the CLI test's photographs) and fashion-mnist/ (the Debian package's IDX files).
 # Each stage runs under its own time limit (seconds: T_BUILD, T_CUDA_TESTS, T_TESTS, T_KERNELS,
 # T_PROFILE, T_IMAGENET), so one slow stage cannot take the others' results with it.
+#
+# On the lent device machine (10 minutes a call, a warm machine keeps the build between calls),
+# in two calls carrying .devcarry, recreated here first:
+#   mkdir -p .devcarry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .devcarry/fashion-mnist/
+#   pip download --no-deps --only-binary=:all: foolbox==3.3.4 -d .devcarry   (and /.devcarry/ in .git/info/exclude)
+#   T_BUILD=200 T_CUDA_TESTS=120 T_KERNELS=180 T_PROFILE=90 bash scripts/gpu_check.sh $OUT build cuda-tests kernels profile
+#   T_TESTS=240 T_IMAGENET=240 TEST_WORKERS=12 bash scripts/gpu_check.sh $OUT tests imagenet
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUT [stages...]}
