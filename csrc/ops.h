@@ -44,8 +44,8 @@ void syrk_lower_cpu(at::Tensor& cov, const at::Tensor& a, double beta = 1.0);
 void mirror_lower_to_upper_cpu(at::Tensor& cov);
 #ifdef DEEPUNLEARN_WITH_CUDA
 // cov (B, d, d) contiguous += a_bᵀ a_b for each a_b (n, d) of a (B, n, d), in cov's dtype, then an
-// exact mirror; each a_b with one unit stride (either), the same stride between them. Small d: one
-// batched GEMM for all B (a grouped conv's groups), else the lower tiles, per matrix.
+// exact mirror; each a_b with one unit stride (either), the same stride between them. Where one
+// GEMM covers d: one batched GEMM for all B (a grouped conv's groups), else the lower tiles, per matrix.
 void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a);
 #endif
 
