@@ -87,5 +87,35 @@ def test_profile_script_names_where_the_time_goes(tmp_path):
         for side in (r["pure"], r["op_side"]):
             assert side["wall_s"] > 0 and side["busy_s"] is None and 0 < len(side["top"]) <= profile_kernels.TOP
     assert "| conv_cov | resnet18.layer4 | float32 | op |" in (tmp_path / "profile_cpu_quick.md").read_text()
+    for r in result["rows"]:  # the GPU table's busy column, as a GPU run fills it
+        r["pure"]["busy_s"] = r["op_side"]["busy_s"] = 1e-3
+    gpu_table = profile_kernels.markdown(result | {"device_type": "cuda"})
+    assert "| busy (ms) |" in gpu_table and "| 1.000 | " in gpu_table
     with pytest.raises(SystemExit, match="no benchmark row matches"):
         profile_kernels.main(["--device", "cpu", "--quick", "--layers", "no_such_layer", "--out", str(tmp_path)])
+
+
+def test_gpu_only_benchmark_code_runs_on_tiny_shapes(monkeypatch):
+    # The knob sweep and the GPU table run only on a GPU machine, where a slip would cost a lease:
+    # run them here on the CPU with tiny shapes (the knobs are read and ignored there).
+    import bench_kernels
+    from shapes import ConvShape, LinearShape
+
+    tiny = [ConvShape(f"resnet18.c{i}", 3 + 2 * i, 6) for i in range(2)]
+    monkeypatch.setattr(bench_kernels, "VIT_B16", [LinearShape("vit_b16.d8", 8, 3)])
+    monkeypatch.setattr(bench_kernels, "RESNET18_CIFAR", tiny)
+    monkeypatch.setattr(bench_kernels, "VGG11_BN", [ConvShape(f"vgg11.c{i}", 2 + i, 7) for i in range(6)])
+    monkeypatch.setattr(bench_kernels, "DILATED", [ConvShape("resnet50_os8.c", 4, 9, padding=2, dilation=2)])
+    cpu = torch.device("cpu")
+    sweep = bench_kernels.sweep_knobs(cpu, 1, 2, {"resnet18": 1, "vgg11": 1, "resnet50_os8": 1})
+    knobs = {r["knob"] for r in sweep}
+    assert knobs == {"rows (images x 197)", "DEEPUNLEARN_CUDA_SYRK_TILE", "DEEPUNLEARN_CUDA_CONV_CHUNK",
+                     "DEEPUNLEARN_CUDA_SPLIT_K", "DEEPUNLEARN_CONV_SHIFT", "DEEPUNLEARN_CONV_RESIDUES",
+                     "DEEPUNLEARN_CONV_FUSED"}  # the last a CPU-only setting
+    assert all(r["op_s"] > 0 for r in sweep)
+    case = bench_kernels.linear_case(bench_kernels.VIT_B16[0], 2, cpu, torch.float32)
+    row = bench_kernels.bench(case, cpu, 1) | {"op_single_call_s": 1.0}  # as a GPU run adds it
+    result = {"device": "a GPU", "device_type": "cuda", "torch": torch.__version__,
+              "ceilings": {"bf16_matmul_TFLOPs": 1.0}, "rows": [row], "sweep": sweep}
+    table = bench_kernels.markdown(result)
+    assert "back-to-back" in table and "one call alone)" in table and "| DEEPUNLEARN_CUDA_SPLIT_K | 512 |" in table
