@@ -543,6 +543,31 @@ def test_ops_compile_in_one_graph(device, backend):
 
 
 @needs_ext
+def test_ops_compile_once_for_every_size():
+    # dynamic shapes: the fake kernels hold for symbolic sizes, so new sizes reuse the one graph
+    ops = _ext.ops()
+
+    def step(cov, conv_cov, x, images, w, m_r, m_f):
+        ops.linear_cov_accumulate_(cov, x)
+        ops.conv_cov_accumulate_(conv_cov, images, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1])
+        return ops.projected_edit(w, m_r, m_f)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    # no two sizes equal within a call: dynamo would take them for one symbol and recompile when they part
+    for n, d, hw in ((5, 7, 9), (11, 13, 15), (17, 19, 21)):
+        args = (sym_poison(d, torch.float64, "cpu"), torch.stack([sym_poison(18, torch.float64, "cpu")] * 2),
+                torch.randn(n, d, dtype=torch.float64), torch.randn(n, 4, hw, hw + 1, dtype=torch.float64),
+                torch.randn(2, n, d, dtype=torch.float64), torch.randn(2, d, d, dtype=torch.float64),
+                torch.randn(2, d, d, dtype=torch.float64))
+        eager = tuple(a.clone() for a in args)
+        assert rel_err(compiled(*args), step(*eager)) < 1e-12
+        assert rel_err(args[0], eager[0]) < 1e-12 and rel_err(args[1], eager[1]) < 1e-12
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@needs_ext
 @pytest.mark.parametrize("forms", ["chosen", "forced"])
 def test_unlearning_gives_the_same_model_with_and_without_the_extension(monkeypatch, forms):
     # "forced": the shifted, residue and phase forms wherever the geometry allows them
