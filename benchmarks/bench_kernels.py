@@ -266,6 +266,14 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
     return rows
 
 
+def tflops_text(rate: float | None) -> str:
+    """A TFLOP/s rate for the tables: whole numbers on a GPU, three significant digits below 10
+    (a CPU's 0.1 would print as 0)."""
+    if rate is None:
+        return ""
+    return f"{rate:.0f}" if rate >= 10 else f"{rate:.3g}"
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Kernel benchmark on {result['device']} (torch {result['torch']})", "",
              "speedup = pure-PyTorch time / op time, measured side by side in one run (medians, the two timed in turn).",
@@ -279,9 +287,9 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         mem = (f"{r['pure_peak_extra_bytes'] / 2**20:.1f} / {r['op_peak_extra_bytes'] / 2**20:.1f}"
                if "pure_peak_extra_bytes" in r else "")
-        rate = f"{r['op_tflops_full_gemm_equiv']:.0f}" if "op_tflops_full_gemm_equiv" in r else ""
+        rate = tflops_text(r.get("op_tflops_full_gemm_equiv"))
         if "op_single_call_s" in r:
-            rate += f" ({r['op_tflops_full_gemm_equiv'] * r['op_s'] / r['op_single_call_s']:.0f} one call alone)"
+            rate += f" ({tflops_text(r['op_tflops_full_gemm_equiv'] * r['op_s'] / r['op_single_call_s'])} one call alone)"
         label = r["layer"] + (f" ({r['dtype']})" if "dtype" in r else "")
         lines.append(f"| {r['op']} | {label} | {r['d']} | {r['pure_s'] * 1e3:.2f} | {r['op_s'] * 1e3:.2f} | "
                      f"{r['speedup']:.2f} | {rate} | {mem} |")
@@ -289,7 +297,7 @@ def markdown(result: dict) -> str:
         lines += ["", "Tuning knobs and sizes (op time; linear: TFLOP/s as a full GEMM would count them):", "",
                   "| knob | value | layer | dtype | op (ms) | TFLOP/s |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['knob']} | {r['value']} | {r['layer']} | {r['dtype']} | {r['op_s'] * 1e3:.3f} | "
-                  f"{r.get('tflops_full_gemm_equiv', float('nan')):.0f} |".replace("| nan |", "|  |") for r in result["sweep"]]
+                  f"{tflops_text(r.get('tflops_full_gemm_equiv'))} |" for r in result["sweep"]]
     return "\n".join(lines) + "\n"
 
 
