@@ -9,7 +9,7 @@ ConvNeXt-T, strided ones (MobileNetV2, the ImageNet ResNet stem) and dilated one
 output stride 8). Prints a table of ratios (pure time / op time: above 1 means the op is faster)
 and writes ``benchmarks/results/kernels_<device>.json`` and ``.md`` with the device name. A sweep
 then times the conv op with each of its exact forms forced (``DEEPUNLEARN_CONV_SHIFT``,
-``_PHASES``, ``_RESIDUES`` = 0 / 1).
+``_PHASES``, ``_RESIDUES`` = 0 / 1, ``_WGRAD`` = 1).
 
 On a GPU it also measures the device's ceilings (bf16 / tf32 / fp32 matrix-multiply rates, copy
 bandwidth) in the same run, adds bf16 rows (the pure path being its float32 twin, as in
@@ -99,8 +99,9 @@ def conv_module(shape) -> torch.nn.Conv2d:
                            groups=shape.groups)
 
 
-def conv_case(shape, batch, device, dtype=torch.float32, allow_tf32=False) -> Case:
-    """``allow_tf32``: both sides with tf32 allowed (the GPU's float32 GEMMs on the tensor cores)."""
+def conv_case(shape, batch, device, dtype=torch.float32, allow_tf32=False, wgrad=False) -> Case:
+    """``allow_tf32``: both sides with tf32 allowed (the GPU's float32 GEMMs on the tensor cores);
+    ``wgrad``: the op with its weight-gradient form forced (DEEPUNLEARN_CONV_WGRAD=1)."""
     x = torch.randn(batch, shape.c_in, shape.size, shape.size, device=device, dtype=dtype)
     geom = deepunlearn.covariance.ConvGeometry.of(conv_module(shape))
     d = shape.d
@@ -116,10 +117,12 @@ def conv_case(shape, batch, device, dtype=torch.float32, allow_tf32=False) -> Ca
             cov.baddbmm_(u.transpose(1, 2), u)
 
     def op():
-        deepunlearn.covariance.accumulate_conv_(cov, x, geom)
+        with env("DEEPUNLEARN_CONV_WGRAD", "1" if wgrad else None):
+            deepunlearn.covariance.accumulate_conv_(cov, x, geom)
 
     return Case("conv_cov", shape.name, d, _name(dtype) + ("/tf32" if allow_tf32 else ""),
-                under_tf32(pure, allow_tf32), under_tf32(op, allow_tf32), {"batch": batch, "hw": shape.size})
+                under_tf32(pure, allow_tf32), under_tf32(op, allow_tf32),
+                {"batch": batch, "hw": shape.size, **({"form": "wgrad"} if wgrad else {})})
 
 
 def edit_case(shape, device) -> Case:
@@ -157,6 +160,12 @@ def cases(device: torch.device, quick: bool, keep: Callable[[str], bool] = lambd
     for s in filter(lambda s: keep(s.name), RESNET18_CIFAR + VGG11_BN + DEPTHWISE + STRIDED + DILATED):
         for dt, t32 in variants:
             yield conv_case(s, conv_batch[s.name.split(".")[0]], device, dt, allow_tf32=t32)
+    # On a GPU, the weight-gradient form (off by default until these rows have been read) on every
+    # layer it applies to: the candidate for 3x on the tensor cores.
+    wgrad_layers = [s for s in RESNET18_CIFAR + VGG11_BN + DEPTHWISE if s.stride == 1 and s.dilation == 1]
+    for s in filter(lambda s: gpu and keep(s.name), wgrad_layers):
+        for dt, t32 in variants:
+            yield conv_case(s, conv_batch[s.name.split(".")[0]], device, dt, allow_tf32=t32, wgrad=True)
     for s in filter(lambda s: keep(s.name), VIT_B16):
         yield edit_case(s, device)
 
@@ -236,7 +245,8 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
     run on the tensor cores and the gather is the default);
     on the CPU, where a group has few channels, also the shifted form with its sums made by GEMMs
     instead of the fused pass (DEEPUNLEARN_CONV_FUSED=0). Strided layers: the CPU's phase form
-    forced off, on, and as chosen; dilated ones: the residue form."""
+    forced off, on, and as chosen; dilated ones: the residue form. Stride-1, undilated layers also
+    with the weight-gradient form (DEEPUNLEARN_CONV_WGRAD=1, off by default until timed here)."""
     rows = []
     variants = [(torch.float32, False)] + ([(torch.float32, True), (torch.bfloat16, False)] if device.type == "cuda" else [])
     for s, (dtype, allow_tf32) in itertools.product(shapes, variants):
@@ -248,6 +258,8 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
         settings = [(knob, "0", {}), (knob, "1", {}), (knob, "default", {})]
         if device.type == "cpu" and s.c_in // s.groups <= 12 and s.stride == 1 and s.dilation == 1:
             settings.append(("DEEPUNLEARN_CONV_FUSED", "0", {"DEEPUNLEARN_CONV_SHIFT": "1"}))
+        if s.stride == 1 and s.dilation == 1:
+            settings.append(("DEEPUNLEARN_CONV_WGRAD", "1", {}))
 
         def under(knob, value, also):
             def run():
@@ -264,6 +276,11 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
                          "dtype": _name(dtype) + ("/tf32" if allow_tf32 else ""), "op_s": t})
             print(rows[-1], flush=True)
     return rows
+
+
+def variant(row: dict) -> str:
+    """A row's dtype, and the conv form it forced if any: "bfloat16, wgrad form"."""
+    return (row.get("dtype") or "") + (f", {row['form']} form" if row.get("form") else "")
 
 
 def tflops_text(rate: float | None) -> str:
@@ -290,7 +307,7 @@ def markdown(result: dict) -> str:
         rate = tflops_text(r.get("op_tflops_full_gemm_equiv"))
         if "op_single_call_s" in r:
             rate += f" ({tflops_text(r['op_tflops_full_gemm_equiv'] * r['op_s'] / r['op_single_call_s'])} one call alone)"
-        label = r["layer"] + (f" ({r['dtype']})" if "dtype" in r else "")
+        label = r["layer"] + (f" ({variant(r)})" if r.get("dtype") else "")
         lines.append(f"| {r['op']} | {label} | {r['d']} | {r['pure_s'] * 1e3:.2f} | {r['op_s'] * 1e3:.2f} | "
                      f"{r['speedup']:.2f} | {rate} | {mem} |")
     if result.get("sweep"):

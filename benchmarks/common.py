@@ -79,13 +79,14 @@ def device_name(device: torch.device) -> str:
 
 @contextmanager
 def tf32(enabled: bool) -> Iterator[None]:
-    """cuBLAS's tf32 mode for float32 matrix products (torch's switch, which the ops read too)."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+    """tf32 for float32 matrix products and convolutions (torch's switches for cuBLAS and cuDNN,
+    which the ops read too: the conv op's weight-gradient form runs only where the two agree)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import RESULTS, Case, cases  # noqa: E402
+from bench_kernels import RESULTS, Case, cases, variant  # noqa: E402
 from common import block_time, device_name, sync, write_results  # noqa: E402
 
 from deepunlearn import _ext  # noqa: E402
@@ -69,7 +69,7 @@ def markdown(result: dict) -> str:
             p = r[side]
             top = "; ".join(f"{t['name'][:70]} {t['s'] * 1e3:.3f} x{t['count']:g}" for t in p["top"])
             busy = f"{p['busy_s'] * 1e3:.3f} | " if gpu else ""
-            lines.append(f"| {r['op']} | {r['layer']} | {r['dtype'] or ''} | {side.split('_')[0]} | "
+            lines.append(f"| {r['op']} | {r['layer']} | {variant(r)} | {side.split('_')[0]} | "
                          f"{p['wall_s'] * 1e3:.3f} | {busy}{top} |")
     return "\n".join(lines) + "\n"
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     for case in cases(device, a.quick, lambda layer: not a.layers or any(name in layer for name in a.layers)):
         result["rows"].append(profile_case(case, device, a.calls))
         r = result["rows"][-1]
-        print(r["layer"], r["dtype"], f"pure {r['pure']['wall_s'] * 1e3:.3f} ms, op {r['op_side']['wall_s'] * 1e3:.3f} ms",
+        print(r["layer"], variant(r), f"pure {r['pure']['wall_s'] * 1e3:.3f} ms, op {r['op_side']['wall_s'] * 1e3:.3f} ms",
               flush=True)
     if not result["rows"]:
         sys.exit(f"no benchmark row matches --layers {a.layers}")

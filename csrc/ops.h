@@ -67,6 +67,11 @@ void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGe
 // the cost model (DEEPUNLEARN_CONV_RESIDUES=0 / 1 forces it off / on wherever the geometry allows).
 bool residue_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
 
+// Stride-1 convs from weight-gradient convolutions (conv_wgrad.cpp, device-generic ATen): the
+// sums over the whole map for every shift in one call, the taps' borders subtracted; true where it
+// took the call (only with DEEPUNLEARN_CONV_WGRAD=1 until a GPU has timed it).
+bool wgrad_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
+
 // A tuning knob: the positive integer in environment variable `name`, or 0 when it is unset or
 // not positive (the caller's default then applies). Read per call, so benchmarks can sweep it.
 inline int64_t env_knob(const char* name) {

@@ -111,13 +111,18 @@ def test_gpu_only_benchmark_code_runs_on_tiny_shapes(monkeypatch):
     knobs = {r["knob"] for r in sweep}
     assert knobs == {"rows (images x 197)", "DEEPUNLEARN_CUDA_SYRK_TILE", "DEEPUNLEARN_CUDA_CONV_CHUNK",
                      "DEEPUNLEARN_CUDA_SPLIT_K", "DEEPUNLEARN_CONV_SHIFT", "DEEPUNLEARN_CONV_RESIDUES",
-                     "DEEPUNLEARN_CONV_FUSED"}  # the last a CPU-only setting
+                     "DEEPUNLEARN_CONV_WGRAD", "DEEPUNLEARN_CONV_FUSED"}  # the last a CPU-only setting
     assert all(r["op_s"] > 0 for r in sweep)
     case = bench_kernels.linear_case(bench_kernels.VIT_B16[0], 2, cpu, torch.float32)
     row = bench_kernels.bench(case, cpu, 1) | {"op_single_call_s": 1.0}  # as a GPU run adds it
-    result = {"device": "a GPU", "device_type": "cuda", "torch": torch.__version__,
-              "ceilings": {"bf16_matmul_TFLOPs": 1.0}, "rows": [row], "sweep": sweep}
+    wgrad = bench_kernels.conv_case(tiny[1], 2, cpu, wgrad=True)  # the GPU's weight-gradient rows
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        wgrad.run_op()
+    assert "aten::convolution_backward" in {e.key for e in prof.key_averages()}  # the form was taken
+    result = {"device": "a GPU", "device_type": "cuda", "torch": torch.__version__, "ceilings": {"bf16_matmul_TFLOPs": 1.0},
+              "rows": [row, bench_kernels.bench(wgrad, cpu, 1)], "sweep": sweep}
     table = bench_kernels.markdown(result)
     assert "back-to-back" in table and "one call alone)" in table and "| DEEPUNLEARN_CUDA_SPLIT_K | 512 |" in table
+    assert "| resnet18.c1 (float32, wgrad form) |" in table
     # rates keep three significant digits below 10 TFLOP/s (a CPU's 0.1 once printed as 0)
     assert [bench_kernels.tflops_text(r) for r in (0.01234, 1.5, 523.4, None)] == ["0.0123", "1.5", "523", ""]

@@ -285,31 +285,38 @@ DILATED_CASES = [
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("form", ["shifted", "shifted-fused", "shifted-generic", "gathered"])
+@pytest.mark.parametrize("form", ["shifted", "shifted-fused", "shifted-generic", "wgrad", "gathered"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("conv,spatial", SHIFT_CASES + DILATED_CASES,
                          ids=[f"s{i}" for i in range(len(SHIFT_CASES))] + [f"d{i}" for i in range(len(DILATED_CASES))])
 def test_shifted_and_gathered_forms_match_float64_oracle(monkeypatch, device, form, dtype, conv, spatial):
     # "shifted": its sums by GEMMs; "shifted-fused": by the CPU's one pass for few channels per
     # group (forced here at any width); "shifted-generic": the device-generic ATen path (what a
-    # GPU runs) on the CPU. Dilated convs: the same over their residue images.
+    # GPU runs) on the CPU. Dilated convs: the same over their residue images. "wgrad": the
+    # weight-gradient form (stride-1, undilated convs; the others fall back to the gather).
     dev = device_or_skip(device)
     if form in ("shifted-fused", "shifted-generic") and device != "cpu":
         pytest.skip("a CPU path (the GPU runs the generic one anyway)")
-    forced = "0" if form == "gathered" else "1"
+    forced = "0" if form in ("gathered", "wgrad") else "1"
     monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT", forced)  # on a GPU, also allows the residue form at any width
     monkeypatch.setenv("DEEPUNLEARN_CONV_RESIDUES", forced)
     monkeypatch.setenv("DEEPUNLEARN_CONV_FUSED", "1" if form == "shifted-fused" else "0")
     monkeypatch.setenv("DEEPUNLEARN_CONV_SHIFT_GENERIC", "1" if form == "shifted-generic" else "0")
-    if form == "shifted-fused" or (form != "gathered" and max(conv.dilation) > 1):
+    monkeypatch.setenv("DEEPUNLEARN_CONV_WGRAD", "1" if form == "wgrad" else "0")
+    if form in ("shifted-fused", "wgrad") or (form != "gathered" and max(conv.dilation) > 1):
         # one image (its residue images) per chunk: the first writes the sums, the others add to them
         monkeypatch.setenv("DEEPUNLEARN_CPU_CONV_CHUNK", "1")
         monkeypatch.setenv("DEEPUNLEARN_CUDA_CONV_CHUNK", "1")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the wgrad form's float32 precision
     x, geom, start, ref = conv_case(conv, 3, dtype, spatial=spatial)
-    got = accumulate_conv_(start.to(device=dev, dtype=dtype), x.to(dev), geom)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = accumulate_conv_(start.to(device=dev, dtype=dtype), x.to(dev), geom)
     tol = 1e-13 if dtype == torch.float64 else 1e-5
     assert rel_err(got.cpu().double(), ref) < tol and torch.equal(got, got.transpose(1, 2))
+    # the weight-gradient form ran exactly where it applies (else the gather answered for it)
+    takes_wgrad = form == "wgrad" and max(conv.dilation) == 1 and conv.weight[0, 0].numel() > 1
+    assert any(e.key == "aten::convolution_backward" for e in prof.key_averages()) == takes_wgrad
 
 
 CONV3D_CASES = [
@@ -568,12 +575,14 @@ def test_ops_compile_once_for_every_size():
 
 
 @needs_ext
-@pytest.mark.parametrize("forms", ["chosen", "forced"])
+@pytest.mark.parametrize("forms", ["chosen", "forced", "wgrad"])
 def test_unlearning_gives_the_same_model_with_and_without_the_extension(monkeypatch, forms):
-    # "forced": the shifted, residue and phase forms wherever the geometry allows them
+    # "forced": the shifted, residue and phase forms wherever the geometry allows them; "wgrad": the
+    # weight-gradient form for the stride-1, undilated convs
     if forms == "forced":
         for knob in ("SHIFT", "RESIDUES", "PHASES"):
             monkeypatch.setenv(f"DEEPUNLEARN_CONV_{knob}", "1")
+    monkeypatch.setenv("DEEPUNLEARN_CONV_WGRAD", "1" if forms == "wgrad" else "0")
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4, padding_mode="reflect"),
         nn.ReLU(), nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU(),

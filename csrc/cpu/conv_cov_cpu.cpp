@@ -69,6 +69,7 @@ static void conv_cov_accumulate_cpu(at::Tensor cov, const at::Tensor& x_in, at::
   const int64_t ho = g.out_h(H), wo = g.out_w(W), total = N * ho * wo;
   if (total == 0) return;
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
+  if (wgrad_accumulate(cov, x, g, chunk_elements())) return;
   if (phase_accumulate_cpu(cov, x, g, chunk_elements())) return;
   if (residue_accumulate(cov, x, g, chunk_elements())) return;
   if (shift_pays(cov, g, N, H, W)) {

@@ -102,6 +102,7 @@ static void conv_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x_in, at:
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
   // float64 statistics gather in float64; otherwise the chunk keeps the input's dtype.
   const at::ScalarType buf_t = cov.scalar_type() == at::kDouble ? at::kDouble : x.scalar_type();
+  if (wgrad_accumulate(cov, x, g, chunk_elements(c10::elementSize(cov.scalar_type())))) return;
   if (shift_allowed(buf_t, C / groups, ho * wo) || env_switch("DEEPUNLEARN_CONV_RESIDUES") == 1) {
     const int64_t shift_chunk = chunk_elements(c10::elementSize(cov.scalar_type()));
     if (residue_accumulate(cov, x, g, shift_chunk)) return;
