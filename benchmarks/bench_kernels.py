@@ -57,12 +57,25 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
-def under_tf32(fn, allow: bool):
-    """``fn`` run with cuBLAS's tf32 mode set to ``allow`` (torch's switch, which the ops read too)."""
+def under_tf32(fn, allow: bool, cudnn: bool | None = None):
+    """``fn`` run with torch's tf32 switches set (see ``common.tf32``)."""
     def run():
-        with tf32(allow):
+        with tf32(allow, cudnn):
             return fn()
     return run
+
+
+def cudnn_tf32(dtype: torch.dtype, allow_tf32: bool) -> bool:
+    """cuDNN's tf32 switch for a conv row: as cuBLAS's for float32, on (torch's default) for 16-bit
+    inputs, which the weight-gradient form widens to float32, exact in tf32."""
+    return allow_tf32 or dtype != torch.float32
+
+
+def form_ran(fn) -> bool:
+    """Whether a call of ``fn`` ran the conv op's weight-gradient form (its convolution_backward)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.key == "aten::convolution_backward" for e in prof.key_averages())
 
 
 @dataclass
@@ -121,7 +134,7 @@ def conv_case(shape, batch, device, dtype=torch.float32, allow_tf32=False, wgrad
             deepunlearn.covariance.accumulate_conv_(cov, x, geom)
 
     return Case("conv_cov", shape.name, d, _name(dtype) + ("/tf32" if allow_tf32 else ""),
-                under_tf32(pure, allow_tf32), under_tf32(op, allow_tf32),
+                under_tf32(pure, allow_tf32), under_tf32(op, allow_tf32, cudnn_tf32(dtype, allow_tf32)),
                 {"batch": batch, "hw": shape.size, **({"form": "wgrad"} if wgrad else {})})
 
 
@@ -179,6 +192,8 @@ def bench(case: Case, device: torch.device, repeat: int) -> dict:
         row["op_tflops_full_gemm_equiv"] = 2.0 * case.info["rows"] * case.d**2 / t_op / 1e12
         if device.type == "cuda":  # the rate of one synchronised call too, launch latency included
             row["op_single_call_s"] = statistics.median(timed(case.run_op, device)[0] for _ in range(repeat))
+    if case.info.get("form") == "wgrad":  # a row's label must not claim a form the op declined
+        row["form_ran"] = form_ran(case.run_op)
     return row
 
 
@@ -266,7 +281,7 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
                 with ExitStack() as stack:
                     for k, v in {**also, knob: None if value == "default" else value}.items():
                         stack.enter_context(env(k, v))
-                    stack.enter_context(tf32(allow_tf32))
+                    stack.enter_context(tf32(allow_tf32, cudnn_tf32(dtype, allow_tf32)))
                     deepunlearn.covariance.accumulate_conv_(cov, x, geom)
             return run
 
@@ -280,7 +295,8 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
 
 def variant(row: dict) -> str:
     """A row's dtype, and the conv form it forced if any: "bfloat16, wgrad form"."""
-    return (row.get("dtype") or "") + (f", {row['form']} form" if row.get("form") else "")
+    form = row.get("form")
+    return (row.get("dtype") or "") + (f", {form} form" + ("" if row.get("form_ran", True) else " declined") if form else "")
 
 
 def tflops_text(rate: float | None) -> str:

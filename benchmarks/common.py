@@ -78,11 +78,14 @@ def device_name(device: torch.device) -> str:
 
 
 @contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    """tf32 for float32 matrix products and convolutions (torch's switches for cuBLAS and cuDNN,
-    which the ops read too: the conv op's weight-gradient form runs only where the two agree)."""
+def tf32(enabled: bool, cudnn: bool | None = None) -> Iterator[None]:
+    """tf32 for float32 matrix products (cuBLAS) and, unless ``cudnn`` says otherwise, convolutions
+    (cuDNN): torch's switches, which the ops read too. The conv op's weight-gradient form takes a
+    float32 input only where the two agree; a 16-bit input it widens, exact in tf32, so that its
+    rows keep cuDNN's tf32 on (torch's default)."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled if cudnn is None else cudnn
     try:
         yield
     finally:

@@ -78,13 +78,17 @@ std::vector<int64_t> outside(int64_t a, int64_t pad_lo, int64_t out, int64_t siz
   return v;
 }
 
-// One kind of frame term: its rects and, per rect, the (pair, shift) entries it adds to with
-// `sign`.
+// One kind of frame term: its rects and, per rect, the pairs it adds to with `sign` and the shift
+// each of them reads (index tensors on cov's device, made once per call).
 struct Terms {
   std::vector<Rect> rects;
-  std::vector<std::vector<int64_t>> pairs, shifts;
+  std::vector<at::Tensor> pairs, shifts;
   double sign;
 };
+
+at::Tensor index_tensor(const std::vector<int64_t>& v, const at::Device& device) {
+  return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(device);
+}
 
 }  // namespace
 
@@ -129,8 +133,8 @@ bool wgrad_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, i
       }
     if (ps.empty()) return;
     t.rects.push_back(r);
-    t.pairs.push_back(ps);
-    t.shifts.push_back(ss);
+    t.pairs.push_back(index_tensor(ps, cov.device()));
+    t.shifts.push_back(index_tensor(ss, cov.device()));
   };
   for (const int64_t r : frame_rows)
     add_term(kinds[0], Rect{r, 1, 0, W}, [&](int64_t a1, int64_t) { return contains(rows_out[a1], r); });
@@ -141,10 +145,7 @@ bool wgrad_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, i
       add_term(kinds[2], Rect{r, 1, c, 1},
                [&](int64_t a1, int64_t a2) { return contains(rows_out[a1], r) && contains(cols_out[a2], c); });
 
-  const at::TensorOptions opts = cov.options();
-  const auto to_index = [&](const std::vector<int64_t>& v) {
-    return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(cov.device());
-  };
+  const auto to_index = [&](const std::vector<int64_t>& v) { return index_tensor(v, cov.device()); };
   const at::Tensor all_shifts = to_index(pair_shift);
   // Frame terms per weight-gradient call: their sums together at most about twice cov's size.
   const int64_t per_call = std::max<int64_t>(1, 2 * kk * kk / S);
@@ -163,7 +164,7 @@ bool wgrad_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, i
         const size_t m1 = std::min(t.rects.size(), m0 + static_cast<size_t>(per_call));
         const at::Tensor sums = shift_sums(xs, {t.rects.begin() + m0, t.rects.begin() + m1}, kh, kw, groups);
         for (size_t m = m0; m < m1; ++m)
-          blocks.index_add_(0, to_index(t.pairs[m]), sums[m - m0].index_select(0, to_index(t.shifts[m])), t.sign);
+          blocks.index_add_(0, t.pairs[m], sums[m - m0].index_select(0, t.shifts[m]), t.sign);
       }
   }
   // cov's (groups, cg, kk, cg, kk) view gets block (a, b) at [:, :, a, :, b] and its transpose at
@@ -181,7 +182,7 @@ bool wgrad_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, i
   }
   const at::Tensor b3 = blocks.view({-1, groups, cg, cg});
   const at::Tensor d3 = b3.index_select(0, to_index(diag));
-  at::Tensor full = at::zeros({kk * kk, groups, cg, cg}, opts);
+  at::Tensor full = at::zeros({kk * kk, groups, cg, cg}, cov.options());
   std::vector<int64_t> diag_at;
   for (int64_t a = 0; a < kk; ++a) diag_at.push_back(a * kk + a);
   full.index_copy_(0, to_index(diag_at), (d3 + d3.transpose(2, 3)).mul_(0.5));

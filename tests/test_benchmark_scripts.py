@@ -124,5 +124,7 @@ def test_gpu_only_benchmark_code_runs_on_tiny_shapes(monkeypatch):
     table = bench_kernels.markdown(result)
     assert "back-to-back" in table and "one call alone)" in table and "| DEEPUNLEARN_CUDA_SPLIT_K | 512 |" in table
     assert "| resnet18.c1 (float32, wgrad form) |" in table
+    declined = bench_kernels.variant({"dtype": "float32", "form": "wgrad", "form_ran": False})
+    assert declined == "float32, wgrad form declined"
     # rates keep three significant digits below 10 TFLOP/s (a CPU's 0.1 once printed as 0)
     assert [bench_kernels.tflops_text(r) for r in (0.01234, 1.5, 523.4, None)] == ["0.0123", "1.5", "523", ""]
