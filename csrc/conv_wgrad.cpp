@@ -64,9 +64,9 @@ at::Tensor shift_sums(const at::Tensor& x, const std::vector<Rect>& rects, int64
   }
   const std::vector<int64_t> padding = whole ? std::vector<int64_t>{kh - 1, kw - 1} : std::vector<int64_t>{0, 0};
   const at::Tensor weight = at::empty({m * C, cg, S1, S2}, x.options());  // read for its shape only
-  const at::Tensor dw = std::get<1>(at::convolution_backward(gy.contiguous(), in.contiguous(), weight, std::nullopt,
-                                                             {1, 1}, padding, {1, 1}, false, {0, 0}, m * groups,
-                                                             {false, true, false}));
+  // any memory layout (the whole map passes the caller's, channels-last included, to cuDNN as is)
+  const at::Tensor dw = std::get<1>(at::convolution_backward(gy, in, weight, std::nullopt, {1, 1}, padding, {1, 1},
+                                                             false, {0, 0}, m * groups, {false, true, false}));
   return dw.reshape({m, groups * cg * cg, S1 * S2}).transpose(1, 2).contiguous();
 }
 
@@ -153,7 +153,7 @@ bool wgrad_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, i
   const int64_t images = std::max<int64_t>(1, std::min(N, chunk_elements / std::max<int64_t>(1, C * H * W)));
   for (int64_t n0 = 0; n0 < N; n0 += images) {
     const at::Tensor xs = x.narrow(0, n0, std::min(images, N - n0)).to(cov.scalar_type());
-    const at::Tensor whole = shift_sums(xs, {Rect{0, H, 0, W}}, kh, kw, groups);  // (1, S, E)
+    const at::Tensor whole = shift_sums(xs, {Rect{0, H, 0, W}}, kh, kw, groups);  // (1, S, groups·cg²)
     if (blocks.defined()) {
       blocks.add_(whole[0].index_select(0, all_shifts));
     } else {
@@ -169,29 +169,21 @@ bool wgrad_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, i
   }
   // cov's (groups, cg, kk, cg, kk) view gets block (a, b) at [:, :, a, :, b] and its transpose at
   // [:, :, b, :, a]; a diagonal block is made exactly symmetric first (IEEE addition commutes), so
-  // that cov stays exactly symmetric.
-  std::vector<int64_t> diag, upper, upper_at, lower_at;
-  for (size_t p = 0; p < pair_a.size(); ++p) {
-    if (pair_a[p] == pair_b[p]) {
-      diag.push_back(static_cast<int64_t>(p));
-    } else {
-      upper.push_back(static_cast<int64_t>(p));
-      upper_at.push_back(pair_a[p] * kk + pair_b[p]);
-      lower_at.push_back(pair_b[p] * kk + pair_a[p]);
-    }
+  // that cov stays exactly symmetric. Rows of `source`: the kk symmetrised diagonal blocks, the
+  // upper ones, their transposes; `order` picks one per (a, b) (gathers only: deterministic).
+  std::vector<int64_t> diag, upper, order(kk * kk);
+  for (size_t p = 0; p < pair_a.size(); ++p) (pair_a[p] == pair_b[p] ? diag : upper).push_back(static_cast<int64_t>(p));
+  const int64_t n_upper = static_cast<int64_t>(upper.size());
+  for (int64_t u = 0; u < n_upper; ++u) {
+    order[pair_a[upper[u]] * kk + pair_b[upper[u]]] = kk + u;
+    order[pair_b[upper[u]] * kk + pair_a[upper[u]]] = kk + n_upper + u;
   }
+  for (int64_t a = 0; a < kk; ++a) order[a * kk + a] = a;  // diag lists the taps in order
   const at::Tensor b3 = blocks.view({-1, groups, cg, cg});
-  const at::Tensor d3 = b3.index_select(0, to_index(diag));
-  at::Tensor full = at::zeros({kk * kk, groups, cg, cg}, cov.options());
-  std::vector<int64_t> diag_at;
-  for (int64_t a = 0; a < kk; ++a) diag_at.push_back(a * kk + a);
-  full.index_copy_(0, to_index(diag_at), (d3 + d3.transpose(2, 3)).mul_(0.5));
-  if (!upper.empty()) {
-    const at::Tensor u3 = b3.index_select(0, to_index(upper));
-    full.index_copy_(0, to_index(upper_at), u3);
-    full.index_copy_(0, to_index(lower_at), u3.transpose(2, 3));
-  }
-  cov.view({groups, cg, kk, cg, kk}).add_(full.view({kk, kk, groups, cg, cg}).permute({2, 3, 0, 4, 1}));
+  const at::Tensor d3 = b3.index_select(0, to_index(diag)), u3 = b3.index_select(0, to_index(upper));
+  const at::Tensor source = at::cat({(d3 + d3.transpose(2, 3)).mul_(0.5), u3, u3.transpose(2, 3)}, 0);
+  cov.view({groups, cg, kk, cg, kk})
+      .add_(source.index_select(0, to_index(order)).view({kk, kk, groups, cg, cg}).permute({2, 3, 0, 4, 1}));
   return true;
 }
 
