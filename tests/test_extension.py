@@ -310,13 +310,39 @@ def test_shifted_and_gathered_forms_match_float64_oracle(monkeypatch, device, fo
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the wgrad form's float32 precision
     x, geom, start, ref = conv_case(conv, 3, dtype, spatial=spatial)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        got = accumulate_conv_(start.to(device=dev, dtype=dtype), x.to(dev), geom)
+    got, ran = with_wgrad_check(lambda: accumulate_conv_(start.to(device=dev, dtype=dtype), x.to(dev), geom))
     tol = 1e-13 if dtype == torch.float64 else 1e-5
     assert rel_err(got.cpu().double(), ref) < tol and torch.equal(got, got.transpose(1, 2))
     # the weight-gradient form ran exactly where it applies (else the gather answered for it)
-    takes_wgrad = form == "wgrad" and max(conv.dilation) == 1 and conv.weight[0, 0].numel() > 1
-    assert any(e.key == "aten::convolution_backward" for e in prof.key_averages()) == takes_wgrad
+    assert ran == (form == "wgrad" and max(conv.dilation) == 1 and conv.weight[0, 0].numel() > 1)
+
+
+def with_wgrad_check(fn):
+    """``fn()``'s result, and whether it ran the conv op's weight-gradient form (its one ATen call
+    to ``convolution_backward``)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, any(e.key == "aten::convolution_backward" for e in prof.key_averages())
+
+
+@needs_ext
+@pytest.mark.cuda
+@pytest.mark.parametrize("x_dtype,matmul_tf32,cudnn_tf32,taken", [
+    (torch.float32, False, True, False),  # cuDNN would round more than cuBLAS may: declined
+    (torch.float32, True, True, True),
+    (torch.float32, False, False, True),
+    (torch.bfloat16, False, True, True),  # widened to float32: exact in tf32 too
+])
+def test_wgrad_form_keeps_the_precision_torch_allows_on_cuda(monkeypatch, x_dtype, matmul_tf32, cudnn_tf32, taken):
+    dev = device_or_skip("cuda")
+    monkeypatch.setenv("DEEPUNLEARN_CONV_WGRAD", "1")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", matmul_tf32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", cudnn_tf32)
+    x, geom, start, ref = conv_case(nn.Conv2d(16, 4, 3, padding=1), 3, x_dtype)
+    got, ran = with_wgrad_check(lambda: accumulate_conv_(start.to(device=dev, dtype=torch.float32), x.to(dev), geom))
+    tol = 2e-3 if x_dtype == torch.float32 and matmul_tf32 else 1e-5  # tf32 rounds float32 inputs
+    assert rel_err(got.cpu().double(), ref) < tol and torch.equal(got, got.transpose(1, 2))
+    assert ran == taken
 
 
 CONV3D_CASES = [
