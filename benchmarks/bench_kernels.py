@@ -359,6 +359,8 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
         if case.op != "linear_cov":
             pending.append((rows[-1], case.pure, case.run_op))
+    stem = a.out / (f"kernels_{device.type}" + ("_quick" if a.quick else ""))
+    write_results(stem, result, markdown(result))  # the rows so far, in case the sweep is cut short
     if not a.quick and not a.no_sweep:
         result["sweep"] = (sweep_knobs(device, repeat, vit_batch, conv_batch) if gpu else
                            sweep_conv_forms(device, repeat, conv_batch,
@@ -370,7 +372,7 @@ def main(argv=None) -> int:
     for row, pure, op in pending:
         row["pure_peak_extra_bytes"], row["op_peak_extra_bytes"] = peak_extra(pure, device), peak_extra(op, device)
     text = markdown(result)
-    write_results(a.out / (f"kernels_{device.type}" + ("_quick" if a.quick else "")), result, text)
+    write_results(stem, result, text)
     print(text)
     return 0
 

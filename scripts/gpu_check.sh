@@ -3,12 +3,13 @@
 # build the extension in place against that torch, run the CUDA tests and the whole suite, then
 # the GPU benchmarks. Everything is logged to OUT/log.txt; benchmark results land in OUT.
 #
-#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [tests] [kernels] [profile] [imagenet]
+#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [sanitize] [tests] [kernels] [profile] [imagenet]
 #
 # A folder .devcarry/ (ignored by git), when present, supplies what the machine lacks: wheels
 # (foolbox, for the CLI test's photographs) and fashion-mnist/ (the Debian package's IDX files).
-# Each stage runs under its own time limit (seconds: T_BUILD, T_CUDA_TESTS, T_TESTS, T_KERNELS,
-# T_PROFILE, T_IMAGENET), so one slow stage cannot take the others' results with it.
+# Each stage runs under its own time limit (seconds: T_BUILD, T_CUDA_TESTS, T_MEMCHECK, T_RACECHECK, T_TESTS, T_KERNELS,
+# T_PROFILE, T_IMAGENET), so one slow stage cannot take the others' results with it. IMAGENET_ARGS goes to
+# bench_imagenet.py (e.g. "--archs vit_b_16 resnet50 vgg11_bn --paper-images 500").
 #
 # On the lent device machine (10 minutes a call, a warm machine keeps the build between calls),
 # in two calls carrying .devcarry, recreated here first:
@@ -24,7 +25,7 @@ out=${1:?usage: gpu_check.sh OUT [stages...]}
 shift
 mkdir -p "$out"
 log="$out/log.txt"
-stages=${*:-build cuda-tests tests kernels profile imagenet}
+stages=${*:-build cuda-tests sanitize tests kernels profile imagenet}
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ -d .devcarry ]; then
@@ -61,11 +62,18 @@ for s in $stages; do
         stage build "${T_BUILD:-300}" $PY -m pip install --no-build-isolation --no-deps --no-index -e . || exit 1
       stage info 60 $PY -c "import deepunlearn, json; print(json.dumps(deepunlearn.extension_info()))" || exit 1
       ldd deepunlearn/_C*.so | grep -E "stdc|gcc_s|gomp" >>"$log" 2>&1 ;;
+    sanitize)
+      # memcheck over every CUDA path of the three ops (cuBLAS / cuDNN kernels included), then
+      # racecheck on the one kernel with shared memory; logs land in OUT, zero errors expected.
+      stage memcheck "${T_MEMCHECK:-150}" compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --log-file "$out/sanitizer_memcheck.log" $PY scripts/sanitize_ops.py
+      stage racecheck "${T_RACECHECK:-90}" compute-sanitizer --tool racecheck --error-exitcode 1 \
+        --kernel-name kns=mirror_lower_to_upper --log-file "$out/sanitizer_racecheck.log" $PY scripts/sanitize_ops.py ;;
     cuda-tests) stage cuda-tests "${T_CUDA_TESTS:-240}" $PY -m pytest tests -m cuda -q -p no:cacheprovider ;;
     tests) stage tests "${T_TESTS:-400}" $PY -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ;;
     kernels) stage kernels "${T_KERNELS:-240}" $PY benchmarks/bench_kernels.py --device cuda --out "$out" ;;
     profile) stage profile "${T_PROFILE:-150}" $PY benchmarks/profile_kernels.py --device cuda --out "$out" ;;
-    imagenet) stage imagenet "${T_IMAGENET:-360}" $PY benchmarks/bench_imagenet.py --out "$out/imagenet_cuda" ;;
+    imagenet) stage imagenet "${T_IMAGENET:-360}" $PY benchmarks/bench_imagenet.py --out "$out/imagenet_cuda" ${IMAGENET_ARGS:-} ;;
     *) echo "unknown stage $s" | tee -a "$log"; exit 2 ;;
   esac
 done
