@@ -261,7 +261,7 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
     on the CPU, where a group has few channels, also the shifted form with its sums made by GEMMs
     instead of the fused pass (DEEPUNLEARN_CONV_FUSED=0). Strided layers: the CPU's phase form
     forced off, on, and as chosen; dilated ones: the residue form. Stride-1, undilated layers also
-    with the weight-gradient form (DEEPUNLEARN_CONV_WGRAD=1, off by default until timed here)."""
+    with the weight-gradient form forced (DEEPUNLEARN_CONV_WGRAD=1; "default" lets the op choose)."""
     rows = []
     variants = [(torch.float32, False)] + ([(torch.float32, True), (torch.bfloat16, False)] if device.type == "cuda" else [])
     for s, (dtype, allow_tf32) in itertools.product(shapes, variants):
@@ -270,9 +270,10 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
         x = torch.randn(conv_batch[s.name.split(".")[0]], s.c_in, s.size, s.size, device=device, dtype=dtype)
         knob = ("DEEPUNLEARN_CONV_PHASES" if s.stride > 1 else
                 "DEEPUNLEARN_CONV_RESIDUES" if s.dilation > 1 else "DEEPUNLEARN_CONV_SHIFT")
-        settings = [(knob, "0", {}), (knob, "1", {}), (knob, "default", {})]
+        no_wgrad = {"DEEPUNLEARN_CONV_WGRAD": "0"}  # a forced form is timed as itself, not replaced by the wgrad form
+        settings = [(knob, "0", no_wgrad), (knob, "1", no_wgrad), (knob, "default", {})]
         if device.type == "cpu" and s.c_in // s.groups <= 12 and s.stride == 1 and s.dilation == 1:
-            settings.append(("DEEPUNLEARN_CONV_FUSED", "0", {"DEEPUNLEARN_CONV_SHIFT": "1"}))
+            settings.append(("DEEPUNLEARN_CONV_FUSED", "0", {"DEEPUNLEARN_CONV_SHIFT": "1", **no_wgrad}))
         if s.stride == 1 and s.dilation == 1:
             settings.append(("DEEPUNLEARN_CONV_WGRAD", "1", {}))
 

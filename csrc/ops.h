@@ -69,7 +69,7 @@ bool residue_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g,
 
 // Stride-1 convs from weight-gradient convolutions (conv_wgrad.cpp, device-generic ATen): the
 // sums over the whole map for every shift in one call, the taps' borders subtracted; true where it
-// took the call (only with DEEPUNLEARN_CONV_WGRAD=1 until a GPU has timed it).
+// took the call (by default only where a GPU measured a win; DEEPUNLEARN_CONV_WGRAD=1 / 0 forces it).
 bool wgrad_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
 
 // A tuning knob: the positive integer in environment variable `name`, or 0 when it is unset or

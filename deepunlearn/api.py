@@ -12,6 +12,7 @@ from torch.utils.data import Dataset, Subset
 from . import distributed
 from ._batches import DataLike
 from .edit import PlannedEdit, apply_plan, edited_weight
+from .weight_side import ScaledFactor, edited_weight_factored, weight_side_pays
 from .layers import EditTarget, SkippedLayer, find_targets
 from .projection import check_alpha, check_solver, scaled_projection
 from .report import LayerReport, UnlearnReport
@@ -64,17 +65,20 @@ def traces(moments: Moments) -> Moments:
     return {k: (None if c is None else c.diagonal(dim1=-2, dim2=-1).sum(-1), n) for k, (c, n) in moments.items()}
 
 
-def plan_edits(
+EditFn = Callable[[torch.Tensor], torch.Tensor]  # (g, o, d) weight -> (g, o, d) new weight, in the solve dtype
+
+
+def plan_edits_with(
     targets: Sequence[EditTarget],
-    m_f: dict[tuple[str, ...], torch.Tensor | None],
-    m_r: dict[tuple[str, ...], torch.Tensor | None],
+    edit_for: Callable[[EditTarget], EditFn],
     traces_f: Moments,
     traces_r: Moments,
 ) -> tuple[list[PlannedEdit], list[LayerReport]]:
     """New weights for every target (nothing is written) and the per-layer report rows.
 
-    ``m_f``/``m_r`` map each slot tuple to its ``(g, d, d)`` projection (``None``: the data never
-    reached it); ``traces_f``/``traces_r`` to the per-group energies ``tr(C)`` and vector counts.
+    ``edit_for(t)`` gives the function that maps the target's weight matrices to the new ones; it
+    is asked only for targets the forget data reached. ``traces_f``/``traces_r`` map each slot
+    tuple to the per-group energies ``tr(C)`` (``None``: the data never reached it) and vector counts.
     """
     plan, rows = [], []
     for t in targets:
@@ -82,28 +86,111 @@ def plan_edits(
         tr_f, n_f = traces_f[t.slots]
         tr_r, n_r = traces_r[t.slots]
         notes: list[str] = []
-        mf, mr = m_f[t.slots], m_r[t.slots]
-        if mf is None:
+        if tr_f is None:
             notes.append("never reached by the forget data: unchanged")
             change = 0.0
         else:
             if (tr_f <= 0).any():
                 notes.append(f"forget inputs all zero in group(s) {_zero_groups(tr_f)}: unchanged there")
-            if mr is None:
+            if tr_r is None:
                 notes.append("never reached by the retain data: whole forget space removed")
-                mr = torch.zeros_like(mf)
             elif (tr_r <= 0).any():
                 notes.append(f"retain inputs all zero in group(s) {_zero_groups(tr_r)}")
-            w64 = w.to(mf.dtype)
-            new = edited_weight(t.as_matrices(w64), mr, mf).reshape(w.shape)
+            new = _edited(t, edit_for(t), w)
             if not torch.isfinite(new).all():
                 raise RuntimeError(f"the edit produced non-finite weights at layer '{t.name}'; the model was not changed")
-            change = float((new - w64).norm() / w64.norm().clamp_min(1e-30))
+            change = float((new - w.to(new.dtype)).norm() / w.to(new.dtype).norm().clamp_min(1e-30))
             plan.append(PlannedEdit(t, new.to(w.dtype)))
         energy_f = 0.0 if tr_f is None else float(tr_f.sum())
         energy_r = 0.0 if tr_r is None else float(tr_r.sum())
         rows.append(LayerReport(t.name, t.kind, tuple(w.shape), t.groups, t.in_features, n_f, n_r, energy_f, energy_r, change, notes))
     return plan, rows
+
+
+def _edited(t: EditTarget, edit: EditFn, w: torch.Tensor) -> torch.Tensor:
+    """The target's new weight, shaped as ``w``, in the solve dtype."""
+    return edit(t.as_matrices(w)).reshape(w.shape)
+
+
+def matrix_edit(m_r: torch.Tensor | None, m_f: torch.Tensor) -> EditFn:
+    """The edit with both projections formed: ``W − (W − W M_r) M_f`` (``m_r`` None: ``M_r = 0``)."""
+    m_r = torch.zeros_like(m_f) if m_r is None else m_r
+    return lambda w: edited_weight(w.to(m_f.dtype), m_r, m_f)
+
+
+def plan_edits(
+    targets: Sequence[EditTarget],
+    m_f: dict[tuple[str, ...], torch.Tensor | None],
+    m_r: dict[tuple[str, ...], torch.Tensor | None],
+    traces_f: Moments,
+    traces_r: Moments,
+) -> tuple[list[PlannedEdit], list[LayerReport]]:
+    """:func:`plan_edits_with` for formed projections: ``m_f``/``m_r`` map each slot tuple to its
+    ``(g, d, d)`` projection (``None``: the data never reached it)."""
+    return plan_edits_with(targets, lambda t: matrix_edit(m_r[t.slots], m_f[t.slots]), traces_f, traces_r)
+
+
+SIDES = ("auto", "weight", "matrix")
+
+
+def solved_edits(
+    targets: Sequence[EditTarget],
+    moments_f: Moments,
+    moments_r: Moments,
+    alpha_f: float,
+    alpha_r: float,
+    solver: str = "cholesky",
+    side: str = "auto",
+) -> Callable[[EditTarget], EditFn]:
+    """``edit_for`` for :func:`plan_edits_with`: solves each distinct input once, when first asked.
+
+    With the Cholesky solver each input is solved on the weight's side (``M`` never formed) where
+    that costs fewer flops (:func:`~deepunlearn.weight_side.weight_side_pays`: the rows of all
+    layers reading it fewer than its width), else ``M`` is formed; ``side`` forces either. The
+    eigen and SVD solvers form ``M``. An input's second moments are dropped from ``moments_f`` /
+    ``moments_r`` once solved, and its solution once its last layer is planned, so that memory
+    holds the statistics still to solve and one input's solution.
+    """
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    key_of: dict[int, tuple[int, int]] = {}  # id(target) -> its input's key
+    slots_of: dict[tuple[int, int], set[tuple[str, ...]]] = {}
+    rows: dict[tuple[int, int], int] = {}
+    users: dict[tuple[int, int], int] = {}
+    for t in targets:
+        cov_f, cov_r = moments_f[t.slots][0], moments_r[t.slots][0]
+        if cov_f is None:
+            continue
+        k = key_of[id(t)] = (id(cov_f), id(cov_r))
+        slots_of.setdefault(k, set()).add(t.slots)
+        rows[k] = rows.get(k, 0) + t.as_matrices(t.weight()).shape[1]
+        users[k] = users.get(k, 0) + 1
+    solved: dict[tuple[int, int], EditFn] = {}
+
+    def edit_for(t: EditTarget) -> EditFn:
+        k = key_of[id(t)]
+        if k not in solved:
+            (cov_f, _), (cov_r, _) = moments_f[t.slots], moments_r[t.slots]
+            for slots in slots_of[k]:  # consumed: the solution below is all that is needed of them
+                moments_f[slots] = (None, 0)
+                moments_r[slots] = (None, 0)
+            d = cov_f.shape[-1]
+            if solver == "cholesky" and side != "matrix" and (side == "weight" or weight_side_pays(rows[k], d)):
+                retain = None if cov_r is None else ScaledFactor.of(cov_r, alpha_r)
+                del cov_r
+                forget = ScaledFactor.of(cov_f, alpha_f)
+                solved[k] = lambda w: edited_weight_factored(w.to(forget.chol.dtype), retain, forget)
+            else:
+                m_r = None if cov_r is None else scaled_projection(cov_r, alpha_r, solver)
+                del cov_r
+                solved[k] = matrix_edit(m_r, scaled_projection(cov_f, alpha_f, solver))
+        edit = solved[k]
+        users[k] -= 1
+        if users[k] == 0:
+            del solved[k]
+        return edit
+
+    return edit_for
 
 
 def _zero_groups(tr: torch.Tensor) -> list[int]:
@@ -163,7 +250,8 @@ def unlearn(
         solver: ``"cholesky"`` (default, no decomposition), ``"eigh"`` or ``"svd"``; all give the same result.
         inplace: edit ``model`` itself (default) or a deep copy of it, returned as ``report.model``.
         batch_size: batch size used when ``forget``/``retain`` is a tensor or a Dataset.
-        dtype: statistics and solve dtype; default float64 on the CPU, float32 on CUDA.
+        dtype: statistics and solve dtype; default float32 (float64 for a float64 model). float32 is
+            enough: the solved matrices have condition number at most α (docs/solver.md).
         autocast: collect under ``torch.autocast`` with ``torch.bfloat16`` or ``torch.float16`` (faster
             forward passes on GPUs); statistics are still accumulated and solved in ``dtype``.
         progress: show progress bars while collecting.
@@ -201,16 +289,19 @@ def unlearn(
     _sync(device)
     t2 = time.perf_counter()
 
+    samples_f, samples_r = stats_f.samples, stats_r.samples
+
     def solve_and_edit() -> tuple[list[LayerReport], float]:
+        nonlocal stats_f, stats_r
         moments_f = layer_moments(targets, stats_f, device)
         moments_r = layer_moments(targets, stats_r, device)
+        stats_f = stats_r = None  # statistics collected here are freed as each input is solved
         if all(cov is None for cov, _ in moments_f.values()):
             raise ValueError("the forget data reached none of the editable layers")
-        m_f = projections(moments_f, lambda c: scaled_projection(c, alpha_f, solver))
-        m_r = projections(moments_r, lambda c: scaled_projection(c, alpha_r, solver))
+        edit_for = solved_edits(targets, moments_f, moments_r, alpha_f, alpha_r, solver)
+        plan, rows = plan_edits_with(targets, edit_for, traces(moments_f), traces(moments_r))
         _sync(device)
         t_solved = time.perf_counter()
-        plan, rows = plan_edits(targets, m_f, m_r, traces(moments_f), traces(moments_r))
         apply_plan(plan)
         return rows, t_solved - t2
 
@@ -232,7 +323,7 @@ def unlearn(
         "total": t4 - t_start,
     }
     return UnlearnReport(
-        model, rows, [(s.name, s.reason) for s in skipped], stats_f.samples, stats_r.samples, alpha_r, alpha_f, solver, seconds
+        model, rows, [(s.name, s.reason) for s in skipped], samples_f, samples_r, alpha_r, alpha_f, solver, seconds
     )
 
 

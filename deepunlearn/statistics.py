@@ -484,13 +484,20 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batc
 
 
 def collection_setup(model: nn.Module, dtype: torch.dtype | None) -> tuple[list[EditTarget], torch.device, torch.dtype]:
-    """The model's edit targets, its one device, and the accumulation dtype (default float64 on
-    the CPU, float32 elsewhere); ``ValueError`` when nothing is editable or devices are mixed."""
+    """The model's edit targets, its one device, and the accumulation dtype (default float32, or
+    float64 for a model whose weights are float64); ``ValueError`` when nothing is editable or
+    devices are mixed."""
     targets, _ = find_targets(model)
     if not targets:
         raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
     device = model_device(model)
-    return targets, device, dtype or (torch.float64 if device.type == "cpu" else torch.float32)
+    return targets, device, dtype or default_dtype(targets)
+
+
+def default_dtype(targets: list[EditTarget]) -> torch.dtype:
+    """float32, enough for statistics and solves whatever the data (docs/solver.md); float64 where
+    the model itself computes in float64."""
+    return torch.float64 if any(t.weight().dtype == torch.float64 for t in targets) else torch.float32
 
 
 def collect_statistics(
@@ -511,7 +518,7 @@ def collect_statistics(
         data: a DataLoader, Dataset, tensor ``(N, ...)`` or iterable of batches ``x`` or ``(x, y, ...)``;
             batches are moved to the model's device.
         batch_size: batch size used when ``data`` is a tensor or a Dataset.
-        dtype: accumulation dtype; default float64 on the CPU and float32 elsewhere.
+        dtype: accumulation dtype; default float32 (float64 for a float64 model).
         autocast: run the forward passes under ``torch.autocast`` with this dtype (``torch.bfloat16``
             or ``torch.float16``); each layer's statistics are then those of the reduced-precision
             inputs it really multiplies, accumulated in ``dtype``.

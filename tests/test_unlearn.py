@@ -247,7 +247,7 @@ def test_failure_while_planning_leaves_the_model_untouched(net, monkeypatch):
     import deepunlearn.api as u
 
     calls = []
-    real = u.edited_weight
+    real = u._edited
 
     def flaky(*a):
         calls.append(1)
@@ -255,7 +255,7 @@ def test_failure_while_planning_leaves_the_model_untouched(net, monkeypatch):
             raise RuntimeError("boom in the second layer")
         return real(*a)
 
-    monkeypatch.setattr(u, "edited_weight", flaky)
+    monkeypatch.setattr(u, "_edited", flaky)
     snap = snapshot(net)
     with pytest.raises(RuntimeError, match="boom"):
         unlearn(net, X, X)

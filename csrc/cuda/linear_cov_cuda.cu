@@ -65,13 +65,21 @@ int64_t tile_for(int64_t d, at::ScalarType input, bool tf32) {
 
 // Slices of the rows summed by separate GEMMs of one strided-batched call (split-K), for a cov
 // that is one tile: its few output tiles (one CTA each for d = 27) leave most SMs idle over a long
-// sum. DEEPUNLEARN_CUDA_SPLIT_K sets the number of slices (off, 1, unless set; not yet timed on a
-// GPU, so the benchmark sweeps it); capped so that every slice has at least kMinSliceRows rows and
-// the partials take at most 64 MiB.
+// sum. Measured on an H200 (benchmarks/results/kernels_cuda_h200.md, the split-K sweep on the
+// 3-channel stems, d = 27, 0.26M-1.6M rows): 512 slices ran 1.6x faster in float32 and 1.04-1.1x
+// in bf16, while 8 or 64 slices ran 1.4-13x slower (cuBLAS picks poor kernels for those shapes),
+// and at d = 768 any split lost. So the default takes kDefaultSlices for narrow covs (d <=
+// kMaxSplitWidth) with enough rows for every slice to hold kMinSliceRows, else none.
+// DEEPUNLEARN_CUDA_SPLIT_K=S asks for S slices (1: none) wherever cov is one tile; the slices are
+// capped so that each has at least kMinSliceRows rows and the partials take at most 64 MiB.
 constexpr int64_t kMinSliceRows = 256;
+constexpr int64_t kDefaultSlices = 512;  // the one count that won in the sweep
+constexpr int64_t kMaxSplitWidth = 32;   // the widest cov the sweep timed (27) rounded up
 int64_t split_for(int64_t d, int64_t n, int64_t tile, int64_t element_size) {
-  const int64_t asked = env_knob("DEEPUNLEARN_CUDA_SPLIT_K");
-  if (asked <= 1 || tile < d) return 1;
+  if (tile < d) return 1;
+  int64_t asked = env_knob("DEEPUNLEARN_CUDA_SPLIT_K");
+  if (asked == 0) asked = d <= kMaxSplitWidth && n >= kDefaultSlices * kMinSliceRows ? kDefaultSlices : 1;
+  if (asked <= 1) return 1;
   const int64_t most = std::min(n / kMinSliceRows, (int64_t(64) << 20) / (d * d * element_size));
   return std::max<int64_t>(1, std::min(asked, most));
 }
