@@ -12,9 +12,10 @@ from torch.utils.data import Dataset, Subset
 from . import distributed
 from ._batches import DataLike
 from .edit import PlannedEdit, apply_plan, edited_weight
-from .weight_side import ScaledFactor, edited_weight_factored, weight_side_pays
+from .auto_alpha import TARGET_FORGET_ACCURACY, CandidateEdits, choose_alphas, holdout_split, make_scorer, materialise
+from .weight_side import edited_weight_sides, side_solver
 from .layers import EditTarget, SkippedLayer, find_targets
-from .projection import check_alpha, check_solver, scaled_projection
+from .projection import check_alpha, check_solver
 from .report import LayerReport, UnlearnReport
 from .statistics import Statistics, collect_statistics, model_device
 
@@ -130,9 +131,6 @@ def plan_edits(
     return plan_edits_with(targets, lambda t: matrix_edit(m_r[t.slots], m_f[t.slots]), traces_f, traces_r)
 
 
-SIDES = ("auto", "weight", "matrix")
-
-
 def solved_edits(
     targets: Sequence[EditTarget],
     moments_f: Moments,
@@ -140,19 +138,17 @@ def solved_edits(
     alpha_f: float,
     alpha_r: float,
     solver: str = "cholesky",
-    side: str = "auto",
+    way: str = "auto",
 ) -> Callable[[EditTarget], EditFn]:
     """``edit_for`` for :func:`plan_edits_with`: solves each distinct input once, when first asked.
 
-    With the Cholesky solver each input is solved on the weight's side (``M`` never formed) where
-    that costs fewer flops (:func:`~deepunlearn.weight_side.weight_side_pays`: the rows of all
-    layers reading it fewer than its width), else ``M`` is formed; ``side`` forces either. The
-    eigen and SVD solvers form ``M``. An input's second moments are dropped from ``moments_f`` /
+    Each side of each input is applied the cheapest way for the rows of all layers reading it
+    (:func:`~deepunlearn.weight_side.side_solver`: on the weight's side by a Cholesky factor, from
+    a low-rank spectrum where the input saw fewer vectors than its width, or with ``M`` formed);
+    ``way`` forces one for both sides. An input's second moments are dropped from ``moments_f`` /
     ``moments_r`` once solved, and its solution once its last layer is planned, so that memory
     holds the statistics still to solve and one input's solution.
     """
-    if side not in SIDES:
-        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     key_of: dict[int, tuple[int, int]] = {}  # id(target) -> its input's key
     slots_of: dict[tuple[int, int], set[tuple[str, ...]]] = {}
     rows: dict[tuple[int, int], int] = {}
@@ -170,26 +166,22 @@ def solved_edits(
     def edit_for(t: EditTarget) -> EditFn:
         k = key_of[id(t)]
         if k not in solved:
-            (cov_f, _), (cov_r, _) = moments_f[t.slots], moments_r[t.slots]
+            (cov_f, n_f), (cov_r, n_r) = moments_f[t.slots], moments_r[t.slots]
             for slots in slots_of[k]:  # consumed: the solution below is all that is needed of them
                 moments_f[slots] = (None, 0)
                 moments_r[slots] = (None, 0)
-            d = cov_f.shape[-1]
-            if solver == "cholesky" and side != "matrix" and (side == "weight" or weight_side_pays(rows[k], d)):
-                retain = None if cov_r is None else ScaledFactor.of(cov_r, alpha_r)
-                del cov_r
-                forget = ScaledFactor.of(cov_f, alpha_f)
-                solved[k] = lambda w: edited_weight_factored(w.to(forget.chol.dtype), retain, forget)
-            else:
-                m_r = None if cov_r is None else scaled_projection(cov_r, alpha_r, solver)
-                del cov_r
-                solved[k] = matrix_edit(m_r, scaled_projection(cov_f, alpha_f, solver))
+            retain = None if cov_r is None else side_solver(cov_r, alpha_r, rows[k], n_r, way, solver)
+            del cov_r
+            forget = side_solver(cov_f, alpha_f, rows[k], n_f, way, solver)
+            del cov_f
+            solved[k] = lambda w: edited_weight_sides(w.to(moments_dtype), retain, forget)
         edit = solved[k]
         users[k] -= 1
         if users[k] == 0:
             del solved[k]
         return edit
 
+    moments_dtype = next((c.dtype for c, _ in moments_f.values() if c is not None), torch.float32)
     return edit_for
 
 
@@ -221,8 +213,10 @@ def unlearn(
     forget: DataLike | Statistics,
     retain: DataLike | Statistics,
     *,
-    alpha_r: float = 100.0,
-    alpha_f: float = 3.0,
+    alpha_r: float | None = None,
+    alpha_f: float | None = None,
+    classes: Sequence[int] | None = None,
+    target_forget_accuracy: float = TARGET_FORGET_ACCURACY,
     solver: str = "cholesky",
     inplace: bool = True,
     batch_size: int = 256,
@@ -246,7 +240,16 @@ def unlearn(
         retain: samples of the classes to keep, in any of the same forms (the paper uses about
             100 per retain class).
         alpha_r: scale of the retain space, > 0 (paper: 100 for CIFAR-10 and ImageNet, 1000 for CIFAR-100).
+            None (default): chosen automatically, with ``alpha_f``.
         alpha_f: scale of the forget space, > 0 (paper: 3 for CIFAR-10, 30 for CIFAR-100, 10 for ImageNet).
+            None (default): chosen automatically. Choosing holds out a quarter of each side's samples
+            (at most 512), scores candidate pairs on them, and keeps, among the pairs whose held-out
+            forget accuracy is at most ``target_forget_accuracy``, the one with the best held-out
+            retain accuracy (else the best ``retain · (100 − forget)``, with a warning); the edit
+            then uses all samples. Accuracies come from the labels where the batches are
+            ``(x, y)``; else from ``classes``; else from agreement with the unedited model.
+        classes: the class indices being forgotten, if known (scores the forget side without labels).
+        target_forget_accuracy: held-out forget accuracy (percent) the automatic choice aims at.
         solver: ``"cholesky"`` (default, no decomposition), ``"eigh"`` or ``"svd"``; all give the same result.
         inplace: edit ``model`` itself (default) or a deep copy of it, returned as ``report.model``.
         batch_size: batch size used when ``forget``/``retain`` is a tensor or a Dataset.
@@ -266,12 +269,17 @@ def unlearn(
 
     Raises:
         ValueError: empty data, ``alpha`` not finite and positive, unknown solver, no editable layer,
-            model on several devices, statistics from another model, non-finite activations.
+            model on several devices, statistics from another model, non-finite activations; with
+            a scale to choose: :class:`Statistics` instead of samples, fewer than 2 samples on a
+            side, a target outside (0, 100], or torch.distributed (give both scales there).
     """
     t_start = time.perf_counter()
-    alpha_r = check_alpha(alpha_r, "alpha_r")
-    alpha_f = check_alpha(alpha_f, "alpha_f")
+    alpha_r = None if alpha_r is None else check_alpha(alpha_r, "alpha_r")
+    alpha_f = None if alpha_f is None else check_alpha(alpha_f, "alpha_f")
     check_solver(solver)
+    choosing = alpha_r is None or alpha_f is None
+    if choosing:
+        _check_choosing(forget, retain, target_forget_accuracy)
     targets, skipped = find_targets(model)
     if not targets:
         raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
@@ -282,12 +290,35 @@ def unlearn(
     kw = dict(batch_size=batch_size, dtype=dtype, autocast=autocast, progress=progress)
 
     t0 = time.perf_counter()
-    stats_f = gather_statistics(model, forget, "forget", **kw)
+    if choosing:  # the statistics of a fit part and of a held-out part, which score the candidates
+        x_f, y_f = materialise(forget, batch_size)
+        fit_f, held_f = holdout_split(len(x_f), "forget")
+        stats_f, held_stats_f = (gather_statistics(model, x_f[i], "forget", **kw) for i in (fit_f, held_f))
+    else:
+        stats_f = gather_statistics(model, forget, "forget", **kw)
     _sync(device)
     t1 = time.perf_counter()
-    stats_r = gather_statistics(model, retain, "retain", **kw)
+    if choosing:
+        x_r, y_r = materialise(retain, batch_size)
+        fit_r, held_r = holdout_split(len(x_r), "retain")
+        stats_r, held_stats_r = (gather_statistics(model, x_r[i], "retain", **kw) for i in (fit_r, held_r))
+    else:
+        stats_r = gather_statistics(model, retain, "retain", **kw)
     _sync(device)
-    t2 = time.perf_counter()
+    t2 = t_chosen = time.perf_counter()
+    choice = None
+    if choosing:
+        candidates = CandidateEdits(targets, layer_moments(targets, stats_f, device), layer_moments(targets, stats_r, device))
+        scorer = make_scorer(model, x_f[held_f], None if y_f is None else y_f[held_f], x_r[held_r],
+                             None if y_r is None else y_r[held_r], classes, batch_size, autocast)
+        choice = choose_alphas(model, candidates, scorer, alpha_r=alpha_r, alpha_f=alpha_f, target=target_forget_accuracy)
+        del candidates, scorer
+        alpha_r, alpha_f = choice.alpha_r, choice.alpha_f
+        stats_f, stats_r = stats_f + held_stats_f, stats_r + held_stats_r  # the edit uses every sample
+        del held_stats_f, held_stats_r
+        _sync(device)
+        t_chosen = time.perf_counter()
+        choice.seconds = t_chosen - t2  # decomposing and scoring
 
     samples_f, samples_r = stats_f.samples, stats_r.samples
 
@@ -303,14 +334,14 @@ def unlearn(
         _sync(device)
         t_solved = time.perf_counter()
         apply_plan(plan)
-        return rows, t_solved - t2
+        return rows, t_solved - t_chosen
 
     # Under torch.distributed: solved and written once, on rank 0; the new weights are broadcast.
     edited = list({id(p): p for p in (getattr(t.module, t.param) for t in targets)}.values())
     rows, solve_seconds = distributed.on_rank0(solve_and_edit, [p.data for p in edited])
     _sync(device)
     t4 = time.perf_counter()
-    t3 = t2 + solve_seconds
+    t3 = t_chosen + solve_seconds
     unreached = [r for r in rows if r.forget_vectors == 0 and r.retain_vectors == 0]
     rows = [r for r in rows if r not in unreached]
     skipped = [*skipped, *(SkippedLayer(r.name, _UNREACHED) for r in unreached)]
@@ -318,13 +349,26 @@ def unlearn(
     seconds = {
         "collect_forget": t1 - t0,
         "collect_retain": t2 - t1,
-        "decompose": t3 - t2,
+        "choose_alpha": t_chosen - t2,
+        "decompose": t3 - t_chosen,
         "edit": t4 - t3,
         "total": t4 - t_start,
     }
     return UnlearnReport(
-        model, rows, [(s.name, s.reason) for s in skipped], samples_f, samples_r, alpha_r, alpha_f, solver, seconds
+        model, rows, [(s.name, s.reason) for s in skipped], samples_f, samples_r, alpha_r, alpha_f, solver, seconds,
+        choice,
     )
+
+
+def _check_choosing(forget: object, retain: object, target: float) -> None:
+    """The errors of a call that is to choose a scale, before any work."""
+    if isinstance(forget, Statistics) or isinstance(retain, Statistics):
+        raise ValueError("choosing alpha automatically needs the forget and retain samples themselves (held-out ones "
+                         "score the candidates), not Statistics; give alpha_r and alpha_f with Statistics")
+    if distributed.world() is not None:
+        raise ValueError("under torch.distributed give alpha_r and alpha_f: the automatic choice runs in one process")
+    if not (isinstance(target, (int, float)) and 0 < target <= 100):
+        raise ValueError(f"target_forget_accuracy must be a percentage in (0, 100], got {target!r}")
 
 
 _UNREACHED = ("its module was never called during the forward passes (the model may apply the weight "
@@ -410,6 +454,7 @@ def forget_classes(
         **unlearn_kwargs: passed to :func:`unlearn` (``alpha_r``, ``alpha_f``, ``solver``, ``inplace``...).
     """
     forget_idx, retain_idx = draw_samples(dataset_labels(dataset), classes, retain_per_class, forget_samples, seed)
+    unlearn_kwargs.setdefault("classes", [classes] if isinstance(classes, int) else list(classes))
     # Under torch.distributed every rank draws the same indices (same seed) and streams its share.
     return unlearn(model, Subset(dataset, distributed.shard(forget_idx)), Subset(dataset, distributed.shard(retain_idx)),
                    **unlearn_kwargs)

@@ -50,7 +50,7 @@ def _collect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autocast", choices=sorted(_AUTOCAST), default="none",
                    help="collect under torch.autocast with this dtype; statistics stay in --dtype")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
-                   help="statistics and solve dtype (default: float64 on CPU, float32 on GPU)")
+                   help="statistics and solve dtype (default: float32; float64 for a float64 model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample draws")
 
 

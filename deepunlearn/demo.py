@@ -18,14 +18,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from . import forget_classes, search_alphas
+from . import forget_classes
 from .data import FASHION_MNIST_CLASSES, fashion_mnist
 from .evaluation import evaluate_forgetting, measure
 from .models import SmallCNN
 from .training import train_classifier
-from .api import class_balanced_indices, dataset_labels
 
-VALIDATION = 5000  # last training images, held out from training for the alpha search
+VALIDATION = 5000  # last training images, never trained on (as in the suite)
 ROWS = [("retain_train", "retain acc, train (%)"), ("forget_train", "forget acc, train (%)"),
         ("retain_test", "retain acc, test (%)"), ("forget_test", "forget acc, test (%)"),
         ("mia", "MIA efficacy on forget (%)")]
@@ -34,8 +33,8 @@ ROWS = [("retain_train", "retain acc, train (%)"), ("forget_train", "forget acc,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m deepunlearn.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--forget-class", type=int, nargs="+", default=[0], help="class index(es) 0-9 to forget (default 0, T-shirt/top)")
-    p.add_argument("--alpha-r", type=float, default=None, help="retain scale; with --alpha-f, skips the search")
-    p.add_argument("--alpha-f", type=float, default=None, help="forget scale; with --alpha-r, skips the search")
+    p.add_argument("--alpha-r", type=float, default=None, help="retain scale; with --alpha-f, fixes both (default: chosen automatically)")
+    p.add_argument("--alpha-f", type=float, default=None, help="forget scale; with --alpha-r, fixes both")
     p.add_argument("--retain-per-class", type=int, default=100, help="retain samples per kept class (paper: 100)")
     p.add_argument("--epochs", type=int, default=4, help="training epochs of the original model")
     p.add_argument("--seed", type=int, default=0)
@@ -44,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=None, help="folder of the Fashion-MNIST IDX files (default: Debian's)")
     a = p.parse_args(argv)
     if (a.alpha_r is None) != (a.alpha_f is None):
-        p.error("give both --alpha-r and --alpha-f, or neither (then they are searched)")
+        p.error("give both --alpha-r and --alpha-f, or neither (then they are chosen automatically)")
     bad = [c for c in a.forget_class if not 0 <= c < 10]
     if bad:
         p.error(f"--forget-class must be in 0..9, got {bad}")
@@ -118,22 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     print("evaluating the original model...")
     before = evaluate_forgetting(model, train, test, forget, seed=args.seed)
 
-    search = None
     if args.alpha_r is None:
-        labels = dataset_labels(train)
-        g = torch.Generator().manual_seed(args.seed)
-        keep = [c for c in range(10) if c not in forget]
-        retain_idx = class_balanced_indices(labels, keep, args.retain_per_class * len(keep), g)
-        forget_idx = class_balanced_indices(labels, forget, args.retain_per_class * len(keep), g)
-        validation = Subset(full_train, range(n - VALIDATION, n))
-        print("searching alpha_r x alpha_f on the held-out validation images...")
-        search = search_alphas(model, Subset(train, forget_idx), Subset(train, retain_idx), validation, forget, progress=True)
-        args.alpha_r, args.alpha_f = search.alpha_r, search.alpha_f
-        print(f"best alpha_r={args.alpha_r:g}, alpha_f={args.alpha_f:g} ({search.seconds:.1f}s for {len(search.table)} pairs)")
-
+        print("forgetting, alpha chosen automatically on held-out forget / retain samples...")
     with measure("cpu") as m:
         report = forget_classes(model, train, forget, retain_per_class=args.retain_per_class, seed=args.seed,
                                 alpha_r=args.alpha_r, alpha_f=args.alpha_f, inplace=False)
+    if report.alpha_choice is not None:
+        print(report.alpha_choice)
+        args.alpha_r, args.alpha_f = report.alpha_r, report.alpha_f
     print("evaluating the unlearned model...")
     after = evaluate_forgetting(report.model, train, test, forget, seed=args.seed)
 
@@ -150,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         "original": before, "unlearned": after,
         "unlearn_seconds": m.seconds, "unlearn_peak_bytes": m.peak_bytes,
         "report": report.to_dict(),
-        "search": None if search is None else {"table": search.table, "seconds": search.seconds},
         "torch": torch.__version__,
     }
     (args.out / "demo.json").write_text(json.dumps(result, indent=2))

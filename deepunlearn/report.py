@@ -46,7 +46,10 @@ class UnlearnReport:
         skipped: ``(name, reason)`` for weighted layers that were not edited.
         forget_samples, retain_samples: samples that went through the model.
         alpha_r, alpha_f, solver: the settings used.
-        seconds: wall time in seconds: ``collect_forget``, ``collect_retain``, ``decompose``, ``edit``, ``total``.
+        seconds: wall time in seconds: ``collect_forget``, ``collect_retain``, ``choose_alpha`` (0 when
+            both scales were given), ``decompose``, ``edit``, ``total``.
+        alpha_choice: how the scales were chosen (:class:`~deepunlearn.auto_alpha.AlphaChoice`), or
+            None when both were given.
     """
 
     model: nn.Module
@@ -58,6 +61,7 @@ class UnlearnReport:
     alpha_f: float
     solver: str
     seconds: dict[str, float]
+    alpha_choice: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model, as plain JSON-serialisable data."""
@@ -70,6 +74,7 @@ class UnlearnReport:
             "alpha_f": self.alpha_f,
             "solver": self.solver,
             "seconds": dict(self.seconds),
+            "alpha_choice": None if self.alpha_choice is None else asdict(self.alpha_choice),
         }
 
     def __str__(self) -> str:
@@ -79,7 +84,8 @@ class UnlearnReport:
         )
         t = self.seconds
         times = (
-            f"time: collect {t['collect_forget'] + t['collect_retain']:.3f}s, decompose {t['decompose']:.3f}s, "
+            f"time: collect {t['collect_forget'] + t['collect_retain']:.3f}s, choose alpha {t.get('choose_alpha', 0.0):.3f}s, "
+            f"decompose {t['decompose']:.3f}s, "
             f"edit {t['edit']:.3f}s, total {t['total']:.3f}s"
         )
         rows = [f"{'layer':<40} {'kind':<14} {'d':>6} {'groups':>6} {'forget vec':>11} {'retain vec':>11} {'|dW|/|W|':>9}"]
@@ -89,4 +95,5 @@ class UnlearnReport:
                 f"{r.relative_change:>9.4f}" + (f"  ({'; '.join(r.notes)})" if r.notes else "")
             )
         rows += [f"skipped {name}: {why}" for name, why in self.skipped]
-        return "\n".join([head, times, *rows])
+        choice = [] if self.alpha_choice is None else [str(self.alpha_choice)]
+        return "\n".join([head, *choice, times, *rows])

@@ -1,15 +1,17 @@
 """The edit ``W ← W − (W − W M_r) M_f`` solved on the weight's side, without forming ``M``.
 
-``M(C, α) = α Ĉ A⁻¹`` with ``A = (α−1)Ĉ + I`` (``Ĉ = C / tr C``), and ``Ĉ`` commutes with ``A``,
-so for a weight ``W`` of ``o`` rows
+``M(C, α) = α Ĉ A⁻¹`` with ``A = (α−1)Ĉ + I`` (``Ĉ = C / tr C``). Each side of the edit needs only
+``W ↦ W M``, and three ways give it (docs/solver.md):
 
-    W M = α (W Ĉ) A⁻¹
+* :class:`ScaledFactor`: ``W M = α (W Ĉ) A⁻¹`` by one Cholesky factorisation of ``A`` (d³/3 flops)
+  and two triangular solves with ``o`` right-hand sides (4·o·d² with ``W Ĉ``);
+* :class:`LowRankSpectrum`: when the layer saw ``n < d`` input vectors, ``C`` has rank at most
+  ``n``; a sketch ``C Ω`` with ``k = n + OVERSAMPLE`` columns recovers its eigenpairs exactly (up
+  to rounding) in about 4·d²·k flops, and ``W M = (W U) diag(λ) Uᵀ``;
+* :class:`FormedProjection`: ``M`` itself (about 7d³/3 flops), cheapest when many rows read the input.
 
-is one Cholesky factorisation of ``A`` (d³/3 flops), one product ``W Ĉ`` and two triangular
-solves with ``o`` right-hand sides (4·o·d²), against about 2.3·d³ + 2·o·d² to form ``M`` and
-multiply. The weight side is cheaper while the rows that read one input (all the layers sharing
-it, every group) number fewer than its width ``d``: :func:`weight_side_pays`. ``A``'s eigenvalues
-lie in ``[1, α]``, so float32 is enough (``cond A ≤ α``; docs/solver.md).
+:func:`side_solver` picks the cheapest by its flop count. ``A``'s eigenvalues lie in ``[1, α]``,
+so float32 is enough (``cond A ≤ α``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .projection import normalised
+from .projection import normalised, scale_energies, scaled_projection
+
+OVERSAMPLE = 8  # sketch columns beyond the rank bound: a margin for rounding, as randomized methods use
+SKETCH_SEED = 0  # a fixed sketch, so that the same statistics always give the same edit
 
 
 @dataclass
@@ -53,13 +58,100 @@ class ScaledFactor:
         return torch.cholesky_solve(y.transpose(-1, -2), self.chol).transpose(-1, -2).mul_(self.alpha)
 
 
-def edited_weight_factored(w: torch.Tensor, retain: ScaledFactor | None, forget: ScaledFactor) -> torch.Tensor:
-    """``W − V M_f`` with ``V = W − W M_r`` (``retain`` None: ``M_r = 0``); ``w``: ``(g, o, d)``."""
+def sketched_eigenpairs(cov: torch.Tensor, rank_bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors ``(g, d, k)`` and normalised energies ``r = e / tr C`` ``(g, k)`` of ``cov``
+    (``(g, d, d)``, rank <= ``rank_bound``), from a sketch of ``k = rank_bound + OVERSAMPLE`` columns.
+
+    ``Q``, an orthonormal basis of ``C Ω`` for a random ``Ω`` (d × k), spans C's range; the k × k
+    matrix ``Qᵀ C Q = V diag(e) Vᵀ`` then gives ``C = (Q V) diag(e) (Q V)ᵀ`` up to rounding:
+    4·d²·k flops. Both steps are backward stable, so the error is ε‖C‖ as for the other ways (a
+    one-pass Nyström sketch saves one product but solves with ``Ωᵀ C Ω``, whose condition is C's:
+    10⁻³ relative error in float32 on spread spectra).
+    """
+    g, d, _ = cov.shape
+    k = min(d, rank_bound + OVERSAMPLE)
+    gen = torch.Generator(device=cov.device).manual_seed(SKETCH_SEED)
+    omega = torch.randn(g, d, k, generator=gen, device=cov.device, dtype=cov.dtype)
+    q = torch.linalg.qr(cov @ omega)[0]  # (g, d, k)
+    b = q.transpose(-1, -2) @ (cov @ q)
+    e, v = torch.linalg.eigh(0.5 * (b + b.transpose(-1, -2)))
+    tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    safe = torch.where(tr > 0, tr, torch.ones_like(tr))[:, None]
+    r = torch.where(tr[:, None] > 0, e / safe, torch.zeros_like(e)).clamp(0.0, 1.0)
+    return q @ v, r
+
+
+@dataclass
+class LowRankSpectrum:
+    """``M(C, α) = U diag(λ) Uᵀ`` from the eigenpairs of a second moment of rank at most ``k``.
+
+    Attributes:
+        vectors: ``(g, d, k)`` orthonormal eigenvectors (columns).
+        scaled: ``(g, k)`` scaled energies ``λ(α)``.
+    """
+
+    vectors: torch.Tensor
+    scaled: torch.Tensor
+
+    @classmethod
+    def of(cls, cov: torch.Tensor, alpha: float, rank_bound: int) -> "LowRankSpectrum":
+        """By :func:`sketched_eigenpairs` of ``cov`` (``(g, d, d)``, rank <= ``rank_bound``)."""
+        vectors, energies = sketched_eigenpairs(cov, rank_bound)
+        return cls(vectors, scale_energies(energies, alpha))
+
+    def right_multiply(self, w: torch.Tensor) -> torch.Tensor:
+        """``W M`` for ``w`` of shape ``(g, o, d)``."""
+        return ((w @ self.vectors) * self.scaled[:, None, :]) @ self.vectors.transpose(-1, -2)
+
+
+@dataclass
+class FormedProjection:
+    """``M`` itself, ``(g, d, d)``."""
+
+    m: torch.Tensor
+
+    def right_multiply(self, w: torch.Tensor) -> torch.Tensor:
+        return w @ self.m
+
+
+SideSolver = ScaledFactor | LowRankSpectrum | FormedProjection
+SIDES = ("auto", "cholesky", "low-rank", "formed")
+
+
+def side_flops(d: int, rows: int, vectors: int) -> dict[str, float]:
+    """Flops of each way to apply one side to ``rows`` weight rows reading an input of width ``d``
+    that saw ``vectors`` input vectors (``low-rank`` only while they are fewer than ``d``)."""
+    out = {"formed": 7 / 3 * d**3 + 2 * rows * d**2, "cholesky": d**3 / 3 + 4 * rows * d**2}
+    k = vectors + OVERSAMPLE
+    if k < d:
+        out["low-rank"] = 4 * d**2 * k + 6 * d * k**2 + 10 * k**3 + 4 * rows * d * k
+    return out
+
+
+def side_solver(cov: torch.Tensor, alpha: float, rows: int, vectors: int, way: str = "auto",
+                solver: str = "cholesky") -> SideSolver:
+    """What applies ``M(cov, α)`` to ``rows`` weight rows: the cheapest way by :func:`side_flops`
+    (``way`` forces one; the eigen and SVD solvers always form ``M``)."""
+    if way not in SIDES:
+        raise ValueError(f"way must be one of {SIDES}, got {way!r}")
+    if solver != "cholesky":
+        return FormedProjection(scaled_projection(cov, alpha, solver))
+    if way == "auto":
+        flops = side_flops(cov.shape[-1], rows, vectors)
+        way = min(flops, key=flops.get)
+    if way == "low-rank":
+        return LowRankSpectrum.of(cov, alpha, vectors)
+    if way == "cholesky":
+        return ScaledFactor.of(cov, alpha)
+    return FormedProjection(scaled_projection(cov, alpha, "cholesky"))
+
+
+def edited_weight_sides(w: torch.Tensor, retain: SideSolver | None, forget: SideSolver) -> torch.Tensor:
+    """``W − V M_f`` with ``V = W − W M_r`` (``retain`` None: ``M_r = 0``); ``w``: ``(g, o, d)``.
+    Both sides formed: the extension's fused edit."""
+    if isinstance(forget, FormedProjection) and isinstance(retain, FormedProjection):
+        from .edit import edited_weight
+
+        return edited_weight(w, retain.m, forget.m)
     v = w if retain is None else w - retain.right_multiply(w)
     return w - forget.right_multiply(v)
-
-
-def weight_side_pays(rows: int, d: int) -> bool:
-    """Whether solving on the weight's side costs fewer flops than forming ``M`` for an input of
-    width ``d`` read by ``rows`` weight rows in all: d³/3 + 4·rows·d² < 7d³/3 + 2·rows·d²."""
-    return rows < d

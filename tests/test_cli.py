@@ -94,7 +94,7 @@ def test_forget_then_evaluate_a_pickled_module(tree, pickled_model, tmp_path, ca
     f_idx, r_idx = deepunlearn.api.draw_samples(torch.as_tensor(ds.targets), [609], 1, None, 0)
     ref = deepunlearn.unlearn(original, Subset(ds, f_idx), Subset(ds, r_idx), alpha_r=100, alpha_f=10).model
     for (k, a), b in zip(edited.state_dict().items(), ref.state_dict().values()):
-        assert rel_err(a, b) < 1e-10, k
+        assert rel_err(a, b) < 1e-5, k  # float32 statistics, summed over other batches
 
     capsys.readouterr()
     ev = tmp_path / "eval.json"

@@ -15,15 +15,16 @@ def small_model():
 def test_statistics_add_equals_collection_over_the_union():
     m = small_model()
     x = torch.randn(12, 1, 5, 5)
-    a, b = collect_statistics(m, x[:5]), collect_statistics(m, x[5:])
-    both = collect_statistics(m, x)
+    kw = {"dtype": torch.float64}  # float64 sums: the two orders of summation agree to rounding
+    a, b = collect_statistics(m, x[:5], **kw), collect_statistics(m, x[5:], **kw)
+    both = collect_statistics(m, x, **kw)
     s = a + b
     assert s.samples == 12 and s.fingerprint == both.fingerprint
     for k in both.slots:
         assert rel_err(s.slots[k].cov, both.slots[k].cov) < 1e-13
         assert s.slots[k].count == both.slots[k].count
     # the operands are not modified
-    assert rel_err(a.slots["0"].cov, collect_statistics(m, x[:5]).slots["0"].cov) == 0
+    assert rel_err(a.slots["0"].cov, collect_statistics(m, x[:5], **kw).slots["0"].cov) == 0
 
 
 def test_adding_statistics_of_different_models_is_refused():
@@ -42,7 +43,7 @@ def test_save_load_round_trip(tmp_path):
     for k in s.slots:
         assert torch.equal(t.slots[k].cov, s.slots[k].cov) and t.slots[k].count == s.slots[k].count
     t.check_matches(m)
-    assert t.dtype == torch.float64 and [r["slot"] for r in t.summary()] == ["0", "5"]
+    assert t.dtype == torch.float32 and [r["slot"] for r in t.summary()] == ["0", "5"]  # the default
 
 
 def test_loading_a_file_that_is_not_statistics_fails_clearly(tmp_path):
@@ -58,9 +59,10 @@ def test_loading_a_file_that_is_not_statistics_fails_clearly(tmp_path):
 
 def test_to_moves_and_casts():
     s = collect_statistics(small_model(), torch.randn(3, 1, 5, 5))
-    t = s.to("meta", torch.float32)
-    assert t.device.type == "meta" and t.dtype == torch.float32
-    assert s.device.type == "cpu" and s.dtype == torch.float64  # the original stays
+    assert s.dtype == torch.float32  # the default for a float32 model
+    t = s.to("meta", torch.float64)
+    assert t.device.type == "meta" and t.dtype == torch.float64
+    assert s.device.type == "cpu" and s.dtype == torch.float32  # the original stays
 
 
 def test_fingerprint_changes_with_weights_and_matches_on_copy():

@@ -12,7 +12,8 @@ import deepunlearn
 from deepunlearn import api
 from deepunlearn.layers import find_targets
 from deepunlearn.statistics import collect_statistics
-from deepunlearn.weight_side import ScaledFactor, edited_weight_factored, weight_side_pays
+from deepunlearn.weight_side import (FormedProjection, LowRankSpectrum, ScaledFactor, edited_weight_sides, side_flops,
+                                     side_solver)
 
 
 @pytest.mark.parametrize("alpha", [0.25, 1.0, 3.0, 100.0, 1000.0])
@@ -38,10 +39,10 @@ def test_edit_matches_formed_projections():
     w = torch.randn(2, 5, 12, dtype=torch.float64)
     m_f, m_r = numpy_reference(cov_f, 3.0), numpy_reference(cov_r, 100.0)
     want = w - (w - w @ m_r) @ m_f
-    got = edited_weight_factored(w, ScaledFactor.of(cov_r, 100.0), ScaledFactor.of(cov_f, 3.0))
+    got = edited_weight_sides(w, ScaledFactor.of(cov_r, 100.0), ScaledFactor.of(cov_f, 3.0))
     assert rel_err(got, want) < 1e-10
     # retain data never reached the layer: M_r = 0
-    assert rel_err(edited_weight_factored(w, None, ScaledFactor.of(cov_f, 3.0)), w - w @ m_f) < 1e-10
+    assert rel_err(edited_weight_sides(w, None, ScaledFactor.of(cov_f, 3.0)), w - w @ m_f) < 1e-10
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -56,9 +57,38 @@ def test_float32_factor_error_is_bounded_by_alpha(dtype):
     assert rel_err(got.double(), want) < (1e-10 if dtype == torch.float64 else 1000 * 1.2e-7)
 
 
-def test_weight_side_pays_by_flop_count():
-    assert weight_side_pays(10, 64) and weight_side_pays(63, 64)
-    assert not weight_side_pays(64, 64) and not weight_side_pays(200, 64)
+@pytest.mark.parametrize("rank", [1, 5, 17])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_low_rank_spectrum_matches_float64_reference(rank, dtype):
+    """A second moment of n < d vectors with a spread spectrum: the sketch of n + OVERSAMPLE columns is
+    exact up to rounding, within the float32 bound α·ε of the Cholesky way."""
+    x = torch.randn(2, rank, 40, dtype=torch.float64) * torch.logspace(0, -3, 40, dtype=torch.float64)
+    cov = x.transpose(1, 2) @ x
+    w = torch.randn(2, 6, 40, dtype=torch.float64)
+    for alpha in (0.5, 3.0, 1000.0):
+        got = LowRankSpectrum.of(cov.to(dtype), alpha, rank).right_multiply(w.to(dtype))
+        assert rel_err(got.double(), w @ numpy_reference(cov, alpha)) < (1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def test_low_rank_spectrum_of_zero_and_mixed_groups():
+    x = torch.randn(3, 4, 30, dtype=torch.float64)
+    x[1] = 0.0  # a group that saw only zeros
+    cov = x.transpose(1, 2) @ x
+    w = torch.randn(3, 5, 30, dtype=torch.float64)
+    got = LowRankSpectrum.of(cov, 10.0, 4).right_multiply(w)
+    assert torch.isfinite(got).all() and got[1].abs().max() == 0
+    assert rel_err(got, w @ numpy_reference(cov, 10.0)) < 1e-9
+
+
+def test_side_solver_picks_the_cheapest_way():
+    cov = spd(1, 64)
+    assert isinstance(side_solver(cov, 3.0, rows=10, vectors=1000), ScaledFactor)  # few rows, full rank
+    assert isinstance(side_solver(cov, 3.0, rows=200, vectors=1000), FormedProjection)  # many rows
+    assert isinstance(side_solver(spd(1, 256), 3.0, rows=10, vectors=5), LowRankSpectrum)  # few vectors
+    assert isinstance(side_solver(cov, 3.0, rows=10, vectors=5, solver="eigh"), FormedProjection)
+    assert "low-rank" not in side_flops(64, 10, 60)  # 60 + OVERSAMPLE columns is no sketch of 64
+    with pytest.raises(ValueError, match="way must be one of"):
+        side_solver(cov, 3.0, 10, 5, way="qr")
 
 
 class Net(nn.Module):
@@ -88,35 +118,49 @@ def _moments(model, xf, xr):
     return targets, mf, mr
 
 
-def test_both_sides_give_the_same_model_and_consumed_statistics_are_dropped():
+@pytest.mark.parametrize("way", ["cholesky", "low-rank"])
+def test_every_way_gives_the_formed_projections_model_and_consumed_statistics_are_dropped(way):
     torch.manual_seed(0)
     model = Net().double()
-    xf, xr = torch.randn(6, 4, 4, 4, dtype=torch.float64), torch.randn(30, 4, 4, 4, dtype=torch.float64)
+    xf, xr = torch.randn(2, 4, 4, 4, dtype=torch.float64), torch.randn(3, 4, 4, 4, dtype=torch.float64)
     weights = {}
-    for side in ("weight", "matrix"):
+    for w in (way, "formed"):
         targets, mf, mr = _moments(model, xf, xr)
-        edit_for = api.solved_edits(targets, mf, mr, 3.0, 100.0, side=side)
+        edit_for = api.solved_edits(targets, mf, mr, 3.0, 100.0, way=w)
         plan, _ = api.plan_edits_with(targets, edit_for, api.traces(mf), api.traces(mr))
         assert all(cov is None for cov, _ in [*mf.values(), *mr.values()])  # every input consumed
-        weights[side] = {p.target.name: p.new_weight for p in plan}
-    assert weights["weight"].keys() == weights["matrix"].keys() and len(weights["weight"]) == len(targets)
-    for name, w in weights["weight"].items():
-        assert rel_err(w, weights["matrix"][name]) < 1e-10, name
+        weights[w] = {p.target.name: p.new_weight for p in plan}
+    assert weights[way].keys() == weights["formed"].keys() and len(weights[way]) == len(targets)
+    for name, w in weights[way].items():
+        assert rel_err(w, weights["formed"][name]) < 1e-9, name
 
 
-def test_auto_side_follows_the_flop_count(monkeypatch):
+def test_auto_way_follows_the_flop_count(monkeypatch):
     torch.manual_seed(0)
     model = Net()
-    factored, formed = [], []
-    real_factor, real_proj = api.ScaledFactor.of, api.scaled_projection
-    monkeypatch.setattr(api.ScaledFactor, "of", lambda cov, a: factored.append(cov.shape[-1]) or real_factor(cov, a))
-    monkeypatch.setattr(api, "scaled_projection", lambda cov, a, s: formed.append(cov.shape[-1]) or real_proj(cov, a, s))
-    deepunlearn.unlearn(model, torch.randn(6, 4, 4, 4), torch.randn(30, 4, 4, 4))
-    # weight side (both sides of each): conv (18 per group, 3 rows per group), wide (96, 5 rows),
-    # head (40, 3 rows); M formed: attention's in_proj (6 wide, 18 rows) and out_proj (6, 6 rows),
-    # narrow (5 wide, 40 rows)
-    assert sorted(factored) == [18, 18, 40, 40, 96, 96]
-    assert sorted(formed) == [5, 5, 6, 6, 6, 6]
+    chosen = []
+    real = api.side_solver
+
+    def spy(cov, alpha, rows, vectors, way, solver):
+        out = real(cov, alpha, rows, vectors, way, solver)
+        chosen.append((cov.shape[-1], vectors, type(out).__name__))
+        return out
+
+    monkeypatch.setattr(api, "side_solver", spy)
+    deepunlearn.unlearn(model, torch.randn(2, 4, 4, 4), torch.randn(30, 4, 4, 4))
+    got = sorted(chosen)
+    # by side_flops: conv (18 per group, 3 rows per group) by a Cholesky factor on both sides;
+    # attention (6 wide, 18 and 6 rows) and narrow (5 wide, 40 rows) formed; wide (96 wide, 5 rows)
+    # from a sketch of its 2 forget vectors but factored for its 30 retain vectors; the head (40
+    # wide, 3 rows) factored (at this size the sketch's 4·d²·k does not pay)
+    assert got == sorted([
+        (18, 32, "ScaledFactor"), (18, 480, "ScaledFactor"),
+        (6, 32, "FormedProjection"), (6, 480, "FormedProjection"),
+        (6, 32, "FormedProjection"), (6, 480, "FormedProjection"),
+        (96, 2, "LowRankSpectrum"), (96, 30, "ScaledFactor"),
+        (5, 2, "FormedProjection"), (5, 30, "FormedProjection"),
+        (40, 2, "ScaledFactor"), (40, 30, "ScaledFactor"),
+    ]), got
 
 
 def test_default_dtype_is_float32_and_close_to_float64():

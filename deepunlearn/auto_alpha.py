@@ -1,0 +1,310 @@
+"""Choosing ``(alpha_r, alpha_f)`` from the forget and retain samples themselves (docs/auto_alpha.md).
+
+Part of each side's samples is held out. The second moments of the rest are decomposed once per
+input; each candidate pair only rescales the energies, is applied to the model, and is scored on
+the held-out samples. The rule is the smallest edit that forgets: among candidates whose held-out
+forget accuracy is at most the target, the best held-out retain accuracy wins; if none reaches
+the target, the best ``retain · (100 − forget)`` wins, with a warning. Along ``alpha_f`` the forget
+accuracy falls as the forget space grows, so for each ``alpha_r`` a coarse scan stops at the first
+passing ``alpha_f`` and bisection (in log scale) narrows the step below it.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ._batches import DataLike, _first_tensor
+from .layers import EditTarget
+from .projection import Spectrum, scale_energies
+from .statistics import _autocast_on, _eval_no_grad
+from .weight_side import OVERSAMPLE, sketched_eigenpairs
+
+TARGET_FORGET_ACCURACY = 1.0  # percent of held-out forget samples still recognised
+HOLDOUT_FRACTION = 0.25  # of each side's samples, to score candidates (the final edit uses all)
+HOLDOUT_CAP = 512  # held-out samples per side at most: resolves 0.2 % steps, bounds scoring time
+HOLDOUT_SEED = 0
+ALPHA_R_CANDIDATES = (10.0, 30.0, 100.0, 300.0, 1000.0)  # the paper's range; ViTs chose its low end
+ALPHA_F_COARSE = (1.0, 10.0, 100.0, 1000.0)  # decades: the scan stops at the first that forgets
+BISECTION_STEPS = 2  # each halves the log step below the first passing α_f: 10 -> 3.2 -> 1.8 (below the
+# smallest coarse value: as many steps down by √10)
+MIN_SHARE = 0.1  # unlabelled data: a class is forgotten if it takes >= 10 % of the forget predictions
+SHARE_RATIO = 2.0  # ... and at least twice its share of the retain predictions
+
+
+@dataclass
+class AlphaChoice:
+    """How :func:`deepunlearn.unlearn` chose its scales.
+
+    Attributes:
+        alpha_r, alpha_f: the chosen pair.
+        retain_acc, forget_acc: their held-out accuracies (percent).
+        reached_target: whether the forget accuracy reached ``target`` (else the best compromise).
+        target: the forget-accuracy target (percent).
+        scoring: ``"labels"``, ``"classes"`` (the forgotten classes given, no labels) or
+            ``"original predictions"`` (agreement with the unedited model).
+        held_out: held-out samples ``(forget, retain)``.
+        monotone: whether held-out forget accuracy never rose with ``alpha_f`` for any ``alpha_r``.
+        candidates: every scored pair: ``alpha_r``, ``alpha_f``, ``retain_acc`` (NaN where the pair
+            missed the target: not needed), ``forget_acc``.
+        seconds: wall time of decomposing and scoring (not of collecting the statistics).
+    """
+
+    alpha_r: float
+    alpha_f: float
+    retain_acc: float
+    forget_acc: float
+    reached_target: bool
+    target: float
+    scoring: str
+    held_out: tuple[int, int]
+    monotone: bool
+    candidates: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        how = "reached" if self.reached_target else "NOT reached"
+        return (f"alpha chosen: alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g} (held-out retain {self.retain_acc:.2f} %, "
+                f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}; {len(self.candidates)} candidates scored "
+                f"by {self.scoring} on {self.held_out[0]} + {self.held_out[1]} held-out samples in {self.seconds:.2f} s)")
+
+
+def materialise(data: DataLike, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All samples of ``data`` as one input tensor ``(N, ...)`` and their labels ``(N,)``, or None
+    where the batches carry no labels."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0:
+            raise ValueError("a data tensor needs a batch dimension; got a 0-d tensor")
+        return data, None
+    if isinstance(data, Dataset):
+        data = DataLoader(data, batch_size=batch_size, shuffle=False)
+    xs, ys = [], []
+    for batch in data:
+        xs.append(_first_tensor(batch))
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            y = torch.as_tensor(batch[1])
+            ys.append(y if y.dim() == 1 and y.shape[0] == xs[-1].shape[0] and not y.is_floating_point() else None)
+        else:
+            ys.append(None)
+    if not xs:
+        return torch.empty(0), None
+    labels = None if any(y is None for y in ys) else torch.cat(ys).long().cpu()
+    return torch.cat(xs), labels
+
+
+def holdout_split(n: int, role: str, seed: int = HOLDOUT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fit, held)`` indices of ``n`` samples: a random :data:`HOLDOUT_FRACTION`, at least one and
+    at most :data:`HOLDOUT_CAP`, held out."""
+    if n < 2:
+        raise ValueError(f"choosing alpha automatically needs at least 2 {role} samples (held-out ones score the "
+                         f"candidates); got {n}. Give alpha_r and alpha_f instead")
+    held = min(HOLDOUT_CAP, max(1, round(n * HOLDOUT_FRACTION)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[held:].sort().values, perm[:held].sort().values
+
+
+def predictions(model: nn.Module, x: torch.Tensor, batch_size: int, autocast: torch.dtype | None) -> torch.Tensor:
+    """Predicted classes ``(N,)`` on the CPU (logits from the model's output, or its ``.logits``)."""
+    device = next(model.parameters()).device
+    out = []
+    with _eval_no_grad(model), _autocast_on(device, autocast):
+        for xb in x.split(batch_size):
+            y = model(xb.to(device))
+            y = getattr(y, "logits", y)
+            out.append(y.argmax(-1).cpu())
+    return torch.cat(out)
+
+
+def inferred_forget_classes(pred_f: torch.Tensor, pred_r: torch.Tensor) -> list[int]:
+    """Classes the unedited model gives the forget samples far more often than the retain samples."""
+    classes = int(max(pred_f.max(), pred_r.max())) + 1
+    share_f = torch.bincount(pred_f, minlength=classes).double() / len(pred_f)
+    share_r = torch.bincount(pred_r, minlength=classes).double() / len(pred_r)
+    chosen = [c for c in range(classes) if share_f[c] >= MIN_SHARE and share_f[c] >= SHARE_RATIO * share_r[c]]
+    return chosen or [int(share_f.argmax())]
+
+
+@dataclass
+class _Scorer:
+    """Held-out forget and retain accuracies (percent) of the model as it is now."""
+
+    x_f: torch.Tensor
+    x_r: torch.Tensor
+    forget_hit: Callable[[torch.Tensor], torch.Tensor]  # predictions -> bool "still recognised"
+    retain_hit: Callable[[torch.Tensor], torch.Tensor]  # predictions -> bool "still right"
+    batch_size: int
+    autocast: torch.dtype | None
+    scoring: str
+
+    def forget_accuracy(self, model: nn.Module) -> float:
+        return 100.0 * float(self.forget_hit(predictions(model, self.x_f, self.batch_size, self.autocast)).float().mean())
+
+    def retain_accuracy(self, model: nn.Module) -> float:
+        return 100.0 * float(self.retain_hit(predictions(model, self.x_r, self.batch_size, self.autocast)).float().mean())
+
+
+def make_scorer(model: nn.Module, x_f: torch.Tensor, y_f: torch.Tensor | None, x_r: torch.Tensor, y_r: torch.Tensor | None,
+                classes: Sequence[int] | None, batch_size: int, autocast: torch.dtype | None) -> _Scorer:
+    """Labels where the data carry them; the forgotten classes where given; else agreement with the
+    unedited model (forget: predicted as one of :func:`inferred_forget_classes`)."""
+    need_original = y_r is None or (y_f is None and classes is None)
+    orig_f = predictions(model, x_f, batch_size, autocast) if need_original else None
+    orig_r = predictions(model, x_r, batch_size, autocast) if need_original else None
+    if y_f is not None:
+        forget_hit, scoring = (lambda p: p == y_f), "labels"
+    else:
+        forgotten = torch.as_tensor(list(classes) if classes is not None else inferred_forget_classes(orig_f, orig_r))
+        forget_hit, scoring = (lambda p: torch.isin(p, forgotten)), ("classes" if classes is not None else "original predictions")
+    if y_r is not None:
+        retain_hit = lambda p: p == y_r  # noqa: E731
+    else:
+        retain_hit = lambda p: p == orig_r  # noqa: E731
+        scoring = scoring if scoring == "original predictions" else scoring + " (retain: original predictions)"
+    return _Scorer(x_f, x_r, forget_hit, retain_hit, batch_size, autocast, scoring)
+
+
+def _eigenpairs(cov: torch.Tensor, vectors_seen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, r)`` of a second moment, by the sketch where it saw fewer vectors than its width."""
+    d = cov.shape[-1]
+    if vectors_seen + OVERSAMPLE < d // 2:
+        return sketched_eigenpairs(cov, vectors_seen)
+    s = Spectrum.of(cov)
+    return s.vectors, s.energies
+
+
+class CandidateEdits:
+    """Every target's new weight for any ``(alpha_r, alpha_f)``, from one decomposition per input.
+
+    With ``C = U diag(e) Uᵀ`` per side, ``W M = ((W U) diag(λ(α))) Uᵀ``: a candidate costs two thin
+    products per side and layer; ``W U_r`` is kept per layer and ``V = W − W M_r`` per ``alpha_r``.
+    """
+
+    def __init__(self, targets: Sequence[EditTarget], moments_f: dict, moments_r: dict):
+        self.targets = [t for t in targets if moments_f[t.slots][0] is not None]
+        pairs: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+        def pair(cov, n):
+            if cov is None:
+                return None
+            if id(cov) not in pairs:
+                pairs[id(cov)] = _eigenpairs(cov, n)
+            return pairs[id(cov)]
+
+        self.sides = [(pair(*moments_f[t.slots]), pair(*moments_r[t.slots])) for t in self.targets]
+        dtype = next((c.dtype for c, _ in moments_f.values() if c is not None), torch.float32)
+        # copies: candidates are written into the very parameters these would otherwise view
+        self.w = [t.as_matrices(t.weight().detach()).to(dtype, copy=True) for t in self.targets]
+        self.wu_r = [None if r is None else w @ r[0] for w, (_, r) in zip(self.w, self.sides)]
+        self._v: tuple[float, list[torch.Tensor]] | None = None
+
+    def weights(self, alpha_r: float, alpha_f: float) -> list[torch.Tensor]:
+        """New weights (each target's own shape and dtype) for the pair."""
+        if self._v is None or self._v[0] != alpha_r:
+            v = []
+            for w, wu, (_, r) in zip(self.w, self.wu_r, self.sides):
+                v.append(w if r is None else w - (wu * scale_energies(r[1], alpha_r)[:, None, :]) @ r[0].transpose(-1, -2))
+            self._v = (alpha_r, v)
+        out = []
+        for t, w, v, ((u_f, e_f), _) in zip(self.targets, self.w, self._v[1], self.sides):
+            new = w - ((v @ u_f) * scale_energies(e_f, alpha_f)[:, None, :]) @ u_f.transpose(-1, -2)
+            out.append(new.reshape(t.weight().shape).to(t.weight().dtype))
+        return out
+
+
+def choose_alphas(
+    model: nn.Module,
+    candidates: CandidateEdits,
+    scorer: _Scorer,
+    *,
+    alpha_r: float | None = None,
+    alpha_f: float | None = None,
+    target: float = TARGET_FORGET_ACCURACY,
+) -> AlphaChoice:
+    """Score candidate pairs on the held-out samples and return the choice; the model is left as it was.
+
+    ``alpha_r`` / ``alpha_f``: a given value is kept fixed and only the other is searched. The
+    retain side is scored only for candidates that reach the target (or, if none does, at the end
+    for all). Along ``alpha_r`` (ascending) a larger retain space protects more of the forget
+    space too, so each scan starts at the decade where the previous ``alpha_r`` first forgot, and
+    the search stops at the first ``alpha_r`` that never forgets.
+    """
+    t0 = time.perf_counter()
+    grid_r = [alpha_r] if alpha_r is not None else list(ALPHA_R_CANDIDATES)
+    originals = [t.weight().detach().clone() for t in candidates.targets]
+    table: list[dict[str, float]] = []
+
+    def apply(a_r: float, a_f: float) -> None:
+        with torch.no_grad():
+            for t, w in zip(candidates.targets, candidates.weights(a_r, a_f)):
+                t.weight().copy_(w)
+
+    def score(a_r: float, a_f: float) -> bool:
+        """Whether the pair forgets; its row goes into ``table`` (retain scored where it does)."""
+        apply(a_r, a_f)
+        f_acc = scorer.forget_accuracy(model)
+        r_acc = scorer.retain_accuracy(model) if f_acc <= target else math.nan
+        table.append({"alpha_r": a_r, "alpha_f": a_f, "retain_acc": r_acc, "forget_acc": f_acc})
+        return f_acc <= target
+
+    try:
+        start = 0  # index into ALPHA_F_COARSE where the scan begins
+        for a_r in grid_r:
+            if alpha_f is not None:
+                score(a_r, alpha_f)
+                continue
+            failing = ALPHA_F_COARSE[start - 1] if start > 0 else None  # failed at the previous alpha_r
+            passing = None
+            for i in range(start, len(ALPHA_F_COARSE)):
+                if score(a_r, ALPHA_F_COARSE[i]):
+                    passing, start = ALPHA_F_COARSE[i], i
+                    break
+                failing = ALPHA_F_COARSE[i]
+            if passing is None:
+                break  # never forgets in range; a larger alpha_r would forget even less
+            if failing is None:  # forgets at the smallest: step down while it still does
+                for _ in range(BISECTION_STEPS):
+                    lower = passing / math.sqrt(10.0)
+                    if not score(a_r, lower):
+                        break
+                    passing = lower
+                continue
+            for _ in range(BISECTION_STEPS):
+                mid = math.sqrt(failing * passing)  # the log-scale midpoint
+                if score(a_r, mid):
+                    passing = mid
+                else:
+                    failing = mid
+        reached = [c for c in table if c["forget_acc"] <= target]
+        if not reached:  # the fallback ranks every candidate by both sides
+            for c in table:
+                apply(c["alpha_r"], c["alpha_f"])
+                c["retain_acc"] = scorer.retain_accuracy(model)
+    finally:
+        with torch.no_grad():
+            for t, w in zip(candidates.targets, originals):
+                t.weight().copy_(w)
+    if reached:  # the smallest edit that forgets: best retain, then the smaller alpha_f
+        best = max(reached, key=lambda c: (c["retain_acc"], -c["alpha_f"]))
+    else:
+        best = max(table, key=lambda c: c["retain_acc"] * (100.0 - c["forget_acc"]))
+        warnings.warn(f"no candidate reached the forget-accuracy target of {target:g} % on the held-out samples; "
+                      f"chose alpha_r={best['alpha_r']:g}, alpha_f={best['alpha_f']:g} with held-out forget "
+                      f"{best['forget_acc']:.2f} %, retain {best['retain_acc']:.2f} %", stacklevel=3)
+    monotone = all(
+        b["forget_acc"] <= a["forget_acc"] + 1e-9
+        for a_r in grid_r
+        for a, b in _pairs_by_alpha_f([c for c in table if c["alpha_r"] == a_r])
+    )
+    return AlphaChoice(best["alpha_r"], best["alpha_f"], best["retain_acc"], best["forget_acc"], bool(reached), target,
+                       scorer.scoring, (len(scorer.x_f), len(scorer.x_r)), monotone, table, time.perf_counter() - t0)
+
+
+def _pairs_by_alpha_f(rows: list[dict[str, float]]) -> list[tuple[dict, dict]]:
+    ordered = sorted(rows, key=lambda c: c["alpha_f"])
+    return list(zip(ordered, ordered[1:]))

@@ -1,0 +1,158 @@
+"""The automatic choice of (alpha_r, alpha_f): held-out scoring, the search, the fallback, bad inputs."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import deepunlearn
+from conftest import rel_err
+from deepunlearn import api
+from deepunlearn.auto_alpha import (ALPHA_R_CANDIDATES, CandidateEdits, choose_alphas, holdout_split, inferred_forget_classes,
+                                    make_scorer, materialise)
+from deepunlearn.layers import find_targets
+from deepunlearn.statistics import collect_statistics
+
+CENTRES = 4.5 * torch.eye(4, 6)
+
+
+def blobs(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(4).repeat_interleave(n_per_class)
+    return CENTRES[y] + torch.randn(len(y), 6, generator=g), y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """An MLP that tells four Gaussian blobs apart (about 99 % on fresh samples)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    x, y = blobs(300, 0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def accuracies(model, x, y, forget=(0,)):
+    with torch.no_grad():
+        p = model(x).argmax(1)
+    f = torch.isin(y, torch.tensor(forget))
+    return 100.0 * float((p[~f] == y[~f]).float().mean()), 100.0 * float((p[f] == y[f]).float().mean())
+
+
+def forget_and_retain(seed=1, n=100):
+    x, y = blobs(n, seed)
+    return TensorDataset(x[y == 0], y[y == 0]), TensorDataset(x[y != 0], y[y != 0])
+
+
+def test_default_call_chooses_the_scales_and_forgets(trained):
+    forget, retain = forget_and_retain()
+    report = deepunlearn.unlearn(trained, forget, retain, inplace=False)
+    c = report.alpha_choice
+    assert c is not None and c.scoring == "labels" and c.reached_target and c.forget_acc <= 1.0
+    assert (report.alpha_r, report.alpha_f) == (c.alpha_r, c.alpha_f)
+    assert c.held_out == (25, 75) and report.forget_samples == 100 and report.retain_samples == 300  # all used
+    assert report.seconds["choose_alpha"] > 0 and c.seconds > 0 and len(c.candidates) >= 2
+    x, y = blobs(500, 7)  # fresh samples
+    r0, f0 = accuracies(trained, x, y)
+    r1, f1 = accuracies(report.model, x, y)
+    assert f0 > 95 and f1 <= 3.0 and r0 - r1 <= 3.0, (r0, f0, r1, f1)
+    assert "alpha chosen" in str(report) and report.to_dict()["alpha_choice"]["alpha_f"] == c.alpha_f
+
+
+def test_unlabelled_samples_are_scored_by_the_original_predictions(trained):
+    forget, retain = forget_and_retain()
+    xf, xr = forget.tensors[0], retain.tensors[0]
+    c = deepunlearn.unlearn(trained, xf, xr, inplace=False).alpha_choice
+    assert c.scoring == "original predictions" and c.reached_target
+    c = deepunlearn.unlearn(trained, xf, xr, classes=[0], inplace=False).alpha_choice
+    assert c.scoring == "classes (retain: original predictions)" and c.reached_target
+    # an iterable of plain batches, and a DataLoader of (x, y): the same samples, labels only in the second
+    assert deepunlearn.unlearn(trained, list(xf.split(30)), list(xr.split(30)), inplace=False).alpha_choice.scoring == \
+        "original predictions"
+    loader = DataLoader(forget, batch_size=16)
+    assert deepunlearn.unlearn(trained, loader, retain, inplace=False).alpha_choice.scoring == "labels"
+
+
+def test_explicit_scales_choose_nothing_and_match_the_statistics_path(trained):
+    forget, retain = forget_and_retain()
+    a = deepunlearn.unlearn(trained, forget, retain, alpha_r=30, alpha_f=3, inplace=False)
+    assert a.alpha_choice is None and a.seconds["choose_alpha"] == 0.0
+    sf, sr = collect_statistics(trained, forget), collect_statistics(trained, retain)
+    b = deepunlearn.unlearn(trained, sf, sr, alpha_r=30, alpha_f=3, inplace=False)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_one_scale_given_searches_only_the_other(trained):
+    forget, retain = forget_and_retain()
+    c = deepunlearn.unlearn(trained, forget, retain, alpha_r=30, inplace=False).alpha_choice
+    assert c.alpha_r == 30 and {row["alpha_r"] for row in c.candidates} == {30}
+    c = deepunlearn.unlearn(trained, forget, retain, alpha_f=10, inplace=False).alpha_choice
+    assert c.alpha_f == 10 and {row["alpha_f"] for row in c.candidates} == {10}
+    assert {row["alpha_r"] for row in c.candidates} == set(ALPHA_R_CANDIDATES)
+
+
+def test_bad_inputs_for_choosing_are_refused_and_leave_the_model_unchanged(trained):
+    model = copy.deepcopy(trained)
+    before = [p.clone() for p in model.parameters()]
+    forget, retain = forget_and_retain()
+    stats = collect_statistics(model, forget)
+    with pytest.raises(ValueError, match="samples themselves"):
+        deepunlearn.unlearn(model, stats, retain)
+    with pytest.raises(ValueError, match="at least 2 forget samples"):
+        deepunlearn.unlearn(model, forget.tensors[0][:1], retain)
+    with pytest.raises(ValueError, match="at least 2 retain samples"):
+        deepunlearn.unlearn(model, forget, retain.tensors[0][:1])
+    for bad in (0, -1, 101, "1"):
+        with pytest.raises(ValueError, match="target_forget_accuracy"):
+            deepunlearn.unlearn(model, forget, retain, target_forget_accuracy=bad)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_candidates_match_the_final_edit_and_scoring_restores_the_weights(trained):
+    model = copy.deepcopy(trained).double()
+    forget, retain = forget_and_retain()
+    xf, xr = forget.tensors[0].double(), retain.tensors[0].double()
+    targets, _ = find_targets(model)
+    cpu = torch.device("cpu")
+    sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
+    cands = CandidateEdits(targets, api.layer_moments(targets, sf, cpu), api.layer_moments(targets, sr, cpu))
+    for a_r, a_f in ((10.0, 1.0), (300.0, 30.0), (10.0, 100.0)):  # the cached V is per alpha_r
+        mf, mr = api.layer_moments(targets, sf, cpu), api.layer_moments(targets, sr, cpu)
+        plan, _ = api.plan_edits_with(targets, api.solved_edits(targets, mf, mr, a_f, a_r), api.traces(mf), api.traces(mr))
+        for w, p in zip(cands.weights(a_r, a_f), plan):
+            assert rel_err(w, p.new_weight) < 1e-9
+    before = [p.clone() for p in model.parameters()]
+    scorer = make_scorer(model, xf[:20], None, xr[:50], None, None, 64, None)
+    choose_alphas(model, cands, scorer)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_an_unreachable_target_warns_and_keeps_the_best_compromise(trained):
+    x, y = blobs(60, 3)
+    same = TensorDataset(x, y)  # forget = retain: no edit can forget without forgetting all
+    with pytest.warns(UserWarning, match="no candidate reached the forget-accuracy target"):
+        c = deepunlearn.unlearn(trained, same, same, inplace=False).alpha_choice
+    assert not c.reached_target and all(row["retain_acc"] == row["retain_acc"] for row in c.candidates)  # no NaN
+    best = max(c.candidates, key=lambda r: r["retain_acc"] * (100 - r["forget_acc"]))
+    assert (c.alpha_r, c.alpha_f) == (best["alpha_r"], best["alpha_f"])
+
+
+def test_inferred_forget_classes_and_materialise_and_holdout():
+    pred_f = torch.tensor([2] * 80 + [5] * 15 + [1] * 5)
+    pred_r = torch.tensor([0, 1, 3, 4, 5, 6, 7, 8, 9] * 11 + [5])
+    assert inferred_forget_classes(pred_f, pred_r) == [2]  # 5: 15 % of forget but 12 % of retain
+    assert inferred_forget_classes(torch.tensor([3, 3, 1]), torch.tensor([3, 3, 1])) == [3]  # none stands out
+    x, y = materialise(TensorDataset(torch.randn(10, 2), torch.arange(10)), 4)
+    assert x.shape == (10, 2) and torch.equal(y, torch.arange(10))
+    x, y = materialise([torch.randn(3, 2), torch.randn(2, 2)], 4)
+    assert x.shape == (5, 2) and y is None
+    fit, held = holdout_split(10, "forget")
+    assert len(held) == 2 and len(fit) == 8 and set(fit.tolist()) | set(held.tolist()) == set(range(10))
+    fit, held = holdout_split(10_000, "retain")
+    assert len(held) == 512  # capped
