@@ -48,22 +48,27 @@ def forward_only(model, x: torch.Tensor, batch: int, autocast) -> None:
             model(xb)
 
 
-def run_deepunlearn(model, xf, xr, args, device, autocast) -> dict:
+FIXED_ALPHAS = {"alpha_r": 100.0, "alpha_f": 10.0}  # the paper's ImageNet pair
+
+
+def run_deepunlearn(model, xf, xr, args, device, autocast, alphas=FIXED_ALPHAS) -> dict:
+    """One call; ``alphas`` empty: both chosen automatically (its ``choose`` seconds reported)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t, report = timed(lambda: deepunlearn.unlearn(model, xf, xr, inplace=False, batch_size=args.batch_size,
-                                                  dtype=torch.float32, autocast=autocast), device)
+                                                  dtype=torch.float32, autocast=autocast, **alphas), device)
     s = report.seconds
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"total": t, "collect": s["collect_forget"] + s["collect_retain"], "solve": s["decompose"], "edit": s["edit"],
-            "layers": len(report.layers), "peak_bytes": peak}
+    return {"total": t, "collect": s["collect_forget"] + s["collect_retain"], "choose": s["choose_alpha"],
+            "solve": s["decompose"], "edit": s["edit"], "layers": len(report.layers), "peak_bytes": peak,
+            "alpha_r": report.alpha_r, "alpha_f": report.alpha_f}
 
 
 def run_paper(model, xf, xr, args, device) -> dict:
     n = args.paper_images
     while n >= 1:
         try:
-            t, report = timed(lambda: unlearn_paper(model, xf[:n], xr[:n], inplace=False, batch_size=n,
+            t, report = timed(lambda: unlearn_paper(model, xf[:n], xr[:n], inplace=False, batch_size=n, **FIXED_ALPHAS,
                                                     dtype=torch.float32, conv_crop=True, max_patches=10_000), device)
             s = report.seconds
             return {"images_per_side": n, "total": t, "collect": s["collect_forget"] + s["collect_retain"],
@@ -82,7 +87,7 @@ def bench_arch(arch: str, args, device: torch.device) -> dict:
     model = torchvision.models.get_model(arch, weights=None).to(device).eval()
     xf, xr = images(args.images, 224, device, args.seed), images(args.images, 224, device, args.seed + 1)
     forward_only(model, xf[: args.batch_size], args.batch_size, autocast)  # warm-up: cuDNN/cuBLAS plans, allocator
-    deepunlearn.unlearn(model, xf[:2], xr[:2], inplace=False, dtype=torch.float32, autocast=autocast)
+    deepunlearn.unlearn(model, xf[:2], xr[:2], inplace=False, dtype=torch.float32, autocast=autocast, **FIXED_ALPHAS)
     fwd, _ = timed(lambda: (forward_only(model, xf, args.batch_size, autocast), forward_only(model, xr, args.batch_size, autocast)), device)
     out = {"arch": arch, "params": sum(p.numel() for p in model.parameters()), "forward": fwd}
     runs: dict[str, list[dict]] = {"deepunlearn": [], "pure": []}
@@ -96,6 +101,13 @@ def bench_arch(arch: str, args, device: torch.device) -> dict:
         out[name] = res
         print(f"  {arch} {name}: total {res['total']:.2f}s (forward {fwd:.2f}, statistics {res['statistics']:.2f}, "
               f"solve {res['solve']:.2f}, edit {res['edit']:.3f})", flush=True)
+    if arch in args.auto_alpha:  # the default call: both scales chosen on held-out images
+        auto = run_deepunlearn(model, xf, xr, args, device, autocast, alphas={})
+        auto["statistics"] = max(0.0, auto["collect"] - fwd)
+        out["deepunlearn-auto"] = auto
+        out["auto_over_fixed"] = auto["total"] / out["deepunlearn"]["total"]
+        print(f"  {arch} deepunlearn-auto: total {auto['total']:.2f}s (choose {auto['choose']:.2f}s, chose "
+              f"alpha_r={auto['alpha_r']:g}, alpha_f={auto['alpha_f']:.3g}) = {out['auto_over_fixed']:.2f}x the fixed call", flush=True)
     if not args.no_paper:
         out["paper"] = run_paper(model, xf, xr, args, device)
         p = out["paper"]
@@ -109,14 +121,17 @@ def bench_arch(arch: str, args, device: torch.device) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"# ImageNet-shape end to end on {result['device_name']}", "",
              f"{result['images']} forget + {result['images']} retain images, 224x224, autocast {result['autocast']}, "
-             f"batch {result['batch_size']}, float32 statistics; random weights and images.", "",
+             f"batch {result['batch_size']}, float32 statistics, α_r = 100, α_f = 10 unless chosen; random weights and images.", "",
              "Ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in result["ceilings"].items()), "",
              "| arch | method | images/side | total (s) | forward (s) | statistics (s) | solve (s) | edit (s) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["archs"]:
-        for m in ("deepunlearn", "pure"):
+        for m in ("deepunlearn", "pure", "deepunlearn-auto"):
+            if m not in r:
+                continue
             x = r[m]
-            lines.append(f"| {r['arch']} | {m} | {result['images']} | {x['total']:.2f} | {r['forward']:.2f} | "
+            label = m if m != "deepunlearn-auto" else f"deepunlearn, α chosen ({x['choose']:.2f} s of it)"
+            lines.append(f"| {r['arch']} | {label} | {result['images']} | {x['total']:.2f} | {r['forward']:.2f} | "
                          f"{x['statistics']:.2f} | {x['solve']:.2f} | {x['edit']:.3f} |")
         p = r.get("paper")
         if p and "total" in p:
@@ -148,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1000, help="forget images, and as many retain images")
     p.add_argument("--paper-images", type=int, default=None, help="images per side for the paper's procedure (default --images)")
     p.add_argument("--no-paper", action="store_true")
+    p.add_argument("--auto-alpha", nargs="*", default=["vit_b_16"], help="archs also timed with both scales chosen")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--autocast", choices=sorted(_AUTOCAST), default="bf16")
     p.add_argument("--repeat", type=int, default=2, help="runs of each path (the fastest is kept)")

@@ -291,7 +291,7 @@ def unlearn(
 
     t0 = time.perf_counter()
     if choosing:  # the statistics of a fit part and of a held-out part, which score the candidates
-        x_f, y_f = materialise(forget, batch_size)
+        x_f, y_f = materialise(forget, batch_size, "forget")
         fit_f, held_f = holdout_split(len(x_f), "forget")
         stats_f, held_stats_f = (gather_statistics(model, x_f[i], "forget", **kw) for i in (fit_f, held_f))
     else:
@@ -299,7 +299,7 @@ def unlearn(
     _sync(device)
     t1 = time.perf_counter()
     if choosing:
-        x_r, y_r = materialise(retain, batch_size)
+        x_r, y_r = materialise(retain, batch_size, "retain")
         fit_r, held_r = holdout_split(len(x_r), "retain")
         stats_r, held_stats_r = (gather_statistics(model, x_r[i], "retain", **kw) for i in (fit_r, held_r))
     else:

@@ -75,9 +75,13 @@ class AlphaChoice:
                 f"by {self.scoring} on {self.held_out[0]} + {self.held_out[1]} held-out samples in {self.seconds:.2f} s)")
 
 
-def materialise(data: DataLike, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def materialise(data: DataLike, batch_size: int, role: str = "given") -> tuple[torch.Tensor, torch.Tensor | None]:
     """All samples of ``data`` as one input tensor ``(N, ...)`` and their labels ``(N,)``, or None
-    where the batches carry no labels."""
+    where the batches carry no labels. ``role`` ("forget", "retain") names the data in errors."""
+    if data is None:
+        raise ValueError(f"no {role} data given")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if isinstance(data, torch.Tensor):
         if data.dim() == 0:
             raise ValueError("a data tensor needs a batch dimension; got a 0-d tensor")
@@ -101,6 +105,8 @@ def materialise(data: DataLike, batch_size: int) -> tuple[torch.Tensor, torch.Te
 def holdout_split(n: int, role: str, seed: int = HOLDOUT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fit, held)`` indices of ``n`` samples: a random :data:`HOLDOUT_FRACTION`, at least one and
     at most :data:`HOLDOUT_CAP`, held out."""
+    if n == 0:
+        raise ValueError(f"no samples in the {role} data")
     if n < 2:
         raise ValueError(f"choosing alpha automatically needs at least 2 {role} samples (held-out ones score the "
                          f"candidates); got {n}. Give alpha_r and alpha_f instead")

@@ -94,7 +94,7 @@ def test_unlearn_runs_unchanged_on_mobilenet_v3_small():
     model = tv.mobilenet_v3_small(num_classes=10).eval()
     x = torch.randn(8, 3, 32, 32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    r = unlearn(model, x[:4], x[4:], inplace=False)
+    r = unlearn(model, x[:4], x[4:], inplace=False, alpha_r=100, alpha_f=3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     depthwise = [layer for layer in r.layers if layer.groups > 1]
     assert depthwise and all(layer.d == 9 or layer.d == 25 for layer in depthwise)

@@ -16,6 +16,8 @@ from models_for_tests import fixture_data, fixture_model  # noqa: E402
 
 from conftest import rel_err  # noqa: E402
 
+FIXED = {"alpha_r": 100.0, "alpha_f": 3.0}  # the fixed-α edit (the default call would choose α)
+
 
 def independent_moments(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Second moments of what each Linear/Conv2d multiplies under CPU autocast, from plain hooks."""
@@ -67,8 +69,8 @@ def test_statistics_are_those_of_the_autocast_inputs_accumulated_in_float32(dtyp
 def test_unlearning_under_autocast_stays_close_to_full_precision():
     model = fixture_model().float()
     xf, xr = (t.float() for t in fixture_data())
-    a = deepunlearn.unlearn(model, xf, xr, inplace=False, dtype=torch.float32, autocast=torch.bfloat16).model
-    b = deepunlearn.unlearn(model, xf, xr, inplace=False, dtype=torch.float32).model
+    a = deepunlearn.unlearn(model, xf, xr, inplace=False, dtype=torch.float32, autocast=torch.bfloat16, **FIXED).model
+    b = deepunlearn.unlearn(model, xf, xr, inplace=False, dtype=torch.float32, **FIXED).model
     for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values()):
         assert rel_err(wa, wb) < 5e-2, name
 

@@ -7,6 +7,8 @@ from conftest import rel_err
 from deepunlearn import unlearn
 from deepunlearn.class_statistics import ClassStatistics
 
+FIXED = {"alpha_r": 100.0, "alpha_f": 3.0}  # the fixed-α edit (the default call would choose α)
+
 
 @pytest.fixture
 def setup():
@@ -28,8 +30,8 @@ def test_answers_any_request_from_stored_sums_equal_to_a_fresh_computation(setup
         keep = [c for c in cs.classes if c not in forget]
         f_idx = sorted(i for c in forget for i in cs.indices[c])
         r_idx = sorted(i for c in keep for i in cs.indices[c])
-        stored = unlearn(model, cs.forget(forget), cs.retain(forget), inplace=False).model
-        fresh = unlearn(model, Subset(ds, f_idx), Subset(ds, r_idx), inplace=False).model
+        stored = unlearn(model, cs.forget(forget), cs.retain(forget), inplace=False, **FIXED).model
+        fresh = unlearn(model, Subset(ds, f_idx), Subset(ds, r_idx), inplace=False, **FIXED).model
         for (n, p), (_, q) in zip(stored.named_parameters(), fresh.named_parameters()):
             assert rel_err(p, q) < 1e-10, n
         assert cs.retain(forget).samples == 20 * len(keep)
@@ -51,4 +53,4 @@ def test_bad_requests_and_files(setup, tmp_path):
         ClassStatistics.load(path)
     other = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(144, 4)).double()
     with pytest.raises(ValueError, match="do not match the model"):
-        unlearn(other, cs.forget([1]), cs.retain([1]))
+        unlearn(other, cs.forget([1]), cs.retain([1]), **FIXED)

@@ -29,7 +29,7 @@ def torchrun(out: Path, *extra: str) -> None:
 def single():
     model = fixture_model()
     xf, xr = fixture_data()
-    report = deepunlearn.unlearn(model, xf, xr, batch_size=4)
+    report = deepunlearn.unlearn(model, xf, xr, batch_size=4, alpha_r=100, alpha_f=3)
     return model.state_dict(), report
 
 

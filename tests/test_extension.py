@@ -13,6 +13,8 @@ from deepunlearn import _ext
 from deepunlearn.covariance import ConvGeometry, accumulate_conv_, accumulate_conv_reference_
 from deepunlearn.edit import edited_weight_reference
 
+FIXED = {"alpha_r": 100.0, "alpha_f": 3.0}  # the fixed-α edit (the default call would choose α)
+
 PURE_BUILD = os.environ.get("DEEPUNLEARN_NO_EXT", "0") not in ("", "0") or os.environ.get("DEEPUNLEARN_DISABLE_EXT", "0") not in ("", "0")
 needs_ext = pytest.mark.skipif(not _ext.loaded(), reason="extension not built or disabled")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -616,9 +618,9 @@ def test_unlearning_gives_the_same_model_with_and_without_the_extension(monkeypa
         nn.Flatten(), nn.Linear(8 * 9, 40), nn.ReLU(), nn.Linear(40, 5),
     ).double()
     x = torch.randn(20, 3, 6, 6, dtype=torch.float64)
-    with_ext = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False).model
+    with_ext = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False, **FIXED).model
     monkeypatch.setattr(_ext, "has_op", lambda name, device: False)
-    without = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False).model
+    without = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False, **FIXED).model
     for (n, p), (_, q) in zip(with_ext.named_parameters(), without.named_parameters()):
         assert rel_err(p, q) < 1e-10, n
 
@@ -632,12 +634,12 @@ def test_unlearning_on_cuda_matches_the_cpu():
         nn.Flatten(), nn.Linear(16 * 36, 40), nn.ReLU(), nn.Linear(40, 5),
     ).double()
     x = torch.randn(20, 3, 6, 6, dtype=torch.float64)
-    on_cpu = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False).model
-    kw = {"inplace": False, "dtype": torch.float64}  # the GPU's default statistics are float32
+    on_cpu = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False, **FIXED).model
+    kw = {"inplace": False, "dtype": torch.float64, **FIXED}  # the GPU's default statistics are float32
     on_gpu = deepunlearn.unlearn(model.to(dev), x[:8].to(dev), x[8:].to(dev), **kw).model
     for (n, p), (_, q) in zip(on_gpu.named_parameters(), on_cpu.named_parameters()):
         assert p.device.type == "cuda" and rel_err(p.cpu(), q) < 1e-10, n
     # float32 statistics (the GPU default) of a float64 model: float64 inputs rounded, then the same edit
-    on_gpu32 = deepunlearn.unlearn(model.to(dev), x[:8].to(dev), x[8:].to(dev), inplace=False).model
+    on_gpu32 = deepunlearn.unlearn(model.to(dev), x[:8].to(dev), x[8:].to(dev), inplace=False, **FIXED).model
     for (n, p), (_, q) in zip(on_gpu32.named_parameters(), on_cpu.named_parameters()):
         assert rel_err(p.cpu(), q) < 1e-5, n

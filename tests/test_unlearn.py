@@ -15,6 +15,8 @@ from conftest import rel_err
 from deepunlearn import collect_statistics, forget_classes, unlearn
 from deepunlearn.reference import activation_matrices, unlearn_paper
 
+FIXED = {"alpha_r": 100.0, "alpha_f": 3.0}  # the fixed-α edit (the default call would choose α)
+
 
 class Mixed(nn.Module):
     """Conv (grouped), attention and linear layers, double precision."""
@@ -71,7 +73,7 @@ def test_edit_equals_w_times_p_transpose_of_the_paper(solver):
 def test_streaming_path_equals_paper_procedure_on_the_same_batch():
     model = Mixed().double()
     xf, xr = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randn(9, 2, 6, 6, dtype=torch.float64)
-    a = unlearn(model, xf, xr, inplace=False).model
+    a = unlearn(model, xf, xr, inplace=False, **FIXED).model
     b = unlearn_paper(model, xf, xr, inplace=False).model
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert rel_err(p, q) < 1e-10, n
@@ -94,18 +96,18 @@ def test_inplace_false_returns_an_edited_copy_and_keeps_the_original():
     model = Mixed()
     before = copy.deepcopy(model.state_dict())
     x = torch.randn(6, 2, 5, 5)
-    r = unlearn(model, x[:3], x[3:], inplace=False)
+    r = unlearn(model, x[:3], x[3:], inplace=False, **FIXED)
     assert r.model is not model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not torch.equal(r.model.head.weight, model.head.weight)
-    r2 = unlearn(model, x[:3], x[3:])
+    r2 = unlearn(model, x[:3], x[3:], **FIXED)
     assert r2.model is model and torch.allclose(model.head.weight, r.model.head.weight, atol=1e-6)
 
 
 def test_report_contents_and_json():
     model = Mixed()
     x = torch.randn(6, 2, 5, 5)
-    r = unlearn(model, x[:2], x[2:])
+    r = unlearn(model, x[:2], x[2:], **FIXED)
     names = [layer.name for layer in r.layers]
     assert names == ["conv", "dw", "attn.in_proj.q", "attn.in_proj.k", "attn.in_proj.v", "attn.out_proj", "head"]
     conv = r.layers[0]
@@ -113,7 +115,7 @@ def test_report_contents_and_json():
     assert r.layers[1].groups == 4 and r.layers[1].d == 18
     assert r.layers[-1].forget_vectors == 2 and r.forget_samples == 2 and r.retain_samples == 4
     assert all(layer.forget_energy > 0 and layer.retain_energy > 0 for layer in r.layers)
-    assert set(r.seconds) == {"collect_forget", "collect_retain", "decompose", "edit", "total"}
+    assert set(r.seconds) == {"collect_forget", "collect_retain", "choose_alpha", "decompose", "edit", "total"}
     json.dumps(r.to_dict())
     assert "attn.out_proj" in str(r)
 
@@ -130,7 +132,7 @@ def test_unsupported_layers_are_listed_not_silently_skipped():
             return self.fc(self.up(self.emb(idx).transpose(1, 2)).mean(-1))
 
     idx = torch.randint(0, 10, (8, 5))
-    r = unlearn(WithEmbedding(), idx[:4], idx[4:])
+    r = unlearn(WithEmbedding(), idx[:4], idx[4:], **FIXED)
     assert [layer.name for layer in r.layers] == ["fc"]
     assert {name for name, _ in r.skipped} == {"emb.weight", "up.weight"}
     assert all("not a supported layer type" in why for _, why in r.skipped)
@@ -141,7 +143,7 @@ def test_multi_class_forgetting_draws_balanced_samples():
     y = torch.arange(300) % 5
     ds = TensorDataset(x, y)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))
-    r = forget_classes(model, ds, [1, 3], retain_per_class=20, inplace=False)
+    r = forget_classes(model, ds, [1, 3], retain_per_class=20, inplace=False, **FIXED)
     assert r.retain_samples == 60 and r.forget_samples == 60
 
 
@@ -150,7 +152,7 @@ def test_dead_group_is_not_an_error_and_is_reported():
     x = torch.randn(10, 4, 4, 4, dtype=torch.float64)
     x[:, :2] = 0  # group 0 sees only zeros in both sets
     w0 = model[0].weight.detach().clone()
-    r = unlearn(model, x[:4], x[4:])
+    r = unlearn(model, x[:4], x[4:], **FIXED)
     conv = r.layers[0]
     assert any("group(s) [0]" in n for n in conv.notes)
     assert torch.isfinite(model[0].weight).all()
@@ -202,13 +204,13 @@ def test_bad_arguments(net, kwargs, match):
 
 def test_wrong_batch_type_is_named(net):
     with pytest.raises(TypeError, match="each batch must be a tensor"):
-        unlearn(net, [{"x": X}], X)
+        unlearn(net, [{"x": X}], X, **FIXED)
 
 
 def test_model_without_supported_layer():
     for model in (nn.Sequential(nn.ReLU()), nn.Sequential(nn.BatchNorm1d(3))):
         with pytest.raises(ValueError, match="no layer deepunlearn can edit"):
-            unlearn(model, torch.randn(4, 3), torch.randn(4, 3))
+            unlearn(model, torch.randn(4, 3), torch.randn(4, 3), **FIXED)
 
 
 def test_non_finite_activations_name_the_first_layer(net):
@@ -216,12 +218,12 @@ def test_non_finite_activations_name_the_first_layer(net):
     bad = X.clone()
     bad[0, 0, 2, 2] = float("nan")
     with pytest.raises(ValueError, match="non-finite statistics at layer '0'"):
-        unlearn(net, bad, X)
+        unlearn(net, bad, X, **FIXED)
     with torch.no_grad():
         net[3].weight[0, 0] = float("inf")  # a broken head: earlier layers are fine
     snap = snapshot(net)
     with pytest.raises(RuntimeError, match="non-finite weights at layer '3'"):
-        unlearn(net, X, X)
+        unlearn(net, X, X, **FIXED)
     assert unchanged(net, snap)
 
 
@@ -230,17 +232,17 @@ def test_statistics_from_another_model_are_refused(net):
     stats = collect_statistics(other, X)
     snap = snapshot(net)
     with pytest.raises(ValueError, match="statistics do not match the model"):
-        unlearn(net, stats, X)
+        unlearn(net, stats, X, **FIXED)
     assert unchanged(net, snap)
     ok = collect_statistics(net, X)
-    unlearn(net, ok, collect_statistics(net, X[:4]))  # matching statistics are accepted
+    unlearn(net, ok, collect_statistics(net, X[:4]), **FIXED)  # matching statistics are accepted
     assert not unchanged(net, snap)
 
 
 def test_model_on_several_devices_is_refused():
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2, device="meta"))
     with pytest.raises(ValueError, match="several devices"):
-        unlearn(model, torch.randn(4, 3), torch.randn(4, 3))
+        unlearn(model, torch.randn(4, 3), torch.randn(4, 3), **FIXED)
 
 
 def test_failure_while_planning_leaves_the_model_untouched(net, monkeypatch):
@@ -258,7 +260,7 @@ def test_failure_while_planning_leaves_the_model_untouched(net, monkeypatch):
     monkeypatch.setattr(u, "_edited", flaky)
     snap = snapshot(net)
     with pytest.raises(RuntimeError, match="boom"):
-        unlearn(net, X, X)
+        unlearn(net, X, X, **FIXED)
     assert len(calls) == 2 and unchanged(net, snap)
 
 
@@ -297,7 +299,7 @@ def test_layers_applied_functionally_are_listed_as_skipped():
 
     model = Functional()
     w = model.bypassed.weight.detach().clone()
-    r = unlearn(model, torch.randn(6, 4), torch.randn(6, 4))
+    r = unlearn(model, torch.randn(6, 4), torch.randn(6, 4), **FIXED)
     assert [layer.name for layer in r.layers] == ["used"]
     assert len(r.skipped) == 1 and r.skipped[0][0] == "bypassed" and "never called" in r.skipped[0][1]
     assert torch.equal(model.bypassed.weight, w)

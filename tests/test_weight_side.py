@@ -147,7 +147,7 @@ def test_auto_way_follows_the_flop_count(monkeypatch):
         return out
 
     monkeypatch.setattr(api, "side_solver", spy)
-    deepunlearn.unlearn(model, torch.randn(2, 4, 4, 4), torch.randn(30, 4, 4, 4))
+    deepunlearn.unlearn(model, torch.randn(2, 4, 4, 4), torch.randn(30, 4, 4, 4), alpha_r=100, alpha_f=3)
     got = sorted(chosen)
     # by side_flops: conv (18 per group, 3 rows per group) by a Cholesky factor on both sides;
     # attention (6 wide, 18 and 6 rows) and narrow (5 wide, 40 rows) formed; wide (96 wide, 5 rows)
@@ -167,8 +167,9 @@ def test_default_dtype_is_float32_and_close_to_float64():
     torch.manual_seed(1)
     model = Net()
     xf, xr = torch.randn(8, 4, 4, 4), torch.randn(40, 4, 4, 4)
-    r32 = deepunlearn.unlearn(model, xf, xr, inplace=False)
-    r64 = deepunlearn.unlearn(copy.deepcopy(model).double(), xf.double(), xr.double(), inplace=False)
+    r32 = deepunlearn.unlearn(model, xf, xr, inplace=False, alpha_r=100, alpha_f=3)
+    r64 = deepunlearn.unlearn(copy.deepcopy(model).double(), xf.double(), xr.double(), inplace=False, alpha_r=100,
+                              alpha_f=3)
     assert all(p.dtype == torch.float32 for p in r32.model.parameters())
     for (name, p), (_, q) in zip(r32.model.named_parameters(), r64.model.named_parameters()):
         assert rel_err(p.double(), q) < 1e-4, name
