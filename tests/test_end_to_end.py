@@ -62,7 +62,10 @@ def test_demo_writes_table_json_and_figure(trained, tmp_path, capsys):
     assert result["forget_classes"] == [7]
     assert result["unlearned"]["forget_test"] <= 2.0
     assert result["unlearned"]["retain_test"] >= result["original"]["retain_test"] - 3.0
-    assert len(result["search"]["table"]) == 70
+    choice = result["report"]["alpha_choice"]  # the default call chose the scales on held-out samples
+    assert choice["reached_target"] and choice["scoring"] == "labels" and len(choice["candidates"]) >= 2
+    assert (result["alpha_r"], result["alpha_f"]) == (choice["alpha_r"], choice["alpha_f"])
+    assert "alpha chosen: alpha_r=" in printed
     png = (out / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
