@@ -101,7 +101,7 @@ def main(argv=None) -> int:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Automatic α on the suite's models ({result['device_name']}, {result['threads']} threads)", "",
+    lines = [f"# Automatic α on the suite's models ({result['device_name']})", "",
              "Test split of Fashion-MNIST; retain drop = original − unlearned retain accuracy (points). Targets: forget "
              f"≤ {QUALITY['forget']:g} %, retain drop ≤ {QUALITY['retain_drop']:g}; choose / fixed = seconds choosing α over "
              "one fixed-α call with the chosen pair (target ≤ 2).", "",

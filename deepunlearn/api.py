@@ -265,7 +265,8 @@ def unlearn(
 
     Returns:
         :class:`UnlearnReport` with the edited model, per-layer shapes, vector counts, energies and
-        weight changes, skipped layers, and seconds spent collecting, decomposing and editing.
+        weight changes, skipped layers, the scales used and how they were chosen
+        (``alpha_choice``), and seconds spent collecting, choosing, solving and editing.
 
     Raises:
         ValueError: empty data, ``alpha`` not finite and positive, unknown solver, no editable layer,
