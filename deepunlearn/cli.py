@@ -140,6 +140,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
         raise ValueError("give --data (an image tree to draw samples from) or --stats (a file from 'deepunlearn stats build')")
     if args.search and args.data is None and args.search_data is None:
         raise ValueError("--search needs held-out images of every class: give --data or --search-data")
+    choosing = (args.alpha_r is None or args.alpha_f is None) and not args.search
+    if choosing and args.stats is not None:
+        raise ValueError("--stats holds sums, not images, so alpha cannot be chosen on held-out ones: give --alpha-r "
+                         "and --alpha-f, or --search with --search-data")
     device = _device(args)
     _init_distributed(device)
     model = load_model(source, device)
@@ -150,8 +154,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if args.stats is not None:
         store = ClassStatistics.load(args.stats)
         classes = resolve_classes(tree, args.forget) if tree is not None else _int_classes(args.forget)
-        stats_f, stats_r = store.forget(classes), store.retain(classes)
-        stats_f, stats_r = (s.to(device, dtype or s.dtype) for s in (stats_f, stats_r))
+        forget_in, retain_in = store.forget(classes), store.retain(classes)
+        forget_in, retain_in = (s.to(device, dtype or s.dtype) for s in (forget_in, retain_in))
         drawn = {"statistics_file": args.stats, "stored_classes": len(store.classes)}
         forget_idx = retain_idx = []
     else:
@@ -159,11 +163,16 @@ def cmd_forget(args: argparse.Namespace) -> int:
         labels = torch.as_tensor(tree.targets)
         forget_idx, retain_idx = draw_samples(labels, classes, args.retain_per_class, args.forget_samples, args.seed)
         kw = dict(batch_size=args.batch_size, dtype=dtype, autocast=autocast, progress=progress)
-        t0 = time.perf_counter()
-        stats_f = collect_statistics(model, loader(tree, shard(forget_idx), args.batch_size, args.workers, device), desc="forget", **kw)
-        t1 = time.perf_counter()
-        stats_r = collect_statistics(model, loader(tree, shard(retain_idx), args.batch_size, args.workers, device), desc="retain", **kw)
-        timings.update(collect_forget=t1 - t0, collect_retain=time.perf_counter() - t1)
+        forget_data = loader(tree, shard(forget_idx), args.batch_size, args.workers, device)
+        retain_data = loader(tree, shard(retain_idx), args.batch_size, args.workers, device)
+        if choosing:  # unlearn holds out part of the images itself: it gets the images, not their statistics
+            forget_in, retain_in = forget_data, retain_data
+        else:
+            t0 = time.perf_counter()
+            forget_in = collect_statistics(model, forget_data, desc="forget", **kw)
+            t1 = time.perf_counter()
+            retain_in = collect_statistics(model, retain_data, desc="retain", **kw)
+            timings.update(collect_forget=t1 - t0, collect_retain=time.perf_counter() - t1)
         drawn = {"data": args.data, "forget_images": len(forget_idx), "retain_images": len(retain_idx)}
 
     alpha_r, alpha_f, search = args.alpha_r, args.alpha_f, None
@@ -175,13 +184,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
             raise ValueError("no held-out image left for --search: every image of --data went into the samples; "
                              "pass --search-data DIR or draw fewer samples")
         t0 = time.perf_counter()
-        search = search_alphas(model, stats_f, stats_r, loader(val_tree, val, args.batch_size, args.workers, device), classes,
+        search = search_alphas(model, forget_in, retain_in, loader(val_tree, val, args.batch_size, args.workers, device), classes,
                                batch_size=args.batch_size, dtype=dtype, progress=progress)
         timings["search"] = time.perf_counter() - t0
         alpha_r, alpha_f = search.alpha_r, search.alpha_f
         drawn["search_images"] = len(val)
 
-    report = unlearn(model, stats_f, stats_r, alpha_r=alpha_r, alpha_f=alpha_f, solver=args.solver, dtype=dtype)
+    report = unlearn(model, forget_in, retain_in, alpha_r=alpha_r, alpha_f=alpha_f, classes=classes, solver=args.solver,
+                     batch_size=args.batch_size, dtype=dtype, autocast=autocast, progress=progress)
+    if choosing:
+        alpha_r, alpha_f = report.alpha_r, report.alpha_f
+        timings.update({k: report.seconds[k] for k in ("collect_forget", "collect_retain", "choose_alpha")})
     timings.update(decompose=report.seconds["decompose"], edit=report.seconds["edit"])
     if _is_writer():
         save_model(report.model, source, out)
@@ -190,6 +203,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 "search": None if search is None else search.table, "environment": _environment(device),
                 "report": report.to_dict()}
         _write_json(report_path, blob)
+        if report.alpha_choice is not None:
+            print(report.alpha_choice)
         print(f"forgot class(es) {classes} with alpha_r={alpha_r:g}, alpha_f={alpha_f:g}: "
               f"{len(report.layers)} weight matrices edited, {len(report.skipped)} skipped")
         print("time: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()))
@@ -337,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--retain-per-class", type=int, default=1, help="retain images per kept class (paper, ImageNet: 1)")
     f.add_argument("--forget-samples", type=int, default=None,
                    help="forget images in all (default: as many as the retain sample, capped by the class)")
-    f.add_argument("--alpha-r", type=float, default=100.0, help="retain-space scale (paper, ImageNet: 100)")
-    f.add_argument("--alpha-f", type=float, default=10.0, help="forget-space scale (paper, ImageNet: 10)")
+    f.add_argument("--alpha-r", type=float, default=None,
+                   help="retain-space scale (paper, ImageNet: 100); default: chosen on held-out images of the samples")
+    f.add_argument("--alpha-f", type=float, default=None, help="forget-space scale (paper, ImageNet: 10); default: chosen")
     f.add_argument("--search", action="store_true", help="choose alpha_r, alpha_f on held-out images of --data")
     f.add_argument("--search-per-class", type=int, default=2, help="held-out images per class for --search")
     f.add_argument("--search-data", help="image tree to score --search on (default: images of --data not drawn)")

@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> dict:
             common = dict(alpha_r=a_r, alpha_f=a_f, inplace=False)
             training_free = {
                 "deepunlearn": partial(unlearn, original, forget_sample, retain_sample, **common),
+                # the default call: α chosen on held-out parts of the same samples, its time counted
+                "deepunlearn-auto": partial(unlearn, original, forget_sample, retain_sample, classes=[c], inplace=False),
                 "deepunlearn-pure": partial(_pure, unlearn, original, forget_sample, retain_sample, **common),
                 "paper-procedure": partial(unlearn_paper, original, forget_sample, retain_sample, conv_crop=True,
                                            max_patches=10000, **common),
@@ -148,7 +150,8 @@ def run(args: argparse.Namespace) -> dict:
             for name, fn in training_free.items():
                 with measure("cpu") as m:
                     rep = fn()
-                extra = {"alpha_r": a_r, "alpha_f": a_f, **({"search_seconds": search.seconds} if name == "deepunlearn" else {})}
+                extra = {"alpha_r": rep.alpha_r, "alpha_f": rep.alpha_f,
+                         **({"search_seconds": search.seconds} if name == "deepunlearn" else {})}
                 record(name, rep.model, m.seconds, m.peak_bytes, extra)
                 memory_jobs.append((rows[-1], fn))
             for name in args.methods:
@@ -183,7 +186,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-_ORDER = ["original", "retrain", "deepunlearn", "deepunlearn-pure", "paper-procedure", *BASELINES]
+_ORDER = ["original", "retrain", "deepunlearn", "deepunlearn-auto", "deepunlearn-pure", "paper-procedure", *BASELINES]
 
 
 def markdown(summary: list[dict], meta: dict) -> str:

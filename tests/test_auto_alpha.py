@@ -156,3 +156,10 @@ def test_inferred_forget_classes_and_materialise_and_holdout():
     assert len(held) == 2 and len(fit) == 8 and set(fit.tolist()) | set(held.tolist()) == set(range(10))
     fit, held = holdout_split(10_000, "retain")
     assert len(held) == 512  # capped
+
+
+def test_the_choice_is_deterministic(trained):
+    forget, retain = forget_and_retain()
+    a, b = (deepunlearn.unlearn(trained, forget, retain, inplace=False) for _ in range(2))
+    assert a.alpha_choice.candidates == b.alpha_choice.candidates
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))

@@ -22,11 +22,11 @@ def test_quick_suite_runs_every_method_and_writes_results(tmp_path):
     assert "## Targets" in done.stdout
     result = json.loads((out / "results.json").read_text())
     methods = {s["method"] for s in result["summary"]}
-    assert methods == {"original", "retrain", "deepunlearn", "deepunlearn-pure", "paper-procedure", "finetune",
+    assert methods == {"original", "retrain", "deepunlearn", "deepunlearn-auto", "deepunlearn-pure", "paper-procedure", "finetune",
                        "neggrad", "neggrad+", "random-labels", "unsir", "ssd"}
     by = {s["method"]: s for s in result["summary"]}
     assert by["original"]["forget_test"] > 50 and by["retrain"]["forget_test"] == 0  # retrain never saw the class
-    assert by["deepunlearn"]["forget_test"] < 10
+    assert by["deepunlearn"]["forget_test"] < 10 and by["deepunlearn-auto"]["forget_test"] < 10
     assert by["deepunlearn"]["forget_test"] == pytest.approx(by["deepunlearn-pure"]["forget_test"], abs=0.2)
     for s in result["summary"]:
         assert 0 <= s["probe_forget_test"] <= 100 and s["mia_gap"] >= 0
