@@ -3,12 +3,13 @@
 Quick use::
 
     import deepunlearn
-    report = deepunlearn.unlearn(model, forget_loader, retain_loader, alpha_r=100, alpha_f=3)
-    print(report)
+    report = deepunlearn.unlearn(model, forget_loader, retain_loader)  # alpha_r, alpha_f chosen
+    print(report.alpha_choice, report)
 
 See :func:`unlearn`, :func:`forget_classes`, :func:`search_alphas` and :func:`collect_statistics`.
 """
 from ._ext import extension_info
+from .auto_alpha import AlphaChoice
 from .projection import Spectrum, scaled_projection
 from .report import LayerReport, UnlearnReport
 from .search import AlphaSearch, search_alphas
@@ -19,6 +20,7 @@ from .class_statistics import ClassStatistics
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlphaChoice",
     "AlphaSearch",
     "ClassStatistics",
     "LayerReport",

@@ -6,19 +6,24 @@
 #   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [sanitize] [tests] [kernels] [profile] [imagenet]
 #
 # A folder .devcarry/ (ignored by git), when present, supplies what the machine lacks: wheels
-# (foolbox, for the CLI test's photographs) and fashion-mnist/ (the Debian package's IDX files).
+# (foolbox, for the CLI test's photographs) and fashion-mnist/ (the Debian package's IDX files);
+# recreate it here before a call that runs the whole suite, and name it in the call's carry:
+#   mkdir -p .devcarry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .devcarry/fashion-mnist/
+#   pip download --no-deps --only-binary=:all: foolbox==3.3.4 -d .devcarry   (and /.devcarry/ in .git/info/exclude)
 # Each stage runs under its own time limit (seconds: T_BUILD, T_CUDA_TESTS, T_MEMCHECK, T_RACECHECK, T_TESTS, T_KERNELS,
 # T_PROFILE, T_IMAGENET), so one slow stage cannot take the others' results with it. IMAGENET_ARGS goes to
 # bench_imagenet.py (e.g. "--archs vit_b_16 resnet50 vgg11_bn --paper-images 500").
 #
-# On the lent device machine (10 minutes a call, a warm machine keeps the build between calls),
-# in two calls carrying .devcarry, recreated here first:
-#   mkdir -p .devcarry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .devcarry/fashion-mnist/
-#   pip download --no-deps --only-binary=:all: foolbox==3.3.4 -d .devcarry   (and /.devcarry/ in .git/info/exclude)
-#   T_BUILD=150 T_CUDA_TESTS=120 T_KERNELS=300 bash scripts/gpu_check.sh $OUT build cuda-tests kernels
-#   T_PROFILE=150 T_TESTS=240 T_IMAGENET=180 TEST_WORKERS=12 bash scripts/gpu_check.sh $OUT profile tests imagenet
-# (the build took 44-49 s on an H100 machine; the kernel benchmark prints each row to the log as it
-# goes, so a stage cut off by its limit still leaves its measured rows there)
+# On the lent device machine (15 minutes of device time per session, a machine start included; a
+# warm machine keeps the build between calls). What fitted one H200 lease (about 300 s):
+#   T_BUILD=100 T_CUDA_TESTS=150 T_KERNELS=170 T_MEMCHECK=80 T_RACECHECK=40 T_IMAGENET=125 \
+#     IMAGENET_ARGS="--archs vit_b_16 resnet50 vgg11_bn --paper-images 500" \
+#     bash scripts/gpu_check.sh $OUT build cuda-tests kernels sanitize imagenet
+# (build 32-37 s, CUDA tests over 100 s serially or 30 s with pytest -n 8, the kernel benchmark with
+# its sweeps 53 s, memcheck and racecheck 5 s each, ImageNet shapes 108-113 s; the whole suite
+# (stage tests) needs .devcarry for its data and about 60 s with -n 12). The kernel benchmark prints
+# each row to the log as it goes and writes its rows before the sweep, so a stage cut off by its
+# limit still leaves its measured rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUT [stages...]}
@@ -69,7 +74,7 @@ for s in $stages; do
         --log-file "$out/sanitizer_memcheck.log" $PY scripts/sanitize_ops.py
       stage racecheck "${T_RACECHECK:-90}" compute-sanitizer --tool racecheck --error-exitcode 1 \
         --kernel-name kns=mirror_lower_to_upper --log-file "$out/sanitizer_racecheck.log" $PY scripts/sanitize_ops.py ;;
-    cuda-tests) stage cuda-tests "${T_CUDA_TESTS:-240}" $PY -m pytest tests -m cuda -q -p no:cacheprovider ;;
+    cuda-tests) stage cuda-tests "${T_CUDA_TESTS:-240}" $PY -m pytest tests -m cuda -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ;;
     tests) stage tests "${T_TESTS:-400}" $PY -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ;;
     kernels) stage kernels "${T_KERNELS:-240}" $PY benchmarks/bench_kernels.py --device cuda --out "$out" ;;
     profile) stage profile "${T_PROFILE:-150}" $PY benchmarks/profile_kernels.py --device cuda --out "$out" ;;
