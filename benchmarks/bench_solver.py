@@ -9,6 +9,8 @@ Settings (random weights; timing and memory do not depend on them):
   900 forget + 900 retain images: the paper's CIFAR-10 setting.
 * ``resnet18_224``: torchvision's ``resnet18`` at 224×224, 1 forget + 18 retain images (a deletion
   request with one photograph per class).
+* ``vit_b_16_224``: torchvision's ``vit_b_16`` at 224×224, 64 + 64 images (run it with
+  ``--setting vit_b_16_224``; not in the default set, it takes minutes per method here).
 
 Each method runs in a fresh process, so its peak resident memory (``ru_maxrss``) is its own:
 
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SETTINGS = {"vgg11_bn_cifar": (32, 900, 900), "resnet18_224": (224, 1, 18)}  # size, forget, retain
+SETTINGS = {"vgg11_bn_cifar": (32, 900, 900), "resnet18_224": (224, 1, 18), "vit_b_16_224": (224, 64, 64)}  # size, forget, retain
 METHODS = ("deepunlearn", "formed-M-float64", "plain-float32", "paper")
 
 
@@ -53,6 +55,8 @@ def build_model(setting: str) -> nn.Module:
     torch.manual_seed(0)
     if setting == "resnet18_224":
         return torchvision.models.resnet18(weights=None).eval()
+    if setting == "vit_b_16_224":
+        return torchvision.models.vit_b_16(weights=None).eval()
     model = torchvision.models.vgg11_bn(weights=None)
     model.avgpool = nn.Identity()  # 32×32 inputs leave 512×1×1 after the five pools
     model.classifier = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(setting, method, int(nf), int(nr))))
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setting", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    p.add_argument("--setting", nargs="+", choices=sorted(SETTINGS), default=["vgg11_bn_cifar", "resnet18_224"])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--images", nargs=2, type=int, metavar=("FORGET", "RETAIN"), help="override the setting's image counts")
     p.add_argument("--out", type=Path, default=RESULTS / "solver_cpu")
