@@ -131,7 +131,7 @@ def child(setting: str, method: str, n_forget: int, n_retain: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# The solve and its memory on {result['device_name']} ({result['threads']} threads, torch {result['torch']})", "",
+    lines = [f"# The solve and its memory on {result['device_name']} (torch {result['torch']})", "",
              "Each method in a fresh process; seconds and peak resident memory (ru_maxrss) of that process.", "",
              "| setting | images (forget + retain) | method | total (s) | statistics (s) | solve + edit (s) | peak RSS (MB) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
