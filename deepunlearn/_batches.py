@@ -22,8 +22,8 @@ def _first_tensor(batch: Any) -> torch.Tensor:
     )
 
 
-def iter_batches(data: DataLike, batch_size: int = 256) -> Iterator[torch.Tensor]:
-    """Yield input tensors (batch dimension first) from a DataLoader, Dataset, tensor or iterable.
+def iter_raw_batches(data: DataLike, batch_size: int = 256) -> Iterator[Any]:
+    """Yield the batches of a DataLoader, Dataset, tensor or iterable as they come.
 
     A tensor is split along dim 0 into chunks of ``batch_size``; a map-style Dataset is
     wrapped in a DataLoader without shuffling; anything else is iterated as given.
@@ -42,7 +42,13 @@ def iter_batches(data: DataLike, batch_size: int = 256) -> Iterator[torch.Tensor
             "data must be a DataLoader, a Dataset, a tensor or an iterable of batches; "
             f"got {type(data).__name__}"
         )
-    for batch in data:
+    yield from data
+
+
+def iter_batches(data: DataLike, batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """Yield input tensors (batch dimension first): each batch of :func:`iter_raw_batches` as
+    ``x`` itself or the first item of ``(x, y, ...)``."""
+    for batch in iter_raw_batches(data, batch_size):
         yield _first_tensor(batch)
 
 

@@ -100,7 +100,8 @@ def plan_edits_with(
             new = _edited(t, edit_for(t), w)
             if not torch.isfinite(new).all():
                 raise RuntimeError(f"the edit produced non-finite weights at layer '{t.name}'; the model was not changed")
-            change = float((new - w.to(new.dtype)).norm() / w.to(new.dtype).norm().clamp_min(1e-30))
+            w_solve = w.to(new.dtype)
+            change = float((new - w_solve).norm() / w_solve.norm().clamp_min(1e-30))
             plan.append(PlannedEdit(t, new.to(w.dtype)))
         energy_f = 0.0 if tr_f is None else float(tr_f.sum())
         energy_r = 0.0 if tr_r is None else float(tr_r.sum())
@@ -162,6 +163,7 @@ def solved_edits(
         rows[k] = rows.get(k, 0) + t.as_matrices(t.weight()).shape[1]
         users[k] = users.get(k, 0) + 1
     solved: dict[tuple[int, int], EditFn] = {}
+    moments_dtype = next((c.dtype for c, _ in moments_f.values() if c is not None), torch.float32)
 
     def edit_for(t: EditTarget) -> EditFn:
         k = key_of[id(t)]
@@ -181,7 +183,6 @@ def solved_edits(
             del solved[k]
         return edit
 
-    moments_dtype = next((c.dtype for c, _ in moments_f.values() if c is not None), torch.float32)
     return edit_for
 
 

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from ._batches import DataLike, _first_tensor
+from ._batches import DataLike, _first_tensor, iter_raw_batches
 from .layers import EditTarget
 from .projection import Spectrum, scale_energies
 from .statistics import _autocast_on, _eval_no_grad
@@ -80,16 +79,8 @@ def materialise(data: DataLike, batch_size: int, role: str = "given") -> tuple[t
     where the batches carry no labels. ``role`` ("forget", "retain") names the data in errors."""
     if data is None:
         raise ValueError(f"no {role} data given")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if isinstance(data, torch.Tensor):
-        if data.dim() == 0:
-            raise ValueError("a data tensor needs a batch dimension; got a 0-d tensor")
-        return data, None
-    if isinstance(data, Dataset):
-        data = DataLoader(data, batch_size=batch_size, shuffle=False)
     xs, ys = [], []
-    for batch in data:
+    for batch in iter_raw_batches(data, batch_size):
         xs.append(_first_tensor(batch))
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
             y = torch.as_tensor(batch[1])

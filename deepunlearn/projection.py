@@ -45,6 +45,23 @@ def normalised(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return c_hat, tr
 
 
+def symmetric_normalised(cov: torch.Tensor) -> torch.Tensor:
+    """``Ĉ = C / tr(C)`` per group, made exactly symmetric (for the symmetric solvers)."""
+    c_hat, _ = normalised(cov)
+    return 0.5 * (c_hat + c_hat.transpose(-1, -2))
+
+
+def scaled_cholesky(cov: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Ĉ, L)``: the symmetric normalised second moment and the lower Cholesky factor of
+    ``A = (α−1)Ĉ + I`` per group (SPD: eigenvalues in [min(1, α), max(1, α)])."""
+    c_hat = symmetric_normalised(cov)
+    eye = torch.eye(c_hat.shape[-1], dtype=c_hat.dtype, device=c_hat.device)
+    chol, info = torch.linalg.cholesky_ex((alpha - 1.0) * c_hat + eye)
+    if int(info.max()) > 0:
+        raise RuntimeError(f"Cholesky factorisation failed for alpha={alpha} (matrix not positive definite)")
+    return c_hat, chol
+
+
 def scale_energies(r: torch.Tensor, alpha: float) -> torch.Tensor:
     """``λ(α) = α r / ((α−1) r + 1)`` elementwise (``r`` in [0, 1])."""
     return alpha * r / ((alpha - 1.0) * r + 1.0)
@@ -64,8 +81,7 @@ class Spectrum:
 
     @classmethod
     def of(cls, cov: torch.Tensor, method: str = "eigh") -> "Spectrum":
-        c_hat, _ = normalised(cov)
-        c_hat = 0.5 * (c_hat + c_hat.transpose(-1, -2))  # exact symmetry for the symmetric solvers
+        c_hat = symmetric_normalised(cov)
         if method == "svd":
             u, s, _ = torch.linalg.svd(c_hat)
         else:
@@ -80,13 +96,7 @@ class Spectrum:
 
 def projection_cholesky(cov: torch.Tensor, alpha: float) -> torch.Tensor:
     """``M = α ((α−1)Ĉ + I)⁻¹ Ĉ`` by one Cholesky factorisation and a triangular solve per group."""
-    c_hat, _ = normalised(cov)
-    c_hat = 0.5 * (c_hat + c_hat.transpose(-1, -2))
-    eye = torch.eye(c_hat.shape[-1], dtype=c_hat.dtype, device=c_hat.device)
-    a = (alpha - 1.0) * c_hat + eye  # SPD: eigenvalues in [min(1, α), max(1, α)]
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info.max()) > 0:
-        raise RuntimeError(f"Cholesky factorisation failed for alpha={alpha} (matrix not positive definite)")
+    c_hat, chol = scaled_cholesky(cov, alpha)
     m = alpha * torch.cholesky_solve(c_hat, chol)
     return 0.5 * (m + m.transpose(-1, -2))  # Ĉ and A commute, so M is symmetric; remove rounding
 

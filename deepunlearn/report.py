@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from .auto_alpha import AlphaChoice
 
 
 @dataclass
@@ -61,7 +64,7 @@ class UnlearnReport:
     alpha_f: float
     solver: str
     seconds: dict[str, float]
-    alpha_choice: Any = None
+    alpha_choice: AlphaChoice | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model, as plain JSON-serialisable data."""

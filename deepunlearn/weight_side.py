@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .projection import normalised, scale_energies, scaled_projection
+from .projection import scale_energies, scaled_cholesky, scaled_projection, symmetric_normalised
 
 OVERSAMPLE = 8  # sketch columns beyond the rank bound: a margin for rounding, as randomized methods use
 SKETCH_SEED = 0  # a fixed sketch, so that the same statistics always give the same edit
@@ -42,15 +42,7 @@ class ScaledFactor:
     @classmethod
     def of(cls, cov: torch.Tensor, alpha: float) -> "ScaledFactor":
         """Factor ``(α−1)Ĉ + I`` for ``cov`` of shape ``(g, d, d)`` (in its dtype)."""
-        c_hat, _ = normalised(cov)
-        c_hat = 0.5 * (c_hat + c_hat.transpose(-1, -2))
-        a = (alpha - 1.0) * c_hat
-        a.diagonal(dim1=-2, dim2=-1).add_(1.0)  # SPD: eigenvalues in [min(1, α), max(1, α)]
-        chol, info = torch.linalg.cholesky_ex(a)
-        del a
-        if int(info.max()) > 0:
-            raise RuntimeError(f"Cholesky factorisation failed for alpha={alpha} (matrix not positive definite)")
-        return cls(alpha, c_hat, chol)
+        return cls(alpha, *scaled_cholesky(cov, alpha))
 
     def right_multiply(self, w: torch.Tensor) -> torch.Tensor:
         """``W M`` for ``w`` of shape ``(g, o, d)``: ``α (W Ĉ) A⁻¹``, as ``(g, o, d)``."""
@@ -68,17 +60,15 @@ def sketched_eigenpairs(cov: torch.Tensor, rank_bound: int) -> tuple[torch.Tenso
     one-pass Nyström sketch saves one product but solves with ``Ωᵀ C Ω``, whose condition is C's:
     10⁻³ relative error in float32 on spread spectra).
     """
-    g, d, _ = cov.shape
+    c_hat = symmetric_normalised(cov)  # its eigenvalues are the energies r (a zero C stays zero)
+    g, d, _ = c_hat.shape
     k = min(d, rank_bound + OVERSAMPLE)
     gen = torch.Generator(device=cov.device).manual_seed(SKETCH_SEED)
     omega = torch.randn(g, d, k, generator=gen, device=cov.device, dtype=cov.dtype)
-    q = torch.linalg.qr(cov @ omega)[0]  # (g, d, k)
-    b = q.transpose(-1, -2) @ (cov @ q)
+    q = torch.linalg.qr(c_hat @ omega)[0]  # (g, d, k)
+    b = q.transpose(-1, -2) @ (c_hat @ q)
     e, v = torch.linalg.eigh(0.5 * (b + b.transpose(-1, -2)))
-    tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
-    safe = torch.where(tr > 0, tr, torch.ones_like(tr))[:, None]
-    r = torch.where(tr[:, None] > 0, e / safe, torch.zeros_like(e)).clamp(0.0, 1.0)
-    return q @ v, r
+    return q @ v, e.clamp(0.0, 1.0)
 
 
 @dataclass
