@@ -11,6 +11,9 @@ Settings (random weights; timing and memory do not depend on them):
   request with one photograph per class).
 * ``vit_b_16_224``: torchvision's ``vit_b_16`` at 224×224, 64 + 64 images (run it with
   ``--setting vit_b_16_224``; not in the default set, it takes minutes per method here).
+* ``vgg11_bn_224``: torchvision's ``vgg11_bn`` at 224×224, 50 + 50 images (``--images 100 100``
+  for the other size): its first classifier layer is 25,088 wide, a 2.5 GB float32 second
+  moment per side; run with ``--methods deepunlearn forward``.
 
 Each method runs in a fresh process, so its peak resident memory (``ru_maxrss``) is its own:
 
@@ -21,7 +24,9 @@ Each method runs in a fresh process, so its peak resident memory (``ru_maxrss``)
 * ``plain-float32``: the anchor a user could write in an afternoon: streamed float32 covariance,
   ``M = α Ĉ ((α−1)Ĉ + I)⁻¹`` by a Cholesky solve, ``W ← W − (W − W M_r) M_f``;
 * ``paper``: the paper's procedure (:func:`deepunlearn.reference.unlearn_paper`: activation
-  matrices of one batch, an SVD per layer, the paper's 10,000-patch sampling of conv inputs).
+  matrices of one batch, an SVD per layer, the paper's 10,000-patch sampling of conv inputs);
+* ``forward``: the plain forward passes over the same images (batches of 100, no autograd): the
+  floor any method that looks at the data pays.
 
 Ratios are of times and peaks measured in the same run. Results:
 ``benchmarks/results/solver_<device>.json`` and ``.md``.
@@ -45,8 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SETTINGS = {"vgg11_bn_cifar": (32, 900, 900), "resnet18_224": (224, 1, 18), "vit_b_16_224": (224, 64, 64)}  # size, forget, retain
-METHODS = ("deepunlearn", "formed-M-float64", "plain-float32", "paper")
+SETTINGS = {"vgg11_bn_cifar": (32, 900, 900), "resnet18_224": (224, 1, 18), "vit_b_16_224": (224, 64, 64),
+            "vgg11_bn_224": (224, 50, 50)}  # size, forget, retain
+METHODS = ("deepunlearn", "formed-M-float64", "plain-float32", "paper", "forward")
 
 
 def build_model(setting: str) -> nn.Module:
@@ -57,6 +63,8 @@ def build_model(setting: str) -> nn.Module:
         return torchvision.models.resnet18(weights=None).eval()
     if setting == "vit_b_16_224":
         return torchvision.models.vit_b_16(weights=None).eval()
+    if setting == "vgg11_bn_224":
+        return torchvision.models.vgg11_bn(weights=None).eval()
     model = torchvision.models.vgg11_bn(weights=None)
     model.avgpool = nn.Identity()  # 32×32 inputs leave 512×1×1 after the five pools
     model.classifier = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
@@ -64,7 +72,8 @@ def build_model(setting: str) -> nn.Module:
 
 
 def plain_float32(model: nn.Module, xf: torch.Tensor, xr: torch.Tensor, alpha_r: float, alpha_f: float) -> dict:
-    """Streamed float32 statistics, M formed by one Cholesky solve per side, the two-GEMM edit."""
+    """Streamed float32 statistics (always the d × d sums), M formed by one Cholesky solve per side,
+    the two-GEMM edit."""
     from deepunlearn.api import layer_moments
     from deepunlearn.layers import find_targets
     from deepunlearn.projection import projection_cholesky
@@ -73,8 +82,8 @@ def plain_float32(model: nn.Module, xf: torch.Tensor, xr: torch.Tensor, alpha_r:
     t0 = time.perf_counter()
     targets, _ = find_targets(model)
     cpu = torch.device("cpu")
-    moments_f = layer_moments(targets, collect_statistics(model, xf, dtype=torch.float32, batch_size=100), cpu)
-    moments_r = layer_moments(targets, collect_statistics(model, xr, dtype=torch.float32, batch_size=100), cpu)
+    moments_f, moments_r = (layer_moments(targets, collect_statistics(model, x, dtype=torch.float32, batch_size=100,
+                                                                      keep_vectors=False), cpu) for x in (xf, xr))
     t1 = time.perf_counter()
     with torch.no_grad():
         for t in targets:
@@ -104,14 +113,22 @@ def run_one(setting: str, method: str, n_forget: int, n_retain: int) -> dict:
     t0 = time.perf_counter()
     if method == "plain-float32":
         out = plain_float32(model, xf, xr, alpha_r, alpha_f)
+    elif method == "forward":
+        with torch.no_grad():
+            for x in (xf, xr):
+                for batch in x.split(100):
+                    model(batch)
+        out = {"total": time.perf_counter() - t0, "collect": 0.0, "solve": 0.0}
     else:
         if method == "paper":
             report = unlearn_paper(model, xf, xr, alpha_r=alpha_r, alpha_f=alpha_f, batch_size=max(n_forget, n_retain),
                                    conv_crop=False, max_patches=10_000)
         else:
             kw = {}
-            if method == "formed-M-float64":
-                api.weight_side_pays = lambda rows, d: False
+            if method == "formed-M-float64":  # every M formed, from the d × d sums, in float64
+                solver_of = api.side_solver
+                api.side_solver = lambda moment, alpha, rows, vectors, way, solver: solver_of(
+                    moment, alpha, rows, vectors, "formed", solver)
                 kw["dtype"] = torch.float64
             report = deepunlearn.unlearn(model, xf, xr, alpha_r=alpha_r, alpha_f=alpha_f, batch_size=100, **kw)
         s = report.seconds
@@ -160,6 +177,8 @@ def ratios(methods: dict) -> dict:
     for other, label in (("paper", "deepunlearn / paper peak RSS"), ("formed-M-float64", "deepunlearn / formed-M-float64 peak RSS")):
         if "peak_rss_bytes" in methods.get(other, {}):
             out[label] = ours["peak_rss_bytes"] / methods[other]["peak_rss_bytes"]
+    if "total" in methods.get("forward", {}):
+        out["deepunlearn / forward time"] = ours["total"] / methods["forward"]["total"]
     if "solve" in methods.get("formed-M-float64", {}):
         out["deepunlearn / formed-M-float64 solve time"] = ours["solve"] / methods["formed-M-float64"]["solve"]
     return out

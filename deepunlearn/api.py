@@ -15,6 +15,7 @@ from .edit import PlannedEdit, apply_plan, edited_weight
 from .auto_alpha import TARGET_FORGET_ACCURACY, CandidateEdits, choose_alphas, holdout_split, make_scorer, materialise
 from .weight_side import edited_weight_sides, side_solver
 from .layers import EditTarget, SkippedLayer, find_targets
+from .moments import Moment, dense, moment_trace
 from .projection import check_alpha, check_solver
 from .report import LayerReport, UnlearnReport
 from .statistics import Statistics, collect_statistics, model_device
@@ -39,31 +40,32 @@ def gather_statistics(model: nn.Module, data: DataLike | Statistics, role: str, 
     return collect_statistics(model, data, desc=role, **collect_kwargs)
 
 
-Moments = dict[tuple[str, ...], tuple[torch.Tensor | None, int]]  # slot tuple -> ((g, d, d) C or None, vectors)
+Moments = dict[tuple[str, ...], tuple[Moment | None, int]]  # slot tuple -> (C, dense or as vectors, or None; vectors)
 
 
 def layer_moments(targets: Sequence[EditTarget], stats: Statistics, device: torch.device) -> Moments:
-    """Second moment and vector count per distinct slot tuple.
+    """Second moment (dense ``(g, d, d)``, or the ``(g, n, d)`` vectors while ``n < d``) and vector
+    count per distinct slot tuple.
 
     Targets reading one input (attention's packed q/k/v, or Linear layers the statistics record
-    as sharing an input) get the very same tensor, so :func:`projections` solves once for them.
+    as sharing an input) get the very same object, so :func:`projections` solves once for them.
     """
     out: Moments = {}
-    by_source: dict[tuple[str, ...], tuple[torch.Tensor | None, int]] = {}
+    by_source: dict[tuple[str, ...], tuple[Moment | None, int]] = {}
     for t in targets:
         if t.slots in out:
             continue
         source = stats.resolve(t.slots)
         if source not in by_source:
-            cov, n = stats.covariance(t)
-            by_source[source] = (None if cov is None else cov.to(device), n)
+            moment, n = stats.moment(t)
+            by_source[source] = (None if moment is None else moment.to(device), n)
         out[t.slots] = by_source[source]
     return out
 
 
 def traces(moments: Moments) -> Moments:
-    """The same dict with each ``(g, d, d)`` second moment replaced by its per-group traces ``(g,)``."""
-    return {k: (None if c is None else c.diagonal(dim1=-2, dim2=-1).sum(-1), n) for k, (c, n) in moments.items()}
+    """The same dict with each second moment replaced by its per-group traces ``(g,)``."""
+    return {k: (None if c is None else moment_trace(c), n) for k, (c, n) in moments.items()}
 
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]  # (g, o, d) weight -> (g, o, d) new weight, in the solve dtype
@@ -144,8 +146,9 @@ def solved_edits(
     """``edit_for`` for :func:`plan_edits_with`: solves each distinct input once, when first asked.
 
     Each side of each input is applied the cheapest way for the rows of all layers reading it
-    (:func:`~deepunlearn.weight_side.side_solver`: on the weight's side by a Cholesky factor, from
-    a low-rank spectrum where the input saw fewer vectors than its width, or with ``M`` formed);
+    (:func:`~deepunlearn.weight_side.side_solver`: in the sample space where the statistics kept
+    the input vectors, else on the weight's side by a Cholesky factor, from a low-rank spectrum
+    where the input saw fewer vectors than its width, or with ``M`` formed);
     ``way`` forces one for both sides. An input's second moments are dropped from ``moments_f`` /
     ``moments_r`` once solved, and its solution once its last layer is planned, so that memory
     holds the statistics still to solve and one input's solution.
@@ -205,8 +208,8 @@ def map_shared(values: dict, fn: Callable) -> dict:
 
 
 def projections(moments: Moments, proj: ProjectionFn) -> dict[tuple[str, ...], torch.Tensor | None]:
-    """``proj`` of every second moment, solved once per distinct tensor."""
-    return map_shared({k: cov for k, (cov, _) in moments.items()}, proj)
+    """``proj`` of every second moment (in the dense form), solved once per distinct tensor."""
+    return map_shared({k: cov for k, (cov, _) in moments.items()}, lambda c: proj(dense(c)))
 
 
 def unlearn(

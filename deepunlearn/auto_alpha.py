@@ -21,9 +21,10 @@ from torch import nn
 
 from ._batches import DataLike, _first_tensor, iter_raw_batches
 from .layers import EditTarget
+from .moments import Moment, SampleRows
 from .projection import Spectrum, scale_energies
 from .statistics import _autocast_on, _eval_no_grad
-from .weight_side import OVERSAMPLE, sketched_eigenpairs
+from .weight_side import OVERSAMPLE, sample_eigenpairs, sketched_eigenpairs
 
 TARGET_FORGET_ACCURACY = 1.0  # percent of held-out forget samples still recognised
 HOLDOUT_FRACTION = 0.25  # of each side's samples, to score candidates (the final edit uses all)
@@ -166,8 +167,11 @@ def make_scorer(model: nn.Module, x_f: torch.Tensor, y_f: torch.Tensor | None, x
     return _Scorer(x_f, x_r, forget_hit, retain_hit, batch_size, autocast, scoring)
 
 
-def _eigenpairs(cov: torch.Tensor, vectors_seen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U, r)`` of a second moment, by the sketch where it saw fewer vectors than its width."""
+def _eigenpairs(cov: Moment, vectors_seen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, r)`` of a second moment: from its vectors where they were kept, by the sketch where it
+    saw fewer vectors than its width, else by a full eigendecomposition."""
+    if isinstance(cov, SampleRows):
+        return sample_eigenpairs(cov.rows)
     d = cov.shape[-1]
     if vectors_seen + OVERSAMPLE < d // 2:
         return sketched_eigenpairs(cov, vectors_seen)

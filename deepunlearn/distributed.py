@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import torch
 
+from .moments import SampleRows, dense
 from .statistics import SlotStatistics, Statistics
 
 T = TypeVar("T")
@@ -47,24 +48,28 @@ def all_reduce_statistics(stats: Statistics, samples: int, error: BaseException 
     """Collective: the sum of every rank's statistics and sample count.
 
     A rank whose shard never reached a layer (or held no sample at all) contributes zeros there.
-    Ranks disagreeing on a buffer's shape (different models) are refused on every rank.
+    Ranks disagreeing on a buffer's shape (different models) are refused on every rank. Slots that
+    every rank kept as vectors, fewer than the width in all, stay vectors (gathered from every
+    rank, in rank order); any other slot is summed in the dense form.
     """
     raise_if_any_failed(error, "collecting statistics")
-    layout = {k: (tuple(v.cov.shape), str(v.cov.dtype)) for k, v in stats.slots.items()}
-    views = _gather((layout, stats.aliases))
+    layout = {k: (tuple(v.moment.shape), str(v.stored.dtype)) for k, v in stats.slots.items()}
+    kept = {k: v.moment.vectors for k, v in stats.slots.items() if isinstance(v.moment, SampleRows)}
+    views = _gather((layout, stats.aliases, kept))
     union: dict[str, tuple[tuple[int, ...], str]] = {}
-    for rank, (lay, _) in enumerate(views):
+    for rank, (lay, _, _) in enumerate(views):
         for k, shape_dtype in lay.items():
             if union.setdefault(k, shape_dtype) != shape_dtype:
                 raise ValueError(f"ranks disagree on the statistics of layer '{k}' ({union[k]} against {shape_dtype} "
                                  f"on rank {rank}): every rank must run the same model")
-    alias_sets = [a for lay, a in views if lay]  # ranks that saw no sample have no say
+    alias_sets = [a for lay, a, _ in views if lay]  # ranks that saw no sample have no say
     aliases = dict(alias_sets[0]) if alias_sets else {}
     if any(a != aliases for a in alias_sets):
         stats, aliases = stats.expanded(), {}  # some rank shared an input another did not: one slot per layer
         for a in alias_sets:
             for k, owner in a.items():
                 union.setdefault(k, union[owner])
+        views = [(lay, a, {}) for lay, a, _ in views]  # the slots' sharing differed: all summed dense
     device = stats.device
     if device is None:  # this rank saw nothing: take the others' layout
         device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
@@ -73,9 +78,14 @@ def all_reduce_statistics(stats: Statistics, samples: int, error: BaseException 
     for k in sorted(union):
         shape, dt = union[k]
         mine = stats.slots.get(k)
-        cov = mine.cov if mine is not None else torch.zeros(shape, dtype=getattr(torch, dt.replace("torch.", "")), device=device)
-        torch.distributed.all_reduce(cov)
-        slots[k] = SlotStatistics(cov, 0)
+        dtype = getattr(torch, dt.replace("torch.", ""))
+        vectors = [kept.get(k) if k in lay else 0 for lay, _, kept in views]  # None: that rank's is dense
+        if any(kept for _, _, kept in views) and all(n is not None for n in vectors) and sum(vectors) < shape[-1]:
+            moment = _gather_rows(None if mine is None else mine.moment.rows, vectors, shape, dtype, device)
+        else:
+            moment = dense(mine.moment) if mine is not None else torch.zeros(shape, dtype=dtype, device=device)
+            torch.distributed.all_reduce(moment)
+        slots[k] = SlotStatistics(moment, 0)
         counts.append(0 if mine is None else mine.count)
     total = torch.tensor([*counts, samples], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(total)
@@ -84,6 +94,18 @@ def all_reduce_statistics(stats: Statistics, samples: int, error: BaseException 
     order = [k for k in stats.slots if k in slots] + [k for k in slots if k not in stats.slots]
     samples = int(total[-1])
     return Statistics({k: slots[k] for k in order}, samples, stats.fingerprint, aliases), samples
+
+
+def _gather_rows(rows: torch.Tensor | None, vectors: list[int], shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> SampleRows:
+    """Collective: every rank's ``(g, n_rank, d)`` vectors of one slot, concatenated in rank order."""
+    g, _, d = shape
+    padded = torch.zeros(g, max(vectors), d, dtype=dtype, device=device)  # all_gather needs one shape
+    if rows is not None:
+        padded[:, : rows.shape[1]] = rows
+    parts = [torch.empty_like(padded) for _ in vectors]
+    torch.distributed.all_gather(parts, padded)
+    return SampleRows(torch.cat([p[:, :n] for p, n in zip(parts, vectors)], dim=1))
 
 
 def on_rank0(fn: Callable[[], T], tensors: Sequence[torch.Tensor]) -> T:

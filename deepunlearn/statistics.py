@@ -4,6 +4,8 @@
 input vectors (every token, every conv patch, padding included) into a ``(groups, d, d)``
 buffer. Nothing but those buffers is kept, so memory is O(d²) per layer whatever the
 number of samples, and statistics from different batches, shards or processes simply add.
+While a layer has seen fewer vectors than its width ``d``, the vectors themselves are kept
+instead (``n·d < d²``; :mod:`deepunlearn.moments`), and folded into the sum once they are not fewer.
 """
 from __future__ import annotations
 
@@ -21,11 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ._batches import DataLike, iter_batches
-from .covariance import ConvGeometry, accumulate_conv_, accumulate_linear_, linear_rows
+from .covariance import ConvGeometry, accumulate_conv_, accumulate_linear_, conv_patches, linear_rows
 from .layers import EditTarget, find_targets
+from .moments import Moment, SampleRows, dense, fold_rows, moment_sum, moment_trace
 
 _FORMAT = "deepunlearn.statistics"
-_VERSION = 2  # 2 added input sharing (``aliases``); version-1 files are still read
+_VERSION = 3  # 2 added input sharing (``aliases``), 3 slots kept as vectors; older files are still read
 
 
 @dataclass
@@ -33,12 +36,31 @@ class SlotStatistics:
     """Second moment of one input slot.
 
     Attributes:
-        cov: ``(groups, d, d)`` sum of ``x xᵀ`` over every input vector ``x`` of each group.
+        moment: ``(groups, d, d)`` sum of ``x xᵀ`` over every input vector ``x`` of each group, or,
+            while fewer vectors than ``d`` were seen, those vectors as :class:`~deepunlearn.moments.SampleRows`.
         count: number of input vectors accumulated (per group).
     """
 
-    cov: torch.Tensor
+    moment: Moment
     count: int = 0
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """The ``(groups, d, d)`` sum (formed from the vectors when they are what is kept)."""
+        return dense(self.moment)
+
+    @property
+    def stored(self) -> torch.Tensor:
+        """The tensor held: the dense sum, or the ``(groups, n, d)`` vectors."""
+        return self.moment.rows if isinstance(self.moment, SampleRows) else self.moment
+
+    def copy(self) -> "SlotStatistics":
+        return SlotStatistics(_moment_like(self.moment, self.stored.clone()), self.count)
+
+
+def _moment_like(moment: Moment, tensor: torch.Tensor) -> Moment:
+    """``tensor`` in ``moment``'s form."""
+    return SampleRows(tensor) if isinstance(moment, SampleRows) else tensor
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -93,24 +115,23 @@ class Statistics:
                 f"cannot add statistics of different models (fingerprints {self.fingerprint} and {other.fingerprint})"
             )
         a, b = (self, other) if self.aliases == other.aliases else (self.expanded(), other.expanded())
-        out = Statistics({k: SlotStatistics(v.cov.clone(), v.count) for k, v in a.slots.items()}, a.samples + b.samples,
-                         a.fingerprint, dict(a.aliases))
+        out = Statistics({k: v.copy() for k, v in a.slots.items()}, a.samples + b.samples, a.fingerprint, dict(a.aliases))
         for name, s in b.slots.items():
             if name not in out.slots:
-                out.slots[name] = SlotStatistics(s.cov.clone(), s.count)
+                out.slots[name] = s.copy()
                 continue
             mine = out.slots[name]
-            if mine.cov.shape != s.cov.shape:
-                raise ValueError(f"slot '{name}' has shape {tuple(mine.cov.shape)} in one and {tuple(s.cov.shape)} in the other")
-            if mine.cov.device != s.cov.device:
-                raise ValueError(f"slot '{name}' is on {mine.cov.device} in one and {s.cov.device} in the other; use .to() first")
-            mine.cov += s.cov.to(mine.cov.dtype)
+            if tuple(mine.moment.shape) != tuple(s.moment.shape):
+                raise ValueError(f"slot '{name}' has shape {tuple(mine.moment.shape)} in one and {tuple(s.moment.shape)} in the other")
+            if mine.moment.device != s.moment.device:
+                raise ValueError(f"slot '{name}' is on {mine.moment.device} in one and {s.moment.device} in the other; use .to() first")
+            mine.moment = moment_sum([mine.moment, s.moment])
             mine.count += s.count
         return out
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Statistics":
         """A copy with every buffer moved to ``device`` and/or cast to ``dtype``."""
-        return Statistics({k: SlotStatistics(v.cov.to(device=device, dtype=dtype), v.count) for k, v in self.slots.items()},
+        return Statistics({k: SlotStatistics(v.moment.to(device=device, dtype=dtype), v.count) for k, v in self.slots.items()},
                           self.samples, self.fingerprint, dict(self.aliases))
 
     def expanded(self) -> "Statistics":
@@ -126,29 +147,32 @@ class Statistics:
 
     @property
     def device(self) -> torch.device | None:
-        return next(iter(self.slots.values())).cov.device if self.slots else None
+        return next(iter(self.slots.values())).stored.device if self.slots else None
 
     @property
     def dtype(self) -> torch.dtype | None:
-        return next(iter(self.slots.values())).cov.dtype if self.slots else None
+        return next(iter(self.slots.values())).stored.dtype if self.slots else None
 
     # -- queries ----------------------------------------------------------------------------
-    def covariance(self, target: EditTarget) -> tuple[torch.Tensor | None, int]:
-        """Summed ``(groups, d, d)`` second moment of the slots ``target`` reads, and its vector count.
-
-        Returns ``(None, 0)`` when no input ever reached the target.
-        """
+    def moment(self, target: EditTarget) -> tuple[Moment | None, int]:
+        """Summed second moment of the slots ``target`` reads (dense ``(groups, d, d)``, or the
+        vectors while fewer than ``d``), and its vector count. ``(None, 0)`` when no input reached it."""
         present = [self.slots[s] for s in self.resolve(target.slots) if s in self.slots]
         if not present:
             return None, 0
-        cov = present[0].cov if len(present) == 1 else sum(p.cov for p in present)
+        moment = moment_sum([p.moment for p in present])
         d, g = target.in_features, target.groups
-        if tuple(cov.shape) != (g, d, d):
+        if tuple(moment.shape) != (g, d, d):
             raise ValueError(
-                f"statistics for layer '{target.name}' have shape {tuple(cov.shape)} but the layer needs {(g, d, d)}: "
+                f"statistics for layer '{target.name}' have shape {tuple(moment.shape)} but the layer needs {(g, d, d)}: "
                 "they do not match this model"
             )
-        return cov, sum(p.count for p in present)
+        return moment, sum(p.count for p in present)
+
+    def covariance(self, target: EditTarget) -> tuple[torch.Tensor | None, int]:
+        """:meth:`moment` in the dense ``(groups, d, d)`` form."""
+        moment, n = self.moment(target)
+        return (None if moment is None else dense(moment)), n
 
     def check_matches(self, model: nn.Module) -> None:
         """Raise ``ValueError`` unless these statistics were collected on ``model`` as it is now."""
@@ -165,9 +189,10 @@ class Statistics:
         head = [self.fingerprint, self.samples] + ([sorted(self.aliases.items())] if self.aliases else [])
         h = hashlib.sha256(json.dumps(head).encode())
         for name, s in self.slots.items():
-            cov = s.cov.detach().cpu().contiguous()
-            h.update(json.dumps([name, s.count, list(cov.shape), str(cov.dtype)]).encode())
-            h.update(cov.view(torch.uint8).numpy().tobytes() if cov.numel() else b"")
+            t = s.stored.detach().cpu().contiguous()
+            form = ["rows"] if isinstance(s.moment, SampleRows) else []
+            h.update(json.dumps([name, s.count, list(t.shape), str(t.dtype), *form]).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
 
     def to_blob(self) -> dict:
@@ -177,7 +202,8 @@ class Statistics:
             "version": _VERSION,
             "fingerprint": self.fingerprint,
             "samples": self.samples,
-            "slots": {k: {"cov": v.cov.detach().cpu(), "count": v.count} for k, v in self.slots.items()},
+            "slots": {k: {"rows" if isinstance(v.moment, SampleRows) else "cov": v.stored.detach().cpu(), "count": v.count}
+                      for k, v in self.slots.items()},
             "aliases": dict(self.aliases),
             "checksum": self.checksum(),
         }
@@ -187,10 +213,11 @@ class Statistics:
         """Inverse of :meth:`to_blob`; refuses other formats and corrupted contents."""
         if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
             raise ValueError(f"{source} is not a deepunlearn statistics file")
-        if blob.get("version") not in (1, _VERSION):
+        if blob.get("version") not in range(1, _VERSION + 1):
             raise ValueError(f"{source} has statistics format version {blob.get('version')}, expected at most {_VERSION}")
         try:
-            slots = {k: SlotStatistics(v["cov"], int(v["count"])) for k, v in blob["slots"].items()}
+            slots = {k: SlotStatistics(SampleRows(v["rows"]) if "rows" in v else v["cov"], int(v["count"]))
+                     for k, v in blob["slots"].items()}
             aliases = {str(k): str(v) for k, v in blob.get("aliases", {}).items()}
             stats = cls(slots, int(blob["samples"]), str(blob["fingerprint"]), aliases)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -217,14 +244,15 @@ class Statistics:
         return stats if map_location is None else stats.to(map_location)
 
     def summary(self) -> list[dict]:
-        """One row per slot: name, groups, d, vectors, energy ``tr(C)`` (summed over groups), and the
+        """One row per slot: name, groups, d, vectors, whether the vectors themselves are kept
+        (``kept_vectors``, while fewer than ``d``), energy ``tr(C)`` (summed over groups), and the
         slots that share its buffer."""
         shared: dict[str, list[str]] = {}
         for name, owner in self.aliases.items():
             shared.setdefault(owner, []).append(name)
         return [
-            {"slot": k, "groups": v.cov.shape[0], "d": v.cov.shape[-1], "vectors": v.count,
-             "energy": float(v.cov.diagonal(dim1=-2, dim2=-1).sum()), "shared_by": shared.get(k, [])}
+            {"slot": k, "groups": v.moment.shape[0], "d": v.moment.shape[-1], "vectors": v.count,
+             "kept_vectors": isinstance(v.moment, SampleRows), "energy": float(moment_trace(v.moment).sum()), "shared_by": shared.get(k, [])}
             for k, v in self.slots.items()
         ]
 
@@ -249,8 +277,9 @@ class _Collector:
     """
 
     def __init__(self, targets: list[EditTarget], device: torch.device, dtype: torch.dtype, share_inputs: bool = True,
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, keep_vectors: bool = True):
         self.stats = Statistics()
+        self.keep_vectors = keep_vectors
         self.device, self.dtype = device, dtype
         self.autocast = check_autocast(autocast)
         self.handles: list = []
@@ -275,23 +304,35 @@ class _Collector:
                 self.handles.append(m.register_forward_pre_hook(self._conv_hook(t.name, ConvGeometry.of(m), t.in_features)))
 
     # -- sinks (overridden by the reference procedure) --------------------------------------
-    def _slot(self, name: str, groups: int, d: int) -> SlotStatistics:
+    def _add(self, name: str, groups: int, d: int, n: int, vectors, accumulate) -> None:
+        """Add ``n`` input vectors to slot ``name``: kept as ``vectors()`` (``(groups, n, d)``) while
+        the slot has seen fewer than ``d``, else streamed into the dense sum by ``accumulate(cov)``."""
         s = self.stats.slots.get(name)
-        if s is None:
-            s = self.stats.slots[name] = SlotStatistics(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype))
-        return s
+        seen = 0 if s is None else s.count
+        if self.keep_vectors and (s is None or isinstance(s.moment, SampleRows)) and seen + n < d:
+            new = vectors().to(self.dtype, copy=True)  # never a view of the model's activations
+            if s is None:
+                s = self.stats.slots[name] = SlotStatistics(SampleRows(new))
+            else:
+                s.moment = SampleRows(torch.cat([s.moment.rows, new], dim=1))
+        else:
+            if s is None:
+                s = self.stats.slots[name] = SlotStatistics(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype))
+            elif isinstance(s.moment, SampleRows):  # the vectors are no longer fewer than the width: fold them
+                rows = s.moment.rows
+                s.moment = fold_rows(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype), rows)
+            accumulate(s.moment)
+        s.count += n
 
     def add_rows(self, name: str, rows: torch.Tensor) -> None:
         """Input vectors ``(n, d)`` of a linear map."""
-        s = self._slot(name, 1, rows.shape[-1])
-        accumulate_linear_(s.cov, rows)
-        s.count += rows.shape[0]
+        self._add(name, 1, rows.shape[-1], rows.shape[0], lambda: rows[None], lambda cov: accumulate_linear_(cov, rows))
 
     def add_conv(self, name: str, x: torch.Tensor, geom: ConvGeometry, d: int) -> None:
         """Input ``(N, C, *spatial)`` of a convolution with geometry ``geom``."""
-        s = self._slot(name, geom.groups, d)
-        accumulate_conv_(s.cov, x, geom)
-        s.count += x.shape[0] * _out_positions(x.shape[2:], geom)
+        n = x.shape[0] * _out_positions(x.shape[2:], geom)
+        self._add(name, geom.groups, d, n, lambda: conv_patches(x.to(self.dtype), geom),
+                  lambda cov: accumulate_conv_(cov, x, geom))
 
     # -- hooks ------------------------------------------------------------------------------
     def _computed(self, x: torch.Tensor) -> torch.Tensor:
@@ -508,6 +549,7 @@ def collect_statistics(
     dtype: torch.dtype | None = None,
     autocast: torch.dtype | None = None,
     distributed: bool = True,
+    keep_vectors: bool = True,
     progress: bool = False,
     desc: str = "statistics",
 ) -> Statistics:
@@ -524,6 +566,9 @@ def collect_statistics(
             inputs it really multiplies, accumulated in ``dtype``.
         distributed: when a ``torch.distributed`` process group is initialised, treat ``data`` as
             this rank's shard and return the sum over all ranks (every rank must call this).
+        keep_vectors: keep a layer's input vectors themselves, ``(groups, n, d)``, while it has seen
+            fewer than its width ``d`` (less memory, and the solve then works on ``n × n`` matrices);
+            False: always the ``(groups, d, d)`` sum.
         progress: show a progress bar (images and images per second).
         desc: progress bar label.
 
@@ -537,7 +582,7 @@ def collect_statistics(
     check_autocast(autocast)
     ranks = dist.world() if distributed else None
     try:
-        stats, samples = _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc)
+        stats, samples = _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc, keep_vectors)
     except Exception as exc:
         if ranks is None:
             raise
@@ -559,9 +604,9 @@ def finish_statistics(model: nn.Module, stats: Statistics, samples: int, error: 
     if samples == 0:
         raise ValueError(f"no samples in the {desc} data: it yielded no non-empty batch")
     for name, s in stats.slots.items():
-        if not torch.isfinite(s.cov).all():
+        if not torch.isfinite(s.stored).all():
             raise ValueError(
-                f"non-finite statistics at layer '{name}': its inputs contain NaN/Inf (or overflowed {s.cov.dtype}); "
+                f"non-finite statistics at layer '{name}': its inputs contain NaN/Inf (or overflowed {s.stored.dtype}); "
                 "check the data and the layers before it"
             )
     stats.samples = samples
@@ -569,8 +614,9 @@ def finish_statistics(model: nn.Module, stats: Statistics, samples: int, error: 
     return stats
 
 
-def _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc) -> tuple[Statistics, int]:
-    collector = _Collector(targets, device, dtype, autocast=autocast)
+def _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc,
+             keep_vectors: bool = True) -> tuple[Statistics, int]:
+    collector = _Collector(targets, device, dtype, autocast=autocast, keep_vectors=keep_vectors)
     try:
         samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
     except _SharingChanged as exc:
@@ -579,6 +625,6 @@ def _collect(model, data, targets, device, dtype, autocast, batch_size, progress
             raise ValueError(f"{exc}; pass data that can be iterated twice (a DataLoader, Dataset or tensor, "
                              "not a one-shot iterator) so the statistics can be collected again per layer") from exc
         warnings.warn(f"{exc}: collecting again with one statistic per layer", RuntimeWarning, stacklevel=3)
-        collector = _Collector(targets, device, dtype, share_inputs=False, autocast=autocast)
+        collector = _Collector(targets, device, dtype, share_inputs=False, autocast=autocast, keep_vectors=keep_vectors)
         samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
     return collector.stats, samples

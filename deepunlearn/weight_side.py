@@ -8,10 +8,13 @@
 * :class:`LowRankSpectrum`: when the layer saw ``n < d`` input vectors, ``C`` has rank at most
   ``n``; a sketch ``C Ω`` with ``k = n + OVERSAMPLE`` columns recovers its eigenpairs exactly (up
   to rounding) in about 4·d²·k flops, and ``W M = (W U) diag(λ) Uᵀ``;
-* :class:`FormedProjection`: ``M`` itself (about 7d³/3 flops), cheapest when many rows read the input.
+* :class:`FormedProjection`: ``M`` itself (about 7d³/3 flops), cheapest when many rows read the input;
+* :class:`SampleSpaceFactor`: where the statistics kept the ``n < d`` input vectors ``R`` themselves,
+  ``W M = α/t (W Rᵀ) B⁻¹ R`` with ``B = (α−1) R Rᵀ / t + I`` (``n × n``, ``t = tr C``): about
+  2·d·n² + n³/3 + 4·o·d·n flops and no ``d × d`` matrix at all.
 
-:func:`side_solver` picks the cheapest by its flop count. ``A``'s eigenvalues lie in ``[1, α]``,
-so float32 is enough (``cond A ≤ α``).
+:func:`side_solver` picks the cheapest by its flop count. ``A``'s and ``B``'s eigenvalues lie in
+``[1, α]``, so float32 is enough (``cond ≤ α``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .moments import Moment, SampleRows, dense
 from .projection import scale_energies, scaled_cholesky, scaled_projection, symmetric_normalised
 
 OVERSAMPLE = 8  # sketch columns beyond the rank bound: a margin for rounding, as randomized methods use
@@ -48,6 +52,57 @@ class ScaledFactor:
         """``W M`` for ``w`` of shape ``(g, o, d)``: ``α (W Ĉ) A⁻¹``, as ``(g, o, d)``."""
         y = w @ self.c_hat  # (g, o, d); A⁻¹ (W Ĉ)ᵀ by the factor, then transposed back (A symmetric)
         return torch.cholesky_solve(y.transpose(-1, -2), self.chol).transpose(-1, -2).mul_(self.alpha)
+
+
+@dataclass
+class SampleSpaceFactor:
+    """``M(C, α)`` for ``C = Rᵀ R`` from the ``n < d`` vectors ``R`` themselves.
+
+    Push-through: ``Ĉ A⁻¹ = Rᵀ R / t ((α−1) Rᵀ R / t + I)⁻¹ = Rᵀ ((α−1) G / t + I)⁻¹ R / t`` with
+    the Gram matrix ``G = R Rᵀ`` (``n × n``) and ``t = tr G = tr C``. ``B = (α−1) G / t + I`` has
+    its eigenvalues in ``[1, α]``, as ``A`` has.
+
+    Attributes:
+        alpha: the scale α.
+        rows: ``(g, n, d)`` the vectors.
+        scale: ``(g,)`` ``α / t`` per group (0 where the vectors are all zero).
+        chol: ``(g, n, n)`` lower Cholesky factor of ``B``.
+    """
+
+    alpha: float
+    rows: torch.Tensor
+    scale: torch.Tensor
+    chol: torch.Tensor
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, alpha: float) -> "SampleSpaceFactor":
+        gram = rows @ rows.transpose(-1, -2)  # (g, n, n)
+        gram = 0.5 * (gram + gram.transpose(-1, -2))
+        t = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+        safe = torch.where(t > 0, t, torch.ones_like(t))
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        chol, info = torch.linalg.cholesky_ex((alpha - 1.0) * gram / safe[:, None, None] + eye)
+        if int(info.max()) > 0:
+            raise RuntimeError(f"Cholesky factorisation failed for alpha={alpha} (matrix not positive definite)")
+        return cls(alpha, rows, torch.where(t > 0, alpha / safe, torch.zeros_like(t)), chol)
+
+    def right_multiply(self, w: torch.Tensor) -> torch.Tensor:
+        """``W M`` for ``w`` of shape ``(g, o, d)``, as ``(g, o, d)``."""
+        y = w @ self.rows.transpose(-1, -2)  # (g, o, n); B⁻¹ (W Rᵀ)ᵀ by the factor (B symmetric)
+        z = torch.cholesky_solve(y.transpose(-1, -2), self.chol).transpose(-1, -2)
+        return (z * self.scale[:, None, None]) @ self.rows
+
+
+def sample_eigenpairs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors ``(g, d, n)`` and normalised energies ``(g, n)`` of ``C = Rᵀ R`` from its
+    ``(g, n, d)`` vectors: ``Rᵀ = Q S`` (thin QR), ``C = Q (S Sᵀ) Qᵀ``, and the ``n × n``
+    eigenproblem of ``S Sᵀ / t`` (backward stable; about 4·d·n² flops)."""
+    q, s = torch.linalg.qr(rows.transpose(-1, -2))  # (g, d, n), (g, n, n)
+    b = s @ s.transpose(-1, -2)
+    t = b.diagonal(dim1=-2, dim2=-1).sum(-1)
+    b = b / torch.where(t > 0, t, torch.ones_like(t))[:, None, None]
+    e, v = torch.linalg.eigh(0.5 * (b + b.transpose(-1, -2)))
+    return q @ v, e.clamp(0.0, 1.0)
 
 
 def sketched_eigenpairs(cov: torch.Tensor, rank_bound: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,31 +159,44 @@ class FormedProjection:
         return w @ self.m
 
 
-SideSolver = ScaledFactor | LowRankSpectrum | FormedProjection
-SIDES = ("auto", "cholesky", "low-rank", "formed")
+SideSolver = ScaledFactor | LowRankSpectrum | FormedProjection | SampleSpaceFactor
+SIDES = ("auto", "cholesky", "low-rank", "formed", "sample-space")
 
 
-def side_flops(d: int, rows: int, vectors: int) -> dict[str, float]:
+def side_flops(d: int, rows: int, vectors: int, kept: bool = False) -> dict[str, float]:
     """Flops of each way to apply one side to ``rows`` weight rows reading an input of width ``d``
-    that saw ``vectors`` input vectors (``low-rank`` only while they are fewer than ``d``)."""
-    out = {"formed": 7 / 3 * d**3 + 2 * rows * d**2, "cholesky": d**3 / 3 + 4 * rows * d**2}
+    that saw ``vectors`` input vectors (``low-rank`` only while they are fewer than ``d``).
+    ``kept``: the statistics hold the vectors themselves, so ``sample-space`` is possible and the
+    ways through ``d × d`` first pay for forming ``C``."""
+    form = 2 * vectors * d**2 if kept else 0
+    out = {"formed": form + 7 / 3 * d**3 + 2 * rows * d**2, "cholesky": form + d**3 / 3 + 4 * rows * d**2}
     k = vectors + OVERSAMPLE
     if k < d:
-        out["low-rank"] = 4 * d**2 * k + 6 * d * k**2 + 10 * k**3 + 4 * rows * d * k
+        out["low-rank"] = form + 4 * d**2 * k + 6 * d * k**2 + 10 * k**3 + 4 * rows * d * k
+    if kept:
+        out["sample-space"] = 2 * d * vectors**2 + vectors**3 / 3 + 4 * rows * d * vectors
     return out
 
 
-def side_solver(cov: torch.Tensor, alpha: float, rows: int, vectors: int, way: str = "auto",
+def side_solver(moment: Moment, alpha: float, rows: int, vectors: int, way: str = "auto",
                 solver: str = "cholesky") -> SideSolver:
-    """What applies ``M(cov, α)`` to ``rows`` weight rows: the cheapest way by :func:`side_flops`
-    (``way`` forces one; the eigen and SVD solvers always form ``M``)."""
+    """What applies ``M(C, α)`` to ``rows`` weight rows, for ``C`` dense ``(g, d, d)`` or kept as
+    its vectors: the cheapest way by :func:`side_flops`. ``way`` forces one (``"sample-space"``
+    only where the vectors were kept); the eigen and SVD solvers always form ``M``."""
     if way not in SIDES:
         raise ValueError(f"way must be one of {SIDES}, got {way!r}")
+    kept = isinstance(moment, SampleRows)
+    if way == "sample-space" and not kept:
+        raise ValueError("way='sample-space' needs statistics kept as vectors (collect_statistics(keep_vectors=True) "
+                         "on fewer vectors than the layer's width)")
     if solver != "cholesky":
-        return FormedProjection(scaled_projection(cov, alpha, solver))
+        return FormedProjection(scaled_projection(dense(moment), alpha, solver))
     if way == "auto":
-        flops = side_flops(cov.shape[-1], rows, vectors)
+        flops = side_flops(moment.shape[-1], rows, vectors, kept)
         way = min(flops, key=flops.get)
+    if way == "sample-space":
+        return SampleSpaceFactor.of(moment.rows, alpha)
+    cov = dense(moment)
     if way == "low-rank":
         return LowRankSpectrum.of(cov, alpha, vectors)
     if way == "cholesky":

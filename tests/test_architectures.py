@@ -3,7 +3,7 @@
 Random initialisation, two 32×32 images: what is checked is that every weight matrix the model
 multiplies by is found, reached and given exactly the second moment of its real inputs. VGG-11-BN,
 whose first classifier layer has d = 25,088 (a 2.5 GB float32 covariance), has its own test that
-checks each covariance through products with random vectors.
+checks each second moment through products with random vectors, and edits the model.
 """
 import pytest
 import torch
@@ -102,12 +102,15 @@ def test_unlearn_runs_unchanged_on_mobilenet_v3_small():
 
 
 @pytest.mark.slow
-def test_vgg11_bn_statistics_including_its_25088_wide_classifier():
-    """VGG-11-BN's first classifier layer has d = 25,088: its covariance (2.5 GB in float32) is
-    checked through products with random vectors, against the raw inputs, never formed twice."""
+def test_vgg11_bn_statistics_including_its_25088_wide_classifier_and_the_edit():
+    """VGG-11-BN's first classifier layer has d = 25,088 (a 2.5 GB float32 second moment): from two
+    images its vectors are kept, never the d × d sum. Every layer's statistics are checked through
+    products with random vectors against the raw inputs; then the model is edited from them."""
+    from deepunlearn.moments import SampleRows
+
     torch.manual_seed(0)
     model = tv.vgg11_bn().eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(4, 3, 32, 32)
     rows: dict[str, torch.Tensor] = {}
     handles = []
     for name, m in model.named_modules():
@@ -119,16 +122,23 @@ def test_vgg11_bn_statistics_including_its_25088_wide_classifier():
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_pre_hook(lambda mod, a, name=name: rows.__setitem__(name, a[0].double())))
     with torch.no_grad():
-        model(x)
+        model(x[:2])
     for h in handles:
         h.remove()
-    stats = collect_statistics(model, x, dtype=torch.float32)
+    stats = collect_statistics(model, x[:2], dtype=torch.float32)
     targets, skipped = find_targets(model)
     assert not skipped and {t.name for t in targets} == set(rows)
     assert max(t.in_features for t in targets) == 25088
     for t in targets:
-        cov, n = stats.covariance(t)
+        moment, n = stats.moment(t)
         r = rows[t.name]
         v = torch.randn(r.shape[1], 3, dtype=torch.float64)
         assert n == r.shape[0]
-        assert rel_err(cov[0] @ v.float(), r.T @ (r @ v)) < 1e-5, t.name
+        kept = isinstance(moment, SampleRows)
+        assert kept == (n < t.in_features), t.name  # the classifier and the 2×2 maps' convs
+        product = moment.rows[0].T @ (moment.rows[0] @ v.float()) if kept else moment[0] @ v.float()
+        assert rel_err(product, r.T @ (r @ v)) < 1e-5, t.name
+    report = unlearn(model, x[:2], x[2:], alpha_r=100, alpha_f=3)
+    assert {layer.name for layer in report.layers} == set(rows)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert report.layers[-3].d == 25088 and report.layers[-3].relative_change > 0

@@ -97,7 +97,10 @@ def test_profile_script_names_where_the_time_goes(tmp_path):
     assert [(r["op"], r["layer"]) for r in result["rows"]] == [
         ("linear_cov", "vit_b16.d768"), ("conv_cov", "resnet18.layer4"), ("projected_edit", "vit_b16.d768")]
     conv = result["rows"][1]
-    assert conv["pure"]["top"][0]["name"] == "aten::addmm_"  # the unfolded product's one GEMM
+    # the pure path is the unfold and its one GEMM; which of the two costs more on this tiny shape
+    # depends on the machine's load
+    pure_top = [t["name"] for t in conv["pure"]["top"]]
+    assert pure_top[0] in ("aten::addmm_", "aten::im2col") and "aten::addmm_" in pure_top
     assert "deepunlearn::conv_cov_accumulate_" in [t["name"] for t in conv["op_side"]["top"]]
     for r in result["rows"]:
         for side in (r["pure"], r["op_side"]):

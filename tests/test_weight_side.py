@@ -150,16 +150,16 @@ def test_auto_way_follows_the_flop_count(monkeypatch):
     deepunlearn.unlearn(model, torch.randn(2, 4, 4, 4), torch.randn(30, 4, 4, 4), alpha_r=100, alpha_f=3)
     got = sorted(chosen)
     # by side_flops: conv (18 per group, 3 rows per group) by a Cholesky factor on both sides;
-    # attention (6 wide, 18 and 6 rows) and narrow (5 wide, 40 rows) formed; wide (96 wide, 5 rows)
-    # from a sketch of its 2 forget vectors but factored for its 30 retain vectors; the head (40
-    # wide, 3 rows) factored (at this size the sketch's 4·d²·k does not pay)
+    # attention (6 wide, 18 and 6 rows) and narrow's 30 retain vectors (5 wide, 40 rows) formed;
+    # wide (96 wide), the head (40 wide) and narrow's 2 forget vectors saw fewer vectors than their
+    # width: kept as vectors and solved in the sample space
     assert got == sorted([
         (18, 32, "ScaledFactor"), (18, 480, "ScaledFactor"),
         (6, 32, "FormedProjection"), (6, 480, "FormedProjection"),
         (6, 32, "FormedProjection"), (6, 480, "FormedProjection"),
-        (96, 2, "LowRankSpectrum"), (96, 30, "ScaledFactor"),
-        (5, 2, "FormedProjection"), (5, 30, "FormedProjection"),
-        (40, 2, "ScaledFactor"), (40, 30, "ScaledFactor"),
+        (96, 2, "SampleSpaceFactor"), (96, 30, "SampleSpaceFactor"),
+        (5, 2, "SampleSpaceFactor"), (5, 30, "FormedProjection"),
+        (40, 2, "SampleSpaceFactor"), (40, 30, "SampleSpaceFactor"),
     ]), got
 
 
