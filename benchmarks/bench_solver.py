@@ -71,7 +71,8 @@ def build_model(setting: str) -> nn.Module:
     return model.eval()
 
 
-def plain_float32(model: nn.Module, xf: torch.Tensor, xr: torch.Tensor, alpha_r: float, alpha_f: float) -> dict:
+def plain_float32(model: nn.Module, xf: torch.Tensor, xr: torch.Tensor, alpha_r: float, alpha_f: float,
+                  batch_size: int) -> dict:
     """Streamed float32 statistics (always the d × d sums), M formed by one Cholesky solve per side,
     the two-GEMM edit."""
     from deepunlearn.api import layer_moments
@@ -82,7 +83,7 @@ def plain_float32(model: nn.Module, xf: torch.Tensor, xr: torch.Tensor, alpha_r:
     t0 = time.perf_counter()
     targets, _ = find_targets(model)
     cpu = torch.device("cpu")
-    moments_f, moments_r = (layer_moments(targets, collect_statistics(model, x, dtype=torch.float32, batch_size=100,
+    moments_f, moments_r = (layer_moments(targets, collect_statistics(model, x, dtype=torch.float32, batch_size=batch_size,
                                                                       keep_vectors=False), cpu) for x in (xf, xr))
     t1 = time.perf_counter()
     with torch.no_grad():
@@ -98,7 +99,7 @@ def plain_float32(model: nn.Module, xf: torch.Tensor, xr: torch.Tensor, alpha_r:
     return {"total": t2 - t0, "collect": t1 - t0, "solve": t2 - t1}
 
 
-def run_one(setting: str, method: str, n_forget: int, n_retain: int) -> dict:
+def run_one(setting: str, method: str, n_forget: int, n_retain: int, batch_size: int) -> dict:
     """One method on fresh data, in this process (called in a child process)."""
     import deepunlearn
     from deepunlearn import api
@@ -112,11 +113,11 @@ def run_one(setting: str, method: str, n_forget: int, n_retain: int) -> dict:
     alpha_r, alpha_f = 100.0, 3.0
     t0 = time.perf_counter()
     if method == "plain-float32":
-        out = plain_float32(model, xf, xr, alpha_r, alpha_f)
+        out = plain_float32(model, xf, xr, alpha_r, alpha_f, batch_size)
     elif method == "forward":
         with torch.no_grad():
             for x in (xf, xr):
-                for batch in x.split(100):
+                for batch in x.split(batch_size):
                     model(batch)
         out = {"total": time.perf_counter() - t0, "collect": 0.0, "solve": 0.0}
     else:
@@ -130,7 +131,7 @@ def run_one(setting: str, method: str, n_forget: int, n_retain: int) -> dict:
                 api.side_solver = lambda moment, alpha, rows, vectors, way, solver: solver_of(
                     moment, alpha, rows, vectors, "formed", solver)
                 kw["dtype"] = torch.float64
-            report = deepunlearn.unlearn(model, xf, xr, alpha_r=alpha_r, alpha_f=alpha_f, batch_size=100, **kw)
+            report = deepunlearn.unlearn(model, xf, xr, alpha_r=alpha_r, alpha_f=alpha_f, batch_size=batch_size, **kw)
         s = report.seconds
         out = {"total": time.perf_counter() - t0, "collect": s["collect_forget"] + s["collect_retain"],
                "solve": s["decompose"] + s["edit"]}
@@ -138,8 +139,8 @@ def run_one(setting: str, method: str, n_forget: int, n_retain: int) -> dict:
     return out
 
 
-def child(setting: str, method: str, n_forget: int, n_retain: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", setting, method, str(n_forget), str(n_retain)]
+def child(setting: str, method: str, n_forget: int, n_retain: int, batch_size: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", setting, method, str(n_forget), str(n_retain), str(batch_size)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -149,7 +150,8 @@ def child(setting: str, method: str, n_forget: int, n_retain: int) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"# The solve and its memory on {result['device_name']} (torch {result['torch']})", "",
-             "Each method in a fresh process; seconds and peak resident memory (ru_maxrss) of that process.", "",
+             f"Each method in a fresh process, {result.get('batch_size', 100)} images per forward pass; seconds and peak "
+             "resident memory (ru_maxrss) of that process.", "",
              "| setting | images (forget + retain) | method | total (s) | statistics (s) | solve + edit (s) | peak RSS (MB) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["settings"]:
@@ -187,22 +189,23 @@ def ratios(methods: dict) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
-        setting, method, nf, nr = argv[1:5]
-        print(json.dumps(run_one(setting, method, int(nf), int(nr))))
+        setting, method, nf, nr, bs = argv[1:6]
+        print(json.dumps(run_one(setting, method, int(nf), int(nr), int(bs))))
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", nargs="+", choices=sorted(SETTINGS), default=["vgg11_bn_cifar", "resnet18_224"])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--images", nargs=2, type=int, metavar=("FORGET", "RETAIN"), help="override the setting's image counts")
+    p.add_argument("--batch-size", type=int, default=100, help="images per forward pass (every method)")
     p.add_argument("--out", type=Path, default=RESULTS / "solver_cpu")
     a = p.parse_args(argv)
     result = {"device_name": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "settings": []}
+              "batch_size": a.batch_size, "settings": []}
     for setting in a.setting:
         nf, nr = a.images or SETTINGS[setting][1:]
         methods = {}
         for m in a.methods:
-            methods[m] = child(setting, m, nf, nr)
+            methods[m] = child(setting, m, nf, nr, a.batch_size)
             print(setting, m, methods[m], flush=True)
         result["settings"].append({"setting": setting, "forget": nf, "retain": nr, "methods": methods, "ratios": ratios(methods)})
         write_results(a.out, result, markdown(result))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -102,13 +103,27 @@ def plan_edits_with(
             new = _edited(t, edit_for(t), w)
             if not torch.isfinite(new).all():
                 raise RuntimeError(f"the edit produced non-finite weights at layer '{t.name}'; the model was not changed")
-            w_solve = w.to(new.dtype)
-            change = float((new - w_solve).norm() / w_solve.norm().clamp_min(1e-30))
+            change = relative_change(new, w)
             plan.append(PlannedEdit(t, new.to(w.dtype)))
         energy_f = 0.0 if tr_f is None else float(tr_f.sum())
         energy_r = 0.0 if tr_r is None else float(tr_r.sum())
         rows.append(LayerReport(t.name, t.kind, tuple(w.shape), t.groups, t.in_features, n_f, n_r, energy_f, energy_r, change, notes))
     return plan, rows
+
+
+CHANGE_CHUNK_ELEMENTS = 1 << 22  # the weight-change norm in slices of 16 MB (float32), not one o × d temporary
+
+
+def relative_change(new: torch.Tensor, w: torch.Tensor) -> float:
+    """``‖new − w‖_F / ‖w‖_F`` for weights of one shape, in float64 over row slices."""
+    new2, w2 = new.reshape(new.shape[0], -1), w.reshape(w.shape[0], -1)
+    rows = max(1, CHANGE_CHUNK_ELEMENTS // new2.shape[1])
+    diff = norm = 0.0
+    for a, b in zip(new2.split(rows), w2.split(rows)):
+        b = b.double()
+        diff += float((a.double() - b).square().sum())
+        norm += float(b.square().sum())
+    return math.sqrt(diff) / max(math.sqrt(norm), 1e-30)
 
 
 def _edited(t: EditTarget, edit: EditFn, w: torch.Tensor) -> torch.Tensor:

@@ -211,5 +211,6 @@ def edited_weight_sides(w: torch.Tensor, retain: SideSolver | None, forget: Side
         from .edit import edited_weight
 
         return edited_weight(w, retain.m, forget.m)
-    v = w if retain is None else w - retain.right_multiply(w)
-    return w - forget.right_multiply(v)
+    # in place on each product (a new tensor): two o × d temporaries at most, not four
+    v = w if retain is None else retain.right_multiply(w).neg_().add_(w)
+    return forget.right_multiply(v).neg_().add_(w)

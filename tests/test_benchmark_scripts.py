@@ -34,14 +34,15 @@ def test_solver_benchmark_smoke(tmp_path):
     import bench_solver
 
     out = tmp_path / "solver"
-    assert bench_solver.main(["--setting", "vgg11_bn_cifar", "--images", "2", "3", "--methods", "deepunlearn",
-                              "formed-M-float64", "paper", "--out", str(out)]) == 0
+    assert bench_solver.main(["--setting", "vgg11_bn_cifar", "--images", "2", "3", "--batch-size", "2", "--methods",
+                              "deepunlearn", "formed-M-float64", "paper", "forward", "--out", str(out)]) == 0
     (setting,) = json.loads(out.with_suffix(".json").read_text())["settings"]
     assert (setting["forget"], setting["retain"]) == (2, 3)
     for method in ("deepunlearn", "formed-M-float64", "paper"):  # each in its own process
         r = setting["methods"][method]
         assert r["total"] >= r["solve"] > 0 and r["peak_rss_bytes"] > 100e6, (method, r)
-    assert {"paper / deepunlearn time", "deepunlearn / paper peak RSS"} <= set(setting["ratios"])
+    assert {"paper / deepunlearn time", "deepunlearn / paper peak RSS", "deepunlearn / forward time"} <= set(setting["ratios"])
+    assert setting["methods"]["forward"]["total"] > 0
     assert "| vgg11_bn_cifar | 2 + 3 | paper |" in out.with_suffix(".md").read_text()
 
 

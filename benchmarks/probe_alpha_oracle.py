@@ -1,0 +1,165 @@
+"""The best a single (α_r, α_f) pair can do, with the test split as an oracle: the ceiling of any choice.
+
+    python benchmarks/probe_alpha_oracle.py                          # SmallCNN, ResNet-18, ViT; classes 0, 2, 7, {0, 2}, {0, 2, 7}
+    python benchmarks/probe_alpha_oracle.py --archs vit --forget 2 --scopes all skip-first
+
+For each architecture and class set (the suite's models and samples, as ``bench_auto_alpha.py``
+draws them), each edit scope, and each α_r of a wide grid: the smallest α_f (log bisection over
+[0.1, 10⁴]) whose *test* forget accuracy is at most 1 %, and the test retain accuracy there. The
+automatic choice only sees held-out training samples; this shows what it could reach at best,
+and whether a scope other than every layer raises that ceiling. Scopes:
+
+* ``all``: every edited layer (the default);
+* ``skip-first``: every layer but the first one the input reaches (a CNN's stem, a ViT's patch
+  embedding), whose inputs are raw pixels shared by every class.
+
+Results: ``benchmarks/results/alpha_oracle_cpu.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, write_results  # noqa: E402
+from deepunlearn import api, collect_statistics  # noqa: E402
+from deepunlearn.api import class_balanced_indices, dataset_labels  # noqa: E402
+from deepunlearn.auto_alpha import CandidateEdits  # noqa: E402
+from deepunlearn.data import fashion_mnist  # noqa: E402
+from deepunlearn.layers import find_targets  # noqa: E402
+from deepunlearn.suite import VALIDATION, cached_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EPOCHS = 4  # the suite's
+ALPHA_R_GRID = (1, 3, 10, 30, 100, 300, 1000)
+ALPHA_F_RANGE = (0.1, 1e4)  # bisection bounds (log scale)
+BISECTION_STEPS = 8  # a factor of 10^5 resolved to about 1.05
+FORGET_TARGET = 1.0  # percent
+
+
+def stacked(data) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*(data[i][:2] for i in range(len(data))))
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+def accuracy(model, x, y, batch=1000) -> float:
+    with torch.no_grad():
+        pred = torch.cat([model(b).argmax(1) for b in x.split(batch)])
+    return 100.0 * float((pred == y).double().mean())
+
+
+def oracle(model, cands: CandidateEdits, x_f, y_f, x_r, y_r) -> list[dict]:
+    targets = cands.targets
+    originals = [t.weight().detach().clone() for t in targets]
+
+    def apply(a_r, a_f):
+        with torch.no_grad():
+            for t, w in zip(targets, cands.weights(a_r, a_f)):
+                t.weight().copy_(w)
+
+    rows = []
+    try:
+        for a_r in ALPHA_R_GRID:
+            lo, hi = math.log(ALPHA_F_RANGE[0]), math.log(ALPHA_F_RANGE[1])
+            apply(a_r, math.exp(hi))
+            if accuracy(model, x_f, y_f) > FORGET_TARGET:
+                rows.append({"alpha_r": a_r, "alpha_f": None, "retain": None, "forget": None})
+                continue
+            apply(a_r, math.exp(lo))
+            if accuracy(model, x_f, y_f) <= FORGET_TARGET:
+                hi = lo
+            else:
+                for _ in range(BISECTION_STEPS):
+                    mid = 0.5 * (lo + hi)
+                    apply(a_r, math.exp(mid))
+                    if accuracy(model, x_f, y_f) <= FORGET_TARGET:
+                        hi = mid
+                    else:
+                        lo = mid
+            apply(a_r, math.exp(hi))
+            rows.append({"alpha_r": a_r, "alpha_f": math.exp(hi), "retain": accuracy(model, x_r, y_r),
+                         "forget": accuracy(model, x_f, y_f)})
+    finally:
+        with torch.no_grad():
+            for t, w in zip(targets, originals):
+                t.weight().copy_(w)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", nargs="+", default=["smallcnn", "resnet18", "vit"])
+    p.add_argument("--forget", nargs="+", action="append", type=int, default=None)
+    p.add_argument("--scopes", nargs="+", choices=["all", "skip-first"], default=["all", "skip-first"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DEEPUNLEARN_CACHE", Path.home() / ".cache" / "deepunlearn")))
+    p.add_argument("--out", type=Path, default=RESULTS / "alpha_oracle_cpu")
+    a = p.parse_args(argv)
+    sets = a.forget or [[0], [2], [7], [0, 2], [0, 2, 7]]
+    full, test = fashion_mnist("train"), fashion_mnist("test")
+    train = Subset(full, range(len(full) - VALIDATION))
+    labels = dataset_labels(train)
+    x_test, y_test = stacked(test)
+    result = {"device_name": device_name(torch.device("cpu")), "torch": torch.__version__, "alpha_r_grid": ALPHA_R_GRID,
+              "rows": []}
+    for arch in a.archs:
+        model, _ = cached_model(arch, train, EPOCHS, a.seed, a.cache_dir, "original")
+        model.eval()
+        for classes in sets:
+            keep = [k for k in range(10) if k not in classes]
+            g = torch.Generator().manual_seed(a.seed + sum(classes))
+            x_r, _ = stacked(Subset(train, class_balanced_indices(labels, keep, 100 * len(keep), g)))
+            x_f, _ = stacked(Subset(train, class_balanced_indices(labels, classes, 100 * len(keep), g)))
+            is_f = torch.isin(y_test, torch.as_tensor(classes))
+            tf, tr = (x_test[is_f], y_test[is_f]), (x_test[~is_f], y_test[~is_f])
+            original = (accuracy(model, *tr), accuracy(model, *tf))
+            targets, _ = find_targets(model)
+            cpu = torch.device("cpu")
+            stats_f, stats_r = collect_statistics(model, x_f), collect_statistics(model, x_r)
+            for scope in a.scopes:
+                t0 = time.perf_counter()
+                chosen = targets if scope == "all" else targets[1:]
+                cands = CandidateEdits(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu))
+                rows = oracle(model, cands, *tf, *tr)
+                reached = [r for r in rows if r["retain"] is not None]
+                best = max(reached, key=lambda r: r["retain"]) if reached else None
+                row = {"arch": arch, "classes": classes, "scope": scope, "original_retain": original[0],
+                       "original_forget": original[1], "per_alpha_r": rows, "best": best,
+                       "best_drop": None if best is None else original[0] - best["retain"],
+                       "seconds": time.perf_counter() - t0}
+                result["rows"].append(row)
+                print(f"[{arch} {classes} {scope}] " + (f"best alpha=({best['alpha_r']:g}, {best['alpha_f']:.3g}) drop "
+                      f"{row['best_drop']:.2f} forget {best['forget']:.2f}" if best else "never forgets") +
+                      " | " + ", ".join(f"{r['alpha_r']:g}: " + ("-" if r["retain"] is None else f"{original[0] - r['retain']:.2f}")
+                                        for r in rows), flush=True)
+                write_results(a.out, result, markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    grid = result["alpha_r_grid"]
+    lines = [f"# The best single pair, with the test split as oracle ({result['device_name']})", "",
+             "Test retain drop (points) at the smallest α_f whose test forget accuracy is at most 1 %, per α_r ('-': "
+             "never forgets with α_f ≤ 10⁴); best = the smallest drop over α_r.", "",
+             "| arch | classes | scope | " + " | ".join(f"α_r={g}" for g in grid) + " | best (α_r, α_f) | best drop |",
+             "|---|---|---|" + "---|" * len(grid) + "---|---|"]
+    for r in result["rows"]:
+        cells = ["-" if x["retain"] is None else f"{r['original_retain'] - x['retain']:.2f}" for x in r["per_alpha_r"]]
+        b = r["best"]
+        lines.append(f"| {r['arch']} | {','.join(map(str, r['classes']))} | {r['scope']} | " + " | ".join(cells) + " | "
+                     + ("-" if b is None else f"({b['alpha_r']:g}, {b['alpha_f']:.3g})") + " | "
+                     + ("-" if b is None else f"{r['best_drop']:.2f}") + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
