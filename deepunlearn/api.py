@@ -241,6 +241,7 @@ def unlearn(
     batch_size: int = 256,
     dtype: torch.dtype | None = None,
     autocast: torch.dtype | None = None,
+    skip_first_layer: bool | None = None,
     progress: bool = False,
 ) -> UnlearnReport:
     """Make ``model`` forget the classes that ``forget`` holds, keeping what ``retain`` holds. No training.
@@ -276,6 +277,11 @@ def unlearn(
             enough: the solved matrices have condition number at most α (docs/solver.md).
         autocast: collect under ``torch.autocast`` with ``torch.bfloat16`` or ``torch.float16`` (faster
             forward passes on GPUs); statistics are still accumulated and solved in ``dtype``.
+        skip_first_layer: leave the first layer the input reaches (a CNN's stem, a ViT's patch
+            embedding) unedited: it reads raw pixels, which every class shares. None (default):
+            skipped when the scales are chosen automatically (there it cost less retain accuracy for
+            the same forgetting in most cases measured, docs/auto_alpha.md), edited when both are
+            given (the paper's procedure). A model with one editable layer always has it edited.
         progress: show progress bars while collecting.
 
     With a ``torch.distributed`` process group initialised, every rank calls this with its own
@@ -326,6 +332,11 @@ def unlearn(
         stats_r = gather_statistics(model, retain, "retain", **kw)
     _sync(device)
     t2 = t_chosen = time.perf_counter()
+    if (choosing if skip_first_layer is None else skip_first_layer) and len({t.layer for t in targets}) > 1:
+        first = first_layer(targets, stats_f)
+        if first is not None:
+            targets = [t for t in targets if t.layer != first]
+            skipped = [*skipped, SkippedLayer(first, _FIRST_LAYER)]
     choice = None
     if choosing:
         candidates = CandidateEdits(targets, layer_moments(targets, stats_f, device), layer_moments(targets, stats_r, device))
@@ -389,6 +400,18 @@ def _check_choosing(forget: object, retain: object, target: float) -> None:
         raise ValueError("under torch.distributed give alpha_r and alpha_f: the automatic choice runs in one process")
     if not (isinstance(target, (int, float)) and 0 < target <= 100):
         raise ValueError(f"target_forget_accuracy must be a percentage in (0, 100], got {target!r}")
+
+
+_FIRST_LAYER = "the first layer the input reaches (skip_first_layer): unchanged"
+
+
+def first_layer(targets: Sequence[EditTarget], stats: Statistics) -> str | None:
+    """The layer (:attr:`EditTarget.layer`) of ``targets`` whose input the forward passes of
+    ``stats`` reached first, or None if they reached none."""
+    order = {slot: i for i, slot in enumerate(stats.slots)}
+    rank = {id(t): min((order[s] for s in stats.resolve(t.slots) if s in order), default=math.inf) for t in targets}
+    first = min(targets, key=lambda t: rank[id(t)])
+    return first.layer if rank[id(first)] < math.inf else None
 
 
 _UNREACHED = ("its module was never called during the forward passes (the model may apply the weight "

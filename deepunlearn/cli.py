@@ -191,7 +191,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         drawn["search_images"] = len(val)
 
     report = unlearn(model, forget_in, retain_in, alpha_r=alpha_r, alpha_f=alpha_f, classes=classes, solver=args.solver,
-                     batch_size=args.batch_size, dtype=dtype, autocast=autocast, progress=progress)
+                     batch_size=args.batch_size, dtype=dtype, autocast=autocast, progress=progress,
+                     skip_first_layer={"auto": None, "skip": True, "edit": False}[args.first_layer])
     if choosing:
         alpha_r, alpha_f = report.alpha_r, report.alpha_f
         timings.update({k: report.seconds[k] for k in ("collect_forget", "collect_retain", "choose_alpha")})
@@ -359,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--search-per-class", type=int, default=2, help="held-out images per class for --search")
     f.add_argument("--search-data", help="image tree to score --search on (default: images of --data not drawn)")
     f.add_argument("--solver", choices=["cholesky", "eigh", "svd"], default="cholesky")
+    f.add_argument("--first-layer", choices=["auto", "skip", "edit"], default="auto",
+                   help="the layer the input reaches first: auto (default) skips it when alpha is chosen, edits it when "
+                        "both scales are given (the paper's procedure)")
     _collect_args(f)
     f.add_argument("--out", required=True, help="the edited model file (same form as the input)")
     f.add_argument("--report", help="JSON report (default: OUT.json)")

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import deepunlearn
 from conftest import rel_err
 from deepunlearn import api
-from deepunlearn.auto_alpha import (ALPHA_R_CANDIDATES, CandidateEdits, choose_alphas, holdout_split, inferred_forget_classes,
-                                    make_scorer, materialise)
+from deepunlearn.auto_alpha import (ALPHA_R_CANDIDATES, CandidateEdits, allowed_forget_hits, binomial_upper_bound,
+                                    choose_alphas, holdout_split, inferred_forget_classes, make_scorer, materialise)
 from deepunlearn.layers import find_targets
 from deepunlearn.statistics import collect_statistics
 
@@ -163,3 +163,29 @@ def test_the_choice_is_deterministic(trained):
     a, b = (deepunlearn.unlearn(trained, forget, retain, inplace=False) for _ in range(2))
     assert a.alpha_choice.candidates == b.alpha_choice.candidates
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_the_forget_target_is_held_at_a_confidence_not_as_a_point_estimate():
+    # no hit of n: the bound solves (1 − u)^n = 1 − confidence
+    for n in (10, 225, 512):
+        assert abs(binomial_upper_bound(0, n, 0.9) - (1 - 0.1 ** (1 / n))) < 1e-12
+    # k hits: P(X <= k | n, u) = 0.1 at the bound (a sum computed here independently)
+    from math import comb
+
+    u = binomial_upper_bound(3, 512, 0.9)
+    assert abs(sum(comb(512, j) * u**j * (1 - u) ** (512 - j) for j in range(4)) - 0.1) < 1e-9
+    assert binomial_upper_bound(5, 5, 0.9) == 1.0
+    # 225 held-out samples (a quarter of 900): 1 % is 2.25 samples, but only none recognised passes;
+    # 512: one (0.76 % at 90 %); fewer samples than can show 1 %: still none
+    assert [allowed_forget_hits(n, 1.0) for n in (10, 225, 512)] == [0, 0, 1]
+    assert allowed_forget_hits(512, 5.0) > allowed_forget_hits(512, 1.0)
+
+
+def test_a_candidate_recognising_more_held_out_samples_than_allowed_does_not_reach_the_target(trained):
+    forget, retain = forget_and_retain(n=400)  # 100 held-out forget samples: none may be recognised at 1 %
+    c = deepunlearn.unlearn(trained, forget, retain, inplace=False).alpha_choice
+    assert c.allowed_hits == 0 and c.held_out[0] == 100
+    for row in c.candidates:
+        passed = row["retain_acc"] == row["retain_acc"]  # scored on the retain side only where it forgot
+        assert passed == (row["forget_acc"] == 0.0), row
+    assert "at most 0 held-out forget sample(s) recognised" in str(c)

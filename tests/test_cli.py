@@ -83,7 +83,9 @@ def test_forget_then_evaluate_a_pickled_module(tree, pickled_model, tmp_path, ca
     assert choice["scoring"] == "labels" and (report["alpha_r"], report["alpha_f"]) == (choice["alpha_r"], choice["alpha_f"])
     assert report["seconds"]["choose_alpha"] > 0
     names = {layer["name"] for layer in report["report"]["layers"]}
-    assert {"conv", "grouped", "attn.in_proj.q", "attn.out_proj", "query", "key", "head"} <= names
+    assert {"grouped", "attn.in_proj.q", "attn.out_proj", "query", "key", "head"} <= names
+    # alpha chosen: the layer the images reach first is left as it was (--first-layer auto)
+    assert "conv" not in names and [s[0] for s in report["report"]["skipped"]] == ["conv"]
     assert all(layer["relative_change"] > 0 for layer in report["report"]["layers"])
     assert set(report["seconds"]) >= {"collect_forget", "collect_retain", "decompose", "edit"}
     edited = torch.load(out, weights_only=False)
@@ -221,3 +223,16 @@ def test_imagenet_architectures_end_to_end(tree, tmp_path, arch):
     assert all(layer["relative_change"] > 0 for layer in layers if layer["name"] not in zero_init)
     state = torch.load(out, weights_only=True)
     model.load_state_dict(state)  # strict: the saved file is a complete state dict of the architecture
+
+
+def test_first_layer_option_skips_or_edits_the_stem(tree, pickled_model, tmp_path):
+    fixed = ("--alpha-r", 100, "--alpha-f", 10)
+    for choice, skipped in (("auto", []), ("skip", ["conv"])):  # both scales given: auto edits every layer
+        out = tmp_path / f"{choice}.pt"
+        assert run("forget", "--model", pickled_model, "--data", tree, "--forget", FORGET, "--out", out,
+                   "--first-layer", choice, *fixed, *SMALL) == 0
+        report = json.loads((tmp_path / f"{choice}.pt.json").read_text())["report"]
+        assert [s[0] for s in report["skipped"]] == skipped, choice
+    original = torch.load(pickled_model, weights_only=False)
+    assert torch.equal(torch.load(tmp_path / "skip.pt", weights_only=False).conv.weight, original.conv.weight)
+    assert not torch.equal(torch.load(tmp_path / "auto.pt", weights_only=False).conv.weight, original.conv.weight)

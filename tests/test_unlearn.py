@@ -303,3 +303,43 @@ def test_layers_applied_functionally_are_listed_as_skipped():
     assert [layer.name for layer in r.layers] == ["used"]
     assert len(r.skipped) == 1 and r.skipped[0][0] == "bypassed" and "never called" in r.skipped[0][1]
     assert torch.equal(model.bypassed.weight, w)
+
+
+class _Reversed(nn.Module):
+    """Registered in the opposite order to the one the input reaches them."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 3)
+        self.mid = nn.Linear(16, 16)
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(torch.relu(self.stem(x)).flatten(1))))
+
+
+def test_skip_first_layer_leaves_the_layer_the_input_reaches_first_and_the_rest_as_before():
+    torch.manual_seed(0)
+    model = _Reversed()
+    xf, xr = torch.randn(6, 2, 2, 2), torch.randn(20, 2, 2, 2)
+    every = unlearn(model, xf, xr, alpha_r=100, alpha_f=3, inplace=False)  # both scales given: the paper's, all layers
+    assert [r.name for r in every.layers] == ["head", "mid", "stem"] and not every.skipped
+    skip = unlearn(model, xf, xr, alpha_r=100, alpha_f=3, inplace=False, skip_first_layer=True)
+    assert [r.name for r in skip.layers] == ["head", "mid"]
+    assert skip.skipped == [("stem", "the first layer the input reaches (skip_first_layer): unchanged")]
+    assert torch.equal(skip.model.stem.weight, model.stem.weight)
+    for name in ("head", "mid"):  # each layer's edit depends on its own statistics only
+        assert torch.equal(getattr(skip.model, name).weight, getattr(every.model, name).weight), name
+    one = nn.Sequential(nn.Flatten(), nn.Linear(8, 3))  # a single editable layer is always edited
+    assert [r.name for r in unlearn(one, xf, xr, alpha_r=100, alpha_f=3, inplace=False, skip_first_layer=True).layers] == ["1"]
+
+
+@pytest.mark.filterwarnings("ignore:no candidate reached")  # an untrained model: the scope is checked, not the choice
+def test_the_automatic_choice_skips_the_first_layer_unless_told_not_to():
+    torch.manual_seed(0)
+    model = _Reversed()
+    xf, xr = torch.randn(40, 2, 2, 2) + 2.0, torch.randn(80, 2, 2, 2)
+    auto = unlearn(model, xf, xr, inplace=False)
+    assert [name for name, _ in auto.skipped] == ["stem"] and torch.equal(auto.model.stem.weight, model.stem.weight)
+    edited = unlearn(model, xf, xr, inplace=False, skip_first_layer=False)
+    assert not edited.skipped and not torch.equal(edited.model.stem.weight, model.stem.weight)
