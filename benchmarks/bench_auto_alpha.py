@@ -18,7 +18,6 @@ to one fixed-α call with the chosen pair (timed in the same run; target ≤ 2).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,15 +27,11 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, write_results  # noqa: E402
+from common import CLASS_SETS, device_name, suite_arguments, suite_data, suite_model, suite_samples, write_results  # noqa: E402
 import deepunlearn  # noqa: E402
-from deepunlearn.api import class_balanced_indices, dataset_labels  # noqa: E402
-from deepunlearn.data import fashion_mnist  # noqa: E402
 from deepunlearn.evaluation import class_accuracies, predictions  # noqa: E402
-from deepunlearn.suite import VALIDATION, cached_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-EPOCHS = 4  # the suite's
 QUALITY = {"forget": 1.0, "retain_drop": 1.0}  # the targets: test forget <= 1 %, retain within 1 point
 
 
@@ -51,27 +46,17 @@ def stacked(subset: Subset) -> torch.Tensor:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", nargs="+", default=["smallcnn", "resnet18", "vit"])
-    p.add_argument("--forget", nargs="+", action="append", type=int, default=None,
-                   help="a class set to forget (repeatable); default 0, 2, 7, then {0, 2} and {0, 2, 7}")
+    suite_arguments(p, RESULTS / "auto_alpha_cpu")
     p.add_argument("--forms", nargs="+", choices=["labelled", "unlabelled"], default=["labelled", "unlabelled"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DEEPUNLEARN_CACHE", Path.home() / ".cache" / "deepunlearn")))
-    p.add_argument("--out", type=Path, default=RESULTS / "auto_alpha_cpu")
     a = p.parse_args(argv)
-    sets = a.forget or [[0], [2], [7], [0, 2], [0, 2, 7]]
-    full, test = fashion_mnist("train"), fashion_mnist("test")
-    train = Subset(full, range(len(full) - VALIDATION))
-    labels = dataset_labels(train)
+    sets = a.forget or CLASS_SETS
+    train, labels, test = suite_data()
     result = {"device_name": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "targets": QUALITY, "rows": []}
     for arch in a.archs:
-        original, _ = cached_model(arch, train, EPOCHS, a.seed, a.cache_dir, "original")
+        original = suite_model(arch, train, a.seed, a.cache_dir)
         for classes in sets:
-            keep = [k for k in range(10) if k not in classes]
-            g = torch.Generator().manual_seed(a.seed + sum(classes))
-            retain = Subset(train, class_balanced_indices(labels, keep, 100 * len(keep), g))
-            forget = Subset(train, class_balanced_indices(labels, classes, 100 * len(keep), g))
+            forget, retain = suite_samples(train, labels, classes, a.seed)
             orig_r, orig_f = test_accuracies(original, test, classes)
             for form in a.forms:
                 f_data, r_data = (forget, retain) if form == "labelled" else (stacked(forget), stacked(retain))

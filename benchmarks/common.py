@@ -130,3 +130,54 @@ def write_results(stem: Path, result: dict, table: str) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     Path(f"{stem}.md").write_text(table)
+
+
+# -- the suite's Fashion-MNIST cases, shared by the quality benchmarks --------------------------
+
+CLASS_SETS = ([0], [2], [7], [0, 2], [0, 2, 7])  # one class at a time, then two and three at once
+SUITE_EPOCHS = 4  # the suite's models
+
+
+def suite_arguments(parser, out: Path, archs: Sequence[str] = ("smallcnn", "resnet18", "vit")) -> None:
+    """``--archs``, ``--forget`` (repeatable class sets), ``--seed``, ``--cache-dir``, ``--out``."""
+    parser.add_argument("--archs", nargs="+", default=list(archs))
+    parser.add_argument("--forget", nargs="+", action="append", type=int, default=None,
+                        help="a class set to forget (repeatable); default 0, 2, 7, then {0, 2} and {0, 2, 7}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path(os.environ.get("DEEPUNLEARN_CACHE", Path.home() / ".cache" / "deepunlearn")))
+    parser.add_argument("--out", type=Path, default=out)
+
+
+def suite_data():
+    """``(train, labels, test)``: the suite's training split (its validation images held back), its
+    labels, and the test split."""
+    from torch.utils.data import Subset
+
+    from deepunlearn.api import dataset_labels
+    from deepunlearn.data import fashion_mnist
+    from deepunlearn.suite import VALIDATION
+
+    full, test = fashion_mnist("train"), fashion_mnist("test")
+    train = Subset(full, range(len(full) - VALIDATION))
+    return train, dataset_labels(train), test
+
+
+def suite_samples(train, labels: torch.Tensor, classes: Sequence[int], seed: int):
+    """``(forget, retain)`` Subsets as the suite draws them: 100 images per kept class, as many to forget."""
+    from torch.utils.data import Subset
+
+    from deepunlearn.api import class_balanced_indices
+
+    keep = [k for k in range(10) if k not in classes]
+    g = torch.Generator().manual_seed(seed + sum(classes))
+    retain = Subset(train, class_balanced_indices(labels, keep, 100 * len(keep), g))
+    forget = Subset(train, class_balanced_indices(labels, list(classes), 100 * len(keep), g))
+    return forget, retain
+
+
+def suite_model(arch: str, train, seed: int, cache_dir: Path):
+    """The suite's original model of ``arch`` (trained once, then loaded from ``cache_dir``)."""
+    from deepunlearn.suite import cached_model
+
+    return cached_model(arch, train, SUITE_EPOCHS, seed, cache_dir, "original")[0]

@@ -19,26 +19,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, write_results  # noqa: E402
+from common import CLASS_SETS, device_name, suite_arguments, suite_data, suite_model, suite_samples, write_results  # noqa: E402
 from deepunlearn import api, collect_statistics  # noqa: E402
-from deepunlearn.api import class_balanced_indices, dataset_labels  # noqa: E402
 from deepunlearn.auto_alpha import CandidateEdits  # noqa: E402
-from deepunlearn.data import fashion_mnist  # noqa: E402
 from deepunlearn.layers import find_targets  # noqa: E402
-from deepunlearn.suite import VALIDATION, cached_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-EPOCHS = 4  # the suite's
 ALPHA_R_GRID = (1, 3, 10, 30, 100, 300, 1000)
 ALPHA_F_RANGE = (0.1, 1e4)  # bisection bounds (log scale)
 BISECTION_STEPS = 8  # a factor of 10^5 resolved to about 1.05
@@ -96,28 +90,19 @@ def oracle(model, cands: CandidateEdits, x_f, y_f, x_r, y_r) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", nargs="+", default=["smallcnn", "resnet18", "vit"])
-    p.add_argument("--forget", nargs="+", action="append", type=int, default=None)
+    suite_arguments(p, RESULTS / "alpha_oracle_cpu")
     p.add_argument("--scopes", nargs="+", choices=["all", "skip-first"], default=["all", "skip-first"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DEEPUNLEARN_CACHE", Path.home() / ".cache" / "deepunlearn")))
-    p.add_argument("--out", type=Path, default=RESULTS / "alpha_oracle_cpu")
     a = p.parse_args(argv)
-    sets = a.forget or [[0], [2], [7], [0, 2], [0, 2, 7]]
-    full, test = fashion_mnist("train"), fashion_mnist("test")
-    train = Subset(full, range(len(full) - VALIDATION))
-    labels = dataset_labels(train)
+    sets = a.forget or CLASS_SETS
+    train, labels, test = suite_data()
     x_test, y_test = stacked(test)
     result = {"device_name": device_name(torch.device("cpu")), "torch": torch.__version__, "alpha_r_grid": ALPHA_R_GRID,
               "rows": []}
     for arch in a.archs:
-        model, _ = cached_model(arch, train, EPOCHS, a.seed, a.cache_dir, "original")
-        model.eval()
+        model = suite_model(arch, train, a.seed, a.cache_dir).eval()
         for classes in sets:
-            keep = [k for k in range(10) if k not in classes]
-            g = torch.Generator().manual_seed(a.seed + sum(classes))
-            x_r, _ = stacked(Subset(train, class_balanced_indices(labels, keep, 100 * len(keep), g)))
-            x_f, _ = stacked(Subset(train, class_balanced_indices(labels, classes, 100 * len(keep), g)))
+            forget, retain = suite_samples(train, labels, classes, a.seed)
+            (x_f, _), (x_r, _) = stacked(forget), stacked(retain)
             is_f = torch.isin(y_test, torch.as_tensor(classes))
             tf, tr = (x_test[is_f], y_test[is_f]), (x_test[~is_f], y_test[~is_f])
             original = (accuracy(model, *tr), accuracy(model, *tf))

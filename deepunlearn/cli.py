@@ -9,9 +9,9 @@ Subcommands::
     deepunlearn stats show stats.pt
     deepunlearn suite --quick
 
-Models are a torchvision architecture plus a state-dict file (``--arch``, ``--weights``) or a
-whole pickled module (``--model``); the edited model is written the same way, with a JSON report
-next to it. Under ``torchrun`` the statistics are collected data-parallel and rank 0 writes.
+Models are a torchvision or timm architecture plus a state dict in a torch file or safetensors
+(``--arch`` or ``--timm``, ``--weights``) or a whole pickled module (``--model``); the edited
+model is written the same way, with a JSON report next to it. Under ``torchrun`` the statistics are collected data-parallel and rank 0 writes.
 """
 from __future__ import annotations
 
@@ -30,11 +30,13 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # -- shared arguments -------------------------------------------------------------------------
 def _model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (one of --model or --arch)")
+    g = p.add_argument_group("model (one of --model, --arch or --timm)")
     g.add_argument("--model", help="a whole pickled module (torch.save(model, path)); unpickling runs code: trust the file")
     g.add_argument("--arch", help="a torchvision architecture name, e.g. vit_b_16, resnet50")
-    g.add_argument("--weights", help="state-dict file for --arch (without it: random initialisation, for tests and timing)")
-    g.add_argument("--num-classes", type=int, default=None, help="outputs of --arch (default: the architecture's, 1000)")
+    g.add_argument("--timm", metavar="NAME", help="a timm architecture name, e.g. convnext_tiny (pip install timm)")
+    g.add_argument("--weights", help="state dict for --arch / --timm: a torch file or .safetensors; the edited weights "
+                                     "are written in the same format (without it: random initialisation, for tests)")
+    g.add_argument("--num-classes", type=int, default=None, help="outputs of --arch / --timm (default: the architecture's)")
 
 
 def _run_args(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
@@ -57,11 +59,15 @@ def _collect_args(p: argparse.ArgumentParser) -> None:
 def _source(args: argparse.Namespace):
     from .model_files import ModelSource
 
-    if (args.model is None) == (args.arch is None):
-        raise ValueError("name the model with exactly one of --model FILE or --arch NAME")
+    given = [name for name in ("model", "arch", "timm") if getattr(args, name) is not None]
+    if len(given) != 1:
+        raise ValueError("name the model with exactly one of --model FILE, --arch NAME or --timm NAME")
     if args.model is not None and (args.weights or args.num_classes):
-        raise ValueError("--weights and --num-classes go with --arch, not with --model")
-    return ModelSource(args.arch, args.model if args.arch is None else args.weights, args.num_classes)
+        raise ValueError("--weights and --num-classes go with --arch or --timm, not with --model")
+    if args.model is not None:
+        return ModelSource(None, args.model)
+    library = "timm" if args.timm is not None else "torchvision"
+    return ModelSource(args.arch or args.timm, args.weights, args.num_classes, library)
 
 
 def _device(args: argparse.Namespace) -> torch.device:
@@ -127,12 +133,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from .api import draw_samples
     from .distributed import shard
     from .image_tree import image_tree, loader, resolve_classes
-    from .model_files import load_model, save_model
+    from .model_files import check_output_format, load_model, save_model
 
     _check_positive(batch_size=args.batch_size, retain_per_class=args.retain_per_class, forget_samples=args.forget_samples,
                     image_size=args.image_size, search_per_class=args.search_per_class)
     source = _source(args)
     out = Path(args.out)
+    check_output_format(source, out)
     report_path = Path(args.report) if args.report else out.with_name(out.name + ".json")
     _check_out(out, args.overwrite, source.path, args.stats)
     _check_out(report_path, args.overwrite, source.path, args.stats)

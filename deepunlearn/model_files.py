@@ -1,8 +1,9 @@
 """Read and write the model files the command line works on.
 
-Two forms: a whole pickled module (``torch.save(model, path)``), or a torchvision architecture
-name plus a state-dict file. Nothing is ever downloaded: without a weights file an architecture
-is built at random initialisation (for tests and timing).
+Two forms: a whole pickled module (``torch.save(model, path)``), or an architecture name (from
+torchvision, or from timm) plus a state-dict file, a torch file (``.pth``/``.pt``) or safetensors
+(``.safetensors``). Nothing is ever downloaded: without a weights file an architecture is built
+at random initialisation (for tests and timing). The edited weights are written in the input's format.
 """
 from __future__ import annotations
 
@@ -21,14 +22,36 @@ class ModelSource:
     """Where a model came from, so that the edited one is written the same way.
 
     Attributes:
-        arch: torchvision builder name (``"vit_b_16"``), or ``None`` for a pickled module.
+        arch: architecture name (``"vit_b_16"``, or timm's ``"convnext_atto"``), or ``None`` for a
+            pickled module.
         path: the weights or module file, or ``None`` for random initialisation.
         num_classes: output classes the architecture was built with.
+        library: where ``arch`` is built from: ``"torchvision"`` or ``"timm"``.
     """
 
     arch: str | None
     path: str | None
     num_classes: int | None = None
+    library: str = "torchvision"
+
+    @property
+    def safetensors(self) -> bool:
+        """Whether the weights file is safetensors (by its suffix)."""
+        return self.arch is not None and self.path is not None and Path(self.path).suffix == SAFETENSORS_SUFFIX
+
+
+SAFETENSORS_SUFFIX = ".safetensors"
+LIBRARIES = ("torchvision", "timm")
+
+
+def _require(module: str, pip_name: str, why: str):
+    """Import ``module``, or raise ``ValueError`` naming the pip command that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"{why} needs the {pip_name} package: pip install {pip_name}") from None
 
 
 def _unwrap_state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
@@ -66,20 +89,9 @@ def load_model(source: ModelSource, device: torch.device | str = "cpu") -> nn.Mo
         if not isinstance(obj, nn.Module):
             raise ValueError(f"{source.path!r} holds a {type(obj).__name__}, not an nn.Module")
         return obj.to(device).eval()
-    import torchvision
-
-    names = set(torchvision.models.list_models())
-    if source.arch not in names:
-        close = sorted(n for n in names if source.arch.split("_")[0] in n)[:8]
-        raise ValueError(f"unknown architecture {source.arch!r}" + (f" (did you mean one of {close}?)" if close else ""))
-    kwargs = {} if source.num_classes is None else {"num_classes": source.num_classes}
-    model = torchvision.models.get_model(source.arch, weights=None, **kwargs)
+    model = _build(source)
     if source.path is not None:
-        try:
-            state = torch.load(source.path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"cannot read weights file {source.path!r}: {exc}") from exc
-        state = _unwrap_state_dict(state, source.path)
+        state = _unwrap_state_dict(_read_weights(source.path), source.path)
         own = model.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
@@ -90,6 +102,48 @@ def load_model(source: ModelSource, device: torch.device | str = "cpu") -> nn.Mo
             raise ValueError(f"weights {source.path!r} do not fit {source.arch}: " + "; ".join(parts))
         model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def _build(source: ModelSource) -> nn.Module:
+    """The architecture ``source`` names, at random initialisation (nothing downloaded)."""
+    kwargs = {} if source.num_classes is None else {"num_classes": source.num_classes}
+    if source.library == "timm":
+        timm = _require("timm", "timm", "--timm")
+        if not timm.is_model(source.arch):
+            close = timm.list_models(f"*{source.arch.split('_')[0]}*")[:8]
+            raise ValueError(f"unknown timm architecture {source.arch!r}" + (f" (did you mean one of {close}?)" if close else ""))
+        return timm.create_model(source.arch, pretrained=False, **kwargs)
+    if source.library != "torchvision":
+        raise ValueError(f"library must be one of {LIBRARIES}, got {source.library!r}")
+    import torchvision
+
+    names = set(torchvision.models.list_models())
+    if source.arch not in names:
+        close = sorted(n for n in names if source.arch.split("_")[0] in n)[:8]
+        raise ValueError(f"unknown architecture {source.arch!r}" + (f" (did you mean one of {close}?)" if close else ""))
+    return torchvision.models.get_model(source.arch, weights=None, **kwargs)
+
+
+def _read_weights(path: str) -> object:
+    """A weights file's contents: safetensors by its suffix, else a torch file (tensors only)."""
+    try:
+        if Path(path).suffix == SAFETENSORS_SUFFIX:
+            return _require("safetensors.torch", "safetensors", "a .safetensors weights file").load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"cannot read weights file {path!r}: {exc}") from exc
+
+
+def check_output_format(source: ModelSource, out: str | os.PathLike) -> None:
+    """Refuse an output name whose suffix says another format than the input's (before any work)."""
+    if source.arch is None or source.path is None:
+        return
+    if (Path(out).suffix == SAFETENSORS_SUFFIX) != source.safetensors:
+        kind = "safetensors" if source.safetensors else "a torch file"
+        raise ValueError(f"the weights are {kind} ({source.path!r}), so the edited weights are too: name --out "
+                         + (f"with the {SAFETENSORS_SUFFIX} suffix" if source.safetensors else f"without the {SAFETENSORS_SUFFIX} suffix"))
 
 
 def save_model(model: nn.Module, source: ModelSource, out: str | os.PathLike) -> None:
@@ -103,7 +157,11 @@ def save_model(model: nn.Module, source: ModelSource, out: str | os.PathLike) ->
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if source.arch is not None:
-        _write_atomically({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if source.safetensors:  # one contiguous tensor per name (tied weights are written twice)
+            _write_atomically({k: v.contiguous().clone() for k, v in state.items()}, out, safetensors=True)
+        else:
+            _write_atomically(state, out)
         return
     devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
     model.cpu()
@@ -114,11 +172,14 @@ def save_model(model: nn.Module, source: ModelSource, out: str | os.PathLike) ->
             model.to(devices.pop())
 
 
-def _write_atomically(payload: object, out: Path) -> None:
+def _write_atomically(payload: object, out: Path, safetensors: bool = False) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        if safetensors:
+            _require("safetensors.torch", "safetensors", "writing .safetensors").save_file(payload, tmp)
+        else:
+            torch.save(payload, tmp)
         os.replace(tmp, out)
     except BaseException:
         os.unlink(tmp)

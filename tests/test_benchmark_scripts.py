@@ -3,6 +3,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,32 @@ def test_gpu_only_benchmark_code_runs_on_tiny_shapes(monkeypatch):
     assert declined == "float32, wgrad form declined"
     # rates keep three significant digits below 10 TFLOP/s (a CPU's 0.1 once printed as 0)
     assert [bench_kernels.tflops_text(r) for r in (0.01234, 1.5, 523.4, None)] == ["0.0123", "1.5", "523", ""]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, stem", [("bench_auto_alpha", "auto"), ("probe_alpha_oracle", "oracle"),
+                                          ("check_solver_accuracy", "accuracy")])
+def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem):
+    """Each of the Fashion-MNIST quality scripts, end to end, on an untrained SmallCNN placed where
+    the suite's cache holds its trained one (what is checked is the script, not the numbers)."""
+    from deepunlearn.data import DEBIAN_ROOT
+    from deepunlearn.models import ARCHITECTURES
+
+    if not (DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("dataset-fashion-mnist not installed")
+    import importlib
+
+    torch.manual_seed(0)
+    torch.save({"state": ARCHITECTURES["smallcnn"]().state_dict(), "seconds": 0.0},
+               tmp_path / "suite_smallcnn_original_e4_s0.pt")
+    module = importlib.import_module(script)
+    out = tmp_path / stem
+    args = ["--archs", "smallcnn", "--forget", "7", "--cache-dir", str(tmp_path), "--out", str(out)]
+    if script == "bench_auto_alpha":
+        args += ["--forms", "unlabelled"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained model may reach no target: the choice warns
+        assert module.main(args) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == (2 if script == "probe_alpha_oracle" else 1)  # two scopes in the probe
+    assert "smallcnn" in out.with_suffix(".md").read_text()

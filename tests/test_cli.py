@@ -236,3 +236,35 @@ def test_first_layer_option_skips_or_edits_the_stem(tree, pickled_model, tmp_pat
     original = torch.load(pickled_model, weights_only=False)
     assert torch.equal(torch.load(tmp_path / "skip.pt", weights_only=False).conv.weight, original.conv.weight)
     assert not torch.equal(torch.load(tmp_path / "auto.pt", weights_only=False).conv.weight, original.conv.weight)
+
+
+def test_timm_architecture_with_safetensors_weights_keeps_the_format(tree, tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    st = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    original = timm.create_model("resnet18", pretrained=False).eval()
+    weights = tmp_path / "r18.safetensors"
+    st.save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(weights))
+    fixed = ("--alpha-r", 100, "--alpha-f", 10)
+    base = ("forget", "--timm", "resnet18", "--weights", weights, "--data", tree, "--forget", FORGET)
+    # the output keeps the input's format: a .pth name for safetensors weights is refused before any work
+    assert run(*base, "--out", tmp_path / "o.pth", *fixed, *SMALL) == 2
+    assert "name --out with the .safetensors suffix" in capsys.readouterr().err and not (tmp_path / "o.pth").exists()
+    out = tmp_path / "forgot.safetensors"
+    assert run(*base, "--out", out, *fixed, *SMALL) == 0
+    edited = st.load_file(str(out))
+    assert edited.keys() == original.state_dict().keys()
+    # equal to the library's edit of the same model on the same draw
+    ds = image_tree(tree, 32)
+    f_idx, r_idx = deepunlearn.api.draw_samples(torch.as_tensor(ds.targets), [609], 1, None, 0)
+    ref = deepunlearn.unlearn(original, Subset(ds, f_idx), Subset(ds, r_idx), alpha_r=100, alpha_f=10, dtype=torch.float64,
+                              inplace=False).model.state_dict()
+    for k, v in ref.items():
+        assert rel_err(edited[k], v) < 1e-10 if v.is_floating_point() else torch.equal(edited[k], v), k
+    assert not torch.equal(edited["fc.weight"], original.state_dict()["fc.weight"])
+    # timm's own error for an unknown name, with close names
+    assert run("forget", "--timm", "resnet5", "--data", tree, "--forget", FORGET, "--out", tmp_path / "x.pt", *SMALL) == 2
+    assert "unknown timm architecture 'resnet5'" in capsys.readouterr().err
+    assert run("forget", "--timm", "resnet18", "--arch", "resnet18", "--data", tree, "--forget", FORGET,
+               "--out", tmp_path / "x.pt", *SMALL) == 2
+    assert "exactly one of --model FILE, --arch NAME or --timm NAME" in capsys.readouterr().err
