@@ -142,3 +142,39 @@ def test_vgg11_bn_statistics_including_its_25088_wide_classifier_and_the_edit():
     assert {layer.name for layer in report.layers} == set(rows)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert report.layers[-3].d == 25088 and report.layers[-3].relative_change > 0
+
+
+TIMM_MODELS = {  # small inputs where the architecture allows them (timm rebuilds position tables for img_size)
+    "vit_small_patch16_224": {"img_size": 32},
+    "deit_tiny_patch16_224": {"img_size": 32},
+    "convnext_atto": {},
+    "efficientnet_b0": {},
+    "resnet18": {},
+    "swin_tiny_patch4_window7_224": {"img_size": 64, "window_size": 2},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TIMM_MODELS))
+def test_timm_models_every_weight_matrix_matches_an_independent_computation_and_is_edited(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kwargs = TIMM_MODELS[name]
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).double().eval()
+    size = kwargs.get("img_size", 32)
+    x = torch.randn(4, 3, size, size, dtype=torch.float64)
+    stats = collect_statistics(model, x[:2])
+    ref = independent_moments(model, x[:2])
+    targets, skipped = find_targets(model)
+    owners = [model.get_submodule(s.name.rpartition(".")[0]) for s in skipped]
+    assert not [o for o in owners if isinstance(o, (nn.Linear, nn.Conv2d))]  # only tokens and tables are skipped
+    for t in targets:
+        cov, n = stats.covariance(t)
+        key = t.slots[0] if t.kind == "attention-in" else t.slots[-1]
+        expected = ref[key] if ref[key].dim() == 3 else ref[key][None]
+        assert rel_err(cov, expected) < 1e-9, t.name
+    before = {t.name: t.weight().detach().clone() for t in targets}
+    report = unlearn(model, x[:2], x[2:], alpha_r=100, alpha_f=3, inplace=False)
+    assert {r.name for r in report.layers} == set(before)
+    edited = {t.name: t.weight() for t in find_targets(report.model)[0]}
+    assert all(torch.isfinite(w).all() and not torch.equal(w, before[k]) for k, w in edited.items())
