@@ -48,11 +48,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     suite_arguments(p, RESULTS / "auto_alpha_cpu")
     p.add_argument("--forms", nargs="+", choices=["labelled", "unlabelled"], default=["labelled", "unlabelled"])
+    p.add_argument("--first-token", choices=["auto", "yes", "no"], default="auto",
+                   help="statistics of sequence inputs from position 0 only (auto: the default call's choice)")
     a = p.parse_args(argv)
     sets = a.forget or CLASS_SETS
     train, labels, test = suite_data()
     result = {"device_name": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "targets": QUALITY, "rows": []}
+              "targets": QUALITY, "first_token": a.first_token, "rows": []}
     for arch in a.archs:
         original = suite_model(arch, train, a.seed, a.cache_dir)
         for classes in sets:
@@ -61,16 +63,18 @@ def main(argv=None) -> int:
             for form in a.forms:
                 f_data, r_data = (forget, retain) if form == "labelled" else (stacked(forget), stacked(retain))
                 t0 = time.perf_counter()
-                auto = deepunlearn.unlearn(original, f_data, r_data, inplace=False)
+                auto = deepunlearn.unlearn(original, f_data, r_data, inplace=False,
+                                           first_token={"auto": None, "yes": True, "no": False}[a.first_token])
                 t_auto = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                deepunlearn.unlearn(original, f_data, r_data, alpha_r=auto.alpha_r, alpha_f=auto.alpha_f, inplace=False)
+                deepunlearn.unlearn(original, f_data, r_data, alpha_r=auto.alpha_r, alpha_f=auto.alpha_f, inplace=False,
+                                    first_token=auto.alpha_choice.first_token, skip_first_layer=True)
                 t_fixed = time.perf_counter() - t0
                 r_acc, f_acc = test_accuracies(auto.model, test, classes)
                 c = auto.alpha_choice
                 row = {"arch": arch, "classes": classes, "form": form, "alpha_r": c.alpha_r, "alpha_f": c.alpha_f,
                        "held_out_retain": c.retain_acc, "held_out_forget": c.forget_acc, "reached_target": c.reached_target,
-                       "scoring": c.scoring, "candidates": len(c.candidates), "monotone": c.monotone,
+                       "scoring": c.scoring, "candidates": len(c.candidates), "monotone": c.monotone, "first_token": c.first_token,
                        "original_retain_test": orig_r, "original_forget_test": orig_f, "retain_test": r_acc,
                        "forget_test": f_acc, "retain_drop": orig_r - r_acc, "choose_seconds": auto.seconds["choose_alpha"],
                        "auto_seconds": t_auto, "fixed_seconds": t_fixed, "choose_over_fixed": auto.seconds["choose_alpha"] / t_fixed,
@@ -90,10 +94,11 @@ def markdown(result: dict) -> str:
              "Test split of Fashion-MNIST; retain drop = original − unlearned retain accuracy (points). Targets: forget "
              f"≤ {QUALITY['forget']:g} %, retain drop ≤ {QUALITY['retain_drop']:g}; choose / fixed = seconds choosing α over "
              "one fixed-α call with the chosen pair (target ≤ 2).", "",
-             "| arch | classes | data | α_r | α_f | held-out retain / forget | test retain (drop) | test forget | meets | candidates | choose (s) | choose / fixed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| arch | classes | data | α_r | α_f | tokens | held-out retain / forget | test retain (drop) | test forget | meets | candidates | choose (s) | choose / fixed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['arch']} | {','.join(map(str, r['classes']))} | {r['form']} | {r['alpha_r']:g} | {r['alpha_f']:.3g} | "
+                     f"{'first' if r.get('first_token') else 'all'} | "
                      f"{r['held_out_retain']:.1f} / {r['held_out_forget']:.1f} | {r['retain_test']:.2f} ({r['retain_drop']:.2f}) | "
                      f"{r['forget_test']:.2f} | {'yes' if r['meets_targets'] else 'no'} | {r['candidates']} | "
                      f"{r['choose_seconds']:.2f} | {r['choose_over_fixed']:.2f} |")

@@ -11,7 +11,10 @@ and whether a scope other than every layer raises that ceiling. Scopes:
 
 * ``all``: every edited layer (the default);
 * ``skip-first``: every layer but the first one the input reaches (a CNN's stem, a ViT's patch
-  embedding), whose inputs are raw pixels shared by every class.
+  embedding), whose inputs are raw pixels shared by every class;
+* ``skip-first-token``: as ``skip-first``, with the statistics of sequence inputs taken from their
+  first position only (the class token; ``first_token=True``); the same as ``skip-first`` for
+  models that read no sequence.
 
 Results: ``benchmarks/results/alpha_oracle_cpu.json`` and ``.md``.
 """
@@ -37,6 +40,7 @@ ALPHA_R_GRID = (1, 3, 10, 30, 100, 300, 1000)
 ALPHA_F_RANGE = (0.1, 1e4)  # bisection bounds (log scale)
 BISECTION_STEPS = 8  # a factor of 10^5 resolved to about 1.05
 FORGET_TARGET = 1.0  # percent
+SCOPES = ("all", "skip-first", "skip-first-token")
 
 
 def stacked(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +95,7 @@ def oracle(model, cands: CandidateEdits, x_f, y_f, x_r, y_r) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     suite_arguments(p, RESULTS / "alpha_oracle_cpu")
-    p.add_argument("--scopes", nargs="+", choices=["all", "skip-first"], default=["all", "skip-first"])
+    p.add_argument("--scopes", nargs="+", choices=list(SCOPES), default=list(SCOPES))
     a = p.parse_args(argv)
     sets = a.forget or CLASS_SETS
     train, labels, test = suite_data()
@@ -108,10 +112,11 @@ def main(argv=None) -> int:
             original = (accuracy(model, *tr), accuracy(model, *tf))
             targets, _ = find_targets(model)
             cpu = torch.device("cpu")
-            stats_f, stats_r = collect_statistics(model, x_f), collect_statistics(model, x_r)
             for scope in a.scopes:
+                token = scope.endswith("-token")
+                stats_f, stats_r = (collect_statistics(model, x, first_token=token) for x in (x_f, x_r))
                 t0 = time.perf_counter()
-                chosen = targets if scope == "all" else targets[1:]
+                chosen = targets if scope == "all" else targets[1:]  # the suite's models register their stem first
                 cands = CandidateEdits(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu))
                 rows = oracle(model, cands, *tf, *tr)
                 reached = [r for r in rows if r["retain"] is not None]

@@ -58,6 +58,7 @@ class AlphaChoice:
         seconds: wall time of decomposing and scoring (not of collecting the statistics).
         allowed_hits: the most held-out forget samples a candidate may still recognise to count as
             reaching the target (the target at :data:`FORGET_CONFIDENCE`, given ``held_out[0]``).
+        first_token: whether the chosen edit uses the statistics of sequences' first position only.
     """
 
     alpha_r: float
@@ -72,12 +73,14 @@ class AlphaChoice:
     candidates: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     allowed_hits: int = 0
+    first_token: bool = False
 
     def __str__(self) -> str:
         how = "reached" if self.reached_target else "NOT reached"
         return (f"alpha chosen: alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g} (held-out retain {self.retain_acc:.2f} %, "
                 f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}, at most {self.allowed_hits} held-out forget "
-                f"sample(s) recognised; {len(self.candidates)} candidates scored "
+                f"sample(s) recognised; {'statistics of the first sequence position; ' if self.first_token else ''}"
+                f"{len(self.candidates)} candidates scored "
                 f"by {self.scoring} on {self.held_out[0]} + {self.held_out[1]} held-out samples in {self.seconds:.2f} s)")
 
 

@@ -176,6 +176,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             forget_in, retain_in = forget_data, retain_data
         else:
             t0 = time.perf_counter()
+            kw["first_token"] = args.first_token == "yes"  # scales given: auto means every position
             forget_in = collect_statistics(model, forget_data, desc="forget", **kw)
             t1 = time.perf_counter()
             retain_in = collect_statistics(model, retain_data, desc="retain", **kw)
@@ -199,7 +200,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     report = unlearn(model, forget_in, retain_in, alpha_r=alpha_r, alpha_f=alpha_f, classes=classes, solver=args.solver,
                      batch_size=args.batch_size, dtype=dtype, autocast=autocast, progress=progress,
-                     skip_first_layer={"auto": None, "skip": True, "edit": False}[args.first_layer])
+                     skip_first_layer={"auto": None, "skip": True, "edit": False}[args.first_layer],
+                     first_token={"auto": None, "yes": True, "no": False}[args.first_token])
     if choosing:
         alpha_r, alpha_f = report.alpha_r, report.alpha_f
         timings.update({k: report.seconds[k] for k in ("collect_forget", "collect_retain", "choose_alpha")})
@@ -370,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--first-layer", choices=["auto", "skip", "edit"], default="auto",
                    help="the layer the input reaches first: auto (default) skips it when alpha is chosen, edits it when "
                         "both scales are given (the paper's procedure)")
+    f.add_argument("--first-token", choices=["auto", "yes", "no"], default="auto",
+                   help="statistics of sequence inputs (ViT tokens) from the first position only: auto (default) "
+                        "scores both when alpha is chosen, no when both scales are given")
     _collect_args(f)
     f.add_argument("--out", required=True, help="the edited model file (same form as the input)")
     f.add_argument("--report", help="JSON report (default: OUT.json)")

@@ -99,12 +99,18 @@ class Statistics:
         aliases: slot name -> the slot that holds its statistics, for ``nn.Linear`` layers that
             read the very same input tensor as an earlier one in every forward pass (separate
             query/key/value projections): one buffer is accumulated for all of them.
+        first_token: whether sequence inputs contributed their first position only
+            (:func:`collect_statistics`'s ``first_token``).
+        sequence_inputs: whether an edited layer read sequences (an ``nn.Linear`` input of shape
+            ``(batch, sequence, features)``, or ``nn.MultiheadAttention``): where ``first_token`` matters.
     """
 
     slots: dict[str, SlotStatistics] = field(default_factory=dict)
     samples: int = 0
     fingerprint: str = ""
     aliases: dict[str, str] = field(default_factory=dict)
+    first_token: bool = False
+    sequence_inputs: bool = False
 
     # -- combination and movement ---------------------------------------------------------
     def __add__(self, other: "Statistics") -> "Statistics":
@@ -114,8 +120,12 @@ class Statistics:
             raise ValueError(
                 f"cannot add statistics of different models (fingerprints {self.fingerprint} and {other.fingerprint})"
             )
+        if self.first_token != other.first_token:
+            raise ValueError("cannot add statistics of all sequence positions to statistics of the first position only "
+                             "(collected with different first_token)")
         a, b = (self, other) if self.aliases == other.aliases else (self.expanded(), other.expanded())
-        out = Statistics({k: v.copy() for k, v in a.slots.items()}, a.samples + b.samples, a.fingerprint, dict(a.aliases))
+        out = Statistics({k: v.copy() for k, v in a.slots.items()}, a.samples + b.samples, a.fingerprint, dict(a.aliases),
+                         self.first_token, self.sequence_inputs or other.sequence_inputs)
         for name, s in b.slots.items():
             if name not in out.slots:
                 out.slots[name] = s.copy()
@@ -132,14 +142,15 @@ class Statistics:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Statistics":
         """A copy with every buffer moved to ``device`` and/or cast to ``dtype``."""
         return Statistics({k: SlotStatistics(v.moment.to(device=device, dtype=dtype), v.count) for k, v in self.slots.items()},
-                          self.samples, self.fingerprint, dict(self.aliases))
+                          self.samples, self.fingerprint, dict(self.aliases), self.first_token, self.sequence_inputs)
 
     def expanded(self) -> "Statistics":
         """The same statistics with every alias turned into a slot of its own (sharing the buffer)."""
         slots = dict(self.slots)
         for name, owner in self.aliases.items():
             slots[name] = self.slots[owner]
-        return Statistics(slots, self.samples, self.fingerprint)
+        return Statistics(slots, self.samples, self.fingerprint, first_token=self.first_token,
+                          sequence_inputs=self.sequence_inputs)
 
     def resolve(self, slots: tuple[str, ...]) -> tuple[str, ...]:
         """The stored slots that hold the statistics of ``slots`` (aliases followed, duplicates dropped)."""
@@ -186,7 +197,8 @@ class Statistics:
     # -- persistence ------------------------------------------------------------------------
     def checksum(self) -> str:
         """SHA-256 of the metadata and every buffer's bytes (as stored on the CPU)."""
-        head = [self.fingerprint, self.samples] + ([sorted(self.aliases.items())] if self.aliases else [])
+        head = ([self.fingerprint, self.samples] + ([sorted(self.aliases.items())] if self.aliases else [])
+                + (["first_token"] if self.first_token else []))
         h = hashlib.sha256(json.dumps(head).encode())
         for name, s in self.slots.items():
             t = s.stored.detach().cpu().contiguous()
@@ -205,6 +217,8 @@ class Statistics:
             "slots": {k: {"rows" if isinstance(v.moment, SampleRows) else "cov": v.stored.detach().cpu(), "count": v.count}
                       for k, v in self.slots.items()},
             "aliases": dict(self.aliases),
+            "first_token": self.first_token,
+            "sequence_inputs": self.sequence_inputs,
             "checksum": self.checksum(),
         }
 
@@ -219,7 +233,8 @@ class Statistics:
             slots = {k: SlotStatistics(SampleRows(v["rows"]) if "rows" in v else v["cov"], int(v["count"]))
                      for k, v in blob["slots"].items()}
             aliases = {str(k): str(v) for k, v in blob.get("aliases", {}).items()}
-            stats = cls(slots, int(blob["samples"]), str(blob["fingerprint"]), aliases)
+            stats = cls(slots, int(blob["samples"]), str(blob["fingerprint"]), aliases, bool(blob.get("first_token", False)),
+                        bool(blob.get("sequence_inputs", False)))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{source} is malformed: {exc}") from exc
         if any(owner not in slots for owner in aliases.values()):
@@ -277,9 +292,10 @@ class _Collector:
     """
 
     def __init__(self, targets: list[EditTarget], device: torch.device, dtype: torch.dtype, share_inputs: bool = True,
-                 autocast: torch.dtype | None = None, keep_vectors: bool = True):
+                 autocast: torch.dtype | None = None, keep_vectors: bool = True, first_token: bool = False):
         self.stats = Statistics()
         self.keep_vectors = keep_vectors
+        self.first_token = first_token
         self.device, self.dtype = device, dtype
         self.autocast = check_autocast(autocast)
         self.handles: list = []
@@ -340,11 +356,24 @@ class _Collector:
         x = x.detach()
         return x.to(self.autocast) if self.autocast is not None and x.is_floating_point() else x
 
+    def _attention_positions(self, x: torch.Tensor, batch_first: bool) -> torch.Tensor:
+        """An attention input or output, or with ``first_token`` its first sequence position only:
+        ``(batch, sequence, E)`` where ``batch_first``, else ``(sequence, batch, E)``; unbatched ``(sequence, E)``."""
+        if not self.first_token:
+            return x
+        if x.dim() == 2:
+            return x[:1]
+        return x[:, 0] if batch_first else x[0]
+
     def _linear_hook(self, name: str, d: int):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             if self.share_inputs and self._shared_owner(name, x) is not None:
                 return
+            if x.dim() == 3:
+                self.stats.sequence_inputs = True
+                if self.first_token:
+                    x = x[:, 0]
             with _autocast_off(self.device):
                 self.add_rows(name, linear_rows(self._computed(x), d))
 
@@ -396,14 +425,16 @@ class _Collector:
                 return
             names = ("query", "key", "value")
             q, k, v = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
-            out_rows = _attention_before_out_proj(module, args, kwargs, self)  # replayed under the same autocast
+            out = _attention_before_out_proj(module, args, kwargs, self)  # replayed under the same autocast
+            self.stats.sequence_inputs = True
+            first = lambda t: self._attention_positions(t, module.batch_first)  # noqa: E731
             with _autocast_off(self.device):
                 if q is k and k is v:
-                    self.add_rows(f"{name}.in_proj", linear_rows(self._computed(q), q.shape[-1]))
+                    self.add_rows(f"{name}.in_proj", linear_rows(self._computed(first(q)), q.shape[-1]))
                 else:
                     for part, t in zip("qkv", (q, k, v)):
-                        self.add_rows(f"{name}.{part}", linear_rows(self._computed(t), t.shape[-1]))
-                self.add_rows(f"{name}.out_proj", out_rows)
+                        self.add_rows(f"{name}.{part}", linear_rows(self._computed(first(t)), t.shape[-1]))
+                self.add_rows(f"{name}.out_proj", linear_rows(first(out), out.shape[-1]))
 
         return hook
 
@@ -443,7 +474,8 @@ def _out_positions(spatial: torch.Size, geom: ConvGeometry) -> int:
 
 
 def _attention_before_out_proj(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, collector: _Collector) -> torch.Tensor:
-    """Re-run ``mha`` with ``out_proj`` as the identity: the rows ``out_proj`` multiplies, ``(n, E)``.
+    """Re-run ``mha`` with ``out_proj`` as the identity: what ``out_proj`` multiplies, shaped as the
+    query (``(..., E)``).
 
     ``out_proj`` is applied inside ``F.multi_head_attention_forward`` through its weight, so no
     hook on it ever fires; replaying with an identity projection yields its exact input.
@@ -465,7 +497,7 @@ def _attention_before_out_proj(mha: nn.MultiheadAttention, args: tuple, kwargs: 
         collector._inside_mha_replay = False
     if out.is_nested:
         out = out.to_padded_tensor(0.0)
-    return out.detach().reshape(-1, w.shape[1])
+    return out.detach()
 
 
 @contextmanager
@@ -550,6 +582,7 @@ def collect_statistics(
     autocast: torch.dtype | None = None,
     distributed: bool = True,
     keep_vectors: bool = True,
+    first_token: bool = False,
     progress: bool = False,
     desc: str = "statistics",
 ) -> Statistics:
@@ -569,6 +602,10 @@ def collect_statistics(
         keep_vectors: keep a layer's input vectors themselves, ``(groups, n, d)``, while it has seen
             fewer than its width ``d`` (less memory, and the solve then works on ``n × n`` matrices);
             False: always the ``(groups, d, d)`` sum.
+        first_token: for inputs that are sequences, only the first position's vectors: every
+            ``nn.Linear`` input of shape ``(batch, sequence, features)`` and every
+            ``nn.MultiheadAttention`` input and output (in its own layout). For classifiers that
+            read a class token at position 0 (ViT, DeiT): the statistics of what the head sees.
         progress: show a progress bar (images and images per second).
         desc: progress bar label.
 
@@ -582,7 +619,8 @@ def collect_statistics(
     check_autocast(autocast)
     ranks = dist.world() if distributed else None
     try:
-        stats, samples = _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc, keep_vectors)
+        stats, samples = _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc, keep_vectors,
+                                  first_token)
     except Exception as exc:
         if ranks is None:
             raise
@@ -615,8 +653,9 @@ def finish_statistics(model: nn.Module, stats: Statistics, samples: int, error: 
 
 
 def _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc,
-             keep_vectors: bool = True) -> tuple[Statistics, int]:
-    collector = _Collector(targets, device, dtype, autocast=autocast, keep_vectors=keep_vectors)
+             keep_vectors: bool = True, first_token: bool = False) -> tuple[Statistics, int]:
+    collector = _Collector(targets, device, dtype, autocast=autocast, keep_vectors=keep_vectors, first_token=first_token)
+    collector.stats.first_token = first_token
     try:
         samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
     except _SharingChanged as exc:
@@ -625,6 +664,8 @@ def _collect(model, data, targets, device, dtype, autocast, batch_size, progress
             raise ValueError(f"{exc}; pass data that can be iterated twice (a DataLoader, Dataset or tensor, "
                              "not a one-shot iterator) so the statistics can be collected again per layer") from exc
         warnings.warn(f"{exc}: collecting again with one statistic per layer", RuntimeWarning, stacklevel=3)
-        collector = _Collector(targets, device, dtype, share_inputs=False, autocast=autocast, keep_vectors=keep_vectors)
+        collector = _Collector(targets, device, dtype, share_inputs=False, autocast=autocast, keep_vectors=keep_vectors,
+                               first_token=first_token)
+        collector.stats.first_token = first_token
         samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
     return collector.stats, samples

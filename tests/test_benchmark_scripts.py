@@ -174,5 +174,5 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem):
         warnings.simplefilter("ignore")  # an untrained model may reach no target: the choice warns
         assert module.main(args) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert len(rows) == (2 if script == "probe_alpha_oracle" else 1)  # two scopes in the probe
+    assert len(rows) == (3 if script == "probe_alpha_oracle" else 1)  # three scopes in the probe
     assert "smallcnn" in out.with_suffix(".md").read_text()

@@ -1,0 +1,108 @@
+"""Statistics of sequence inputs from their first position only (``first_token``): against an
+independent computation, kept apart from all-position statistics, and through the edit."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import rel_err
+from test_covariance import unrolled_attention
+
+import deepunlearn
+from deepunlearn import Statistics, collect_statistics
+from deepunlearn.models import SmallViT
+
+
+class TokenNet(nn.Module):
+    """A class token, self-attention in either layout, an MLP on every token, a head on token 0."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.mlp = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+        self.batch_first = batch_first
+
+    def forward(self, x):  # x: (n, L, 6)
+        t = self.embed(x)
+        a = t if self.batch_first else t.transpose(0, 1)
+        a = self.attn(a, a, a, need_weights=False)[0]
+        t = t + (a if self.batch_first else a.transpose(0, 1))
+        t = t + torch.relu(self.mlp(t))
+        return self.head(t[:, 0])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_first_position_statistics_match_an_independent_computation(batch_first):
+    torch.manual_seed(0)
+    model = TokenNet(batch_first).double().eval()
+    x = torch.randn(5, 7, 6, dtype=torch.float64)
+    stats = collect_statistics(model, x, first_token=True)
+    with torch.no_grad():
+        t = model.embed(x)
+        out = unrolled_attention(model.attn, t, t, t).reshape(5, 7, 16)
+        t2 = t + out @ model.attn.out_proj.weight.T + model.attn.out_proj.bias
+        t3 = t2 + torch.relu(model.mlp(t2))
+    want = {"embed": x[:, 0], "attn.in_proj": t[:, 0], "attn.out_proj": out[:, 0], "mlp": t2[:, 0], "head": t3[:, 0]}
+    assert stats.first_token and set(stats.slots) == set(want)
+    for name, rows in want.items():
+        assert stats.slots[name].count == 5, name  # one vector per sample
+        assert rel_err(stats.slots[name].cov[0], rows.T @ rows) < 1e-12, name
+    every = collect_statistics(model, x)
+    assert every.slots["mlp"].count == 35 and every.slots["head"].count == 5  # the head's input was one vector already
+
+
+def test_first_position_statistics_are_kept_apart(tmp_path):
+    torch.manual_seed(0)
+    model = TokenNet(True).eval()
+    x = torch.randn(4, 7, 6)
+    first, every = collect_statistics(model, x, first_token=True), collect_statistics(model, x)
+    with pytest.raises(ValueError, match="first position only"):
+        first + every
+    first.save(tmp_path / "s.pt")
+    assert Statistics.load(tmp_path / "s.pt").first_token
+    with pytest.raises(ValueError, match="collected with first_token=True, but the call has first_token=False"):
+        deepunlearn.unlearn(model, first, every, alpha_r=100, alpha_f=3)
+    report = deepunlearn.unlearn(model, first, first + first, alpha_r=100, alpha_f=3, first_token=True, inplace=False)
+    assert all(torch.isfinite(p).all() for p in report.model.parameters())
+
+
+def test_unlearn_with_first_token_on_a_small_vit():
+    torch.manual_seed(0)
+    model = SmallViT().eval()
+    xf, xr = torch.randn(6, 1, 28, 28), torch.randn(12, 1, 28, 28)
+    report = deepunlearn.unlearn(model, xf, xr, alpha_r=100, alpha_f=3, first_token=True, inplace=False)
+    rows = {r.name: r for r in report.layers}
+    # the encoder's linear maps saw one vector per image; the patch embedding (a conv) saw every patch
+    assert rows["encoder.layers.0.linear1"].forget_vectors == 6 and rows["patch"].forget_vectors == 6 * 16
+    assert rows["head"].retain_vectors == 12
+
+
+@pytest.mark.filterwarnings("ignore:no candidate reached")  # untrained models: the modes are checked, not the choice
+def test_the_automatic_choice_scores_both_ways_for_models_that_read_sequences(monkeypatch):
+    from deepunlearn import api
+
+    calls = []
+    real = api.choose_alphas
+
+    def spy(*args, **kwargs):
+        c = real(*args, **kwargs)
+        calls.append(c)
+        return c
+
+    monkeypatch.setattr(api, "choose_alphas", spy)
+    torch.manual_seed(0)
+    model = TokenNet(True).eval()
+    xf, xr = torch.randn(24, 7, 6) + 1.0, torch.randn(48, 7, 6)
+    report = deepunlearn.unlearn(model, xf, xr, inplace=False)
+    assert len(calls) == 2  # every position, then the first position's statistics
+    ranks = [api._choice_rank(c) for c in calls]
+    assert report.alpha_choice.first_token == (ranks[1] > ranks[0])
+    assert (report.alpha_choice.alpha_r, report.alpha_choice.alpha_f) == (report.alpha_r, report.alpha_f)
+    calls.clear()
+    deepunlearn.unlearn(model, xf, xr, inplace=False, first_token=False)  # given: one way only
+    assert len(calls) == 1 and not calls[0].first_token
+    calls.clear()
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).eval()
+    deepunlearn.unlearn(cnn, torch.randn(24, 1, 6, 6) + 1.0, torch.randn(48, 1, 6, 6), inplace=False)
+    assert len(calls) == 1  # no sequence read: nothing to choose between
