@@ -295,7 +295,8 @@ def unlearn(
             :func:`~deepunlearn.collect_statistics`). None (default): when the scales are chosen and
             the model reads sequences, both ways are scored and the better kept (on the suite's ViT
             the first position's statistics cut the retain cost of forgetting several-fold,
-            docs/auto_alpha.md); every position when both scales are given (the paper's procedure).
+            docs/auto_alpha.md); with both scales given, the kind of the :class:`Statistics` given, else
+            every position (the paper's procedure).
         progress: show progress bars while collecting.
 
     With a ``torch.distributed`` process group initialised, every rank calls this with its own
@@ -327,6 +328,9 @@ def unlearn(
     if not inplace:
         model = copy.deepcopy(model)
         targets, skipped = find_targets(model)
+    if first_token is None and not choosing:  # statistics given: their kind; else every position (the paper's)
+        given = [s.first_token for s in (forget, retain) if isinstance(s, Statistics)]
+        first_token = given[0] if given else False
     kw = dict(batch_size=batch_size, dtype=dtype, autocast=autocast, progress=progress, first_token=bool(first_token))
 
     t0 = time.perf_counter()
