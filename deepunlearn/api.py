@@ -21,7 +21,7 @@ from .layers import EditTarget, SkippedLayer, find_targets
 from .moments import Moment, dense, moment_trace
 from .projection import check_alpha, check_solver
 from .report import LayerReport, UnlearnReport
-from .statistics import Statistics, collect_statistics, model_device
+from .statistics import Statistics, collect_both_kinds, collect_statistics, model_device
 
 ProjectionFn = Callable[[torch.Tensor], torch.Tensor]  # (g, d, d) second moment -> (g, d, d) M
 
@@ -333,11 +333,22 @@ def unlearn(
         first_token = given[0] if given else False
     kw = dict(batch_size=batch_size, dtype=dtype, autocast=autocast, progress=progress, first_token=bool(first_token))
 
+    both_kinds = choosing and first_token is None  # every position's and the first position's, in one pass
+
+    def kinds(x: torch.Tensor, role: str) -> dict[bool, Statistics]:
+        """The statistics of samples ``x`` by kind (``first_token``)."""
+        if not both_kinds:
+            return {bool(first_token): gather_statistics(model, x, role, **kw)}
+        full, token = collect_both_kinds(model, x, batch_size=batch_size, dtype=dtype, autocast=autocast,
+                                         progress=progress, desc=role)
+        return {False: full} | ({} if token is None else {True: token})
+
     t0 = time.perf_counter()
     if choosing:  # the statistics of a fit part and of a held-out part, which score the candidates
         x_f, y_f = materialise(forget, batch_size, "forget")
         fit_f, held_f = holdout_split(len(x_f), "forget")
-        stats_f, held_stats_f = (gather_statistics(model, x_f[i], "forget", **kw) for i in (fit_f, held_f))
+        parts_f = [kinds(x_f[i], "forget") for i in (fit_f, held_f)]
+        stats_f = parts_f[0][min(parts_f[0])]  # every position's where both kinds were collected
     else:
         stats_f = gather_statistics(model, forget, "forget", **kw)
     _sync(device)
@@ -345,7 +356,7 @@ def unlearn(
     if choosing:
         x_r, y_r = materialise(retain, batch_size, "retain")
         fit_r, held_r = holdout_split(len(x_r), "retain")
-        stats_r, held_stats_r = (gather_statistics(model, x_r[i], "retain", **kw) for i in (fit_r, held_r))
+        parts_r = [kinds(x_r[i], "retain") for i in (fit_r, held_r)]
     else:
         stats_r = gather_statistics(model, retain, "retain", **kw)
     _sync(device)
@@ -359,15 +370,10 @@ def unlearn(
     if choosing:
         scorer = make_scorer(model, x_f[held_f], None if y_f is None else y_f[held_f], x_r[held_r],
                              None if y_r is None else y_r[held_r], classes, batch_size, autocast)
-        modes = [bool(first_token)] + ([True] if first_token is None and stats_f.sequence_inputs else [])
+        modes = sorted(set.intersection(*(set(p) for p in (*parts_f, *parts_r))))  # False (every position) first
         best = None
         for mode in modes:
-            if mode == modes[0]:
-                parts = (stats_f, held_stats_f, stats_r, held_stats_r)
-            else:  # the same samples' statistics of the first sequence position
-                mode_kw = {**kw, "first_token": mode}
-                parts = (*(gather_statistics(model, x_f[i], "forget", **mode_kw) for i in (fit_f, held_f)),
-                         *(gather_statistics(model, x_r[i], "retain", **mode_kw) for i in (fit_r, held_r)))
+            parts = (parts_f[0][mode], parts_f[1][mode], parts_r[0][mode], parts_r[1][mode])
             candidates = CandidateEdits(targets, layer_moments(targets, parts[0], device),
                                         layer_moments(targets, parts[2], device))
             with warnings.catch_warnings(record=True) as caught:  # only the kept mode's warning is shown
@@ -380,7 +386,7 @@ def unlearn(
         choice, (fit_sf, held_sf, fit_sr, held_sr), caught = best
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        del scorer, best, stats_f, stats_r, held_stats_f, held_stats_r
+        del scorer, best, parts_f, parts_r
         alpha_r, alpha_f = choice.alpha_r, choice.alpha_f
         stats_f, stats_r = fit_sf + held_sf, fit_sr + held_sr  # the edit uses every sample
         del fit_sf, held_sf, fit_sr, held_sr

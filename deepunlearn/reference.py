@@ -37,7 +37,8 @@ class _ActivationRecorder(_Collector):
         self.rows: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.conv_crop, self.max_patches, self.generator = conv_crop, max_patches, generator
 
-    def add_rows(self, name: str, rows: torch.Tensor) -> None:
+    def add_rows(self, name: str, rows: torch.Tensor, slots=None) -> None:
+        """Keep the activation rows; ``slots`` is always None here (one kind of statistics)."""
         self.rows[name].append(rows.to(self.dtype)[None])
 
     def add_conv(self, name: str, x: torch.Tensor, geom: ConvGeometry, d: int) -> None:

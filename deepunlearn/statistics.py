@@ -292,10 +292,13 @@ class _Collector:
     """
 
     def __init__(self, targets: list[EditTarget], device: torch.device, dtype: torch.dtype, share_inputs: bool = True,
-                 autocast: torch.dtype | None = None, keep_vectors: bool = True, first_token: bool = False):
+                 autocast: torch.dtype | None = None, keep_vectors: bool = True, first_token: bool = False,
+                 both_kinds: bool = False):
         self.stats = Statistics()
         self.keep_vectors = keep_vectors
         self.first_token = first_token
+        # both_kinds: also the first position's statistics of every sequence slot, in the same passes
+        self.token_slots: dict[str, SlotStatistics] | None = {} if both_kinds else None
         self.device, self.dtype = device, dtype
         self.autocast = check_autocast(autocast)
         self.handles: list = []
@@ -320,29 +323,33 @@ class _Collector:
                 self.handles.append(m.register_forward_pre_hook(self._conv_hook(t.name, ConvGeometry.of(m), t.in_features)))
 
     # -- sinks (overridden by the reference procedure) --------------------------------------
-    def _add(self, name: str, groups: int, d: int, n: int, vectors, accumulate) -> None:
-        """Add ``n`` input vectors to slot ``name``: kept as ``vectors()`` (``(groups, n, d)``) while
-        the slot has seen fewer than ``d``, else streamed into the dense sum by ``accumulate(cov)``."""
-        s = self.stats.slots.get(name)
+    def _add(self, name: str, groups: int, d: int, n: int, vectors, accumulate,
+             slots: dict[str, SlotStatistics] | None = None) -> None:
+        """Add ``n`` input vectors to slot ``name`` of ``slots`` (default: the statistics'): kept as
+        ``vectors()`` (``(groups, n, d)``) while the slot has seen fewer than ``d``, else streamed
+        into the dense sum by ``accumulate(cov)``."""
+        slots = self.stats.slots if slots is None else slots
+        s = slots.get(name)
         seen = 0 if s is None else s.count
         if self.keep_vectors and (s is None or isinstance(s.moment, SampleRows)) and seen + n < d:
             new = vectors().to(self.dtype, copy=True)  # never a view of the model's activations
             if s is None:
-                s = self.stats.slots[name] = SlotStatistics(SampleRows(new))
+                s = slots[name] = SlotStatistics(SampleRows(new))
             else:
                 s.moment = SampleRows(torch.cat([s.moment.rows, new], dim=1))
         else:
             if s is None:
-                s = self.stats.slots[name] = SlotStatistics(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype))
+                s = slots[name] = SlotStatistics(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype))
             elif isinstance(s.moment, SampleRows):  # the vectors are no longer fewer than the width: fold them
                 rows = s.moment.rows
                 s.moment = fold_rows(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype), rows)
             accumulate(s.moment)
         s.count += n
 
-    def add_rows(self, name: str, rows: torch.Tensor) -> None:
-        """Input vectors ``(n, d)`` of a linear map."""
-        self._add(name, 1, rows.shape[-1], rows.shape[0], lambda: rows[None], lambda cov: accumulate_linear_(cov, rows))
+    def add_rows(self, name: str, rows: torch.Tensor, slots: dict[str, SlotStatistics] | None = None) -> None:
+        """Input vectors ``(n, d)`` of a linear map (into ``slots``, default the statistics')."""
+        self._add(name, 1, rows.shape[-1], rows.shape[0], lambda: rows[None], lambda cov: accumulate_linear_(cov, rows),
+                  slots)
 
     def add_conv(self, name: str, x: torch.Tensor, geom: ConvGeometry, d: int) -> None:
         """Input ``(N, C, *spatial)`` of a convolution with geometry ``geom``."""
@@ -356,26 +363,35 @@ class _Collector:
         x = x.detach()
         return x.to(self.autocast) if self.autocast is not None and x.is_floating_point() else x
 
-    def _attention_positions(self, x: torch.Tensor, batch_first: bool) -> torch.Tensor:
-        """An attention input or output, or with ``first_token`` its first sequence position only:
-        ``(batch, sequence, E)`` where ``batch_first``, else ``(sequence, batch, E)``; unbatched ``(sequence, E)``."""
-        if not self.first_token:
-            return x
+    @staticmethod
+    def _first_position(x: torch.Tensor, batch_first: bool) -> torch.Tensor:
+        """The first sequence position of an attention input or output: ``(batch, sequence, E)``
+        where ``batch_first``, else ``(sequence, batch, E)``; unbatched ``(sequence, E)``."""
         if x.dim() == 2:
             return x[:1]
         return x[:, 0] if batch_first else x[0]
+
+    def _sinks(self) -> list[tuple[dict[str, SlotStatistics] | None, bool]]:
+        """Where sequence vectors go: ``(slots, first position only)`` for the statistics, and for
+        the first position's statistics kept beside them (``both_kinds``)."""
+        sinks = [(None, self.first_token)]
+        if self.token_slots is not None:
+            sinks.append((self.token_slots, True))
+        return sinks
 
     def _linear_hook(self, name: str, d: int):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             if self.share_inputs and self._shared_owner(name, x) is not None:
                 return
-            if x.dim() == 3:
-                self.stats.sequence_inputs = True
-                if self.first_token:
-                    x = x[:, 0]
-            with _autocast_off(self.device):
-                self.add_rows(name, linear_rows(self._computed(x), d))
+            if x.dim() != 3:
+                with _autocast_off(self.device):
+                    self.add_rows(name, linear_rows(self._computed(x), d))
+                return
+            self.stats.sequence_inputs = True
+            for slots, first in self._sinks():
+                with _autocast_off(self.device):
+                    self.add_rows(name, linear_rows(self._computed(x[:, 0] if first else x), d), slots)
 
         return hook
 
@@ -427,14 +443,18 @@ class _Collector:
             q, k, v = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
             out = _attention_before_out_proj(module, args, kwargs, self)  # replayed under the same autocast
             self.stats.sequence_inputs = True
-            first = lambda t: self._attention_positions(t, module.batch_first)  # noqa: E731
-            with _autocast_off(self.device):
-                if q is k and k is v:
-                    self.add_rows(f"{name}.in_proj", linear_rows(self._computed(first(q)), q.shape[-1]))
-                else:
-                    for part, t in zip("qkv", (q, k, v)):
-                        self.add_rows(f"{name}.{part}", linear_rows(self._computed(first(t)), t.shape[-1]))
-                self.add_rows(f"{name}.out_proj", linear_rows(first(out), out.shape[-1]))
+            for slots, first in self._sinks():
+                def rows(t: torch.Tensor, computed: bool = True) -> torch.Tensor:
+                    t = self._first_position(t, module.batch_first) if first else t
+                    return linear_rows(self._computed(t) if computed else t, t.shape[-1])
+
+                with _autocast_off(self.device):
+                    if q is k and k is v:
+                        self.add_rows(f"{name}.in_proj", rows(q), slots)
+                    else:
+                        for part, t in zip("qkv", (q, k, v)):
+                            self.add_rows(f"{name}.{part}", rows(t), slots)
+                    self.add_rows(f"{name}.out_proj", rows(out, computed=False), slots)
 
         return hook
 
@@ -650,6 +670,32 @@ def finish_statistics(model: nn.Module, stats: Statistics, samples: int, error: 
     stats.samples = samples
     stats.fingerprint = model_fingerprint(model)
     return stats
+
+
+def collect_both_kinds(model: nn.Module, data: DataLike, *, batch_size: int = 256, dtype: torch.dtype | None = None,
+                       autocast: torch.dtype | None = None, progress: bool = False,
+                       desc: str = "statistics") -> tuple[Statistics, Statistics | None]:
+    """Every position's statistics and the first position's (``first_token``), from one set of
+    forward passes; the second is None when no edited layer read a sequence. Slots that never saw a
+    sequence are the same objects in both. In one process (not summed over ranks)."""
+    targets, device, dtype = collection_setup(model, dtype)
+    check_autocast(autocast)
+    collector = _Collector(targets, device, dtype, autocast=autocast, both_kinds=True)
+    try:
+        samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
+    except _SharingChanged:  # rare: collect each kind with one slot per layer
+        full = collect_statistics(model, data, batch_size=batch_size, dtype=dtype, autocast=autocast, distributed=False,
+                                  progress=progress, desc=desc)
+        if not full.sequence_inputs:
+            return full, None
+        return full, collect_statistics(model, data, batch_size=batch_size, dtype=dtype, autocast=autocast,
+                                        distributed=False, first_token=True, progress=progress, desc=desc)
+    full = finish_statistics(model, collector.stats, samples, None, False, desc)
+    if not full.sequence_inputs:
+        return full, None
+    token = Statistics({k: collector.token_slots.get(k, v) for k, v in full.slots.items()}, samples, "",
+                       dict(full.aliases), first_token=True, sequence_inputs=True)
+    return full, finish_statistics(model, token, samples, None, False, desc)
 
 
 def _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc,

@@ -110,3 +110,24 @@ def test_the_automatic_choice_scores_both_ways_for_models_that_read_sequences(mo
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).eval()
     deepunlearn.unlearn(cnn, torch.randn(24, 1, 6, 6) + 1.0, torch.randn(48, 1, 6, 6), inplace=False)
     assert len(calls) == 1  # no sequence read: nothing to choose between
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_both_kinds_from_one_set_of_forward_passes_equal_two_collections(batch_first):
+    from deepunlearn.statistics import collect_both_kinds
+
+    torch.manual_seed(0)
+    model = TokenNet(batch_first).double().eval()
+    x = torch.randn(9, 7, 6, dtype=torch.float64)
+    full, token = collect_both_kinds(model, x, batch_size=4)
+    for got, want in ((full, collect_statistics(model, x, batch_size=4)),
+                      (token, collect_statistics(model, x, batch_size=4, first_token=True))):
+        assert got.first_token == want.first_token and got.sequence_inputs and got.samples == 9
+        assert got.fingerprint == want.fingerprint and set(got.slots) == set(want.slots)
+        for k in want.slots:
+            assert got.slots[k].count == want.slots[k].count, k
+            assert rel_err(got.slots[k].cov, want.slots[k].cov) < 1e-12, k
+    assert token.slots["head"] is full.slots["head"]  # no sequence there: one object for both kinds
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).eval()
+    full, token = collect_both_kinds(cnn, torch.randn(5, 1, 6, 6))
+    assert token is None and not full.sequence_inputs
