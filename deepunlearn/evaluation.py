@@ -2,6 +2,7 @@
 attack, and wall time / peak memory of a piece of work."""
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -104,13 +105,40 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_counter():
+    """Bytes the C heap holds in use (glibc's ``mallinfo2``: small blocks plus mmap'd ones, where
+    torch's CPU tensors live), or None where that is not available. Unlike the resident set size,
+    it falls when memory is freed, so a block that reuses freed memory still counts."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def used() -> int:
+        info = fn()
+        return info.uordblks + info.hblkhd
+
+    return used
+
+
+_HEAP_BYTES = _heap_counter()
+
+
 @contextmanager
 def measure(device: torch.device | str = "cpu", interval: float = 0.002) -> Iterator[Measurement]:
     """Time a block (synchronising CUDA) and record its peak extra memory.
 
     On CUDA the peak is ``torch.cuda.max_memory_allocated`` above the allocation at entry; on
-    the CPU it is the process's resident set size, sampled every ``interval`` seconds, above
-    the RSS at entry (so it includes torch's CPU allocations, which tracemalloc does not see).
+    the CPU it is the C heap's bytes in use (glibc's ``mallinfo2``, which includes torch's CPU
+    tensors that tracemalloc does not see), sampled every ``interval`` seconds, above the bytes in
+    use at entry; without ``mallinfo2``, the resident set size the same way (which misses blocks
+    that reuse memory freed earlier in the process).
     """
     device = torch.device(device)
     m = Measurement()
@@ -126,13 +154,14 @@ def measure(device: torch.device | str = "cpu", interval: float = 0.002) -> Iter
             m.seconds = time.perf_counter() - t0
             m.peak_bytes = torch.cuda.max_memory_allocated(device) - base
         return
-    base = _rss_bytes()
+    in_use = _HEAP_BYTES or _rss_bytes
+    base = in_use()
     peak = [base]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], in_use())
             stop.wait(interval)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -144,7 +173,7 @@ def measure(device: torch.device | str = "cpu", interval: float = 0.002) -> Iter
         m.seconds = time.perf_counter() - t0
         stop.set()
         th.join()
-        peak[0] = max(peak[0], _rss_bytes())
+        peak[0] = max(peak[0], in_use())
         m.peak_bytes = peak[0] - base
 
 

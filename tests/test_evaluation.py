@@ -53,3 +53,22 @@ def test_measure_sees_time_and_a_large_allocation():
     seconds, peak = float(out[0]), int(out[1])
     assert seconds > 0
     assert peak > 32 * 2**20
+
+
+def test_measure_counts_memory_the_process_freed_before():
+    """The heap's bytes in use, not the resident set: a block that reuses freed memory still counts."""
+    import time
+
+    from deepunlearn.evaluation import _HEAP_BYTES, measure
+
+    if _HEAP_BYTES is None:
+        pytest.skip("the C library has no mallinfo2")
+    size = 32 * 2**20
+    for _ in range(2):  # the second allocation reuses what the first freed
+        block = torch.ones(size // 4)
+        del block
+    with measure("cpu", interval=0.001) as m:
+        block = torch.ones(size // 4)
+        block += 1
+        time.sleep(0.02)
+    assert 0.95 * size <= m.peak_bytes <= 1.5 * size, m.peak_bytes
