@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset
 from . import distributed
 from ._batches import DataLike
 from .edit import PlannedEdit, apply_plan, edited_weight
-from .auto_alpha import (TARGET_FORGET_ACCURACY, AlphaChoice, CandidateEdits, choose_alphas, holdout_split, make_scorer,
+from .auto_alpha import (TARGET_FORGET_ACCURACY, CandidateEdits, choice_rank, choose_alphas, holdout_split, make_scorer,
                          materialise)
 from .weight_side import edited_weight_sides, side_solver
 from .layers import EditTarget, SkippedLayer, find_targets
@@ -381,7 +381,7 @@ def unlearn(
                 c = choose_alphas(model, candidates, scorer, alpha_r=alpha_r, alpha_f=alpha_f, target=target_forget_accuracy)
             del candidates
             c.first_token = mode
-            if best is None or _choice_rank(c) > _choice_rank(best[0]):
+            if best is None or choice_rank(c) > choice_rank(best[0]):
                 best = (c, parts, caught)
         choice, (fit_sf, held_sf, fit_sr, held_sr), caught = best
         for w in caught:
@@ -443,14 +443,6 @@ def _check_choosing(forget: object, retain: object, target: float) -> None:
         raise ValueError("under torch.distributed give alpha_r and alpha_f: the automatic choice runs in one process")
     if not (isinstance(target, (int, float)) and 0 < target <= 100):
         raise ValueError(f"target_forget_accuracy must be a percentage in (0, 100], got {target!r}")
-
-
-def _choice_rank(choice: AlphaChoice) -> tuple[bool, float]:
-    """Orders choices as :func:`~deepunlearn.auto_alpha.choose_alphas` orders candidates: reaching
-    the target first, then held-out retain accuracy (else ``retain · (100 − forget)``)."""
-    if choice.reached_target:
-        return True, choice.retain_acc
-    return False, choice.retain_acc * (100.0 - choice.forget_acc)
 
 
 _FIRST_LAYER = "the first layer the input reaches (skip_first_layer): unchanged"

@@ -338,7 +338,7 @@ def choose_alphas(
     if reached:  # the smallest edit that forgets: best retain, then the smaller alpha_f
         best = max(reached, key=lambda c: (c["retain_acc"], -c["alpha_f"]))
     else:
-        best = max(table, key=lambda c: c["retain_acc"] * (100.0 - c["forget_acc"]))
+        best = max(table, key=lambda c: compromise(c["retain_acc"], c["forget_acc"]))
         warnings.warn(f"no candidate reached the forget-accuracy target of {target:g} % on the held-out samples; "
                       f"chose alpha_r={best['alpha_r']:g}, alpha_f={best['alpha_f']:g} with held-out forget "
                       f"{best['forget_acc']:.2f} %, retain {best['retain_acc']:.2f} %", stacklevel=3)
@@ -349,6 +349,19 @@ def choose_alphas(
     )
     return AlphaChoice(best["alpha_r"], best["alpha_f"], best["retain_acc"], best["forget_acc"], bool(reached), target,
                        scorer.scoring, (n_f, len(scorer.x_r)), monotone, table, time.perf_counter() - t0, allowed)
+
+
+def compromise(retain_acc: float, forget_acc: float) -> float:
+    """The fallback score where no candidate reaches the target: ``retain · (100 − forget)``."""
+    return retain_acc * (100.0 - forget_acc)
+
+
+def choice_rank(choice: AlphaChoice) -> tuple[bool, float]:
+    """Orders choices as :func:`choose_alphas` orders candidates: reaching the target first, then
+    held-out retain accuracy (else :func:`compromise`)."""
+    if choice.reached_target:
+        return True, choice.retain_acc
+    return False, compromise(choice.retain_acc, choice.forget_acc)
 
 
 def _pairs_by_alpha_f(rows: list[dict[str, float]]) -> list[tuple[dict, dict]]:

@@ -55,7 +55,9 @@ def all_reduce_statistics(stats: Statistics, samples: int, error: BaseException 
     raise_if_any_failed(error, "collecting statistics")
     layout = {k: (tuple(v.moment.shape), str(v.stored.dtype)) for k, v in stats.slots.items()}
     kept = {k: v.moment.vectors for k, v in stats.slots.items() if isinstance(v.moment, SampleRows)}
-    views = _gather((layout, stats.aliases, kept))
+    views = _gather((layout, stats.aliases, kept, stats.sequence_inputs))
+    sequence_inputs = any(v[3] for v in views)
+    views = [v[:3] for v in views]
     union: dict[str, tuple[tuple[int, ...], str]] = {}
     for rank, (lay, _, _) in enumerate(views):
         for k, shape_dtype in lay.items():
@@ -93,8 +95,8 @@ def all_reduce_statistics(stats: Statistics, samples: int, error: BaseException 
         slots[k].count = n
     order = [k for k in stats.slots if k in slots] + [k for k in slots if k not in stats.slots]
     samples = int(total[-1])
-    seq = any(_gather(stats.sequence_inputs))
-    return Statistics({k: slots[k] for k in order}, samples, stats.fingerprint, aliases, stats.first_token, seq), samples
+    return (Statistics({k: slots[k] for k in order}, samples, stats.fingerprint, aliases, stats.first_token, sequence_inputs),
+            samples)
 
 
 def _gather_rows(rows: torch.Tensor | None, vectors: list[int], shape: tuple[int, ...], dtype: torch.dtype,

@@ -124,20 +124,23 @@ class Statistics:
             raise ValueError("cannot add statistics of all sequence positions to statistics of the first position only "
                              "(collected with different first_token)")
         a, b = (self, other) if self.aliases == other.aliases else (self.expanded(), other.expanded())
-        out = Statistics({k: v.copy() for k, v in a.slots.items()}, a.samples + b.samples, a.fingerprint, dict(a.aliases),
-                         self.first_token, self.sequence_inputs or other.sequence_inputs)
-        for name, s in b.slots.items():
-            if name not in out.slots:
-                out.slots[name] = s.copy()
+        slots: dict[str, SlotStatistics] = {}
+        for name, mine in a.slots.items():
+            theirs = b.slots.get(name)
+            if theirs is None:
+                slots[name] = mine.copy()
                 continue
-            mine = out.slots[name]
-            if tuple(mine.moment.shape) != tuple(s.moment.shape):
-                raise ValueError(f"slot '{name}' has shape {tuple(mine.moment.shape)} in one and {tuple(s.moment.shape)} in the other")
-            if mine.moment.device != s.moment.device:
-                raise ValueError(f"slot '{name}' is on {mine.moment.device} in one and {s.moment.device} in the other; use .to() first")
-            mine.moment = moment_sum([mine.moment, s.moment])
-            mine.count += s.count
-        return out
+            if tuple(mine.moment.shape) != tuple(theirs.moment.shape):
+                raise ValueError(f"slot '{name}' has shape {tuple(mine.moment.shape)} in one and "
+                                 f"{tuple(theirs.moment.shape)} in the other")
+            if mine.moment.device != theirs.moment.device:
+                raise ValueError(f"slot '{name}' is on {mine.moment.device} in one and {theirs.moment.device} in the other; "
+                                 "use .to() first")
+            # a new tensor, never either operand: no copy of mine first
+            slots[name] = SlotStatistics(moment_sum([mine.moment, theirs.moment]), mine.count + theirs.count)
+        slots.update({name: theirs.copy() for name, theirs in b.slots.items() if name not in slots})
+        return Statistics(slots, a.samples + b.samples, a.fingerprint, dict(a.aliases), self.first_token,
+                          self.sequence_inputs or other.sequence_inputs)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Statistics":
         """A copy with every buffer moved to ``device`` and/or cast to ``dtype``."""
@@ -384,12 +387,9 @@ class _Collector:
             x = args[0]
             if self.share_inputs and self._shared_owner(name, x) is not None:
                 return
-            if x.dim() != 3:
-                with _autocast_off(self.device):
-                    self.add_rows(name, linear_rows(self._computed(x), d))
-                return
-            self.stats.sequence_inputs = True
-            for slots, first in self._sinks():
+            sequence = x.dim() == 3  # (batch, sequence, features): where the first position can be taken
+            self.stats.sequence_inputs |= sequence
+            for slots, first in (self._sinks() if sequence else [(None, False)]):
                 with _autocast_off(self.device):
                     self.add_rows(name, linear_rows(self._computed(x[:, 0] if first else x), d), slots)
 
