@@ -51,14 +51,17 @@ def symmetric_normalised(cov: torch.Tensor) -> torch.Tensor:
     return 0.5 * (c_hat + c_hat.transpose(-1, -2))
 
 
-def scaled_cholesky(cov: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_cholesky(cov: torch.Tensor, alpha: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Ĉ, L)``: the symmetric normalised second moment and the lower Cholesky factor of
-    ``A = (α−1)Ĉ + I`` per group (SPD: eigenvalues in [min(1, α), max(1, α)])."""
+    ``A = (α−1)Ĉ + I`` per group (SPD: eigenvalues in [min(1, α), max(1, α)]). ``alpha``: one
+    scale, or ``(g,)`` scales, one per group."""
     c_hat = symmetric_normalised(cov)
     eye = torch.eye(c_hat.shape[-1], dtype=c_hat.dtype, device=c_hat.device)
-    chol, info = torch.linalg.cholesky_ex((alpha - 1.0) * c_hat + eye)
+    scale = (alpha - 1.0)[:, None, None] if isinstance(alpha, torch.Tensor) else alpha - 1.0
+    chol, info = torch.linalg.cholesky_ex(scale * c_hat + eye)
     if int(info.max()) > 0:
-        raise RuntimeError(f"Cholesky factorisation failed for alpha={alpha} (matrix not positive definite)")
+        bad = sorted(set(alpha[info > 0].tolist())) if isinstance(alpha, torch.Tensor) else alpha
+        raise RuntimeError(f"Cholesky factorisation failed for alpha={bad} (matrix not positive definite)")
     return c_hat, chol
 
 

@@ -10,6 +10,7 @@ instead (``n·d < d²``; :mod:`deepunlearn.moments`), and folded into the sum on
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import warnings
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset
 
 from ._batches import DataLike, iter_batches
@@ -81,10 +84,10 @@ def model_fingerprint(model: nn.Module) -> str:
     save/load round trip, while a different architecture or other weights change it.
     """
     targets, _ = find_targets(model)
-    desc = []
-    for t in targets:
-        w = t.weight().detach()
-        desc.append([t.name, list(w.shape), str(w.dtype).replace("torch.", ""), f"{w.double().norm().item():.6g}"])
+    weights = [t.weight().detach() for t in targets]
+    norms = torch.stack([w.double().norm() for w in weights]).tolist()  # one transfer, not one per layer
+    desc = [[t.name, list(w.shape), str(w.dtype).replace("torch.", ""), f"{norm:.6g}"]
+            for t, w, norm in zip(targets, weights, norms)]
     return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
 
@@ -305,7 +308,8 @@ class _Collector:
         self.device, self.dtype = device, dtype
         self.autocast = check_autocast(autocast)
         self.handles: list = []
-        self._inside_mha_replay = False
+        # nn.MultiheadAttention layers, by their out_proj weight: see _AttentionCapture
+        self.attention: dict[int, str] = {}
         # Linear layers reading the very tensor an earlier one read (separate q/k/v projections)
         # share its slot. Sharing is decided in the first forward pass and checked in every later one.
         self.share_inputs = share_inputs
@@ -319,7 +323,7 @@ class _Collector:
                 continue
             seen.add(id(m))
             if t.kind == "attention-in":
-                self.handles.append(m.register_forward_hook(self._mha_hook(t.layer), with_kwargs=True))
+                self.attention[id(m.out_proj.weight)] = t.layer
             elif t.kind == "linear":
                 self.handles.append(m.register_forward_pre_hook(self._linear_hook(t.name, t.in_features)))
             else:
@@ -365,14 +369,6 @@ class _Collector:
         """``x`` as the layer multiplies it: autocast casts the inputs of linear maps and convs."""
         x = x.detach()
         return x.to(self.autocast) if self.autocast is not None and x.is_floating_point() else x
-
-    @staticmethod
-    def _first_position(x: torch.Tensor, batch_first: bool) -> torch.Tensor:
-        """The first sequence position of an attention input or output: ``(batch, sequence, E)``
-        where ``batch_first``, else ``(sequence, batch, E)``; unbatched ``(sequence, E)``."""
-        if x.dim() == 2:
-            return x[:1]
-        return x[:, 0] if batch_first else x[0]
 
     def _sinks(self) -> list[tuple[dict[str, SlotStatistics] | None, bool]]:
         """Where sequence vectors go: ``(slots, first position only)`` for the statistics, and for
@@ -435,28 +431,29 @@ class _Collector:
 
         return hook
 
-    def _mha_hook(self, name: str):
-        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output) -> None:
-            if self._inside_mha_replay:
-                return
-            names = ("query", "key", "value")
-            q, k, v = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
-            out = _attention_before_out_proj(module, args, kwargs, self)  # replayed under the same autocast
-            self.stats.sequence_inputs = True
-            for slots, first in self._sinks():
-                def rows(t: torch.Tensor, computed: bool = True) -> torch.Tensor:
-                    t = self._first_position(t, module.batch_first) if first else t
-                    return linear_rows(self._computed(t) if computed else t, t.shape[-1])
+    def add_attention(self, name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      before_out_proj: torch.Tensor) -> None:
+        """Inputs of attention layer ``name``'s projections, as ``F.multi_head_attention_forward``
+        sees them (sequence first: ``(L, N, E)``, or unbatched ``(L, E)``); ``before_out_proj`` is
+        what its output projection multiplies, already in the dtype it is multiplied in."""
+        self.stats.sequence_inputs = True
+        for slots, first in self._sinks():
+            def rows(t: torch.Tensor, computed: bool = True) -> torch.Tensor:
+                t = t[:1] if first else _batch_major(t)  # position 0 leads; all positions in any order
+                return linear_rows(self._computed(t) if computed else t, t.shape[-1])
 
-                with _autocast_off(self.device):
-                    if q is k and k is v:
-                        self.add_rows(f"{name}.in_proj", rows(q), slots)
-                    else:
-                        for part, t in zip("qkv", (q, k, v)):
-                            self.add_rows(f"{name}.{part}", rows(t), slots)
-                    self.add_rows(f"{name}.out_proj", rows(out, computed=False), slots)
+            with _autocast_off(self.device):
+                if query is key and key is value:
+                    self.add_rows(f"{name}.in_proj", rows(query), slots)
+                else:
+                    for part, t in zip("qkv", (query, key, value)):
+                        self.add_rows(f"{name}.{part}", rows(t), slots)
+                self.add_rows(f"{name}.out_proj", rows(before_out_proj, computed=False), slots)
 
-        return hook
+    def capture(self):
+        """The context each forward pass runs in: :class:`_AttentionCapture` where the model has
+        attention layers to edit."""
+        return _AttentionCapture(self) if self.attention else nullcontext()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -493,31 +490,50 @@ def _out_positions(spatial: torch.Size, geom: ConvGeometry) -> int:
     return n
 
 
-def _attention_before_out_proj(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, collector: _Collector) -> torch.Tensor:
-    """Re-run ``mha`` with ``out_proj`` as the identity: what ``out_proj`` multiplies, shaped as the
-    query (``(..., E)``).
+def _batch_major(t: torch.Tensor) -> torch.Tensor:
+    """A sequence-first ``(L, N, E)`` view of a batch-first tensor turned back into ``(N, L, E)``,
+    so that its rows are a view, not a copy (a second moment does not depend on the rows' order)."""
+    return t.transpose(0, 1) if t.dim() == 3 and t.transpose(0, 1).is_contiguous() else t
 
-    ``out_proj`` is applied inside ``F.multi_head_attention_forward`` through its weight, so no
-    hook on it ever fires; replaying with an identity projection yields its exact input.
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+class _AttentionCapture(TorchFunctionMode):
+    """Sees each ``F.multi_head_attention_forward`` call of a forward pass and hands the collector
+    the inputs of both of the layer's projections.
+
+    ``nn.MultiheadAttention`` applies its projections inside that function, through their weights,
+    where no module hook fires. The call is run with the output projection as the identity (an
+    exact product), which yields what ``out_proj`` multiplies; the projection is then applied here
+    to give the layer's output, under the same autocast. Every other function passes through.
     """
-    w = mha.out_proj.weight
-    params = {"out_proj.weight": torch.eye(w.shape[1], dtype=w.dtype, device=w.device)}
-    if mha.out_proj.bias is not None:
-        params["out_proj.bias"] = torch.zeros_like(mha.out_proj.bias)
-    args = list(args)
-    kwargs = dict(kwargs)
-    if len(args) > 4:
-        args[4] = False  # need_weights
-    else:
-        kwargs["need_weights"] = False
-    collector._inside_mha_replay = True
-    try:
-        out = torch.func.functional_call(mha, params, tuple(args), kwargs)[0]
-    finally:
-        collector._inside_mha_replay = False
-    if out.is_nested:
-        out = out.to_padded_tensor(0.0)
-    return out.detach()
+
+    def __init__(self, collector: "_Collector"):
+        super().__init__()
+        self.collector = collector
+        self.identities: dict[tuple, torch.Tensor] = {}
+
+    def _identity(self, w: torch.Tensor) -> torch.Tensor:
+        key = (w.shape[1], w.dtype, w.device)
+        if key not in self.identities:
+            self.identities[key] = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+        return self.identities[key]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.multi_head_attention_forward:
+            return func(*args, **kwargs)
+        call = _MHA_SIGNATURE.bind(*args, **kwargs)
+        a = call.arguments
+        w, b = a["out_proj_weight"], a.get("out_proj_bias")
+        name = self.collector.attention.get(id(w))
+        if name is None:  # an attention layer not being edited
+            return func(*args, **kwargs)
+        a["out_proj_weight"], a["out_proj_bias"] = self._identity(w), None
+        before_out_proj, weights = func(*call.args, **call.kwargs)
+        self.collector.add_attention(name, a["query"], a["key"], a["value"], before_out_proj.detach())
+        return F.linear(before_out_proj, w, b), weights
 
 
 @contextmanager
@@ -564,7 +580,7 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batc
             for x in iter_batches(data, batch_size):
                 if x.shape[0] == 0:
                     continue
-                with _autocast_on(device, collector.autocast):
+                with _autocast_on(device, collector.autocast), collector.capture():
                     model(x.to(device, non_blocking=True))
                 collector.end_forward()
                 samples += x.shape[0]
@@ -661,10 +677,11 @@ def finish_statistics(model: nn.Module, stats: Statistics, samples: int, error: 
         raise error
     if samples == 0:
         raise ValueError(f"no samples in the {desc} data: it yielded no non-empty batch")
-    for name, s in stats.slots.items():
-        if not torch.isfinite(s.stored).all():
+    finite = torch.stack([torch.isfinite(s.stored).all() for s in stats.slots.values()]).tolist() if stats.slots else []
+    for (name, slot), ok in zip(stats.slots.items(), finite):
+        if not ok:
             raise ValueError(
-                f"non-finite statistics at layer '{name}': its inputs contain NaN/Inf (or overflowed {s.stored.dtype}); "
+                f"non-finite statistics at layer '{name}': its inputs contain NaN/Inf (or overflowed {slot.stored.dtype}); "
                 "check the data and the layers before it"
             )
     stats.samples = samples

@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -178,11 +179,9 @@ def side_flops(d: int, rows: int, vectors: int, kept: bool = False) -> dict[str,
     return out
 
 
-def side_solver(moment: Moment, alpha: float, rows: int, vectors: int, way: str = "auto",
-                solver: str = "cholesky") -> SideSolver:
-    """What applies ``M(C, α)`` to ``rows`` weight rows, for ``C`` dense ``(g, d, d)`` or kept as
-    its vectors: the cheapest way by :func:`side_flops`. ``way`` forces one (``"sample-space"``
-    only where the vectors were kept); the eigen and SVD solvers always form ``M``."""
+def side_way(moment: Moment, rows: int, vectors: int, way: str = "auto", solver: str = "cholesky") -> str:
+    """The way :func:`side_solver` applies ``M(C, α)`` to ``rows`` weight rows: ``way`` where forced,
+    else the cheapest by :func:`side_flops`; ``"formed"`` for the eigen and SVD solvers."""
     if way not in SIDES:
         raise ValueError(f"way must be one of {SIDES}, got {way!r}")
     kept = isinstance(moment, SampleRows)
@@ -190,10 +189,21 @@ def side_solver(moment: Moment, alpha: float, rows: int, vectors: int, way: str 
         raise ValueError("way='sample-space' needs statistics kept as vectors (collect_statistics(keep_vectors=True) "
                          "on fewer vectors than the layer's width)")
     if solver != "cholesky":
-        return FormedProjection(scaled_projection(dense(moment), alpha, solver))
+        return "formed"
     if way == "auto":
         flops = side_flops(moment.shape[-1], rows, vectors, kept)
         way = min(flops, key=flops.get)
+    return way
+
+
+def side_solver(moment: Moment, alpha: float, rows: int, vectors: int, way: str = "auto",
+                solver: str = "cholesky") -> SideSolver:
+    """What applies ``M(C, α)`` to ``rows`` weight rows, for ``C`` dense ``(g, d, d)`` or kept as
+    its vectors, the way :func:`side_way` chooses (``way`` forces one: ``"sample-space"`` only where
+    the vectors were kept); the eigen and SVD solvers always form ``M``."""
+    way = side_way(moment, rows, vectors, way, solver)
+    if solver != "cholesky":
+        return FormedProjection(scaled_projection(dense(moment), alpha, solver))
     if way == "sample-space":
         return SampleSpaceFactor.of(moment.rows, alpha)
     cov = dense(moment)
@@ -202,6 +212,18 @@ def side_solver(moment: Moment, alpha: float, rows: int, vectors: int, way: str 
     if way == "cholesky":
         return ScaledFactor.of(cov, alpha)
     return FormedProjection(scaled_projection(cov, alpha, "cholesky"))
+
+
+def batched_factors(moments: Sequence[Moment], alphas: Sequence[float]) -> list[ScaledFactor]:
+    """``ScaledFactor.of(dense(C), α)`` for each pair, all of one width, by one batched
+    factorisation: on a GPU the batch's matrices are factored side by side rather than one after
+    another, each launch too small to fill the device alone."""
+    covs = [dense(m) for m in moments]
+    groups = [c.shape[0] for c in covs]
+    cov = torch.cat(covs)
+    alpha = torch.tensor([a for a, g in zip(alphas, groups) for _ in range(g)], dtype=cov.dtype, device=cov.device)
+    c_hat, chol = scaled_cholesky(cov, alpha)
+    return [ScaledFactor(a, ch, f) for a, ch, f in zip(alphas, c_hat.split(groups), chol.split(groups))]
 
 
 def edited_weight_sides(w: torch.Tensor, retain: SideSolver | None, forget: SideSolver) -> torch.Tensor:

@@ -197,3 +197,60 @@ def test_float32_default_matches_the_float64_eigen_reference_on_the_suite_models
     before = {t.name: t.weight().detach().double() for t in targets}
     for name, w in new["cholesky"].items():  # the change itself, not only the new weight (measured: <= 2e-5)
         assert rel_err(w.double() - before[name], new["eigh"][name].double() - before[name]) < 1e-4, name
+
+
+def test_scaled_cholesky_takes_one_scale_per_group():
+    from deepunlearn.projection import scaled_cholesky
+
+    cov = spd(3, 10)
+    alphas = torch.tensor([0.5, 3.0, 100.0], dtype=torch.float64)
+    c_hat, chol = scaled_cholesky(cov, alphas)
+    for g, a in enumerate(alphas.tolist()):
+        c_g, chol_g = scaled_cholesky(cov[g:g + 1], a)
+        assert rel_err(c_hat[g], c_g[0]) < 1e-14 and rel_err(chol[g], chol_g[0]) < 1e-12
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 18 * 18 * 8 * 3, 1 << 30])  # one input a batch, a few, all of a width
+def test_batched_factors_give_the_unbatched_edit_and_consume_the_statistics(batch_bytes):
+    """The Cholesky sides factored up front in batches (as on a GPU): the same new weights as one
+    input at a time, every input consumed, on a model with several inputs of each width."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Flatten(), nn.Linear(64, 3)).double()
+    xf, xr = torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randn(9, 2, 4, 4, dtype=torch.float64)
+    new = {}
+    for limit in (0, batch_bytes):
+        targets, mf, mr = _moments(model, xf, xr)
+        plan, rows = api.plan_edits_with(targets, api.solved_edits(targets, mf, mr, 3.0, 100.0, way="cholesky",
+                                                                   batch_bytes=limit), api.traces(mf), api.traces(mr))
+        assert all(cov is None for cov, _ in [*mf.values(), *mr.values()])
+        assert all(r.relative_change > 0 and r.forget_vectors > 0 for r in rows)
+        new[limit] = {p.target.name: p.new_weight for p in plan}
+    assert new[0].keys() == new[batch_bytes].keys() and len(new[0]) == 4
+    for name, w in new[0].items():
+        assert rel_err(new[batch_bytes][name], w) < 1e-12, name
+
+
+def test_non_finite_edit_is_reported_by_layer_and_nothing_planned_is_written():
+    torch.manual_seed(0)
+    model = Net().double()
+    targets, mf, mr = _moments(model, torch.randn(2, 4, 4, 4, dtype=torch.float64),
+                               torch.randn(3, 4, 4, 4, dtype=torch.float64))
+    before = [t.weight().detach().clone() for t in targets]
+    edit_for = api.solved_edits(targets, mf, mr, 3.0, 100.0)
+    poisoned = targets[1].name
+
+    def edit(t):
+        fn = edit_for(t)
+        return (lambda w: fn(w) * float("nan")) if t.name == poisoned else fn
+
+    with pytest.raises(RuntimeError, match=f"non-finite weights at layer '{poisoned}'"):
+        api.plan_edits_with(targets, edit, api.traces(mf), api.traces(mr))
+    assert all(torch.equal(t.weight(), b) for t, b in zip(targets, before))
+
+
+def test_to_host_keeps_shapes_and_values():
+    parts = [torch.randn(3, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64), torch.randn(1, dtype=torch.float64)]
+    for got, want in zip(api.to_host(parts), parts):
+        assert got.shape == want.shape and torch.equal(got, want)
+    assert api.to_host([]) == []

@@ -9,8 +9,8 @@
 //
 // The chunk is stored column-major, (d, rows) with the output positions contiguous: consecutive
 // threads read consecutive output positions, which are consecutive input elements of an NCHW
-// tensor at stride 1, and write consecutive buffer elements; each block handles one column
-// (c, ky, kx), so the column's decomposition is computed once per block, not per element.
+// tensor at stride 1, and write consecutive buffer elements; each thread writes one output
+// position's entries for a block of columns, so its position is decomposed once for all of them.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -53,23 +53,36 @@ bool shift_allowed(at::ScalarType t, int64_t channels_per_group, int64_t positio
   return cuda_cores && channels_per_group >= 256 && channels_per_group * positions >= 512 * 28 * 28;
 }
 
+// Patch columns each block writes. A thread decomposes its output position once (two integer
+// divisions, which cost more than the copy of one entry) and reuses it for all of them.
+constexpr int64_t kGatherColumns = 32;
+constexpr int kGatherThreads = 256;
+
 // buf[col * ld + r] = patch entry `col` = c·kh·kw + ky·kw + kx of output position row0 + r.
-// Index type I: 32-bit when every position index fits, which keeps the divisions cheap.
+// Index type I: 32-bit when every position index and input offset fits, which keeps the divisions cheap.
 template <typename T, typename I>
 __global__ void gather_patches_colmajor(const T* __restrict__ x, Strides st, I H, I W, ConvGeom g, I ho, I wo,
                                         int64_t row0, I rows, int64_t d, int64_t ld, T* __restrict__ buf) {
-  const I kk = static_cast<I>(g.kh * g.kw), hw = ho * wo;
-  for (int64_t col = blockIdx.y; col < d; col += gridDim.y) {
-    const I c = static_cast<I>(col / kk), k = static_cast<I>(col % kk);
-    const I ky = k / static_cast<I>(g.kw), kx = k % static_cast<I>(g.kw);
-    const I y0 = ky * static_cast<I>(g.dh) - static_cast<I>(g.ph_lo), x0 = kx * static_cast<I>(g.dw) - static_cast<I>(g.pw_lo);
-    const T* xc = x + c * st.c;
-    T* out = buf + col * ld;
-    for (I r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x) {
-      const I p = static_cast<I>(row0) + r;  // fits I: the caller checks row0 + rows against I's range
-      const I n = p / hw, rem = p - n * hw, oy = rem / wo, ox = rem - oy * wo;
-      const I iy = oy * static_cast<I>(g.sh) + y0, ix = ox * static_cast<I>(g.sw) + x0;
-      out[r] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? xc[n * st.n + iy * st.h + ix * st.w] : T(0);
+  const I r = static_cast<I>(blockIdx.x) * kGatherThreads + static_cast<I>(threadIdx.x);
+  if (r >= rows) return;
+  const I p = static_cast<I>(row0) + r;  // fits I: the caller checks row0 + rows against I's range
+  const I hw = ho * wo, n = p / hw, rem = p - n * hw, oy = rem / wo, ox = rem - oy * wo;
+  const I iy0 = oy * static_cast<I>(g.sh) - static_cast<I>(g.ph_lo), ix0 = ox * static_cast<I>(g.sw) - static_cast<I>(g.pw_lo);
+  const I kh = static_cast<I>(g.kh), kw = static_cast<I>(g.kw), kk = kh * kw;
+  const T* xn = x + n * st.n;
+  for (int64_t first = blockIdx.y * kGatherColumns; first < d; first += int64_t(gridDim.y) * kGatherColumns) {
+    const int64_t last = first + kGatherColumns < d ? first + kGatherColumns : d;
+    I c = static_cast<I>(first / kk), k = static_cast<I>(first % kk), ky = k / kw, kx = k - ky * kw;
+    for (int64_t col = first; col < last; ++col) {
+      const I iy = iy0 + ky * static_cast<I>(g.dh), ix = ix0 + kx * static_cast<I>(g.dw);
+      buf[col * ld + r] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? xn[c * st.c + iy * st.h + ix * st.w] : T(0);
+      if (++kx == kw) {  // next column: (c, ky, kx) advanced without dividing
+        kx = 0;
+        if (++ky == kh) {
+          ky = 0;
+          ++c;
+        }
+      }
     }
   }
 }
@@ -78,10 +91,9 @@ template <typename T, typename I>
 void launch_gather(const at::Tensor& x, const ConvGeom& g, int64_t ho, int64_t wo, int64_t row0, int64_t rows,
                    int64_t d, at::Tensor& buf, cudaStream_t stream) {
   const Strides st{x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-  const int threads = 256;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((rows + threads - 1) / threads, 1024)),
-                  static_cast<unsigned>(std::min<int64_t>(d, 65535)));
-  gather_patches_colmajor<T, I><<<grid, threads, 0, stream>>>(
+  const dim3 grid(static_cast<unsigned>((rows + kGatherThreads - 1) / kGatherThreads),
+                  static_cast<unsigned>(std::min<int64_t>((d + kGatherColumns - 1) / kGatherColumns, 65535)));
+  gather_patches_colmajor<T, I><<<grid, kGatherThreads, 0, stream>>>(
       x.const_data_ptr<T>(), st, static_cast<I>(x.size(2)), static_cast<I>(x.size(3)), g, static_cast<I>(ho),
       static_cast<I>(wo), row0, static_cast<I>(rows), d, buf.stride(0), buf.mutable_data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
