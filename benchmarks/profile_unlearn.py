@@ -10,7 +10,8 @@ statistics) three phases are timed apart from the profiler, then profiled:
 * ``collect``: :func:`~deepunlearn.collect_statistics` over the same images;
 * ``solve``: every new weight computed from both sides' statistics (what ``unlearn`` does
   between collecting and writing), with the paper's ImageNet scales; and the same with each
-  input factored alone rather than same-width ones in batches.
+  input factored alone rather than same-width ones in batches;
+* with ``--choose``, one whole ``unlearn`` call with both scales chosen automatically.
 
 Per phase: wall seconds, the device's busy seconds (the sum of its kernels' times), the kernel
 count, host synchronisations, and the costliest kernels. Wall well above busy means launch
@@ -58,7 +59,8 @@ def phases(model, xf, xr, args, autocast):
     return {"forward": lambda: forward_only(model, xf, args.batch_size, autocast),
             "collect": lambda: deepunlearn.collect_statistics(model, xf, **kw),
             "solve": solve,
-            "solve, one input at a time": lambda: solve(batch_bytes=0)}
+            "solve, one input at a time": lambda: solve(batch_bytes=0),
+            **({"unlearn, α chosen": lambda: deepunlearn.unlearn(model, xf, xr, inplace=False, **kw)} if args.choose else {})}
 
 
 def where_time_goes(fn, device: torch.device) -> dict:
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--archs", nargs="+", default=["vit_b_16", "resnet50"])
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--choose", action="store_true", help="also profile a whole call with both scales chosen")
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/profile_unlearn_<device>")
     args = p.parse_args(argv)
     device = torch.device(args.device)
