@@ -505,8 +505,9 @@ class _AttentionCapture(TorchFunctionMode):
 
     ``nn.MultiheadAttention`` applies its projections inside that function, through their weights,
     where no module hook fires. The call is run with the output projection as the identity (an
-    exact product), which yields what ``out_proj`` multiplies; the projection is then applied here
-    to give the layer's output, under the same autocast. Every other function passes through.
+    exact product, unless TF32 is allowed for float32 matrix products), which yields what
+    ``out_proj`` multiplies; the projection is then applied here to give the layer's output, under
+    the same autocast, so the attention runs once. Every other function passes through.
     """
 
     def __init__(self, collector: "_Collector"):

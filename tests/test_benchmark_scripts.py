@@ -31,6 +31,21 @@ def test_imagenet_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_unlearn_profile_smoke(tmp_path):
+    import profile_unlearn
+
+    out = tmp_path / "profile_unlearn_cpu"
+    assert profile_unlearn.main(["--device", "cpu", "--archs", "mobilenet_v3_small", "--images", "2", "--batch-size", "2",
+                                 "--choose", "--out", str(out)]) == 0
+    (phases,) = json.loads(out.with_suffix(".json").read_text())["archs"].values()
+    assert list(phases) == ["forward", "collect", "solve", "solve, one input at a time", "unlearn, α chosen"]
+    for p in phases.values():
+        assert p["wall_s"] > 0 and p["kernels"] > 0 and p["busy_s"] is None and p["top"]
+    assert phases["collect"]["kernels"] > phases["forward"]["kernels"]  # the statistics' own ops counted
+    assert "| solve |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
 def test_solver_benchmark_smoke(tmp_path):
     import bench_solver
 

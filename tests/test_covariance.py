@@ -203,3 +203,32 @@ def test_transformer_encoder_layers_are_collected_despite_fused_fast_path():
     assert stats.slots["0.layers.0.self_attn.in_proj"].count == 30
     rows = x.reshape(-1, 16)
     assert rel_err(stats.slots["0.layers.0.self_attn.in_proj"].cov[0], rows.T @ rows) < 1e-13
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_runs_once_per_pass_and_later_layers_see_the_unedited_output(batch_first):
+    """The output projection's input is captured inside the one forward pass (no replay), and the
+    layer's output, computed from it, is what the model alone computes: the next layer's
+    statistics match its inputs from a plain forward pass."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(12, 3, batch_first=batch_first).double()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = mha, nn.Linear(12, 4).double()
+
+        def forward(self, x):
+            return self.head(self.a(x, x, x, need_weights=False)[0])
+
+    model = Net()
+    calls = []
+    handle = mha.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(6, 5, 12, dtype=torch.float64) if batch_first else torch.randn(5, 6, 12, dtype=torch.float64)
+    stats = collect_statistics(model, x, batch_size=3 if batch_first else 5)  # seq-first: the whole batch at once
+    handle.remove()
+    assert len(calls) == (2 if batch_first else 1)  # one call per forward pass
+    with torch.no_grad():
+        out = mha(x, x, x, need_weights=False)[0].reshape(-1, 12)
+    assert rel_err(stats.slots["head"].cov[0], out.T @ out) < 1e-12
+    assert stats.slots["a.out_proj"].count == 30 and stats.slots["a.in_proj"].count == 30
