@@ -30,10 +30,13 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # -- shared arguments -------------------------------------------------------------------------
 def _model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (one of --model, --arch or --timm)")
+    g = p.add_argument_group("model (one of --model, --arch, --timm or --hf)")
     g.add_argument("--model", help="a whole pickled module (torch.save(model, path)); unpickling runs code: trust the file")
     g.add_argument("--arch", help="a torchvision architecture name, e.g. vit_b_16, resnet50")
-    g.add_argument("--timm", metavar="NAME", help="a timm architecture name, e.g. convnext_tiny (pip install timm)")
+    g.add_argument("--timm", metavar="NAME", help="a timm architecture name, e.g. convnext_tiny (pip install 'deepunlearn[timm]')")
+    g.add_argument("--hf", metavar="DIR", help="a Hugging Face image classifier saved with save_pretrained (config.json and "
+                                              "weights); the edited model is written as such a directory "
+                                              "(pip install 'deepunlearn[hf]')")
     g.add_argument("--weights", help="state dict for --arch / --timm: a torch file or .safetensors; the edited weights "
                                      "are written in the same format (without it: random initialisation, for tests)")
     g.add_argument("--num-classes", type=int, default=None, help="outputs of --arch / --timm (default: the architecture's)")
@@ -59,13 +62,15 @@ def _collect_args(p: argparse.ArgumentParser) -> None:
 def _source(args: argparse.Namespace):
     from .model_files import ModelSource
 
-    given = [name for name in ("model", "arch", "timm") if getattr(args, name) is not None]
+    given = [name for name in ("model", "arch", "timm", "hf") if getattr(args, name) is not None]
     if len(given) != 1:
-        raise ValueError("name the model with exactly one of --model FILE, --arch NAME or --timm NAME")
-    if args.model is not None and (args.weights or args.num_classes):
-        raise ValueError("--weights and --num-classes go with --arch or --timm, not with --model")
+        raise ValueError("name the model with exactly one of --model FILE, --arch NAME, --timm NAME or --hf DIR")
+    if (args.model is not None or args.hf is not None) and (args.weights or args.num_classes):
+        raise ValueError(f"--weights and --num-classes go with --arch or --timm, not with --{given[0]}")
     if args.model is not None:
         return ModelSource(None, args.model)
+    if args.hf is not None:
+        return ModelSource(None, args.hf, library="hf")
     library = "timm" if args.timm is not None else "torchvision"
     return ModelSource(args.arch or args.timm, args.weights, args.num_classes, library)
 
@@ -89,15 +94,20 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
 
 
-def _check_out(out: Path, overwrite: bool, *inputs: str | None) -> None:
-    """Refuse, before any work, to overwrite an input or an existing file (unless asked)."""
+def _check_out(out: Path, overwrite: bool, *inputs: str | None, folder: bool = False) -> None:
+    """Refuse, before any work, to overwrite an input or an existing output (unless asked);
+    ``folder``: the output is a model directory, else a file."""
     for i in inputs:
         if i is not None and os.path.exists(i) and os.path.exists(out) and os.path.samefile(i, out):
-            raise ValueError(f"--out {str(out)!r} is an input file; write the result elsewhere")
+            raise ValueError(f"--out {str(out)!r} is an input {'folder' if os.path.isdir(i) else 'file'}; "
+                             "write the result elsewhere")
+        if i is not None and folder and Path(i).resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"--out {str(out)!r} holds the input {i!r}; write the result elsewhere")
     if out.exists() and not overwrite:
         raise ValueError(f"{str(out)!r} exists; pass --overwrite to replace it")
-    if out.exists() and out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a folder; name a file")
+    if out.exists() and out.is_dir() != folder:
+        raise ValueError(f"--out {str(out)!r} is a folder; name a file" if not folder else
+                         f"--out {str(out)!r} is a file; name a folder for the model directory")
 
 
 def _init_distributed(device: torch.device) -> bool:
@@ -133,7 +143,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from .api import draw_samples
     from .distributed import shard
     from .image_tree import image_tree, loader, resolve_classes
-    from .model_files import check_output_format, load_model, save_model
+    from .model_files import check_output_format, input_normalisation, load_model, save_model
 
     _check_positive(batch_size=args.batch_size, retain_per_class=args.retain_per_class, forget_samples=args.forget_samples,
                     image_size=args.image_size, search_per_class=args.search_per_class)
@@ -141,7 +151,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_format(source, out)
     report_path = Path(args.report) if args.report else out.with_name(out.name + ".json")
-    _check_out(out, args.overwrite, source.path, args.stats)
+    _check_out(out, args.overwrite, source.path, args.stats, folder=source.library == "hf")
     _check_out(report_path, args.overwrite, source.path, args.stats)
     if args.stats is None and args.data is None:
         raise ValueError("give --data (an image tree to draw samples from) or --stats (a file from 'deepunlearn stats build')")
@@ -155,7 +165,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     _init_distributed(device)
     model = load_model(source, device)
     autocast, dtype, progress = _AUTOCAST[args.autocast], _DTYPES.get(args.dtype), not args.no_progress
-    tree = image_tree(args.data, args.image_size) if args.data else None
+    tree = image_tree(args.data, args.image_size, input_normalisation(source)) if args.data else None
     timings: dict[str, float] = {}
 
     if args.stats is not None:
@@ -185,7 +195,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     alpha_r, alpha_f, search = args.alpha_r, args.alpha_f, None
     if args.search:
-        val_tree = image_tree(args.search_data, args.image_size) if args.search_data else tree
+        val_tree = image_tree(args.search_data, args.image_size, input_normalisation(source)) if args.search_data else tree
         used = set() if args.search_data else set(forget_idx) | set(retain_idx)
         val = _held_out(torch.as_tensor(val_tree.targets), used, args.search_per_class, args.seed + 1)
         if not val:
@@ -251,7 +261,7 @@ def _int_classes(specs: list[str]) -> list[int]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import predictions
     from .image_tree import image_tree, loader, resolve_classes
-    from .model_files import load_model
+    from .model_files import input_normalisation, load_model
 
     _check_positive(batch_size=args.batch_size, per_class=args.per_class, image_size=args.image_size)
     source = _source(args)
@@ -260,7 +270,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _check_out(report_path, args.overwrite, source.path)
     device = _device(args)
     model = load_model(source, device)
-    tree = image_tree(args.data, args.image_size)
+    tree = image_tree(args.data, args.image_size, input_normalisation(source))
     classes = resolve_classes(tree, args.forget)
     labels = torch.as_tensor(tree.targets)
     idx = list(range(len(labels)))
@@ -290,7 +300,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_stats_build(args: argparse.Namespace) -> int:
     from . import ClassStatistics
     from .image_tree import image_tree
-    from .model_files import load_model
+    from .model_files import input_normalisation, load_model
 
     _check_positive(batch_size=args.batch_size, per_class=args.per_class, image_size=args.image_size)
     source = _source(args)
@@ -299,7 +309,7 @@ def cmd_stats_build(args: argparse.Namespace) -> int:
     device = _device(args)
     _init_distributed(device)
     model = load_model(source, device)
-    tree = image_tree(args.data, args.image_size)
+    tree = image_tree(args.data, args.image_size, input_normalisation(source))
     t0 = time.perf_counter()
     store = ClassStatistics.collect(model, tree, per_class=args.per_class, seed=args.seed, batch_size=args.batch_size,
                                     dtype=_DTYPES.get(args.dtype), autocast=_AUTOCAST[args.autocast], workers=args.workers,
@@ -422,6 +432,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # bad input, or an optional package missing (extras.require)
         print(f"deepunlearn {args.command}: error: {exc}", file=sys.stderr)
         return 2

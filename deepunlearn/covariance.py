@@ -37,16 +37,28 @@ class ConvGeometry:
 
     @classmethod
     def of(cls, conv: nn.modules.conv._ConvNd) -> "ConvGeometry":
-        k, dil = tuple(conv.kernel_size), tuple(conv.dilation)
-        if isinstance(conv.padding, str):
-            if conv.padding == "valid":
+        return cls.of_call(conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+
+    @classmethod
+    def of_call(cls, weight: torch.Tensor, stride, padding, dilation, groups: int,
+                padding_mode: str = "zeros") -> "ConvGeometry":
+        """The geometry of ``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)``
+        (ints or tuples, padding also ``"valid"``/``"same"``)."""
+        k = tuple(weight.shape[2:])
+
+        def per_dim(v) -> tuple[int, ...]:
+            return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * len(k)
+
+        dil = per_dim(dilation)
+        if isinstance(padding, str):
+            if padding == "valid":
                 lo_hi = [(0, 0)] * len(k)
             else:  # 'same': torch puts the odd pixel on the high side
                 lo_hi = [(d * (kk - 1) // 2, d * (kk - 1) - d * (kk - 1) // 2) for kk, d in zip(k, dil)]
         else:
-            lo_hi = [(p, p) for p in conv.padding]
+            lo_hi = [(p, p) for p in per_dim(padding)]
         pad = tuple(v for pair in reversed(lo_hi) for v in pair)
-        return cls(k, tuple(conv.stride), dil, pad, conv.padding_mode, conv.groups)
+        return cls(k, per_dim(stride), dil, pad, padding_mode, int(groups))
 
 
 def _pad(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:

@@ -10,9 +10,12 @@ import gzip
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import TensorDataset
+
+from .extras import require
+
+np = require("numpy", "metrics", "the Fashion-MNIST loader")
 
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (

@@ -21,6 +21,7 @@ from torch.utils.data import Subset
 from . import forget_classes
 from .data import FASHION_MNIST_CLASSES, fashion_mnist
 from .evaluation import evaluate_forgetting, measure
+from .extras import require
 from .models import SmallCNN
 from .training import train_classifier
 
@@ -82,9 +83,7 @@ def format_table(original: dict, unlearned: dict, seconds: float, peak_mb: float
 
 
 def plot(original: dict, unlearned: dict, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "metrics", "the demo's figure").use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 

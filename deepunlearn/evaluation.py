@@ -9,13 +9,17 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
 from ._batches import DataLike, iter_labelled
+from .extras import require
 from .statistics import _eval_no_grad, model_device
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def predictions(model: nn.Module, data: DataLike, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,8 +51,8 @@ def class_accuracies(probs: torch.Tensor, labels: torch.Tensor, forget: Sequence
 
 
 def true_class_confidence(probs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """Probability the model gives each sample's true class, ``(N,)``."""
-    return probs.gather(1, labels[:, None]).squeeze(1).numpy().astype(np.float64)
+    """Probability the model gives each sample's true class, ``(N,)``, as a float64 array."""
+    return probs.gather(1, labels[:, None]).squeeze(1).double().numpy()
 
 
 def svc_mia(member_conf: np.ndarray, nonmember_conf: np.ndarray, target_conf: np.ndarray, seed: int = 0) -> float:
@@ -62,7 +66,8 @@ def svc_mia(member_conf: np.ndarray, nonmember_conf: np.ndarray, target_conf: np
         MIA efficacy in percent: the share of target samples the attack calls *non-members*.
         Higher means the model treats them as unseen; compare with a model retrained without them.
     """
-    from sklearn.svm import SVC
+    np = require("numpy", "metrics", "the membership-inference attack")
+    svm = require("sklearn.svm", "metrics", "the membership-inference attack")
 
     rng = np.random.default_rng(seed)
     n = min(len(member_conf), len(nonmember_conf))
@@ -72,7 +77,7 @@ def svc_mia(member_conf: np.ndarray, nonmember_conf: np.ndarray, target_conf: np
     non = rng.choice(nonmember_conf, n, replace=False)
     x = np.concatenate([mem, non])[:, None]
     y = np.concatenate([np.ones(n), np.zeros(n)])
-    clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
+    clf = svm.SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
     return 100.0 * float(1.0 - clf.predict(np.asarray(target_conf)[:, None]).mean())
 
 

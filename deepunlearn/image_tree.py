@@ -17,20 +17,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def eval_transform(image_size: int = 224):
-    """Resize the short side to ``image_size·256/224``, centre-crop ``image_size``, normalise (ImageNet)."""
+def eval_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    """Resize the short side to ``image_size·256/224``, centre-crop ``image_size``, normalise per
+    channel (default: ImageNet's mean and std)."""
     from torchvision import transforms
 
     return transforms.Compose([
         transforms.Resize(round(image_size * 256 / 224)),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(mean, std),
     ])
 
 
-def image_tree(root: str | os.PathLike, image_size: int = 224) -> Dataset:
-    """A labelled dataset over ``root/<class>/<image>`` (``.targets`` holds the model class indices).
+def image_tree(root: str | os.PathLike, image_size: int = 224,
+               normalisation: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD)) -> Dataset:
+    """A labelled dataset over ``root/<class>/<image>`` (``.targets`` holds the model class indices),
+    images normalised with ``normalisation = (mean, std)``.
 
     Raises ``ValueError`` when ``root`` is not a folder or holds no class folder with images.
     """
@@ -48,7 +51,7 @@ def image_tree(root: str | os.PathLike, image_size: int = 224) -> Dataset:
     if not os.path.isdir(root):
         raise ValueError(f"the image folder {os.fspath(root)!r} does not exist")
     try:
-        return _Tree(os.fspath(root), transform=eval_transform(image_size))
+        return _Tree(os.fspath(root), transform=eval_transform(image_size, *normalisation))
     except (FileNotFoundError, RuntimeError) as exc:  # torchvision's words for an empty tree
         raise ValueError(f"{os.fspath(root)!r} is not an image tree root/<class>/<image>: {exc}") from exc
 

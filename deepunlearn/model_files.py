@@ -1,9 +1,10 @@
 """Read and write the model files the command line works on.
 
-Two forms: a whole pickled module (``torch.save(model, path)``), or an architecture name (from
+Three forms: a whole pickled module (``torch.save(model, path)``); an architecture name (from
 torchvision, or from timm) plus a state-dict file, a torch file (``.pth``/``.pt``) or safetensors
-(``.safetensors``). Nothing is ever downloaded: without a weights file an architecture is built
-at random initialisation (for tests and timing). The edited weights are written in the input's format.
+(``.safetensors``); or a Hugging Face model directory (``save_pretrained``: ``config.json`` and its
+weights). Nothing is ever downloaded: without a weights file an architecture is built at random
+initialisation (for tests and timing). The edited weights are written in the input's format.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .extras import require
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -23,10 +26,10 @@ class ModelSource:
 
     Attributes:
         arch: architecture name (``"vit_b_16"``, or timm's ``"convnext_atto"``), or ``None`` for a
-            pickled module.
-        path: the weights or module file, or ``None`` for random initialisation.
+            pickled module or a Hugging Face directory.
+        path: the weights or module file, the Hugging Face directory, or ``None`` for random initialisation.
         num_classes: output classes the architecture was built with.
-        library: where ``arch`` is built from: ``"torchvision"`` or ``"timm"``.
+        library: where the model is built from: ``"torchvision"``, ``"timm"`` or ``"hf"``.
     """
 
     arch: str | None
@@ -41,17 +44,45 @@ class ModelSource:
 
 
 SAFETENSORS_SUFFIX = ".safetensors"
-LIBRARIES = ("torchvision", "timm")
+LIBRARIES = ("torchvision", "timm", "hf")
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", SAFETENSORS_SUFFIX)  # names that say "a file", not a model directory
 
 
-def _require(module: str, pip_name: str, why: str):
-    """Import ``module``, or raise ``ValueError`` naming the pip command that installs it."""
-    import importlib
+class HFClassifier(nn.Module):
+    """A Hugging Face image classifier as a plain one: ``forward(x)`` returns its ``.logits``."""
 
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.hf(pixel_values=pixel_values).logits
+
+
+def _load_hf(directory: str) -> nn.Module:
+    transformers = require("transformers", "hf", "--hf")
+    if not os.path.isdir(directory) or not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ValueError(f"--hf {directory!r} is not a save_pretrained directory (no config.json in it)")
     try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ValueError(f"{why} needs the {pip_name} package: pip install {pip_name}") from None
+        hf = transformers.AutoModelForImageClassification.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:  # transformers' own words: unknown model type, missing or mismatched weights
+        raise ValueError(f"cannot load the Hugging Face model in {directory!r}: {exc}") from exc
+    return HFClassifier(hf)
+
+
+def input_normalisation(source: ModelSource) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean and std the model's inputs are normalised with: a Hugging Face
+    directory's ``preprocessor_config.json`` where it has one, else ImageNet's."""
+    from .image_tree import IMAGENET_MEAN, IMAGENET_STD
+
+    config = Path(source.path or "") / "preprocessor_config.json"
+    if source.library == "hf" and config.is_file():
+        import json
+
+        blob = json.loads(config.read_text())
+        if "image_mean" in blob and "image_std" in blob:
+            return tuple(blob["image_mean"]), tuple(blob["image_std"])
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def _unwrap_state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
@@ -72,6 +103,8 @@ def load_model(source: ModelSource, device: torch.device | str = "cpu") -> nn.Mo
     Raises ``ValueError`` for a missing file, an unknown architecture, a state dict that does not
     fit the architecture (the first mismatching keys are named), or a file of the wrong kind.
     """
+    if source.library == "hf":
+        return _load_hf(source.path).to(device).eval()
     if source.path is not None and not os.path.isfile(source.path):
         raise ValueError(f"model file {source.path!r} does not exist")
     if source.arch is None:
@@ -108,7 +141,7 @@ def _build(source: ModelSource) -> nn.Module:
     """The architecture ``source`` names, at random initialisation (nothing downloaded)."""
     kwargs = {} if source.num_classes is None else {"num_classes": source.num_classes}
     if source.library == "timm":
-        timm = _require("timm", "timm", "--timm")
+        timm = require("timm", "timm", "--timm")
         if not timm.is_model(source.arch):
             close = timm.list_models(f"*{source.arch.split('_')[0]}*")[:8]
             raise ValueError(f"unknown timm architecture {source.arch!r}" + (f" (did you mean one of {close}?)" if close else ""))
@@ -128,7 +161,7 @@ def _read_weights(path: str) -> object:
     """A weights file's contents: safetensors by its suffix, else a torch file (tensors only)."""
     try:
         if Path(path).suffix == SAFETENSORS_SUFFIX:
-            return _require("safetensors.torch", "safetensors", "a .safetensors weights file").load_file(path, device="cpu")
+            return require("safetensors.torch", "timm", "a .safetensors weights file").load_file(path, device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
     except ValueError:
         raise
@@ -138,6 +171,10 @@ def _read_weights(path: str) -> object:
 
 def check_output_format(source: ModelSource, out: str | os.PathLike) -> None:
     """Refuse an output name whose suffix says another format than the input's (before any work)."""
+    if source.library == "hf":
+        if Path(out).suffix in WEIGHT_SUFFIXES or Path(out).is_file():
+            raise ValueError(f"--hf writes a model directory (save_pretrained), so name --out as a folder, not {str(out)!r}")
+        return
     if source.arch is None or source.path is None:
         return
     if (Path(out).suffix == SAFETENSORS_SUFFIX) != source.safetensors:
@@ -156,6 +193,9 @@ def save_model(model: nn.Module, source: ModelSource, out: str | os.PathLike) ->
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if source.library == "hf":
+        _save_pretrained_atomically(model.hf, out, Path(source.path))
+        return
     if source.arch is not None:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if source.safetensors:  # one contiguous tensor per name (tied weights are written twice)
@@ -172,12 +212,35 @@ def save_model(model: nn.Module, source: ModelSource, out: str | os.PathLike) ->
             model.to(devices.pop())
 
 
+def _save_pretrained_atomically(hf: nn.Module, out: Path, source: Path) -> None:
+    """``hf.save_pretrained`` (with the source directory's image-processor settings) into a fresh
+    folder next to ``out``, then moved into place (an existing ``out``, which the caller allowed to
+    be replaced, is removed only once the new one is whole)."""
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = out.with_name(f".{out.name}.old")
+    try:
+        hf.save_pretrained(tmp)
+        if (source / "preprocessor_config.json").is_file():
+            shutil.copy2(source / "preprocessor_config.json", tmp / "preprocessor_config.json")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _write_atomically(payload: object, out: Path, safetensors: bool = False) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
         if safetensors:
-            _require("safetensors.torch", "safetensors", "writing .safetensors").save_file(payload, tmp)
+            require("safetensors.torch", "timm", "writing .safetensors").save_file(payload, tmp)
         else:
             torch.save(payload, tmp)
         os.replace(tmp, out)

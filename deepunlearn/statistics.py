@@ -308,8 +308,13 @@ class _Collector:
         self.device, self.dtype = device, dtype
         self.autocast = check_autocast(autocast)
         self.handles: list = []
-        # nn.MultiheadAttention layers, by their out_proj weight: see _AttentionCapture
+        # nn.MultiheadAttention layers, by their out_proj weight, and Linear and conv layers, by
+        # their weight, for the functional calls that apply them (_FunctionalCapture)
         self.attention: dict[int, str] = {}
+        self.linear_weights: dict[int, tuple[str, int]] = {}
+        self.conv_weights: dict[int, tuple[str, int, int]] = {}  # name, groups, d
+        self._module_call: int | None = None  # the weight whose module's hook ran just now
+        self.functional_layers: set[str] = set()  # Linear and conv layers reached through functional calls alone
         # Linear layers reading the very tensor an earlier one read (separate q/k/v projections)
         # share its slot. Sharing is decided in the first forward pass and checked in every later one.
         self.share_inputs = share_inputs
@@ -325,9 +330,11 @@ class _Collector:
             if t.kind == "attention-in":
                 self.attention[id(m.out_proj.weight)] = t.layer
             elif t.kind == "linear":
-                self.handles.append(m.register_forward_pre_hook(self._linear_hook(t.name, t.in_features)))
+                self.handles.append(m.register_forward_pre_hook(self._linear_hook(t.name, t.in_features, m.weight)))
+                self.linear_weights[id(m.weight)] = (t.name, t.in_features)
             else:
-                self.handles.append(m.register_forward_pre_hook(self._conv_hook(t.name, ConvGeometry.of(m), t.in_features)))
+                self.handles.append(m.register_forward_pre_hook(self._conv_hook(t.name, ConvGeometry.of(m), t.in_features, m.weight)))
+                self.conv_weights[id(m.weight)] = (t.name, t.groups, t.in_features)
 
     # -- sinks (overridden by the reference procedure) --------------------------------------
     def _add(self, name: str, groups: int, d: int, n: int, vectors, accumulate,
@@ -378,18 +385,22 @@ class _Collector:
             sinks.append((self.token_slots, True))
         return sinks
 
-    def _linear_hook(self, name: str, d: int):
+    def _linear_hook(self, name: str, d: int, weight: torch.Tensor):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if self.share_inputs and self._shared_owner(name, x) is not None:
-                return
-            sequence = x.dim() == 3  # (batch, sequence, features): where the first position can be taken
-            self.stats.sequence_inputs |= sequence
-            for slots, first in (self._sinks() if sequence else [(None, False)]):
-                with _autocast_off(self.device):
-                    self.add_rows(name, linear_rows(self._computed(x[:, 0] if first else x), d), slots)
+            self._module_call = id(weight)  # the F.linear call the module makes next is this one
+            self.linear_input(name, d, args[0])
 
         return hook
+
+    def linear_input(self, name: str, d: int, x: torch.Tensor) -> None:
+        """Input ``x`` (``(..., d)``) of linear layer ``name``, from its module or a functional call."""
+        if self.share_inputs and self._shared_owner(name, x) is not None:
+            return
+        sequence = x.dim() == 3  # (batch, sequence, features): where the first position can be taken
+        self.stats.sequence_inputs |= sequence
+        for slots, first in (self._sinks() if sequence else [(None, False)]):
+            with _autocast_off(self.device):
+                self.add_rows(name, linear_rows(self._computed(x[:, 0] if first else x), d), slots)
 
     def _shared_owner(self, name: str, x: torch.Tensor) -> str | None:
         """The slot already holding ``x`` in this forward pass if ``name`` shares it, else ``None``.
@@ -421,15 +432,21 @@ class _Collector:
                                       f"whose input it shares, ran {n_owner} time(s)")
         self._inputs.clear()
         self._calls.clear()
+        self._module_call = None
         self._forwards += 1
 
-    def _conv_hook(self, name: str, geom: ConvGeometry, d: int):
+    def _conv_hook(self, name: str, geom: ConvGeometry, d: int, weight: torch.Tensor):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = self._computed(args[0])
-            with _autocast_off(self.device):
-                self.add_conv(name, x if x.dim() == geom.spatial_dims + 2 else x.unsqueeze(0), geom, d)
+            self._module_call = id(weight)  # the F.conv call the module makes next is this one
+            self.conv_input(name, geom, d, args[0])
 
         return hook
+
+    def conv_input(self, name: str, geom: ConvGeometry, d: int, x: torch.Tensor) -> None:
+        """Input ``x`` of convolution ``name`` with geometry ``geom``, from its module or a functional call."""
+        x = self._computed(x)
+        with _autocast_off(self.device):
+            self.add_conv(name, x if x.dim() == geom.spatial_dims + 2 else x.unsqueeze(0), geom, d)
 
     def add_attention(self, name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       before_out_proj: torch.Tensor) -> None:
@@ -451,9 +468,12 @@ class _Collector:
                 self.add_rows(f"{name}.out_proj", rows(before_out_proj, computed=False), slots)
 
     def capture(self):
-        """The context each forward pass runs in: :class:`_AttentionCapture` where the model has
-        attention layers to edit."""
-        return _AttentionCapture(self) if self.attention else nullcontext()
+        """The context each forward pass runs in: :class:`_FunctionalCapture` where the model has
+        attention layers to edit, or in the first pass (later ones only if it found Linear or conv
+        weights applied by functional calls alone)."""
+        layers = self.linear_weights or self.conv_weights
+        watch = self.attention or (layers and (self._forwards == 0 or self.functional_layers))
+        return _FunctionalCapture(self) if watch else nullcontext()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -497,17 +517,23 @@ def _batch_major(t: torch.Tensor) -> torch.Tensor:
 
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)
 
 
-class _AttentionCapture(TorchFunctionMode):
-    """Sees each ``F.multi_head_attention_forward`` call of a forward pass and hands the collector
-    the inputs of both of the layer's projections.
+class _FunctionalCapture(TorchFunctionMode):
+    """Sees the functional calls of a forward pass that apply edited weights without their module.
 
-    ``nn.MultiheadAttention`` applies its projections inside that function, through their weights,
-    where no module hook fires. The call is run with the output projection as the identity (an
-    exact product, unless TF32 is allowed for float32 matrix products), which yields what
-    ``out_proj`` multiplies; the projection is then applied here to give the layer's output, under
-    the same autocast, so the attention runs once. Every other function passes through.
+    * ``F.linear`` / ``F.conv{1,2,3}d`` with the weight of a ``Linear`` / conv layer whose module
+      was not called for it (for example torchvision's ``swin_t``, whose attention applies
+      ``qkv.weight`` and ``proj.weight`` through ``F.linear``): its input goes to that layer's
+      statistics, as a hook would send it (a conv with the call's own geometry).
+    * ``F.multi_head_attention_forward``: ``nn.MultiheadAttention`` applies both its projections
+      inside it, through their weights. The call is run with the output projection as the
+      identity (an exact product, unless TF32 is allowed for float32 matrix products), which
+      yields what ``out_proj`` multiplies; the projection is then applied here to give the
+      layer's output, under the same autocast, so the attention runs once.
+
+    Every other function passes through unchanged.
     """
 
     def __init__(self, collector: "_Collector"):
@@ -523,8 +549,37 @@ class _AttentionCapture(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.multi_head_attention_forward:
-            return func(*args, **kwargs)
+        if func is F.linear:
+            self._linear(*args, **kwargs)
+        elif func in _CONVS:
+            self._conv(*args, **kwargs)
+        elif func is F.multi_head_attention_forward:
+            return self._attention(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _linear(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        c = self.collector
+        if c._module_call == id(weight):  # the module's own call: its hook has the input already
+            c._module_call = None
+            return
+        layer = c.linear_weights.get(id(weight))
+        if layer is not None:
+            c.functional_layers.add(layer[0])
+            c.linear_input(*layer, input)
+
+    def _conv(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+              dilation=1, groups: int = 1) -> None:
+        c = self.collector
+        if c._module_call == id(weight):
+            c._module_call = None
+            return
+        layer = c.conv_weights.get(id(weight))
+        if layer is not None and layer[1] == groups:  # another grouping would need other statistics
+            name, _, d = layer
+            c.functional_layers.add(name)
+            c.conv_input(name, ConvGeometry.of_call(weight, stride, padding, dilation, groups), d, input)
+
+    def _attention(self, func, args: tuple, kwargs: dict):
         call = _MHA_SIGNATURE.bind(*args, **kwargs)
         a = call.arguments
         w, b = a["out_proj_weight"], a.get("out_proj_bias")

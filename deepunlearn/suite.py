@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Subset
@@ -32,8 +31,11 @@ from .api import class_balanced_indices, dataset_labels
 from .baselines import BASELINES
 from .data import fashion_mnist
 from .evaluation import evaluate_forgetting, exact_rss_peaks, measure
+from .extras import require
 from .models import ARCHITECTURES
 from .reference import unlearn_paper
+
+np = require("numpy", "metrics", "the suite")
 from .training import train_classifier
 
 VALIDATION = 5000
@@ -59,13 +61,13 @@ def penultimate_features(model: nn.Module, data, batch_size: int = 512) -> tuple
 def probe_audit(model: nn.Module, probe_train, forget_test, seed: int = 0) -> float:
     """Accuracy (%) on the forget-class test samples of a logistic-regression probe fitted on the
     penultimate features of retain and forget training samples. High: the class is still there."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    linear_model = require("sklearn.linear_model", "metrics", "the suite's probe audit")
+    preprocessing = require("sklearn.preprocessing", "metrics", "the suite's probe audit")
 
     xtr, ytr = penultimate_features(model, probe_train)
     xte, yte = penultimate_features(model, forget_test)
-    scaler = StandardScaler().fit(xtr)
-    clf = LogisticRegression(max_iter=300, random_state=seed).fit(scaler.transform(xtr), ytr)
+    scaler = preprocessing.StandardScaler().fit(xtr)
+    clf = linear_model.LogisticRegression(max_iter=300, random_state=seed).fit(scaler.transform(xtr), ytr)
     return 100.0 * float((clf.predict(scaler.transform(xte)) == yte).mean())
 
 
@@ -239,9 +241,7 @@ def targets(summary: list[dict]) -> list[str]:
 
 
 def figures(summary: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "metrics", "the suite's figures").use("Agg")
     import matplotlib.pyplot as plt
 
     archs = sorted({s["arch"] for s in summary})

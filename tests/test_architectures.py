@@ -53,10 +53,29 @@ def independent_moments(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Te
                 rows = u.double()
                 out[name] = out.get(name, 0) + rows.transpose(1, 2) @ rows
             handles.append(m.register_forward_pre_hook(conv_hook))
+    # torchvision's swin applies its attention's qkv and proj weights through F.linear, not their
+    # modules: record those calls' inputs by wrapping the module's F
+    import torchvision.models.swin_transformer as swin
+
+    linears = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    real_f = swin.F
+
+    class RecordingF:
+        def __getattr__(self, attr):
+            return getattr(real_f, attr)
+
+        @staticmethod
+        def linear(inp, weight, bias=None):
+            if id(weight) in linears:
+                add(linears[id(weight)], inp.reshape(-1, inp.shape[-1]))
+            return real_f.linear(inp, weight, bias)
+
+    swin.F = RecordingF()
     try:
         with torch.no_grad():
             model(x)
     finally:
+        swin.F = real_f
         for h in handles:
             h.remove()
     return out
@@ -73,19 +92,12 @@ def test_statistics_of_every_weight_matrix_match_an_independent_computation(name
     targets, skipped = find_targets(model)
     owners = [model.get_submodule(s.name.rpartition(".")[0]) for s in skipped]
     assert not [o for o in owners if isinstance(o, (nn.Linear, nn.Conv2d))]  # no weight matrix left out
-    reached = 0
-    for t in targets:
+    for t in targets:  # every one reached, swin_t's weights applied through F.linear included
         cov, n = stats.covariance(t)
         key = t.slots[0] if t.kind == "attention-in" else t.slots[-1]
-        if cov is None:  # only weights that the model applies functionally may be unreached
-            assert name == "swin_t" and key.endswith(("qkv", "proj")), t.name
-            assert key not in ref
-            continue
-        reached += 1
+        assert cov is not None and n > 0, t.name
         expected = ref[key] if torch.is_tensor(ref[key]) and ref[key].dim() == 3 else ref[key][None]
         assert rel_err(cov, expected) < 1e-9, t.name
-    # swin_t applies its attention's qkv and proj weights functionally: those are reported, not reached
-    assert reached == len(targets) or name == "swin_t"
 
 
 @pytest.mark.slow
@@ -173,6 +185,48 @@ def test_timm_models_every_weight_matrix_matches_an_independent_computation_and_
         key = t.slots[0] if t.kind == "attention-in" else t.slots[-1]
         expected = ref[key] if ref[key].dim() == 3 else ref[key][None]
         assert rel_err(cov, expected) < 1e-9, t.name
+    before = {t.name: t.weight().detach().clone() for t in targets}
+    report = unlearn(model, x[:2], x[2:], alpha_r=100, alpha_f=3, inplace=False)
+    assert {r.name for r in report.layers} == set(before)
+    edited = {t.name: t.weight() for t in find_targets(report.model)[0]}
+    assert all(torch.isfinite(w).all() and not torch.equal(w, before[k]) for k, w in edited.items())
+
+
+def _hf_models():
+    transformers = pytest.importorskip("transformers")
+    common = dict(num_labels=5, image_size=32, num_channels=3)
+    return {
+        "ViTForImageClassification": lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
+            patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, **common)),
+        "ConvNextForImageClassification": lambda: transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+            hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, **common)),
+        "SwinForImageClassification": lambda: transformers.SwinForImageClassification(transformers.SwinConfig(
+            patch_size=4, embed_dim=12, depths=[1, 1], num_heads=[2, 2], window_size=2, **common)),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ViTForImageClassification", "ConvNextForImageClassification", "SwinForImageClassification"])
+def test_transformers_models_every_weight_matrix_matches_an_independent_computation_and_is_edited(name):
+    """Hugging Face models at random init (as the command line's --hf wraps them): every Linear and
+    conv weight's statistics against plain hooks (ViT's separate query, key and value share one),
+    and every one edited."""
+    from deepunlearn.model_files import HFClassifier
+
+    torch.manual_seed(0)
+    model = HFClassifier(_hf_models()[name]()).double().eval()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    stats = collect_statistics(model, x[:2])
+    ref = independent_moments(model, x[:2])
+    targets, skipped = find_targets(model)
+    owners = [model.get_submodule(s.name.rpartition(".")[0]) for s in skipped]
+    assert not [o for o in owners if isinstance(o, (nn.Linear, nn.Conv2d))]  # only tokens and tables are skipped
+    for t in targets:
+        cov, n = stats.covariance(t)
+        expected = ref[t.slots[-1]] if ref[t.slots[-1]].dim() == 3 else ref[t.slots[-1]][None]
+        assert cov is not None and rel_err(cov, expected) < 1e-9, t.name
+    if name == "ViTForImageClassification":  # key and value read query's input: one statistic for the three
+        assert len(stats.aliases) == 2 * 2
     before = {t.name: t.weight().detach().clone() for t in targets}
     report = unlearn(model, x[:2], x[2:], alpha_r=100, alpha_f=3, inplace=False)
     assert {r.name for r in report.layers} == set(before)

@@ -270,4 +270,57 @@ def test_timm_architecture_with_safetensors_weights_keeps_the_format(tree, tmp_p
     assert "unknown timm architecture 'resnet5'" in capsys.readouterr().err
     assert run("forget", "--timm", "resnet18", "--arch", "resnet18", "--data", tree, "--forget", FORGET,
                "--out", tmp_path / "x.pt", *SMALL) == 2
-    assert "exactly one of --model FILE, --arch NAME or --timm NAME" in capsys.readouterr().err
+    assert "exactly one of --model FILE, --arch NAME, --timm NAME or --hf DIR" in capsys.readouterr().err
+
+
+def _tiny_hf_vit(num_labels: int):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=48, num_labels=num_labels)
+    torch.manual_seed(0)
+    return transformers, transformers.ViTForImageClassification(config).eval()
+
+
+def test_hugging_face_directory_in_and_out(tree, tmp_path, capsys):
+    """--hf: a save_pretrained directory in, the edited model written as one (never over the input),
+    equal to the library's edit; the directory's image mean and std are used; evaluate takes it too."""
+    ds = image_tree(tree, 32)
+    transformers, original = _tiny_hf_vit(max(ds.targets) + 1)
+    src = tmp_path / "vit"
+    original.save_pretrained(src)
+    (src / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    weights_before = (src / "model.safetensors").read_bytes()
+    fixed = ("--alpha-r", 100, "--alpha-f", 10)
+    base = ("forget", "--hf", src, "--data", tree, "--forget", FORGET)
+    for bad, says in ((src, "is an input folder"), (tmp_path, "holds the input"), (tmp_path / "o.safetensors", "name --out as a folder")):
+        assert run(*base, "--out", bad, "--overwrite", *fixed, *SMALL) == 2
+        assert says in capsys.readouterr().err
+    assert run(*base, "--weights", tmp_path / "w.pt", "--out", tmp_path / "x", *fixed, *SMALL) == 2
+    assert "--weights and --num-classes go with --arch or --timm, not with --hf" in capsys.readouterr().err
+    out = tmp_path / "forgot"
+    assert run(*base, "--out", out, *fixed, *SMALL) == 0
+    assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert (src / "model.safetensors").read_bytes() == weights_before  # the input is never written
+    edited = transformers.AutoModelForImageClassification.from_pretrained(out, local_files_only=True).eval()
+    assert (out / "preprocessor_config.json").read_text() == (src / "preprocessor_config.json").read_text()
+    assert not list(tmp_path.glob(".forgot*"))  # no temporary folder left
+    # equal to the library's edit of the same model on the same draw, with the directory's normalisation
+    ds = image_tree(tree, 32, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    f_idx, r_idx = deepunlearn.api.draw_samples(torch.as_tensor(ds.targets), [609], 1, None, 0)
+    from deepunlearn.model_files import HFClassifier
+
+    ref = deepunlearn.unlearn(HFClassifier(original), Subset(ds, f_idx), Subset(ds, r_idx), alpha_r=100, alpha_f=10,
+                              dtype=torch.float64, inplace=False).model.hf.state_dict()
+    got, before = edited.state_dict(), original.state_dict()
+    for k, v in ref.items():
+        assert rel_err(got[k], v) < 1e-10 if v.is_floating_point() else torch.equal(got[k], v), k
+    matrices = [k for k, v in before.items() if v.dim() >= 2 and not k.endswith(("cls_token", "position_embeddings"))]
+    assert len(matrices) == 14  # 2 blocks × (q, k, v, o, fc1, fc2), the patch projection, the classifier
+    assert all(not torch.equal(got[k], before[k]) for k in matrices)
+    # --overwrite replaces a previous output directory whole; evaluate reads the directory
+    assert run(*base, "--out", out, "--overwrite", *fixed, *SMALL) == 0
+    assert run("evaluate", "--hf", out, "--data", tree, "--forget", FORGET, "--report", tmp_path / "ev.json", *SMALL[:-2]) == 0
+    evaluated = json.loads((tmp_path / "ev.json").read_text())
+    assert evaluated["images"] == len(ds) and evaluated["forget_images"] == 2
+    assert run("forget", "--hf", tmp_path / "nothing", "--data", tree, "--forget", FORGET, "--out", tmp_path / "y", *SMALL) == 2
+    assert "not a save_pretrained directory" in capsys.readouterr().err

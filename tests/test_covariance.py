@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import rel_err
+import deepunlearn
 from deepunlearn import collect_statistics
 from deepunlearn.covariance import ConvGeometry, accumulate_conv_reference_, conv_patches
 
@@ -232,3 +233,48 @@ def test_attention_runs_once_per_pass_and_later_layers_see_the_unedited_output(b
         out = mha(x, x, x, need_weights=False)[0].reshape(-1, 12)
     assert rel_err(stats.slots["head"].cov[0], out.T @ out) < 1e-12
     assert stats.slots["a.out_proj"].count == 30 and stats.slots["a.in_proj"].count == 30
+
+
+def test_linear_weights_applied_through_f_linear_are_collected_in_every_pass_and_edited():
+    """A Linear layer whose weight the model applies with F.linear (its module never called) is
+    collected from that call in every forward pass; a module called normally is counted once."""
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(F.linear(x, self.inner.weight, self.inner.bias)))
+
+    torch.manual_seed(0)
+    model = Functional().double()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    stats = collect_statistics(model, x, batch_size=3)  # three forward passes
+    with torch.no_grad():
+        h = torch.relu(F.linear(x, model.inner.weight, model.inner.bias))
+    assert stats.slots["inner"].count == 7 and rel_err(stats.slots["inner"].cov[0], x.T @ x) < 1e-13
+    assert stats.slots["head"].count == 7 and rel_err(stats.slots["head"].cov[0], h.T @ h) < 1e-13
+    report = deepunlearn.unlearn(model, x[:3], x[3:], alpha_r=100, alpha_f=3, inplace=False)
+    assert not report.skipped and {r.name for r in report.layers} == {"inner", "head"}
+    assert all(r.relative_change > 0 for r in report.layers)
+
+
+def test_conv_weights_applied_through_f_conv_are_collected_with_the_calls_geometry():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 6, 3, groups=2)  # its own geometry is not the one used below
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = F.conv2d(x, self.conv.weight, self.conv.bias, stride=2, padding=1, groups=2)
+            return self.head(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Functional().double()
+    x = torch.randn(5, 4, 7, 7, dtype=torch.float64)
+    stats = collect_statistics(model, x, batch_size=2)
+    u = F.unfold(x, 3, padding=1, stride=2)  # (N, 4·9, 16): two groups of 18 rows
+    rows = u.reshape(5, 2, 18, 16).permute(1, 0, 3, 2).reshape(2, -1, 18)
+    assert stats.slots["conv"].count == 5 * 16
+    assert rel_err(stats.slots["conv"].cov, rows.transpose(1, 2) @ rows) < 1e-13
