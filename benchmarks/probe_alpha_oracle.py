@@ -14,7 +14,10 @@ and whether a scope other than every layer raises that ceiling. Scopes:
   embedding), whose inputs are raw pixels shared by every class;
 * ``skip-first-token``: as ``skip-first``, with the statistics of sequence inputs taken from their
   first position only (the class token; ``first_token=True``); the same as ``skip-first`` for
-  models that read no sequence.
+  models that read no sequence;
+* ``last-layers``: the last two layers only (a CNN's penultimate layer and head, a ViT's last
+  MLP output and head): the features of the forget class kept, their use by the classifier removed;
+* ``head``: the classifier alone.
 
 Results: ``benchmarks/results/alpha_oracle_cpu.json`` and ``.md``.
 """
@@ -40,7 +43,7 @@ ALPHA_R_GRID = (1, 3, 10, 30, 100, 300, 1000)
 ALPHA_F_RANGE = (0.1, 1e4)  # bisection bounds (log scale)
 BISECTION_STEPS = 8  # a factor of 10^5 resolved to about 1.05
 FORGET_TARGET = 1.0  # percent
-SCOPES = ("all", "skip-first", "skip-first-token")
+SCOPES = ("all", "skip-first", "skip-first-token", "last-layers", "head")
 
 
 def stacked(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +119,9 @@ def main(argv=None) -> int:
                 token = scope.endswith("-token")
                 stats_f, stats_r = (collect_statistics(model, x, first_token=token) for x in (x_f, x_r))
                 t0 = time.perf_counter()
-                chosen = targets if scope == "all" else targets[1:]  # the suite's models register their stem first
+                layers = list(dict.fromkeys(t.layer for t in targets))  # the suite's models register their stem first
+                kept = {"all": layers, "head": layers[-1:], "last-layers": layers[-2:]}.get(scope, layers[1:])
+                chosen = [t for t in targets if t.layer in kept]
                 cands = CandidateEdits(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu))
                 rows = oracle(model, cands, *tf, *tr)
                 reached = [r for r in rows if r["retain"] is not None]

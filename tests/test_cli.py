@@ -322,5 +322,7 @@ def test_hugging_face_directory_in_and_out(tree, tmp_path, capsys):
     assert run("evaluate", "--hf", out, "--data", tree, "--forget", FORGET, "--report", tmp_path / "ev.json", *SMALL[:-2]) == 0
     evaluated = json.loads((tmp_path / "ev.json").read_text())
     assert evaluated["images"] == len(ds) and evaluated["forget_images"] == 2
+    assert run("stats", "build", "--hf", out, "--data", tree, "--per-class", "1", "--out", tmp_path / "s.pt", *SMALL) == 0
+    assert deepunlearn.ClassStatistics.load(tmp_path / "s.pt").classes
     assert run("forget", "--hf", tmp_path / "nothing", "--data", tree, "--forget", FORGET, "--out", tmp_path / "y", *SMALL) == 2
     assert "not a save_pretrained directory" in capsys.readouterr().err
