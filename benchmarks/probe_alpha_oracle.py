@@ -44,6 +44,7 @@ ALPHA_F_RANGE = (0.1, 1e4)  # bisection bounds (log scale)
 BISECTION_STEPS = 8  # a factor of 10^5 resolved to about 1.05
 FORGET_TARGET = 1.0  # percent
 SCOPES = ("all", "skip-first", "skip-first-token", "last-layers", "head")
+DEFAULT_SCOPES = SCOPES[:3]  # the narrow scopes on request (--scopes last-layers head)
 
 
 def stacked(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +99,7 @@ def oracle(model, cands: CandidateEdits, x_f, y_f, x_r, y_r) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     suite_arguments(p, RESULTS / "alpha_oracle_cpu")
-    p.add_argument("--scopes", nargs="+", choices=list(SCOPES), default=list(SCOPES))
+    p.add_argument("--scopes", nargs="+", choices=list(SCOPES), default=list(DEFAULT_SCOPES))
     a = p.parse_args(argv)
     sets = a.forget or CLASS_SETS
     train, labels, test = suite_data()

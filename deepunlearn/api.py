@@ -536,8 +536,8 @@ def first_layer(targets: Sequence[EditTarget], stats: Statistics) -> str | None:
     return first.layer if rank[id(first)] < math.inf else None
 
 
-_UNREACHED = ("its module was never called during the forward passes (the model may apply the weight "
-              "functionally, as torchvision's Swin attention does): unchanged")
+_UNREACHED = ("its module was never called during the forward passes, nor its weight passed to F.linear / F.conv "
+              "(the model may use it another way, e.g. a raw matrix product): unchanged")
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor:

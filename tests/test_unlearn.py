@@ -287,20 +287,22 @@ def test_help_documents_every_argument():
             assert name in doc, f"{fn.__name__} does not document {name}"
 
 
-def test_layers_applied_functionally_are_listed_as_skipped():
+def test_layers_applied_functionally_are_edited_and_weights_used_otherwise_are_listed():
     class Functional(nn.Module):
         def __init__(self):
             super().__init__()
             self.used = nn.Linear(4, 4)
-            self.bypassed = nn.Linear(4, 4)  # its weight is used through F.linear, never via its module
+            self.functional = nn.Linear(4, 4)  # its weight is applied through F.linear, never via its module
+            self.bypassed = nn.Linear(4, 4)  # its weight is multiplied by hand: no call to see
 
         def forward(self, x):
-            return nn.functional.linear(self.used(x), self.bypassed.weight)
+            return nn.functional.linear(self.used(x), self.functional.weight) @ self.bypassed.weight.T
 
     model = Functional()
     w = model.bypassed.weight.detach().clone()
     r = unlearn(model, torch.randn(6, 4), torch.randn(6, 4), **FIXED)
-    assert [layer.name for layer in r.layers] == ["used"]
+    assert [layer.name for layer in r.layers] == ["used", "functional"]
+    assert all(layer.relative_change > 0 for layer in r.layers)
     assert len(r.skipped) == 1 and r.skipped[0][0] == "bypassed" and "never called" in r.skipped[0][1]
     assert torch.equal(model.bypassed.weight, w)
 
