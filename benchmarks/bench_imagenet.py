@@ -61,7 +61,10 @@ def run_deepunlearn(model, xf, xr, args, device, autocast, alphas=FIXED_ALPHAS) 
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"total": t, "collect": s["collect_forget"] + s["collect_retain"], "choose": s["choose_alpha"],
             "solve": s["decompose"], "edit": s["edit"], "layers": len(report.layers), "peak_bytes": peak,
-            "alpha_r": report.alpha_r, "alpha_f": report.alpha_f}
+            "alpha_r": report.alpha_r, "alpha_f": report.alpha_f,
+            # the chosen kind's scored pairs (for sequence models both kinds were scored)
+            "candidates": None if report.alpha_choice is None else len(report.alpha_choice.candidates),
+            "first_token": None if report.alpha_choice is None else report.alpha_choice.first_token}
 
 
 def run_paper(model, xf, xr, args, device) -> dict:
