@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 import warnings
@@ -76,8 +77,9 @@ def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     so one per layer would stall the queue as often."""
     if not tensors:
         return []
-    flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors]).cpu()
-    return [part.reshape(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors]).cpu()
+    return [part.reshape(t.shape).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def traces(moments: Moments) -> Moments:
