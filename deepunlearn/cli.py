@@ -165,7 +165,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     _init_distributed(device)
     model = load_model(source, device)
     autocast, dtype, progress = _AUTOCAST[args.autocast], _DTYPES.get(args.dtype), not args.no_progress
-    tree = image_tree(args.data, args.image_size, input_normalisation(source)) if args.data else None
+    normalisation = input_normalisation(source)
+    tree = image_tree(args.data, args.image_size, normalisation) if args.data else None
     timings: dict[str, float] = {}
 
     if args.stats is not None:
@@ -195,7 +196,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     alpha_r, alpha_f, search = args.alpha_r, args.alpha_f, None
     if args.search:
-        val_tree = image_tree(args.search_data, args.image_size, input_normalisation(source)) if args.search_data else tree
+        val_tree = image_tree(args.search_data, args.image_size, normalisation) if args.search_data else tree
         used = set() if args.search_data else set(forget_idx) | set(retain_idx)
         val = _held_out(torch.as_tensor(val_tree.targets), used, args.search_per_class, args.seed + 1)
         if not val:

@@ -557,10 +557,16 @@ class _FunctionalCapture(TorchFunctionMode):
             return self._attention(func, args, kwargs)
         return func(*args, **kwargs)
 
+    def _module_calls(self, weight: torch.Tensor) -> bool:
+        """Whether this call is the one ``weight``'s module makes (its hook has the input already)."""
+        own = self.collector._module_call == id(weight)
+        if own:
+            self.collector._module_call = None
+        return own
+
     def _linear(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         c = self.collector
-        if c._module_call == id(weight):  # the module's own call: its hook has the input already
-            c._module_call = None
+        if self._module_calls(weight):
             return
         layer = c.linear_weights.get(id(weight))
         if layer is not None:
@@ -570,8 +576,7 @@ class _FunctionalCapture(TorchFunctionMode):
     def _conv(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
               dilation=1, groups: int = 1) -> None:
         c = self.collector
-        if c._module_call == id(weight):
-            c._module_call = None
+        if self._module_calls(weight):
             return
         layer = c.conv_weights.get(id(weight))
         if layer is not None and layer[1] == groups:  # another grouping would need other statistics

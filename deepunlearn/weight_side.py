@@ -202,16 +202,14 @@ def side_solver(moment: Moment, alpha: float, rows: int, vectors: int, way: str 
     its vectors, the way :func:`side_way` chooses (``way`` forces one: ``"sample-space"`` only where
     the vectors were kept); the eigen and SVD solvers always form ``M``."""
     way = side_way(moment, rows, vectors, way, solver)
-    if solver != "cholesky":
+    if way == "formed":
         return FormedProjection(scaled_projection(dense(moment), alpha, solver))
     if way == "sample-space":
         return SampleSpaceFactor.of(moment.rows, alpha)
     cov = dense(moment)
     if way == "low-rank":
         return LowRankSpectrum.of(cov, alpha, vectors)
-    if way == "cholesky":
-        return ScaledFactor.of(cov, alpha)
-    return FormedProjection(scaled_projection(cov, alpha, "cholesky"))
+    return ScaledFactor.of(cov, alpha)
 
 
 def batched_factors(moments: Sequence[Moment], alphas: Sequence[float]) -> list[ScaledFactor]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import rel_err
-from deepunlearn import collect_statistics, unlearn
+from deepunlearn import Statistics, collect_statistics, unlearn
 from deepunlearn.layers import find_targets
 from test_covariance import unrolled_attention
 
@@ -175,6 +175,13 @@ def test_timm_models_every_weight_matrix_matches_an_independent_computation_and_
     model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).double().eval()
     size = kwargs.get("img_size", 32)
     x = torch.randn(4, 3, size, size, dtype=torch.float64)
+    check_every_matrix_and_edit(model, x)
+
+
+def check_every_matrix_and_edit(model: nn.Module, x: torch.Tensor) -> Statistics:
+    """Statistics of every weight matrix on ``x[:2]`` against :func:`independent_moments`, only
+    tokens and tables skipped; then every matrix edited (forget ``x[:2]``, retain ``x[2:]``).
+    Returns the statistics."""
     stats = collect_statistics(model, x[:2])
     ref = independent_moments(model, x[:2])
     targets, skipped = find_targets(model)
@@ -184,12 +191,13 @@ def test_timm_models_every_weight_matrix_matches_an_independent_computation_and_
         cov, n = stats.covariance(t)
         key = t.slots[0] if t.kind == "attention-in" else t.slots[-1]
         expected = ref[key] if ref[key].dim() == 3 else ref[key][None]
-        assert rel_err(cov, expected) < 1e-9, t.name
+        assert cov is not None and rel_err(cov, expected) < 1e-9, t.name
     before = {t.name: t.weight().detach().clone() for t in targets}
     report = unlearn(model, x[:2], x[2:], alpha_r=100, alpha_f=3, inplace=False)
     assert {r.name for r in report.layers} == set(before)
     edited = {t.name: t.weight() for t in find_targets(report.model)[0]}
     assert all(torch.isfinite(w).all() and not torch.equal(w, before[k]) for k, w in edited.items())
+    return stats
 
 
 def _hf_models():
@@ -215,20 +223,6 @@ def test_transformers_models_every_weight_matrix_matches_an_independent_computat
 
     torch.manual_seed(0)
     model = HFClassifier(_hf_models()[name]()).double().eval()
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    stats = collect_statistics(model, x[:2])
-    ref = independent_moments(model, x[:2])
-    targets, skipped = find_targets(model)
-    owners = [model.get_submodule(s.name.rpartition(".")[0]) for s in skipped]
-    assert not [o for o in owners if isinstance(o, (nn.Linear, nn.Conv2d))]  # only tokens and tables are skipped
-    for t in targets:
-        cov, n = stats.covariance(t)
-        expected = ref[t.slots[-1]] if ref[t.slots[-1]].dim() == 3 else ref[t.slots[-1]][None]
-        assert cov is not None and rel_err(cov, expected) < 1e-9, t.name
+    stats = check_every_matrix_and_edit(model, torch.randn(4, 3, 32, 32, dtype=torch.float64))
     if name == "ViTForImageClassification":  # key and value read query's input: one statistic for the three
         assert len(stats.aliases) == 2 * 2
-    before = {t.name: t.weight().detach().clone() for t in targets}
-    report = unlearn(model, x[:2], x[2:], alpha_r=100, alpha_f=3, inplace=False)
-    assert {r.name for r in report.layers} == set(before)
-    edited = {t.name: t.weight() for t in find_targets(report.model)[0]}
-    assert all(torch.isfinite(w).all() and not torch.equal(w, before[k]) for k, w in edited.items())
