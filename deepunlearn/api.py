@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import operator
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -15,8 +16,8 @@ from torch.utils.data import Dataset, Subset
 from . import distributed
 from ._batches import DataLike
 from .edit import PlannedEdit, apply_plan, edited_weight
-from .auto_alpha import (TARGET_FORGET_ACCURACY, CandidateEdits, choice_rank, choose_alphas, holdout_split, make_scorer,
-                         materialise)
+from .auto_alpha import (TARGET_FORGET_ACCURACY, CandidateEdits, choice_rank, choose_alphas, fold_split, holdout_split,
+                         make_scorer, materialise)
 from .weight_side import SideSolver, batched_factors, edited_weight_sides, side_solver, side_way
 from .layers import EditTarget, SkippedLayer, find_targets
 from .moments import Moment, dense, moment_trace
@@ -351,11 +352,12 @@ def unlearn(
         alpha_r: scale of the retain space, > 0 (paper: 100 for CIFAR-10 and ImageNet, 1000 for CIFAR-100).
             None (default): chosen automatically, with ``alpha_f``.
         alpha_f: scale of the forget space, > 0 (paper: 3 for CIFAR-10, 30 for CIFAR-100, 10 for ImageNet).
-            None (default): chosen automatically. Choosing holds out a quarter of each side's samples
-            (at most 512), scores candidate pairs on them, and keeps, among the pairs whose held-out
-            forget accuracy is at most ``target_forget_accuracy``, the one with the best held-out
-            retain accuracy (else the best ``retain · (100 − forget)``, with a warning); the edit
-            then uses all samples. Accuracies come from the labels where the batches are
+            None (default): chosen automatically. Choosing splits the forget samples into four
+            folds, each scored by candidate pairs edited from the other folds' statistics, and
+            holds out a quarter of the retain samples (at most 512); per ``alpha_r`` it keeps the
+            smallest ``alpha_f`` whose forget accuracy over the folds is at most
+            ``target_forget_accuracy``, and of those the best held-out retain accuracy (else the
+            best ``retain · (100 − forget)``, with a warning); the edit then uses all samples. Accuracies come from the labels where the batches are
             ``(x, y)``; else from ``classes``; else from agreement with the unedited model.
         classes: the class indices being forgotten, if known (scores the forget side without labels).
         target_forget_accuracy: held-out forget accuracy (percent) the automatic choice aims at.
@@ -425,10 +427,10 @@ def unlearn(
         return {False: full} | ({} if token is None else {True: token})
 
     t0 = time.perf_counter()
-    if choosing:  # the statistics of a fit part and of a held-out part, which score the candidates
+    if choosing:  # the statistics of each forget fold, and of the retain fit and held-out parts
         x_f, y_f = materialise(forget, batch_size, "forget")
-        fit_f, held_f = holdout_split(len(x_f), "forget")
-        parts_f = [kinds(x_f[i], "forget") for i in (fit_f, held_f)]
+        folds_f = fold_split(len(x_f), "forget")
+        parts_f = [kinds(x_f[i], "forget") for i in folds_f]
         stats_f = parts_f[0][min(parts_f[0])]  # every position's where both kinds were collected
     else:
         stats_f = gather_statistics(model, forget, "forget", **kw)
@@ -449,14 +451,20 @@ def unlearn(
             skipped = [*skipped, SkippedLayer(first, _FIRST_LAYER)]
     choice = None
     if choosing:
-        scorer = make_scorer(model, x_f[held_f], None if y_f is None else y_f[held_f], x_r[held_r],
-                             None if y_r is None else y_r[held_r], classes, batch_size, autocast)
+        scorer = make_scorer(model, [x_f[i] for i in folds_f], None if y_f is None else [y_f[i] for i in folds_f],
+                             x_r[held_r], None if y_r is None else y_r[held_r], classes, batch_size, autocast)
         modes = sorted(set.intersection(*(set(p) for p in (*parts_f, *parts_r))))  # False (every position) first
         best = None
         for mode in modes:
-            parts = (parts_f[0][mode], parts_f[1][mode], parts_r[0][mode], parts_r[1][mode])
-            candidates = CandidateEdits(targets, layer_moments(targets, parts[0], device),
-                                        layer_moments(targets, parts[2], device))
+            folds = [p[mode] for p in parts_f]
+
+            def forget_fit(k: int, folds: list[Statistics] = folds) -> Moments:
+                """The forget moments of every fold but ``k``."""
+                return layer_moments(targets, functools.reduce(operator.add, folds[:k] + folds[k + 1:]), device)
+
+            parts = (folds, parts_r[0][mode], parts_r[1][mode])
+            candidates = CandidateEdits(targets, forget_fit(0), layer_moments(targets, parts[1], device),
+                                        [functools.partial(forget_fit, k) for k in range(1, len(folds))])
             with warnings.catch_warnings(record=True) as caught:  # only the kept mode's warning is shown
                 warnings.simplefilter("always")
                 c = choose_alphas(model, candidates, scorer, alpha_r=alpha_r, alpha_f=alpha_f, target=target_forget_accuracy)
@@ -464,13 +472,13 @@ def unlearn(
             c.first_token = mode
             if best is None or choice_rank(c) > choice_rank(best[0]):
                 best = (c, parts, caught)
-        choice, (fit_sf, held_sf, fit_sr, held_sr), caught = best
+        choice, (folds, fit_sr, held_sr), caught = best
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         del scorer, best, parts_f, parts_r
         alpha_r, alpha_f = choice.alpha_r, choice.alpha_f
-        stats_f, stats_r = fit_sf + held_sf, fit_sr + held_sr  # the edit uses every sample
-        del fit_sf, held_sf, fit_sr, held_sr
+        stats_f, stats_r = functools.reduce(operator.add, folds), fit_sr + held_sr  # the edit uses every sample
+        del folds, fit_sr, held_sr
         _sync(device)
         t_chosen = time.perf_counter()
         choice.seconds = t_chosen - t2  # decomposing and scoring

@@ -9,8 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import deepunlearn
 from conftest import rel_err
 from deepunlearn import api
-from deepunlearn.auto_alpha import (ALPHA_R_CANDIDATES, CandidateEdits, allowed_forget_hits, binomial_upper_bound,
-                                    choose_alphas, holdout_split, inferred_forget_classes, make_scorer, materialise)
+from deepunlearn.auto_alpha import (ALPHA_R_CANDIDATES, FORGET_CONFIDENCE, FORGET_FOLDS, CandidateEdits, allowed_forget_hits,
+                                    binomial_upper_bound, choose_alphas, fold_split, holdout_split, inferred_forget_classes,
+                                    make_scorer, materialise)
 from deepunlearn.layers import find_targets
 from deepunlearn.statistics import collect_statistics
 
@@ -55,7 +56,8 @@ def test_default_call_chooses_the_scales_and_forgets(trained):
     c = report.alpha_choice
     assert c is not None and c.scoring == "labels" and c.reached_target and c.forget_acc <= 1.0
     assert (report.alpha_r, report.alpha_f) == (c.alpha_r, c.alpha_f)
-    assert c.held_out == (25, 75) and report.forget_samples == 100 and report.retain_samples == 300  # all used
+    # every forget sample scores (cross-fitted folds), a quarter of the retain samples; the edit uses all
+    assert c.held_out == (100, 75) and c.folds == FORGET_FOLDS and report.forget_samples == 100 and report.retain_samples == 300
     assert report.seconds["choose_alpha"] > 0 and c.seconds > 0 and len(c.candidates) >= 2
     x, y = blobs(500, 7)  # fresh samples
     r0, f0 = accuracies(trained, x, y)
@@ -114,23 +116,64 @@ def test_bad_inputs_for_choosing_are_refused_and_leave_the_model_unchanged(train
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-def test_candidates_match_the_final_edit_and_scoring_restores_the_weights(trained):
+CPU = torch.device("cpu")
+
+
+def double_model_and_samples(trained):
+    """A float64 copy of the model, its edit targets, and the forget and retain samples."""
     model = copy.deepcopy(trained).double()
     forget, retain = forget_and_retain()
-    xf, xr = forget.tensors[0].double(), retain.tensors[0].double()
-    targets, _ = find_targets(model)
-    cpu = torch.device("cpu")
+    return model, find_targets(model)[0], forget.tensors[0].double(), retain.tensors[0].double()
+
+
+def fixed_call_weights(targets, sf, sr, alpha_r, alpha_f):
+    """The new weights of the fixed-α path (Cholesky solves) from the statistics ``sf``, ``sr``."""
+    mf, mr = api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU)
+    plan, _ = api.plan_edits_with(targets, api.solved_edits(targets, mf, mr, alpha_f, alpha_r), api.traces(mf), api.traces(mr))
+    return [p.new_weight for p in plan]
+
+
+def test_candidates_match_the_final_edit_and_scoring_restores_the_weights(trained):
+    model, targets, xf, xr = double_model_and_samples(trained)
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
-    cands = CandidateEdits(targets, api.layer_moments(targets, sf, cpu), api.layer_moments(targets, sr, cpu))
+    cands = CandidateEdits(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
     for a_r, a_f in ((10.0, 1.0), (300.0, 30.0), (10.0, 100.0)):  # the cached V is per alpha_r
-        mf, mr = api.layer_moments(targets, sf, cpu), api.layer_moments(targets, sr, cpu)
-        plan, _ = api.plan_edits_with(targets, api.solved_edits(targets, mf, mr, a_f, a_r), api.traces(mf), api.traces(mr))
-        for w, p in zip(cands.weights(a_r, a_f), plan):
-            assert rel_err(w, p.new_weight) < 1e-9
+        for w, new in zip(cands.weights(a_r, a_f), fixed_call_weights(targets, sf, sr, a_r, a_f)):
+            assert rel_err(w, new) < 1e-9
     before = [p.clone() for p in model.parameters()]
-    scorer = make_scorer(model, xf[:20], None, xr[:50], None, None, 64, None)
+    scorer = make_scorer(model, [xf[:20]], None, xr[:50], None, None, 64, None)
     choose_alphas(model, cands, scorer)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_each_fold_is_scored_by_the_edit_from_the_other_folds(trained):
+    model, targets, xf, xr = double_model_and_samples(trained)
+    folds = fold_split(len(xf), "forget")
+    fold_stats = [collect_statistics(model, xf[i]) for i in folds]
+    sr = collect_statistics(model, xr)
+
+    def others(k):  # the statistics of every fold but k
+        rest = [s for j, s in enumerate(fold_stats) if j != k]
+        total = rest[0]
+        for s in rest[1:]:
+            total = total + s
+        return total
+
+    made = []
+
+    def lazily(k):
+        made.append(k)
+        return api.layer_moments(targets, others(k), CPU)
+
+    cands = CandidateEdits(targets, api.layer_moments(targets, others(0), CPU), api.layer_moments(targets, sr, CPU),
+                           [lambda k=k: lazily(k) for k in range(1, len(folds))])
+    assert cands.folds == len(folds) == FORGET_FOLDS and made == []  # decomposed on first use
+    for k in (2, 0, 3, 1):
+        for w, new in zip(cands.weights(100.0, 30.0, fold=k), fixed_call_weights(targets, others(k), sr, 100.0, 30.0)):
+            assert rel_err(w, new) < 1e-9
+    assert made == [2, 3, 1]
+    cands.weights(100.0, 30.0, fold=2)
+    assert made == [2, 3, 1]  # once per fold
 
 
 def test_an_unreachable_target_warns_and_keeps_the_best_compromise(trained):
@@ -156,6 +199,10 @@ def test_inferred_forget_classes_and_materialise_and_holdout():
     assert len(held) == 2 and len(fit) == 8 and set(fit.tolist()) | set(held.tolist()) == set(range(10))
     fit, held = holdout_split(10_000, "retain")
     assert len(held) == 512  # capped
+    folds = fold_split(10, "forget")
+    assert [len(f) for f in folds] == [3, 3, 2, 2] and sorted(torch.cat(folds).tolist()) == list(range(10))
+    assert [len(f) for f in fold_split(3, "forget")] == [1, 1, 1]
+    assert torch.equal(torch.cat(fold_split(10, "forget")), torch.cat(folds))  # the same for the same seed
 
 
 def test_the_choice_is_deterministic(trained):
@@ -175,17 +222,28 @@ def test_the_forget_target_is_held_at_a_confidence_not_as_a_point_estimate():
     u = binomial_upper_bound(3, 512, 0.9)
     assert abs(sum(comb(512, j) * u**j * (1 - u) ** (512 - j) for j in range(4)) - 0.1) < 1e-9
     assert binomial_upper_bound(5, 5, 0.9) == 1.0
-    # 225 held-out samples (a quarter of 900): 1 % is 2.25 samples, but only none recognised passes;
-    # 512: one (0.76 % at 90 %); fewer samples than can show 1 %: still none
-    assert [allowed_forget_hits(n, 1.0) for n in (10, 225, 512)] == [0, 0, 1]
+    # at 90 %: of 225 samples (a quarter of 900), 1 % is 2.25 samples, but only none recognised passes;
+    # 512: one (0.76 %); fewer samples than can show 1 %: still none
+    assert [allowed_forget_hits(n, 1.0, 0.9) for n in (10, 225, 512, 900)] == [0, 0, 1, 4]
+    # the default: every one of 900 forget samples scores, 6 may still be recognised; at the median, 8
+    assert FORGET_CONFIDENCE == 0.75 and [allowed_forget_hits(n, 1.0) for n in (10, 225, 900)] == [0, 0, 6]
+    assert allowed_forget_hits(900, 1.0, 0.5) == 8
     assert allowed_forget_hits(512, 5.0) > allowed_forget_hits(512, 1.0)
 
 
 def test_a_candidate_recognising_more_held_out_samples_than_allowed_does_not_reach_the_target(trained):
-    forget, retain = forget_and_retain(n=400)  # 100 held-out forget samples: none may be recognised at 1 %
+    forget, retain = forget_and_retain(n=100)  # 100 forget samples, all scored: none may be recognised at 1 %
     c = deepunlearn.unlearn(trained, forget, retain, inplace=False).alpha_choice
     assert c.allowed_hits == 0 and c.held_out[0] == 100
     for row in c.candidates:
-        passed = row["retain_acc"] == row["retain_acc"]  # scored on the retain side only where it forgot
-        assert passed == (row["forget_acc"] == 0.0), row
-    assert "at most 0 held-out forget sample(s) recognised" in str(c)
+        passed = row["forget_hits"] == 0
+        # every fold is scored where it forgot; the folds stop at the first that recognises a sample
+        assert (row["forget_scored"] == 100) if passed else (row["forget_scored"] < 100 or row["forget_hits"] > 0), row
+        # the retain side is scored only for the smallest alpha_f that forgets, per alpha_r
+        smallest = min((r["alpha_f"] for r in c.candidates if r["alpha_r"] == row["alpha_r"] and r["forget_hits"] == 0),
+                       default=None)
+        assert (row["retain_acc"] == row["retain_acc"]) == (row["alpha_f"] == smallest), row
+        if row["forget_acc"] > 0:  # the first fold already missed: no other was scored
+            assert row["forget_scored"] == 25 and row["forget_hits"] == round(row["forget_acc"] / 4), row
+    assert any(row["forget_acc"] > 0 for row in c.candidates) and any(row["forget_hits"] == 0 for row in c.candidates)
+    assert "at most 0 held-out forget sample(s) recognised" in str(c) and "100 forget samples in 4 folds" in str(c)
