@@ -357,8 +357,9 @@ def unlearn(
             holds out a quarter of the retain samples (at most 512); per ``alpha_r`` it keeps the
             smallest ``alpha_f`` whose forget accuracy over the folds is at most
             ``target_forget_accuracy``, and of those the best held-out retain accuracy (else the
-            best ``retain · (100 − forget)``, with a warning); the edit then uses all samples. Accuracies come from the labels where the batches are
-            ``(x, y)``; else from ``classes``; else from agreement with the unedited model.
+            best ``retain · (100 − forget)``, with a warning); the edit then uses all samples.
+            Accuracies come from the labels where the batches are ``(x, y)``; else from
+            ``classes``; else from agreement with the unedited model.
         classes: the class indices being forgotten, if known (scores the forget side without labels).
         target_forget_accuracy: held-out forget accuracy (percent) the automatic choice aims at.
         solver: ``"cholesky"`` (default, no decomposition), ``"eigh"`` or ``"svd"``; all give the same result.
