@@ -4,11 +4,12 @@ The forget samples are split into folds, each scored by candidates edited from t
 statistics (cross-fitting: every forget sample scores, none scores an edit it shaped); a quarter
 of the retain samples is held out. The second moments are decomposed once per input and fold;
 each candidate pair only rescales the energies, is applied to the model, and is scored on the
-held-out samples. The rule is the smallest edit that forgets: among candidates whose held-out
-forget accuracy is at most the target, the best held-out retain accuracy wins; if none reaches
-the target, the best ``retain · (100 − forget)`` wins, with a warning. Along ``alpha_f`` the forget
-accuracy falls as the forget space grows, so for each ``alpha_r`` a coarse scan stops at the first
-passing ``alpha_f`` and bisection (in log scale) narrows the step below it.
+held-out samples. The rule is the smallest edit that forgets: per ``alpha_r``, the smallest
+``alpha_f`` whose forget accuracy over the folds is at most the target; of those, the best held-out
+retain accuracy wins; if none reaches the target, the best ``retain · (100 − forget)`` wins, with a
+warning. Along ``alpha_f`` the forget accuracy falls as the forget space grows, so for each
+``alpha_r`` a coarse scan stops at the first passing ``alpha_f`` and bisection (in log scale)
+narrows the step below it.
 """
 from __future__ import annotations
 
@@ -119,28 +120,27 @@ def materialise(data: DataLike, batch_size: int, role: str = "given") -> tuple[t
     return torch.cat(xs), labels
 
 
-def holdout_split(n: int, role: str, seed: int = HOLDOUT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(fit, held)`` indices of ``n`` samples: a random :data:`HOLDOUT_FRACTION`, at least one and
-    at most :data:`HOLDOUT_CAP`, held out."""
+def _shuffled(n: int, role: str, seed: int) -> torch.Tensor:
+    """A seeded random permutation of ``range(n)``; at least 2 samples are needed to choose alpha."""
     if n == 0:
         raise ValueError(f"no samples in the {role} data")
     if n < 2:
-        raise ValueError(f"choosing alpha automatically needs at least 2 {role} samples (held-out ones score the "
-                         f"candidates); got {n}. Give alpha_r and alpha_f instead")
+        raise ValueError(f"choosing alpha automatically needs at least 2 {role} samples (some score the candidates "
+                         f"edited from the others); got {n}. Give alpha_r and alpha_f instead")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def holdout_split(n: int, role: str, seed: int = HOLDOUT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fit, held)`` indices of ``n`` samples: a random :data:`HOLDOUT_FRACTION`, at least one and
+    at most :data:`HOLDOUT_CAP`, held out."""
+    perm = _shuffled(n, role, seed)
     held = min(HOLDOUT_CAP, max(1, round(n * HOLDOUT_FRACTION)))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[held:].sort().values, perm[:held].sort().values
 
 
 def fold_split(n: int, role: str, folds: int = FORGET_FOLDS, seed: int = HOLDOUT_SEED) -> list[torch.Tensor]:
     """``min(folds, n)`` disjoint random index sets covering ``range(n)``, sizes within one."""
-    if n == 0:
-        raise ValueError(f"no samples in the {role} data")
-    if n < 2:
-        raise ValueError(f"choosing alpha automatically needs at least 2 {role} samples (each scores candidates edited "
-                         f"from the others); got {n}. Give alpha_r and alpha_f instead")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return [part.sort().values for part in perm.tensor_split(min(folds, n))]
+    return [part.sort().values for part in _shuffled(n, role, seed).tensor_split(min(folds, n))]
 
 
 def binomial_upper_bound(hits: int, n: int, confidence: float) -> float:
@@ -342,10 +342,10 @@ def choose_alphas(
     every fold, are still recognised: the target holds at :data:`FORGET_CONFIDENCE`. The folds are
     scored in turn and stop once more are recognised. Per ``alpha_r`` the smallest ``alpha_f`` that
     reaches the target is the candidate (:func:`smallest_passing`); only those are scored on the
-    retain side (or, if none reaches it, every pair). Along ``alpha_r``
-    (ascending) a larger retain space protects more of the forget space too, so each scan starts
-    at the decade where the previous ``alpha_r`` first forgot, and the search stops at the first
-    ``alpha_r`` that never forgets.
+    retain side (or, if none reaches it, every pair). Along ``alpha_r`` (ascending) a larger retain
+    space protects more of the forget space too, so each scan starts at the coarse step where the
+    previous ``alpha_r`` first forgot, and the search stops at the first ``alpha_r`` that never
+    forgets.
     """
     t0 = time.perf_counter()
     grid_r = [alpha_r] if alpha_r is not None else list(ALPHA_R_CANDIDATES)
@@ -407,7 +407,7 @@ def choose_alphas(
         for c in reached or table:  # the fallback ranks every candidate by both sides
             apply(c["alpha_r"], c["alpha_f"])
             c["retain_acc"] = scorer.retain_accuracy(model)
-            if not reached and c["forget_acc"] != c["forget_acc"]:
+            if not reached and math.isnan(c["forget_acc"]):
                 hits, scored = scorer.forget_hits(model, 0, len(scorer.x_f[0]))
                 c["forget_acc"] = 100.0 * hits / scored
     finally:
@@ -426,7 +426,7 @@ def choose_alphas(
     monotone = all(  # over the candidates whose first fold was scored whole
         b["forget_acc"] <= a["forget_acc"] + 1e-9
         for a_r in grid_r
-        for a, b in _pairs_by_alpha_f([c for c in table if c["alpha_r"] == a_r and c["forget_acc"] == c["forget_acc"]])
+        for a, b in _pairs_by_alpha_f([c for c in table if c["alpha_r"] == a_r and not math.isnan(c["forget_acc"])])
     )
     return AlphaChoice(best["alpha_r"], best["alpha_f"], best["retain_acc"], forget_acc, bool(reached), target,
                        scorer.scoring, (n_f, len(scorer.x_r)), monotone, table, time.perf_counter() - t0, allowed,

@@ -154,10 +154,7 @@ def test_each_fold_is_scored_by_the_edit_from_the_other_folds(trained):
 
     def others(k):  # the statistics of every fold but k
         rest = [s for j, s in enumerate(fold_stats) if j != k]
-        total = rest[0]
-        for s in rest[1:]:
-            total = total + s
-        return total
+        return sum(rest[1:], rest[0])
 
     made = []
 
@@ -237,8 +234,8 @@ def test_a_candidate_recognising_more_held_out_samples_than_allowed_does_not_rea
     assert c.allowed_hits == 0 and c.held_out[0] == 100
     for row in c.candidates:
         passed = row["forget_hits"] == 0
-        # every fold is scored where it forgot; the folds stop at the first that recognises a sample
-        assert (row["forget_scored"] == 100) if passed else (row["forget_scored"] < 100 or row["forget_hits"] > 0), row
+        # every fold is scored where it forgot; a fold (25 samples, under one chunk) is scored whole
+        assert (row["forget_scored"] == 100) if passed else (row["forget_scored"] in (25, 50, 75, 100)), row
         # the retain side is scored only for the smallest alpha_f that forgets, per alpha_r
         smallest = min((r["alpha_f"] for r in c.candidates if r["alpha_r"] == row["alpha_r"] and r["forget_hits"] == 0),
                        default=None)
