@@ -302,6 +302,10 @@ class _Collector:
                  both_kinds: bool = False):
         self.stats = Statistics()
         self.keep_vectors = keep_vectors
+        self._kept: dict[int, tuple[SlotStatistics, list[torch.Tensor]]] = {}  # id(slot) -> (slot, vectors so far)
+        # samples in the whole data (None: unknown) and in the current batch, set by run_with_hooks
+        self.expected_samples: int | None = None
+        self.batch_samples = 0
         self.first_token = first_token
         # both_kinds: also the first position's statistics of every sequence slot, in the same passes
         self.token_slots: dict[str, SlotStatistics] | None = {} if both_kinds else None
@@ -340,25 +344,41 @@ class _Collector:
     def _add(self, name: str, groups: int, d: int, n: int, vectors, accumulate,
              slots: dict[str, SlotStatistics] | None = None) -> None:
         """Add ``n`` input vectors to slot ``name`` of ``slots`` (default: the statistics'): kept as
-        ``vectors()`` (``(groups, n, d)``) while the slot has seen fewer than ``d``, else streamed
-        into the dense sum by ``accumulate(cov)``."""
+        ``vectors()`` (``(groups, n, d)``) while the slot has seen fewer than ``d`` and, where the
+        data's length is known, the whole pass will not bring it to ``d``; else streamed into the
+        dense sum by ``accumulate(cov)`` (kept vectors that reach ``d`` are folded in by a GEMM,
+        which the streamed kernels beat, so they are not kept where they would be folded)."""
         slots = self.stats.slots if slots is None else slots
         s = slots.get(name)
         seen = 0 if s is None else s.count
-        if self.keep_vectors and (s is None or isinstance(s.moment, SampleRows)) and seen + n < d:
+        keep = self.keep_vectors and (s is None or isinstance(s.moment, SampleRows)) and seen + n < d
+        if keep and self.expected_samples is not None and self.batch_samples > 0:
+            keep = n * self.expected_samples < d * self.batch_samples  # this many vectors a batch, all the data
+        if keep:
             new = vectors().to(self.dtype, copy=True)  # never a view of the model's activations
             if s is None:
                 s = slots[name] = SlotStatistics(SampleRows(new))
-            else:
-                s.moment = SampleRows(torch.cat([s.moment.rows, new], dim=1))
+            else:  # concatenated once, at the end of the pass (or when folded)
+                self._kept.setdefault(id(s), (s, [s.moment.rows]))[1].append(new)
         else:
             if s is None:
                 s = slots[name] = SlotStatistics(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype))
             elif isinstance(s.moment, SampleRows):  # the vectors are no longer fewer than the width: fold them
-                rows = s.moment.rows
-                s.moment = fold_rows(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype), rows)
+                self._concatenate(s)
+                s.moment = fold_rows(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype), s.moment.rows)
             accumulate(s.moment)
         s.count += n
+
+    def _concatenate(self, s: SlotStatistics) -> None:
+        """Join the vectors kept for ``s`` in this pass into its moment."""
+        entry = self._kept.pop(id(s), None)
+        if entry is not None:
+            s.moment = SampleRows(torch.cat(entry[1], dim=1))
+
+    def end_collection(self) -> None:
+        """Join every slot's kept vectors (called once the last batch has run)."""
+        for s, _ in list(self._kept.values()):
+            self._concatenate(s)
 
     def add_rows(self, name: str, rows: torch.Tensor, slots: dict[str, SlotStatistics] | None = None) -> None:
         """Input vectors ``(n, d)`` of a linear map (into ``slots``, default the statistics')."""
@@ -635,17 +655,20 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batc
     # calls our hooks watch; switch them off while collecting (restored after, whatever happens).
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
-    bar = tqdm(total=_length(data), desc=desc, unit="img", unit_scale=True, disable=not progress, leave=False)
+    collector.expected_samples = _length(data)
+    bar = tqdm(total=collector.expected_samples, desc=desc, unit="img", unit_scale=True, disable=not progress, leave=False)
     try:
         with _eval_no_grad(model):
             for x in iter_batches(data, batch_size):
                 if x.shape[0] == 0:
                     continue
+                collector.batch_samples = x.shape[0]
                 with _autocast_on(device, collector.autocast), collector.capture():
                     model(x.to(device, non_blocking=True))
                 collector.end_forward()
                 samples += x.shape[0]
                 bar.update(x.shape[0])
+        collector.end_collection()
     finally:
         bar.close()
         collector.remove()
@@ -738,7 +761,10 @@ def finish_statistics(model: nn.Module, stats: Statistics, samples: int, error: 
         raise error
     if samples == 0:
         raise ValueError(f"no samples in the {desc} data: it yielded no non-empty batch")
-    finite = torch.stack([torch.isfinite(s.stored).all() for s in stats.slots.values()]).tolist() if stats.slots else []
+    # a NaN or an infinity in any input vector, or an overflowed product, makes its diagonal entry
+    # of C (Σ x_i²) non-finite, so the traces tell what checking all d² entries would
+    traces = [moment_trace(s.moment).sum() for s in stats.slots.values()]
+    finite = torch.isfinite(torch.stack(traces)).tolist() if traces else []
     for (name, slot), ok in zip(stats.slots.items(), finite):
         if not ok:
             raise ValueError(

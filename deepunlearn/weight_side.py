@@ -3,8 +3,8 @@
 ``M(C, α) = α Ĉ A⁻¹`` with ``A = (α−1)Ĉ + I`` (``Ĉ = C / tr C``). Each side of the edit needs only
 ``W ↦ W M``, and three ways give it (docs/solver.md):
 
-* :class:`ScaledFactor`: ``W M = α (W Ĉ) A⁻¹`` by one Cholesky factorisation of ``A`` (d³/3 flops)
-  and two triangular solves with ``o`` right-hand sides (4·o·d² with ``W Ĉ``);
+* :class:`ScaledFactor`: ``W M = α/(α−1) (W − W A⁻¹)`` by one Cholesky factorisation of ``A``
+  (d³/3 flops) and two triangular solves with ``o`` right-hand sides (2·o·d²);
 * :class:`LowRankSpectrum`: when the layer saw ``n < d`` input vectors, ``C`` has rank at most
   ``n``; a sketch ``C Ω`` with ``k = n + OVERSAMPLE`` columns recovers its eigenpairs exactly (up
   to rounding) in about 4·d²·k flops, and ``W M = (W U) diag(λ) Uᵀ``;
@@ -24,35 +24,96 @@ from dataclasses import dataclass
 import torch
 
 from .moments import Moment, SampleRows, dense
-from .projection import scale_energies, scaled_cholesky, scaled_projection, symmetric_normalised
+from .projection import scale_energies, scaled_projection, symmetric_normalised
 
 OVERSAMPLE = 8  # sketch columns beyond the rank bound: a margin for rounding, as randomized methods use
 SKETCH_SEED = 0  # a fixed sketch, so that the same statistics always give the same edit
+
+
+# |α − 1| below which W M = α/(α−1) (W − W A⁻¹) would amplify rounding more than 5×; there
+# W M = α (W Ĉ) A⁻¹ instead, at the cost of one more o × d × d product.
+DIFFERENCE_MIN_GAP = 0.25
+
+
+def shifted_cholesky(cov: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L, shift, trace)`` for ``cov`` ``(g, d, d)`` and scales ``alpha`` ``(g,)``: ``L Lᵀ = B``
+    with ``A = (α−1)Ĉ + I = B / shift``, ``B = ±C + shift·I`` and ``shift = tr C / |α−1|``.
+
+    ``A`` is ``B`` scaled, so factoring ``B`` needs no normalised copy of ``C``: one copy of it with
+    its diagonal shifted (negated where ``α < 1``). Only the lower triangle is read, so ``C`` need
+    not be made exactly symmetric. Groups where ``A = I`` (``tr C = 0`` or ``α = 1``) get
+    ``B = I`` and ``shift = 1``. Raises ``RuntimeError`` where ``B`` is not positive definite.
+    """
+    trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    gap = alpha.to(cov.dtype) - 1.0
+    identity = (trace <= 0) | (gap == 0)
+    shift = torch.where(identity, torch.ones_like(trace), trace / torch.where(identity, torch.ones_like(gap), gap.abs()))
+    b = torch.where((gap < 0)[:, None, None], -cov, cov)  # a new tensor either way: cov stays as it was
+    if bool(identity.any()):
+        b[identity] = 0.0
+    b.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
+    chol, info = torch.linalg.cholesky_ex(b)
+    if int(info.max()) > 0:
+        bad = sorted(set(alpha[info > 0].tolist()))
+        raise RuntimeError(f"Cholesky factorisation failed for alpha={bad} (matrix not positive definite)")
+    return chol, shift, trace
+
+
+def right_solve(chol: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y (L Lᵀ)⁻¹ = y L⁻ᵀ L⁻¹`` for ``y`` ``(g, o, d)`` and lower ``chol`` ``(g, d, d)``: two
+    triangular solves from the right, with no transposed copies of ``y``."""
+    z = torch.linalg.solve_triangular(chol.mT, y, upper=True, left=False)
+    return torch.linalg.solve_triangular(chol, z, upper=False, left=False)
 
 
 @dataclass
 class ScaledFactor:
     """What right-multiplying by ``M(C, α)`` needs, for a batch of groups.
 
+    ``M = α Ĉ A⁻¹`` and ``Ĉ = (A − I)/(α−1)`` give ``W M = α/(α−1) (W − W A⁻¹)``: one Cholesky
+    factor and two triangular solves, no product with ``Ĉ``. Where ``|α − 1|`` is below
+    :data:`DIFFERENCE_MIN_GAP` the difference would cancel: ``W M = α (W C / tr C) A⁻¹`` there
+    (``W Ĉ`` for ``α = 1``, where ``A = I``).
+
     Attributes:
         alpha: the scale α.
-        c_hat: ``(g, d, d)`` normalised second moment ``C / tr C`` (zero where the trace is zero).
-        chol: ``(g, d, d)`` lower Cholesky factor of ``A = (α−1)Ĉ + I``.
+        chol: ``(g, d, d)`` lower Cholesky factor of ``B = A · shift`` (:func:`shifted_cholesky`).
+        shift: ``(g,)`` ``tr C / |α−1|`` (1 where ``A = I``): ``W A⁻¹ = shift · W B⁻¹``.
+        trace: ``(g,)`` ``tr C``.
+        cov: ``(g, d, d)`` ``C``, kept only where ``|α − 1| <`` :data:`DIFFERENCE_MIN_GAP`.
     """
 
     alpha: float
-    c_hat: torch.Tensor
     chol: torch.Tensor
+    shift: torch.Tensor
+    trace: torch.Tensor
+    cov: torch.Tensor | None = None
 
     @classmethod
     def of(cls, cov: torch.Tensor, alpha: float) -> "ScaledFactor":
-        """Factor ``(α−1)Ĉ + I`` for ``cov`` of shape ``(g, d, d)`` (in its dtype)."""
-        return cls(alpha, *scaled_cholesky(cov, alpha))
+        """Factor ``A`` for ``cov`` of shape ``(g, d, d)`` (in its dtype)."""
+        return cls.batch(cov, [alpha], [cov.shape[0]])[0]
+
+    @classmethod
+    def batch(cls, cov: torch.Tensor, alphas: Sequence[float], groups: Sequence[int]) -> list["ScaledFactor"]:
+        """One factor per ``alphas[i]``, for consecutive runs of ``groups[i]`` groups of ``cov``,
+        all factored by one batched call."""
+        alpha = torch.tensor([a for a, g in zip(alphas, groups) for _ in range(g)], dtype=cov.dtype, device=cov.device)
+        chol, shift, trace = shifted_cholesky(cov, alpha)
+        parts = zip(alphas, chol.split(groups), shift.split(groups), trace.split(groups), cov.split(groups))
+        return [cls(a, ch, sh, tr, c if abs(a - 1.0) < DIFFERENCE_MIN_GAP else None) for a, ch, sh, tr, c in parts]
+
+    def solve(self, y: torch.Tensor) -> torch.Tensor:
+        """``y A⁻¹`` for ``y`` ``(g, o, d)``."""
+        return right_solve(self.chol, y).mul_(self.shift[:, None, None])
 
     def right_multiply(self, w: torch.Tensor) -> torch.Tensor:
-        """``W M`` for ``w`` of shape ``(g, o, d)``: ``α (W Ĉ) A⁻¹``, as ``(g, o, d)``."""
-        y = w @ self.c_hat  # (g, o, d); A⁻¹ (W Ĉ)ᵀ by the factor, then transposed back (A symmetric)
-        return torch.cholesky_solve(y.transpose(-1, -2), self.chol).transpose(-1, -2).mul_(self.alpha)
+        """``W M`` for ``w`` of shape ``(g, o, d)``, as ``(g, o, d)``."""
+        if self.cov is None:
+            return self.solve(w).neg_().add_(w).mul_(self.alpha / (self.alpha - 1.0))
+        safe = torch.where(self.trace > 0, self.trace, torch.ones_like(self.trace))
+        w_c_hat = (w @ self.cov) / safe[:, None, None]
+        return w_c_hat if self.alpha == 1.0 else self.solve(w_c_hat).mul_(self.alpha)
 
 
 @dataclass
@@ -60,38 +121,31 @@ class SampleSpaceFactor:
     """``M(C, α)`` for ``C = Rᵀ R`` from the ``n < d`` vectors ``R`` themselves.
 
     Push-through: ``Ĉ A⁻¹ = Rᵀ R / t ((α−1) Rᵀ R / t + I)⁻¹ = Rᵀ ((α−1) G / t + I)⁻¹ R / t`` with
-    the Gram matrix ``G = R Rᵀ`` (``n × n``) and ``t = tr G = tr C``. ``B = (α−1) G / t + I`` has
-    its eigenvalues in ``[1, α]``, as ``A`` has.
+    the Gram matrix ``G = R Rᵀ`` (``n × n``) and ``t = tr G = tr C``. ``(α−1) G / t + I`` has
+    its eigenvalues in ``[1, α]``, as ``A`` has; it is factored scaled, as ``A`` is
+    (:func:`shifted_cholesky` of ``G``).
 
     Attributes:
-        alpha: the scale α.
         rows: ``(g, n, d)`` the vectors.
-        scale: ``(g,)`` ``α / t`` per group (0 where the vectors are all zero).
-        chol: ``(g, n, n)`` lower Cholesky factor of ``B``.
+        scale: ``(g,)`` ``α · shift / t`` per group (0 where the vectors are all zero).
+        chol: ``(g, n, n)`` lower Cholesky factor of ``±G + shift·I``.
     """
 
-    alpha: float
     rows: torch.Tensor
     scale: torch.Tensor
     chol: torch.Tensor
 
     @classmethod
     def of(cls, rows: torch.Tensor, alpha: float) -> "SampleSpaceFactor":
-        gram = rows @ rows.transpose(-1, -2)  # (g, n, n)
-        gram = 0.5 * (gram + gram.transpose(-1, -2))
-        t = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-        safe = torch.where(t > 0, t, torch.ones_like(t))
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        chol, info = torch.linalg.cholesky_ex((alpha - 1.0) * gram / safe[:, None, None] + eye)
-        if int(info.max()) > 0:
-            raise RuntimeError(f"Cholesky factorisation failed for alpha={alpha} (matrix not positive definite)")
-        return cls(alpha, rows, torch.where(t > 0, alpha / safe, torch.zeros_like(t)), chol)
+        gram = rows @ rows.transpose(-1, -2)  # (g, n, n); only its lower triangle is read
+        chol, shift, t = shifted_cholesky(gram, gram.new_full(gram.shape[:1], alpha))
+        scale = torch.where(t > 0, alpha * shift / torch.where(t > 0, t, torch.ones_like(t)), torch.zeros_like(t))
+        return cls(rows, scale, chol)
 
     def right_multiply(self, w: torch.Tensor) -> torch.Tensor:
         """``W M`` for ``w`` of shape ``(g, o, d)``, as ``(g, o, d)``."""
-        y = w @ self.rows.transpose(-1, -2)  # (g, o, n); B⁻¹ (W Rᵀ)ᵀ by the factor (B symmetric)
-        z = torch.cholesky_solve(y.transpose(-1, -2), self.chol).transpose(-1, -2)
-        return (z * self.scale[:, None, None]) @ self.rows
+        z = right_solve(self.chol, w @ self.rows.transpose(-1, -2))  # (g, o, n)
+        return z.mul_(self.scale[:, None, None]) @ self.rows
 
 
 def sample_eigenpairs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +224,7 @@ def side_flops(d: int, rows: int, vectors: int, kept: bool = False) -> dict[str,
     ``kept``: the statistics hold the vectors themselves, so ``sample-space`` is possible and the
     ways through ``d × d`` first pay for forming ``C``."""
     form = 2 * vectors * d**2 if kept else 0
-    out = {"formed": form + 7 / 3 * d**3 + 2 * rows * d**2, "cholesky": form + d**3 / 3 + 4 * rows * d**2}
+    out = {"formed": form + 7 / 3 * d**3 + 2 * rows * d**2, "cholesky": form + d**3 / 3 + 2 * rows * d**2}
     k = vectors + OVERSAMPLE
     if k < d:
         out["low-rank"] = form + 4 * d**2 * k + 6 * d * k**2 + 10 * k**3 + 4 * rows * d * k
@@ -217,11 +271,7 @@ def batched_factors(moments: Sequence[Moment], alphas: Sequence[float]) -> list[
     factorisation: on a GPU the batch's matrices are factored side by side rather than one after
     another, each launch too small to fill the device alone."""
     covs = [dense(m) for m in moments]
-    groups = [c.shape[0] for c in covs]
-    cov = torch.cat(covs)
-    alpha = torch.tensor([a for a, g in zip(alphas, groups) for _ in range(g)], dtype=cov.dtype, device=cov.device)
-    c_hat, chol = scaled_cholesky(cov, alpha)
-    return [ScaledFactor(a, ch, f) for a, ch, f in zip(alphas, c_hat.split(groups), chol.split(groups))]
+    return ScaledFactor.batch(torch.cat(covs), alphas, [c.shape[0] for c in covs])
 
 
 def edited_weight_sides(w: torch.Tensor, retain: SideSolver | None, forget: SideSolver) -> torch.Tensor:

@@ -13,7 +13,8 @@ from test_projection import numpy_reference
 import deepunlearn
 from deepunlearn import Statistics, api, collect_statistics
 from deepunlearn.layers import find_targets
-from deepunlearn.moments import SampleRows, moment_sum
+from deepunlearn import statistics
+from deepunlearn.moments import SampleRows, fold_rows, moment_sum
 from deepunlearn.weight_side import SampleSpaceFactor, ScaledFactor, sample_eigenpairs, side_flops, side_solver
 
 
@@ -77,7 +78,7 @@ class Wide(nn.Module):
         return self.head(torch.relu(self.fc(x.flatten(1)))) + h.flatten(1)[:, :4]
 
 
-def test_collection_keeps_vectors_while_fewer_than_the_width_then_folds():
+def test_collection_keeps_vectors_while_fewer_than_the_width_then_folds(monkeypatch):
     model = Wide().double()
     x = torch.randn(50, 8, 3, 3, dtype=torch.float64)
     dense_ref = collect_statistics(model, x[:20], keep_vectors=False, batch_size=8)  # the compiled kernels
@@ -88,11 +89,20 @@ def test_collection_keeps_vectors_while_fewer_than_the_width_then_folds():
     for k, s in few.slots.items():
         assert s.count == dense_ref.slots[k].count == 20
         assert rel_err(s.cov, dense_ref.slots[k].cov) < 1e-13, k
-    many = collect_statistics(model, x, batch_size=8)  # conv folds at its 5th batch (40 >= 36), fc keeps 50 < 72
-    assert isinstance(many.slots["conv"].moment, torch.Tensor) and isinstance(many.slots["fc"].moment, SampleRows)
-    for k, s in collect_statistics(model, x, keep_vectors=False).slots.items():
-        assert rel_err(many.slots[k].cov, s.cov) < 1e-13, k
-    assert [(r["vectors"], r["kept_vectors"]) for r in many.summary()] == [(50, False), (50, True), (50, True)]
+    dense_all = collect_statistics(model, x, keep_vectors=False).slots
+    folds = []
+    monkeypatch.setattr(statistics, "fold_rows", lambda cov, rows: folds.append(rows.shape) or fold_rows(cov, rows))
+    # the length unknown (an iterator of batches): conv keeps its vectors, then folds them at its 5th
+    # batch (40 >= 36); known (a tensor): 50 >= 36 is foreseen and conv streams from the first batch
+    for data, folded in ((iter(x.split(8)), [(2, 32, 36)]), (x, [])):
+        folds.clear()
+        many = collect_statistics(model, data, batch_size=8)
+        assert folds == folded
+        assert isinstance(many.slots["conv"].moment, torch.Tensor) and isinstance(many.slots["fc"].moment, SampleRows)
+        assert many.slots["fc"].moment.rows.shape == (1, 50, 72)  # 50 < 72 kept, the 7 batches joined in order
+        for k, s in dense_all.items():
+            assert rel_err(many.slots[k].cov, s.cov) < 1e-13, k
+        assert [(r["vectors"], r["kept_vectors"]) for r in many.summary()] == [(50, False), (50, True), (50, True)]
 
 
 def test_sums_concatenate_below_the_width_and_fold_above():

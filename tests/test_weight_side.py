@@ -16,14 +16,34 @@ from deepunlearn.weight_side import (FormedProjection, LowRankSpectrum, ScaledFa
                                      side_solver)
 
 
-@pytest.mark.parametrize("alpha", [0.25, 1.0, 3.0, 100.0, 1000.0])
+# 0.8, 1.1: near 1, where W Ĉ A⁻¹ replaces the difference α/(α−1) (W − W A⁻¹); 1.25: the first
+# scale above 1 that takes the difference
+@pytest.mark.parametrize("alpha", [0.25, 0.8, 1.0, 1.1, 1.25, 3.0, 100.0, 1000.0])
 @pytest.mark.parametrize("rank", [None, 4])
 def test_right_multiply_matches_float64_reference(alpha, rank):
     cov = spd(3, 20, rank)
+    kept = cov.clone()
     w = torch.randn(3, 7, 20, dtype=torch.float64)
     got = ScaledFactor.of(cov, alpha).right_multiply(w)
     assert got.shape == w.shape
     assert rel_err(got, w @ numpy_reference(cov, alpha)) < 1e-10
+    assert torch.equal(cov, kept)  # the statistics are read, never modified
+
+
+def test_factor_reads_only_the_lower_triangle_and_batches_one_scale_per_member():
+    """Several scales in one batched factorisation (as the GPU path batches them), zero-trace
+    groups among them; away from α = 1 the upper triangle of C is not read (the accumulated sums
+    need not be made exactly symmetric)."""
+    cov = spd(5, 12)
+    cov[3] = 0.0
+    lower_only = torch.tril(cov) + torch.triu(torch.full_like(cov, 7.0), 1)
+    w = torch.randn(5, 4, 12, dtype=torch.float64)
+    groups = [1, 1, 3]
+    for alphas, given in (([0.5, 1.0, 30.0], cov), ([0.5, 3.0, 30.0], lower_only)):
+        factors = ScaledFactor.batch(given, alphas, groups)
+        got = torch.cat([f.right_multiply(part) for f, part in zip(factors, w.split(groups))])
+        want = torch.cat([p @ numpy_reference(c, a) for a, c, p in zip(alphas, cov.split(groups), w.split(groups))])
+        assert rel_err(got, want) < 1e-10 and got[3].abs().max() == 0
 
 
 def test_zero_trace_group_projects_nothing():
@@ -83,7 +103,9 @@ def test_low_rank_spectrum_of_zero_and_mixed_groups():
 def test_side_solver_picks_the_cheapest_way():
     cov = spd(1, 64)
     assert isinstance(side_solver(cov, 3.0, rows=10, vectors=1000), ScaledFactor)  # few rows, full rank
-    assert isinstance(side_solver(cov, 3.0, rows=200, vectors=1000), FormedProjection)  # many rows
+    # many rows: still the factor; forming M costs 2d³ more and is then applied with as many flops
+    assert isinstance(side_solver(cov, 3.0, rows=200, vectors=1000), ScaledFactor)
+    assert isinstance(side_solver(cov, 3.0, rows=200, vectors=1000, way="formed"), FormedProjection)
     assert isinstance(side_solver(spd(1, 256), 3.0, rows=10, vectors=5), LowRankSpectrum)  # few vectors
     assert isinstance(side_solver(cov, 3.0, rows=10, vectors=5, solver="eigh"), FormedProjection)
     assert "low-rank" not in side_flops(64, 10, 60)  # 60 + OVERSAMPLE columns is no sketch of 64
@@ -92,8 +114,8 @@ def test_side_solver_picks_the_cheapest_way():
 
 
 class Net(nn.Module):
-    """Wide inputs read by few rows (weight side), narrow ones by many (formed M), a grouped conv,
-    and attention whose packed q/k/v share one input."""
+    """Wide inputs read by few rows, narrow ones by many, a grouped conv, and attention whose packed
+    q/k/v share one input."""
 
     def __init__(self):
         super().__init__()
@@ -149,16 +171,16 @@ def test_auto_way_follows_the_flop_count(monkeypatch):
     monkeypatch.setattr(api, "side_solver", spy)
     deepunlearn.unlearn(model, torch.randn(2, 4, 4, 4), torch.randn(30, 4, 4, 4), alpha_r=100, alpha_f=3)
     got = sorted(chosen)
-    # by side_flops: conv (18 per group, 3 rows per group) by a Cholesky factor on both sides;
-    # attention (6 wide, 18 and 6 rows) and narrow's 30 retain vectors (5 wide, 40 rows) formed;
-    # wide (96 wide), the head (40 wide) and narrow's 2 forget vectors saw fewer vectors than their
-    # width: kept as vectors and solved in the sample space
+    # by side_flops: conv (18 per group, 3 rows per group), attention (6 wide, 18 and 6 rows) and
+    # narrow's 30 retain vectors (5 wide, 40 rows) by a Cholesky factor on both sides; wide (96
+    # wide), the head (40 wide) and narrow's 2 forget vectors saw fewer vectors than their width:
+    # kept as vectors and solved in the sample space
     assert got == sorted([
         (18, 32, "ScaledFactor"), (18, 480, "ScaledFactor"),
-        (6, 32, "FormedProjection"), (6, 480, "FormedProjection"),
-        (6, 32, "FormedProjection"), (6, 480, "FormedProjection"),
+        (6, 32, "ScaledFactor"), (6, 480, "ScaledFactor"),
+        (6, 32, "ScaledFactor"), (6, 480, "ScaledFactor"),
         (96, 2, "SampleSpaceFactor"), (96, 30, "SampleSpaceFactor"),
-        (5, 2, "SampleSpaceFactor"), (5, 30, "FormedProjection"),
+        (5, 2, "SampleSpaceFactor"), (5, 30, "ScaledFactor"),
         (40, 2, "SampleSpaceFactor"), (40, 30, "SampleSpaceFactor"),
     ]), got
 
