@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import warnings
 import weakref
@@ -29,6 +30,7 @@ from ._batches import DataLike, iter_batches
 from .covariance import ConvGeometry, accumulate_conv_, accumulate_linear_, conv_patches, linear_rows
 from .layers import EditTarget, find_targets
 from .moments import Moment, SampleRows, dense, fold_rows, moment_sum, moment_trace
+from .weight_side import vectors_pay
 
 _FORMAT = "deepunlearn.statistics"
 _VERSION = 3  # 2 added input sharing (``aliases``), 3 slots kept as vectors; older files are still read
@@ -298,9 +300,11 @@ class _Collector:
     """
 
     def __init__(self, targets: list[EditTarget], device: torch.device, dtype: torch.dtype, share_inputs: bool = True,
-                 autocast: torch.dtype | None = None, keep_vectors: bool = True, first_token: bool = False,
+                 autocast: torch.dtype | None = None, keep_vectors: bool | str = True, first_token: bool = False,
                  both_kinds: bool = False):
         self.stats = Statistics()
+        if keep_vectors not in (True, False, "always"):
+            raise ValueError(f"keep_vectors must be True, False or 'always', got {keep_vectors!r}")
         self.keep_vectors = keep_vectors
         self._kept: dict[int, tuple[SlotStatistics, list[torch.Tensor]]] = {}  # id(slot) -> (slot, vectors so far)
         # samples in the whole data (None: unknown) and in the current batch, set by run_with_hooks
@@ -317,6 +321,7 @@ class _Collector:
         self.attention: dict[int, str] = {}
         self.linear_weights: dict[int, tuple[str, int]] = {}
         self.conv_weights: dict[int, tuple[str, int, int]] = {}  # name, groups, d
+        self.conv_rows: dict[str, int] = {}
         self._module_call: int | None = None  # the weight whose module's hook ran just now
         self.functional_layers: set[str] = set()  # Linear and conv layers reached through functional calls alone
         # Linear layers reading the very tensor an earlier one read (separate q/k/v projections)
@@ -339,22 +344,18 @@ class _Collector:
             else:
                 self.handles.append(m.register_forward_pre_hook(self._conv_hook(t.name, ConvGeometry.of(m), t.in_features, m.weight)))
                 self.conv_weights[id(m.weight)] = (t.name, t.groups, t.in_features)
+                self.conv_rows[t.name] = t.as_matrices(t.weight()).shape[1]  # weight rows per group
 
     # -- sinks (overridden by the reference procedure) --------------------------------------
     def _add(self, name: str, groups: int, d: int, n: int, vectors, accumulate,
-             slots: dict[str, SlotStatistics] | None = None) -> None:
+             slots: dict[str, SlotStatistics] | None = None, conv: bool = False) -> None:
         """Add ``n`` input vectors to slot ``name`` of ``slots`` (default: the statistics'): kept as
-        ``vectors()`` (``(groups, n, d)``) while the slot has seen fewer than ``d`` and, where the
-        data's length is known, the whole pass will not bring it to ``d``; else streamed into the
-        dense sum by ``accumulate(cov)`` (kept vectors that reach ``d`` are folded in by a GEMM,
-        which the streamed kernels beat, so they are not kept where they would be folded)."""
+        ``vectors()`` (``(groups, n, d)``) while :meth:`_keeps` says so, else streamed into the dense
+        sum by ``accumulate(cov)`` (vectors kept so far are folded in first)."""
         slots = self.stats.slots if slots is None else slots
         s = slots.get(name)
         seen = 0 if s is None else s.count
-        keep = self.keep_vectors and (s is None or isinstance(s.moment, SampleRows)) and seen + n < d
-        if keep and self.expected_samples is not None and self.batch_samples > 0:
-            keep = n * self.expected_samples < d * self.batch_samples  # this many vectors a batch, all the data
-        if keep:
+        if (s is None or isinstance(s.moment, SampleRows)) and self._keeps(name, d, seen, n, conv):
             new = vectors().to(self.dtype, copy=True)  # never a view of the model's activations
             if s is None:
                 s = slots[name] = SlotStatistics(SampleRows(new))
@@ -363,11 +364,30 @@ class _Collector:
         else:
             if s is None:
                 s = slots[name] = SlotStatistics(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype))
-            elif isinstance(s.moment, SampleRows):  # the vectors are no longer fewer than the width: fold them
+            elif isinstance(s.moment, SampleRows):  # the vectors are no longer what pays: fold them
                 self._concatenate(s)
                 s.moment = fold_rows(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype), s.moment.rows)
             accumulate(s.moment)
         s.count += n
+
+    def _keeps(self, name: str, d: int, seen: int, n: int, conv: bool) -> bool:
+        """Whether a slot of width ``d`` that has seen ``seen`` vectors keeps them with ``n`` more.
+
+        Only while fewer than ``d``: by the count the whole data will bring, where its length is
+        known (this many vectors a batch), else by the count so far. ``keep_vectors="always"``
+        keeps them then (the automatic α decomposes vectors far more cheaply than sums); ``True``
+        keeps a conv input's only where solving from them costs fewer flops than solving from
+        the sum (:func:`~deepunlearn.weight_side.vectors_pay`: the compiled kernels stream a conv's
+        sum more cheaply than a GEMM folds the vectors); linear inputs always.
+        """
+        if not self.keep_vectors:
+            return False
+        total = seen + n
+        if self.expected_samples is not None and self.batch_samples > 0:
+            total = max(total, math.ceil(n * self.expected_samples / self.batch_samples))
+        if total >= d:
+            return False
+        return self.keep_vectors == "always" or not conv or vectors_pay(d, total, self.conv_rows.get(name, d))
 
     def _concatenate(self, s: SlotStatistics) -> None:
         """Join the vectors kept for ``s`` in this pass into its moment."""
@@ -389,7 +409,7 @@ class _Collector:
         """Input ``(N, C, *spatial)`` of a convolution with geometry ``geom``."""
         n = x.shape[0] * _out_positions(x.shape[2:], geom)
         self._add(name, geom.groups, d, n, lambda: conv_patches(x.to(self.dtype), geom),
-                  lambda cov: accumulate_conv_(cov, x, geom))
+                  lambda cov: accumulate_conv_(cov, x, geom), conv=True)
 
     # -- hooks ------------------------------------------------------------------------------
     def _computed(self, x: torch.Tensor) -> torch.Tensor:
@@ -701,7 +721,7 @@ def collect_statistics(
     dtype: torch.dtype | None = None,
     autocast: torch.dtype | None = None,
     distributed: bool = True,
-    keep_vectors: bool = True,
+    keep_vectors: bool | str = True,
     first_token: bool = False,
     progress: bool = False,
     desc: str = "statistics",
@@ -719,9 +739,11 @@ def collect_statistics(
             inputs it really multiplies, accumulated in ``dtype``.
         distributed: when a ``torch.distributed`` process group is initialised, treat ``data`` as
             this rank's shard and return the sum over all ranks (every rank must call this).
-        keep_vectors: keep a layer's input vectors themselves, ``(groups, n, d)``, while it has seen
-            fewer than its width ``d`` (less memory, and the solve then works on ``n × n`` matrices);
-            False: always the ``(groups, d, d)`` sum.
+        keep_vectors: keep a layer's input vectors themselves, ``(groups, n, d)``, while it sees
+            fewer than its width ``d`` (less memory, and the solve then works on ``n × n``
+            matrices): ``True`` (default) for linear inputs, and for conv inputs where that solve
+            costs fewer flops than one from the ``d × d`` sum; ``"always"`` for every input;
+            ``False``: always the ``(groups, d, d)`` sum.
         first_token: for inputs that are sequences, only the first position's vectors: every
             ``nn.Linear`` input of shape ``(batch, sequence, features)`` and every
             ``nn.MultiheadAttention`` input and output (in its own layout). For classifiers that
@@ -784,7 +806,7 @@ def collect_both_kinds(model: nn.Module, data: DataLike, *, batch_size: int = 25
     sequence are the same objects in both. In one process (not summed over ranks)."""
     targets, device, dtype = collection_setup(model, dtype)
     check_autocast(autocast)
-    collector = _Collector(targets, device, dtype, autocast=autocast, both_kinds=True)
+    collector = _Collector(targets, device, dtype, autocast=autocast, keep_vectors="always", both_kinds=True)
     try:
         samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
     except _SharingChanged:  # rare: collect each kind with one slot per layer
@@ -803,7 +825,7 @@ def collect_both_kinds(model: nn.Module, data: DataLike, *, batch_size: int = 25
 
 
 def _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc,
-             keep_vectors: bool = True, first_token: bool = False) -> tuple[Statistics, int]:
+             keep_vectors: bool | str = True, first_token: bool = False) -> tuple[Statistics, int]:
     collector = _Collector(targets, device, dtype, autocast=autocast, keep_vectors=keep_vectors, first_token=first_token)
     collector.stats.first_token = first_token
     try:

@@ -233,6 +233,14 @@ def side_flops(d: int, rows: int, vectors: int, kept: bool = False) -> dict[str,
     return out
 
 
+def vectors_pay(d: int, vectors: int, rows: int) -> bool:
+    """Whether ``rows`` weight rows reading an input of width ``d`` that saw ``vectors < d``
+    vectors are applied with fewer flops from the vectors (the sample space) than from their
+    ``d × d`` sum by a Cholesky factor, the sum's own cost left out (the compiled conv kernels
+    stream it for far less than the GEMM that would form it from the vectors)."""
+    return side_flops(d, rows, vectors, kept=True)["sample-space"] < side_flops(d, rows, vectors)["cholesky"]
+
+
 def side_way(moment: Moment, rows: int, vectors: int, way: str = "auto", solver: str = "cholesky") -> str:
     """The way :func:`side_solver` applies ``M(C, α)`` to ``rows`` weight rows: ``way`` where forced,
     else the cheapest by :func:`side_flops`; ``"formed"`` for the eigen and SVD solvers."""

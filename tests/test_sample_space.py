@@ -82,7 +82,7 @@ def test_collection_keeps_vectors_while_fewer_than_the_width_then_folds(monkeypa
     model = Wide().double()
     x = torch.randn(50, 8, 3, 3, dtype=torch.float64)
     dense_ref = collect_statistics(model, x[:20], keep_vectors=False, batch_size=8)  # the compiled kernels
-    few = collect_statistics(model, x[:20], batch_size=8)
+    few = collect_statistics(model, x[:20], batch_size=8, keep_vectors="always")
     assert all(isinstance(s.moment, SampleRows) for s in few.slots.values())
     assert few.slots["conv"].moment.rows.shape == (2, 20, 36) and few.slots["fc"].moment.rows.shape == (1, 20, 72)
     assert all(isinstance(s.moment, torch.Tensor) for s in dense_ref.slots.values())
@@ -96,7 +96,7 @@ def test_collection_keeps_vectors_while_fewer_than_the_width_then_folds(monkeypa
     # batch (40 >= 36); known (a tensor): 50 >= 36 is foreseen and conv streams from the first batch
     for data, folded in ((iter(x.split(8)), [(2, 32, 36)]), (x, [])):
         folds.clear()
-        many = collect_statistics(model, data, batch_size=8)
+        many = collect_statistics(model, data, batch_size=8, keep_vectors="always")
         assert folds == folded
         assert isinstance(many.slots["conv"].moment, torch.Tensor) and isinstance(many.slots["fc"].moment, SampleRows)
         assert many.slots["fc"].moment.rows.shape == (1, 50, 72)  # 50 < 72 kept, the 7 batches joined in order
@@ -105,10 +105,28 @@ def test_collection_keeps_vectors_while_fewer_than_the_width_then_folds(monkeypa
         assert [(r["vectors"], r["kept_vectors"]) for r in many.summary()] == [(50, False), (50, True), (50, True)]
 
 
+def test_conv_inputs_keep_their_vectors_only_where_the_solve_gains():
+    """By default a conv input keeps its vectors only where solving from them costs fewer flops than
+    solving from the streamed sum: Wide's conv (36 wide, 4 rows a group) streams 20 vectors, a conv
+    576 wide read by 8 rows keeps them; linear inputs keep theirs below their width."""
+    from deepunlearn.weight_side import vectors_pay
+
+    assert not vectors_pay(36, 20, 4) and vectors_pay(576, 20, 8)
+    stats = collect_statistics(Wide().double(), torch.randn(20, 8, 3, 3, dtype=torch.float64), batch_size=8)
+    assert isinstance(stats.slots["conv"].moment, torch.Tensor) and isinstance(stats.slots["fc"].moment, SampleRows)
+    wide_conv = nn.Sequential(nn.Conv2d(64, 8, 3), nn.Flatten(), nn.Linear(8, 2)).double()
+    x = torch.randn(20, 64, 3, 3, dtype=torch.float64)
+    kept = collect_statistics(wide_conv, x, batch_size=8).slots["0"]
+    assert isinstance(kept.moment, SampleRows) and kept.moment.rows.shape == (1, 20, 576)
+    assert rel_err(kept.cov, collect_statistics(wide_conv, x, keep_vectors=False).slots["0"].cov) < 1e-13
+    with pytest.raises(ValueError, match="keep_vectors must be"):
+        collect_statistics(wide_conv, x, keep_vectors="sometimes")
+
+
 def test_sums_concatenate_below_the_width_and_fold_above():
     model = Wide().double()
     x = torch.randn(80, 8, 3, 3, dtype=torch.float64)
-    a, b, c = (collect_statistics(model, x[i:j]) for i, j in ((0, 10), (10, 30), (30, 80)))
+    a, b, c = (collect_statistics(model, x[i:j], keep_vectors="always") for i, j in ((0, 10), (10, 30), (30, 80)))
     a_rows = a.slots["fc"].moment.rows.clone()
     ab, abc = a + b, a + b + c
     assert ab.slots["fc"].moment.rows.shape == (1, 30, 72) and isinstance(abc.slots["fc"].moment, torch.Tensor)
@@ -123,7 +141,7 @@ def test_sums_concatenate_below_the_width_and_fold_above():
 
 def test_kept_vectors_survive_save_load_and_corruption_is_refused(tmp_path):
     model = Wide()
-    s = collect_statistics(model, torch.randn(6, 8, 3, 3))
+    s = collect_statistics(model, torch.randn(6, 8, 3, 3), keep_vectors="always")
     s.save(tmp_path / "s.pt")
     t = Statistics.load(tmp_path / "s.pt")
     for k in s.slots:
@@ -149,14 +167,14 @@ def test_edit_from_kept_vectors_equals_the_edit_from_dense_statistics(monkeypatc
 
     monkeypatch.setattr(api, "side_solver", spy)
     new = {}
-    for keep in (True, False):
+    for keep in ("always", False):
         stats = [collect_statistics(model, x, keep_vectors=keep) for x in (xf, xr)]
         r = deepunlearn.unlearn(copy.deepcopy(model), *stats, alpha_r=100, alpha_f=3)
         new[keep] = r.model.state_dict()
     assert ways[:6].count("SampleSpaceFactor") == 6 and "SampleSpaceFactor" not in ways[6:]
     for k, v in new[False].items():
-        assert rel_err(new[True][k], v) < 1e-10, k
-    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in new[True].items())
+        assert rel_err(new["always"][k], v) < 1e-10, k
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in new["always"].items())
 
 
 def test_a_layer_wider_than_memory_allows_densely_is_solved_from_its_vectors():
