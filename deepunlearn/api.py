@@ -454,7 +454,9 @@ def unlearn(
     if choosing:
         scorer = make_scorer(model, [x_f[i] for i in folds_f], None if y_f is None else [y_f[i] for i in folds_f],
                              x_r[held_r], None if y_r is None else y_r[held_r], classes, batch_size, autocast)
-        modes = sorted(set.intersection(*(set(p) for p in (*parts_f, *parts_r))))  # False (every position) first
+        # the first position's statistics first (True): on class-token models they win, and their best
+        # held-out retain accuracy then bounds the search with every position's
+        modes = sorted(set.intersection(*(set(p) for p in (*parts_f, *parts_r))), reverse=True)
         best = None
         for mode in modes:
             folds = [p[mode] for p in parts_f]
@@ -468,7 +470,9 @@ def unlearn(
                                         [functools.partial(forget_fit, k) for k in range(1, len(folds))])
             with warnings.catch_warnings(record=True) as caught:  # only the kept mode's warning is shown
                 warnings.simplefilter("always")
-                c = choose_alphas(model, candidates, scorer, alpha_r=alpha_r, alpha_f=alpha_f, target=target_forget_accuracy)
+                bound = best[0].retain_acc if best is not None and best[0].reached_target else None
+                c = choose_alphas(model, candidates, scorer, alpha_r=alpha_r, alpha_f=alpha_f, target=target_forget_accuracy,
+                                  bound=bound)
             del candidates
             c.first_token = mode
             if best is None or choice_rank(c) > choice_rank(best[0]):

@@ -66,8 +66,9 @@ class AlphaChoice:
         folds: forget folds (:data:`FORGET_FOLDS`, fewer for fewer samples).
         monotone: whether held-out forget accuracy never rose with ``alpha_f`` for any ``alpha_r``.
         candidates: every scored pair: ``alpha_r``, ``alpha_f``, ``retain_acc`` (scored for the
-            smallest ``alpha_f`` reaching the target per ``alpha_r``, else NaN; for every pair where
-            none reaches it), ``forget_acc`` (percent of the first fold; NaN where scoring stopped
+            smallest ``alpha_f`` reaching the target per ``alpha_r`` and for the pairs checked
+            against the best of those (:func:`choose_alphas`'s bound), else NaN; for every pair
+            where none reaches it), ``forget_acc`` (percent of the first fold; NaN where scoring stopped
             early), ``forget_hits`` (forget samples still recognised, of ``forget_scored`` scored:
             scoring stops, :data:`SCORE_CHUNK` samples at a time, once the pair has missed the target).
         seconds: wall time of decomposing and scoring (not of collecting the statistics).
@@ -334,6 +335,7 @@ def choose_alphas(
     alpha_r: float | None = None,
     alpha_f: float | None = None,
     target: float = TARGET_FORGET_ACCURACY,
+    bound: float | None = None,
 ) -> AlphaChoice:
     """Score candidate pairs on the held-out samples and return the choice; the model is left as it was.
 
@@ -346,6 +348,12 @@ def choose_alphas(
     space protects more of the forget space too, so each scan starts at the coarse step where the
     previous ``alpha_r`` first forgot, and the search stops at the first ``alpha_r`` that never
     forgets.
+
+    Branch and bound: once a candidate has reached the target, a pair that misses it near the
+    target (scored beyond one chunk) is scored on the retain side too; if it keeps less retain
+    accuracy than the best candidate so far, its ``alpha_r`` is searched no further (a larger
+    ``alpha_f`` keeps less still). ``bound``: the held-out retain accuracy of a candidate already
+    chosen elsewhere (the other kind of statistics), the bound from the start.
     """
     t0 = time.perf_counter()
     grid_r = [alpha_r] if alpha_r is not None else list(ALPHA_R_CANDIDATES)
@@ -375,6 +383,20 @@ def choose_alphas(
                       "forget_scored": scored})
         return hits <= allowed
 
+    best_retain = -math.inf if bound is None else bound  # of the candidates that reached the target
+
+    def retain_of(row: dict[str, float]) -> float:
+        if math.isnan(row["retain_acc"]):
+            apply(row["alpha_r"], row["alpha_f"])
+            row["retain_acc"] = scorer.retain_accuracy(model)
+        return row["retain_acc"]
+
+    def beaten(row: dict[str, float]) -> bool:
+        """Whether a pair that missed the target, near it (scored beyond one chunk), already keeps
+        less held-out retain accuracy than a candidate that reached it: retain accuracy falls as
+        ``alpha_f`` grows, so no larger ``alpha_f`` at this ``alpha_r`` can win."""
+        return row["forget_scored"] > SCORE_CHUNK and best_retain > -math.inf and retain_of(row) < best_retain
+
     try:
         start = 0  # index into ALPHA_F_COARSE where the scan begins
         for a_r in grid_r:
@@ -383,31 +405,42 @@ def choose_alphas(
                 continue
             failing = ALPHA_F_COARSE[start - 1] if start > 0 else None  # failed at the previous alpha_r
             passing = None
+            beaten_at = None
             for i in range(start, len(ALPHA_F_COARSE)):
                 if score(a_r, ALPHA_F_COARSE[i]):
                     passing, start = ALPHA_F_COARSE[i], i
                     break
                 failing = ALPHA_F_COARSE[i]
+                if beaten(table[-1]):
+                    beaten_at = i
+                    break
             if passing is None:
-                break  # never forgets in range; a larger alpha_r would forget even less
+                if beaten_at is None:
+                    break  # never forgets in range; a larger alpha_r would forget even less
+                start = beaten_at + 1  # a larger alpha_r misses where this one missed: scan on from there
+                continue
             if failing is None:  # forgets at the smallest: step down while it still does
                 for _ in range(BISECTION_STEPS):
                     lower = passing / math.sqrt(10.0)
                     if not score(a_r, lower):
                         break
                     passing = lower
-                continue
-            for _ in range(BISECTION_STEPS):
-                mid = math.sqrt(failing * passing)  # the log-scale midpoint
-                if score(a_r, mid):
-                    passing = mid
-                else:
-                    failing = mid
+            else:
+                for _ in range(BISECTION_STEPS):
+                    mid = math.sqrt(failing * passing)  # the log-scale midpoint
+                    if score(a_r, mid):
+                        passing = mid
+                    else:
+                        failing = mid
+                        if beaten(table[-1]):
+                            break
+            for c in smallest_passing([c for c in table if c["alpha_r"] == a_r], allowed):
+                best_retain = max(best_retain, retain_of(c))
         reached = smallest_passing(table, allowed)
         for c in reached or table:  # the fallback ranks every candidate by both sides
-            apply(c["alpha_r"], c["alpha_f"])
-            c["retain_acc"] = scorer.retain_accuracy(model)
+            retain_of(c)
             if not reached and math.isnan(c["forget_acc"]):
+                apply(c["alpha_r"], c["alpha_f"])
                 hits, scored = scorer.forget_hits(model, 0, len(scorer.x_f[0]))
                 c["forget_acc"] = 100.0 * hits / scored
     finally:

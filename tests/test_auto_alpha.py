@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import deepunlearn
 from conftest import rel_err
 from deepunlearn import api
-from deepunlearn.auto_alpha import (ALPHA_R_CANDIDATES, FORGET_CONFIDENCE, FORGET_FOLDS, CandidateEdits, allowed_forget_hits,
+from deepunlearn.auto_alpha import (ALPHA_R_CANDIDATES, FORGET_CONFIDENCE, FORGET_FOLDS, SCORE_CHUNK, CandidateEdits, allowed_forget_hits,
                                     binomial_upper_bound, choose_alphas, fold_split, holdout_split, inferred_forget_classes,
                                     make_scorer, materialise)
 from deepunlearn.layers import find_targets
@@ -173,6 +173,27 @@ def test_each_fold_is_scored_by_the_edit_from_the_other_folds(trained):
     assert made == [2, 3, 1]  # once per fold
 
 
+def test_a_bound_no_pair_can_beat_ends_each_alpha_r_at_its_first_near_miss(trained, monkeypatch):
+    from deepunlearn import auto_alpha
+
+    monkeypatch.setattr(auto_alpha, "SCORE_CHUNK", 4)  # a pair scored beyond 4 samples counts as near the target
+    model, targets, xf, xr = double_model_and_samples(trained)
+    sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
+
+    def choose(bound):
+        cands = CandidateEdits(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
+        return choose_alphas(model, cands, make_scorer(model, [xf], None, xr[:100], None, None, 64, None), bound=bound)
+
+    free, bounded = choose(None), choose(100.5)  # no accuracy reaches 100.5 %
+    checked = [r for r in bounded.candidates if r["retain_acc"] == r["retain_acc"] and r["forget_hits"] > bounded.allowed_hits]
+    assert checked and all(r["forget_scored"] > 4 and r["retain_acc"] < 100.5 for r in checked)
+    for r in checked:  # its alpha_r searched no further
+        assert [c for c in bounded.candidates if c["alpha_r"] == r["alpha_r"]][-1] is r
+    assert sum(r["forget_scored"] for r in bounded.candidates) < sum(r["forget_scored"] for r in free.candidates)
+    again = choose(free.retain_acc - 50.0)  # a bound every candidate beats changes nothing
+    assert (again.alpha_r, again.alpha_f, len(again.candidates)) == (free.alpha_r, free.alpha_f, len(free.candidates))
+
+
 def test_an_unreachable_target_warns_and_keeps_the_best_compromise(trained):
     x, y = blobs(60, 3)
     same = TensorDataset(x, y)  # forget = retain: no edit can forget without forgetting all
@@ -239,7 +260,11 @@ def test_a_candidate_recognising_more_held_out_samples_than_allowed_does_not_rea
         # the retain side is scored only for the smallest alpha_f that forgets, per alpha_r
         smallest = min((r["alpha_f"] for r in c.candidates if r["alpha_r"] == row["alpha_r"] and r["forget_hits"] == 0),
                        default=None)
-        assert (row["retain_acc"] == row["retain_acc"]) == (row["alpha_f"] == smallest), row
+        # ... and for pairs that missed near the target once one had reached it (the bound)
+        if row["alpha_f"] == smallest or row["retain_acc"] != row["retain_acc"]:
+            assert (row["retain_acc"] == row["retain_acc"]) == (row["alpha_f"] == smallest), row
+        else:
+            assert row["forget_hits"] > 0 and row["forget_scored"] > SCORE_CHUNK, row
         if row["forget_acc"] > 0:  # the first fold already missed: no other was scored
             assert row["forget_scored"] == 25 and row["forget_hits"] == round(row["forget_acc"] / 4), row
     assert any(row["forget_acc"] > 0 for row in c.candidates) and any(row["forget_hits"] == 0 for row in c.candidates)
