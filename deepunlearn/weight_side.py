@@ -48,7 +48,10 @@ def shifted_cholesky(cov: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tens
     gap = alpha.to(cov.dtype) - 1.0
     identity = (trace <= 0) | (gap == 0)
     shift = torch.where(identity, torch.ones_like(trace), trace / torch.where(identity, torch.ones_like(gap), gap.abs()))
-    b = torch.where((gap < 0)[:, None, None], -cov, cov)  # a new tensor either way: cov stays as it was
+    b = cov.clone()  # cov stays as it was
+    negative = gap < 0
+    if bool(negative.any()):
+        b[negative] = -b[negative]
     if bool(identity.any()):
         b[identity] = 0.0
     b.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
