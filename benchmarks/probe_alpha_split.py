@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     suite_arguments(p, RESULTS / "alpha_split_cpu")
     p.add_argument("--part", choices=["head", "attention"], default="head")
+    p.add_argument("--alpha-r", type=float, nargs="+", help="the alpha_r grid (default: three around the chosen ones)")
     a = p.parse_args(argv)
     train, labels, test = suite_data()
     x_test, y_test = stacked(test)
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
             stats_f, stats_r = (collect_statistics(model, x, first_token=token) for x in (x_f, x_r))
             cands = CandidateEdits(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu))
             in_part = [t.layer == layers[-1] if a.part == "head" else t.kind.startswith("attention") for t in chosen]
-            for a_r in ALPHA_R_GRID[arch]:
+            for a_r in a.alpha_r or ALPHA_R_GRID[arch]:
                 for a_part in PART_ALPHA_F:
                     r = body_oracle(model, cands, in_part, float(a_r), a_part, tf, tr)
                     r.update(arch=arch, classes=classes, alpha_r=a_r, original_retain=original,
