@@ -1,14 +1,16 @@
 """The edit ``W ← W − (W − W M_r) M_f`` solved on the weight's side, without forming ``M``.
 
 ``M(C, α) = α Ĉ A⁻¹`` with ``A = (α−1)Ĉ + I`` (``Ĉ = C / tr C``). Each side of the edit needs only
-``W ↦ W M``, and three ways give it (docs/solver.md):
+``W ↦ W M``, and four ways give it (docs/solver.md):
 
 * :class:`ScaledFactor`: ``W M = α/(α−1) (W − W A⁻¹)`` by one Cholesky factorisation of ``A``
   (d³/3 flops) and two triangular solves with ``o`` right-hand sides (2·o·d²);
 * :class:`LowRankSpectrum`: when the layer saw ``n < d`` input vectors, ``C`` has rank at most
   ``n``; a sketch ``C Ω`` with ``k = n + OVERSAMPLE`` columns recovers its eigenpairs exactly (up
   to rounding) in about 4·d²·k flops, and ``W M = (W U) diag(λ) Uᵀ``;
-* :class:`FormedProjection`: ``M`` itself (about 7d³/3 flops), cheapest when many rows read the input;
+* :class:`FormedProjection`: ``M`` itself (about 7d³/3 flops): never fewer flops than the factor,
+  which is applied to as many rows for the same 2·o·d²; kept for ``way="formed"`` and the eigen and
+  SVD solvers;
 * :class:`SampleSpaceFactor`: where the statistics kept the ``n < d`` input vectors ``R`` themselves,
   ``W M = α/t (W Rᵀ) B⁻¹ R`` with ``B = (α−1) R Rᵀ / t + I`` (``n × n``, ``t = tr C``): about
   2·d·n² + n³/3 + 4·o·d·n flops and no ``d × d`` matrix at all.
