@@ -17,6 +17,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -174,11 +175,14 @@ def allowed_forget_hits(n: int, target: float, confidence: float = FORGET_CONFID
     return k
 
 
-def predictions(model: nn.Module, x: torch.Tensor, batch_size: int, autocast: torch.dtype | None) -> torch.Tensor:
-    """Predicted classes ``(N,)`` on the CPU (logits from the model's output, or its ``.logits``)."""
+def predictions(model: nn.Module, x: torch.Tensor, batch_size: int, autocast: torch.dtype | None,
+                prepared: bool = False) -> torch.Tensor:
+    """Predicted classes ``(N,)`` on the CPU (logits from the model's output, or its ``.logits``).
+    ``prepared``: the caller holds the model in eval mode without autograd (:func:`_eval_no_grad`),
+    so that the search's many small scoring calls do not each walk every module twice."""
     device = next(model.parameters()).device
     out = []
-    with _eval_no_grad(model), _autocast_on(device, autocast):
+    with nullcontext() if prepared else _eval_no_grad(model), _autocast_on(device, autocast):
         for xb in x.split(batch_size):
             y = model(xb.to(device))
             y = getattr(y, "logits", y)
@@ -197,7 +201,8 @@ def inferred_forget_classes(pred_f: torch.Tensor, pred_r: torch.Tensor) -> list[
 
 @dataclass
 class _Scorer:
-    """Held-out forget hits per fold and retain accuracy (percent) of the model as it is now."""
+    """Held-out forget hits per fold and retain accuracy (percent) of the model as it is now; its
+    methods expect the model in eval mode without autograd (:func:`_eval_no_grad`)."""
 
     x_f: list[torch.Tensor]  # per fold
     x_r: torch.Tensor
@@ -219,14 +224,15 @@ class _Scorer:
         hits = scored = 0
         chunk = SCORE_CHUNK
         while scored < len(self.x_f[fold]) and hits <= limit:
-            p = predictions(model, self.x_f[fold][scored:scored + chunk], self.batch_size, self.autocast)
+            p = predictions(model, self.x_f[fold][scored:scored + chunk], self.batch_size, self.autocast, prepared=True)
             hits += int(self.forget_hit[fold](p, scored).sum())
             scored += len(p)
             chunk *= 2  # a candidate that has not missed yet is likely near the target: score in larger batches
         return hits, scored
 
     def retain_accuracy(self, model: nn.Module) -> float:
-        return 100.0 * float(self.retain_hit(predictions(model, self.x_r, self.batch_size, self.autocast)).float().mean())
+        p = predictions(model, self.x_r, self.batch_size, self.autocast, prepared=True)
+        return 100.0 * float(self.retain_hit(p).float().mean())
 
 
 def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[torch.Tensor] | None, x_r: torch.Tensor,
@@ -398,51 +404,52 @@ def choose_alphas(
         return row["forget_scored"] > SCORE_CHUNK and best_retain > -math.inf and retain_of(row) < best_retain
 
     try:
-        start = 0  # index into ALPHA_F_COARSE where the scan begins
-        for a_r in grid_r:
-            if alpha_f is not None:
-                score(a_r, alpha_f)
-                continue
-            failing = ALPHA_F_COARSE[start - 1] if start > 0 else None  # failed at the previous alpha_r
-            passing = None
-            beaten_at = None
-            for i in range(start, len(ALPHA_F_COARSE)):
-                if score(a_r, ALPHA_F_COARSE[i]):
-                    passing, start = ALPHA_F_COARSE[i], i
-                    break
-                failing = ALPHA_F_COARSE[i]
-                if beaten(table[-1]):
-                    beaten_at = i
-                    break
-            if passing is None:
-                if beaten_at is None:
-                    break  # never forgets in range; a larger alpha_r would forget even less
-                start = beaten_at + 1  # a larger alpha_r misses where this one missed: scan on from there
-                continue
-            if failing is None:  # forgets at the smallest: step down while it still does
-                for _ in range(BISECTION_STEPS):
-                    lower = passing / math.sqrt(10.0)
-                    if not score(a_r, lower):
+        with _eval_no_grad(model):  # once for the whole search, not per scoring call
+            start = 0  # index into ALPHA_F_COARSE where the scan begins
+            for a_r in grid_r:
+                if alpha_f is not None:
+                    score(a_r, alpha_f)
+                    continue
+                failing = ALPHA_F_COARSE[start - 1] if start > 0 else None  # failed at the previous alpha_r
+                passing = None
+                beaten_at = None
+                for i in range(start, len(ALPHA_F_COARSE)):
+                    if score(a_r, ALPHA_F_COARSE[i]):
+                        passing, start = ALPHA_F_COARSE[i], i
                         break
-                    passing = lower
-            else:
-                for _ in range(BISECTION_STEPS):
-                    mid = math.sqrt(failing * passing)  # the log-scale midpoint
-                    if score(a_r, mid):
-                        passing = mid
-                    else:
-                        failing = mid
-                        if beaten(table[-1]):
+                    failing = ALPHA_F_COARSE[i]
+                    if beaten(table[-1]):
+                        beaten_at = i
+                        break
+                if passing is None:
+                    if beaten_at is None:
+                        break  # never forgets in range; a larger alpha_r would forget even less
+                    start = beaten_at + 1  # a larger alpha_r misses where this one missed: scan on from there
+                    continue
+                if failing is None:  # forgets at the smallest: step down while it still does
+                    for _ in range(BISECTION_STEPS):
+                        lower = passing / math.sqrt(10.0)
+                        if not score(a_r, lower):
                             break
-            for c in smallest_passing([c for c in table if c["alpha_r"] == a_r], allowed):
-                best_retain = max(best_retain, retain_of(c))
-        reached = smallest_passing(table, allowed)
-        for c in reached or table:  # the fallback ranks every candidate by both sides
-            retain_of(c)
-            if not reached and math.isnan(c["forget_acc"]):
-                apply(c["alpha_r"], c["alpha_f"])
-                hits, scored = scorer.forget_hits(model, 0, len(scorer.x_f[0]))
-                c["forget_acc"] = 100.0 * hits / scored
+                        passing = lower
+                else:
+                    for _ in range(BISECTION_STEPS):
+                        mid = math.sqrt(failing * passing)  # the log-scale midpoint
+                        if score(a_r, mid):
+                            passing = mid
+                        else:
+                            failing = mid
+                            if beaten(table[-1]):
+                                break
+                for c in smallest_passing([c for c in table if c["alpha_r"] == a_r], allowed):
+                    best_retain = max(best_retain, retain_of(c))
+            reached = smallest_passing(table, allowed)
+            for c in reached or table:  # the fallback ranks every candidate by both sides
+                retain_of(c)
+                if not reached and math.isnan(c["forget_acc"]):
+                    apply(c["alpha_r"], c["alpha_f"])
+                    hits, scored = scorer.forget_hits(model, 0, len(scorer.x_f[0]))
+                    c["forget_acc"] = 100.0 * hits / scored
     finally:
         with torch.no_grad():
             for t, w in zip(candidates.targets, originals):
