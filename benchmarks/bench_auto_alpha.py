@@ -67,12 +67,14 @@ def main(argv=None) -> int:
                                            first_token={"auto": None, "yes": True, "no": False}[a.first_token])
                 t_auto = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                deepunlearn.unlearn(original, f_data, r_data, alpha_r=auto.alpha_r, alpha_f=auto.alpha_f, inplace=False,
+                deepunlearn.unlearn(original, f_data, r_data, alpha_r=auto.alpha_r, alpha_f=auto.alpha_f,
+                                    alpha_f_head=auto.alpha_f_head, inplace=False,
                                     first_token=auto.alpha_choice.first_token, skip_first_layer=True)
                 t_fixed = time.perf_counter() - t0
                 r_acc, f_acc = test_accuracies(auto.model, test, classes)
                 c = auto.alpha_choice
                 row = {"arch": arch, "classes": classes, "form": form, "alpha_r": c.alpha_r, "alpha_f": c.alpha_f,
+                       "alpha_f_head": c.alpha_f_head,
                        "held_out_retain": c.retain_acc, "held_out_forget": c.forget_acc, "reached_target": c.reached_target,
                        "scoring": c.scoring, "candidates": len(c.candidates), "monotone": c.monotone, "first_token": c.first_token,
                        "original_retain_test": orig_r, "original_forget_test": orig_f, "retain_test": r_acc,
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
                        "auto_over_fixed": t_auto / t_fixed, "table": c.candidates}
                 row["meets_targets"] = f_acc <= QUALITY["forget"] and row["retain_drop"] <= QUALITY["retain_drop"]
                 result["rows"].append(row)
-                print(f"[{arch} {classes} {form}] alpha=({c.alpha_r:g}, {c.alpha_f:.3g}) test retain {r_acc:.2f} "
+                print(f"[{arch} {classes} {form}] alpha=({c.alpha_r:g}, {c.alpha_f:.3g}, head {c.alpha_f_head}) test retain {r_acc:.2f} "
                       f"(drop {row['retain_drop']:.2f}) forget {f_acc:.2f}; choose {row['choose_seconds']:.2f}s = "
                       f"{row['choose_over_fixed']:.2f}x a fixed call ({t_fixed:.2f}s); monotone {c.monotone}", flush=True)
                 write_results(a.out, result, markdown(result))
@@ -94,10 +96,11 @@ def markdown(result: dict) -> str:
              "Test split of Fashion-MNIST; retain drop = original − unlearned retain accuracy (points). Targets: forget "
              f"≤ {QUALITY['forget']:g} %, retain drop ≤ {QUALITY['retain_drop']:g}; choose / fixed = seconds choosing α over "
              "one fixed-α call with the chosen pair (target ≤ 2).", "",
-             "| arch | classes | data | α_r | α_f | tokens | held-out retain / forget | test retain (drop) | test forget | meets | candidates | choose (s) | choose / fixed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| arch | classes | data | α_r | α_f | head α_f | tokens | held-out retain / forget | test retain (drop) | test forget | meets | candidates | choose (s) | choose / fixed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['arch']} | {','.join(map(str, r['classes']))} | {r['form']} | {r['alpha_r']:g} | {r['alpha_f']:.3g} | "
+                     f"{'=' if r.get('alpha_f_head') is None else format(r['alpha_f_head'], 'g')} | "
                      f"{'first' if r.get('first_token') else 'all'} | "
                      f"{r['held_out_retain']:.1f} / {r['held_out_forget']:.1f} | {r['retain_test']:.2f} ({r['retain_drop']:.2f}) | "
                      f"{r['forget_test']:.2f} | {'yes' if r['meets_targets'] else 'no'} | {r['candidates']} | "

@@ -16,8 +16,8 @@ from torch.utils.data import Dataset, Subset
 from . import distributed
 from ._batches import DataLike
 from .edit import PlannedEdit, apply_plan, edited_weight
-from .auto_alpha import (TARGET_FORGET_ACCURACY, CandidateEdits, choice_rank, choose_alphas, fold_split, holdout_split,
-                         make_scorer, materialise)
+from .auto_alpha import (HEAD_ALPHA_F, TARGET_FORGET_ACCURACY, CandidateEdits, choice_rank, choose_alphas, fold_split,
+                         holdout_split, make_scorer, materialise)
 from .weight_side import SideSolver, batched_factors, edited_weight_sides, side_solver, side_way
 from .layers import EditTarget, SkippedLayer, find_targets
 from .moments import Moment, dense, moment_trace
@@ -323,6 +323,7 @@ def unlearn(
     *,
     alpha_r: float | None = None,
     alpha_f: float | None = None,
+    alpha_f_head: float | None = None,
     classes: Sequence[int] | None = None,
     target_forget_accuracy: float = TARGET_FORGET_ACCURACY,
     solver: str = "cholesky",
@@ -359,7 +360,15 @@ def unlearn(
             ``target_forget_accuracy``, and of those the best held-out retain accuracy (else the
             best ``retain · (100 − forget)``, with a warning); the edit then uses all samples.
             Accuracies come from the labels where the batches are ``(x, y)``; else from
-            ``classes``; else from agreement with the unedited model.
+            ``classes``; else from agreement with the unedited model. The classifier head (the last
+            layer the input reaches, a ``Linear`` whose output is the model's) may take its own
+            scale: each candidate pair is also scored with the head at each of
+            :data:`~deepunlearn.auto_alpha.HEAD_ALPHA_F` (read from one forward pass), and the best
+            is kept (``report.alpha_f_head``).
+        alpha_f_head: the classifier head's own forget scale, > 0. None (default): ``alpha_f``
+            where that is given, else chosen with it. Where the head cannot take its own scale (it
+            shares its input with other weights, is not a ``Linear``, or is the only layer edited),
+            giving it is an error.
         classes: the class indices being forgotten, if known (scores the forget side without labels).
         target_forget_accuracy: held-out forget accuracy (percent) the automatic choice aims at.
         solver: ``"cholesky"`` (default, no decomposition), ``"eigh"`` or ``"svd"``; all give the same result.
@@ -401,6 +410,7 @@ def unlearn(
     t_start = time.perf_counter()
     alpha_r = None if alpha_r is None else check_alpha(alpha_r, "alpha_r")
     alpha_f = None if alpha_f is None else check_alpha(alpha_f, "alpha_f")
+    alpha_f_head = None if alpha_f_head is None else check_alpha(alpha_f_head, "alpha_f_head")
     check_solver(solver)
     choosing = alpha_r is None or alpha_f is None
     if choosing:
@@ -450,6 +460,10 @@ def unlearn(
         if first is not None:
             targets = [t for t in targets if t.layer != first]
             skipped = [*skipped, SkippedLayer(first, _FIRST_LAYER)]
+    head = classifier_head(targets, stats_f)
+    if alpha_f_head is not None and head is None:
+        raise ValueError("alpha_f_head was given, but the last layer the input reaches cannot take its own scale (it must "
+                         "be a Linear whose input no other edited weight reads, beside other edited layers)")
     choice = None
     if choosing:
         scorer = make_scorer(model, [x_f[i] for i in folds_f], None if y_f is None else [y_f[i] for i in folds_f],
@@ -457,6 +471,7 @@ def unlearn(
         # the first position's statistics first (True): on class-token models they win, and their best
         # held-out retain accuracy then bounds the search with every position's
         modes = sorted(set.intersection(*(set(p) for p in (*parts_f, *parts_r))), reverse=True)
+        head_options = (alpha_f_head,) if alpha_f_head is not None else (None,) if alpha_f is not None else (None, *HEAD_ALPHA_F)
         best = None
         for mode in modes:
             folds = [p[mode] for p in parts_f]
@@ -467,12 +482,12 @@ def unlearn(
 
             parts = (folds, parts_r[0][mode], parts_r[1][mode])
             candidates = CandidateEdits(targets, forget_fit(0), layer_moments(targets, parts[1], device),
-                                        [functools.partial(forget_fit, k) for k in range(1, len(folds))])
+                                        [functools.partial(forget_fit, k) for k in range(1, len(folds))], head)
             with warnings.catch_warnings(record=True) as caught:  # only the kept mode's warning is shown
                 warnings.simplefilter("always")
-                bound = best[0].retain_acc if best is not None and best[0].reached_target else None
+                bound = best[0].retain_prob if best is not None and best[0].reached_target else None
                 c = choose_alphas(model, candidates, scorer, alpha_r=alpha_r, alpha_f=alpha_f, target=target_forget_accuracy,
-                                  bound=bound)
+                                  bound=bound, head_alphas=head_options)
             del candidates
             c.first_token = mode
             if best is None or choice_rank(c) > choice_rank(best[0]):
@@ -481,7 +496,7 @@ def unlearn(
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         del scorer, best, parts_f, parts_r
-        alpha_r, alpha_f = choice.alpha_r, choice.alpha_f
+        alpha_r, alpha_f, alpha_f_head = choice.alpha_r, choice.alpha_f, choice.alpha_f_head
         stats_f, stats_r = functools.reduce(operator.add, folds), fit_sr + held_sr  # the edit uses every sample
         del folds, fit_sr, held_sr
         _sync(device)
@@ -497,7 +512,12 @@ def unlearn(
         stats_f = stats_r = None  # statistics collected here are freed as each input is solved
         if all(cov is None for cov, _ in moments_f.values()):
             raise ValueError("the forget data reached none of the editable layers")
-        edit_for = solved_edits(targets, moments_f, moments_r, alpha_f, alpha_r, solver)
+        if alpha_f_head is None:
+            edit_for = solved_edits(targets, moments_f, moments_r, alpha_f, alpha_r, solver)
+        else:  # the head solved with its own forget scale, the body with alpha_f
+            body_edit = solved_edits([t for t in targets if t is not head], moments_f, moments_r, alpha_f, alpha_r, solver)
+            head_edit = solved_edits([head], moments_f, moments_r, alpha_f_head, alpha_r, solver)
+            edit_for = lambda t: head_edit(t) if t is head else body_edit(t)  # noqa: E731
         plan, rows = plan_edits_with(targets, edit_for, traces(moments_f), traces(moments_r))
         _sync(device)
         t_solved = time.perf_counter()
@@ -524,7 +544,7 @@ def unlearn(
     }
     return UnlearnReport(
         model, rows, [(s.name, s.reason) for s in skipped], samples_f, samples_r, alpha_r, alpha_f, solver, seconds,
-        choice,
+        choice, alpha_f_head,
     )
 
 
@@ -542,13 +562,32 @@ def _check_choosing(forget: object, retain: object, target: float) -> None:
 _FIRST_LAYER = "the first layer the input reaches (skip_first_layer): unchanged"
 
 
+def _reached_at(targets: Sequence[EditTarget], stats: Statistics) -> dict[int, float]:
+    """Per target (by id), the position among ``stats``' slots at which the forward passes first reached its input (inf: never)."""
+    order = {slot: i for i, slot in enumerate(stats.slots)}
+    return {id(t): min((order[s] for s in stats.resolve(t.slots) if s in order), default=math.inf) for t in targets}
+
+
 def first_layer(targets: Sequence[EditTarget], stats: Statistics) -> str | None:
     """The layer (:attr:`EditTarget.layer`) of ``targets`` whose input the forward passes of
     ``stats`` reached first, or None if they reached none."""
-    order = {slot: i for i, slot in enumerate(stats.slots)}
-    rank = {id(t): min((order[s] for s in stats.resolve(t.slots) if s in order), default=math.inf) for t in targets}
+    rank = _reached_at(targets, stats)
     first = min(targets, key=lambda t: rank[id(t)])
     return first.layer if rank[id(first)] < math.inf else None
+
+
+def classifier_head(targets: Sequence[EditTarget], stats: Statistics) -> EditTarget | None:
+    """The target that may take its own ``alpha_f``: the input the forward passes of ``stats``
+    reached last, where it is a whole ``nn.Linear`` weight that no other target reads the input of,
+    beside at least one other target; else None."""
+    rank = _reached_at(targets, stats)
+    reached = [t for t in targets if rank[id(t)] < math.inf]
+    if len(reached) < 2:
+        return None
+    last = max(reached, key=lambda t: rank[id(t)])
+    alone = all(t is last or not set(stats.resolve(t.slots)) & set(stats.resolve(last.slots)) for t in targets)
+    whole_linear = isinstance(last.module, nn.Linear) and last.param == "weight" and last.rows is None and last.groups == 1
+    return last if alone and whole_linear else None
 
 
 _UNREACHED = ("its module was never called during the forward passes, nor its weight passed to F.linear / F.conv "

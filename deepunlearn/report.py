@@ -53,6 +53,7 @@ class UnlearnReport:
             both scales were given), ``decompose``, ``edit``, ``total``.
         alpha_choice: how the scales were chosen (:class:`~deepunlearn.auto_alpha.AlphaChoice`), or
             None when both were given.
+        alpha_f_head: the classifier head's own forget scale, or None where it took ``alpha_f``.
     """
 
     model: nn.Module
@@ -65,6 +66,7 @@ class UnlearnReport:
     solver: str
     seconds: dict[str, float]
     alpha_choice: AlphaChoice | None = None
+    alpha_f_head: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model, as plain JSON-serialisable data."""
@@ -75,6 +77,7 @@ class UnlearnReport:
             "retain_samples": self.retain_samples,
             "alpha_r": self.alpha_r,
             "alpha_f": self.alpha_f,
+            "alpha_f_head": self.alpha_f_head,
             "solver": self.solver,
             "seconds": dict(self.seconds),
             "alpha_choice": None if self.alpha_choice is None else asdict(self.alpha_choice),
@@ -83,7 +86,8 @@ class UnlearnReport:
     def __str__(self) -> str:
         head = (
             f"deepunlearn: edited {len(self.layers)} weight matrices with {self.forget_samples} forget / "
-            f"{self.retain_samples} retain samples, alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}, solver={self.solver}"
+            f"{self.retain_samples} retain samples, alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}"
+            f"{'' if self.alpha_f_head is None else f', alpha_f_head={self.alpha_f_head:g}'}, solver={self.solver}"
         )
         t = self.seconds
         times = (
