@@ -209,7 +209,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         alpha_r, alpha_f = search.alpha_r, search.alpha_f
         drawn["search_images"] = len(val)
 
-    report = unlearn(model, forget_in, retain_in, alpha_r=alpha_r, alpha_f=alpha_f, classes=classes, solver=args.solver,
+    report = unlearn(model, forget_in, retain_in, alpha_r=alpha_r, alpha_f=alpha_f, alpha_f_head=args.alpha_f_head,
+                     classes=classes, solver=args.solver,
                      batch_size=args.batch_size, dtype=dtype, autocast=autocast, progress=progress,
                      skip_first_layer={"auto": None, "skip": True, "edit": False}[args.first_layer],
                      first_token={"auto": None, "yes": True, "no": False}[args.first_token])
@@ -220,13 +221,14 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if _is_writer():
         save_model(report.model, source, out)
         blob = {"command": "forget", "forget_classes": classes, **drawn, "alpha_r": alpha_r, "alpha_f": alpha_f,
-                "autocast": args.autocast, "seconds": timings, "output": str(out),
+                "alpha_f_head": report.alpha_f_head, "autocast": args.autocast, "seconds": timings, "output": str(out),
                 "search": None if search is None else search.table, "environment": _environment(device),
                 "report": report.to_dict()}
         _write_json(report_path, blob)
         if report.alpha_choice is not None:
             print(report.alpha_choice)
-        print(f"forgot class(es) {classes} with alpha_r={alpha_r:g}, alpha_f={alpha_f:g}: "
+        head = "" if report.alpha_f_head is None else f", alpha_f_head={report.alpha_f_head:g}"
+        print(f"forgot class(es) {classes} with alpha_r={alpha_r:g}, alpha_f={alpha_f:g}{head}: "
               f"{len(report.layers)} weight matrices edited, {len(report.skipped)} skipped")
         print("time: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()))
         print(f"wrote {out} and {report_path}")
@@ -376,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--alpha-r", type=float, default=None,
                    help="retain-space scale (paper, ImageNet: 100); default: chosen on held-out images of the samples")
     f.add_argument("--alpha-f", type=float, default=None, help="forget-space scale (paper, ImageNet: 10); default: chosen")
+    f.add_argument("--alpha-f-head", type=float, default=None,
+                   help="the classifier head's own forget scale; default: --alpha-f where given, else chosen with it")
     f.add_argument("--search", action="store_true", help="choose alpha_r, alpha_f on held-out images of --data")
     f.add_argument("--search-per-class", type=int, default=2, help="held-out images per class for --search")
     f.add_argument("--search-data", help="image tree to score --search on (default: images of --data not drawn)")

@@ -129,14 +129,15 @@ def main(argv: list[str] | None = None) -> int:
 
     title = f"Fashion-MNIST, SmallCNN: forgetting class {names}"
     table = format_table(before, after, m.seconds, m.peak_bytes / 2**20)
-    print(f"\n{title}\nalpha_r={args.alpha_r:g}, alpha_f={args.alpha_f:g}, "
+    head = "" if report.alpha_f_head is None else f", alpha_f_head={report.alpha_f_head:g}"
+    print(f"\n{title}\nalpha_r={args.alpha_r:g}, alpha_f={args.alpha_f:g}{head}, "
           f"{report.forget_samples} forget / {report.retain_samples} retain samples\n{table}\n")
     print(f"time split: {', '.join(f'{k} {v:.3f}s' for k, v in report.seconds.items())}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "dataset": "Fashion-MNIST", "model": "SmallCNN", "forget_classes": forget,
-        "alpha_r": args.alpha_r, "alpha_f": args.alpha_f,
+        "alpha_r": args.alpha_r, "alpha_f": args.alpha_f, "alpha_f_head": report.alpha_f_head,
         "original": before, "unlearned": after,
         "unlearn_seconds": m.seconds, "unlearn_peak_bytes": m.peak_bytes,
         "report": report.to_dict(),

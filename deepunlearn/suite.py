@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
             for name, fn in training_free.items():
                 with measure("cpu") as m:
                     rep = fn()
-                extra = {"alpha_r": rep.alpha_r, "alpha_f": rep.alpha_f,
+                extra = {"alpha_r": rep.alpha_r, "alpha_f": rep.alpha_f, "alpha_f_head": rep.alpha_f_head,
                          **({"search_seconds": search.seconds} if name == "deepunlearn" else {})}
                 record(name, rep.model, m.seconds, m.peak_bytes, extra)
                 memory_jobs.append((rows[-1], fn))

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import deepunlearn
 from conftest import rel_err
 from deepunlearn import api
-from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, FORGET_CONFIDENCE, FORGET_FOLDS, SCORE_CHUNK, CandidateEdits, allowed_forget_hits, smallest_passing,
+from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, FORGET_CONFIDENCE, FORGET_FOLDS, SCORE_CHUNK, CandidateEdits, allowed_forget_hits, smallest_passing,
                                     binomial_upper_bound, choose_alphas, fold_split, holdout_split, inferred_forget_classes,
                                     make_scorer, materialise)
 from deepunlearn.layers import find_targets
@@ -273,3 +273,84 @@ def test_a_candidate_recognising_more_held_out_samples_than_allowed_does_not_rea
             assert row["forget_scored"] == 25 and row["forget_hits"] == round(row["forget_acc"] / 4), row
     assert any(row["forget_acc"] > 0 for row in c.candidates) and any(row["forget_hits"] == 0 for row in c.candidates)
     assert "at most 0 held-out forget sample(s) recognised" in str(c) and "100 forget samples in 4 folds" in str(c)
+
+
+@pytest.mark.filterwarnings("ignore:no candidate reached")  # the negated model is checked for its options, not its choice
+def test_head_options_score_as_if_each_were_written_into_the_head(trained):
+    from dataclasses import replace
+
+    from deepunlearn.auto_alpha import HeadReader
+    from deepunlearn.statistics import _eval_no_grad
+
+    model, targets, xf, xr = double_model_and_samples(trained)
+    sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
+    head = api.classifier_head(targets, sf)
+    assert head is targets[-1] and head.module is model[4]
+    cands = CandidateEdits(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU), head=head)
+    assert cands.head == len(targets) - 1
+    plain = make_scorer(model, [xf], None, xr, None, [0], 64, None)
+    reading = replace(plain, head=HeadReader(head.module, None))
+    before = [p.clone() for p in model.parameters()]
+    with _eval_no_grad(model), torch.no_grad():
+        assert reading.head.reads_the_output(model, xr)
+        for t, w in zip(targets, cands.weights(100.0, 0.1)):  # a gentle body edit: the head decides what is forgotten
+            t.weight().copy_(w)
+        heads = [cands.weight(cands.head, 100.0, a) for a in (0.01, 1.0, 100.0, 1e4)]
+        got_f = reading.forget_hits(model, 0, [len(xf)] * len(heads), heads)
+        got_r = reading.retain_scores(model, heads)
+        for i, w in enumerate(heads):
+            head.weight().copy_(w)
+            assert plain.forget_hits(model, 0, [len(xf)]) == [got_f[i]]
+            assert plain.retain_scores(model)[0] == pytest.approx(got_r[i], rel=1e-12)
+        assert len({h for h, _ in got_f}) > 1 and len({p for _, p in got_r}) == len(heads), (got_f, got_r)  # they differ
+        for t, w in zip(model.parameters(), before):
+            t.copy_(w)
+    # a model whose prediction is not the head's (negated after it): the head's input cannot score options
+    negated = nn.Sequential(model, nn.Flatten())
+    negated.register_forward_hook(lambda m, i, out: -out)
+    with _eval_no_grad(negated):
+        assert not HeadReader(head.module, None).reads_the_output(negated, xr)
+    c = choose_alphas(negated, cands, plain, head_alphas=(None, 3.0, 30.0))
+    assert {row["head_apart"] for row in c.candidates} == {0.0} and c.alpha_f_head is None
+
+
+def test_the_head_takes_its_own_scale_where_given(trained):
+    forget, retain = forget_and_retain()
+    both = deepunlearn.unlearn(trained, forget, retain, alpha_r=30, alpha_f=3, alpha_f_head=30, inplace=False)
+    body = deepunlearn.unlearn(trained, forget, retain, alpha_r=30, alpha_f=3, inplace=False)
+    head = deepunlearn.unlearn(trained, forget, retain, alpha_r=30, alpha_f=30, inplace=False)
+    for (name, p), q, r in zip(both.model.named_parameters(), body.model.parameters(), head.model.parameters()):
+        assert torch.equal(p, r if name.startswith("4.") else q), name
+    assert not torch.equal(both.model[4].weight, body.model[4].weight)
+    assert both.alpha_f_head == 30 and "alpha_f_head=30" in str(both) and both.to_dict()["alpha_f_head"] == 30
+    assert body.alpha_f_head is None and "alpha_f_head" not in str(body)
+    # with alpha_f chosen, the head's scale given is kept and only the body's searched
+    c = deepunlearn.unlearn(trained, forget, retain, alpha_r=30, alpha_f_head=30, inplace=False).alpha_choice
+    assert c.alpha_f_head == 30 and {(r["alpha_f_head"], r["head_apart"]) for r in c.candidates} == {(30, 1.0)}
+
+
+def test_the_automatic_choice_reports_the_heads_scale_and_a_fixed_call_repeats_it(trained):
+    forget, retain = forget_and_retain()
+    auto = deepunlearn.unlearn(trained, forget, retain, inplace=False)
+    c = auto.alpha_choice
+    assert auto.alpha_f_head == c.alpha_f_head
+    pairs = {(r["alpha_r"], r["alpha_f"]) for r in c.candidates}
+    assert len(c.candidates) == len(pairs) * (1 + len(HEAD_ALPHA_F))  # every option scored at every pair
+    fixed = deepunlearn.unlearn(trained, forget, retain, alpha_r=c.alpha_r, alpha_f=c.alpha_f, alpha_f_head=c.alpha_f_head,
+                                skip_first_layer=True, inplace=False)
+    for p, q in zip(auto.model.parameters(), fixed.model.parameters()):
+        assert rel_err(p, q) < 1e-5
+
+
+def test_a_head_that_cannot_take_its_own_scale_is_refused_and_the_model_unchanged(trained):
+    forget, retain = forget_and_retain()
+    x_f, x_r = forget.tensors[0], retain.tensors[0]
+    conv_head = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Unflatten(1, (8, 1)), nn.Conv1d(8, 4, 1), nn.Flatten())
+    lone = nn.Linear(6, 4)
+    for model in (conv_head, lone):
+        before = [p.clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match="alpha_f_head was given"):
+            deepunlearn.unlearn(model, x_f, x_r, alpha_r=30, alpha_f=3, alpha_f_head=10)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match="alpha_f_head"):
+        deepunlearn.unlearn(trained, x_f, x_r, alpha_r=30, alpha_f=3, alpha_f_head=0)
