@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                        "auto_over_fixed": t_auto / t_fixed, "table": c.candidates}
                 row["meets_targets"] = f_acc <= QUALITY["forget"] and row["retain_drop"] <= QUALITY["retain_drop"]
                 result["rows"].append(row)
-                print(f"[{arch} {classes} {form}] alpha=({c.alpha_r:g}, {c.alpha_f:.3g}, head {c.alpha_f_head}) test retain {r_acc:.2f} "
+                print(f"[{arch} {classes} {form}] alpha=({c.alpha_r:g}, {c.alpha_f:.3g}, head {'=' if c.alpha_f_head is None else format(c.alpha_f_head, '.3g')}) test retain {r_acc:.2f} "
                       f"(drop {row['retain_drop']:.2f}) forget {f_acc:.2f}; choose {row['choose_seconds']:.2f}s = "
                       f"{row['choose_over_fixed']:.2f}x a fixed call ({t_fixed:.2f}s); monotone {c.monotone}", flush=True)
                 write_results(a.out, result, markdown(result))

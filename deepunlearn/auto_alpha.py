@@ -48,9 +48,9 @@ BISECTION_STEPS = 2  # each halves the log step below the first passing α_f: 10
 FORGET_CONFIDENCE = 0.75  # a candidate forgets if the target holds at this one-sided confidence (6 of 900 may be
 # recognised). Picked on the suite's 30 cases: with the head's own scale searched, 0.65 (7 of 900) let the chosen
 # edits, each the gentlest of more candidates that pass, leave 1.2-1.4 % of unseen forget samples in 3 cases
-HEAD_ALPHA_F = (1.0, 3.16, 10.0, 31.6, 100.0)  # the classifier head's own alpha_f, tried beside the body's at every
-# scored pair: where the head forgets hard, the body can forget gently (docs/auto_alpha.md). Scored from the head's
-# input read once per forward pass, so the options cost one small matrix product each, not a forward pass
+HEAD_ALPHA_F = tuple(10 ** (k / 2) for k in range(5))  # 1 to 100 in half decades: the classifier head's own alpha_f,
+# tried beside the body's at every scored pair: where the head forgets hard, the body can forget gently
+# (docs/auto_alpha.md). Scored from the head's input read once per forward pass: a small matrix product per option
 SCORE_CHUNK = 64  # forget samples scored at a time: a candidate that has missed the target stops early
 MIN_SHARE = 0.1  # unlabelled data: a class is forgotten if it takes >= 10 % of the forget predictions
 SHARE_RATIO = 2.0  # ... and at least twice its share of the retain predictions
@@ -603,7 +603,8 @@ def choose_alphas(
     )
     return AlphaChoice(best["alpha_r"], best["alpha_f"], best["retain_acc"], forget_acc, bool(reached), target,
                        scorer.scoring, (n_f, len(scorer.x_r)), monotone, table, time.perf_counter() - t0, allowed,
-                       folds=candidates.folds, alpha_f_head=best["alpha_f_head"] if best["head_apart"] else None,
+                       folds=candidates.folds,
+                       alpha_f_head=best["alpha_f_head"] if best["head_apart"] and best["alpha_f_head"] != best["alpha_f"] else None,
                        retain_prob=best["retain_prob"])
 
 
