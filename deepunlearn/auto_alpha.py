@@ -113,7 +113,8 @@ class AlphaChoice:
         return (f"alpha chosen: alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}{head} (held-out retain {self.retain_acc:.2f} %, "
                 f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}, at most {self.allowed_hits} held-out forget "
                 f"sample(s) recognised; {'statistics of the first sequence position; ' if self.first_token else ''}"
-                f"{len(self.candidates)} candidates scored "
+                f"{len({(c['alpha_r'], c['alpha_f']) for c in self.candidates})} pairs scored"
+                f"{'' if self.alpha_f_head is None and not any(c.get('head_apart') for c in self.candidates) else ' with each head scale'} "
                 f"by {self.scoring} on {self.held_out[0]} forget samples in {self.folds} folds + {self.held_out[1]} held-out "
                 f"retain samples in {self.seconds:.2f} s)")
 
