@@ -19,6 +19,10 @@ and whether a scope other than every layer raises that ceiling. Scopes:
   MLP output and head): the features of the forget class kept, their use by the classifier removed;
 * ``head``: the classifier alone.
 
+``--depth-powers``: per power ``p``, the layers of the scope take ``α_f · ((l + 1) / L)^p`` (layer
+``l`` of ``L`` in the order the input reaches them; ``p > 0`` grows the edit with depth, ``p < 0``
+shrinks it; 0, the default, is one ``α_f``), and the bisection runs on the common ``α_f``.
+
 Results: ``benchmarks/results/alpha_oracle_cpu.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -58,14 +62,17 @@ def accuracy(model, x, y, batch=1000) -> float:
     return 100.0 * float((pred == y).double().mean())
 
 
-def oracle(model, cands: CandidateEdits, x_f, y_f, x_r, y_r) -> list[dict]:
+def oracle(model, cands: CandidateEdits, x_f, y_f, x_r, y_r, scales: list[float] | None = None) -> list[dict]:
+    """Per α_r, the smallest α_f reaching the target and the test accuracies there; ``scales``:
+    each target's factor on α_f (default 1)."""
     targets = cands.targets
     originals = [t.weight().detach().clone() for t in targets]
+    scales = scales or [1.0] * len(targets)
 
     def apply(a_r, a_f):
         with torch.no_grad():
-            for t, w in zip(targets, cands.weights(a_r, a_f)):
-                t.weight().copy_(w)
+            for i, t in enumerate(targets):
+                t.weight().copy_(cands.weight(i, a_r, a_f * scales[i]))
 
     rows = []
     try:
@@ -100,6 +107,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     suite_arguments(p, RESULTS / "alpha_oracle_cpu")
     p.add_argument("--scopes", nargs="+", choices=list(SCOPES), default=list(DEFAULT_SCOPES))
+    p.add_argument("--depth-powers", nargs="+", type=float, default=[0.0],
+                   help="α_f of layer l of L scaled by ((l + 1) / L)^p, per p (0: one α_f)")
     a = p.parse_args(argv)
     sets = a.forget or CLASS_SETS
     train, labels, test = suite_data()
@@ -124,19 +133,23 @@ def main(argv=None) -> int:
                 kept = {"all": layers, "head": layers[-1:], "last-layers": layers[-2:]}.get(scope, layers[1:])
                 chosen = [t for t in targets if t.layer in kept]
                 cands = CandidateEdits(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu))
-                rows = oracle(model, cands, *tf, *tr)
-                reached = [r for r in rows if r["retain"] is not None]
-                best = max(reached, key=lambda r: r["retain"]) if reached else None
-                row = {"arch": arch, "classes": classes, "scope": scope, "original_retain": original[0],
-                       "original_forget": original[1], "per_alpha_r": rows, "best": best,
-                       "best_drop": None if best is None else original[0] - best["retain"],
-                       "seconds": time.perf_counter() - t0}
-                result["rows"].append(row)
-                print(f"[{arch} {classes} {scope}] " + (f"best alpha=({best['alpha_r']:g}, {best['alpha_f']:.3g}) drop "
-                      f"{row['best_drop']:.2f} forget {best['forget']:.2f}" if best else "never forgets") +
-                      " | " + ", ".join(f"{r['alpha_r']:g}: " + ("-" if r["retain"] is None else f"{original[0] - r['retain']:.2f}")
-                                        for r in rows), flush=True)
-                write_results(a.out, result, markdown(result))
+                depth = [kept.index(t.layer) for t in cands.targets]
+                for power in a.depth_powers:
+                    scales = [((d + 1) / len(kept)) ** power for d in depth]
+                    rows = oracle(model, cands, *tf, *tr, scales)
+                    reached = [r for r in rows if r["retain"] is not None]
+                    best = max(reached, key=lambda r: r["retain"]) if reached else None
+                    row = {"arch": arch, "classes": classes, "scope": scope, "depth_power": power,
+                           "original_retain": original[0], "original_forget": original[1], "per_alpha_r": rows,
+                           "best": best, "best_drop": None if best is None else original[0] - best["retain"],
+                           "seconds": time.perf_counter() - t0}
+                    result["rows"].append(row)
+                    print(f"[{arch} {classes} {scope} p={power:g}] " + (
+                          f"best alpha=({best['alpha_r']:g}, {best['alpha_f']:.3g}) drop {row['best_drop']:.2f} forget "
+                          f"{best['forget']:.2f}" if best else "never forgets") + " | " + ", ".join(
+                          f"{r['alpha_r']:g}: " + ("-" if r["retain"] is None else f"{original[0] - r['retain']:.2f}")
+                          for r in rows), flush=True)
+                    write_results(a.out, result, markdown(result))
     print(markdown(result))
     return 0
 
@@ -146,12 +159,13 @@ def markdown(result: dict) -> str:
     lines = [f"# The best single pair, with the test split as oracle ({result['device_name']})", "",
              "Test retain drop (points) at the smallest α_f whose test forget accuracy is at most 1 %, per α_r ('-': "
              "never forgets with α_f ≤ 10⁴); best = the smallest drop over α_r.", "",
-             "| arch | classes | scope | " + " | ".join(f"α_r={g}" for g in grid) + " | best (α_r, α_f) | best drop |",
-             "|---|---|---|" + "---|" * len(grid) + "---|---|"]
+             "| arch | classes | scope | depth power | " + " | ".join(f"α_r={g}" for g in grid) + " | best (α_r, α_f) | best drop |",
+             "|---|---|---|---|" + "---|" * len(grid) + "---|---|"]
     for r in result["rows"]:
         cells = ["-" if x["retain"] is None else f"{r['original_retain'] - x['retain']:.2f}" for x in r["per_alpha_r"]]
         b = r["best"]
-        lines.append(f"| {r['arch']} | {','.join(map(str, r['classes']))} | {r['scope']} | " + " | ".join(cells) + " | "
+        lines.append(f"| {r['arch']} | {','.join(map(str, r['classes']))} | {r['scope']} | {r.get('depth_power', 0):g} | "
+                     + " | ".join(cells) + " | "
                      + ("-" if b is None else f"({b['alpha_r']:g}, {b['alpha_f']:.3g})") + " | "
                      + ("-" if b is None else f"{r['best_drop']:.2f}") + " |")
     return "\n".join(lines) + "\n"
