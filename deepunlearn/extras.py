@@ -10,6 +10,7 @@ EXTRAS = {
     "metrics": ("numpy", "scikit-learn", "matplotlib"),  # membership inference, the suite, figures
     "timm": ("timm", "safetensors"),  # --timm models, .safetensors weights
     "hf": ("transformers", "safetensors"),  # --hf model directories
+    "safetensors": ("safetensors",),  # .safetensors weights for a torchvision architecture
 }
 
 

@@ -161,7 +161,7 @@ def _read_weights(path: str) -> object:
     """A weights file's contents: safetensors by its suffix, else a torch file (tensors only)."""
     try:
         if Path(path).suffix == SAFETENSORS_SUFFIX:
-            return require("safetensors.torch", "timm", "a .safetensors weights file").load_file(path, device="cpu")
+            return require("safetensors.torch", "safetensors", "a .safetensors weights file").load_file(path, device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
     except ValueError:
         raise
@@ -240,7 +240,7 @@ def _write_atomically(payload: object, out: Path, safetensors: bool = False) -> 
     os.close(fd)
     try:
         if safetensors:
-            require("safetensors.torch", "timm", "writing .safetensors").save_file(payload, tmp)
+            require("safetensors.torch", "safetensors", "writing .safetensors").save_file(payload, tmp)
         else:
             torch.save(payload, tmp)
         os.replace(tmp, out)

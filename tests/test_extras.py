@@ -43,7 +43,17 @@ def test_require_names_the_extra(monkeypatch):
     with pytest.raises(ValueError, match="unknown extra"):
         require("math", "nope", "x")
     assert require("math", "metrics", "x").sqrt(4.0) == 2.0
-    assert set(EXTRAS) == {"metrics", "timm", "hf"}
+    assert set(EXTRAS) == {"metrics", "timm", "hf", "safetensors"}
+
+    
+def test_a_safetensors_file_asks_for_safetensors_alone(monkeypatch, tmp_path):
+    from deepunlearn import model_files
+
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    (tmp_path / "w.safetensors").write_bytes(b"not read")
+    with pytest.raises((ImportError, ValueError), match=r"pip install 'deepunlearn\[safetensors\]'"):
+        model_files._read_weights(str(tmp_path / "w.safetensors"))
 
 
 def test_command_line_reports_a_missing_extra_without_a_traceback(monkeypatch, tmp_path, capsys):
