@@ -45,7 +45,7 @@ def test_require_names_the_extra(monkeypatch):
     assert require("math", "metrics", "x").sqrt(4.0) == 2.0
     assert set(EXTRAS) == {"metrics", "timm", "hf", "safetensors"}
 
-    
+
 def test_a_safetensors_file_asks_for_safetensors_alone(monkeypatch, tmp_path):
     from deepunlearn import model_files
 
