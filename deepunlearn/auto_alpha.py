@@ -238,18 +238,20 @@ class HeadReader:
         return getattr(y, "logits", y)
 
     def logits(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Logits ``(len(weights), N, classes)`` (float32, on the CPU) with each head weight on the last features read."""
+        """Logits ``(len(weights), N, classes)`` (float32, on the features' device) with each head
+        weight on the last features read."""
         with _autocast_on(self.features.device, self.autocast):
-            return torch.stack([F.linear(self.features, w, self.module.bias) for w in weights]).float().cpu()
+            return torch.stack([F.linear(self.features, w, self.module.bias) for w in weights]).float()
 
     def reads_the_output(self, model: nn.Module, x: torch.Tensor) -> bool:
         """Whether the model's predictions on ``x`` are the head's, recomputed from its input: the
         head is the model's last step (no scaling or pooling after it). Expects eval mode without autograd."""
         self.features = None
         y = self.logits_of(model, x)
-        if self.features is None or self.features.dim() != 2 or y.dim() != 2 or y.shape[0] != self.features.shape[0]:
+        if (not isinstance(y, torch.Tensor) or self.features is None or self.features.dim() != 2 or y.dim() != 2
+                or y.shape[0] != self.features.shape[0]):
             return False
-        return torch.equal(self.logits([self.module.weight])[0].argmax(-1), y.argmax(-1).cpu())
+        return torch.equal(self.logits([self.module.weight])[0].argmax(-1), y.argmax(-1))
 
 
 @dataclass
@@ -276,14 +278,14 @@ class _Scorer:
         return sum(len(x) for x in self.x_f)
 
     def _logits(self, model: nn.Module, x: torch.Tensor, heads: Sequence[torch.Tensor] | None) -> torch.Tensor:
-        """``(len(heads) or 1, N, classes)`` logits (float32, on the CPU)."""
+        """``(len(heads) or 1, N, classes)`` logits (float32, on the model's device)."""
         device = next(model.parameters()).device
         out = []
         for xb in x.split(self.batch_size):
             if heads is None:
                 with _autocast_on(device, self.autocast):
                     y = model(xb.to(device))
-                out.append(getattr(y, "logits", y).float().cpu()[None])
+                out.append(getattr(y, "logits", y).float()[None])
             else:
                 self.head.logits_of(model, xb.to(device))
                 out.append(self.head.logits(heads))
@@ -298,7 +300,7 @@ class _Scorer:
         hits, scored = [0] * len(limits), [0] * len(limits)
         done, chunk = 0, SCORE_CHUNK
         while done < len(self.x_f[fold]) and any(h <= lim for h, lim in zip(hits, limits)):
-            p = self._logits(model, self.x_f[fold][done:done + chunk], heads).argmax(-1)
+            p = self._logits(model, self.x_f[fold][done:done + chunk], heads).argmax(-1).cpu()
             recognised = self.forget_hit[fold](p, done).sum(-1).tolist()
             for i, lim in enumerate(limits):
                 if hits[i] <= lim:
@@ -312,8 +314,9 @@ class _Scorer:
         """Per head (or the model as it is), ``(accuracy, probability)``: the percent of held-out
         retain samples still right, and their mean probability (percent) of the class counted right."""
         logits = self._logits(model, self.x_r, heads)
-        right = self.retain_hit(logits.argmax(-1)).float().mean(-1)
-        prob = logits.softmax(-1).gather(-1, self.retain_ref.expand(logits.shape[:2])[..., None])[..., 0].mean(-1)
+        right = self.retain_hit(logits.argmax(-1).cpu()).float().mean(-1)
+        ref = self.retain_ref.to(logits.device).expand(logits.shape[:2])
+        prob = logits.softmax(-1).gather(-1, ref[..., None])[..., 0].mean(-1)
         return list(zip((100.0 * right).tolist(), (100.0 * prob).tolist()))
 
 
