@@ -357,8 +357,9 @@ def unlearn(
             folds, each scored by candidate pairs edited from the other folds' statistics, and
             holds out a quarter of the retain samples (at most 512); per ``alpha_r`` it keeps the
             smallest ``alpha_f`` whose forget accuracy over the folds is at most
-            ``target_forget_accuracy``, and of those the best held-out retain accuracy (else the
-            best ``retain · (100 − forget)``, with a warning); the edit then uses all samples.
+            ``target_forget_accuracy``, and of those the one whose held-out retain samples keep the
+            highest mean probability of their right class (else the best
+            ``retain · (100 − forget)``, with a warning); the edit then uses all samples.
             Accuracies come from the labels where the batches are ``(x, y)``; else from
             ``classes``; else from agreement with the unedited model. The classifier head (the last
             layer the input reaches, a ``Linear`` whose output is the model's) may take its own

@@ -266,11 +266,10 @@ class _Scorer:
     x_r: torch.Tensor
     forget_hit: list[Callable[[torch.Tensor, int], torch.Tensor]]  # per fold: (predictions (..., n), first index)
     # -> bool "still recognised"
-    retain_hit: Callable[[torch.Tensor], torch.Tensor]  # predictions (..., N) -> bool "still right"
+    retain_ref: torch.Tensor  # (N,) the class each held-out retain sample counts as right for
     batch_size: int
     autocast: torch.dtype | None
     scoring: str
-    retain_ref: torch.Tensor | None = None  # (N,) the class each held-out retain sample counts right for
     head: HeadReader | None = None
 
     @property
@@ -314,7 +313,7 @@ class _Scorer:
         """Per head (or the model as it is), ``(accuracy, probability)``: the percent of held-out
         retain samples still right, and their mean probability (percent) of the class counted right."""
         logits = self._logits(model, self.x_r, heads)
-        right = self.retain_hit(logits.argmax(-1).cpu()).float().mean(-1)
+        right = (logits.argmax(-1).cpu() == self.retain_ref).float().mean(-1)
         ref = self.retain_ref.to(logits.device).expand(logits.shape[:2])
         prob = logits.softmax(-1).gather(-1, ref[..., None])[..., 0].mean(-1)
         return list(zip((100.0 * right).tolist(), (100.0 * prob).tolist()))
@@ -340,7 +339,7 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
     ref_r = y_r if y_r is not None else orig_r
     if y_r is None:
         scoring = scoring if scoring == "original predictions" else scoring + " (retain: original predictions)"
-    return _Scorer(x_f, x_r, forget_hit, lambda p: p == ref_r, batch_size, autocast, scoring, ref_r)
+    return _Scorer(x_f, x_r, forget_hit, ref_r, batch_size, autocast, scoring)
 
 
 def _eigenpairs(cov: Moment, vectors_seen: int) -> tuple[torch.Tensor, torch.Tensor]:
