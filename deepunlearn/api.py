@@ -461,7 +461,7 @@ def unlearn(
         if first is not None:
             targets = [t for t in targets if t.layer != first]
             skipped = [*skipped, SkippedLayer(first, _FIRST_LAYER)]
-    head = classifier_head(targets, stats_f)
+    head = classifier_head(targets, stats_f) if choosing or alpha_f_head is not None else None
     if alpha_f_head is not None and head is None:
         raise ValueError("alpha_f_head was given, but the last layer the input reaches cannot take its own scale (it must "
                          "be a Linear whose input no other edited weight reads, beside other edited layers)")

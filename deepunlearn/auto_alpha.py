@@ -19,7 +19,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -191,19 +190,18 @@ def allowed_forget_hits(n: int, target: float, confidence: float = FORGET_CONFID
     return k
 
 
-def predictions(model: nn.Module, x: torch.Tensor, batch_size: int, autocast: torch.dtype | None,
-                prepared: bool = False) -> torch.Tensor:
-    """Predicted classes ``(N,)`` on the CPU (logits from the model's output, or its ``.logits``).
-    ``prepared``: the caller holds the model in eval mode without autograd (:func:`_eval_no_grad`),
-    so that the search's many small scoring calls do not each walk every module twice."""
+def _model_logits(model: nn.Module, x: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
+    """The model's output on one batch ``x`` (already on its device), or its ``.logits``."""
+    with _autocast_on(x.device, autocast):
+        y = model(x)
+    return getattr(y, "logits", y)
+
+
+def predictions(model: nn.Module, x: torch.Tensor, batch_size: int, autocast: torch.dtype | None) -> torch.Tensor:
+    """Predicted classes ``(N,)`` on the CPU, in eval mode without autograd."""
     device = next(model.parameters()).device
-    out = []
-    with nullcontext() if prepared else _eval_no_grad(model), _autocast_on(device, autocast):
-        for xb in x.split(batch_size):
-            y = model(xb.to(device))
-            y = getattr(y, "logits", y)
-            out.append(y.argmax(-1).cpu())
-    return torch.cat(out)
+    with _eval_no_grad(model):
+        return torch.cat([_model_logits(model, xb.to(device), autocast).argmax(-1).cpu() for xb in x.split(batch_size)])
 
 
 def inferred_forget_classes(pred_f: torch.Tensor, pred_r: torch.Tensor) -> list[int]:
@@ -231,11 +229,9 @@ class HeadReader:
         """The model's logits on ``x``; the head's input is kept in :attr:`features`."""
         handle = self.module.register_forward_pre_hook(self._read)
         try:
-            with _autocast_on(x.device, self.autocast):
-                y = model(x)
+            return _model_logits(model, x, self.autocast)
         finally:
             handle.remove()
-        return getattr(y, "logits", y)
 
     def logits(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits ``(len(weights), N, classes)`` (float32, on the features' device) with each head
@@ -282,9 +278,7 @@ class _Scorer:
         out = []
         for xb in x.split(self.batch_size):
             if heads is None:
-                with _autocast_on(device, self.autocast):
-                    y = model(xb.to(device))
-                out.append(getattr(y, "logits", y).float()[None])
+                out.append(_model_logits(model, xb.to(device), self.autocast).float()[None])
             else:
                 self.head.logits_of(model, xb.to(device))
                 out.append(self.head.logits(heads))
