@@ -9,8 +9,9 @@ statistics) three phases are timed apart from the profiler, then profiled:
 * ``forward``: the forward passes over the forget images alone (the floor of collecting);
 * ``collect``: :func:`~deepunlearn.collect_statistics` over the same images;
 * ``solve``: every new weight computed from both sides' statistics (what ``unlearn`` does
-  between collecting and writing), with the paper's ImageNet scales; and the same with each
-  input factored alone rather than same-width ones in batches;
+  between collecting and writing), with the paper's ImageNet scales, by the device's default; the
+  same with same-width factors batched and inverted (applied by GEMMs), batched and applied by
+  triangular solves, and each input factored alone;
 * with ``--choose``, one whole ``unlearn`` call with both scales chosen automatically.
 
 Per phase: wall seconds, the device's busy seconds (the sum of its kernels' times), the kernel
@@ -49,17 +50,19 @@ def phases(model, xf, xr, args, autocast):
     targets, _ = find_targets(model)
     device = xf.device
 
-    def solve(batch_bytes: int | None = None):
+    def solve(batch_bytes: int | None = None, inverse_factor: bool | None = None):
         moments_f = layer_moments(targets, stats_f, device)
         moments_r = layer_moments(targets, stats_r, device)
         edit_for = solved_edits(targets, moments_f, moments_r, FIXED_ALPHAS["alpha_f"], FIXED_ALPHAS["alpha_r"],
-                                batch_bytes=batch_bytes)
+                                batch_bytes=batch_bytes, inverse_factor=inverse_factor)
         return plan_edits_with(targets, edit_for, traces(moments_f), traces(moments_r))
 
     return {"forward": lambda: forward_only(model, xf, args.batch_size, autocast),
             "collect": lambda: deepunlearn.collect_statistics(model, xf, **kw),
             "solve": solve,
-            "solve, one input at a time": lambda: solve(batch_bytes=0),
+            "solve, inverse factors": lambda: solve(inverse_factor=True),
+            "solve, triangular solves": lambda: solve(inverse_factor=False),
+            "solve, one input at a time": lambda: solve(batch_bytes=0, inverse_factor=False),
             **({"unlearn, α chosen": lambda: deepunlearn.unlearn(model, xf, xr, inplace=False, **kw)} if args.choose else {})}
 
 

@@ -186,6 +186,11 @@ def plan_edits(
 # matrix leaves most of the device idle (ViT-B/16: 100 factorisations of 768-3072 wide matrices);
 # on the CPU LAPACK factors a batch one matrix at a time anyway, and solving lazily holds less.
 SOLVE_BATCH_BYTES = {"cuda": 1 << 30}
+# Device types whose batched factors are kept inverted (weight_side.inverse_cholesky), each layer then
+# applying them by two GEMMs: on a GPU cuSOLVER's factorisation and cuBLAS's triangular solves run
+# as thousands of small launches (ViT-B/16: 2,300 trsm kernels), the inverse as a few dozen GEMMs.
+# On the CPU LAPACK's factorisation and solves run at GEMM speed for a quarter of the flops.
+INVERSE_FACTOR_DEVICES = frozenset({"cuda"})
 
 
 def solved_edits(
@@ -197,6 +202,7 @@ def solved_edits(
     solver: str = "cholesky",
     way: str = "auto",
     batch_bytes: int | None = None,
+    inverse_factor: bool | None = None,
 ) -> Callable[[EditTarget], EditFn]:
     """``edit_for`` for :func:`plan_edits_with`: solves each distinct input once.
 
@@ -206,7 +212,8 @@ def solved_edits(
     where the input saw fewer vectors than its width, or with ``M`` formed);
     ``way`` forces one for both sides. The sides solved by a Cholesky factor are factored up front,
     same-width ones together in batches of at most ``batch_bytes`` of second moments (or one input;
-    default :data:`SOLVE_BATCH_BYTES` for the device; 0: each when first asked, alone). An input's second
+    default :data:`SOLVE_BATCH_BYTES` for the device; 0: each when first asked, alone), as inverse
+    factors where ``inverse_factor`` (default: on the devices of :data:`INVERSE_FACTOR_DEVICES`). An input's second
     moments are dropped from ``moments_f`` / ``moments_r`` once solved, and its solution once its
     last layer is planned, so that memory holds the statistics still to solve and the solutions
     still to apply.
@@ -226,6 +233,8 @@ def solved_edits(
     moments_dtype = next((c.dtype for c, _ in moments_f.values() if c is not None), torch.float32)
     device = next((c.device for c, _ in moments_f.values() if c is not None), torch.device("cpu"))
     limit = SOLVE_BATCH_BYTES.get(device.type, 0) if batch_bytes is None else batch_bytes
+    if inverse_factor is None:
+        inverse_factor = device.type in INVERSE_FACTOR_DEVICES
     sides = {"f": (moments_f, alpha_f), "r": (moments_r, alpha_r)}
     factored: dict[tuple[tuple[int, int], str], SideSolver] = {}
     solved: dict[tuple[int, int], EditFn] = {}
@@ -255,7 +264,8 @@ def solved_edits(
             for member in [*members, None]:
                 grown = 0 if member is None else size + moment_of(*member)[0].shape[0] * per_group
                 if batch and (member is None or grown > limit):
-                    factors = batched_factors([moment_of(*m)[0] for m in batch], [sides[s][1] for _, s in batch])
+                    factors = batched_factors([moment_of(*m)[0] for m in batch], [sides[s][1] for _, s in batch],
+                                              inverse_factor)
                     factored.update(zip(batch, factors))
                     for m in batch:
                         consume(*m)
