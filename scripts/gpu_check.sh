@@ -3,7 +3,7 @@
 # build the extension in place against that torch, run the CUDA tests and the whole suite, then
 # the GPU benchmarks. Everything is logged to OUT/log.txt; benchmark results land in OUT.
 #
-#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [sanitize] [tests] [kernels] [profile] [unlearn-profile] [imagenet]
+#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [sanitize] [tests] [kernels] [profile] [factor] [unlearn-profile] [imagenet]
 #
 # A folder .devcarry/ (ignored by git), when present, supplies what the machine lacks: wheels
 # (foolbox, for the CLI test's photographs) and fashion-mnist/ (the Debian package's IDX files);
@@ -11,7 +11,7 @@
 #   mkdir -p .devcarry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .devcarry/fashion-mnist/
 #   pip download --no-deps --only-binary=:all: foolbox==3.3.4 -d .devcarry   (and /.devcarry/ in .git/info/exclude)
 # Each stage runs under its own time limit (seconds: T_BUILD, T_CUDA_TESTS, T_MEMCHECK, T_RACECHECK, T_TESTS, T_KERNELS,
-# T_PROFILE, T_UNLEARN_PROFILE, T_IMAGENET), so one slow stage cannot take the others' results with it. IMAGENET_ARGS goes to
+# T_PROFILE, T_FACTOR, T_UNLEARN_PROFILE, T_IMAGENET), so one slow stage cannot take the others' results with it. IMAGENET_ARGS goes to
 # bench_imagenet.py (e.g. "--archs vit_b_16 resnet50 vgg11_bn --paper-images 500").
 #
 # On the lent device machine (15 minutes of device time per session, a machine start included; a
@@ -78,6 +78,7 @@ for s in $stages; do
     tests) stage tests "${T_TESTS:-400}" $PY -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ;;
     kernels) stage kernels "${T_KERNELS:-240}" $PY benchmarks/bench_kernels.py --device cuda --out "$out" ;;
     profile) stage profile "${T_PROFILE:-150}" $PY benchmarks/profile_kernels.py --device cuda --out "$out" ;;
+    factor) stage factor "${T_FACTOR:-90}" $PY benchmarks/bench_factor.py --out "$out/factor_cuda" ;;
     unlearn-profile) stage unlearn-profile "${T_UNLEARN_PROFILE:-200}" $PY benchmarks/profile_unlearn.py --choose \
       --out "$out/profile_unlearn_cuda" ;;
     imagenet) stage imagenet "${T_IMAGENET:-360}" $PY benchmarks/bench_imagenet.py --out "$out/imagenet_cuda" ${IMAGENET_ARGS:-} ;;
