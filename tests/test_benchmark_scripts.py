@@ -38,11 +38,24 @@ def test_unlearn_profile_smoke(tmp_path):
     assert profile_unlearn.main(["--device", "cpu", "--archs", "mobilenet_v3_small", "--images", "2", "--batch-size", "2",
                                  "--choose", "--out", str(out)]) == 0
     (phases,) = json.loads(out.with_suffix(".json").read_text())["archs"].values()
-    assert list(phases) == ["forward", "collect", "solve", "solve, one input at a time", "unlearn, α chosen"]
+    assert list(phases) == ["forward", "collect", "solve", "solve, inverse factors", "solve, triangular solves",
+                            "solve, one input at a time", "unlearn, α chosen"]
     for p in phases.values():
         assert p["wall_s"] > 0 and p["kernels"] > 0 and p["busy_s"] is None and p["top"]
     assert phases["collect"]["kernels"] > phases["forward"]["kernels"]  # the statistics' own ops counted
     assert "| solve |" in out.with_suffix(".md").read_text()
+
+
+def test_factor_benchmark_smoke(tmp_path):
+    import bench_factor
+
+    out = tmp_path / "factor_cpu"
+    assert bench_factor.main(["--device", "cpu", "--shapes", "40x3x20", "--blocks", "16", "64", "--repeat", "1",
+                              "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["way"] for r in rows] == ["triangular", "inverse/16", "inverse/64"]
+    assert all(r["seconds"] > 0 and 0 < r["rel_err"] < 1e-5 for r in rows)
+    assert "| 40 | 3 | 20 | inverse/16 |" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.slow
