@@ -75,6 +75,37 @@ def inverse_cholesky(b: torch.Tensor, block: int = INVERSE_BLOCK) -> tuple[torch
     return x, info
 
 
+# Columns per step of :func:`blocked_cholesky`: each step is one GEMM deep enough (d × j·block by
+# block) to run at the BLAS's GEMM rate; on this project's 2-core CPU 256 and 384 are alike, 512 10 % slower.
+CHOLESKY_BLOCK = 384
+# Device types where :func:`blocked_cholesky` replaces LAPACK's potrf: MKL's factorisation ran at
+# about 110 Gflop/s on two cores where its GEMMs ran at 310 (4608 wide: 0.33 s, blocked 0.17 s).
+BLOCKED_CHOLESKY_DEVICES = frozenset({"cpu"})
+
+
+def blocked_cholesky(b: torch.Tensor, block: int = CHOLESKY_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, info)`` with ``L Lᵀ = B`` for ``b`` ``(g, d, d)`` (only its lower triangle read; it is
+    overwritten and returned as ``L``) and ``info`` as :func:`torch.linalg.cholesky_ex` gives it.
+
+    Left-looking by ``block`` columns: block column ``j`` is brought up to date by one GEMM,
+    ``S_≥j,j = B_≥j,j − L_≥j,<j L_j,<jᵀ``, its diagonal block factored, the panel below it solved
+    against it (times the small block's inverse). d³/3 flops, nearly all in the GEMMs.
+    """
+    d = b.shape[-1]
+    info = torch.zeros(b.shape[0], dtype=torch.int32, device=b.device)
+    for r0 in range(0, d, block):
+        r1 = min(d, r0 + block)
+        if r0 > 0:
+            b[:, r0:, r0:r1].baddbmm_(b[:, r0:, :r0], b[:, r0:r1, :r0].mT, alpha=-1.0)
+        l_jj, info_j = torch.linalg.cholesky_ex(b[:, r0:r1, r0:r1])
+        info = torch.where((info == 0) & (info_j > 0), info_j + r0, info)
+        b[:, r0:r1, r0:r1] = l_jj
+        if r1 < d:  # S L_jj⁻ᵀ as a GEMM: a triangular solve would copy the strided panel twice
+            eye = torch.eye(r1 - r0, dtype=b.dtype, device=b.device).expand_as(l_jj)
+            b[:, r1:, r0:r1] = b[:, r1:, r0:r1] @ torch.linalg.solve_triangular(l_jj, eye, upper=False).mT
+    return b.tril_(), info
+
+
 def shifted_cholesky(cov: torch.Tensor, alpha: torch.Tensor,
                      inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(L, shift, trace)`` for ``cov`` ``(g, d, d)`` and scales ``alpha`` ``(g,)``: ``L Lᵀ = B``
@@ -97,7 +128,12 @@ def shifted_cholesky(cov: torch.Tensor, alpha: torch.Tensor,
     if bool(identity.any()):
         b[identity] = 0.0
     b.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
-    chol, info = inverse_cholesky(b) if inverse else torch.linalg.cholesky_ex(b)
+    if inverse:
+        chol, info = inverse_cholesky(b)
+    elif b.device.type in BLOCKED_CHOLESKY_DEVICES and b.shape[-1] > CHOLESKY_BLOCK:
+        chol, info = blocked_cholesky(b)
+    else:
+        chol, info = torch.linalg.cholesky_ex(b)
     if int(info.max()) > 0:
         bad = sorted(set(alpha[info > 0].tolist()))
         raise RuntimeError(f"Cholesky factorisation failed for alpha={bad} (matrix not positive definite)")

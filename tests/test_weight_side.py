@@ -12,8 +12,8 @@ import deepunlearn
 from deepunlearn import api
 from deepunlearn.layers import find_targets
 from deepunlearn.statistics import collect_statistics
-from deepunlearn.weight_side import (FormedProjection, LowRankSpectrum, ScaledFactor, edited_weight_sides, inverse_cholesky,
-                                     side_flops, side_solver)
+from deepunlearn.weight_side import (FormedProjection, LowRankSpectrum, ScaledFactor, blocked_cholesky, edited_weight_sides,
+                                     inverse_cholesky, side_flops, side_solver)
 
 
 # 0.8, 1.1: near 1, where W Ĉ A⁻¹ replaces the difference α/(α−1) (W − W A⁻¹); 1.25: the first
@@ -234,27 +234,32 @@ def test_scaled_cholesky_takes_one_scale_per_group():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("d, block", [(37, 64), (50, 16), (130, 32)])  # one block; several, the last one short
-def test_inverse_cholesky_is_the_inverse_factor(d, block, dtype, tol):
-    """``X = L⁻¹`` by blocks against float64 ``inv(cholesky(B))``, exactly lower triangular, on
-    shifted second moments with spectra spread over three decades (cond B about α = 1000); the
-    input is overwritten, the result poisoned-free (every entry written or zero by design)."""
+@pytest.mark.parametrize("factor", [blocked_cholesky, inverse_cholesky])
+def test_blocked_factors_against_float64(factor, d, block, dtype, tol):
+    """``L`` and ``X = L⁻¹`` by blocks against float64 ``cholesky(B)`` and its inverse, exactly
+    lower triangular, on shifted second moments with spectra spread over three decades (cond B
+    about α = 1000), reading only the lower triangle (the upper one is poisoned)."""
     cov = spd(3, d)
     b = cov + cov.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None] / 999.0 * torch.eye(d, dtype=torch.float64)
-    want = torch.linalg.inv(torch.linalg.cholesky(b))
-    x, info = inverse_cholesky(b.to(dtype).clone(), block)
-    assert x.dtype == dtype and info.tolist() == [0, 0, 0]
-    assert torch.equal(x.triu(1), torch.zeros_like(x)) and bool(torch.isfinite(x).all())
-    assert rel_err(x, want) < tol
+    want = torch.linalg.cholesky(b)
+    if factor is inverse_cholesky:
+        want = torch.linalg.inv(want)
+    given = b.to(dtype).tril() + torch.full_like(b, float("nan"), dtype=dtype).triu(1)
+    got, info = factor(given, block)
+    assert got.dtype == dtype and info.tolist() == [0, 0, 0]
+    assert torch.equal(got.triu(1), torch.zeros_like(got)) and bool(torch.isfinite(got).all())
+    assert rel_err(got, want) < tol
 
 
-def test_inverse_cholesky_reports_the_first_failing_column():
+@pytest.mark.parametrize("factor", [blocked_cholesky, inverse_cholesky])
+def test_blocked_factors_report_the_first_failing_column(factor):
     b = torch.eye(40, dtype=torch.float64).repeat(3, 1, 1)
     b[1, 35, 35] = -1.0
     b[2, 3, 3] = 0.0
-    assert inverse_cholesky(b, 16)[1].tolist() == [0, 36, 4]
+    assert factor(b, 16)[1].tolist() == [0, 36, 4]
+    indefinite = torch.diag(torch.tensor([5.0] * 19 + [-50.0], dtype=torch.float64))  # tr C > 0, B = C + tr C / 2 · I not
     with pytest.raises(RuntimeError, match="not positive definite"):
-        indefinite = torch.diag(torch.tensor([5.0] * 19 + [-50.0], dtype=torch.float64))  # tr C > 0, B = C + tr C / 2 · I not
-        ScaledFactor.batch(indefinite[None], [3.0], [1], inverse=True)
+        ScaledFactor.batch(indefinite[None], [3.0], [1], inverse=factor is inverse_cholesky)
 
 
 @pytest.mark.parametrize("inverse_factor", [False, True])
