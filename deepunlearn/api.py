@@ -478,7 +478,8 @@ def unlearn(
     choice = None
     if choosing:
         scorer = make_scorer(model, [x_f[i] for i in folds_f], None if y_f is None else [y_f[i] for i in folds_f],
-                             x_r[held_r], None if y_r is None else y_r[held_r], classes, batch_size, autocast)
+                             x_r[held_r], None if y_r is None else y_r[held_r], classes, batch_size, autocast,
+                             edited=[getattr(t.module, t.param) for t in targets])
         # the first position's statistics first (True): on class-token models they win, and their best
         # held-out retain accuracy then bounds the search with every position's
         modes = sorted(set.intersection(*(set(p) for p in (*parts_f, *parts_r))), reverse=True)

@@ -19,6 +19,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._batches import DataLike, _first_tensor, iter_raw_batches
+from .frozen_prefix import FrozenPrefix, find_prefix
 from .layers import EditTarget
 from .moments import Moment, SampleRows
 from .projection import Spectrum, scale_energies
@@ -267,21 +269,29 @@ class _Scorer:
     autocast: torch.dtype | None
     scoring: str
     head: HeadReader | None = None
+    prefix: FrozenPrefix | None = None  # the unedited start of the forward pass, kept per held-out sample
 
     @property
     def forget_samples(self) -> int:
         return sum(len(x) for x in self.x_f)
 
-    def _logits(self, model: nn.Module, x: torch.Tensor, heads: Sequence[torch.Tensor] | None) -> torch.Tensor:
-        """``(len(heads) or 1, N, classes)`` logits (float32, on the model's device)."""
+    def _logits(self, model: nn.Module, source: int | str, start: int, stop: int,
+                heads: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """``(len(heads) or 1, N, classes)`` logits (float32, on the model's device) of samples
+        ``start:stop`` of ``source``: a fold's index, or ``"retain"``."""
         device = next(model.parameters()).device
+        x = self.x_r if source == "retain" else self.x_f[source]
         out = []
-        for xb in x.split(self.batch_size):
-            if heads is None:
-                out.append(_model_logits(model, xb.to(device), self.autocast).float()[None])
-            else:
-                self.head.logits_of(model, xb.to(device))
-                out.append(self.head.logits(heads))
+        with self.prefix.standing_in() if self.prefix is not None else nullcontext():
+            for i in range(start, min(stop, len(x)), self.batch_size):
+                j = min(stop, len(x), i + self.batch_size)
+                if self.prefix is not None:
+                    self.prefix.kept(source, i, j)
+                if heads is None:
+                    out.append(_model_logits(model, x[i:j].to(device), self.autocast).float()[None])
+                else:
+                    self.head.logits_of(model, x[i:j].to(device))
+                    out.append(self.head.logits(heads))
         return torch.cat(out, dim=1)
 
     def forget_hits(self, model: nn.Module, fold: int, limits: Sequence[int],
@@ -293,7 +303,7 @@ class _Scorer:
         hits, scored = [0] * len(limits), [0] * len(limits)
         done, chunk = 0, SCORE_CHUNK
         while done < len(self.x_f[fold]) and any(h <= lim for h, lim in zip(hits, limits)):
-            p = self._logits(model, self.x_f[fold][done:done + chunk], heads).argmax(-1).cpu()
+            p = self._logits(model, fold, done, done + chunk, heads).argmax(-1).cpu()
             recognised = self.forget_hit[fold](p, done).sum(-1).tolist()
             for i, lim in enumerate(limits):
                 if hits[i] <= lim:
@@ -306,7 +316,7 @@ class _Scorer:
     def retain_scores(self, model: nn.Module, heads: Sequence[torch.Tensor] | None = None) -> list[tuple[float, float]]:
         """Per head (or the model as it is), ``(accuracy, probability)``: the percent of held-out
         retain samples still right, and their mean probability (percent) of the class counted right."""
-        logits = self._logits(model, self.x_r, heads)
+        logits = self._logits(model, "retain", 0, len(self.x_r), heads)
         right = (logits.argmax(-1).cpu() == self.retain_ref).float().mean(-1)
         ref = self.retain_ref.to(logits.device).expand(logits.shape[:2])
         prob = logits.softmax(-1).gather(-1, ref[..., None])[..., 0].mean(-1)
@@ -315,15 +325,32 @@ class _Scorer:
 
 def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[torch.Tensor] | None, x_r: torch.Tensor,
                 y_r: torch.Tensor | None, classes: Sequence[int] | None, batch_size: int,
-                autocast: torch.dtype | None) -> _Scorer:
+                autocast: torch.dtype | None, edited: Sequence[torch.Tensor] | None = None) -> _Scorer:
     """Scores folds ``x_f`` (labels ``y_f`` per fold, or None) and held-out retain samples ``x_r``:
     by the labels where the data carry them; by the forgotten classes where given; else by
     agreement with the unedited model (forget: predicted as one of :func:`inferred_forget_classes`).
-    At most :data:`HOLDOUT_CAP` samples of each fold score."""
+    At most :data:`HOLDOUT_CAP` samples of each fold score. ``edited``: the parameters candidates
+    change; the modules before the first of them run once per held-out sample (:func:`find_prefix`)."""
     x_f = [x[:HOLDOUT_CAP] for x in x_f]
+    device = next(model.parameters()).device
+    prefix = None
+    if edited is not None:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return _model_logits(model, x, autocast)
+
+        with _eval_no_grad(model):
+            prefix = find_prefix(model, x_r[:SCORE_CHUNK].to(device), edited, run, sum(map(len, x_f)) + len(x_r))
+            if prefix is not None:  # one whole pass over the held-out samples keeps the prefix's outputs
+                logits_f = [torch.cat(prefix.capture(run, k, [xb.to(device) for xb in x.split(batch_size)]))
+                            for k, x in enumerate(x_f)]
+                logits_r = torch.cat(prefix.capture(run, "retain", [xb.to(device) for xb in x_r.split(batch_size)]))
     need_original = y_r is None or (y_f is None and classes is None)
-    orig_f = predictions(model, torch.cat(x_f), batch_size, autocast) if need_original else None
-    orig_r = predictions(model, x_r, batch_size, autocast) if need_original else None
+    if need_original and prefix is not None:
+        orig_f = torch.cat([lg.argmax(-1).cpu() for lg in logits_f])
+        orig_r = logits_r.argmax(-1).cpu()
+    else:
+        orig_f = predictions(model, torch.cat(x_f), batch_size, autocast) if need_original else None
+        orig_r = predictions(model, x_r, batch_size, autocast) if need_original else None
     if y_f is not None:
         forget_hit, scoring = [lambda p, at, y=y[:HOLDOUT_CAP]: p == y[at:at + p.shape[-1]] for y in y_f], "labels"
     else:
@@ -333,7 +360,7 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
     ref_r = y_r if y_r is not None else orig_r
     if y_r is None:
         scoring = scoring if scoring == "original predictions" else scoring + " (retain: original predictions)"
-    return _Scorer(x_f, x_r, forget_hit, ref_r, batch_size, autocast, scoring)
+    return _Scorer(x_f, x_r, forget_hit, ref_r, batch_size, autocast, scoring, prefix=prefix)
 
 
 def _eigenpairs(cov: Moment, vectors_seen: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,147 @@
+"""The unedited start of a forward pass, computed once per held-out sample while α is chosen.
+
+Choosing α scores every candidate edit by forward passes over the same held-out samples. The
+modules at the start of the forward pass that hold no edited weight (a CNN's stem, whose first
+conv the search leaves unchanged, with its batch norm, activation and pooling; a ViT's patch
+embedding) give the same output under every candidate. :func:`find_prefix` finds that chain from
+one traced forward pass; :class:`FrozenPrefix` keeps the chain's output for each held-out sample
+and, while scoring, stands in for the chain's modules: the last returns the kept output, the
+others an empty tensor, so none of them computes. On the suite's SmallCNN the stem at 28×28 is
+about half of each forward pass.
+
+The chain is found by identity: the first module called on the model's input, then each module
+called on the previous one's output, each called once and holding no edited parameter; a module
+that holds an edited parameter is looked into, any other call ends the chain. Whatever the model
+does between the calls is kept in the kept output, and :func:`find_prefix` only returns a chain
+whose stand-ins give exactly the model's own output on a batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# The held-out samples' kept outputs stay on the model's device below this size (ViT-B/16's patch
+# embedding in bf16 for 1,250 held-out images: 376 MiB); above it the search runs whole passes.
+PREFIX_CACHE_BYTES = 512 << 20
+
+
+def _chain(model: nn.Module, x: torch.Tensor, edited: set[int],
+           run: Callable[[torch.Tensor], object]) -> list[tuple[nn.Module, torch.Tensor]]:
+    """``(module, output)`` of the chain on ``x``, in call order (see the module's docstring)."""
+    calls: list[list] = []  # [module, first argument, output, depth]
+    open_calls: list[int] = []
+
+    def before(module: nn.Module, args: tuple) -> None:
+        calls.append([module, args[0] if args else None, None, len(open_calls)])
+        open_calls.append(len(calls) - 1)
+
+    def after(module: nn.Module, args: tuple, out: object) -> None:
+        calls[open_calls.pop()][2] = out
+
+    modules = [m for m in model.modules() if m is not model]
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        run(x)
+    finally:
+        for h in handles:
+            h.remove()
+    times_called: dict[int, int] = {}
+    for module, *_ in calls:
+        times_called[id(module)] = times_called.get(id(module), 0) + 1
+    holds_edited = {id(m): any(id(p) in edited for p in m.parameters()) for m in modules}
+    chain: list[tuple[nn.Module, torch.Tensor]] = []
+    frontier, inside = x, None  # the last output of the chain; depth of the chain member being run
+    for module, arg, out, depth in calls:
+        if inside is not None and depth > inside:
+            continue  # within a chain member
+        inside = None
+        if holds_edited[id(module)]:
+            if any(True for _ in module.children()):
+                continue  # look into it: its first children may still belong to the chain
+            break
+        if arg is not frontier or times_called[id(module)] != 1 or not isinstance(out, torch.Tensor):
+            break
+        chain.append((module, out))
+        frontier, inside = out, depth
+    return chain
+
+
+@dataclass
+class FrozenPrefix:
+    """The chain's modules and the last one's output for each held-out sample, per source.
+
+    Attributes:
+        members: the chain's modules in call order.
+        outputs: per source (a fold, the retain samples), the last member's output for each of its
+            samples, ``(N, ...)`` on the model's device.
+    """
+
+    members: list[nn.Module]
+    outputs: dict[object, torch.Tensor] = field(default_factory=dict)
+    _current: torch.Tensor | None = None
+
+    def _stand_in(self, last: bool) -> Callable[..., torch.Tensor]:
+        def forward(*args, **kwargs) -> torch.Tensor:
+            return self._current.clone() if last else torch.empty(0)  # a clone: later modules may work in place
+        return forward
+
+    @contextmanager
+    def standing_in(self) -> Iterator[None]:
+        """The members' forwards replaced by stand-ins inside (restored after, even on error)."""
+        own = [m.__dict__.get("forward") for m in self.members]
+        for i, m in enumerate(self.members):
+            m.forward = self._stand_in(i == len(self.members) - 1)
+        try:
+            yield
+        finally:
+            for m, f in zip(self.members, own):
+                if f is None:
+                    del m.forward
+                else:
+                    m.forward = f
+
+    def kept(self, source: object, start: int, stop: int) -> None:
+        """The output the stand-ins give next: samples ``start:stop`` of ``source``."""
+        self._current = self.outputs[source][start:stop]
+
+    def capture(self, run: Callable[[torch.Tensor], torch.Tensor], source: object, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``run`` (a whole forward pass) on each batch of ``xs``, keeping the last member's outputs
+        as ``source``'s; returns ``run``'s results."""
+        kept, results = [], []
+        handle = self.members[-1].register_forward_hook(lambda m, a, out: kept.append(out.clone()))  # later modules may work in place
+        try:
+            for x in xs:
+                results.append(run(x))
+        finally:
+            handle.remove()
+        self.outputs[source] = torch.cat(kept)
+        return results
+
+
+def find_prefix(model: nn.Module, x: torch.Tensor, edited: Sequence[nn.Parameter | torch.Tensor],
+                run: Callable[[torch.Tensor], torch.Tensor], samples: int) -> FrozenPrefix | None:
+    """The chain at the start of ``model``'s forward pass on ``x`` that holds none of ``edited``,
+    or None: no such chain, the stand-ins do not give exactly ``run(x)``, or keeping its output for
+    ``samples`` samples would pass :data:`PREFIX_CACHE_BYTES`. ``run``: a whole forward pass of
+    ``model`` (eval mode, no autograd), returning its output tensor."""
+    chain = _chain(model, x, {id(p) for p in edited}, run)
+    if not chain:
+        return None
+    out = chain[-1][1]
+    if out.dim() == 0 or out.shape[0] != x.shape[0] or out.element_size() * out[0].numel() * samples > PREFIX_CACHE_BYTES:
+        return None
+    prefix = FrozenPrefix([m for m, _ in chain])
+    want = prefix.capture(run, "check", [x])[0]
+    prefix.kept("check", 0, x.shape[0])
+    try:
+        with prefix.standing_in():
+            got = run(x)
+    except Exception:  # the stand-ins' empty outputs were used after all: not a prefix
+        return None
+    finally:
+        prefix.outputs.clear()
+    return prefix if isinstance(got, torch.Tensor) and torch.equal(got, want) else None

@@ -1,0 +1,111 @@
+"""The unedited start of the forward pass, kept per held-out sample while α is chosen."""
+import pytest
+import torch
+from torch import nn
+
+from deepunlearn import frozen_prefix
+from deepunlearn.auto_alpha import make_scorer
+from deepunlearn.frozen_prefix import find_prefix
+from deepunlearn.layers import find_targets
+from deepunlearn.models import SmallCNN
+
+
+def run_of(model):
+    return lambda x: model(x)
+
+
+def edited_params(model, skip_first=True):
+    targets, _ = find_targets(model)
+    return [getattr(t.module, t.param) for t in targets[1 if skip_first else 0:]]
+
+
+@torch.no_grad()
+def test_the_stem_of_a_cnn_is_found_and_its_stand_ins_give_the_models_output():
+    model = SmallCNN().eval()
+    x = torch.randn(6, 1, 28, 28)
+    prefix = find_prefix(model, x, edited_params(model), run_of(model), 100)
+    assert prefix is not None and prefix.members == list(model.features[:4])  # conv, batch norm, ReLU, pool
+    want = model(x)
+    prefix.capture(run_of(model), "a", [x[:4], x[4:]])
+    prefix.kept("a", 2, 6)
+    with prefix.standing_in():
+        got = model(torch.full_like(x[2:6], float("nan")))  # the input never reaches a computing module
+    assert torch.allclose(got, want[2:6], rtol=1e-6, atol=1e-6)
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the modules' own forwards are back
+    assert find_prefix(model, x, edited_params(model, skip_first=False), run_of(model), 100) is None  # first conv edited
+
+
+class Reused(nn.Module):
+    """The stem's output is read again after the edited body: its stand-in's empty output cannot serve."""
+
+    def __init__(self, in_place: bool = False):
+        super().__init__()
+        self.stem, self.act = nn.Linear(8, 8), nn.ReLU(inplace=in_place)
+        self.body, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(self.body(self.act(y))) + y[:, :3]
+
+
+class Shared(nn.Module):
+    """The same unedited module is called twice: its second call's input depends on the edit."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.body, self.head = nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.body(self.norm(x))))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model", [Reused(), Reused(in_place=True), Shared()], ids=["reused", "reused-in-place", "shared"])
+def test_no_prefix_where_the_stand_ins_would_change_the_output(model):
+    model.eval()
+    x = torch.randn(5, 8)
+    edited = [model.body.weight, model.head.weight]
+    assert find_prefix(model, x, edited, run_of(model), 100) is None
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@torch.no_grad()
+def test_no_prefix_beyond_the_memory_cap(monkeypatch):
+    model = SmallCNN().eval()
+    x = torch.randn(4, 1, 28, 28)
+    per_sample = 16 * 14 * 14 * 4  # the pool's output, float32
+    monkeypatch.setattr(frozen_prefix, "PREFIX_CACHE_BYTES", 100 * per_sample - 1)
+    assert find_prefix(model, x, edited_params(model), run_of(model), 100) is None
+    assert find_prefix(model, x, edited_params(model), run_of(model), 99) is not None
+
+
+@torch.no_grad()
+def test_scores_with_the_prefix_kept_equal_those_of_whole_passes():
+    """An edited body scored with the stem kept per sample: the same forget hits and retain
+    scores as whole forward passes, for several chunks, heads and batch sizes; the held-out
+    samples unchanged (a ReLU works in place right after the kept output)."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    xf = [torch.randn(70, 1, 28, 28), torch.randn(50, 1, 28, 28)]
+    xr = torch.randn(40, 1, 28, 28)
+    before = [x.clone() for x in (*xf, xr)]
+    edited = edited_params(model)
+    kept = make_scorer(model, xf, None, xr, None, [0, 3], 16, None, edited=edited)
+    whole = make_scorer(model, xf, None, xr, None, [0, 3], 16, None)
+    assert kept.prefix is not None and whole.prefix is None
+    assert torch.equal(kept.retain_ref, whole.retain_ref)
+    for p in edited:  # a candidate edit: every edited weight moves
+        p.mul_(1.0 + 0.3 * torch.randn_like(p))
+    heads = [model.classifier[-1].weight * s for s in (1.0, 0.5)]
+    from deepunlearn.auto_alpha import HeadReader
+
+    for scorer in (kept, whole):
+        scorer.head = HeadReader(model.classifier[-1], None)
+    for fold in (0, 1):
+        for hs in (None, heads):
+            limits = [1000] * (1 if hs is None else 2)
+            assert kept.forget_hits(model, fold, limits, hs) == whole.forget_hits(model, fold, limits, hs)
+    for hs in (None, heads):
+        for (acc_k, prob_k), (acc_w, prob_w) in zip(kept.retain_scores(model, hs), whole.retain_scores(model, hs)):
+            assert acc_k == acc_w and abs(prob_k - prob_w) < 1e-4
+    assert all(torch.equal(x, b) for x, b in zip((*xf, xr), before))
