@@ -80,12 +80,15 @@ def test_no_prefix_beyond_the_memory_cap(monkeypatch):
 
 
 @torch.no_grad()
-def test_scores_with_the_prefix_kept_equal_those_of_whole_passes():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_scores_with_the_prefix_kept_equal_those_of_whole_passes(device):
     """An edited body scored with the stem kept per sample: the same forget hits and retain
     scores as whole forward passes, for several chunks, heads and batch sizes; the held-out
     samples unchanged (a ReLU works in place right after the kept output)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     torch.manual_seed(0)
-    model = SmallCNN().eval()
+    model = SmallCNN().eval().to(device)
     xf = [torch.randn(70, 1, 28, 28), torch.randn(50, 1, 28, 28)]
     xr = torch.randn(40, 1, 28, 28)
     before = [x.clone() for x in (*xf, xr)]
@@ -93,6 +96,7 @@ def test_scores_with_the_prefix_kept_equal_those_of_whole_passes():
     kept = make_scorer(model, xf, None, xr, None, [0, 3], 16, None, edited=edited)
     whole = make_scorer(model, xf, None, xr, None, [0, 3], 16, None)
     assert kept.prefix is not None and whole.prefix is None
+    assert all(out.device == next(model.parameters()).device for out in kept.prefix.outputs.values())
     assert torch.equal(kept.retain_ref, whole.retain_ref)
     for p in edited:  # a candidate edit: every edited weight moves
         p.mul_(1.0 + 0.3 * torch.randn_like(p))
