@@ -125,7 +125,8 @@ class FrozenPrefix:
 def find_prefix(model: nn.Module, x: torch.Tensor, edited: Sequence[nn.Parameter | torch.Tensor],
                 run: Callable[[torch.Tensor], torch.Tensor], samples: int) -> FrozenPrefix | None:
     """The chain at the start of ``model``'s forward pass on ``x`` that holds none of ``edited``,
-    or None: no such chain, the stand-ins do not give exactly ``run(x)``, or keeping its output for
+    or None: no such chain, the stand-ins do not give exactly ``run`` on ``x`` and on its first
+    half (an output not per sample fails one of them), or keeping its output for
     ``samples`` samples would pass :data:`PREFIX_CACHE_BYTES`. ``run``: a whole forward pass of
     ``model`` (eval mode, no autograd), returning its output tensor."""
     chain = _chain(model, x, {id(p) for p in edited}, run)
@@ -135,13 +136,21 @@ def find_prefix(model: nn.Module, x: torch.Tensor, edited: Sequence[nn.Parameter
     if out.dim() == 0 or out.shape[0] != x.shape[0] or out.element_size() * out[0].numel() * samples > PREFIX_CACHE_BYTES:
         return None
     prefix = FrozenPrefix([m for m, _ in chain])
-    want = prefix.capture(run, "check", [x])[0]
-    prefix.kept("check", 0, x.shape[0])
-    try:
-        with prefix.standing_in():
-            got = run(x)
-    except Exception:  # the stand-ins' empty outputs were used after all: not a prefix
-        return None
-    finally:
-        prefix.outputs.clear()
-    return prefix if isinstance(got, torch.Tensor) and torch.equal(got, want) else None
+    # two batch sizes: the kept output must be per sample along its first dimension (not, say, a
+    # sequence-first tensor whose length happens to equal the batch)
+    for batch in {x.shape[0], max(1, x.shape[0] // 2)}:
+        xb = x[:batch]
+        try:
+            want = prefix.capture(run, "check", [xb])[0]
+            if prefix.outputs["check"].shape[0] != batch:
+                return None
+            prefix.kept("check", 0, batch)
+            with prefix.standing_in():
+                got = run(xb)
+        except Exception:  # the stand-ins' empty outputs were used after all: not a prefix
+            return None
+        finally:
+            prefix.outputs.clear()
+        if not (isinstance(got, torch.Tensor) and torch.equal(got, want)):
+            return None
+    return prefix

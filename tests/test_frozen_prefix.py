@@ -59,11 +59,34 @@ class Shared(nn.Module):
         return self.head(self.norm(self.body(self.norm(x))))
 
 
+class TransposedEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x).transpose(0, 1)
+
+
+class SequenceFirst(nn.Module):
+    """The unedited embedding returns (sequence, batch, features); the test's sequence is as long as
+    its batch, so only a second batch size shows that the output is not per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = TransposedEmbedding()
+        self.body, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):  # x: (batch, 6, 8)
+        return self.head(self.body(self.embed(x)).mean(0))
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("model", [Reused(), Reused(in_place=True), Shared()], ids=["reused", "reused-in-place", "shared"])
+@pytest.mark.parametrize("model", [Reused(), Reused(in_place=True), Shared(), SequenceFirst()],
+                         ids=["reused", "reused-in-place", "shared", "sequence-first"])
 def test_no_prefix_where_the_stand_ins_would_change_the_output(model):
     model.eval()
-    x = torch.randn(5, 8)
+    x = torch.randn(6, 6, 8) if isinstance(model, SequenceFirst) else torch.randn(5, 8)
     edited = [model.body.weight, model.head.weight]
     assert find_prefix(model, x, edited, run_of(model), 100) is None
     assert all("forward" not in m.__dict__ for m in model.modules())
