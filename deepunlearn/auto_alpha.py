@@ -484,7 +484,9 @@ def choose_alphas(
     Branch and bound: once a candidate has reached the target, a pair that misses it near the
     target (scored beyond one chunk) is scored on the retain side too; if it keeps less retain
     accuracy than the best candidate so far, its ``alpha_r`` is searched no further (a larger
-    ``alpha_f`` keeps less still). ``bound``: the held-out retain accuracy of a candidate already
+    ``alpha_f`` keeps less still). A finer step is scored on the retain side first once a candidate
+    has reached the target, and not on the forget side where it keeps less for every head option
+    (:func:`cannot_win` inside). ``bound``: the held-out retain probability of a candidate already
     chosen elsewhere (the other kind of statistics), the bound from the start.
     """
     t0 = time.perf_counter()
@@ -509,9 +511,18 @@ def choose_alphas(
             for t, w in zip(candidates.targets, candidates.weights(a_r, a_f, fold, options[0])):
                 t.weight().copy_(w)
 
+    def rows_of(a_r: float, a_f: float) -> list[dict[str, float]]:
+        """The pair's row per head option in ``table``, made (nothing scored yet) on first use."""
+        if (a_r, a_f) not in scored_at:
+            scored_at[a_r, a_f] = [{"alpha_r": a_r, "alpha_f": a_f, "alpha_f_head": a_f if h is None else h,
+                                    "head_apart": float(h is not None), "retain_acc": math.nan, "retain_prob": math.nan,
+                                    "forget_acc": math.nan, "forget_hits": math.nan, "forget_scored": 0} for h in options]
+            table.extend(scored_at[a_r, a_f])
+        return scored_at[a_r, a_f]
+
     def score(a_r: float, a_f: float) -> list[bool]:
-        """Per head option, whether the pair forgets; a row per option goes into ``table`` (the
-        retain side is scored later)."""
+        """Per head option, whether the pair forgets; its rows get the forget side (the retain side is
+        scored later)."""
         hits, scored, first = [0] * len(options), [0] * len(options), [math.nan] * len(options)
         for fold in range(candidates.folds):
             apply(a_r, a_f, fold)
@@ -522,11 +533,8 @@ def choose_alphas(
                     first[i] = 100.0 * fold_hits / fold_scored  # the first fold's accuracy, where it was scored whole
             if all(h > allowed for h in hits):
                 break
-        rows = [{"alpha_r": a_r, "alpha_f": a_f, "alpha_f_head": a_f if h is None else h, "head_apart": float(h is not None),
-                 "retain_acc": math.nan, "retain_prob": math.nan, "forget_acc": first[i], "forget_hits": hits[i], "forget_scored": scored[i]}
-                for i, h in enumerate(options)]
-        table.extend(rows)
-        scored_at[a_r, a_f] = rows
+        for i, row in enumerate(rows_of(a_r, a_f)):
+            row.update(forget_acc=first[i], forget_hits=hits[i], forget_scored=scored[i])
         return [h <= allowed for h in hits]
 
     best_retain = -math.inf if bound is None else bound  # of the candidates that reached the target
@@ -546,6 +554,13 @@ def choose_alphas(
         rows = scored_at[a_r, a_f]
         return (max(c["forget_scored"] for c in rows) > SCORE_CHUNK and best_retain > -math.inf
                 and max(retain_of(c) for c in rows) < best_retain)
+
+    def cannot_win(a_r: float, a_f: float) -> bool:
+        """Whether a finer step's pair need not be scored on the forget side: once a candidate has
+        reached the target, a pair that keeps less held-out retain probability than it for every
+        head option cannot win, and no larger ``alpha_f`` at its ``alpha_r`` can either. The finer
+        steps then go below it, as past a pair that forgets; its rows keep no forget results."""
+        return best_retain > -math.inf and max(retain_of(c) for c in rows_of(a_r, a_f)) < best_retain
 
     try:
         with _eval_no_grad(model):  # once for the whole search, not per scoring call
@@ -580,13 +595,13 @@ def choose_alphas(
                 if failing is None:  # forgets at the smallest: step down while it still does
                     for _ in range(BISECTION_STEPS):
                         lower = passing / math.sqrt(10.0)
-                        if not score(a_r, lower)[followed]:
+                        if not (cannot_win(a_r, lower) or score(a_r, lower)[followed]):
                             break
                         passing = lower
                 else:
                     for _ in range(BISECTION_STEPS):
                         mid = math.sqrt(failing * passing)  # the log-scale midpoint
-                        if score(a_r, mid)[followed]:
+                        if cannot_win(a_r, mid) or score(a_r, mid)[followed]:
                             passing = mid
                         else:
                             failing = mid

@@ -254,6 +254,9 @@ def test_a_candidate_recognising_more_held_out_samples_than_allowed_does_not_rea
     c = deepunlearn.unlearn(trained, forget, retain, inplace=False).alpha_choice
     assert c.allowed_hits == 0 and c.held_out[0] == 100
     for row in c.candidates:
+        if row["forget_scored"] == 0:  # a finer step not scored on the forget side: it could not win
+            assert row["retain_prob"] < c.retain_prob and row["forget_hits"] != row["forget_hits"], row
+            continue
         passed = row["forget_hits"] == 0
         # every fold is scored where it forgot; a fold (25 samples, under one chunk) is scored whole
         assert (row["forget_scored"] == 100) if passed else (row["forget_scored"] in (25, 50, 75, 100)), row
