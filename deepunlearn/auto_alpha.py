@@ -81,7 +81,8 @@ class AlphaChoice:
             against the best of those (:func:`choose_alphas`'s bound), else NaN; for every pair
             where none reaches it), ``forget_acc`` (percent of the first fold; NaN where scoring stopped
             early), ``forget_hits`` (forget samples still recognised, of ``forget_scored`` scored:
-            scoring stops, :data:`SCORE_CHUNK` samples at a time, once the pair has missed the target).
+            scoring stops, :data:`SCORE_CHUNK` samples at a time, once the pair has missed the target;
+            NaN of 0 for a finer step that could not win, scored on the retain side only).
         seconds: wall time of decomposing and scoring (not of collecting the statistics).
         allowed_hits: the most held-out forget samples a candidate may still recognise to count as
             reaching the target (the target at :data:`FORGET_CONFIDENCE`, given ``held_out[0]``).
