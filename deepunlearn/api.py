@@ -189,7 +189,7 @@ SOLVE_BATCH_BYTES = {"cuda": 1 << 30}
 # Device types whose batched factors are kept inverted (weight_side.inverse_cholesky), each layer then
 # applying them by two GEMMs: on a GPU cuSOLVER's factorisation and cuBLAS's triangular solves run
 # as thousands of small launches (ViT-B/16: 2,300 trsm kernels), the inverse as a few dozen GEMMs.
-# On the CPU LAPACK's factorisation and solves run at GEMM speed for a quarter of the flops.
+# On the CPU the factorisation (blocked) and the triangular solves run near GEMM speed for a quarter of the flops.
 INVERSE_FACTOR_DEVICES = frozenset({"cuda"})
 
 

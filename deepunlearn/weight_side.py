@@ -43,6 +43,12 @@ DIFFERENCE_MIN_GAP = 0.25
 INVERSE_BLOCK = 256
 
 
+def _lower_inverse(l: torch.Tensor) -> torch.Tensor:
+    """``L⁻¹`` for a batch of small lower triangular ``l`` ``(g, k, k)``."""
+    eye = torch.eye(l.shape[-1], dtype=l.dtype, device=l.device).expand_as(l)
+    return torch.linalg.solve_triangular(l, eye, upper=False)
+
+
 def inverse_cholesky(b: torch.Tensor, block: int = INVERSE_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """``(X, info)`` with ``X = L⁻¹`` (lower triangular, ``(g, d, d)``) for ``B = L Lᵀ`` (``b``:
     ``(g, d, d)``, only its lower triangle read; it is overwritten) and ``info`` ``(g,)``: 0, or the
@@ -63,8 +69,7 @@ def inverse_cholesky(b: torch.Tensor, block: int = INVERSE_BLOCK) -> tuple[torch
         r1 = min(d, r0 + block)
         l_jj, info_j = torch.linalg.cholesky_ex(b[:, r0:r1, r0:r1])
         info = torch.where((info == 0) & (info_j > 0), info_j + r0, info)
-        eye = torch.eye(r1 - r0, dtype=b.dtype, device=b.device).expand_as(l_jj)
-        x_jj = torch.linalg.solve_triangular(l_jj, eye, upper=False)
+        x_jj = _lower_inverse(l_jj)
         x[:, r0:r1, r0:r1] = x_jj
         if r0 > 0:  # b[:, r0:r1, :r0] holds L_j,<j, written by the earlier panels
             x[:, r0:r1, :r0] = (x_jj @ (b[:, r0:r1, :r0] @ x[:, :r0, :r0])).neg_()
@@ -101,8 +106,7 @@ def blocked_cholesky(b: torch.Tensor, block: int = CHOLESKY_BLOCK) -> tuple[torc
         info = torch.where((info == 0) & (info_j > 0), info_j + r0, info)
         b[:, r0:r1, r0:r1] = l_jj
         if r1 < d:  # S L_jj⁻ᵀ as a GEMM: a triangular solve would copy the strided panel twice
-            eye = torch.eye(r1 - r0, dtype=b.dtype, device=b.device).expand_as(l_jj)
-            b[:, r1:, r0:r1] = b[:, r1:, r0:r1] @ torch.linalg.solve_triangular(l_jj, eye, upper=False).mT
+            b[:, r1:, r0:r1] = b[:, r1:, r0:r1] @ _lower_inverse(l_jj).mT
     return b.tril_(), info
 
 
