@@ -108,11 +108,13 @@ class FrozenPrefix:
         """The output the stand-ins give next: samples ``start:stop`` of ``source``."""
         self._current = self.outputs[source][start:stop]
 
-    def capture(self, run: Callable[[torch.Tensor], torch.Tensor], source: object, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def capture(self, run: Callable[[torch.Tensor], torch.Tensor], source: object,
+                xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``run`` (a whole forward pass) on each batch of ``xs``, keeping the last member's outputs
         as ``source``'s; returns ``run``'s results."""
         kept, results = [], []
-        handle = self.members[-1].register_forward_hook(lambda m, a, out: kept.append(out.clone()))  # later modules may work in place
+        # a clone: later modules may work in place on the output
+        handle = self.members[-1].register_forward_hook(lambda m, a, out: kept.append(out.clone()))
         try:
             for x in xs:
                 results.append(run(x))
@@ -133,7 +135,8 @@ def find_prefix(model: nn.Module, x: torch.Tensor, edited: Sequence[nn.Parameter
     if not chain:
         return None
     out = chain[-1][1]
-    if out.dim() == 0 or out.shape[0] != x.shape[0] or out.element_size() * out[0].numel() * samples > PREFIX_CACHE_BYTES:
+    kept_bytes = out.element_size() * out[0].numel() * samples if out.dim() > 0 else 0
+    if out.dim() == 0 or out.shape[0] != x.shape[0] or kept_bytes > PREFIX_CACHE_BYTES:
         return None
     prefix = FrozenPrefix([m for m, _ in chain])
     # two batch sizes: the kept output must be per sample along its first dimension (not, say, a
