@@ -334,7 +334,7 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
     change; the modules before the first of them run once per held-out sample (:func:`find_prefix`)."""
     x_f = [x[:HOLDOUT_CAP] for x in x_f]
     device = next(model.parameters()).device
-    prefix = None
+    prefix = orig_f = orig_r = None
     if edited is not None:
         def run(x: torch.Tensor) -> torch.Tensor:
             return _model_logits(model, x, autocast)
@@ -342,16 +342,16 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
         with _eval_no_grad(model):
             prefix = find_prefix(model, x_r[:SCORE_CHUNK].to(device), edited, run, sum(map(len, x_f)) + len(x_r))
             if prefix is not None:  # one whole pass over the held-out samples keeps the prefix's outputs
-                logits_f = [torch.cat(prefix.capture(run, k, [xb.to(device) for xb in x.split(batch_size)]))
-                            for k, x in enumerate(x_f)]
-                logits_r = torch.cat(prefix.capture(run, "retain", [xb.to(device) for xb in x_r.split(batch_size)]))
+                def kept_predictions(source: int | str, x: torch.Tensor) -> torch.Tensor:
+                    return torch.cat([y.argmax(-1).cpu() for y in
+                                      prefix.capture(run, source, [xb.to(device) for xb in x.split(batch_size)])])
+
+                orig_f = torch.cat([kept_predictions(k, x) for k, x in enumerate(x_f)])
+                orig_r = kept_predictions("retain", x_r)
     need_original = y_r is None or (y_f is None and classes is None)
-    if need_original and prefix is not None:
-        orig_f = torch.cat([lg.argmax(-1).cpu() for lg in logits_f])
-        orig_r = logits_r.argmax(-1).cpu()
-    else:
-        orig_f = predictions(model, torch.cat(x_f), batch_size, autocast) if need_original else None
-        orig_r = predictions(model, x_r, batch_size, autocast) if need_original else None
+    if need_original and orig_f is None:
+        orig_f = predictions(model, torch.cat(x_f), batch_size, autocast)
+        orig_r = predictions(model, x_r, batch_size, autocast)
     if y_f is not None:
         forget_hit, scoring = [lambda p, at, y=y[:HOLDOUT_CAP]: p == y[at:at + p.shape[-1]] for y in y_f], "labels"
     else:

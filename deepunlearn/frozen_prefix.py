@@ -135,8 +135,9 @@ def find_prefix(model: nn.Module, x: torch.Tensor, edited: Sequence[nn.Parameter
     if not chain:
         return None
     out = chain[-1][1]
-    kept_bytes = out.element_size() * out[0].numel() * samples if out.dim() > 0 else 0
-    if out.dim() == 0 or out.shape[0] != x.shape[0] or kept_bytes > PREFIX_CACHE_BYTES:
+    if out.dim() == 0 or out.shape[0] != x.shape[0]:
+        return None
+    if out.element_size() * out[0].numel() * samples > PREFIX_CACHE_BYTES:
         return None
     prefix = FrozenPrefix([m for m, _ in chain])
     # two batch sizes: the kept output must be per sample along its first dimension (not, say, a
