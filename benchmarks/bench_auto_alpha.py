@@ -69,7 +69,8 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 deepunlearn.unlearn(original, f_data, r_data, alpha_r=auto.alpha_r, alpha_f=auto.alpha_f,
                                     alpha_f_head=auto.alpha_f_head, inplace=False,
-                                    first_token=auto.alpha_choice.first_token, skip_first_layer=True)
+                                    first_token=auto.alpha_choice.first_token, keep_retain_mean=auto.keep_retain_mean,
+                                    skip_first_layer=True)
                 t_fixed = time.perf_counter() - t0
                 r_acc, f_acc = test_accuracies(auto.model, test, classes)
                 c = auto.alpha_choice
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
                        "alpha_f_head": c.alpha_f_head,
                        "held_out_retain": c.retain_acc, "held_out_forget": c.forget_acc, "reached_target": c.reached_target,
                        "scoring": c.scoring, "candidates": len(c.candidates), "monotone": c.monotone, "first_token": c.first_token,
+                       "keep_retain_mean": c.keep_retain_mean,
                        "original_retain_test": orig_r, "original_forget_test": orig_f, "retain_test": r_acc,
                        "forget_test": f_acc, "retain_drop": orig_r - r_acc, "choose_seconds": auto.seconds["choose_alpha"],
                        "auto_seconds": t_auto, "fixed_seconds": t_fixed, "choose_over_fixed": auto.seconds["choose_alpha"] / t_fixed,
@@ -95,13 +97,14 @@ def markdown(result: dict) -> str:
     lines = [f"# Automatic α on the suite's models ({result['device_name']})", "",
              "Test split of Fashion-MNIST; retain drop = original − unlearned retain accuracy (points). Targets: forget "
              f"≤ {QUALITY['forget']:g} %, retain drop ≤ {QUALITY['retain_drop']:g}; choose / fixed = seconds choosing α over "
-             "one fixed-α call with the chosen pair (target ≤ 2).", "",
+             "one fixed-α call with the chosen pair (target ≤ 2). Tokens: the statistics of sequence inputs (every position, "
+             "or the first); \"+ mean\": the biases keep the retain samples' mean output.", "",
              "| arch | classes | data | α_r | α_f | head α_f | tokens | held-out retain / forget | test retain (drop) | test forget | meets | candidates | choose (s) | choose / fixed |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['arch']} | {','.join(map(str, r['classes']))} | {r['form']} | {r['alpha_r']:g} | {r['alpha_f']:.3g} | "
                      f"{'=' if r.get('alpha_f_head') is None else format(r['alpha_f_head'], 'g')} | "
-                     f"{'first' if r.get('first_token') else 'all'} | "
+                     f"{'first' if r.get('first_token') else 'all'}{' + mean' if r.get('keep_retain_mean') else ''} | "
                      f"{r['held_out_retain']:.1f} / {r['held_out_forget']:.1f} | {r['retain_test']:.2f} ({r['retain_drop']:.2f}) | "
                      f"{r['forget_test']:.2f} | {'yes' if r['meets_targets'] else 'no'} | {r['candidates']} | "
                      f"{r['choose_seconds']:.2f} | {r['choose_over_fixed']:.2f} |")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._batches import DataLike, _first_tensor, iter_raw_batches
+from .edit import mean_keeping_bias
 from .frozen_prefix import FrozenPrefix, find_prefix
 from .layers import EditTarget
 from .moments import Moment, SampleRows
@@ -90,6 +91,8 @@ class AlphaChoice:
         alpha_f_head: the classifier head's own ``alpha_f`` (the last layer the input reaches), or
             None where the head is edited with ``alpha_f`` like every other layer. Candidate rows
             carry ``alpha_f_head`` (the head's scale) and ``head_apart`` (1 where it was set apart).
+        keep_retain_mean: whether the candidates' biases kept the retain samples' mean output
+            (:func:`deepunlearn.unlearn`'s ``keep_retain_mean``).
     """
 
     alpha_r: float
@@ -108,6 +111,7 @@ class AlphaChoice:
     folds: int = 1
     alpha_f_head: float | None = None
     retain_prob: float = math.nan
+    keep_retain_mean: bool = False
 
     def __str__(self) -> str:
         how = "reached" if self.reached_target else "NOT reached"
@@ -115,6 +119,7 @@ class AlphaChoice:
         return (f"alpha chosen: alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}{head} (held-out retain {self.retain_acc:.2f} %, "
                 f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}, at most {self.allowed_hits} held-out forget "
                 f"sample(s) recognised; {'statistics of the first sequence position; ' if self.first_token else ''}"
+                f"{'retain mean kept; ' if self.keep_retain_mean else ''}"
                 f"{len({(c['alpha_r'], c['alpha_f']) for c in self.candidates})} pairs scored"
                 f"{'' if self.alpha_f_head is None and not any(c.get('head_apart') for c in self.candidates) else ' with each head scale'} "
                 f"by {self.scoring} on {self.held_out[0]} forget samples in {self.folds} folds + {self.held_out[1]} held-out "
@@ -236,11 +241,11 @@ class HeadReader:
         finally:
             handle.remove()
 
-    def logits(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Logits ``(len(weights), N, classes)`` (float32, on the features' device) with each head
-        weight on the last features read."""
+    def logits(self, heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        """Logits ``(len(heads), N, classes)`` (float32, on the features' device) with each head
+        ``(weight, bias)`` on the last features read (bias None: the module's)."""
         with _autocast_on(self.features.device, self.autocast):
-            return torch.stack([F.linear(self.features, w, self.module.bias) for w in weights]).float()
+            return torch.stack([F.linear(self.features, w, self.module.bias if b is None else b) for w, b in heads]).float()
 
     def reads_the_output(self, model: nn.Module, x: torch.Tensor) -> bool:
         """Whether the model's predictions on ``x`` are the head's, recomputed from its input: the
@@ -250,7 +255,7 @@ class HeadReader:
         if (not isinstance(y, torch.Tensor) or self.features is None or self.features.dim() != 2 or y.dim() != 2
                 or y.shape[0] != self.features.shape[0]):
             return False
-        return torch.equal(self.logits([self.module.weight])[0].argmax(-1), y.argmax(-1))
+        return torch.equal(self.logits([(self.module.weight, None)])[0].argmax(-1), y.argmax(-1))
 
 
 @dataclass
@@ -258,8 +263,8 @@ class _Scorer:
     """Held-out forget hits per fold and retain accuracy (percent) of the model as it is now; its
     methods expect the model in eval mode without autograd (:func:`_eval_no_grad`).
 
-    ``heads``: candidate weights of the classifier head (:attr:`head`); each is scored on the same
-    forward pass, as if written into the head. None: the model as it is."""
+    ``heads``: candidate ``(weight, bias)`` of the classifier head (:attr:`head`); each is scored on
+    the same forward pass, as if written into the head. None: the model as it is."""
 
     x_f: list[torch.Tensor]  # per fold
     x_r: torch.Tensor
@@ -277,7 +282,7 @@ class _Scorer:
         return sum(len(x) for x in self.x_f)
 
     def _logits(self, model: nn.Module, source: int | str, start: int, stop: int,
-                heads: Sequence[torch.Tensor] | None) -> torch.Tensor:
+                heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None) -> torch.Tensor:
         """``(len(heads) or 1, N, classes)`` logits (float32, on the model's device) of samples
         ``start:stop`` of ``source``: a fold's index, or ``"retain"``."""
         device = next(model.parameters()).device
@@ -296,7 +301,7 @@ class _Scorer:
         return torch.cat(out, dim=1)
 
     def forget_hits(self, model: nn.Module, fold: int, limits: Sequence[int],
-                    heads: Sequence[torch.Tensor] | None = None) -> list[tuple[int, int]]:
+                    heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> list[tuple[int, int]]:
         """Per head (or the model as it is), ``(hits, scored)``: held-out forget samples of ``fold``
         still recognised, of those scored. A head stops scoring once its ``hits`` exceed its limit
         (checked after chunks of :data:`SCORE_CHUNK`, then twice as many each time); so do all once
@@ -314,7 +319,8 @@ class _Scorer:
             chunk *= 2  # a candidate that has not missed yet is likely near the target: score in larger batches
         return list(zip(hits, scored))
 
-    def retain_scores(self, model: nn.Module, heads: Sequence[torch.Tensor] | None = None) -> list[tuple[float, float]]:
+    def retain_scores(self, model: nn.Module, heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+                      ) -> list[tuple[float, float]]:
         """Per head (or the model as it is), ``(accuracy, probability)``: the percent of held-out
         retain samples still right, and their mean probability (percent) of the class counted right."""
         logits = self._logits(model, "retain", 0, len(self.x_r), heads)
@@ -391,10 +397,13 @@ class CandidateEdits:
         other_folds: for each further fold, a function giving its forget moments.
         head: the classifier head, which may take its own ``alpha_f``; :attr:`head` is its index in
             :attr:`targets` (None where it is not given, not reached, or the only target).
+        means_r: the retain mean input per slot tuple (:func:`~deepunlearn.api.layer_means`): each
+            candidate's biases then keep the retain mean output (:meth:`edit`). None: biases kept.
     """
 
     def __init__(self, targets: Sequence[EditTarget], moments_f: dict, moments_r: dict,
-                 other_folds: Sequence[Callable[[], dict]] = (), head: EditTarget | None = None):
+                 other_folds: Sequence[Callable[[], dict]] = (), head: EditTarget | None = None,
+                 means_r: dict | None = None):
         self.targets = [t for t in targets if moments_f[t.slots][0] is not None]
         self.head = next((i for i, t in enumerate(self.targets) if t is head), None) if len(self.targets) > 1 else None
         self.retain = self._pairs(moments_r)
@@ -403,6 +412,8 @@ class CandidateEdits:
         # copies: candidates are written into the very parameters these would otherwise view
         self.w = [t.as_matrices(t.weight().detach()).to(dtype, copy=True) for t in self.targets]
         self.wu_r = [None if r is None else w @ r[0] for w, r in zip(self.w, self.retain)]
+        self.means = [None if means_r is None or t.bias() is None else means_r.get(t.slots) for t in self.targets]
+        self.b = [None if m is None else t.bias().detach().clone() for t, m in zip(self.targets, self.means)]
         self._v: tuple[float, list[torch.Tensor]] | None = None
 
     @property
@@ -435,17 +446,29 @@ class CandidateEdits:
             self._v = (alpha_r, v)
         return self._v[1]
 
-    def weight(self, i: int, alpha_r: float, alpha_f: float, fold: int = 0) -> torch.Tensor:
-        """Target ``i``'s new weight (its own shape and dtype) for the pair, edited with ``fold``'s forget side."""
+    def edit(self, i: int, alpha_r: float, alpha_f: float, fold: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Target ``i``'s new weight (its own shape and dtype) for the pair, edited with ``fold``'s
+        forget side, and its new bias (None: kept; where :attr:`means` holds its retain mean, the
+        bias that keeps its mean output, from the target's original bias)."""
         t, w, v, f = self.targets[i], self.w[i], self._retain_side(alpha_r)[i], self._forget_pairs(fold)[i]
         new = w if f is None else w - ((v @ f[0]) * scale_energies(f[1], alpha_f)[:, None, :]) @ f[0].transpose(-1, -2)
-        return new.reshape(t.weight().shape).to(t.weight().dtype)
+        bias = None if self.means[i] is None else mean_keeping_bias(self.b[i], w, new, self.means[i])
+        return new.reshape(t.weight().shape).to(t.weight().dtype), bias
+
+    def weight(self, i: int, alpha_r: float, alpha_f: float, fold: int = 0) -> torch.Tensor:
+        """Target ``i``'s new weight alone (:meth:`edit`)."""
+        return self.edit(i, alpha_r, alpha_f, fold)[0]
+
+    def edits(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None
+              ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """:meth:`edit` of every target for the pair; the :attr:`head` with ``alpha_f_head`` where given."""
+        return [self.edit(i, alpha_r, alpha_f_head if i == self.head and alpha_f_head is not None else alpha_f, fold)
+                for i in range(len(self.targets))]
 
     def weights(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None
                 ) -> list[torch.Tensor]:
-        """New weights of every target for the pair; the :attr:`head` with ``alpha_f_head`` where given."""
-        return [self.weight(i, alpha_r, alpha_f_head if i == self.head and alpha_f_head is not None else alpha_f, fold)
-                for i in range(len(self.targets))]
+        """The new weights alone (:meth:`edits`)."""
+        return [w for w, _ in self.edits(alpha_r, alpha_f, fold, alpha_f_head)]
 
 
 def choose_alphas(
@@ -492,7 +515,8 @@ def choose_alphas(
     """
     t0 = time.perf_counter()
     grid_r = [alpha_r] if alpha_r is not None else list(ALPHA_R_CANDIDATES)
-    originals = [t.weight().detach().clone() for t in candidates.targets]
+    originals = [(t.weight().detach().clone(), None if b is None else t.bias().detach().clone())
+                 for t, b in zip(candidates.targets, candidates.b)]
     table: list[dict[str, float]] = []
     scored_at: dict[tuple[float, float], list[dict[str, float]]] = {}  # (alpha_r, alpha_f) -> a row per option
     n_f = scorer.forget_samples
@@ -501,16 +525,21 @@ def choose_alphas(
     if len(options) > 1:
         scorer = replace(scorer, head=HeadReader(candidates.targets[candidates.head].module, scorer.autocast))
 
-    def head_weights(a_r: float, a_f: float, fold: int) -> list[torch.Tensor] | None:
-        """Each option's head weight, or None to score the model as written (one option)."""
+    def head_weights(a_r: float, a_f: float, fold: int) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+        """Each option's head ``(weight, bias)``, or None to score the model as written (one option)."""
         if len(options) == 1:
             return None
-        return [candidates.weight(candidates.head, a_r, a_f if h is None else h, fold) for h in options]
+        return [candidates.edit(candidates.head, a_r, a_f if h is None else h, fold) for h in options]
+
+    def write(t: EditTarget, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            t.weight().copy_(w)
+            if b is not None:
+                t.bias().copy_(b)
 
     def apply(a_r: float, a_f: float, fold: int = 0) -> None:
-        with torch.no_grad():
-            for t, w in zip(candidates.targets, candidates.weights(a_r, a_f, fold, options[0])):
-                t.weight().copy_(w)
+        for t, (w, b) in zip(candidates.targets, candidates.edits(a_r, a_f, fold, options[0])):
+            write(t, w, b)
 
     def rows_of(a_r: float, a_f: float) -> list[dict[str, float]]:
         """The pair's row per head option in ``table``, made (nothing scored yet) on first use."""
@@ -621,9 +650,8 @@ def choose_alphas(
                     for row, (hits, scored) in zip(rows, got):
                         row["forget_acc"] = 100.0 * hits / scored
     finally:
-        with torch.no_grad():
-            for t, w in zip(candidates.targets, originals):
-                t.weight().copy_(w)
+        for t, (w, b) in zip(candidates.targets, originals):
+            write(t, w, b)
     if reached:  # the smallest edit that forgets: best retain, then fewer forget samples still recognised, then the
         # head edited like the body, then smaller scales
         best = max(reached, key=lambda c: (c["retain_prob"], -c["forget_hits"], -c["head_apart"], -c["alpha_f"],

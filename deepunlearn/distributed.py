@@ -87,7 +87,10 @@ def all_reduce_statistics(stats: Statistics, samples: int, error: BaseException 
         else:
             moment = dense(mine.moment) if mine is not None else torch.zeros(shape, dtype=dtype, device=device)
             torch.distributed.all_reduce(moment)
-        slots[k] = SlotStatistics(moment, 0)
+        total = mine.total.clone() if mine is not None and mine.total is not None else torch.zeros(
+            shape[:-1], dtype=dtype, device=device)
+        torch.distributed.all_reduce(total)
+        slots[k] = SlotStatistics(moment, 0, total)
         counts.append(0 if mine is None else mine.count)
     total = torch.tensor([*counts, samples], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(total)

@@ -54,6 +54,7 @@ class UnlearnReport:
         alpha_choice: how the scales were chosen (:class:`~deepunlearn.auto_alpha.AlphaChoice`), or
             None when both were given.
         alpha_f_head: the classifier head's own forget scale, or None where it took ``alpha_f``.
+        keep_retain_mean: whether the biases were shifted to keep the retain samples' mean output.
     """
 
     model: nn.Module
@@ -67,6 +68,7 @@ class UnlearnReport:
     seconds: dict[str, float]
     alpha_choice: AlphaChoice | None = None
     alpha_f_head: float | None = None
+    keep_retain_mean: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model, as plain JSON-serialisable data."""
@@ -78,6 +80,7 @@ class UnlearnReport:
             "alpha_r": self.alpha_r,
             "alpha_f": self.alpha_f,
             "alpha_f_head": self.alpha_f_head,
+            "keep_retain_mean": self.keep_retain_mean,
             "solver": self.solver,
             "seconds": dict(self.seconds),
             "alpha_choice": None if self.alpha_choice is None else asdict(self.alpha_choice),
@@ -87,7 +90,8 @@ class UnlearnReport:
         head = (
             f"deepunlearn: edited {len(self.layers)} weight matrices with {self.forget_samples} forget / "
             f"{self.retain_samples} retain samples, alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}"
-            f"{'' if self.alpha_f_head is None else f', alpha_f_head={self.alpha_f_head:g}'}, solver={self.solver}"
+            f"{'' if self.alpha_f_head is None else f', alpha_f_head={self.alpha_f_head:g}'}"
+            f"{', retain mean kept' if self.keep_retain_mean else ''}, solver={self.solver}"
         )
         t = self.seconds
         times = (

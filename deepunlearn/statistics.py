@@ -27,27 +27,30 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset
 
 from ._batches import DataLike, iter_batches
-from .covariance import ConvGeometry, accumulate_conv_, accumulate_linear_, conv_patches, linear_rows
+from .covariance import ConvGeometry, accumulate_conv_, accumulate_linear_, conv_patches, linear_rows, patch_sums
 from .layers import EditTarget, find_targets
 from .moments import Moment, SampleRows, dense, fold_rows, moment_sum, moment_trace
 from .weight_side import vectors_pay
 
 _FORMAT = "deepunlearn.statistics"
-_VERSION = 3  # 2 added input sharing (``aliases``), 3 slots kept as vectors; older files are still read
+_VERSION = 4  # 2 added input sharing (``aliases``), 3 slots kept as vectors, 4 first moments; older files are still read
 
 
 @dataclass
 class SlotStatistics:
-    """Second moment of one input slot.
+    """Second and first moment of one input slot.
 
     Attributes:
         moment: ``(groups, d, d)`` sum of ``x xᵀ`` over every input vector ``x`` of each group, or,
             while fewer vectors than ``d`` were seen, those vectors as :class:`~deepunlearn.moments.SampleRows`.
         count: number of input vectors accumulated (per group).
+        total: ``(groups, d)`` sum of the input vectors themselves (their mean keeps a layer's mean
+            output, ``keep_retain_mean``), or None in statistics files of format version 3 and older.
     """
 
     moment: Moment
     count: int = 0
+    total: torch.Tensor | None = None
 
     @property
     def cov(self) -> torch.Tensor:
@@ -60,7 +63,8 @@ class SlotStatistics:
         return self.moment.rows if isinstance(self.moment, SampleRows) else self.moment
 
     def copy(self) -> "SlotStatistics":
-        return SlotStatistics(_moment_like(self.moment, self.stored.clone()), self.count)
+        return SlotStatistics(_moment_like(self.moment, self.stored.clone()), self.count,
+                              None if self.total is None else self.total.clone())
 
 
 def _moment_like(moment: Moment, tensor: torch.Tensor) -> Moment:
@@ -142,14 +146,17 @@ class Statistics:
                 raise ValueError(f"slot '{name}' is on {mine.moment.device} in one and {theirs.moment.device} in the other; "
                                  "use .to() first")
             # a new tensor, never either operand: no copy of mine first
-            slots[name] = SlotStatistics(moment_sum([mine.moment, theirs.moment]), mine.count + theirs.count)
+            total = None if mine.total is None or theirs.total is None else mine.total + theirs.total
+            slots[name] = SlotStatistics(moment_sum([mine.moment, theirs.moment]), mine.count + theirs.count, total)
         slots.update({name: theirs.copy() for name, theirs in b.slots.items() if name not in slots})
         return Statistics(slots, a.samples + b.samples, a.fingerprint, dict(a.aliases), self.first_token,
                           self.sequence_inputs or other.sequence_inputs)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Statistics":
         """A copy with every buffer moved to ``device`` and/or cast to ``dtype``."""
-        return Statistics({k: SlotStatistics(v.moment.to(device=device, dtype=dtype), v.count) for k, v in self.slots.items()},
+        return Statistics({k: SlotStatistics(v.moment.to(device=device, dtype=dtype), v.count,
+                                             None if v.total is None else v.total.to(device=device, dtype=dtype))
+                           for k, v in self.slots.items()},
                           self.samples, self.fingerprint, dict(self.aliases), self.first_token, self.sequence_inputs)
 
     def expanded(self) -> "Statistics":
@@ -188,6 +195,15 @@ class Statistics:
             )
         return moment, sum(p.count for p in present)
 
+    def mean(self, target: EditTarget) -> torch.Tensor | None:
+        """``(groups, d)``: the mean input vector of the slots ``target`` reads; None where no input
+        reached it or the statistics hold no first moments (files of format version 3 and older)."""
+        present = [self.slots[s] for s in self.resolve(target.slots) if s in self.slots]
+        count = sum(p.count for p in present)
+        if not present or count == 0 or any(p.total is None for p in present):
+            return None
+        return sum(p.total for p in present) / count
+
     def covariance(self, target: EditTarget) -> tuple[torch.Tensor | None, int]:
         """:meth:`moment` in the dense ``(groups, d, d)`` form."""
         moment, n = self.moment(target)
@@ -213,6 +229,8 @@ class Statistics:
             form = ["rows"] if isinstance(s.moment, SampleRows) else []
             h.update(json.dumps([name, s.count, list(t.shape), str(t.dtype), *form]).encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if s.total is not None:
+                h.update(s.total.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def to_blob(self) -> dict:
@@ -222,7 +240,8 @@ class Statistics:
             "version": _VERSION,
             "fingerprint": self.fingerprint,
             "samples": self.samples,
-            "slots": {k: {"rows" if isinstance(v.moment, SampleRows) else "cov": v.stored.detach().cpu(), "count": v.count}
+            "slots": {k: {"rows" if isinstance(v.moment, SampleRows) else "cov": v.stored.detach().cpu(), "count": v.count,
+                          **({} if v.total is None else {"total": v.total.detach().cpu()})}
                       for k, v in self.slots.items()},
             "aliases": dict(self.aliases),
             "first_token": self.first_token,
@@ -238,7 +257,7 @@ class Statistics:
         if blob.get("version") not in range(1, _VERSION + 1):
             raise ValueError(f"{source} has statistics format version {blob.get('version')}, expected at most {_VERSION}")
         try:
-            slots = {k: SlotStatistics(SampleRows(v["rows"]) if "rows" in v else v["cov"], int(v["count"]))
+            slots = {k: SlotStatistics(SampleRows(v["rows"]) if "rows" in v else v["cov"], int(v["count"]), v.get("total"))
                      for k, v in blob["slots"].items()}
             aliases = {str(k): str(v) for k, v in blob.get("aliases", {}).items()}
             stats = cls(slots, int(blob["samples"]), str(blob["fingerprint"]), aliases, bool(blob.get("first_token", False)),
@@ -347,11 +366,12 @@ class _Collector:
                 self.conv_rows[t.name] = t.as_matrices(t.weight()).shape[1]  # weight rows per group
 
     # -- sinks (overridden by the reference procedure) --------------------------------------
-    def _add(self, name: str, groups: int, d: int, n: int, vectors, accumulate,
+    def _add(self, name: str, groups: int, d: int, n: int, vectors, accumulate, vector_sum: torch.Tensor,
              slots: dict[str, SlotStatistics] | None = None, conv: bool = False) -> None:
         """Add ``n`` input vectors to slot ``name`` of ``slots`` (default: the statistics'): kept as
         ``vectors()`` (``(groups, n, d)``) while :meth:`_keeps` says so, else streamed into the dense
-        sum by ``accumulate(cov)`` (vectors kept so far are folded in first)."""
+        sum by ``accumulate(cov)`` (vectors kept so far are folded in first); their sum
+        ``vector_sum`` (``(groups, d)``, in the statistics' dtype) is added to the slot's total."""
         slots = self.stats.slots if slots is None else slots
         s = slots.get(name)
         seen = 0 if s is None else s.count
@@ -369,6 +389,7 @@ class _Collector:
                 s.moment = fold_rows(torch.zeros(groups, d, d, device=self.device, dtype=self.dtype), s.moment.rows)
             accumulate(s.moment)
         s.count += n
+        s.total = vector_sum if s.total is None else s.total.add_(vector_sum)
 
     def _keeps(self, name: str, d: int, seen: int, n: int, conv: bool) -> bool:
         """Whether a slot of width ``d`` that has seen ``seen`` vectors keeps them with ``n`` more.
@@ -403,13 +424,13 @@ class _Collector:
     def add_rows(self, name: str, rows: torch.Tensor, slots: dict[str, SlotStatistics] | None = None) -> None:
         """Input vectors ``(n, d)`` of a linear map (into ``slots``, default the statistics')."""
         self._add(name, 1, rows.shape[-1], rows.shape[0], lambda: rows[None], lambda cov: accumulate_linear_(cov, rows),
-                  slots)
+                  rows.sum(0, dtype=self.dtype)[None], slots)
 
     def add_conv(self, name: str, x: torch.Tensor, geom: ConvGeometry, d: int) -> None:
         """Input ``(N, C, *spatial)`` of a convolution with geometry ``geom``."""
         n = x.shape[0] * _out_positions(x.shape[2:], geom)
         self._add(name, geom.groups, d, n, lambda: conv_patches(x.to(self.dtype), geom),
-                  lambda cov: accumulate_conv_(cov, x, geom), conv=True)
+                  lambda cov: accumulate_conv_(cov, x, geom), patch_sums(x, geom, self.dtype), conv=True)
 
     # -- hooks ------------------------------------------------------------------------------
     def _computed(self, x: torch.Tensor) -> torch.Tensor:

@@ -289,25 +289,32 @@ def test_head_options_score_as_if_each_were_written_into_the_head(trained):
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
     head = api.classifier_head(targets, sf)
     assert head is targets[-1] and head.module is model[4]
-    cands = CandidateEdits(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU), head=head)
-    assert cands.head == len(targets) - 1
     plain = make_scorer(model, [xf], None, xr, None, [0], 64, None)
     reading = replace(plain, head=HeadReader(head.module, None))
     before = [p.clone() for p in model.parameters()]
-    with _eval_no_grad(model), torch.no_grad():
-        assert reading.head.reads_the_output(model, xr)
-        for t, w in zip(targets, cands.weights(100.0, 0.1)):  # a gentle body edit: the head decides what is forgotten
-            t.weight().copy_(w)
-        heads = [cands.weight(cands.head, 100.0, a) for a in (0.01, 1.0, 100.0, 1e4)]
-        got_f = reading.forget_hits(model, 0, [len(xf)] * len(heads), heads)
-        got_r = reading.retain_scores(model, heads)
-        for i, w in enumerate(heads):
-            head.weight().copy_(w)
-            assert plain.forget_hits(model, 0, [len(xf)]) == [got_f[i]]
-            assert plain.retain_scores(model)[0] == pytest.approx(got_r[i], rel=1e-12)
-        assert len({h for h, _ in got_f}) > 1 and len({p for _, p in got_r}) == len(heads), (got_f, got_r)  # they differ
-        for t, w in zip(model.parameters(), before):
-            t.copy_(w)
+    for means in (None, api.layer_means(targets, sr, CPU)):  # biases kept, or shifted to keep the retain mean
+        cands = CandidateEdits(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU), head=head,
+                               means_r=means)
+        assert cands.head == len(targets) - 1
+        with _eval_no_grad(model), torch.no_grad():
+            assert reading.head.reads_the_output(model, xr)
+            for t, (w, b) in zip(targets, cands.edits(100.0, 0.1)):  # a gentle body edit: the head decides what is forgotten
+                t.weight().copy_(w)
+                assert (b is None) == (means is None)
+                if b is not None:
+                    t.bias().copy_(b)
+            heads = [cands.edit(cands.head, 100.0, a) for a in (0.01, 1.0, 100.0, 1e4)]
+            got_f = reading.forget_hits(model, 0, [len(xf)] * len(heads), heads)
+            got_r = reading.retain_scores(model, heads)
+            for i, (w, b) in enumerate(heads):
+                head.weight().copy_(w)
+                if b is not None:
+                    head.bias().copy_(b)
+                assert plain.forget_hits(model, 0, [len(xf)]) == [got_f[i]]
+                assert plain.retain_scores(model)[0] == pytest.approx(got_r[i], rel=1e-12)
+            assert len({h for h, _ in got_f}) > 1 and len({p for _, p in got_r}) == len(heads), (got_f, got_r)  # they differ
+            for t, w in zip(model.parameters(), before):
+                t.copy_(w)
     # a model whose prediction is not the head's (negated after it): the head's input cannot score options
     negated = nn.Sequential(model, nn.Flatten())
     negated.register_forward_hook(lambda m, i, out: -out)

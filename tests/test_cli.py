@@ -230,12 +230,17 @@ def test_first_layer_option_skips_or_edits_the_stem(tree, pickled_model, tmp_pat
     for choice, skipped in (("auto", []), ("skip", ["conv"])):  # both scales given: auto edits every layer
         out = tmp_path / f"{choice}.pt"
         assert run("forget", "--model", pickled_model, "--data", tree, "--forget", FORGET, "--out", out,
-                   "--first-layer", choice, "--first-token", "yes" if choice == "skip" else "auto", *fixed, *SMALL) == 0
+                   "--first-layer", choice, "--first-token", "yes" if choice == "skip" else "auto",
+                   "--keep-retain-mean", "yes" if choice == "skip" else "auto", *fixed, *SMALL) == 0
         report = json.loads((tmp_path / f"{choice}.pt.json").read_text())["report"]
         assert [s[0] for s in report["skipped"]] == skipped, choice
+        assert report["keep_retain_mean"] == (choice == "skip")
     original = torch.load(pickled_model, weights_only=False)
     assert torch.equal(torch.load(tmp_path / "skip.pt", weights_only=False).conv.weight, original.conv.weight)
     assert not torch.equal(torch.load(tmp_path / "auto.pt", weights_only=False).conv.weight, original.conv.weight)
+    # --keep-retain-mean yes shifts the biases of the edited layers; both scales given, auto keeps them
+    assert not torch.equal(torch.load(tmp_path / "skip.pt", weights_only=False).attn.out_proj.bias, original.attn.out_proj.bias)
+    assert torch.equal(torch.load(tmp_path / "auto.pt", weights_only=False).attn.out_proj.bias, original.attn.out_proj.bias)
     # --first-token yes: the attention layers saw one vector per image (the first position)
     rows = {r["name"]: r for r in json.loads((tmp_path / "skip.pt.json").read_text())["report"]["layers"]}
     assert rows["attn.out_proj"]["forget_vectors"] == 2

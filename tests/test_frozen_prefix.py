@@ -123,7 +123,7 @@ def test_scores_with_the_prefix_kept_equal_those_of_whole_passes(device):
     assert torch.equal(kept.retain_ref, whole.retain_ref)
     for p in edited:  # a candidate edit: every edited weight moves
         p.mul_(1.0 + 0.3 * torch.randn_like(p))
-    heads = [model.classifier[-1].weight * s for s in (1.0, 0.5)]
+    heads = [(model.classifier[-1].weight * s, model.classifier[-1].bias * s) for s in (1.0, 0.5)]
     from deepunlearn.auto_alpha import HeadReader
 
     for scorer in (kept, whole):

@@ -118,3 +118,50 @@ def test_corrupted_statistics_file_is_refused(tmp_path):
     torch.save(blob, path)
     with pytest.raises(ValueError, match="malformed|corrupted"):
         Statistics.load(path)
+
+
+@pytest.mark.parametrize("keep_vectors", [False, True, "always"])
+def test_first_moments_are_the_sums_of_the_input_vectors(keep_vectors):
+    """Each slot's total is the sum of the very vectors its second moment sums: conv patches
+    (padding included) and linear rows, whether the vectors were kept or streamed."""
+    from deepunlearn.covariance import ConvGeometry, conv_patches
+    from deepunlearn.layers import find_targets
+
+    m = small_model().double().eval()
+    x = torch.randn(7, 1, 5, 5, dtype=torch.float64) + 0.3  # a mean far from zero
+    s = collect_statistics(m, x, batch_size=3, keep_vectors=keep_vectors)
+    patches = conv_patches(x, ConvGeometry.of(m[0]))  # (1, 7 * 25, 9)
+    with torch.no_grad():
+        head_in = m[:5](x)  # (7, 100)
+    assert rel_err(s.slots["0"].total, patches.sum(1)) < 1e-13
+    assert rel_err(s.slots["5"].total, head_in.sum(0)[None]) < 1e-13
+    conv, head = find_targets(m)[0]
+    assert rel_err(s.mean(conv), patches.mean(1)) < 1e-13 and rel_err(s.mean(head), head_in.mean(0)[None]) < 1e-13
+    halves = collect_statistics(m, x[:4], keep_vectors=keep_vectors) + collect_statistics(m, x[4:], keep_vectors=keep_vectors)
+    assert rel_err(halves.slots["5"].total, s.slots["5"].total) < 1e-13 and rel_err(halves.mean(head), s.mean(head)) < 1e-13
+
+
+def test_first_moments_survive_saving_and_files_without_them_still_load(tmp_path):
+    m = small_model()
+    s = collect_statistics(m, torch.randn(6, 1, 5, 5) + 0.5)
+    path = tmp_path / "s.pt"
+    s.save(path)
+    t = Statistics.load(path)
+    assert all(torch.equal(t.slots[k].total, s.slots[k].total) for k in s.slots)
+    blob = torch.load(path, weights_only=True)
+    blob["slots"]["5"]["total"][0, 0] += 1.0  # a changed mean is a corrupted file
+    torch.save(blob, path)
+    with pytest.raises(ValueError, match="corrupted"):
+        Statistics.load(path)
+    # a file of format version 3 (no first moments): it loads, and holds no means
+    old = s.to()
+    for slot in old.slots.values():
+        slot.total = None
+    blob = old.to_blob()
+    blob["version"] = 3
+    torch.save(blob, path)
+    loaded = Statistics.load(path)
+    from deepunlearn.layers import find_targets
+
+    assert all(loaded.mean(t) is None for t in find_targets(m)[0])
+    assert (loaded + s).slots["5"].total is None  # a sum with a file lacking them lacks them too

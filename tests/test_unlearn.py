@@ -193,6 +193,7 @@ X = torch.randn(8, 1, 5, 5)
         (dict(forget=X, retain=X, solver="lu"), "solver"),
         (dict(forget=None, retain=X), "no forget data"),
         (dict(forget=X, retain=X, batch_size=0), "batch_size"),
+        (dict(forget=X, retain=X, keep_retain_mean="yes"), "keep_retain_mean"),
     ],
 )
 def test_bad_arguments(net, kwargs, match):
@@ -345,3 +346,50 @@ def test_the_automatic_choice_skips_the_first_layer_unless_told_not_to():
     assert [name for name, _ in auto.skipped] == ["stem"] and torch.equal(auto.model.stem.weight, model.stem.weight)
     edited = unlearn(model, xf, xr, inplace=False, skip_first_layer=False)
     assert not edited.skipped and not torch.equal(edited.model.stem.weight, model.stem.weight)
+
+
+def test_keeping_the_retain_mean_shifts_each_bias_so_the_mean_output_stays():
+    """Every edited layer with a bias (convs, grouped convs, attention's packed and output
+    projections, Linear layers sharing an input, the head) maps the retain samples' mean input
+    to what it did before; the weights are those of the plain edit, and only biases differ."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from models_for_tests import fixture_data, fixture_model
+    from deepunlearn.layers import find_targets
+
+    xf, xr = fixture_data()
+    plain = fixture_model()
+    kept = fixture_model()
+    original = fixture_model()
+    unlearn(plain, xf, xr, batch_size=4, **FIXED)
+    report = unlearn(kept, xf, xr, batch_size=4, keep_retain_mean=True, **FIXED)
+    assert report.keep_retain_mean and not unlearn(fixture_model(), xf, xr, **FIXED).keep_retain_mean
+    stats = collect_statistics(original, xr)  # float64: the model's dtype
+    targets = {t.name: t for t in find_targets(original)[0]}
+    checked = 0
+    for t_new, t_plain in zip(find_targets(kept)[0], find_targets(plain)[0]):
+        t_old = targets[t_new.name]
+        assert torch.equal(t_new.weight(), t_plain.weight())
+        mu = stats.mean(t_old)  # (g, d)
+        w_old, w_new = t_old.as_matrices(t_old.weight()), t_new.as_matrices(t_new.weight())
+        out_old = (w_old @ mu[:, :, None]).reshape(-1) + t_old.bias()
+        out_new = (w_new @ mu[:, :, None]).reshape(-1) + t_new.bias()
+        assert rel_err(out_new, out_old) < 1e-12, t_new.name
+        assert not torch.equal(t_new.bias(), t_old.bias()) and torch.equal(t_plain.bias(), t_old.bias()), t_new.name
+        checked += 1
+    assert checked == len(targets) == 9
+    assert all("bias shifted" in " ".join(r.notes) for r in report.layers)
+
+
+def test_keeping_the_retain_mean_needs_first_moments(net, tmp_path):
+    sf, sr = collect_statistics(net, X[:4]), collect_statistics(net, X[4:])
+    for slot in sr.slots.values():
+        slot.total = None  # as read from a file of format version 3
+    snap = snapshot(net)
+    with pytest.raises(ValueError, match="no mean input of layer"):
+        unlearn(net, sf, sr, keep_retain_mean=True, **FIXED)
+    assert unchanged(net, snap)
+    unlearn(net, sf, sr, **FIXED)  # the plain edit needs none
+    assert not unchanged(net, snap)

@@ -29,7 +29,7 @@ def main() -> None:
     if args.empty_forget_on_last_rank:  # this rank holds no forget sample at all
         xf_mine = xf[: 0] if rank == world - 1 else xf[rank :: world - 1]
     stats = deepunlearn.collect_statistics(model, xr_mine, batch_size=4)
-    report = deepunlearn.unlearn(model, xf_mine, xr_mine, batch_size=4, alpha_r=100, alpha_f=3)
+    report = deepunlearn.unlearn(model, xf_mine, xr_mine, batch_size=4, alpha_r=100, alpha_f=3, keep_retain_mean=True)
     torch.save({"state": model.state_dict(), "retain_samples": stats.samples,
                 "layers": [(r.name, r.forget_vectors, r.retain_vectors) for r in report.layers],
                 "report_samples": (report.forget_samples, report.retain_samples)},
