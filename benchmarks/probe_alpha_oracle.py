@@ -15,6 +15,9 @@ and whether a scope other than every layer raises that ceiling. Scopes:
 * ``skip-first-token``: as ``skip-first``, with the statistics of sequence inputs taken from their
   first position only (the class token; ``first_token=True``); the same as ``skip-first`` for
   models that read no sequence;
+* ``skip-first-mean``, ``skip-first-token-mean``: as ``skip-first`` and ``skip-first-token``, each
+  edited layer's bias shifted so that its mean output over the retain samples stays
+  (``keep_retain_mean=True``);
 * ``last-layers``: the last two layers only (a CNN's penultimate layer and head, a ViT's last
   MLP output and head): the features of the forget class kept, their use by the classifier removed;
 * ``head``: the classifier alone.
@@ -47,8 +50,8 @@ ALPHA_R_GRID = (1, 3, 10, 30, 100, 300, 1000)
 ALPHA_F_RANGE = (0.1, 1e4)  # bisection bounds (log scale)
 BISECTION_STEPS = 8  # a factor of 10^5 resolved to about 1.05
 FORGET_TARGET = 1.0  # percent
-SCOPES = ("all", "skip-first", "skip-first-token", "last-layers", "head")
-DEFAULT_SCOPES = SCOPES[:3]  # the narrow scopes on request (--scopes last-layers head)
+SCOPES = ("all", "skip-first", "skip-first-token", "skip-first-mean", "skip-first-token-mean", "last-layers", "head")
+DEFAULT_SCOPES = SCOPES[:3]  # the others on request (--scopes skip-first-token-mean, last-layers head...)
 
 
 def stacked(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,13 +69,18 @@ def oracle(model, cands: CandidateEdits, x_f, y_f, x_r, y_r, scales: list[float]
     """Per α_r, the smallest α_f reaching the target and the test accuracies there; ``scales``:
     each target's factor on α_f (default 1)."""
     targets = cands.targets
-    originals = [t.weight().detach().clone() for t in targets]
+    originals = [(t.weight().detach().clone(), None if t.bias() is None else t.bias().detach().clone()) for t in targets]
     scales = scales or [1.0] * len(targets)
+
+    def write(t, w, b):
+        t.weight().copy_(w)
+        if b is not None:
+            t.bias().copy_(b)
 
     def apply(a_r, a_f):
         with torch.no_grad():
             for i, t in enumerate(targets):
-                t.weight().copy_(cands.weight(i, a_r, a_f * scales[i]))
+                write(t, *cands.edit(i, a_r, a_f * scales[i]))
 
     rows = []
     try:
@@ -98,8 +106,8 @@ def oracle(model, cands: CandidateEdits, x_f, y_f, x_r, y_r, scales: list[float]
                          "forget": accuracy(model, x_f, y_f)})
     finally:
         with torch.no_grad():
-            for t, w in zip(targets, originals):
-                t.weight().copy_(w)
+            for t, (w, b) in zip(targets, originals):
+                write(t, w, b)
     return rows
 
 
@@ -126,13 +134,15 @@ def main(argv=None) -> int:
             targets, _ = find_targets(model)
             cpu = torch.device("cpu")
             for scope in a.scopes:
-                token = scope.endswith("-token")
+                token = "-token" in scope
                 stats_f, stats_r = (collect_statistics(model, x, first_token=token) for x in (x_f, x_r))
                 t0 = time.perf_counter()
                 layers = list(dict.fromkeys(t.layer for t in targets))  # the suite's models register their stem first
                 kept = {"all": layers, "head": layers[-1:], "last-layers": layers[-2:]}.get(scope, layers[1:])
                 chosen = [t for t in targets if t.layer in kept]
-                cands = CandidateEdits(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu))
+                means = api.layer_means(chosen, stats_r, cpu) if scope.endswith("-mean") else None
+                cands = CandidateEdits(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu),
+                                       means_r=means)
                 depth = [kept.index(t.layer) for t in cands.targets]
                 for power in a.depth_powers:
                     scales = [((d + 1) / len(kept)) ** power for d in depth]
