@@ -423,9 +423,9 @@ def unlearn(
         first_token: statistics of sequence inputs from their first position only (the class token
             of ViT-style classifiers, which is all their head reads; see
             :func:`~deepunlearn.collect_statistics`). None (default): when the scales are chosen and
-            the model reads sequences, both ways are scored and the better kept (on the suite's ViT
-            the first position's statistics cut the retain cost of forgetting several-fold,
-            docs/auto_alpha.md); with both scales given, the kind of the :class:`Statistics` given, else
+            the model reads sequences, both ways are scored (the first position's with the retain
+            mean kept, ``keep_retain_mean``) and the better kept (on the suite's ViT the first
+            position's statistics cut the retain cost of forgetting several-fold, docs/auto_alpha.md); with both scales given, the kind of the :class:`Statistics` given, else
             every position (the paper's procedure).
         keep_retain_mean: shift the bias of every edited layer that has one so that its mean
             output over the retain samples stays as it was: ``b ← b + (W − W') μ_r``, with ``μ_r``
@@ -580,8 +580,7 @@ def unlearn(
     # Under torch.distributed: solved and written once, on rank 0; the new weights are broadcast.
     params = [getattr(t.module, t.param) for t in targets]
     if keep_mean:
-        params += [b for t in targets if (b := getattr(t.module, "in_proj_bias" if t.kind == "attention-in" else "bias", None))
-                   is not None]
+        params += [b for t in targets if (b := t.bias_parameter()) is not None]
     edited = list({id(p): p for p in params}.values())
     rows, solve_seconds = distributed.on_rank0(solve_and_edit, [p.data for p in edited])
     _sync(device)

@@ -413,7 +413,7 @@ class CandidateEdits:
         self.w = [t.as_matrices(t.weight().detach()).to(dtype, copy=True) for t in self.targets]
         self.wu_r = [None if r is None else w @ r[0] for w, r in zip(self.w, self.retain)]
         self.means = [None if means_r is None or t.bias() is None else means_r.get(t.slots) for t in self.targets]
-        self.b = [None if m is None else t.bias().detach().clone() for t, m in zip(self.targets, self.means)]
+        self.biases = [None if m is None else t.bias().detach().clone() for t, m in zip(self.targets, self.means)]
         self._v: tuple[float, list[torch.Tensor]] | None = None
 
     @property
@@ -452,7 +452,7 @@ class CandidateEdits:
         bias that keeps its mean output, from the target's original bias)."""
         t, w, v, f = self.targets[i], self.w[i], self._retain_side(alpha_r)[i], self._forget_pairs(fold)[i]
         new = w if f is None else w - ((v @ f[0]) * scale_energies(f[1], alpha_f)[:, None, :]) @ f[0].transpose(-1, -2)
-        bias = None if self.means[i] is None else mean_keeping_bias(self.b[i], w, new, self.means[i])
+        bias = None if self.means[i] is None else mean_keeping_bias(self.biases[i], w, new, self.means[i])
         return new.reshape(t.weight().shape).to(t.weight().dtype), bias
 
     def weight(self, i: int, alpha_r: float, alpha_f: float, fold: int = 0) -> torch.Tensor:
@@ -516,7 +516,7 @@ def choose_alphas(
     t0 = time.perf_counter()
     grid_r = [alpha_r] if alpha_r is not None else list(ALPHA_R_CANDIDATES)
     originals = [(t.weight().detach().clone(), None if b is None else t.bias().detach().clone())
-                 for t, b in zip(candidates.targets, candidates.b)]
+                 for t, b in zip(candidates.targets, candidates.biases)]
     table: list[dict[str, float]] = []
     scored_at: dict[tuple[float, float], list[dict[str, float]]] = {}  # (alpha_r, alpha_f) -> a row per option
     n_f = scorer.forget_samples

@@ -48,17 +48,19 @@ class EditTarget:
         w = getattr(self.module, self.param)
         return w if self.rows is None else w[self.rows[0] : self.rows[1]]
 
+    def bias_parameter(self) -> torch.Tensor | None:
+        """The parameter holding this target's bias (attention's input projections keep theirs
+        packed in ``in_proj_bias`` either way, returned whole), or None where it has none."""
+        return getattr(self.module, "in_proj_bias" if self.kind == "attention-in" else "bias", None)
+
     def bias(self) -> torch.Tensor | None:
-        """The bias added to this target's outputs (a view of its rows), or None where it has none.
-        Attention's input projections keep theirs packed in ``in_proj_bias`` either way."""
-        if self.kind != "attention-in":
-            return getattr(self.module, "bias", None)
-        packed = self.module.in_proj_bias
-        if packed is None:
-            return None
+        """The bias added to this target's outputs (a view of its rows), or None where it has none."""
+        b = self.bias_parameter()
+        if b is None or self.kind != "attention-in":
+            return b
         e = self.module.embed_dim
         part = "qkv".index(self.slots[-1].rsplit(".", 1)[1])
-        return packed[part * e : (part + 1) * e]
+        return b[part * e : (part + 1) * e]
 
     def weight_shape(self) -> tuple[int, ...]:
         return tuple(self.weight().shape)
