@@ -348,30 +348,33 @@ def test_the_automatic_choice_skips_the_first_layer_unless_told_not_to():
     assert not edited.skipped and not torch.equal(edited.model.stem.weight, model.stem.weight)
 
 
-def test_keeping_the_retain_mean_shifts_each_bias_so_the_mean_output_stays():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_keeping_the_retain_mean_shifts_each_bias_so_the_mean_output_stays(device):
     """Every edited layer with a bias (convs, grouped convs, attention's packed and output
     projections, Linear layers sharing an input, the head) maps the retain samples' mean input
     to what it did before; the weights are those of the plain edit, and only biases differ."""
     import sys
     from pathlib import Path
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     sys.path.insert(0, str(Path(__file__).parent / "helpers"))
     from models_for_tests import fixture_data, fixture_model
     from deepunlearn.layers import find_targets
 
-    xf, xr = fixture_data()
-    plain = fixture_model()
-    kept = fixture_model()
-    original = fixture_model()
+    xf, xr = (x.to(device) for x in fixture_data())
+    plain = fixture_model().to(device)
+    kept = fixture_model().to(device)
+    original = fixture_model().to(device)
     unlearn(plain, xf, xr, batch_size=4, **FIXED)
     report = unlearn(kept, xf, xr, batch_size=4, keep_retain_mean=True, **FIXED)
-    assert report.keep_retain_mean and not unlearn(fixture_model(), xf, xr, **FIXED).keep_retain_mean
+    assert report.keep_retain_mean and not unlearn(fixture_model().to(device), xf, xr, **FIXED).keep_retain_mean
     stats = collect_statistics(original, xr)  # float64: the model's dtype
     targets = {t.name: t for t in find_targets(original)[0]}
     checked = 0
     for t_new, t_plain in zip(find_targets(kept)[0], find_targets(plain)[0]):
         t_old = targets[t_new.name]
-        assert torch.equal(t_new.weight(), t_plain.weight())
+        assert torch.equal(t_new.weight(), t_plain.weight()) if device == "cpu" else rel_err(t_new.weight(), t_plain.weight()) < 1e-10
         mu = stats.mean(t_old)  # (g, d)
         w_old, w_new = t_old.as_matrices(t_old.weight()), t_new.as_matrices(t_new.weight())
         out_old = (w_old @ mu[:, :, None]).reshape(-1) + t_old.bias()
