@@ -64,7 +64,8 @@ def run_deepunlearn(model, xf, xr, args, device, autocast, alphas=FIXED_ALPHAS) 
             "alpha_r": report.alpha_r, "alpha_f": report.alpha_f,
             # the chosen kind's scored pairs (for sequence models both kinds were scored)
             "candidates": None if report.alpha_choice is None else len(report.alpha_choice.candidates),
-            "first_token": None if report.alpha_choice is None else report.alpha_choice.first_token}
+            "first_token": None if report.alpha_choice is None else report.alpha_choice.first_token,
+            "keep_retain_mean": report.keep_retain_mean}
 
 
 def run_paper(model, xf, xr, args, device) -> dict:
