@@ -43,14 +43,19 @@ FORGET_TARGET = 1.0  # percent
 def body_oracle(model, cands, in_part, a_r, a_part, forget, retain) -> dict:
     """The smallest body α_f (scan, then bisection) whose test forget accuracy is at most the target."""
     targets = cands.targets
-    originals = [t.weight().detach().clone() for t in targets]
+    originals = [(t.weight().detach().clone(), None if t.bias() is None else t.bias().detach().clone()) for t in targets]
+
+    def write(t, w, b) -> None:
+        t.weight().copy_(w)
+        if b is not None:
+            t.bias().copy_(b)
 
     def apply(a_body: float) -> None:
-        part = originals if a_part is None else cands.weights(a_r, a_part)
-        body = cands.weights(a_r, a_body)
+        part = originals if a_part is None else cands.edits(a_r, a_part)
+        body = cands.edits(a_r, a_body)
         with torch.no_grad():
             for i, t in enumerate(targets):
-                t.weight().copy_(part[i] if in_part[i] else body[i])
+                write(t, *(part[i] if in_part[i] else body[i]))
 
     try:
         below, first = None, None
@@ -75,8 +80,8 @@ def body_oracle(model, cands, in_part, a_r, a_part, forget, retain) -> dict:
                 "forget": accuracy(model, *forget)}
     finally:
         with torch.no_grad():
-            for t, w in zip(targets, originals):
-                t.weight().copy_(w)
+            for t, (w, b) in zip(targets, originals):
+                write(t, w, b)
 
 
 def main(argv=None) -> int:
@@ -84,10 +89,13 @@ def main(argv=None) -> int:
     suite_arguments(p, RESULTS / "alpha_split_cpu")
     p.add_argument("--part", choices=["head", "attention"], default="head")
     p.add_argument("--alpha-r", type=float, nargs="+", help="the alpha_r grid (default: three around the chosen ones)")
+    p.add_argument("--keep-retain-mean", action="store_true",
+                   help="biases keep the retain samples' mean output (keep_retain_mean=True), part and body alike")
     a = p.parse_args(argv)
     train, labels, test = suite_data()
     x_test, y_test = stacked(test)
-    result = {"device_name": device_name(torch.device("cpu")), "torch": torch.__version__, "part": a.part, "rows": []}
+    result = {"device_name": device_name(torch.device("cpu")), "torch": torch.__version__, "part": a.part,
+              "keep_retain_mean": a.keep_retain_mean, "rows": []}
     cpu = torch.device("cpu")
     for arch in a.archs:
         model = suite_model(arch, train, a.seed, a.cache_dir).eval()
@@ -102,7 +110,8 @@ def main(argv=None) -> int:
             chosen = [t for t in targets if t.layer != layers[0]]
             token = any(t.kind.startswith("attention") for t in targets)  # the ViT: the first position's statistics
             stats_f, stats_r = (collect_statistics(model, x, first_token=token) for x in (x_f, x_r))
-            cands = CandidateEdits(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu))
+            cands = CandidateEdits(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu),
+                                   means_r=api.layer_means(chosen, stats_r, cpu) if a.keep_retain_mean else None)
             in_part = [t.layer == layers[-1] if a.part == "head" else t.kind.startswith("attention") for t in chosen]
             for a_r in a.alpha_r or ALPHA_R_GRID[arch]:
                 for a_part in PART_ALPHA_F:
@@ -119,7 +128,8 @@ def main(argv=None) -> int:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Two forget scales, the {result['part']} apart from the body, test split as oracle "
+    kept = ", the retain mean kept" if result.get("keep_retain_mean") else ""
+    lines = [f"# Two forget scales, the {result['part']} apart from the body{kept}, test split as oracle "
              f"({result['device_name']})", "",
              "Per α_r and the part's α_f ('unedited': the part left as it was), the test retain drop (points) at the "
              "smallest body α_f whose test forget accuracy is at most 1 % ('-': never); best per case in bold.", "",
