@@ -86,7 +86,8 @@ def layer_means(targets: Sequence[EditTarget], stats: Statistics, device: torch.
         mean = stats.mean(t)
         if mean is None and stats.moment(t)[0] is not None:
             raise ValueError(f"the retain statistics hold no mean input of layer '{t.name}' (a statistics file of format "
-                             "version 3 or older): collect them again to keep the retain mean, or pass keep_retain_mean=False")
+                             "version 3 or older): collect them again to keep the retain mean, or do not keep it "
+                             "(keep_retain_mean=False; --keep-retain-mean no)")
         out[t.slots] = None if mean is None else mean.to(device)
     return out
 
