@@ -89,20 +89,14 @@ def conv_patches(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
     return rows.transpose(0, 1)
 
 
-_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
-
-
 def patch_sums(x: torch.Tensor, geom: ConvGeometry, dtype: torch.dtype) -> torch.Tensor:
     """``(groups, C/groups*prod(kernel))``: the sum of every patch :func:`conv_patches` gives, in
-    ``dtype``, without unfolding them: the weight gradient of the convolution with one output
-    channel per group and an output gradient of ones."""
+    ``dtype``. Patches (padding included: every mode copies or zero-fills) are linear in the input,
+    so the sum over the batch's images is the sum of the patches of their summed image: one image
+    is unfolded, not the batch."""
     nd = geom.spatial_dims
-    x = _pad((x if x.dim() == nd + 2 else x.unsqueeze(0)).to(dtype), geom)
-    out = [(size - dil * (k - 1) - 1) // st + 1 for size, k, st, dil in zip(x.shape[2:], geom.kernel, geom.stride, geom.dilation)]
-    ones = torch.ones(x.shape[0], geom.groups, *out, dtype=dtype, device=x.device)
-    grad = _WEIGHT_GRAD[nd](x, (geom.groups, x.shape[1] // geom.groups, *geom.kernel), ones, stride=geom.stride,
-                            padding=0, dilation=geom.dilation, groups=geom.groups)
-    return grad.reshape(geom.groups, -1)
+    batch = x if x.dim() == nd + 2 else x.unsqueeze(0)
+    return conv_patches(batch.sum(0, keepdim=True, dtype=dtype), geom).sum(1)
 
 
 def linear_rows(x: torch.Tensor, d: int) -> torch.Tensor:
