@@ -278,3 +278,24 @@ def test_conv_weights_applied_through_f_conv_are_collected_with_the_calls_geomet
     rows = u.reshape(5, 2, 18, 16).permute(1, 0, 3, 2).reshape(2, -1, 18)
     assert stats.slots["conv"].count == 5 * 16
     assert rel_err(stats.slots["conv"].cov, rows.transpose(1, 2) @ rows) < 1e-13
+
+
+@pytest.mark.parametrize("nd,kw", [
+    (2, dict(stride=1, padding=1)),
+    (2, dict(stride=2, padding=2, dilation=2, groups=2, padding_mode="reflect")),
+    (1, dict(stride=3, padding=0)),
+    (3, dict(padding=1, groups=3, padding_mode="replicate")),
+    (2, dict(padding="same", padding_mode="circular")),
+])
+def test_patch_sums_are_the_sums_of_the_unfolded_patches(nd, kw):
+    """The first moment's conv path (one summed image unfolded) against every patch unfolded, in float64."""
+    from deepunlearn.covariance import patch_sums
+
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd](6, 6, 3, **kw).double()
+    x = torch.randn(4, 6, *([9] * nd), dtype=torch.float64) + 0.5
+    geom = ConvGeometry.of(conv)
+    ref = conv_patches(x, geom).sum(1)
+    got = patch_sums(x, geom, torch.float64)
+    assert got.shape == ref.shape == (conv.groups, 6 // conv.groups * 3 ** nd)
+    assert rel_err(got, ref) < 1e-13
+    assert rel_err(patch_sums(x, geom, torch.float32), ref) < 1e-6  # summed in the statistics' dtype
