@@ -72,15 +72,9 @@ def oracle(model, cands: CandidateEdits, x_f, y_f, x_r, y_r, scales: list[float]
     originals = [(t.weight().detach().clone(), None if t.bias() is None else t.bias().detach().clone()) for t in targets]
     scales = scales or [1.0] * len(targets)
 
-    def write(t, w, b):
-        t.weight().copy_(w)
-        if b is not None:
-            t.bias().copy_(b)
-
     def apply(a_r, a_f):
-        with torch.no_grad():
-            for i, t in enumerate(targets):
-                write(t, *cands.edit(i, a_r, a_f * scales[i]))
+        for i, t in enumerate(targets):
+            t.write(*cands.edit(i, a_r, a_f * scales[i]))
 
     rows = []
     try:
@@ -105,9 +99,8 @@ def oracle(model, cands: CandidateEdits, x_f, y_f, x_r, y_r, scales: list[float]
             rows.append({"alpha_r": a_r, "alpha_f": math.exp(hi), "retain": accuracy(model, x_r, y_r),
                          "forget": accuracy(model, x_f, y_f)})
     finally:
-        with torch.no_grad():
-            for t, (w, b) in zip(targets, originals):
-                write(t, w, b)
+        for t, (w, b) in zip(targets, originals):
+            t.write(w, b)
     return rows
 
 

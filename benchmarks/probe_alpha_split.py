@@ -45,17 +45,11 @@ def body_oracle(model, cands, in_part, a_r, a_part, forget, retain) -> dict:
     targets = cands.targets
     originals = [(t.weight().detach().clone(), None if t.bias() is None else t.bias().detach().clone()) for t in targets]
 
-    def write(t, w, b) -> None:
-        t.weight().copy_(w)
-        if b is not None:
-            t.bias().copy_(b)
-
     def apply(a_body: float) -> None:
         part = originals if a_part is None else cands.edits(a_r, a_part)
         body = cands.edits(a_r, a_body)
-        with torch.no_grad():
-            for i, t in enumerate(targets):
-                write(t, *(part[i] if in_part[i] else body[i]))
+        for i, t in enumerate(targets):
+            t.write(*(part[i] if in_part[i] else body[i]))
 
     try:
         below, first = None, None
@@ -79,9 +73,8 @@ def body_oracle(model, cands, in_part, a_r, a_part, forget, retain) -> dict:
         return {"alpha_f_part": a_part, "alpha_f_body": math.exp(hi), "retain": accuracy(model, *retain),
                 "forget": accuracy(model, *forget)}
     finally:
-        with torch.no_grad():
-            for t, (w, b) in zip(targets, originals):
-                write(t, w, b)
+        for t, (w, b) in zip(targets, originals):
+            t.write(w, b)
 
 
 def main(argv=None) -> int:

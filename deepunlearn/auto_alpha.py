@@ -455,10 +455,6 @@ class CandidateEdits:
         bias = None if self.means[i] is None else mean_keeping_bias(self.biases[i], w, new, self.means[i])
         return new.reshape(t.weight().shape).to(t.weight().dtype), bias
 
-    def weight(self, i: int, alpha_r: float, alpha_f: float, fold: int = 0) -> torch.Tensor:
-        """Target ``i``'s new weight alone (:meth:`edit`)."""
-        return self.edit(i, alpha_r, alpha_f, fold)[0]
-
     def edits(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None
               ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """:meth:`edit` of every target for the pair; the :attr:`head` with ``alpha_f_head`` where given."""
@@ -515,8 +511,8 @@ def choose_alphas(
     """
     t0 = time.perf_counter()
     grid_r = [alpha_r] if alpha_r is not None else list(ALPHA_R_CANDIDATES)
-    originals = [(t.weight().detach().clone(), None if b is None else t.bias().detach().clone())
-                 for t, b in zip(candidates.targets, candidates.biases)]
+    # the biases CandidateEdits keeps are copies of the originals already
+    originals = [(t.weight().detach().clone(), b) for t, b in zip(candidates.targets, candidates.biases)]
     table: list[dict[str, float]] = []
     scored_at: dict[tuple[float, float], list[dict[str, float]]] = {}  # (alpha_r, alpha_f) -> a row per option
     n_f = scorer.forget_samples
@@ -531,15 +527,9 @@ def choose_alphas(
             return None
         return [candidates.edit(candidates.head, a_r, a_f if h is None else h, fold) for h in options]
 
-    def write(t: EditTarget, w: torch.Tensor, b: torch.Tensor | None) -> None:
-        with torch.no_grad():
-            t.weight().copy_(w)
-            if b is not None:
-                t.bias().copy_(b)
-
     def apply(a_r: float, a_f: float, fold: int = 0) -> None:
         for t, (w, b) in zip(candidates.targets, candidates.edits(a_r, a_f, fold, options[0])):
-            write(t, w, b)
+            t.write(w, b)
 
     def rows_of(a_r: float, a_f: float) -> list[dict[str, float]]:
         """The pair's row per head option in ``table``, made (nothing scored yet) on first use."""
@@ -651,7 +641,7 @@ def choose_alphas(
                         row["forget_acc"] = 100.0 * hits / scored
     finally:
         for t, (w, b) in zip(candidates.targets, originals):
-            write(t, w, b)
+            t.write(w, b)
     if reached:  # the smallest edit that forgets: best retain, then fewer forget samples still recognised, then the
         # head edited like the body, then smaller scales
         best = max(reached, key=lambda c: (c["retain_prob"], -c["forget_hits"], -c["head_apart"], -c["alpha_f"],

@@ -51,8 +51,5 @@ class PlannedEdit:
 
 def apply_plan(plan: list[PlannedEdit]) -> None:
     """Write every planned weight (and bias) into its parameter (in place, without autograd)."""
-    with torch.no_grad():
-        for p in plan:
-            p.target.weight().copy_(p.new_weight)
-            if p.new_bias is not None:
-                p.target.bias().copy_(p.new_bias)
+    for p in plan:
+        p.target.write(p.new_weight, p.new_bias)

@@ -62,6 +62,14 @@ class EditTarget:
         part = "qkv".index(self.slots[-1].rsplit(".", 1)[1])
         return b[part * e : (part + 1) * e]
 
+    def write(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Copy ``weight`` (this target's shape) into its parameter, and ``bias`` where given, in
+        place and without autograd."""
+        with torch.no_grad():
+            self.weight().copy_(weight)
+            if bias is not None:
+                self.bias().copy_(bias)
+
     def weight_shape(self) -> tuple[int, ...]:
         return tuple(self.weight().shape)
 

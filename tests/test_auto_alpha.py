@@ -299,17 +299,13 @@ def test_head_options_score_as_if_each_were_written_into_the_head(trained):
         with _eval_no_grad(model), torch.no_grad():
             assert reading.head.reads_the_output(model, xr)
             for t, (w, b) in zip(targets, cands.edits(100.0, 0.1)):  # a gentle body edit: the head decides what is forgotten
-                t.weight().copy_(w)
                 assert (b is None) == (means is None)
-                if b is not None:
-                    t.bias().copy_(b)
+                t.write(w, b)
             heads = [cands.edit(cands.head, 100.0, a) for a in (0.01, 1.0, 100.0, 1e4)]
             got_f = reading.forget_hits(model, 0, [len(xf)] * len(heads), heads)
             got_r = reading.retain_scores(model, heads)
             for i, (w, b) in enumerate(heads):
-                head.weight().copy_(w)
-                if b is not None:
-                    head.bias().copy_(b)
+                head.write(w, b)
                 assert plain.forget_hits(model, 0, [len(xf)]) == [got_f[i]]
                 assert plain.retain_scores(model)[0] == pytest.approx(got_r[i], rel=1e-12)
             assert len({h for h, _ in got_f}) > 1 and len({p for _, p in got_r}) == len(heads), (got_f, got_r)  # they differ
