@@ -93,6 +93,10 @@ class AlphaChoice:
             carry ``alpha_f_head`` (the head's scale) and ``head_apart`` (1 where it was set apart).
         keep_retain_mean: whether the candidates' biases kept the retain samples' mean output
             (:func:`deepunlearn.unlearn`'s ``keep_retain_mean``).
+        every_position_skipped: whether a model that reads sequences was searched with the first
+            position's statistics only: its output depends on that position alone
+            (:func:`reads_first_position`) and they reached the target, so every position's were
+            not scored.
     """
 
     alpha_r: float
@@ -112,6 +116,7 @@ class AlphaChoice:
     alpha_f_head: float | None = None
     retain_prob: float = math.nan
     keep_retain_mean: bool = False
+    every_position_skipped: bool = False
 
     def __str__(self) -> str:
         how = "reached" if self.reached_target else "NOT reached"
@@ -119,6 +124,7 @@ class AlphaChoice:
         return (f"alpha chosen: alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}{head} (held-out retain {self.retain_acc:.2f} %, "
                 f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}, at most {self.allowed_hits} held-out forget "
                 f"sample(s) recognised; {'statistics of the first sequence position; ' if self.first_token else ''}"
+                f"{'every position not searched (the output reads the first alone); ' if self.every_position_skipped else ''}"
                 f"{'retain mean kept; ' if self.keep_retain_mean else ''}"
                 f"{len({(c['alpha_r'], c['alpha_f']) for c in self.candidates})} pairs scored"
                 f"{'' if self.alpha_f_head is None and not any(c.get('head_apart') for c in self.candidates) else ' with each head scale'} "
@@ -258,6 +264,62 @@ class HeadReader:
         return torch.equal(self.logits([(self.module.weight, None)])[0].argmax(-1), y.argmax(-1))
 
 
+def reads_first_position(model: nn.Module, x: torch.Tensor, head: nn.Module, autocast: torch.dtype | None) -> bool:
+    """Whether ``model``'s output on ``x`` depends on the first sequence position alone after the
+    last batch-first sequence ``(N, S, d)`` a module returns before ``head`` runs: a class-token
+    model (a ViT whose head reads ``[:, 0]``), not one that pools its tokens. The other positions
+    of that output are replaced by other samples' and the output must stay the same. False where
+    it cannot tell (fewer than 2 samples, no such output, ``head`` never called). Runs in eval
+    mode without autograd."""
+    if x.shape[0] < 2:
+        return False
+    with _eval_no_grad(model):
+        return _reads_first_position(model, x, head, autocast)
+
+
+def _reads_first_position(model: nn.Module, x: torch.Tensor, head: nn.Module, autocast: torch.dtype | None) -> bool:
+    last: list[tuple[nn.Module, int]] = []  # (module, its call number) of the last sequence output so far
+    calls: dict[nn.Module, int] = {}
+    head_ran = [False]
+
+    def after(module: nn.Module, args: tuple, out: object) -> None:
+        calls[module] = calls.get(module, 0) + 1
+        if (not head_ran[0] and isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[0] == x.shape[0]
+                and out.shape[1] > 1):
+            last[:] = [(module, calls[module])]
+
+    def at_head(module: nn.Module, args: tuple) -> None:
+        head_ran[0] = True
+
+    handles = [m.register_forward_hook(after) for m in model.modules() if m is not model and m is not head]
+    handles.append(head.register_forward_pre_hook(at_head))
+    try:
+        want = _model_logits(model, x, autocast)
+    finally:
+        for h in handles:
+            h.remove()
+    if not head_ran[0] or not last or not isinstance(want, torch.Tensor):
+        return False
+    module, nth = last[0]
+    seen = [0]
+
+    def swapped(m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        seen[0] += 1
+        if seen[0] != nth:
+            return None
+        out = out.clone()
+        out[:, 1:] = out[:, 1:].roll(1, 0)  # every later position from the previous sample
+        return out
+
+    handle = module.register_forward_hook(swapped)
+    try:
+        got = _model_logits(model, x, autocast)
+    finally:
+        handle.remove()
+    # the same to rounding: each row of a matrix product is computed apart from the others
+    return bool((got.float() - want.float()).abs().max() <= 1e-5 * want.float().abs().max().clamp_min(1e-30))
+
+
 @dataclass
 class _Scorer:
     """Held-out forget hits per fold and retain accuracy (percent) of the model as it is now; its
@@ -268,62 +330,61 @@ class _Scorer:
 
     x_f: list[torch.Tensor]  # per fold
     x_r: torch.Tensor
-    forget_hit: list[Callable[[torch.Tensor, int], torch.Tensor]]  # per fold: (predictions (..., n), first index)
-    # -> bool "still recognised"
+    forget_hit: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]  # per fold: (predictions (..., n), the
+    # samples' indices (n,)) -> bool "still recognised"
     retain_ref: torch.Tensor  # (N,) the class each held-out retain sample counts as right for
     batch_size: int
     autocast: torch.dtype | None
     scoring: str
     head: HeadReader | None = None
     prefix: FrozenPrefix | None = None  # the unedited start of the forward pass, kept per held-out sample
+    order: list[torch.Tensor] = field(default_factory=list)  # per fold: the order its samples are scored in next
+
+    def __post_init__(self) -> None:
+        self.order = [torch.arange(len(x)) for x in self.x_f]
 
     @property
     def forget_samples(self) -> int:
         return sum(len(x) for x in self.x_f)
 
-    def _logits(self, model: nn.Module, source: int | str, start: int, stop: int,
+    def _logits(self, model: nn.Module, source: int | str, rows: torch.Tensor,
                 heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None) -> torch.Tensor:
-        """``(len(heads) or 1, N, classes)`` logits (float32, on the model's device) of samples
-        ``start:stop`` of ``source``: a fold's index, or ``"retain"``."""
+        """``(len(heads) or 1, len(rows), classes)`` logits (float32, on the model's device) of the
+        samples ``rows`` (indices) of ``source``: a fold's index, or ``"retain"``."""
         device = next(model.parameters()).device
         x = self.x_r if source == "retain" else self.x_f[source]
         out = []
         with self.prefix.standing_in() if self.prefix is not None else nullcontext():
-            for i in range(start, min(stop, len(x)), self.batch_size):
-                j = min(stop, len(x), i + self.batch_size)
+            for batch in rows.split(self.batch_size):
                 if self.prefix is not None:
-                    self.prefix.kept(source, i, j)
+                    self.prefix.kept(source, batch)
                 if heads is None:
-                    out.append(_model_logits(model, x[i:j].to(device), self.autocast).float()[None])
+                    out.append(_model_logits(model, x[batch].to(device), self.autocast).float()[None])
                 else:
-                    self.head.logits_of(model, x[i:j].to(device))
+                    self.head.logits_of(model, x[batch].to(device))
                     out.append(self.head.logits(heads))
         return torch.cat(out, dim=1)
 
-    def forget_hits(self, model: nn.Module, fold: int, limits: Sequence[int],
-                    heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> list[tuple[int, int]]:
-        """Per head (or the model as it is), ``(hits, scored)``: held-out forget samples of ``fold``
-        still recognised, of those scored. A head stops scoring once its ``hits`` exceed its limit
-        (checked after chunks of :data:`SCORE_CHUNK`, then twice as many each time); so do all once
-        every head has."""
-        hits, scored = [0] * len(limits), [0] * len(limits)
-        done, chunk = 0, SCORE_CHUNK
-        while done < len(self.x_f[fold]) and any(h <= lim for h, lim in zip(hits, limits)):
-            p = self._logits(model, fold, done, done + chunk, heads).argmax(-1).cpu()
-            recognised = self.forget_hit[fold](p, done).sum(-1).tolist()
-            for i, lim in enumerate(limits):
-                if hits[i] <= lim:
-                    hits[i] += recognised[i]
-                    scored[i] += p.shape[-1]
-            done += p.shape[-1]
-            chunk *= 2  # a candidate that has not missed yet is likely near the target: score in larger batches
-        return list(zip(hits, scored))
+    def forget_recognised(self, model: nn.Module, fold: int, start: int, stop: int,
+                          heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> torch.Tensor:
+        """``(len(heads) or 1, n)`` bool: whether each held-out forget sample of ``fold`` at
+        positions ``start:stop`` of its scoring order (:attr:`order`) is still recognised, per head
+        (or by the model as it is)."""
+        rows = self.order[fold][start:stop]
+        return self.forget_hit[fold](self._logits(model, fold, rows, heads).argmax(-1).cpu(), rows)
+
+    def recognised_first(self, fold: int, recognised: torch.Tensor) -> None:
+        """Reorder ``fold`` so that the samples still recognised (``recognised``: ``(n,)`` bool over
+        the first ``n`` positions of its order) are scored first next time, then those not scored,
+        then the rest: a later candidate that misses the target shows it in its first chunk."""
+        order, n = self.order[fold], len(recognised)
+        self.order[fold] = torch.cat([order[:n][recognised], order[n:], order[:n][~recognised]])
 
     def retain_scores(self, model: nn.Module, heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None
                       ) -> list[tuple[float, float]]:
         """Per head (or the model as it is), ``(accuracy, probability)``: the percent of held-out
         retain samples still right, and their mean probability (percent) of the class counted right."""
-        logits = self._logits(model, "retain", 0, len(self.x_r), heads)
+        logits = self._logits(model, "retain", torch.arange(len(self.x_r)), heads)
         right = (logits.argmax(-1).cpu() == self.retain_ref).float().mean(-1)
         ref = self.retain_ref.to(logits.device).expand(logits.shape[:2])
         prob = logits.softmax(-1).gather(-1, ref[..., None])[..., 0].mean(-1)
@@ -359,10 +420,10 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
         orig_f = predictions(model, torch.cat(x_f), batch_size, autocast)
         orig_r = predictions(model, x_r, batch_size, autocast)
     if y_f is not None:
-        forget_hit, scoring = [lambda p, at, y=y[:HOLDOUT_CAP]: p == y[at:at + p.shape[-1]] for y in y_f], "labels"
+        forget_hit, scoring = [lambda p, rows, y=y[:HOLDOUT_CAP]: p == y[rows] for y in y_f], "labels"
     else:
         forgotten = torch.as_tensor(list(classes) if classes is not None else inferred_forget_classes(orig_f, orig_r))
-        forget_hit = [lambda p, at: torch.isin(p, forgotten)] * len(x_f)
+        forget_hit = [lambda p, rows: torch.isin(p, forgotten)] * len(x_f)
         scoring = "classes" if classes is not None else "original predictions"
     ref_r = y_r if y_r is not None else orig_r
     if y_r is None:
@@ -415,6 +476,7 @@ class CandidateEdits:
         self.means = [None if means_r is None or t.bias() is None else means_r.get(t.slots) for t in self.targets]
         self.biases = [None if m is None else t.bias().detach().clone() for t, m in zip(self.targets, self.means)]
         self._v: tuple[float, list[torch.Tensor]] | None = None
+        self._vu: dict[tuple[int, int], torch.Tensor] = {}  # (fold, target) -> V U_f, for the last alpha_r
 
     @property
     def folds(self) -> int:
@@ -443,7 +505,7 @@ class CandidateEdits:
             v = []
             for w, wu, r in zip(self.w, self.wu_r, self.retain):
                 v.append(w if r is None else w - (wu * scale_energies(r[1], alpha_r)[:, None, :]) @ r[0].transpose(-1, -2))
-            self._v = (alpha_r, v)
+            self._v, self._vu = (alpha_r, v), {}
         return self._v[1]
 
     def edit(self, i: int, alpha_r: float, alpha_f: float, fold: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -451,7 +513,12 @@ class CandidateEdits:
         forget side, and its new bias (None: kept; where :attr:`means` holds its retain mean, the
         bias that keeps its mean output, from the target's original bias)."""
         t, w, v, f = self.targets[i], self.w[i], self._retain_side(alpha_r)[i], self._forget_pairs(fold)[i]
-        new = w if f is None else w - ((v @ f[0]) * scale_energies(f[1], alpha_f)[:, None, :]) @ f[0].transpose(-1, -2)
+        if f is None:
+            new = w
+        else:
+            if (fold, i) not in self._vu:  # the scan and bisection try several alpha_f per alpha_r
+                self._vu[fold, i] = v @ f[0]
+            new = w - (self._vu[fold, i] * scale_energies(f[1], alpha_f)[:, None, :]) @ f[0].transpose(-1, -2)
         bias = None if self.means[i] is None else mean_keeping_bias(self.biases[i], w, new, self.means[i])
         return new.reshape(t.weight().shape).to(t.weight().dtype), bias
 
@@ -540,22 +607,48 @@ def choose_alphas(
             table.extend(scored_at[a_r, a_f])
         return scored_at[a_r, a_f]
 
-    def score(a_r: float, a_f: float) -> list[bool]:
+    def score(a_r: float, a_f: float) -> list[bool] | None:
         """Per head option, whether the pair forgets; its rows get the forget side (the retain side is
-        scored later)."""
+        scored later). The folds are scored in rounds, a chunk of each per round (the samples still
+        recognised by the last candidates first), until every option has missed the target. None:
+        the pair cannot win (:func:`cannot_win`, checked once a candidate has reached the target
+        and the pair has come through its first round, the hardest samples), and was scored no
+        further; its rows keep no forget hits."""
         hits, scored, first = [0] * len(options), [0] * len(options), [math.nan] * len(options)
-        for fold in range(candidates.folds):
-            apply(a_r, a_f, fold)
-            got = scorer.forget_hits(model, fold, [allowed - h for h in hits], head_weights(a_r, a_f, fold))
-            for i, (fold_hits, fold_scored) in enumerate(got):
-                hits[i], scored[i] = hits[i] + fold_hits, scored[i] + fold_scored
-                if fold == 0 and fold_scored == len(scorer.x_f[0]):
-                    first[i] = 100.0 * fold_hits / fold_scored  # the first fold's accuracy, where it was scored whole
-            if all(h > allowed for h in hits):
-                break
+        cut = False
+        sizes = [len(x) for x in scorer.x_f]
+        seen: list[list[torch.Tensor]] = [[] for _ in sizes]  # per fold, per chunk scored: recognised by any option
+        made: dict[int, tuple] = {}  # per fold: its edits and head options, made once and written each round
+        done, chunk = [0] * len(sizes), SCORE_CHUNK
+        while any(d < n for d, n in zip(done, sizes)) and any(h <= allowed for h in hits):
+            for fold in range(len(sizes)):
+                if done[fold] == sizes[fold] or all(h > allowed for h in hits):
+                    continue
+                if fold not in made:
+                    made[fold] = (candidates.edits(a_r, a_f, fold, options[0]), head_weights(a_r, a_f, fold))
+                for t, (w, b) in zip(candidates.targets, made[fold][0]):
+                    t.write(w, b)
+                hit = scorer.forget_recognised(model, fold, done[fold], done[fold] + chunk, made[fold][1])
+                for i, n_hit in enumerate(hit.sum(-1).tolist()):
+                    if hits[i] <= allowed:
+                        hits[i] += n_hit
+                        scored[i] += hit.shape[-1]
+                seen[fold].append(hit)
+                done[fold] += hit.shape[-1]
+                if fold == 0 and done[0] == sizes[0]:  # the first fold's accuracy, where it was scored whole
+                    first = (100.0 * torch.cat(seen[0], dim=-1).sum(-1) / sizes[0]).tolist()
+            if chunk == SCORE_CHUNK and any(d < n for d, n in zip(done, sizes)) and any(h <= allowed for h in hits):
+                rows_of(a_r, a_f)
+                cut = cannot_win(a_r, a_f)  # the rest would cost more than the retain side
+                if cut:
+                    break
+            chunk *= 2  # a candidate that has not missed yet is likely near the target: score in larger batches
+        for fold, parts in enumerate(seen):
+            if parts:
+                scorer.recognised_first(fold, torch.cat(parts, dim=-1).any(0))
         for i, row in enumerate(rows_of(a_r, a_f)):
-            row.update(forget_acc=first[i], forget_hits=hits[i], forget_scored=scored[i])
-        return [h <= allowed for h in hits]
+            row.update(forget_acc=first[i], forget_hits=math.nan if cut else hits[i], forget_scored=scored[i])
+        return None if cut else [h <= allowed for h in hits]
 
     best_retain = -math.inf if bound is None else bound  # of the candidates that reached the target
 
@@ -566,14 +659,6 @@ def choose_alphas(
             for c, (acc, prob) in zip(scored_at[a_r, a_f], scorer.retain_scores(model, head_weights(a_r, a_f, 0))):
                 c["retain_acc"], c["retain_prob"] = acc, prob
         return row["retain_prob"]
-
-    def beaten(a_r: float, a_f: float) -> bool:
-        """Whether a pair that missed the target, near it (scored beyond one chunk), already keeps
-        less held-out retain accuracy than a candidate that reached it: retain accuracy falls as
-        ``alpha_f`` grows, so no larger ``alpha_f`` at this ``alpha_r`` can win."""
-        rows = scored_at[a_r, a_f]
-        return (max(c["forget_scored"] for c in rows) > SCORE_CHUNK and best_retain > -math.inf
-                and max(retain_of(c) for c in rows) < best_retain)
 
     def cannot_win(a_r: float, a_f: float) -> bool:
         """Whether a finer step's pair need not be scored on the forget side: once a candidate has
@@ -595,38 +680,32 @@ def choose_alphas(
                 passes = None
                 failing = ALPHA_F_COARSE[start - 1] if start > 0 else None  # failed at the previous alpha_r
                 passing = None
-                beaten_at = None
                 for i in range(start, len(ALPHA_F_COARSE)):
-                    if any(passes := score(a_r, ALPHA_F_COARSE[i])):
+                    passes = score(a_r, ALPHA_F_COARSE[i])
+                    if passes is None or any(passes):  # forgets, or cannot win: the finer steps go below it
                         passing, start = ALPHA_F_COARSE[i], i
                         break
                     failing = ALPHA_F_COARSE[i]
-                    if beaten(a_r, failing):
-                        beaten_at = i
-                        break
                 if passing is None:
-                    if beaten_at is None:
-                        break  # never forgets in range; a larger alpha_r would forget even less
-                    start = beaten_at + 1  # a larger alpha_r misses where this one missed: scan on from there
-                    continue
-                # the finer steps follow the head option that keeps the most retain accuracy where the scan first forgot
+                    break  # never forgets in range; a larger alpha_r would forget even less
+                # the finer steps follow the head option that keeps the most retain accuracy where the scan first
+                # forgot (of every option, where it could not win)
                 rows = scored_at[a_r, passing]
-                followed = max((i for i, ok in enumerate(passes) if ok), key=lambda i: (retain_of(rows[i]), -i))
+                followed = max((i for i, ok in enumerate(passes or [True] * len(options)) if ok),
+                               key=lambda i: (retain_of(rows[i]), -i))
                 if failing is None:  # forgets at the smallest: step down while it still does
                     for _ in range(BISECTION_STEPS):
                         lower = passing / math.sqrt(10.0)
-                        if not (cannot_win(a_r, lower) or score(a_r, lower)[followed]):
+                        if not (cannot_win(a_r, lower) or (passes := score(a_r, lower)) is None or passes[followed]):
                             break
                         passing = lower
                 else:
                     for _ in range(BISECTION_STEPS):
                         mid = math.sqrt(failing * passing)  # the log-scale midpoint
-                        if cannot_win(a_r, mid) or score(a_r, mid)[followed]:
+                        if cannot_win(a_r, mid) or (passes := score(a_r, mid)) is None or passes[followed]:
                             passing = mid
                         else:
                             failing = mid
-                            if beaten(a_r, mid):
-                                break
                 for c in smallest_passing([c for c in table if c["alpha_r"] == a_r], allowed):
                     best_retain = max(best_retain, retain_of(c))
             reached = smallest_passing(table, allowed)
@@ -636,9 +715,9 @@ def choose_alphas(
                     apply(c["alpha_r"], c["alpha_f"])
                     rows = scored_at[c["alpha_r"], c["alpha_f"]]
                     whole = len(scorer.x_f[0])
-                    got = scorer.forget_hits(model, 0, [whole] * len(rows), head_weights(c["alpha_r"], c["alpha_f"], 0))
-                    for row, (hits, scored) in zip(rows, got):
-                        row["forget_acc"] = 100.0 * hits / scored
+                    hit = scorer.forget_recognised(model, 0, 0, whole, head_weights(c["alpha_r"], c["alpha_f"], 0))
+                    for row, n_hit in zip(rows, hit.sum(-1).tolist()):
+                        row["forget_acc"] = 100.0 * n_hit / whole
     finally:
         for t, (w, b) in zip(candidates.targets, originals):
             t.write(w, b)

@@ -104,9 +104,9 @@ class FrozenPrefix:
                 else:
                     m.forward = f
 
-    def kept(self, source: object, start: int, stop: int) -> None:
-        """The output the stand-ins give next: samples ``start:stop`` of ``source``."""
-        self._current = self.outputs[source][start:stop]
+    def kept(self, source: object, rows: torch.Tensor | slice) -> None:
+        """The output the stand-ins give next: samples ``rows`` (indices or a slice) of ``source``."""
+        self._current = self.outputs[source][rows]
 
     def capture(self, run: Callable[[torch.Tensor], torch.Tensor], source: object,
                 xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -148,7 +148,7 @@ def find_prefix(model: nn.Module, x: torch.Tensor, edited: Sequence[nn.Parameter
             want = prefix.capture(run, "check", [xb])[0]
             if prefix.outputs["check"].shape[0] != batch:
                 return None
-            prefix.kept("check", 0, batch)
+            prefix.kept("check", slice(0, batch))
             with prefix.standing_in():
                 got = run(xb)
         except Exception:  # the stand-ins' empty outputs were used after all: not a prefix

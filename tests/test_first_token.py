@@ -134,3 +134,54 @@ def test_both_kinds_from_one_set_of_forward_passes_equal_two_collections(batch_f
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).eval()
     full, token = collect_both_kinds(cnn, torch.randn(5, 1, 6, 6))
     assert token is None and not full.sequence_inputs
+
+
+class PooledTokenNet(TokenNet):
+    """TokenNet whose head reads the mean of every position: no class token."""
+
+    def forward(self, x):
+        t = self.embed(x)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        t = t + torch.relu(self.mlp(t))
+        return self.head(t.mean(1))
+
+
+def test_a_class_token_model_is_told_from_one_that_pools_its_positions():
+    from deepunlearn.auto_alpha import reads_first_position
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 7, 6)
+    for model, want in [(TokenNet(True), True), (TokenNet(False), True), (PooledTokenNet(True), False), (SmallViT(), True)]:
+        model.train()  # restored after
+        before = [p.clone() for p in model.parameters()]
+        inputs = torch.randn(8, 1, 28, 28) if isinstance(model, SmallViT) else x
+        got = reads_first_position(model, inputs, model.head, None)
+        assert got is want, type(model).__name__
+        assert model.training and all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        assert not reads_first_position(model, inputs[:1], model.head, None)  # one sample: cannot tell
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
+    assert not reads_first_position(cnn, torch.randn(8, 1, 6, 6), cnn[-1], None)  # no sequence at all
+
+
+@pytest.mark.filterwarnings("ignore:no candidate reached")  # untrained models: the modes are checked, not the choice
+@pytest.mark.parametrize("pooled", [False, True])
+def test_every_position_is_not_searched_where_the_class_token_alone_is_read_and_reached_the_target(monkeypatch, pooled):
+    from deepunlearn import api
+
+    calls = []
+    real = api.choose_alphas
+
+    def reaching(*args, **kwargs):  # the first position's search counts as reaching the target
+        c = real(*args, **kwargs)
+        c.reached_target = c.reached_target or not calls
+        calls.append(c)
+        return c
+
+    monkeypatch.setattr(api, "choose_alphas", reaching)
+    torch.manual_seed(0)
+    model = (PooledTokenNet if pooled else TokenNet)(True).eval()
+    report = deepunlearn.unlearn(model, torch.randn(24, 7, 6) + 1.0, torch.randn(48, 7, 6), inplace=False)
+    assert [c.first_token for c in calls] == ([True, False] if pooled else [True])
+    assert report.alpha_choice.every_position_skipped is (not pooled)
+    assert ("every position not searched" in str(report.alpha_choice)) is (not pooled)

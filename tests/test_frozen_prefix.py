@@ -27,7 +27,7 @@ def test_the_stem_of_a_cnn_is_found_and_its_stand_ins_give_the_models_output():
     assert prefix is not None and prefix.members == list(model.features[:4])  # conv, batch norm, ReLU, pool
     want = model(x)
     prefix.capture(run_of(model), "a", [x[:4], x[4:]])
-    prefix.kept("a", 2, 6)
+    prefix.kept("a", slice(2, 6))
     with prefix.standing_in():
         got = model(torch.full_like(x[2:6], float("nan")))  # the input never reaches a computing module
     assert torch.allclose(got, want[2:6], rtol=1e-6, atol=1e-6)
@@ -130,8 +130,8 @@ def test_scores_with_the_prefix_kept_equal_those_of_whole_passes(device):
         scorer.head = HeadReader(model.classifier[-1], None)
     for fold in (0, 1):
         for hs in (None, heads):
-            limits = [1000] * (1 if hs is None else 2)
-            assert kept.forget_hits(model, fold, limits, hs) == whole.forget_hits(model, fold, limits, hs)
+            n = len(xf[fold])
+            assert torch.equal(kept.forget_recognised(model, fold, 0, n, hs), whole.forget_recognised(model, fold, 0, n, hs))
     for hs in (None, heads):
         for (acc_k, prob_k), (acc_w, prob_w) in zip(kept.retain_scores(model, hs), whole.retain_scores(model, hs)):
             assert acc_k == acc_w and abs(prob_k - prob_w) < 1e-4
