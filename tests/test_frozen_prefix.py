@@ -35,6 +35,29 @@ def test_the_stem_of_a_cnn_is_found_and_its_stand_ins_give_the_models_output():
     assert find_prefix(model, x, edited_params(model, skip_first=False), run_of(model), 100) is None  # first conv edited
 
 
+class ViewsTheStem(SmallCNN):
+    """Flattens with ``view``, which channels-last images cannot serve: kept in the usual layout."""
+
+    def forward(self, x):
+        h = self.features(x)
+        return self.classifier[1:](h.view(h.shape[0], -1))
+
+
+@torch.no_grad()
+def test_kept_images_are_channels_last_on_the_cpu_where_the_model_takes_them():
+    x = torch.randn(6, 1, 28, 28)
+    for model, form in [(SmallCNN(), torch.channels_last), (ViewsTheStem(), torch.contiguous_format)]:
+        model.eval()
+        prefix = find_prefix(model, x, edited_params(model), run_of(model), 100)
+        assert prefix is not None and prefix.memory_format == form, type(model).__name__
+        prefix.capture(run_of(model), "a", [x])
+        assert prefix.outputs["a"].is_contiguous(memory_format=form)
+        prefix.kept("a", torch.tensor([4, 0, 2]))
+        with prefix.standing_in():
+            got = model(torch.full_like(x[:3], float("nan")))
+        assert torch.allclose(got, model(x[[4, 0, 2]]), rtol=1e-5, atol=1e-5)
+
+
 class Reused(nn.Module):
     """The stem's output is read again after the edited body: its stand-in's empty output cannot serve."""
 
