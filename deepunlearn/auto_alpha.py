@@ -406,9 +406,13 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
         def run(x: torch.Tensor) -> torch.Tensor:
             return _model_logits(model, x, autocast)
 
+        need_original = y_r is None or (y_f is None and classes is None)
         with _eval_no_grad(model):
             prefix = find_prefix(model, x_r[:SCORE_CHUNK].to(device), edited, run, sum(map(len, x_f)) + len(x_r))
-            if prefix is not None:  # one whole pass over the held-out samples keeps the prefix's outputs
+            if prefix is not None and prefix.composes and not need_original:  # the prefix alone runs
+                for source, x in [*enumerate(x_f), ("retain", x_r)]:
+                    prefix.keep_composed(source, [xb.to(device) for xb in x.split(batch_size)])
+            elif prefix is not None:  # one whole pass over the held-out samples keeps the prefix's outputs
                 def kept_predictions(source: int | str, x: torch.Tensor) -> torch.Tensor:
                     return torch.cat([y.argmax(-1).cpu() for y in
                                       prefix.capture(run, source, [xb.to(device) for xb in x.split(batch_size)])])

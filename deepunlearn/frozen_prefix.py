@@ -87,6 +87,7 @@ class FrozenPrefix:
     members: list[nn.Module]
     outputs: dict[object, torch.Tensor] = field(default_factory=dict)
     memory_format: torch.memory_format = torch.contiguous_format  # of kept images (N, C, H, W)
+    composes: bool = False  # the members called one on the other's output give the kept output exactly
     _current: torch.Tensor | None = None
 
     def _stand_in(self, last: bool) -> Callable[..., torch.Tensor]:
@@ -113,16 +114,27 @@ class FrozenPrefix:
         """The output the stand-ins give next: samples ``rows`` (indices or a slice) of ``source``."""
         self._current = self.outputs[source][rows]
 
+    def _stored(self, out: torch.Tensor) -> torch.Tensor:
+        """A copy of ``out`` to keep (later modules may work in place on it), images in :attr:`memory_format`."""
+        return out.clone(memory_format=self.memory_format) if out.dim() == 4 else out.clone()
+
+    def compose(self, x: torch.Tensor) -> torch.Tensor:
+        """The members called one on the other's output, from the model's input ``x``."""
+        for m in self.members:
+            x = m(x)
+        return x
+
+    def keep_composed(self, source: object, xs: Sequence[torch.Tensor]) -> None:
+        """Keep :meth:`compose` of each batch of ``xs`` as ``source``'s outputs (where :attr:`composes`):
+        the rest of the model does not run."""
+        self.outputs[source] = torch.cat([self._stored(self.compose(x)) for x in xs])
+
     def capture(self, run: Callable[[torch.Tensor], torch.Tensor], source: object,
                 xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``run`` (a whole forward pass) on each batch of ``xs``, keeping the last member's outputs
         as ``source``'s; returns ``run``'s results."""
         kept, results = [], []
-
-        def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> None:  # a copy: later modules may work in place
-            kept.append(out.clone(memory_format=self.memory_format) if out.dim() == 4 else out.clone())
-
-        handle = self.members[-1].register_forward_hook(keep)
+        handle = self.members[-1].register_forward_hook(lambda module, args, out: kept.append(self._stored(out)))
         try:
             for x in xs:
                 results.append(run(x))
@@ -153,6 +165,10 @@ def find_prefix(model: nn.Module, x: torch.Tensor, edited: Sequence[nn.Parameter
     for batch in {x.shape[0], max(1, x.shape[0] // 2)}:
         if not _stands_in(prefix, run, x[:batch], exact=True):
             return None
+    try:  # a plain chain of calls (no autocast, no arguments beside the previous output)
+        prefix.composes = torch.equal(prefix.compose(x), out)
+    except Exception:
+        prefix.composes = False
     if CHANNELS_LAST_ON_CPU and out.dim() == 4 and out.device.type == "cpu":
         prefix.memory_format = torch.channels_last
         if not _stands_in(prefix, run, x, exact=False):  # e.g. a view() of the kept images

@@ -58,6 +58,34 @@ def test_kept_images_are_channels_last_on_the_cpu_where_the_model_takes_them():
         assert torch.allclose(got, model(x[[4, 0, 2]]), rtol=1e-5, atol=1e-5)
 
 
+class Scaled(nn.Module):
+    def forward(self, x, scale=1.0):
+        return x * scale
+
+
+class ScaledStem(SmallCNN):
+    """A chain member called with a second argument: calling the members in turn would miss it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scaled = Scaled()
+
+    def forward(self, x):
+        return self.classifier(self.features[4:](self.scaled(self.features[:4](x), 2.0)))
+
+
+@torch.no_grad()
+def test_the_prefix_alone_runs_where_its_members_compose():
+    x = torch.randn(6, 1, 28, 28)
+    for model, composes in [(SmallCNN(), True), (ScaledStem(), False)]:
+        model.eval()
+        prefix = find_prefix(model, x, edited_params(model), run_of(model), 100)
+        assert prefix is not None and prefix.composes is composes, type(model).__name__
+        prefix.capture(run_of(model), "whole", [x[:4], x[4:]])
+        prefix.keep_composed("alone", [x[:4], x[4:]])
+        assert torch.equal(prefix.outputs["alone"], prefix.outputs["whole"]) is composes
+
+
 class Reused(nn.Module):
     """The stem's output is read again after the edited body: its stand-in's empty output cannot serve."""
 
