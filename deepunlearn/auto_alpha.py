@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._batches import DataLike, _first_tensor, iter_raw_batches
-from .edit import mean_keeping_bias
 from .frozen_prefix import FrozenPrefix, find_prefix
 from .layers import EditTarget
 from .moments import Moment, SampleRows
@@ -479,8 +478,10 @@ class CandidateEdits:
         self.wu_r = [None if r is None else w @ r[0] for w, r in zip(self.w, self.retain)]
         self.means = [None if means_r is None or t.bias() is None else means_r.get(t.slots) for t in self.targets]
         self.biases = [None if m is None else t.bias().detach().clone() for t, m in zip(self.targets, self.means)]
+        self.forms = [(t.weight().shape, t.weight().dtype) for t in self.targets]  # each new weight's shape and dtype
         self._v: tuple[float, list[torch.Tensor]] | None = None
         self._vu: dict[tuple[int, int], torch.Tensor] = {}  # (fold, target) -> V U_f, for the last alpha_r
+        self._u_mean: dict[tuple[int, int], torch.Tensor] = {}  # (fold, target) -> U_fᵀ μ_r, (g, k, 1)
 
     @property
     def folds(self) -> int:
@@ -516,15 +517,22 @@ class CandidateEdits:
         """Target ``i``'s new weight (its own shape and dtype) for the pair, edited with ``fold``'s
         forget side, and its new bias (None: kept; where :attr:`means` holds its retain mean, the
         bias that keeps its mean output, from the target's original bias)."""
-        t, w, v, f = self.targets[i], self.w[i], self._retain_side(alpha_r)[i], self._forget_pairs(fold)[i]
+        w, v, f, mean = self.w[i], self._retain_side(alpha_r)[i], self._forget_pairs(fold)[i], self.means[i]
+        shape, dtype = self.forms[i]
         if f is None:
-            new = w
+            new, bias = w, None if mean is None else self.biases[i]  # unedited: its original bias
         else:
             if (fold, i) not in self._vu:  # the scan and bisection try several alpha_f per alpha_r
                 self._vu[fold, i] = v @ f[0]
-            new = w - (self._vu[fold, i] * scale_energies(f[1], alpha_f)[:, None, :]) @ f[0].transpose(-1, -2)
-        bias = None if self.means[i] is None else mean_keeping_bias(self.biases[i], w, new, self.means[i])
-        return new.reshape(t.weight().shape).to(t.weight().dtype), bias
+            removed = self._vu[fold, i] * scale_energies(f[1], alpha_f)[:, None, :]  # (W − W′) = removed U_fᵀ
+            new = w - removed @ f[0].transpose(-1, -2)
+            bias = None
+            if mean is not None:  # edit.mean_keeping_bias: b + (W − W′) μ, here through the thin factor
+                if (fold, i) not in self._u_mean:
+                    self._u_mean[fold, i] = f[0].transpose(-1, -2) @ mean.to(f[0])[:, :, None]
+                shift = (removed @ self._u_mean[fold, i]).reshape(-1)
+                bias = (self.biases[i].to(shift.dtype) + shift).to(self.biases[i].dtype)
+        return new.reshape(shape).to(dtype), bias
 
     def edits(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None
               ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

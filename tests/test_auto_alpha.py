@@ -126,20 +126,27 @@ def double_model_and_samples(trained):
     return model, find_targets(model)[0], forget.tensors[0].double(), retain.tensors[0].double()
 
 
-def fixed_call_weights(targets, sf, sr, alpha_r, alpha_f):
-    """The new weights of the fixed-α path (Cholesky solves) from the statistics ``sf``, ``sr``."""
+def fixed_call_weights(targets, sf, sr, alpha_r, alpha_f, means=None):
+    """The new weights of the fixed-α path (Cholesky solves) from the statistics ``sf``, ``sr``
+    (with ``means``: ``(weight, bias)`` pairs, the biases keeping the retain mean)."""
     mf, mr = api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU)
-    plan, _ = api.plan_edits_with(targets, api.solved_edits(targets, mf, mr, alpha_f, alpha_r), api.traces(mf), api.traces(mr))
-    return [p.new_weight for p in plan]
+    plan, _ = api.plan_edits_with(targets, api.solved_edits(targets, mf, mr, alpha_f, alpha_r), api.traces(mf), api.traces(mr),
+                                  means_r=means)
+    return [p.new_weight for p in plan] if means is None else [(p.new_weight, p.new_bias) for p in plan]
 
 
 def test_candidates_match_the_final_edit_and_scoring_restores_the_weights(trained):
     model, targets, xf, xr = double_model_and_samples(trained)
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
     cands = CandidateEdits(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
-    for a_r, a_f in ((10.0, 1.0), (300.0, 30.0), (10.0, 100.0)):  # the cached V is per alpha_r
+    means = api.layer_means(targets, sr, CPU)
+    with_means = CandidateEdits(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU),
+                                means_r=means)
+    for a_r, a_f in ((10.0, 1.0), (300.0, 30.0), (10.0, 100.0), (10.0, 3.0)):  # the cached V is per alpha_r
         for w, new in zip(cands.weights(a_r, a_f), fixed_call_weights(targets, sf, sr, a_r, a_f)):
             assert rel_err(w, new) < 1e-9
+        for (w, b), (new, new_b) in zip(with_means.edits(a_r, a_f), fixed_call_weights(targets, sf, sr, a_r, a_f, means)):
+            assert rel_err(w, new) < 1e-9 and new_b is not None and rel_err(b, new_b) < 1e-9
     before = [p.clone() for p in model.parameters()]
     scorer = make_scorer(model, [xf[:20]], None, xr[:50], None, None, 64, None)
     choose_alphas(model, cands, scorer)
