@@ -562,7 +562,7 @@ def choose_alphas(
     ``alpha_r`` / ``alpha_f``: a given value is kept fixed and only the other is searched. A
     candidate reaches the target when at most :func:`allowed_forget_hits` forget samples, over
     every fold, are still recognised: the target holds at :data:`FORGET_CONFIDENCE`. The folds are
-    scored in turn and stop once more are recognised. Per ``alpha_r`` the smallest ``alpha_f`` that
+    scored in rounds and stop once more are recognised. Per ``alpha_r`` the smallest ``alpha_f`` that
     reaches the target is the candidate (:func:`smallest_passing`); only those are scored on the
     retain side (or, if none reaches it, every pair). Along ``alpha_r`` (ascending) a larger retain
     space protects more of the forget space too, so each scan starts at the coarse step where the
@@ -580,13 +580,14 @@ def choose_alphas(
     finer steps follow the option that keeps the most retain probability where the scan first
     forgot, and :func:`smallest_passing` keeps a candidate per option.
 
-    Branch and bound: once a candidate has reached the target, a pair that misses it near the
-    target (scored beyond one chunk) is scored on the retain side too; if it keeps less retain
-    accuracy than the best candidate so far, its ``alpha_r`` is searched no further (a larger
-    ``alpha_f`` keeps less still). A finer step is scored on the retain side first once a candidate
-    has reached the target, and not on the forget side where it keeps less for every head option
-    (:func:`cannot_win` inside). ``bound``: the held-out retain probability of a candidate already
-    chosen elsewhere (the other kind of statistics), the bound from the start.
+    Branch and bound: once a candidate has reached the target, a pair that comes through its first
+    round (the samples the last candidates still recognised) is scored on the retain side before
+    the rest of its forget samples, and scored no further where it keeps less retain probability
+    for every head option; the search then treats it as a pair that forgets (a larger ``alpha_f``
+    keeps less still, a smaller one may win). A finer step is scored on the retain side first, and
+    not on the forget side where it cannot win (:func:`cannot_win` inside). ``bound``: the held-out
+    retain probability of a candidate already chosen elsewhere (the other kind of statistics), the
+    bound from the start.
     """
     t0 = time.perf_counter()
     grid_r = [alpha_r] if alpha_r is not None else list(ALPHA_R_CANDIDATES)
@@ -673,10 +674,11 @@ def choose_alphas(
         return row["retain_prob"]
 
     def cannot_win(a_r: float, a_f: float) -> bool:
-        """Whether a finer step's pair need not be scored on the forget side: once a candidate has
+        """Whether a pair need not be scored (further) on the forget side: once a candidate has
         reached the target, a pair that keeps less held-out retain probability than it for every
         head option cannot win, and no larger ``alpha_f`` at its ``alpha_r`` can either. The finer
-        steps then go below it, as past a pair that forgets; its rows keep no forget results."""
+        steps then go below it, as past a pair that forgets; its rows keep no forget hits. Checked
+        before a finer step is scored, and in :func:`score` after a pair's first round."""
         return best_retain > -math.inf and max(retain_of(c) for c in rows_of(a_r, a_f)) < best_retain
 
     try:
@@ -689,7 +691,7 @@ def choose_alphas(
                 if alpha_f is not None:
                     score(a_r, alpha_f)
                     continue
-                passes = None
+                passes = None  # where the scan has no step left
                 failing = ALPHA_F_COARSE[start - 1] if start > 0 else None  # failed at the previous alpha_r
                 passing = None
                 for i in range(start, len(ALPHA_F_COARSE)):
