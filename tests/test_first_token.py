@@ -185,3 +185,14 @@ def test_every_position_is_not_searched_where_the_class_token_alone_is_read_and_
     assert [c.first_token for c in calls] == ([True, False] if pooled else [True])
     assert report.alpha_choice.every_position_skipped is (not pooled)
     assert ("every position not searched" in str(report.alpha_choice)) is (not pooled)
+
+
+@pytest.mark.parametrize("pool, want", [("token", True), ("avg", False)])
+def test_a_timm_vit_reads_its_class_token_only_with_token_pooling(pool, want):
+    timm = pytest.importorskip("timm")
+    from deepunlearn.auto_alpha import reads_first_position
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=5, global_pool=pool).eval()
+    assert reads_first_position(model, torch.randn(4, 3, 32, 32), model.head, None) is want
