@@ -168,6 +168,18 @@ def plan_edits_with(
     return plan, rows
 
 
+def rebalanced(plan: list[PlannedEdit], rows: list[LayerReport], head: EditTarget, shift: Sequence[float]) -> None:
+    """Add ``shift`` (per class) to the planned bias of ``head`` (its current one where the plan
+    keeps it), and say so in its report row; nothing where the forget data never reached it."""
+    edit = next((p for p in plan if p.target is head), None)
+    if edit is None:
+        return
+    bias = edit.new_bias if edit.new_bias is not None else head.bias().detach()
+    edit.new_bias = (bias.double() + torch.tensor(list(shift), dtype=torch.float64, device=bias.device)).to(bias.dtype)
+    next(r for r in rows if r.name == head.name).notes.append(
+        "bias rebalanced: the held-out retain samples keep the unedited model's shares of the retained classes")
+
+
 CHANGE_CHUNK_ELEMENTS = 1 << 22  # the weight-change sums over slices of 16 MB (float32), not one o × d temporary
 
 
@@ -370,6 +382,7 @@ def unlearn(
     skip_first_layer: bool | None = None,
     first_token: bool | None = None,
     keep_retain_mean: bool | None = None,
+    rebalance_head: bool | None = None,
     progress: bool = False,
 ) -> UnlearnReport:
     """Make ``model`` forget the classes that ``forget`` holds, keeping what ``retain`` holds. No training.
@@ -437,6 +450,14 @@ def unlearn(
             statistics when the scales are chosen (on the suite's ViT it lowered the retain cost
             of forgetting two and three classes by 2–3 points; on CNNs, where the inputs of the
             biased layers are post-ReLU features, it cost far more: docs/auto_alpha.md), else off.
+        rebalance_head: shift the classifier head's bias so that the held-out retain samples keep
+            the unedited model's shares of the retained classes (the edit takes probability from
+            classes that share features with the forgotten ones), never raising a forgotten
+            class's logit against a retained one (:func:`~deepunlearn.auto_alpha.rebalanced_shift`;
+            ``report.alpha_choice.head_shift``). Needs the automatic choice (its held-out samples);
+            done where the head has a bias and the model's output is the head's. None (default):
+            on when the scales are chosen (on the suite's 30 cases it brought every retain drop
+            within 0.8 points, docs/auto_alpha.md); True with both scales given is an error.
         progress: show progress bars while collecting.
 
     With a ``torch.distributed`` process group initialised, every rank calls this with its own
@@ -461,7 +482,12 @@ def unlearn(
     check_solver(solver)
     if keep_retain_mean not in (None, True, False):
         raise ValueError(f"keep_retain_mean must be True, False or None, got {keep_retain_mean!r}")
+    if rebalance_head not in (None, True, False):
+        raise ValueError(f"rebalance_head must be True, False or None, got {rebalance_head!r}")
     choosing = alpha_r is None or alpha_f is None
+    if rebalance_head and not choosing:
+        raise ValueError("rebalance_head=True needs the automatic choice of alpha (it uses its held-out retain samples); "
+                         "leave alpha_r or alpha_f unset, or set rebalance_head=False")
     keep_mean = bool(keep_retain_mean)
     if choosing:
         _check_choosing(forget, retain, target_forget_accuracy)
@@ -547,7 +573,7 @@ def unlearn(
                 warnings.simplefilter("always")
                 bound = best[0].retain_prob if best is not None and best[0].reached_target else None
                 c = choose_alphas(model, candidates, scorer, alpha_r=alpha_r, alpha_f=alpha_f, target=target_forget_accuracy,
-                                  bound=bound, head_alphas=head_options)
+                                  bound=bound, head_alphas=head_options, rebalance=rebalance_head is not False)
             del candidates
             c.first_token, c.keep_retain_mean = mode, keep
             if best is None or choice_rank(c) > choice_rank(best[0]):
@@ -564,6 +590,7 @@ def unlearn(
         choice.seconds = t_chosen - t2  # decomposing and scoring
 
     samples_f, samples_r = stats_f.samples, stats_r.samples
+    shift = None if choice is None else choice.head_shift
 
     def solve_and_edit() -> tuple[list[LayerReport], float]:
         nonlocal stats_f, stats_r
@@ -580,6 +607,8 @@ def unlearn(
             head_edit = solved_edits([head], moments_f, moments_r, alpha_f_head, alpha_r, solver)
             edit_for = lambda t: head_edit(t) if t is head else body_edit(t)  # noqa: E731
         plan, rows = plan_edits_with(targets, edit_for, traces(moments_f), traces(moments_r), means_r)
+        if shift is not None:
+            rebalanced(plan, rows, head, shift)
         _sync(device)
         t_solved = time.perf_counter()
         apply_plan(plan)
@@ -589,6 +618,8 @@ def unlearn(
     params = [getattr(t.module, t.param) for t in targets]
     if keep_mean:
         params += [b for t in targets if (b := t.bias_parameter()) is not None]
+    if shift is not None:
+        params.append(head.bias_parameter())
     edited = list({id(p): p for p in params}.values())
     rows, solve_seconds = distributed.on_rank0(solve_and_edit, [p.data for p in edited])
     _sync(device)

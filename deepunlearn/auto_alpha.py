@@ -53,6 +53,8 @@ HEAD_ALPHA_F = tuple(10 ** (k / 2) for k in range(5))  # 1 to 100 in half decade
 # tried beside the body's at every scored pair: where the head forgets hard, the body can forget gently
 # (docs/auto_alpha.md). Scored from the head's input read once per forward pass: a small matrix product per option
 SCORE_CHUNK = 64  # forget samples scored at a time: a candidate that has missed the target stops early
+REBALANCE_ITERATIONS = 50  # of the head's bias shift; on the suite's models the shares match to 1e-4 in about 20
+REBALANCE_STEP = 0.5  # a damped step: the full one can overshoot where a class's logits are spread widely
 MIN_SHARE = 0.1  # unlabelled data: a class is forgotten if it takes >= 10 % of the forget predictions
 SHARE_RATIO = 2.0  # ... and at least twice its share of the retain predictions
 
@@ -96,6 +98,10 @@ class AlphaChoice:
             position's statistics only: its output depends on that position alone
             (:func:`reads_first_position`) and they reached the target, so every position's were
             not scored.
+        head_shift: per class, what the edit adds to the classifier head's bias so that the
+            held-out retain samples keep the unedited model's shares of the retained classes
+            (:func:`rebalanced_shift`; :func:`deepunlearn.unlearn`'s ``rebalance_head``), or None.
+            The held-out accuracies above are those before the shift.
     """
 
     alpha_r: float
@@ -116,6 +122,7 @@ class AlphaChoice:
     retain_prob: float = math.nan
     keep_retain_mean: bool = False
     every_position_skipped: bool = False
+    head_shift: list[float] | None = None
 
     def __str__(self) -> str:
         how = "reached" if self.reached_target else "NOT reached"
@@ -125,6 +132,7 @@ class AlphaChoice:
                 f"sample(s) recognised; {'statistics of the first sequence position; ' if self.first_token else ''}"
                 f"{'every position not searched (the output reads the first alone); ' if self.every_position_skipped else ''}"
                 f"{'retain mean kept; ' if self.keep_retain_mean else ''}"
+                f"{'' if self.head_shift is None else f'head bias rebalanced (shifts up to {max(self.head_shift):.3g}); '}"
                 f"{len({(c['alpha_r'], c['alpha_f']) for c in self.candidates})} pairs scored"
                 f"{'' if self.alpha_f_head is None and not any(c.get('head_apart') for c in self.candidates) else ' with each head scale'} "
                 f"by {self.scoring} on {self.held_out[0]} forget samples in {self.folds} folds + {self.held_out[1]} held-out "
@@ -263,6 +271,32 @@ class HeadReader:
         return torch.equal(self.logits([(self.module.weight, None)])[0].argmax(-1), y.argmax(-1))
 
 
+def rebalanced_shift(logits: torch.Tensor, shares: torch.Tensor, forgotten: Sequence[int]) -> torch.Tensor:
+    """The shift ``s`` ``(C,)`` of the head's bias under which the samples' mean predicted
+    probabilities of the retained classes keep the proportions of ``shares``.
+
+    ``logits``: ``(N, C)`` of the edited model on retain samples; ``shares``: ``(C,)`` the unedited
+    model's mean predicted probabilities on them; ``forgotten``: the forgotten classes. The edit
+    takes probability from retained classes that share features with the forgotten ones (on the
+    suite's ViT, forgetting T-shirts took shirts from 63 to 50 %); their logits get it back. The
+    forgotten classes get a shift of 0 and every retained class one of at least 0, so no sample can
+    become predicted as a forgotten class that was not before (a forget sample's recognition, and
+    the choice's held-out count of it, can only fall). A fixed point of
+    ``s_c += log(share_c / mean softmax(logits + s)_c)`` over the retained classes' proportions
+    (:data:`REBALANCE_ITERATIONS` damped steps, :data:`REBALANCE_STEP`), in float64."""
+    logits = logits.detach().double().cpu()
+    kept = torch.ones(logits.shape[-1], dtype=torch.bool)
+    kept[list(forgotten)] = False
+    want = shares.detach().double().cpu()[kept]
+    want = want / want.sum()
+    shift = torch.zeros(logits.shape[-1], dtype=torch.float64)
+    for _ in range(REBALANCE_ITERATIONS):
+        got = (logits + shift).softmax(-1).mean(0)[kept]
+        shift[kept] += REBALANCE_STEP * (want.clamp_min(1e-12) / (got / got.sum()).clamp_min(1e-12)).log()
+        shift[kept] -= shift[kept].min()
+    return shift
+
+
 def reads_first_position(model: nn.Module, x: torch.Tensor, head: nn.Module, autocast: torch.dtype | None) -> bool:
     """Whether ``model``'s output on ``x`` depends on the first sequence position alone after the
     last batch-first sequence ``(N, S, d)`` a module returns before ``head`` runs: a class-token
@@ -338,6 +372,8 @@ class _Scorer:
     head: HeadReader | None = None
     prefix: FrozenPrefix | None = None  # the unedited start of the forward pass, kept per held-out sample
     order: list[torch.Tensor] = field(default_factory=list)  # per fold: the order its samples are scored in next
+    forgotten: list[int] = field(default_factory=list)  # the classes forgotten (labels, given, or inferred)
+    _shares: torch.Tensor | None = None  # the unedited model's mean predicted probabilities on the held-out retain samples
 
     def __post_init__(self) -> None:
         self.order = [torch.arange(len(x)) for x in self.x_f]
@@ -378,6 +414,17 @@ class _Scorer:
         then the rest: a later candidate that misses the target shows it in its first chunk."""
         order, n = self.order[fold], len(recognised)
         self.order[fold] = torch.cat([order[:n][recognised], order[n:], order[:n][~recognised]])
+
+    def retain_logits(self, model: nn.Module) -> torch.Tensor:
+        """``(N, C)`` float32 logits of the model as it is now on the held-out retain samples."""
+        return self._logits(model, "retain", torch.arange(len(self.x_r)), None)[0]
+
+    def original_shares(self, model: nn.Module) -> torch.Tensor:
+        """``(C,)``: the unedited model's mean predicted probabilities on the held-out retain samples
+        (computed on the first call, which must find the model unedited)."""
+        if self._shares is None:
+            self._shares = self.retain_logits(model).softmax(-1).mean(0)
+        return self._shares
 
     def retain_scores(self, model: nn.Module, heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None
                       ) -> list[tuple[float, float]]:
@@ -424,6 +471,7 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
         orig_r = predictions(model, x_r, batch_size, autocast)
     if y_f is not None:
         forget_hit, scoring = [lambda p, rows, y=y[:HOLDOUT_CAP]: p == y[rows] for y in y_f], "labels"
+        forgotten = torch.cat([y[:HOLDOUT_CAP] for y in y_f]).unique()
     else:
         forgotten = torch.as_tensor(list(classes) if classes is not None else inferred_forget_classes(orig_f, orig_r))
         forget_hit = [lambda p, rows: torch.isin(p, forgotten)] * len(x_f)
@@ -431,7 +479,8 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
     ref_r = y_r if y_r is not None else orig_r
     if y_r is None:
         scoring = scoring if scoring == "original predictions" else scoring + " (retain: original predictions)"
-    return _Scorer(x_f, x_r, forget_hit, ref_r, batch_size, autocast, scoring, prefix=prefix)
+    return _Scorer(x_f, x_r, forget_hit, ref_r, batch_size, autocast, scoring, prefix=prefix,
+                   forgotten=[int(c) for c in forgotten.tolist()])
 
 
 def _eigenpairs(cov: Moment, vectors_seen: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -556,6 +605,7 @@ def choose_alphas(
     target: float = TARGET_FORGET_ACCURACY,
     bound: float | None = None,
     head_alphas: Sequence[float | None] = (None,),
+    rebalance: bool = False,
 ) -> AlphaChoice:
     """Score candidate pairs on the held-out samples and return the choice; the model is left as it was.
 
@@ -588,6 +638,10 @@ def choose_alphas(
     not on the forget side where it cannot win (:func:`cannot_win` inside). ``bound``: the held-out
     retain probability of a candidate already chosen elsewhere (the other kind of statistics), the
     bound from the start.
+
+    ``rebalance``: the choice also carries the shift of the head's bias that keeps the retained
+    classes' shares on the held-out retain samples (:func:`rebalanced_shift`, from the chosen
+    candidate's logits), where the head has a bias and the model's output is the head's.
     """
     t0 = time.perf_counter()
     grid_r = [alpha_r] if alpha_r is not None else list(ALPHA_R_CANDIDATES)
@@ -681,11 +735,16 @@ def choose_alphas(
         before a finer step is scored, and in :func:`score` after a pair's first round."""
         return best_retain > -math.inf and max(retain_of(c) for c in rows_of(a_r, a_f)) < best_retain
 
+    head = None if candidates.head is None else candidates.targets[candidates.head]
+    shares = None  # the unedited model's, where the head is rebalanced
     try:
         with _eval_no_grad(model):  # once for the whole search, not per scoring call
-            if len(options) > 1 and not scorer.head.reads_the_output(model, scorer.x_r[:SCORE_CHUNK].to(
-                    next(model.parameters()).device)):
-                options = options[:1]
+            if (len(options) > 1 or rebalance) and head is not None:
+                head_reads = HeadReader(head.module, scorer.autocast).reads_the_output(
+                    model, scorer.x_r[:SCORE_CHUNK].to(next(model.parameters()).device))
+                options = options if head_reads else options[:1]
+                if rebalance and head_reads and head.bias() is not None and len(scorer.forgotten) < head.module.out_features:
+                    shares = scorer.original_shares(model)
             start = 0  # index into ALPHA_F_COARSE where the scan begins
             for a_r in grid_r:
                 if alpha_f is not None:
@@ -747,6 +806,18 @@ def choose_alphas(
         warnings.warn(f"no candidate reached the forget-accuracy target of {target:g} % on the held-out samples; "
                       f"chose alpha_r={best['alpha_r']:g}, alpha_f={best['alpha_f']:g}{head} with held-out forget "
                       f"{best['forget_acc']:.2f} %, retain {best['retain_acc']:.2f} %", stacklevel=3)
+    head_shift = None
+    if shares is not None:  # the chosen edit's logits on the held-out retain samples
+        try:
+            with _eval_no_grad(model):
+                for t, (w, b) in zip(candidates.targets, candidates.edits(
+                        best["alpha_r"], best["alpha_f"], 0, best["alpha_f_head"] if best["head_apart"] else None)):
+                    t.write(w, b)
+                logits = scorer.retain_logits(model)
+        finally:
+            for t, (w, b) in zip(candidates.targets, originals):
+                t.write(w, b)
+        head_shift = rebalanced_shift(logits, shares, scorer.forgotten).tolist()
     monotone = all(  # per alpha_r and head option, over the candidates whose first fold was scored whole
         b["forget_acc"] <= a["forget_acc"] + 1e-9
         for rows in _by_option(c for c in table if not math.isnan(c["forget_acc"])).values()
@@ -756,7 +827,7 @@ def choose_alphas(
                        scorer.scoring, (n_f, len(scorer.x_r)), monotone, table, time.perf_counter() - t0, allowed,
                        folds=candidates.folds,
                        alpha_f_head=best["alpha_f_head"] if best["head_apart"] and best["alpha_f_head"] != best["alpha_f"] else None,
-                       retain_prob=best["retain_prob"])
+                       retain_prob=best["retain_prob"], head_shift=head_shift)
 
 
 def _by_option(rows) -> dict[tuple[float, float | None], list[dict[str, float]]]:
