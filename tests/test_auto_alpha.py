@@ -384,7 +384,7 @@ def test_the_head_takes_its_own_scale_where_given(trained):
 
 def test_the_automatic_choice_reports_the_heads_scale_and_a_fixed_call_repeats_it(trained):
     forget, retain = forget_and_retain()
-    auto = deepunlearn.unlearn(trained, forget, retain, inplace=False)
+    auto = deepunlearn.unlearn(trained, forget, retain, inplace=False, rebalance_head=False)  # a fixed call cannot rebalance
     c = auto.alpha_choice
     assert auto.alpha_f_head == c.alpha_f_head
     pairs = {(r["alpha_r"], r["alpha_f"]) for r in c.candidates}
@@ -407,3 +407,53 @@ def test_a_head_that_cannot_take_its_own_scale_is_refused_and_the_model_unchange
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     with pytest.raises(ValueError, match="alpha_f_head"):
         deepunlearn.unlearn(trained, x_f, x_r, alpha_r=30, alpha_f=3, alpha_f_head=0)
+
+
+def test_the_rebalanced_shift_keeps_the_retained_shares_and_never_favours_a_forgotten_class():
+    from deepunlearn.auto_alpha import rebalanced_shift
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(400, 6, generator=g) * 2.0 + torch.tensor([0.0, 1.0, -1.0, 0.5, 2.0, -0.5])
+    shares = torch.randn(400, 6, generator=g).mul(2.0).softmax(-1).mean(0)
+    forgotten = [1, 4]
+    shift = rebalanced_shift(logits, shares, forgotten)
+    kept = [0, 2, 3, 5]
+    got = (logits.double() + shift).softmax(-1).mean(0)[kept]
+    want = shares.double()[kept]
+    assert torch.allclose(got / got.sum(), want / want.sum(), atol=1e-4)
+    assert shift[forgotten].abs().max() == 0 and shift[kept].min() == 0 and (shift[kept] >= 0).all()
+    before, after = logits.argmax(-1), (logits.double() + shift).argmax(-1)
+    newly_forgotten = torch.isin(after, torch.tensor(forgotten)) & (after != before)
+    assert not newly_forgotten.any()  # a sample predicted as a forgotten class after was predicted as it before
+
+
+def test_the_default_call_rebalances_the_head_and_nothing_else(trained):
+    forget, retain = forget_and_retain()
+    plain = deepunlearn.unlearn(trained, forget, retain, inplace=False, rebalance_head=False)
+    report = deepunlearn.unlearn(trained, forget, retain, inplace=False)
+    shift = report.alpha_choice.head_shift
+    assert plain.alpha_choice.head_shift is None and shift is not None and len(shift) == 4
+    assert shift[0] == 0.0 and min(shift[1:]) == 0.0 and max(shift) > 0  # class 0 forgotten: not raised
+    head = report.model[4]
+    assert torch.allclose(head.bias, plain.model[4].bias + torch.tensor(shift, dtype=head.bias.dtype), atol=1e-6)
+    for (name, p), q in zip(report.model.named_parameters(), plain.model.parameters()):
+        if name != "4.bias":
+            assert torch.equal(p, q), name  # the same choice, the same weights
+    assert "head bias rebalanced" in str(report.alpha_choice)
+    assert any("bias rebalanced" in n for r in report.layers if r.name == "4" for n in r.notes)
+    x, y = blobs(500, 7)
+    assert accuracies(report.model, x, y)[1] <= accuracies(plain.model, x, y)[1]  # forgetting never weakened
+
+
+def test_rebalancing_needs_the_choice_and_a_head_bias(trained):
+    forget, retain = forget_and_retain()
+    before = [p.clone() for p in trained.parameters()]
+    with pytest.raises(ValueError, match="rebalance_head=True needs the automatic choice"):
+        deepunlearn.unlearn(trained, forget, retain, alpha_r=30, alpha_f=3, rebalance_head=True)
+    with pytest.raises(ValueError, match="rebalance_head must be True, False or None"):
+        deepunlearn.unlearn(trained, forget, retain, rebalance_head="yes")
+    assert all(torch.equal(p, q) for p, q in zip(trained.parameters(), before))
+    unbiased = copy.deepcopy(trained)
+    unbiased[4] = nn.Linear(32, 4, bias=False)
+    unbiased[4].weight.data.copy_(trained[4].weight)
+    assert deepunlearn.unlearn(unbiased, forget, retain, inplace=False).alpha_choice.head_shift is None
