@@ -372,9 +372,8 @@ class _Scorer:
     scoring: str
     head: HeadReader | None = None
     prefix: FrozenPrefix | None = None  # the unedited start of the forward pass, kept per held-out sample
-    order: list[torch.Tensor] = field(default_factory=list)  # per fold: the order its samples are scored in next
     forgotten: list[int] = field(default_factory=list)  # the classes forgotten (labels, given, or inferred)
-    _shares: torch.Tensor | None = None  # the unedited model's mean predicted probabilities on the held-out retain samples
+    order: list[torch.Tensor] = field(init=False)  # per fold: the order its samples are scored in next
 
     def __post_init__(self) -> None:
         self.order = [torch.arange(len(x)) for x in self.x_f]
@@ -419,13 +418,6 @@ class _Scorer:
     def retain_logits(self, model: nn.Module) -> torch.Tensor:
         """``(N, C)`` float32 logits of the model as it is now on the held-out retain samples."""
         return self._logits(model, "retain", torch.arange(len(self.x_r)), None)[0]
-
-    def original_shares(self, model: nn.Module) -> torch.Tensor:
-        """``(C,)``: the unedited model's mean predicted probabilities on the held-out retain samples
-        (computed on the first call, which must find the model unedited)."""
-        if self._shares is None:
-            self._shares = self.retain_logits(model).softmax(-1).mean(0)
-        return self._shares
 
     def retain_scores(self, model: nn.Module, heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None
                       ) -> list[tuple[float, float]]:
@@ -737,7 +729,8 @@ def choose_alphas(
         return best_retain > -math.inf and max(retain_of(c) for c in rows_of(a_r, a_f)) < best_retain
 
     head = None if candidates.head is None else candidates.targets[candidates.head]
-    shares = None  # the unedited model's, where the head is rebalanced
+    shares = None  # the unedited model's mean predicted probabilities on the held-out retain samples, where the
+    # head is rebalanced
     try:
         with _eval_no_grad(model):  # once for the whole search, not per scoring call
             if (len(options) > 1 or rebalance) and head is not None:
@@ -745,7 +738,7 @@ def choose_alphas(
                     model, scorer.x_r[:SCORE_CHUNK].to(next(model.parameters()).device))
                 options = options if head_reads else options[:1]
                 if rebalance and head_reads and head.bias() is not None and len(scorer.forgotten) < head.module.out_features:
-                    shares = scorer.original_shares(model)
+                    shares = scorer.retain_logits(model).softmax(-1).mean(0)  # the model is unedited here
             start = 0  # index into ALPHA_F_COARSE where the scan begins
             for a_r in grid_r:
                 if alpha_f is not None:
