@@ -2,6 +2,7 @@
 
     python benchmarks/bench_auto_alpha.py                       # SmallCNN, ResNet-18, ViT; classes 0, 2, 7, {0, 2}, {0, 2, 7}
     python benchmarks/bench_auto_alpha.py --archs smallcnn --forget 2   # one case
+    python benchmarks/bench_auto_alpha.py --device cuda --out benchmarks/results/auto_alpha_cuda_h100
 
 For each architecture the suite's original model (trained on Fashion-MNIST, cached as the suite
 caches it) forgets each class set from the suite's samples (100 per kept class; as many forget
@@ -13,7 +14,8 @@ samples, spread over the forgotten classes), given two ways:
 Reported per case: the chosen pair, its held-out accuracies, the test split's retain accuracy (drop
 from the original) and forget accuracy, the seconds spent choosing, and the ratio of choosing time
 to one fixed-α call with the chosen pair (timed in the same run; target ≤ 2). Results:
-``benchmarks/results/auto_alpha_cpu.json`` and ``.md``.
+``benchmarks/results/auto_alpha_cpu.json`` and ``.md``. On a GPU each architecture is first unlearned once
+untimed (the CUDA libraries' start-up) and every timed call ends with a device synchronisation.
 """
 from __future__ import annotations
 
@@ -40,6 +42,11 @@ def test_accuracies(model, test, classes) -> tuple[float, float]:
     return class_accuracies(probs, labels, classes)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def stacked(subset: Subset) -> torch.Tensor:
     return torch.stack([subset[i][0] for i in range(len(subset))])
 
@@ -48,15 +55,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     suite_arguments(p, RESULTS / "auto_alpha_cpu")
     p.add_argument("--forms", nargs="+", choices=["labelled", "unlabelled"], default=["labelled", "unlabelled"])
+    p.add_argument("--device", default="cpu")
     p.add_argument("--first-token", choices=["auto", "yes", "no"], default="auto",
                    help="statistics of sequence inputs from position 0 only (auto: the default call's choice)")
     a = p.parse_args(argv)
     sets = a.forget or CLASS_SETS
     train, labels, test = suite_data()
-    result = {"device_name": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    device = torch.device(a.device)
+    result = {"device_name": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "targets": QUALITY, "first_token": a.first_token, "rows": []}
     for arch in a.archs:
-        original = suite_model(arch, train, a.seed, a.cache_dir)
+        original = suite_model(arch, train, a.seed, a.cache_dir).to(device)
+        if device.type == "cuda":  # start-up of cuBLAS / cuSOLVER, not the method's cost
+            deepunlearn.unlearn(original, *suite_samples(train, labels, sets[0], a.seed), alpha_r=100, alpha_f=3, inplace=False)
         for classes in sets:
             forget, retain = suite_samples(train, labels, classes, a.seed)
             orig_r, orig_f = test_accuracies(original, test, classes)
@@ -65,12 +76,14 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 auto = deepunlearn.unlearn(original, f_data, r_data, inplace=False,
                                            first_token={"auto": None, "yes": True, "no": False}[a.first_token])
+                synchronize(device)
                 t_auto = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 deepunlearn.unlearn(original, f_data, r_data, alpha_r=auto.alpha_r, alpha_f=auto.alpha_f,
                                     alpha_f_head=auto.alpha_f_head, inplace=False,
                                     first_token=auto.alpha_choice.first_token, keep_retain_mean=auto.keep_retain_mean,
                                     skip_first_layer=True)
+                synchronize(device)
                 t_fixed = time.perf_counter() - t0
                 r_acc, f_acc = test_accuracies(auto.model, test, classes)
                 c = auto.alpha_choice

@@ -3,15 +3,16 @@
 # build the extension in place against that torch, run the CUDA tests and the whole suite, then
 # the GPU benchmarks. Everything is logged to OUT/log.txt; benchmark results land in OUT.
 #
-#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [sanitize] [tests] [kernels] [profile] [factor] [unlearn-profile] [imagenet]
+#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [sanitize] [tests] [kernels] [profile] [factor] [unlearn-profile] [imagenet] [auto-alpha]
 #
 # A folder .devcarry/ (ignored by git), when present, supplies what the machine lacks: wheels
-# (foolbox, for the CLI test's photographs) and fashion-mnist/ (the Debian package's IDX files);
+# (foolbox, for the CLI test's photographs), fashion-mnist/ (the Debian package's IDX files) and cache/
+# (the suite's trained models, for stage auto-alpha: cp ~/.cache/deepunlearn/suite_*_original_*.pt .devcarry/cache/);
 # recreate it here before a call that runs the whole suite, and name it in the call's carry:
 #   mkdir -p .devcarry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .devcarry/fashion-mnist/
 #   pip download --no-deps --only-binary=:all: foolbox==3.3.4 -d .devcarry   (and /.devcarry/ in .git/info/exclude)
 # Each stage runs under its own time limit (seconds: T_BUILD, T_CUDA_TESTS, T_MEMCHECK, T_RACECHECK, T_TESTS, T_KERNELS,
-# T_PROFILE, T_FACTOR, T_UNLEARN_PROFILE, T_IMAGENET), so one slow stage cannot take the others' results with it. IMAGENET_ARGS goes to
+# T_PROFILE, T_FACTOR, T_UNLEARN_PROFILE, T_IMAGENET, T_AUTO_ALPHA), so one slow stage cannot take the others' results with it. IMAGENET_ARGS goes to
 # bench_imagenet.py (e.g. "--archs vit_b_16 resnet50 vgg11_bn --paper-images 500").
 #
 # On the lent device machine (15 minutes of device time per session, a machine start included; a
@@ -39,6 +40,7 @@ if [ -d .devcarry ]; then
     export PYTHONPATH=$PYTHONPATH:/tmp/devsite
   fi
   [ -d .devcarry/fashion-mnist ] && export DEEPUNLEARN_FASHION_MNIST=$PWD/.devcarry/fashion-mnist
+  [ -d .devcarry/cache ] && export DEEPUNLEARN_CACHE=$PWD/.devcarry/cache
 fi
 
 stage() {  # stage NAME LIMIT COMMAND...: run, log, and record the exit status
@@ -80,8 +82,9 @@ for s in $stages; do
     profile) stage profile "${T_PROFILE:-150}" $PY benchmarks/profile_kernels.py --device cuda --out "$out" ;;
     factor) stage factor "${T_FACTOR:-90}" $PY benchmarks/bench_factor.py --out "$out/factor_cuda" ;;
     unlearn-profile) stage unlearn-profile "${T_UNLEARN_PROFILE:-200}" $PY benchmarks/profile_unlearn.py --choose \
-      --out "$out/profile_unlearn_cuda" ;;
+      --out "$out/profile_unlearn_cuda" ${PROFILE_ARGS:-} ;;
     imagenet) stage imagenet "${T_IMAGENET:-360}" $PY benchmarks/bench_imagenet.py --out "$out/imagenet_cuda" ${IMAGENET_ARGS:-} ;;
+    auto-alpha) stage auto-alpha "${T_AUTO_ALPHA:-300}" $PY benchmarks/bench_auto_alpha.py --device cuda --out "$out/auto_alpha_cuda" ;;
     *) echo "unknown stage $s" | tee -a "$log"; exit 2 ;;
   esac
 done
