@@ -505,19 +505,24 @@ def unlearn(
 
     both_kinds = choosing and first_token is None  # every position's and the first position's, in one pass
 
-    def kinds(x: torch.Tensor, role: str) -> dict[bool, Statistics]:
-        """The statistics of samples ``x`` by kind (``first_token``)."""
+    def kinds(x: torch.Tensor, role: str, outputs: list | None = None) -> dict[bool, Statistics]:
+        """The statistics of samples ``x`` by kind (``first_token``); ``outputs`` gets the unedited
+        model's logits per batch (:func:`~deepunlearn.statistics.collect_statistics`)."""
         if not both_kinds:
-            return {bool(first_token): gather_statistics(model, x, role, **kw)}
+            return {bool(first_token): collect_statistics(model, x, desc=role, outputs=outputs, **kw)}
         full, token = collect_both_kinds(model, x, batch_size=batch_size, dtype=dtype, autocast=autocast,
-                                         progress=progress, desc=role)
+                                         progress=progress, desc=role, outputs=outputs)
         return {False: full} | ({} if token is None else {True: token})
+
+    def logits(outputs: list) -> torch.Tensor | None:
+        return None if not outputs or any(y is None for y in outputs) else torch.cat(outputs)
 
     t0 = time.perf_counter()
     if choosing:  # the statistics of each forget fold, and of the retain fit and held-out parts
         x_f, y_f = materialise(forget, batch_size, "forget")
         folds_f = fold_split(len(x_f), "forget")
-        parts_f = [kinds(x_f[i], "forget") for i in folds_f]
+        outputs_f: list[list] = [[] for _ in folds_f]
+        parts_f = [kinds(x_f[i], "forget", out) for i, out in zip(folds_f, outputs_f)]
         stats_f = parts_f[0][min(parts_f[0])]  # every position's where both kinds were collected
     else:
         stats_f = gather_statistics(model, forget, "forget", **kw)
@@ -526,7 +531,8 @@ def unlearn(
     if choosing:
         x_r, y_r = materialise(retain, batch_size, "retain")
         fit_r, held_r = holdout_split(len(x_r), "retain")
-        parts_r = [kinds(x_r[i], "retain") for i in (fit_r, held_r)]
+        outputs_r: list = []
+        parts_r = [kinds(x_r[fit_r], "retain"), kinds(x_r[held_r], "retain", outputs_r)]
     else:
         stats_r = gather_statistics(model, retain, "retain", **kw)
     _sync(device)
@@ -544,7 +550,9 @@ def unlearn(
     if choosing:
         scorer = make_scorer(model, [x_f[i] for i in folds_f], None if y_f is None else [y_f[i] for i in folds_f],
                              x_r[held_r], None if y_r is None else y_r[held_r], classes, batch_size, autocast,
-                             edited=[getattr(t.module, t.param) for t in targets])
+                             edited=[getattr(t.module, t.param) for t in targets],
+                             original=([logits(o) for o in outputs_f], logits(outputs_r)))
+        del outputs_f, outputs_r
         # the first position's statistics first (True): on class-token models they win, and their best
         # held-out retain accuracy then bounds the search with every position's
         modes = sorted(set.intersection(*(set(p) for p in (*parts_f, *parts_r))), reverse=True)

@@ -373,6 +373,7 @@ class _Scorer:
     head: HeadReader | None = None
     prefix: FrozenPrefix | None = None  # the unedited start of the forward pass, kept per held-out sample
     forgotten: list[int] = field(default_factory=list)  # the classes forgotten (labels, given, or inferred)
+    original_retain_logits: torch.Tensor | None = None  # (N, C) of the unedited model on x_r, where known
     order: list[torch.Tensor] = field(init=False)  # per fold: the order its samples are scored in next
 
     def __post_init__(self) -> None:
@@ -432,23 +433,30 @@ class _Scorer:
 
 def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[torch.Tensor] | None, x_r: torch.Tensor,
                 y_r: torch.Tensor | None, classes: Sequence[int] | None, batch_size: int,
-                autocast: torch.dtype | None, edited: Sequence[torch.Tensor] | None = None) -> _Scorer:
+                autocast: torch.dtype | None, edited: Sequence[torch.Tensor] | None = None,
+                original: tuple[Sequence[torch.Tensor | None], torch.Tensor | None] | None = None) -> _Scorer:
     """Scores folds ``x_f`` (labels ``y_f`` per fold, or None) and held-out retain samples ``x_r``:
     by the labels where the data carry them; by the forgotten classes where given; else by
     agreement with the unedited model (forget: predicted as one of :func:`inferred_forget_classes`).
     At most :data:`HOLDOUT_CAP` samples of each fold score. ``edited``: the parameters candidates
-    change; the modules before the first of them run once per held-out sample (:func:`find_prefix`)."""
+    change; the modules before the first of them run once per held-out sample (:func:`find_prefix`).
+    ``original``: the unedited model's logits on every sample of each fold and on ``x_r``, where
+    known (None entries: computed here)."""
     x_f = [x[:HOLDOUT_CAP] for x in x_f]
     device = next(model.parameters()).device
     prefix = orig_f = orig_r = None
+    logits_f, logits_r = original if original is not None else ([None] * len(x_f), None)
+    if logits_r is not None and all(y is not None for y in logits_f):
+        orig_f = torch.cat([y[:HOLDOUT_CAP].argmax(-1).cpu() for y in logits_f])
+        orig_r = logits_r.argmax(-1).cpu()
+    need_original = y_r is None or (y_f is None and classes is None)  # the unedited predictions
     if edited is not None:
         def run(x: torch.Tensor) -> torch.Tensor:
             return _model_logits(model, x, autocast)
 
-        need_original = y_r is None or (y_f is None and classes is None)
         with _eval_no_grad(model):
             prefix = find_prefix(model, x_r[:SCORE_CHUNK].to(device), edited, run, sum(map(len, x_f)) + len(x_r))
-            if prefix is not None and prefix.composes and not need_original:  # the prefix alone runs
+            if prefix is not None and prefix.composes and not (need_original and orig_f is None):  # the prefix alone
                 for source, x in [*enumerate(x_f), ("retain", x_r)]:
                     prefix.keep_composed(source, [xb.to(device) for xb in x.split(batch_size)])
             elif prefix is not None:  # one whole pass over the held-out samples keeps the prefix's outputs
@@ -458,7 +466,6 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
 
                 orig_f = torch.cat([kept_predictions(k, x) for k, x in enumerate(x_f)])
                 orig_r = kept_predictions("retain", x_r)
-    need_original = y_r is None or (y_f is None and classes is None)
     if need_original and orig_f is None:
         orig_f = predictions(model, torch.cat(x_f), batch_size, autocast)
         orig_r = predictions(model, x_r, batch_size, autocast)
@@ -473,7 +480,7 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
     if y_r is None:
         scoring = scoring if scoring == "original predictions" else scoring + " (retain: original predictions)"
     return _Scorer(x_f, x_r, forget_hit, ref_r, batch_size, autocast, scoring, prefix=prefix,
-                   forgotten=[int(c) for c in forgotten.tolist()])
+                   forgotten=[int(c) for c in forgotten.tolist()], original_retain_logits=logits_r)
 
 
 def _eigenpairs(cov: Moment, vectors_seen: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -738,7 +745,8 @@ def choose_alphas(
                     model, scorer.x_r[:SCORE_CHUNK].to(next(model.parameters()).device))
                 options = options if head_reads else options[:1]
                 if rebalance and head_reads and head.bias() is not None and len(scorer.forgotten) < head.module.out_features:
-                    shares = scorer.retain_logits(model).softmax(-1).mean(0)  # the model is unedited here
+                    unedited = scorer.original_retain_logits  # else the model is unedited here
+                    shares = (scorer.retain_logits(model) if unedited is None else unedited).softmax(-1).mean(0)
             start = 0  # index into ALPHA_F_COARSE where the scan begins
             for a_r in grid_r:
                 if alpha_f is not None:

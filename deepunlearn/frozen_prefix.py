@@ -88,6 +88,7 @@ class FrozenPrefix:
     outputs: dict[object, torch.Tensor] = field(default_factory=dict)
     memory_format: torch.memory_format = torch.contiguous_format  # of kept images (N, C, H, W)
     composes: bool = False  # the members called one on the other's output give the kept output exactly
+    input_format: torch.memory_format = torch.contiguous_format  # of 4-d inputs to each member in :meth:`keep_composed`
     _current: torch.Tensor | None = None
 
     def _stand_in(self, last: bool) -> Callable[..., torch.Tensor]:
@@ -118,16 +119,18 @@ class FrozenPrefix:
         """A copy of ``out`` to keep (later modules may work in place on it), images in :attr:`memory_format`."""
         return out.clone(memory_format=self.memory_format) if out.dim() == 4 else out.clone()
 
-    def compose(self, x: torch.Tensor) -> torch.Tensor:
-        """The members called one on the other's output, from the model's input ``x``."""
+    def compose(self, x: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """The members called one on the other's output, from the model's input ``x``; 4-d inputs
+        to each member in ``memory_format`` (a 1-channel image is NCHW and channels-last at once, so
+        the input's own layout would not carry over)."""
         for m in self.members:
-            x = m(x)
+            x = m(_in_format(x, memory_format))
         return x
 
     def keep_composed(self, source: object, xs: Sequence[torch.Tensor]) -> None:
         """Keep :meth:`compose` of each batch of ``xs`` as ``source``'s outputs (where :attr:`composes`):
         the rest of the model does not run."""
-        self.outputs[source] = torch.cat([self._stored(self.compose(x)) for x in xs])
+        self.outputs[source] = torch.cat([self._stored(self.compose(x, self.input_format)) for x in xs])
 
     def capture(self, run: Callable[[torch.Tensor], torch.Tensor], source: object,
                 xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -173,7 +176,19 @@ def find_prefix(model: nn.Module, x: torch.Tensor, edited: Sequence[nn.Parameter
         prefix.memory_format = torch.channels_last
         if not _stands_in(prefix, run, x, exact=False):  # e.g. a view() of the kept images
             prefix.memory_format = torch.contiguous_format
+        elif prefix.composes and _close(prefix.compose(x, torch.channels_last), out):
+            prefix.input_format = torch.channels_last  # the prefix's own convolutions and pooling channels-last too
     return prefix
+
+
+def _in_format(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    return x.contiguous(memory_format=memory_format) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal to float32 rounding: 1e-4 relative, or 1e-5 of ``want``'s largest entry."""
+    scale = want.abs().max().item()
+    return torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-5 * scale)
 
 
 def _stands_in(prefix: FrozenPrefix, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, exact: bool) -> bool:
@@ -192,7 +207,4 @@ def _stands_in(prefix: FrozenPrefix, run: Callable[[torch.Tensor], torch.Tensor]
         prefix.outputs.clear()
     if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor) and got.shape == want.shape):
         return False
-    if exact:
-        return torch.equal(got, want)
-    scale = want.abs().max().item()
-    return torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-5 * scale)
+    return torch.equal(got, want) if exact else _close(got, want)

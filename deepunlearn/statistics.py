@@ -683,9 +683,11 @@ def _length(data: DataLike) -> int | None:
         return None
 
 
-def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batch_size: int, progress: bool, desc: str) -> int:
+def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batch_size: int, progress: bool, desc: str,
+                   outputs: list[torch.Tensor | None] | None = None) -> int:
     """Run ``model`` over ``data`` in eval mode without autograd, feeding ``collector``; return the sample count.
 
+    ``outputs``: emptied, then given the model's output per batch (:func:`batch_logits`).
     The hooks are removed and every module's training flag restored whatever happens.
     """
     from tqdm.auto import tqdm
@@ -697,6 +699,8 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batc
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     collector.expected_samples = _length(data)
+    if outputs is not None:
+        outputs.clear()
     bar = tqdm(total=collector.expected_samples, desc=desc, unit="img", unit_scale=True, disable=not progress, leave=False)
     try:
         with _eval_no_grad(model):
@@ -705,8 +709,10 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batc
                     continue
                 collector.batch_samples = x.shape[0]
                 with _autocast_on(device, collector.autocast), collector.capture():
-                    model(x.to(device, non_blocking=True))
+                    y = model(x.to(device, non_blocking=True))
                 collector.end_forward()
+                if outputs is not None:
+                    outputs.append(batch_logits(y, x.shape[0]))
                 samples += x.shape[0]
                 bar.update(x.shape[0])
         collector.end_collection()
@@ -715,6 +721,15 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: _Collector, batc
         collector.remove()
         torch.backends.mha.set_fastpath_enabled(fastpath)
     return samples
+
+
+def batch_logits(output: object, rows: int) -> torch.Tensor | None:
+    """A model's output on a batch of ``rows`` samples as float32 logits ``(rows, classes)`` (its
+    ``.logits`` where it has them), or None where it is not such a tensor."""
+    y = getattr(output, "logits", output)
+    if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != rows:
+        return None
+    return y.detach().float()
 
 
 def collection_setup(model: nn.Module, dtype: torch.dtype | None) -> tuple[list[EditTarget], torch.device, torch.dtype]:
@@ -746,6 +761,7 @@ def collect_statistics(
     first_token: bool = False,
     progress: bool = False,
     desc: str = "statistics",
+    outputs: list[torch.Tensor | None] | None = None,
 ) -> Statistics:
     """Stream ``data`` through ``model`` and return every edited layer's input second moments.
 
@@ -771,6 +787,9 @@ def collect_statistics(
             read a class token at position 0 (ViT, DeiT): the statistics of what the head sees.
         progress: show a progress bar (images and images per second).
         desc: progress bar label.
+        outputs: a list that is emptied, then given the model's output on each batch as float32
+            logits ``(batch, classes)`` (its ``.logits`` where it has them; None for a batch whose
+            output is no such tensor): the unedited predictions, at no extra forward pass.
 
     Raises:
         ValueError: empty data, no editable layer, the model on several devices, or non-finite
@@ -783,7 +802,7 @@ def collect_statistics(
     ranks = dist.world() if distributed else None
     try:
         stats, samples = _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc, keep_vectors,
-                                  first_token)
+                                  first_token, outputs)
     except Exception as exc:
         if ranks is None:
             raise
@@ -820,19 +839,20 @@ def finish_statistics(model: nn.Module, stats: Statistics, samples: int, error: 
 
 
 def collect_both_kinds(model: nn.Module, data: DataLike, *, batch_size: int = 256, dtype: torch.dtype | None = None,
-                       autocast: torch.dtype | None = None, progress: bool = False,
-                       desc: str = "statistics") -> tuple[Statistics, Statistics | None]:
+                       autocast: torch.dtype | None = None, progress: bool = False, desc: str = "statistics",
+                       outputs: list[torch.Tensor | None] | None = None) -> tuple[Statistics, Statistics | None]:
     """Every position's statistics and the first position's (``first_token``), from one set of
     forward passes; the second is None when no edited layer read a sequence. Slots that never saw a
-    sequence are the same objects in both. In one process (not summed over ranks)."""
+    sequence are the same objects in both. In one process (not summed over ranks). ``outputs`` as
+    for :func:`collect_statistics`."""
     targets, device, dtype = collection_setup(model, dtype)
     check_autocast(autocast)
     collector = _Collector(targets, device, dtype, autocast=autocast, keep_vectors="always", both_kinds=True)
     try:
-        samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
+        samples = run_with_hooks(model, data, collector, batch_size, progress, desc, outputs)
     except _SharingChanged:  # rare: collect each kind with one slot per layer
         full = collect_statistics(model, data, batch_size=batch_size, dtype=dtype, autocast=autocast, distributed=False,
-                                  progress=progress, desc=desc)
+                                  progress=progress, desc=desc, outputs=outputs)
         if not full.sequence_inputs:
             return full, None
         return full, collect_statistics(model, data, batch_size=batch_size, dtype=dtype, autocast=autocast,
@@ -846,11 +866,12 @@ def collect_both_kinds(model: nn.Module, data: DataLike, *, batch_size: int = 25
 
 
 def _collect(model, data, targets, device, dtype, autocast, batch_size, progress, desc,
-             keep_vectors: bool | str = True, first_token: bool = False) -> tuple[Statistics, int]:
+             keep_vectors: bool | str = True, first_token: bool = False,
+             outputs: list[torch.Tensor | None] | None = None) -> tuple[Statistics, int]:
     collector = _Collector(targets, device, dtype, autocast=autocast, keep_vectors=keep_vectors, first_token=first_token)
     collector.stats.first_token = first_token
     try:
-        samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
+        samples = run_with_hooks(model, data, collector, batch_size, progress, desc, outputs)
     except _SharingChanged as exc:
         # Rare (layers whose inputs coincide only sometimes): collect again, one slot per layer.
         if isinstance(data, Iterator):
@@ -860,5 +881,5 @@ def _collect(model, data, targets, device, dtype, autocast, batch_size, progress
         collector = _Collector(targets, device, dtype, share_inputs=False, autocast=autocast, keep_vectors=keep_vectors,
                                first_token=first_token)
         collector.stats.first_token = first_token
-        samples = run_with_hooks(model, data, collector, batch_size, progress, desc)
+        samples = run_with_hooks(model, data, collector, batch_size, progress, desc, outputs)
     return collector.stats, samples

@@ -82,8 +82,29 @@ def test_the_prefix_alone_runs_where_its_members_compose():
         prefix = find_prefix(model, x, edited_params(model), run_of(model), 100)
         assert prefix is not None and prefix.composes is composes, type(model).__name__
         prefix.capture(run_of(model), "whole", [x[:4], x[4:]])
+        prefix.input_format = torch.contiguous_format
         prefix.keep_composed("alone", [x[:4], x[4:]])
         assert torch.equal(prefix.outputs["alone"], prefix.outputs["whole"]) is composes
+
+
+@torch.no_grad()
+def test_the_prefix_alone_runs_channels_last_on_the_cpu():
+    """SmallCNN's stem (1-channel images, so NCHW and channels-last at once) composed with each
+    member's input channels-last: its max pooling runs channels-last, the outputs match whole
+    passes to rounding."""
+    model = SmallCNN().eval()
+    x = torch.randn(6, 1, 28, 28)
+    prefix = find_prefix(model, x, edited_params(model), run_of(model), 100)
+    assert prefix is not None and prefix.input_format == torch.channels_last
+    seen = []
+    handle = model.features[3].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        prefix.keep_composed("alone", [x[:4], x[4:]])
+    finally:
+        handle.remove()
+    assert seen and all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in seen)
+    prefix.capture(run_of(model), "whole", [x])
+    assert torch.allclose(prefix.outputs["alone"], prefix.outputs["whole"], rtol=1e-5, atol=1e-6)
 
 
 class Reused(nn.Module):
@@ -187,3 +208,25 @@ def test_scores_with_the_prefix_kept_equal_those_of_whole_passes(device):
         for (acc_k, prob_k), (acc_w, prob_w) in zip(kept.retain_scores(model, hs), whole.retain_scores(model, hs)):
             assert acc_k == acc_w and abs(prob_k - prob_w) < 1e-4
     assert all(torch.equal(x, b) for x, b in zip((*xf, xr), before))
+
+
+@torch.no_grad()
+def test_the_unedited_logits_given_spare_the_whole_pass():
+    """Unlabelled scoring with the unedited model's logits from the statistics' passes: the same
+    forget classes and retain references, the prefix computed alone (the head never runs)."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    xf, xr = [torch.randn(30, 1, 28, 28), torch.randn(20, 1, 28, 28)], torch.randn(25, 1, 28, 28)
+    original = ([model(x) for x in xf], model(xr))
+    calls = []
+    handle = model.classifier[-1].register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
+    try:
+        given = make_scorer(model, xf, None, xr, None, None, 16, None, edited=edited_params(model), original=original)
+        checks = sum(calls)  # find_prefix's checks on one batch
+        computed = make_scorer(model, xf, None, xr, None, None, 16, None, edited=edited_params(model))
+    finally:
+        handle.remove()
+    assert sum(calls) - checks == checks + 75  # the second also ran every held-out sample through the head
+    assert torch.equal(given.retain_ref, computed.retain_ref) and given.forgotten == computed.forgotten
+    assert given.scoring == computed.scoring == "original predictions"
+    assert torch.equal(given.original_retain_logits, original[1])

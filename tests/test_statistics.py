@@ -165,3 +165,42 @@ def test_first_moments_survive_saving_and_files_without_them_still_load(tmp_path
 
     assert all(loaded.mean(t) is None for t in find_targets(m)[0])
     assert (loaded + s).slots["5"].total is None  # a sum with a file lacking them lacks them too
+
+
+class LogitsObject(nn.Module):
+    """Returns an object holding ``.logits``, as Hugging Face classifiers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = small_model()
+
+    def forward(self, x):
+        return type("Output", (), {"logits": self.inner(x)})()
+
+
+class TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = small_model()
+
+    def forward(self, x):
+        return self.inner(x), x
+
+
+def test_the_models_outputs_come_with_the_statistics():
+    """``outputs`` gets each batch's logits (float32, as the model gives them; its ``.logits``
+    where it returns an object), None where the output is no such tensor, and only the last
+    collection's."""
+    torch.manual_seed(0)
+    x = torch.randn(11, 1, 5, 5)
+    for model in (small_model(), LogitsObject()):
+        model.eval()
+        with torch.no_grad():
+            want = getattr(model(x), "logits", model(x))
+        outputs = [torch.zeros(1)]  # emptied first
+        collect_statistics(model, x, batch_size=4, outputs=outputs)
+        assert [y.shape[0] for y in outputs] == [4, 4, 3]
+        assert rel_err(torch.cat(outputs).double(), want.double()) < 1e-6
+    outputs = []
+    collect_statistics(TupleOut(), x, batch_size=8, outputs=outputs)
+    assert outputs == [None, None]
