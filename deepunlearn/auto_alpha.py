@@ -495,6 +495,27 @@ def _eigenpairs(cov: Moment, vectors_seen: int) -> tuple[torch.Tensor, torch.Ten
     return s.vectors, s.energies
 
 
+class _ScaledEnergies:
+    """Every target's scaled energies ``λ(α)`` on one side (retain, or a forget fold), computed for
+    all targets at once per ``α`` (one elementwise pass instead of one per target)."""
+
+    def __init__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor] | None]):
+        energies = [None if p is None else p[1] for p in pairs]
+        present = [e for e in energies if e is not None]
+        self._flat = torch.cat([e.reshape(-1) for e in present]) if present else None
+        self._layout = energies
+        self._cache: dict[float, list[torch.Tensor | None]] = {}
+
+    def __call__(self, alpha: float) -> list[torch.Tensor | None]:
+        if alpha not in self._cache:
+            if len(self._cache) >= len(HEAD_ALPHA_F) + 1:  # the body's alpha_f and each head option's
+                self._cache.clear()
+            parts = iter(scale_energies(self._flat, alpha).split([e.numel() for e in self._layout if e is not None])
+                         if self._flat is not None else ())
+            self._cache[alpha] = [None if e is None else next(parts).view(e.shape) for e in self._layout]
+        return self._cache[alpha]
+
+
 class CandidateEdits:
     """Every target's new weight for any ``(alpha_r, alpha_f)`` and forget fold, from one
     decomposition per input and side (per fold on the forget side, made on first use).
@@ -521,6 +542,8 @@ class CandidateEdits:
         self.head = next((i for i, t in enumerate(self.targets) if t is head), None) if len(self.targets) > 1 else None
         self.retain = self._pairs(moments_r)
         self._forget: list[list | Callable[[], dict]] = [self._pairs(moments_f), *other_folds]
+        self._scaled_r = _ScaledEnergies(self.retain)
+        self._scaled_f: dict[int, _ScaledEnergies] = {}  # per fold, made with its pairs
         dtype = next((c.dtype for c, _ in moments_f.values() if c is not None), torch.float32)
         # copies: candidates are written into the very parameters these would otherwise view
         self.w = [t.as_matrices(t.weight().detach()).to(dtype, copy=True) for t in self.targets]
@@ -551,14 +574,16 @@ class CandidateEdits:
     def _forget_pairs(self, fold: int) -> list:
         if callable(self._forget[fold]):
             self._forget[fold] = self._pairs(self._forget[fold]())
+        if fold not in self._scaled_f:
+            self._scaled_f[fold] = _ScaledEnergies(self._forget[fold])
         return self._forget[fold]
 
     def _retain_side(self, alpha_r: float) -> list[torch.Tensor]:
         """``V = W − W M_r`` per target, kept for the last ``alpha_r``."""
         if self._v is None or self._v[0] != alpha_r:
             v = []
-            for w, wu, r in zip(self.w, self.wu_r, self.retain):
-                v.append(w if r is None else w - (wu * scale_energies(r[1], alpha_r)[:, None, :]) @ r[0].transpose(-1, -2))
+            for w, wu, r, lam in zip(self.w, self.wu_r, self.retain, self._scaled_r(alpha_r)):
+                v.append(w if r is None else torch.baddbmm(w, wu * lam[:, None, :], r[0].transpose(-1, -2), alpha=-1.0))
             self._v, self._vu = (alpha_r, v), {}
         return self._v[1]
 
@@ -573,14 +598,15 @@ class CandidateEdits:
         else:
             if (fold, i) not in self._vu:  # the scan and bisection try several alpha_f per alpha_r
                 self._vu[fold, i] = v @ f[0]
-            removed = self._vu[fold, i] * scale_energies(f[1], alpha_f)[:, None, :]  # (W − W′) = removed U_fᵀ
-            new = w - removed @ f[0].transpose(-1, -2)
+            removed = self._vu[fold, i] * self._scaled_f[fold](alpha_f)[i][:, None, :]  # (W − W′) = removed U_fᵀ
+            new = torch.baddbmm(w, removed, f[0].transpose(-1, -2), alpha=-1.0)
             bias = None
             if mean is not None:  # edit.mean_keeping_bias: b + (W − W′) μ, here through the thin factor
                 if (fold, i) not in self._u_mean:
                     self._u_mean[fold, i] = f[0].transpose(-1, -2) @ mean.to(f[0])[:, :, None]
-                shift = (removed @ self._u_mean[fold, i]).reshape(-1)
-                bias = (self.biases[i].to(shift.dtype) + shift).to(self.biases[i].dtype)
+                b = self.biases[i]
+                bias = torch.baddbmm(b.to(removed.dtype).view(removed.shape[0], -1, 1), removed,
+                                     self._u_mean[fold, i]).reshape(-1).to(b.dtype)
         return new.reshape(shape).to(dtype), bias
 
     def edits(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None
