@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, suite_arguments, suite_data, suite_model, suite_samples, write_results  # noqa: E402
 from probe_alpha_oracle import accuracy, stacked  # noqa: E402
 from deepunlearn import api, collect_statistics  # noqa: E402
-from deepunlearn.auto_alpha import CandidateEdits  # noqa: E402
+from deepunlearn.candidates import SpectralCandidates  # noqa: E402
 from deepunlearn.layers import find_targets  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             chosen = [t for t in targets if t.layer != layers[0]]
             token = any(t.kind.startswith("attention") for t in targets)  # the ViT: the first position's statistics
             stats_f, stats_r = (collect_statistics(model, x, first_token=token) for x in (x_f, x_r))
-            cands = CandidateEdits(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu),
+            cands = SpectralCandidates(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu),
                                    means_r=api.layer_means(chosen, stats_r, cpu) if a.keep_retain_mean else None)
             in_part = [t.layer == layers[-1] if a.part == "head" else t.kind.startswith("attention") for t in chosen]
             for a_r in a.alpha_r or ALPHA_R_GRID[arch]:

@@ -16,9 +16,10 @@ from torch.utils.data import Dataset, Subset
 from . import distributed
 from ._batches import DataLike
 from .edit import PlannedEdit, apply_plan, edited_weight, mean_keeping_bias
-from .auto_alpha import (HEAD_ALPHA_F, SCORE_CHUNK, TARGET_FORGET_ACCURACY, CandidateEdits, choice_rank, choose_alphas,
+from .candidates import candidate_edits
+from .auto_alpha import (HEAD_ALPHA_F, SCORE_CHUNK, TARGET_FORGET_ACCURACY, choice_rank, choose_alphas,
                          fold_split, holdout_split, make_scorer, materialise, reads_first_position)
-from .weight_side import SideSolver, batched_factors, edited_weight_sides, side_solver, side_way
+from .weight_side import INVERSE_FACTOR_DEVICES, SideSolver, batched_factors, edited_weight_sides, side_solver, side_way
 from .layers import EditTarget, SkippedLayer, find_targets
 from .moments import Moment, dense, moment_trace
 from .projection import check_alpha, check_solver
@@ -224,11 +225,6 @@ def plan_edits(
 # matrix leaves most of the device idle (ViT-B/16: 100 factorisations of 768-3072 wide matrices);
 # on the CPU LAPACK factors a batch one matrix at a time anyway, and solving lazily holds less.
 SOLVE_BATCH_BYTES = {"cuda": 1 << 30}
-# Device types whose batched factors are kept inverted (weight_side.inverse_cholesky), each layer then
-# applying them by two GEMMs: on a GPU cuSOLVER's factorisation and cuBLAS's triangular solves run
-# as thousands of small launches (ViT-B/16: 2,300 trsm kernels), the inverse as a few dozen GEMMs.
-# On the CPU the factorisation (blocked) and the triangular solves run near GEMM speed for a quarter of the flops.
-INVERSE_FACTOR_DEVICES = frozenset({"cuda"})
 
 
 def solved_edits(
@@ -574,7 +570,7 @@ def unlearn(
 
             parts = (folds, parts_r[0][mode], parts_r[1][mode])
             keep = mode if keep_retain_mean is None else keep_retain_mean
-            candidates = CandidateEdits(targets, forget_fit(0), layer_moments(targets, parts[1], device),
+            candidates = candidate_edits(targets, forget_fit(0), layer_moments(targets, parts[1], device),
                                         [functools.partial(forget_fit, k) for k in range(1, len(folds))], head,
                                         layer_means(targets, parts[1], device) if keep else None)
             with warnings.catch_warnings(record=True) as caught:  # only the kept mode's warning is shown

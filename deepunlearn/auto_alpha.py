@@ -2,9 +2,8 @@
 
 The forget samples are split into folds, each scored by candidates edited from the other folds'
 statistics (cross-fitting: every forget sample scores, none scores an edit it shaped); a quarter
-of the retain samples is held out. The second moments are decomposed once per input and fold;
-each candidate pair only rescales the energies, is applied to the model, and is scored on the
-held-out samples. The rule is the smallest edit that forgets: per ``alpha_r``, the smallest
+of the retain samples is held out. Each candidate pair's new weights (:mod:`.candidates`) are
+applied to the model and scored on the held-out samples. The rule is the smallest edit that forgets: per ``alpha_r``, the smallest
 ``alpha_f`` whose forget accuracy over the folds is at most the target; of those, the one whose
 held-out retain samples keep the highest mean probability of their right class wins (continuous,
 where accuracies on a few hundred samples tie in steps); if none reaches the target, the best
@@ -28,11 +27,8 @@ from torch import nn
 
 from ._batches import DataLike, _first_tensor, iter_raw_batches
 from .frozen_prefix import FrozenPrefix, find_prefix
-from .layers import EditTarget
-from .moments import Moment, SampleRows
-from .projection import Spectrum, scale_energies
+from .candidates import Candidates
 from .statistics import _autocast_on, _eval_no_grad
-from .weight_side import OVERSAMPLE, sample_eigenpairs, sketched_eigenpairs
 
 TARGET_FORGET_ACCURACY = 1.0  # percent of held-out forget samples still recognised
 HOLDOUT_FRACTION = 0.25  # of the retain samples, to score candidates (the final edit uses all)
@@ -483,147 +479,9 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
                    forgotten=[int(c) for c in forgotten.tolist()], original_retain_logits=logits_r)
 
 
-def _eigenpairs(cov: Moment, vectors_seen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U, r)`` of a second moment: from its vectors where they were kept, by the sketch where it
-    saw fewer vectors than its width, else by a full eigendecomposition."""
-    if isinstance(cov, SampleRows):
-        return sample_eigenpairs(cov.rows)
-    d = cov.shape[-1]
-    if vectors_seen + OVERSAMPLE < d // 2:
-        return sketched_eigenpairs(cov, vectors_seen)
-    s = Spectrum.of(cov)
-    return s.vectors, s.energies
-
-
-class _ScaledEnergies:
-    """Every target's scaled energies ``λ(α)`` on one side (retain, or a forget fold), computed for
-    all targets at once per ``α`` (one elementwise pass instead of one per target)."""
-
-    def __init__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor] | None]):
-        energies = [None if p is None else p[1] for p in pairs]
-        present = [e for e in energies if e is not None]
-        self._flat = torch.cat([e.reshape(-1) for e in present]) if present else None
-        self._layout = energies
-        self._cache: dict[float, list[torch.Tensor | None]] = {}
-
-    def __call__(self, alpha: float) -> list[torch.Tensor | None]:
-        if alpha not in self._cache:
-            if len(self._cache) >= len(HEAD_ALPHA_F) + 1:  # the body's alpha_f and each head option's
-                self._cache.clear()
-            parts = iter(scale_energies(self._flat, alpha).split([e.numel() for e in self._layout if e is not None])
-                         if self._flat is not None else ())
-            self._cache[alpha] = [None if e is None else next(parts).view(e.shape) for e in self._layout]
-        return self._cache[alpha]
-
-
-class CandidateEdits:
-    """Every target's new weight for any ``(alpha_r, alpha_f)`` and forget fold, from one
-    decomposition per input and side (per fold on the forget side, made on first use).
-
-    With ``C = U diag(e) Uᵀ`` per side, ``W M = ((W U) diag(λ(α))) Uᵀ``: a candidate costs two thin
-    products per side and layer; ``W U_r`` is kept per layer and ``V = W − W M_r`` per ``alpha_r``
-    (shared by the folds, which differ in the forget side only).
-
-    Args:
-        targets: the weights to edit.
-        moments_f: the first fold's forget moments per input (its candidates score that fold).
-        moments_r: the retain moments (of the retain samples not held out).
-        other_folds: for each further fold, a function giving its forget moments.
-        head: the classifier head, which may take its own ``alpha_f``; :attr:`head` is its index in
-            :attr:`targets` (None where it is not given, not reached, or the only target).
-        means_r: the retain mean input per slot tuple (:func:`~deepunlearn.api.layer_means`): each
-            candidate's biases then keep the retain mean output (:meth:`edit`). None: biases kept.
-    """
-
-    def __init__(self, targets: Sequence[EditTarget], moments_f: dict, moments_r: dict,
-                 other_folds: Sequence[Callable[[], dict]] = (), head: EditTarget | None = None,
-                 means_r: dict | None = None):
-        self.targets = [t for t in targets if moments_f[t.slots][0] is not None]
-        self.head = next((i for i, t in enumerate(self.targets) if t is head), None) if len(self.targets) > 1 else None
-        self.retain = self._pairs(moments_r)
-        self._forget: list[list | Callable[[], dict]] = [self._pairs(moments_f), *other_folds]
-        self._scaled_r = _ScaledEnergies(self.retain)
-        self._scaled_f: dict[int, _ScaledEnergies] = {}  # per fold, made with its pairs
-        dtype = next((c.dtype for c, _ in moments_f.values() if c is not None), torch.float32)
-        # copies: candidates are written into the very parameters these would otherwise view
-        self.w = [t.as_matrices(t.weight().detach()).to(dtype, copy=True) for t in self.targets]
-        self.wu_r = [None if r is None else w @ r[0] for w, r in zip(self.w, self.retain)]
-        self.means = [None if means_r is None or t.bias() is None else means_r.get(t.slots) for t in self.targets]
-        self.biases = [None if m is None else t.bias().detach().clone() for t, m in zip(self.targets, self.means)]
-        self.forms = [(t.weight().shape, t.weight().dtype) for t in self.targets]  # each new weight's shape and dtype
-        self._v: tuple[float, list[torch.Tensor]] | None = None
-        self._vu: dict[tuple[int, int], torch.Tensor] = {}  # (fold, target) -> V U_f, for the last alpha_r
-        self._u_mean: dict[tuple[int, int], torch.Tensor] = {}  # (fold, target) -> U_fᵀ μ_r, (g, k, 1)
-
-    @property
-    def folds(self) -> int:
-        return len(self._forget)
-
-    def _pairs(self, moments: dict) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Each target's ``(U, e)`` (None where the side never reached it); inputs shared by several
-        targets are decomposed once."""
-        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        out = []
-        for t in self.targets:
-            cov, n = moments[t.slots]
-            if cov is not None and id(cov) not in done:
-                done[id(cov)] = _eigenpairs(cov, n)
-            out.append(None if cov is None else done[id(cov)])
-        return out
-
-    def _forget_pairs(self, fold: int) -> list:
-        if callable(self._forget[fold]):
-            self._forget[fold] = self._pairs(self._forget[fold]())
-        if fold not in self._scaled_f:
-            self._scaled_f[fold] = _ScaledEnergies(self._forget[fold])
-        return self._forget[fold]
-
-    def _retain_side(self, alpha_r: float) -> list[torch.Tensor]:
-        """``V = W − W M_r`` per target, kept for the last ``alpha_r``."""
-        if self._v is None or self._v[0] != alpha_r:
-            v = []
-            for w, wu, r, lam in zip(self.w, self.wu_r, self.retain, self._scaled_r(alpha_r)):
-                v.append(w if r is None else torch.baddbmm(w, wu * lam[:, None, :], r[0].transpose(-1, -2), alpha=-1.0))
-            self._v, self._vu = (alpha_r, v), {}
-        return self._v[1]
-
-    def edit(self, i: int, alpha_r: float, alpha_f: float, fold: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Target ``i``'s new weight (its own shape and dtype) for the pair, edited with ``fold``'s
-        forget side, and its new bias (None: kept; where :attr:`means` holds its retain mean, the
-        bias that keeps its mean output, from the target's original bias)."""
-        w, v, f, mean = self.w[i], self._retain_side(alpha_r)[i], self._forget_pairs(fold)[i], self.means[i]
-        shape, dtype = self.forms[i]
-        if f is None:
-            new, bias = w, None if mean is None else self.biases[i]  # unedited: its original bias
-        else:
-            if (fold, i) not in self._vu:  # the scan and bisection try several alpha_f per alpha_r
-                self._vu[fold, i] = v @ f[0]
-            removed = self._vu[fold, i] * self._scaled_f[fold](alpha_f)[i][:, None, :]  # (W − W′) = removed U_fᵀ
-            new = torch.baddbmm(w, removed, f[0].transpose(-1, -2), alpha=-1.0)
-            bias = None
-            if mean is not None:  # edit.mean_keeping_bias: b + (W − W′) μ, here through the thin factor
-                if (fold, i) not in self._u_mean:
-                    self._u_mean[fold, i] = f[0].transpose(-1, -2) @ mean.to(f[0])[:, :, None]
-                b = self.biases[i]
-                bias = torch.baddbmm(b.to(removed.dtype).view(removed.shape[0], -1, 1), removed,
-                                     self._u_mean[fold, i]).reshape(-1).to(b.dtype)
-        return new.reshape(shape).to(dtype), bias
-
-    def edits(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None
-              ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """:meth:`edit` of every target for the pair; the :attr:`head` with ``alpha_f_head`` where given."""
-        return [self.edit(i, alpha_r, alpha_f_head if i == self.head and alpha_f_head is not None else alpha_f, fold)
-                for i in range(len(self.targets))]
-
-    def weights(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None
-                ) -> list[torch.Tensor]:
-        """The new weights alone (:meth:`edits`)."""
-        return [w for w, _ in self.edits(alpha_r, alpha_f, fold, alpha_f_head)]
-
-
 def choose_alphas(
     model: nn.Module,
-    candidates: CandidateEdits,
+    candidates: Candidates,
     scorer: _Scorer,
     *,
     alpha_r: float | None = None,
@@ -671,7 +529,7 @@ def choose_alphas(
     """
     t0 = time.perf_counter()
     grid_r = [alpha_r] if alpha_r is not None else list(ALPHA_R_CANDIDATES)
-    # the biases CandidateEdits keeps are copies of the originals already
+    # the biases the candidates keep are copies of the originals already
     originals = [(t.weight().detach().clone(), b) for t, b in zip(candidates.targets, candidates.biases)]
     table: list[dict[str, float]] = []
     scored_at: dict[tuple[float, float], list[dict[str, float]]] = {}  # (alpha_r, alpha_f) -> a row per option

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import deepunlearn
 from conftest import rel_err
 from deepunlearn import api
-from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, FORGET_CONFIDENCE, FORGET_FOLDS, SCORE_CHUNK, CandidateEdits, allowed_forget_hits, smallest_passing,
+from deepunlearn.candidates import FactoredCandidates, SpectralCandidates, candidate_edits
+from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, FORGET_CONFIDENCE, FORGET_FOLDS, SCORE_CHUNK, allowed_forget_hits, smallest_passing,
                                     binomial_upper_bound, choose_alphas, fold_split, holdout_split, inferred_forget_classes,
                                     make_scorer, materialise)
 from deepunlearn.layers import find_targets
@@ -135,12 +136,13 @@ def fixed_call_weights(targets, sf, sr, alpha_r, alpha_f, means=None):
     return [p.new_weight for p in plan] if means is None else [(p.new_weight, p.new_bias) for p in plan]
 
 
-def test_candidates_match_the_final_edit_and_scoring_restores_the_weights(trained):
+@pytest.mark.parametrize("kind", [SpectralCandidates, FactoredCandidates])
+def test_candidates_match_the_final_edit_and_scoring_restores_the_weights(trained, kind):
     model, targets, xf, xr = double_model_and_samples(trained)
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
-    cands = CandidateEdits(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
+    cands = kind(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
     means = api.layer_means(targets, sr, CPU)
-    with_means = CandidateEdits(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU),
+    with_means = kind(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU),
                                 means_r=means)
     for a_r, a_f in ((10.0, 1.0), (300.0, 30.0), (10.0, 100.0), (10.0, 3.0)):  # the cached V is per alpha_r
         for w, new in zip(cands.weights(a_r, a_f), fixed_call_weights(targets, sf, sr, a_r, a_f)):
@@ -153,7 +155,8 @@ def test_candidates_match_the_final_edit_and_scoring_restores_the_weights(traine
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-def test_each_fold_is_scored_by_the_edit_from_the_other_folds(trained):
+@pytest.mark.parametrize("kind", [SpectralCandidates, FactoredCandidates])
+def test_each_fold_is_scored_by_the_edit_from_the_other_folds(trained, kind):
     model, targets, xf, xr = double_model_and_samples(trained)
     folds = fold_split(len(xf), "forget")
     fold_stats = [collect_statistics(model, xf[i]) for i in folds]
@@ -169,8 +172,8 @@ def test_each_fold_is_scored_by_the_edit_from_the_other_folds(trained):
         made.append(k)
         return api.layer_moments(targets, others(k), CPU)
 
-    cands = CandidateEdits(targets, api.layer_moments(targets, others(0), CPU), api.layer_moments(targets, sr, CPU),
-                           [lambda k=k: lazily(k) for k in range(1, len(folds))])
+    cands = kind(targets, api.layer_moments(targets, others(0), CPU), api.layer_moments(targets, sr, CPU),
+                 [lambda k=k: lazily(k) for k in range(1, len(folds))])
     assert cands.folds == len(folds) == FORGET_FOLDS and made == []  # decomposed on first use
     for k in (2, 0, 3, 1):
         for w, new in zip(cands.weights(100.0, 30.0, fold=k), fixed_call_weights(targets, others(k), sr, 100.0, 30.0)):
@@ -178,6 +181,30 @@ def test_each_fold_is_scored_by_the_edit_from_the_other_folds(trained):
     assert made == [2, 3, 1]
     cands.weights(100.0, 30.0, fold=2)
     assert made == [2, 3, 1]  # once per fold
+
+
+def test_both_kinds_of_candidates_agree_in_float32_and_choose_alike(trained):
+    """Factored and spectral candidates of a float32 model: the same weights and biases to float32
+    rounding (the head with its own scale too), and the same choice; the default form by device."""
+    model = copy.deepcopy(trained).eval()
+    targets = find_targets(model)[0][1:]  # the first layer left, as the default call leaves it
+    forget, retain = forget_and_retain()
+    xf, xr = forget.tensors[0], retain.tensors[0]
+    sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
+    args = (targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
+    head = targets[-1]
+    kinds = [k(*args, head=head, means_r=api.layer_means(targets, sr, CPU)) for k in (SpectralCandidates, FactoredCandidates)]
+    assert kinds[0].head == kinds[1].head == len(kinds[0].targets) - 1
+    for a_r, a_f, a_h in ((10.0, 1.0, None), (100.0, 0.316, 31.6), (30.0, 300.0, 1.0)):
+        for (w_s, b_s), (w_f, b_f) in zip(*(k.edits(a_r, a_f, 0, a_h) for k in kinds)):
+            assert w_s.dtype == w_f.dtype == torch.float32 and rel_err(w_f, w_s) < 1e-4
+            assert (b_s is None) == (b_f is None) and (b_s is None or rel_err(b_f, b_s) < 1e-4)
+    plain = [k(*args) for k in (SpectralCandidates, FactoredCandidates)]
+    choices = [choose_alphas(model, k, make_scorer(model, [xf], None, xr[:100], None, [0], 64, None)) for k in plain]
+    assert choices[0].reached_target
+    assert (choices[0].alpha_r, choices[0].alpha_f) == (choices[1].alpha_r, choices[1].alpha_f)
+    assert isinstance(candidate_edits(*args), SpectralCandidates)  # the CPU's form
+    assert isinstance(candidate_edits(*args, factored=True), FactoredCandidates)
 
 
 @pytest.mark.filterwarnings("ignore:no candidate reached")  # single pairs: their outcomes are compared
@@ -194,7 +221,7 @@ def test_the_samples_still_recognised_are_scored_first_and_the_order_changes_no_
         rest = [s for j, s in enumerate(fold_stats) if j != k]
         return api.layer_moments(targets, sum(rest[1:], rest[0]), CPU)
 
-    cands = CandidateEdits(targets, forget_fit(0), api.layer_moments(targets, sr, CPU),
+    cands = SpectralCandidates(targets, forget_fit(0), api.layer_moments(targets, sr, CPU),
                            [lambda k=k: forget_fit(k) for k in range(1, len(folds))])
     natural = make_scorer(model, [xf[i] for i in folds], None, xr[:100], None, [0], 64, None)
     shuffled = make_scorer(model, [xf[i] for i in folds], None, xr[:100], None, [0], 64, None)
@@ -226,7 +253,7 @@ def test_a_bound_no_pair_can_beat_cuts_each_pair_after_its_first_round(trained, 
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
 
     def choose(bound):
-        cands = CandidateEdits(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
+        cands = SpectralCandidates(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
         return choose_alphas(model, cands, make_scorer(model, [xf], None, xr[:100], None, None, 64, None), bound=bound)
 
     free = choose(None)
@@ -340,7 +367,7 @@ def test_head_options_score_as_if_each_were_written_into_the_head(trained):
     reading = replace(plain, head=HeadReader(head.module, None))
     before = [p.clone() for p in model.parameters()]
     for means in (None, api.layer_means(targets, sr, CPU)):  # biases kept, or shifted to keep the retain mean
-        cands = CandidateEdits(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU), head=head,
+        cands = SpectralCandidates(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU), head=head,
                                means_r=means)
         assert cands.head == len(targets) - 1
         with _eval_no_grad(model), torch.no_grad():

@@ -1,0 +1,285 @@
+"""Every target's new weight for any candidate ``(alpha_r, alpha_f)`` and forget fold, while α is chosen.
+
+Two ways give the same weights (docs/auto_alpha.md, "Candidates on a GPU"):
+
+* :class:`SpectralCandidates`: each input's second moment decomposed once per side and fold
+  (``C = U diag(e) Uᵀ``); a candidate then only rescales the energies. On the CPU the
+  decompositions of the suite's models cost a few hundredths of a second.
+* :class:`FactoredCandidates`: each candidate solved as the fixed call solves, by one Cholesky
+  factor per input, side and scale (batched by width, kept inverted on a GPU). cuSOLVER's symmetric
+  eigensolver runs as thousands of small launches (ViT-B/16 on an H200: about 2.5 s of a 6.3 s
+  choice), where a batched factor of every input costs about 0.03 s.
+
+:func:`candidate_edits` takes the second on the devices of :data:`FACTORED_DEVICES`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .layers import EditTarget
+from .moments import Moment, SampleRows, dense
+from .projection import Spectrum, scale_energies
+from .weight_side import (INVERSE_FACTOR_DEVICES, OVERSAMPLE, SideSolver, batched_factors, sample_eigenpairs,
+                          side_solver, side_way, sketched_eigenpairs)
+
+# Device types where candidates are solved by factors rather than rescaled from eigendecompositions
+# (module docstring): on a GPU the eigensolver's launches cost more than a factor per candidate.
+FACTORED_DEVICES = frozenset({"cuda"})
+# Scales whose energies or factors are kept at once: the body's alpha_f and each head option's
+# (auto_alpha.HEAD_ALPHA_F has five), so that scoring one candidate never recomputes them.
+SCALES_KEPT = 6
+
+
+class Candidates:
+    """What both ways share: the targets, copies of their weights, and the retain means and
+    original biases that mean-keeping candidates start from.
+
+    Args:
+        targets: the weights to edit.
+        moments_f: the first fold's forget moments per input (its candidates score that fold).
+        moments_r: the retain moments (of the retain samples not held out).
+        other_folds: for each further fold, a function giving its forget moments.
+        head: the classifier head, which may take its own ``alpha_f``; :attr:`head` is its index in
+            :attr:`targets` (None where it is not given, not reached, or the only target).
+        means_r: the retain mean input per slot tuple (:func:`~deepunlearn.api.layer_means`): each
+            candidate's biases then keep the retain mean output (:meth:`edit`). None: biases kept.
+    """
+
+    def __init__(self, targets: Sequence[EditTarget], moments_f: dict, moments_r: dict,
+                 other_folds: Sequence[Callable[[], dict]] = (), head: EditTarget | None = None,
+                 means_r: dict | None = None):
+        self.targets = [t for t in targets if moments_f[t.slots][0] is not None]
+        self.head = next((i for i, t in enumerate(self.targets) if t is head), None) if len(self.targets) > 1 else None
+        self.dtype = next((c.dtype for c, _ in moments_f.values() if c is not None), torch.float32)
+        # copies: candidates are written into the very parameters these would otherwise view
+        self.w = [t.as_matrices(t.weight().detach()).to(self.dtype, copy=True) for t in self.targets]
+        self.means = [None if means_r is None or t.bias() is None else means_r.get(t.slots) for t in self.targets]
+        self.biases = [None if m is None else t.bias().detach().clone() for t, m in zip(self.targets, self.means)]
+        self.forms = [(t.weight().shape, t.weight().dtype) for t in self.targets]  # each new weight's shape and dtype
+        self._folds = 1 + len(other_folds)
+
+    @property
+    def folds(self) -> int:
+        return self._folds
+
+    def edit(self, i: int, alpha_r: float, alpha_f: float, fold: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Target ``i``'s new weight (its own shape and dtype) for the pair, edited with ``fold``'s
+        forget side, and its new bias (None: kept; where :attr:`means` holds its retain mean, the
+        bias that keeps its mean output, from the target's original bias)."""
+        raise NotImplementedError
+
+    def edits(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None
+              ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """:meth:`edit` of every target for the pair; the :attr:`head` with ``alpha_f_head`` where given."""
+        return [self.edit(i, alpha_r, alpha_f_head if i == self.head and alpha_f_head is not None else alpha_f, fold)
+                for i in range(len(self.targets))]
+
+    def weights(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None
+                ) -> list[torch.Tensor]:
+        """The new weights alone (:meth:`edits`)."""
+        return [w for w, _ in self.edits(alpha_r, alpha_f, fold, alpha_f_head)]
+
+    def _finished(self, i: int, new: torch.Tensor, mean_shift: Callable[[], torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Target ``i``'s new weight ``new`` ``(g, o, d)`` in its own form, and its bias: ``b + (W − W′) μ``
+        (``mean_shift()`` gives ``(W − W′) μ`` as ``(g, o, 1)``) where it keeps the retain mean."""
+        shape, dtype = self.forms[i]
+        bias = None
+        if self.means[i] is not None:  # edit.mean_keeping_bias
+            b = self.biases[i]
+            bias = (b.to(self.dtype).view(new.shape[0], -1, 1) + mean_shift()).reshape(-1).to(b.dtype)
+        return new.reshape(shape).to(dtype), bias
+
+    def _unedited(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shape, dtype = self.forms[i]
+        return self.w[i].reshape(shape).to(dtype), None if self.means[i] is None else self.biases[i]
+
+
+def _eigenpairs(cov: Moment, vectors_seen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, r)`` of a second moment: from its vectors where they were kept, by the sketch where it
+    saw fewer vectors than its width, else by a full eigendecomposition."""
+    if isinstance(cov, SampleRows):
+        return sample_eigenpairs(cov.rows)
+    d = cov.shape[-1]
+    if vectors_seen + OVERSAMPLE < d // 2:
+        return sketched_eigenpairs(cov, vectors_seen)
+    s = Spectrum.of(cov)
+    return s.vectors, s.energies
+
+
+class _ScaledEnergies:
+    """Every target's scaled energies ``λ(α)`` on one side (retain, or a forget fold), computed for
+    all targets at once per ``α`` (one elementwise pass instead of one per target)."""
+
+    def __init__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor] | None]):
+        energies = [None if p is None else p[1] for p in pairs]
+        present = [e for e in energies if e is not None]
+        self._flat = torch.cat([e.reshape(-1) for e in present]) if present else None
+        self._layout = energies
+        self._cache: dict[float, list[torch.Tensor | None]] = {}
+
+    def __call__(self, alpha: float) -> list[torch.Tensor | None]:
+        if alpha not in self._cache:
+            if len(self._cache) >= SCALES_KEPT:
+                self._cache.clear()
+            parts = iter(scale_energies(self._flat, alpha).split([e.numel() for e in self._layout if e is not None])
+                         if self._flat is not None else ())
+            self._cache[alpha] = [None if e is None else next(parts).view(e.shape) for e in self._layout]
+        return self._cache[alpha]
+
+
+class SpectralCandidates(Candidates):
+    """Candidates from one decomposition per input and side (per fold on the forget side, made on
+    first use).
+
+    With ``C = U diag(e) Uᵀ`` per side, ``W M = ((W U) diag(λ(α))) Uᵀ``: a candidate costs two thin
+    products per side and layer; ``W U_r`` is kept per layer and ``V = W − W M_r`` per ``alpha_r``
+    (shared by the folds, which differ in the forget side only). Arguments as :class:`Candidates`.
+    """
+
+    def __init__(self, targets: Sequence[EditTarget], moments_f: dict, moments_r: dict,
+                 other_folds: Sequence[Callable[[], dict]] = (), head: EditTarget | None = None,
+                 means_r: dict | None = None):
+        super().__init__(targets, moments_f, moments_r, other_folds, head, means_r)
+        self.retain = self._pairs(moments_r)
+        self._forget: list[list | Callable[[], dict]] = [self._pairs(moments_f), *other_folds]
+        self._scaled_r = _ScaledEnergies(self.retain)
+        self._scaled_f: dict[int, _ScaledEnergies] = {}  # per fold, made with its pairs
+        self.wu_r = [None if r is None else w @ r[0] for w, r in zip(self.w, self.retain)]
+        self._v: tuple[float, list[torch.Tensor]] | None = None
+        self._vu: dict[tuple[int, int], torch.Tensor] = {}  # (fold, target) -> V U_f, for the last alpha_r
+        self._u_mean: dict[tuple[int, int], torch.Tensor] = {}  # (fold, target) -> U_fᵀ μ_r, (g, k, 1)
+
+    def _pairs(self, moments: dict) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Each target's ``(U, e)`` (None where the side never reached it); inputs shared by several
+        targets are decomposed once."""
+        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out = []
+        for t in self.targets:
+            cov, n = moments[t.slots]
+            if cov is not None and id(cov) not in done:
+                done[id(cov)] = _eigenpairs(cov, n)
+            out.append(None if cov is None else done[id(cov)])
+        return out
+
+    def _forget_pairs(self, fold: int) -> list:
+        if callable(self._forget[fold]):
+            self._forget[fold] = self._pairs(self._forget[fold]())
+        if fold not in self._scaled_f:
+            self._scaled_f[fold] = _ScaledEnergies(self._forget[fold])
+        return self._forget[fold]
+
+    def _retain_side(self, alpha_r: float) -> list[torch.Tensor]:
+        """``V = W − W M_r`` per target, kept for the last ``alpha_r``."""
+        if self._v is None or self._v[0] != alpha_r:
+            v = []
+            for w, wu, r, lam in zip(self.w, self.wu_r, self.retain, self._scaled_r(alpha_r)):
+                v.append(w if r is None else torch.baddbmm(w, wu * lam[:, None, :], r[0].transpose(-1, -2), alpha=-1.0))
+            self._v, self._vu = (alpha_r, v), {}
+        return self._v[1]
+
+    def edit(self, i: int, alpha_r: float, alpha_f: float, fold: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        v, f = self._retain_side(alpha_r)[i], self._forget_pairs(fold)[i]
+        if f is None:
+            return self._unedited(i)
+        if (fold, i) not in self._vu:  # the scan and bisection try several alpha_f per alpha_r
+            self._vu[fold, i] = v @ f[0]
+        thin = self._vu[fold, i] * self._scaled_f[fold](alpha_f)[i][:, None, :]  # (W − W′) = thin U_fᵀ
+
+        def mean_shift() -> torch.Tensor:  # through the thin factor: U_fᵀ μ is kept per fold
+            if (fold, i) not in self._u_mean:
+                self._u_mean[fold, i] = f[0].transpose(-1, -2) @ self.means[i].to(f[0])[:, :, None]
+            return thin @ self._u_mean[fold, i]
+
+        return self._finished(i, torch.baddbmm(self.w[i], thin, f[0].transpose(-1, -2), alpha=-1.0), mean_shift)
+
+
+class FactoredCandidates(Candidates):
+    """Candidates solved as the fixed call solves them: ``V = W − W M_r`` per ``alpha_r`` and
+    ``W′ = W − V M_f`` per ``alpha_f`` and fold, each side of each input applied by the cheapest way
+    (:func:`~deepunlearn.weight_side.side_solver`), same-width Cholesky factors of every input in one
+    batched call (inverted on the devices of :data:`~deepunlearn.weight_side.INVERSE_FACTOR_DEVICES`).
+    The factors of the last :data:`SCALES_KEPT` scales per side are kept. Arguments as :class:`Candidates`.
+    """
+
+    def __init__(self, targets: Sequence[EditTarget], moments_f: dict, moments_r: dict,
+                 other_folds: Sequence[Callable[[], dict]] = (), head: EditTarget | None = None,
+                 means_r: dict | None = None):
+        super().__init__(targets, moments_f, moments_r, other_folds, head, means_r)
+        self._retain = [moments_r[t.slots] for t in self.targets]
+        self._forget: list[list | Callable[[], dict]] = [[moments_f[t.slots] for t in self.targets], *other_folds]
+        rows: dict[int, int] = {}  # per input: the weight rows reading it, which decide the cheapest way
+        for t, w, (cov, _) in zip(self.targets, self.w, self._retain):
+            if cov is not None:
+                rows[id(cov)] = rows.get(id(cov), 0) + w.shape[1]
+        self._rows = [rows.get(id(cov), w.shape[1]) for w, (cov, _) in zip(self.w, self._retain)]
+        device = self.w[0].device if self.w else torch.device("cpu")
+        self._inverse = device.type in INVERSE_FACTOR_DEVICES
+        self._solvers: dict[tuple[object, float], dict[int, SideSolver]] = {}  # (side, α) -> per input
+        self._v: tuple[float, list[torch.Tensor]] | None = None
+
+    def _side_moments(self, side: object) -> list[tuple[Moment | None, int]]:
+        """``"r"``, or a fold's index: each target's ``(moment, vectors)``."""
+        if side == "r":
+            return self._retain
+        if callable(self._forget[side]):
+            fit = self._forget[side]()
+            self._forget[side] = [fit[t.slots] for t in self.targets]
+        return self._forget[side]
+
+    def _solver(self, side: object, alpha: float, indices: Sequence[int]) -> list[SideSolver | None]:
+        """The side's solvers at ``alpha`` for targets ``indices``: made for every input among them
+        not yet solved at that scale, those by a Cholesky factor batched by width."""
+        moments = self._side_moments(side)
+        if (side, alpha) not in self._solvers:
+            if len(self._solvers) >= 2 * SCALES_KEPT:  # a retain scale and a fold's scales
+                del self._solvers[next(iter(self._solvers))]
+            self._solvers[side, alpha] = {}
+        solved = self._solvers[side, alpha]
+        batched: dict[tuple[int, torch.dtype], dict[int, Moment]] = {}  # by width: inputs to factor together
+        for i in indices:
+            cov, n = moments[i]
+            if cov is None or id(cov) in solved:
+                continue
+            if side_way(cov, self._rows[i], n) == "cholesky":
+                batched.setdefault((cov.shape[-1], cov.dtype), {})[id(cov)] = cov
+            else:
+                solved[id(cov)] = side_solver(cov, alpha, self._rows[i], n)
+        for members in batched.values():
+            factors = batched_factors([dense(c) for c in members.values()], [alpha] * len(members), self._inverse)
+            solved.update(zip(members, factors))
+        return [None if moments[i][0] is None else solved[id(moments[i][0])] for i in indices]
+
+    def _retain_side(self, alpha_r: float) -> list[torch.Tensor]:
+        """``V = W − W M_r`` per target, kept for the last ``alpha_r``."""
+        if self._v is None or self._v[0] != alpha_r:
+            solvers = self._solver("r", alpha_r, range(len(self.targets)))
+            self._v = (alpha_r, [w if s is None else w - s.right_multiply(w) for w, s in zip(self.w, solvers)])
+        return self._v[1]
+
+    def edits(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None
+              ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        body = [i for i in range(len(self.targets)) if i != self.head or alpha_f_head is None]
+        self._solver(fold, alpha_f, body)  # every input at the body's scale in one batch per width
+        return super().edits(alpha_r, alpha_f, fold, alpha_f_head)
+
+    def edit(self, i: int, alpha_r: float, alpha_f: float, fold: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        v = self._retain_side(alpha_r)[i]
+        forget = self._solver(fold, alpha_f, [i])[0]
+        if forget is None:
+            return self._unedited(i)
+        removed = forget.right_multiply(v)  # (W − W′) = V M_f
+        return self._finished(i, self.w[i] - removed, lambda: removed @ self.means[i].to(removed)[:, :, None])
+
+
+def candidate_edits(targets: Sequence[EditTarget], moments_f: dict, moments_r: dict,
+                    other_folds: Sequence[Callable[[], dict]] = (), head: EditTarget | None = None,
+                    means_r: dict | None = None, factored: bool | None = None) -> Candidates:
+    """:class:`FactoredCandidates` where ``factored`` (default: the weights' device is one of
+    :data:`FACTORED_DEVICES`), else :class:`SpectralCandidates`. Arguments as :class:`Candidates`."""
+    if factored is None:
+        factored = bool(targets) and targets[0].weight().device.type in FACTORED_DEVICES
+    kind = FactoredCandidates if factored else SpectralCandidates
+    return kind(targets, moments_f, moments_r, other_folds, head, means_r)
