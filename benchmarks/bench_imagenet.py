@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ceilings, device_name, timed, write_results  # noqa: E402
 import deepunlearn  # noqa: E402
-from deepunlearn import _ext  # noqa: E402
+from deepunlearn import _ext, candidates  # noqa: E402
 from deepunlearn.reference import unlearn_paper  # noqa: E402
 from deepunlearn.statistics import _eval_no_grad  # noqa: E402
 
@@ -106,12 +106,21 @@ def bench_arch(arch: str, args, device: torch.device) -> dict:
         print(f"  {arch} {name}: total {res['total']:.2f}s (forward {fwd:.2f}, statistics {res['statistics']:.2f}, "
               f"solve {res['solve']:.2f}, edit {res['edit']:.3f})", flush=True)
     if arch in args.auto_alpha:  # the default call: both scales chosen on held-out images
-        auto = run_deepunlearn(model, xf, xr, args, device, autocast, alphas={})
-        auto["statistics"] = max(0.0, auto["collect"] - fwd)
-        out["deepunlearn-auto"] = auto
-        out["auto_over_fixed"] = auto["total"] / out["deepunlearn"]["total"]
-        print(f"  {arch} deepunlearn-auto: total {auto['total']:.2f}s (choose {auto['choose']:.2f}s, chose "
-              f"alpha_r={auto['alpha_r']:g}, alpha_f={auto['alpha_f']:.3g}) = {out['auto_over_fixed']:.2f}x the fixed call", flush=True)
+        forms = {"deepunlearn-auto": None} | ({"deepunlearn-auto-spectral": frozenset()} if args.spectral_too else {})
+        for name, factored_devices in forms.items():
+            kept = candidates.FACTORED_DEVICES
+            if factored_devices is not None:  # the other way to make candidates, for comparison
+                candidates.FACTORED_DEVICES = factored_devices
+            try:
+                auto = run_deepunlearn(model, xf, xr, args, device, autocast, alphas={})
+            finally:
+                candidates.FACTORED_DEVICES = kept
+            auto["statistics"] = max(0.0, auto["collect"] - fwd)
+            out[name] = auto
+            out[name.replace("deepunlearn-auto", "auto") + "_over_fixed"] = auto["total"] / out["deepunlearn"]["total"]
+            print(f"  {arch} {name}: total {auto['total']:.2f}s (choose {auto['choose']:.2f}s, chose "
+                  f"alpha_r={auto['alpha_r']:g}, alpha_f={auto['alpha_f']:.3g}) = {auto['total'] / out['deepunlearn']['total']:.2f}x "
+                  "the fixed call", flush=True)
     if not args.no_paper:
         out["paper"] = run_paper(model, xf, xr, args, device)
         p = out["paper"]
@@ -130,11 +139,13 @@ def markdown(result: dict) -> str:
              "| arch | method | images/side | total (s) | forward (s) | statistics (s) | solve (s) | edit (s) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["archs"]:
-        for m in ("deepunlearn", "pure", "deepunlearn-auto"):
+        for m in ("deepunlearn", "pure", "deepunlearn-auto", "deepunlearn-auto-spectral"):
             if m not in r:
                 continue
             x = r[m]
-            label = m if m != "deepunlearn-auto" else f"deepunlearn, α chosen ({x['choose']:.2f} s of it)"
+            label = {"deepunlearn-auto": f"deepunlearn, α chosen ({x['choose']:.2f} s of it)",
+                     "deepunlearn-auto-spectral": f"deepunlearn, α chosen, spectral candidates ({x['choose']:.2f} s of it)"
+                     }.get(m, m)
             lines.append(f"| {r['arch']} | {label} | {result['images']} | {x['total']:.2f} | {r['forward']:.2f} | "
                          f"{x['statistics']:.2f} | {x['solve']:.2f} | {x['edit']:.3f} |")
         p = r.get("paper")
@@ -168,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--paper-images", type=int, default=None, help="images per side for the paper's procedure (default --images)")
     p.add_argument("--no-paper", action="store_true")
     p.add_argument("--auto-alpha", nargs="*", default=["vit_b_16"], help="archs also timed with both scales chosen")
+    p.add_argument("--spectral-too", action="store_true",
+                   help="also choose with spectral candidates (eigendecompositions) where the device would factor them")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--autocast", choices=sorted(_AUTOCAST), default="bf16")
     p.add_argument("--repeat", type=int, default=2, help="runs of each path (the fastest is kept)")

@@ -17,8 +17,9 @@ def test_imagenet_benchmark_smoke(tmp_path):
     import bench_imagenet
 
     out = tmp_path / "imagenet_cpu"
-    assert bench_imagenet.main(["--device", "cpu", "--archs", "mobilenet_v3_small", "--images", "2", "--batch-size", "2",
-                                "--repeat", "1", "--out", str(out)]) == 0
+    assert bench_imagenet.main(["--device", "cpu", "--archs", "mobilenet_v3_small", "--images", "8", "--batch-size", "4",
+                                "--repeat", "1", "--paper-images", "2", "--auto-alpha", "mobilenet_v3_small",
+                                "--spectral-too", "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     assert set(result["ceilings"]) == {"copy_GBps", "bf16_matmul_TFLOPs", "tf32_matmul_TFLOPs", "fp32_matmul_TFLOPs"}
     (arch,) = result["archs"]
@@ -27,7 +28,10 @@ def test_imagenet_benchmark_smoke(tmp_path):
         assert r["total"] > 0 and r["layers"] > 50
         assert r["total"] >= r["solve"] + r["edit"]
     assert arch["paper"]["images_per_side"] == 2 and arch["paper_over_deepunlearn"] > 0
-    assert "| mobilenet_v3_small | paper | 2 |" in out.with_suffix(".md").read_text()
+    for form in ("deepunlearn-auto", "deepunlearn-auto-spectral"):  # both ways to make candidates, timed
+        assert arch[form]["choose"] > 0 and arch[form]["total"] > arch[form]["choose"]
+    text = out.with_suffix(".md").read_text()
+    assert "| mobilenet_v3_small | paper | 2 |" in text and "spectral candidates" in text
 
 
 @pytest.mark.slow
