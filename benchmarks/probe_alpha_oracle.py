@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CLASS_SETS, device_name, suite_arguments, suite_data, suite_model, suite_samples, write_results  # noqa: E402
 from deepunlearn import api, collect_statistics  # noqa: E402
-from deepunlearn.auto_alpha import CandidateEdits  # noqa: E402
+from deepunlearn.candidates import SpectralCandidates  # noqa: E402
 from deepunlearn.layers import find_targets  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,7 +65,7 @@ def accuracy(model, x, y, batch=1000) -> float:
     return 100.0 * float((pred == y).double().mean())
 
 
-def oracle(model, cands: CandidateEdits, x_f, y_f, x_r, y_r, scales: list[float] | None = None) -> list[dict]:
+def oracle(model, cands: SpectralCandidates, x_f, y_f, x_r, y_r, scales: list[float] | None = None) -> list[dict]:
     """Per α_r, the smallest α_f reaching the target and the test accuracies there; ``scales``:
     each target's factor on α_f (default 1)."""
     targets = cands.targets
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                 kept = {"all": layers, "head": layers[-1:], "last-layers": layers[-2:]}.get(scope, layers[1:])
                 chosen = [t for t in targets if t.layer in kept]
                 means = api.layer_means(chosen, stats_r, cpu) if scope.endswith("-mean") else None
-                cands = CandidateEdits(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu),
+                cands = SpectralCandidates(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu),
                                        means_r=means)
                 depth = [kept.index(t.layer) for t in cands.targets]
                 for power in a.depth_powers:

@@ -30,6 +30,11 @@ FACTORED_DEVICES = frozenset({"cuda"})
 # Scales whose energies or factors are kept at once: the body's alpha_f and each head option's
 # (auto_alpha.HEAD_ALPHA_F has five), so that scoring one candidate never recomputes them.
 SCALES_KEPT = 6
+# Factors kept by FactoredCandidates, in whole sets (every input at one scale and fold): the
+# current candidate's and the one before (a retain-side rescoring rewrites a recent pair). A set
+# is the size of the model's second moments (ViT-B/16: 0.54 GB in float32); a head option's factor
+# counts as one input of a set.
+FACTOR_SETS_KEPT = 2
 
 
 class Candidates:
@@ -201,7 +206,8 @@ class FactoredCandidates(Candidates):
     ``W′ = W − V M_f`` per ``alpha_f`` and fold, each side of each input applied by the cheapest way
     (:func:`~deepunlearn.weight_side.side_solver`), same-width Cholesky factors of every input in one
     batched call (inverted on the devices of :data:`~deepunlearn.weight_side.INVERSE_FACTOR_DEVICES`).
-    The factors of the last :data:`SCALES_KEPT` scales per side are kept. Arguments as :class:`Candidates`.
+    The most recent factors are kept, at most :data:`FACTOR_SETS_KEPT` sets' worth; the retain side's
+    only until ``V`` is made. Arguments as :class:`Candidates`.
     """
 
     def __init__(self, targets: Sequence[EditTarget], moments_f: dict, moments_r: dict,
@@ -215,6 +221,7 @@ class FactoredCandidates(Candidates):
             if cov is not None:
                 rows[id(cov)] = rows.get(id(cov), 0) + w.shape[1]
         self._rows = [rows.get(id(cov), w.shape[1]) for w, (cov, _) in zip(self.w, self._retain)]
+        self._inputs = max(1, len(rows))  # distinct inputs: the size of one set of factors
         device = self.w[0].device if self.w else torch.device("cpu")
         self._inverse = device.type in INVERSE_FACTOR_DEVICES
         self._solvers: dict[tuple[object, float], dict[int, SideSolver]] = {}  # (side, α) -> per input
@@ -233,11 +240,7 @@ class FactoredCandidates(Candidates):
         """The side's solvers at ``alpha`` for targets ``indices``: made for every input among them
         not yet solved at that scale, those by a Cholesky factor batched by width."""
         moments = self._side_moments(side)
-        if (side, alpha) not in self._solvers:
-            if len(self._solvers) >= 2 * SCALES_KEPT:  # a retain scale and a fold's scales
-                del self._solvers[next(iter(self._solvers))]
-            self._solvers[side, alpha] = {}
-        solved = self._solvers[side, alpha]
+        solved = self._solvers.setdefault((side, alpha), {})
         batched: dict[tuple[int, torch.dtype], dict[int, Moment]] = {}  # by width: inputs to factor together
         for i in indices:
             cov, n = moments[i]
@@ -250,13 +253,18 @@ class FactoredCandidates(Candidates):
         for members in batched.values():
             factors = batched_factors([dense(c) for c in members.values()], [alpha] * len(members), self._inverse)
             solved.update(zip(members, factors))
-        return [None if moments[i][0] is None else solved[id(moments[i][0])] for i in indices]
+        out = [None if moments[i][0] is None else solved[id(moments[i][0])] for i in indices]
+        budget = FACTOR_SETS_KEPT * self._inputs
+        while sum(map(len, self._solvers.values())) > budget and len(self._solvers) > 1:
+            del self._solvers[next(k for k in self._solvers if k != (side, alpha))]  # the oldest other scale
+        return out
 
     def _retain_side(self, alpha_r: float) -> list[torch.Tensor]:
         """``V = W − W M_r`` per target, kept for the last ``alpha_r``."""
         if self._v is None or self._v[0] != alpha_r:
             solvers = self._solver("r", alpha_r, range(len(self.targets)))
             self._v = (alpha_r, [w if s is None else w - s.right_multiply(w) for w, s in zip(self.w, solvers)])
+            del self._solvers["r", alpha_r], solvers
         return self._v[1]
 
     def edits(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None

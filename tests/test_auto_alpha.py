@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import deepunlearn
 from conftest import rel_err
 from deepunlearn import api
-from deepunlearn.candidates import FactoredCandidates, SpectralCandidates, candidate_edits
+from deepunlearn.candidates import FACTOR_SETS_KEPT, FactoredCandidates, SpectralCandidates, candidate_edits
 from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, FORGET_CONFIDENCE, FORGET_FOLDS, SCORE_CHUNK, allowed_forget_hits, smallest_passing,
                                     binomial_upper_bound, choose_alphas, fold_split, holdout_split, inferred_forget_classes,
                                     make_scorer, materialise)
@@ -199,6 +199,13 @@ def test_both_kinds_of_candidates_agree_in_float32_and_choose_alike(trained):
         for (w_s, b_s), (w_f, b_f) in zip(*(k.edits(a_r, a_f, 0, a_h) for k in kinds)):
             assert w_s.dtype == w_f.dtype == torch.float32 and rel_err(w_f, w_s) < 1e-4
             assert (b_s is None) == (b_f is None) and (b_s is None or rel_err(b_f, b_s) < 1e-4)
+    factored = kinds[1]  # its factors stay within their memory bound, and a factor evicted is made again alike
+    first = factored.edits(10.0, 1.0, 0, None)
+    for a_f in (3.0, 30.0, 300.0):
+        for a_h in (None, *HEAD_ALPHA_F):
+            factored.edits(100.0, a_f, 0, a_h)
+            assert sum(map(len, factored._solvers.values())) <= FACTOR_SETS_KEPT * factored._inputs
+    assert all(torch.equal(w, again) for (w, _), (again, _) in zip(first, factored.edits(10.0, 1.0, 0, None)))
     plain = [k(*args) for k in (SpectralCandidates, FactoredCandidates)]
     choices = [choose_alphas(model, k, make_scorer(model, [xf], None, xr[:100], None, [0], 64, None)) for k in plain]
     assert choices[0].reached_target
