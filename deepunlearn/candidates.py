@@ -10,7 +10,7 @@ Two ways give the same weights (docs/auto_alpha.md, "Candidates on a GPU"):
   eigensolver runs as thousands of small launches (ViT-B/16 on an H200: about 2.5 s of a 6.3 s
   choice), where a batched factor of every input costs about 0.03 s.
 
-:func:`candidate_edits` takes the second on the devices of :data:`FACTORED_DEVICES`.
+:func:`candidate_edits` takes the second on a GPU for models with wide inputs (:func:`factors_pay`).
 """
 from __future__ import annotations
 
@@ -25,8 +25,13 @@ from .weight_side import (INVERSE_FACTOR_DEVICES, OVERSAMPLE, SideSolver, batche
                           side_solver, side_way, sketched_eigenpairs)
 
 # Device types where candidates are solved by factors rather than rescaled from eigendecompositions
-# (module docstring): on a GPU the eigensolver's launches cost more than a factor per candidate.
+# (module docstring): on a GPU the eigensolver's launches cost more than a factor per candidate...
 FACTORED_DEVICES = frozenset({"cuda"})
+# ... where some edited input is at least this wide. On an H200 ViT-B/16 (inputs 768 and 3072 wide)
+# chose in 2.9 s by factors against 6.0 s; the suite's models (inputs at most 576 wide), whose
+# eigendecompositions take a few milliseconds, chose as fast or faster without (SmallCNN 0.29 s
+# against 0.40 s): each factored candidate adds launches and host syncs to a latency-bound search.
+FACTORED_MIN_WIDTH = 768
 # Scales whose energies or factors are kept at once: the body's alpha_f and each head option's
 # (auto_alpha.HEAD_ALPHA_F has five), so that scoring one candidate never recomputes them.
 SCALES_KEPT = 6
@@ -282,12 +287,19 @@ class FactoredCandidates(Candidates):
         return self._finished(i, self.w[i] - removed, lambda: removed @ self.means[i].to(removed)[:, :, None])
 
 
+def factors_pay(device_type: str, widest_input: int) -> bool:
+    """Whether candidates are solved by factors by default: on the devices of
+    :data:`FACTORED_DEVICES`, for models with an input at least :data:`FACTORED_MIN_WIDTH` wide."""
+    return device_type in FACTORED_DEVICES and widest_input >= FACTORED_MIN_WIDTH
+
+
 def candidate_edits(targets: Sequence[EditTarget], moments_f: dict, moments_r: dict,
                     other_folds: Sequence[Callable[[], dict]] = (), head: EditTarget | None = None,
                     means_r: dict | None = None, factored: bool | None = None) -> Candidates:
-    """:class:`FactoredCandidates` where ``factored`` (default: the weights' device is one of
-    :data:`FACTORED_DEVICES`), else :class:`SpectralCandidates`. Arguments as :class:`Candidates`."""
+    """:class:`FactoredCandidates` where ``factored`` (default: :func:`factors_pay`), else
+    :class:`SpectralCandidates`. Arguments as :class:`Candidates`."""
     if factored is None:
-        factored = bool(targets) and targets[0].weight().device.type in FACTORED_DEVICES
+        factored = bool(targets) and factors_pay(targets[0].weight().device.type,
+                                                 max(t.as_matrices(t.weight()).shape[-1] for t in targets))
     kind = FactoredCandidates if factored else SpectralCandidates
     return kind(targets, moments_f, moments_r, other_folds, head, means_r)

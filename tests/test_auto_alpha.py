@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import deepunlearn
 from conftest import rel_err
 from deepunlearn import api
-from deepunlearn.candidates import FACTOR_SETS_KEPT, FactoredCandidates, SpectralCandidates, candidate_edits
+from deepunlearn.candidates import FACTOR_SETS_KEPT, FactoredCandidates, SpectralCandidates, candidate_edits, factors_pay
 from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, FORGET_CONFIDENCE, FORGET_FOLDS, SCORE_CHUNK, allowed_forget_hits, smallest_passing,
                                     binomial_upper_bound, choose_alphas, fold_split, holdout_split, inferred_forget_classes,
                                     make_scorer, materialise)
@@ -212,6 +212,7 @@ def test_both_kinds_of_candidates_agree_in_float32_and_choose_alike(trained):
     assert (choices[0].alpha_r, choices[0].alpha_f) == (choices[1].alpha_r, choices[1].alpha_f)
     assert isinstance(candidate_edits(*args), SpectralCandidates)  # the CPU's form
     assert isinstance(candidate_edits(*args, factored=True), FactoredCandidates)
+    assert factors_pay("cuda", 3072) and not factors_pay("cuda", 576) and not factors_pay("cpu", 3072)
 
 
 @pytest.mark.filterwarnings("ignore:no candidate reached")  # single pairs: their outcomes are compared
