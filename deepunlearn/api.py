@@ -501,11 +501,13 @@ def unlearn(
 
     both_kinds = choosing and first_token is None  # every position's and the first position's, in one pass
 
-    def kinds(x: torch.Tensor, role: str, outputs: list | None = None) -> dict[bool, Statistics]:
-        """The statistics of samples ``x`` by kind (``first_token``); ``outputs`` gets the unedited
-        model's logits per batch (:func:`~deepunlearn.statistics.collect_statistics`)."""
-        if not both_kinds:
-            return {bool(first_token): collect_statistics(model, x, desc=role, outputs=outputs, **kw)}
+    def kinds(x: torch.Tensor, role: str, outputs: list | None = None, only: bool | None = None) -> dict[bool, Statistics]:
+        """The statistics of samples ``x`` by kind (``first_token``): both where both are wanted
+        (unless ``only`` names one); ``outputs`` gets the unedited model's logits per batch
+        (:func:`~deepunlearn.statistics.collect_statistics`)."""
+        if not both_kinds or only is not None:
+            one = bool(first_token) if only is None else only
+            return {one: collect_statistics(model, x, desc=role, outputs=outputs, **(kw | {"first_token": one}))}
         full, token = collect_both_kinds(model, x, batch_size=batch_size, dtype=dtype, autocast=autocast,
                                          progress=progress, desc=role, outputs=outputs)
         return {False: full} | ({} if token is None else {True: token})
@@ -513,32 +515,45 @@ def unlearn(
     def logits(outputs: list) -> torch.Tensor | None:
         return None if not outputs or any(y is None for y in outputs) else torch.cat(outputs)
 
+    def edited_and_head(stats: Statistics) -> tuple[list[EditTarget], list[SkippedLayer], EditTarget | None]:
+        """The targets (the first layer left where asked) and the classifier head, from the order in
+        which the forward passes of ``stats`` reached them."""
+        edited, left = targets, skipped
+        if (choosing if skip_first_layer is None else skip_first_layer) and len({t.layer for t in targets}) > 1:
+            first = first_layer(targets, stats)
+            if first is not None:
+                edited = [t for t in targets if t.layer != first]
+                left = [*skipped, SkippedLayer(first, _FIRST_LAYER)]
+        return edited, left, classifier_head(edited, stats) if choosing or alpha_f_head is not None else None
+
     t0 = time.perf_counter()
+    class_token = False  # the output read from the first position alone (choosing, sequence models): every
+    # position's statistics are then collected and scored only where the first position's miss the target
     if choosing:  # the statistics of each forget fold, and of the retain fit and held-out parts
         x_f, y_f = materialise(forget, batch_size, "forget")
+        x_r, y_r = materialise(retain, batch_size, "retain")
         folds_f = fold_split(len(x_f), "forget")
+        fit_r, held_r = holdout_split(len(x_r), "retain")
         outputs_f: list[list] = [[] for _ in folds_f]
-        parts_f = [kinds(x_f[i], "forget", out) for i, out in zip(folds_f, outputs_f)]
+        parts_f = [kinds(x_f[folds_f[0]], "forget", outputs_f[0])]
         stats_f = parts_f[0][min(parts_f[0])]  # every position's where both kinds were collected
+        targets, skipped, head = edited_and_head(stats_f)
+        if len(parts_f[0]) > 1 and head is not None:
+            class_token = reads_first_position(model, x_r[held_r][:SCORE_CHUNK].to(device), head.module, autocast)
+        only = True if class_token else None
+        parts_f += [kinds(x_f[i], "forget", out, only) for i, out in zip(folds_f[1:], outputs_f[1:])]
     else:
         stats_f = gather_statistics(model, forget, "forget", **kw)
+        targets, skipped, head = edited_and_head(stats_f)
     _sync(device)
     t1 = time.perf_counter()
     if choosing:
-        x_r, y_r = materialise(retain, batch_size, "retain")
-        fit_r, held_r = holdout_split(len(x_r), "retain")
         outputs_r: list = []
-        parts_r = [kinds(x_r[fit_r], "retain"), kinds(x_r[held_r], "retain", outputs_r)]
+        parts_r = [kinds(x_r[fit_r], "retain", None, only), kinds(x_r[held_r], "retain", outputs_r, only)]
     else:
         stats_r = gather_statistics(model, retain, "retain", **kw)
     _sync(device)
     t2 = t_chosen = time.perf_counter()
-    if (choosing if skip_first_layer is None else skip_first_layer) and len({t.layer for t in targets}) > 1:
-        first = first_layer(targets, stats_f)
-        if first is not None:
-            targets = [t for t in targets if t.layer != first]
-            skipped = [*skipped, SkippedLayer(first, _FIRST_LAYER)]
-    head = classifier_head(targets, stats_f) if choosing or alpha_f_head is not None else None
     if alpha_f_head is not None and head is None:
         raise ValueError("alpha_f_head was given, but the last layer the input reaches cannot take its own scale (it must "
                          "be a Linear whose input no other edited weight reads, beside other edited layers)")
@@ -551,17 +566,16 @@ def unlearn(
         del outputs_f, outputs_r
         # the first position's statistics first (True): on class-token models they win, and their best
         # held-out retain accuracy then bounds the search with every position's
-        modes = sorted(set.intersection(*(set(p) for p in (*parts_f, *parts_r))), reverse=True)
+        modes = sorted(parts_f[0], reverse=True)
         head_options = (alpha_f_head,) if alpha_f_head is not None else (None,) if alpha_f is not None else (None, *HEAD_ALPHA_F)
-        class_token = False  # the output read from the first position alone: every position's statistics are
-        # scored only where the first position's miss the target (on the suite's ViT they never won)
-        if len(modes) > 1 and head is not None:
-            class_token = reads_first_position(model, x_r[held_r][:SCORE_CHUNK].to(device), head.module, autocast)
         best = None
         for mode in modes:
             if not mode and class_token and best is not None and best[0].reached_target:
                 best[0].every_position_skipped = True
                 break
+            for x, part in [*zip((x_f[i] for i in folds_f), parts_f), (x_r[fit_r], parts_r[0]), (x_r[held_r], parts_r[1])]:
+                if mode not in part:  # a class-token model's first position missed: every position's too
+                    part |= kinds(x, "statistics, every position", None, mode)
             folds = [p[mode] for p in parts_f]
 
             def forget_fit(k: int, folds: list[Statistics] = folds) -> Moments:

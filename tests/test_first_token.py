@@ -187,6 +187,45 @@ def test_every_position_is_not_searched_where_the_class_token_alone_is_read_and_
     assert ("every position not searched" in str(report.alpha_choice)) is (not pooled)
 
 
+@pytest.mark.filterwarnings("ignore:no candidate reached")
+@pytest.mark.parametrize("reaches", [True, False])
+def test_every_position_statistics_are_collected_only_where_their_search_runs(monkeypatch, reaches):
+    """A class-token model: after the first fold (both kinds, in one pass), the other folds and the
+    retain parts are collected for the first position alone; every position's follow, for those
+    parts, only where the first position's search missed the target. The chosen edit is then the
+    fixed call's with the chosen scales and kind."""
+    from deepunlearn import api
+
+    calls, collected = [], []
+    real_choose, real_collect = api.choose_alphas, api.collect_statistics
+
+    def choose(*args, **kwargs):
+        c = real_choose(*args, **kwargs)
+        c.reached_target = c.reached_target or (reaches and not calls)
+        calls.append(c)
+        return c
+
+    def collect(model, data, **kwargs):
+        collected.append(kwargs["first_token"])
+        return real_collect(model, data, **kwargs)
+
+    monkeypatch.setattr(api, "choose_alphas", choose)
+    monkeypatch.setattr(api, "collect_statistics", collect)
+    torch.manual_seed(0)
+    model = TokenNet(True).eval()
+    xf, xr = torch.randn(24, 7, 6) + 1.0, torch.randn(48, 7, 6)
+    report = deepunlearn.unlearn(model, xf, xr, inplace=False, rebalance_head=False)
+    parts = 3 + 2  # three more folds, the retain fit and its held-out part
+    assert [c.first_token for c in calls] == ([True] if reaches else [True, False])
+    assert collected == [True] * parts + ([] if reaches else [False] * parts)
+    c = report.alpha_choice
+    monkeypatch.setattr(api, "collect_statistics", real_collect)
+    fixed = deepunlearn.unlearn(model, xf, xr, inplace=False, alpha_r=c.alpha_r, alpha_f=c.alpha_f, alpha_f_head=c.alpha_f_head,
+                                first_token=c.first_token, keep_retain_mean=c.keep_retain_mean, skip_first_layer=True)
+    for p, q in zip(report.model.parameters(), fixed.model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("pool, want", [("token", True), ("avg", False)])
 def test_a_timm_vit_reads_its_class_token_only_with_token_pooling(pool, want):
     timm = pytest.importorskip("timm")
