@@ -35,6 +35,20 @@ def test_imagenet_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_imagenet_benchmark_task_gives_a_search_that_reaches_its_target(tmp_path):
+    """--task: class-structured images and a fitted head; the model recognises the classes and the
+    automatic call's search reaches its target."""
+    import bench_imagenet
+
+    out = tmp_path / "imagenet_task"
+    assert bench_imagenet.main(["--device", "cpu", "--archs", "resnet18", "--images", "20", "--batch-size", "20",
+                                "--repeat", "1", "--no-paper", "--auto-alpha", "resnet18", "--task", "--out", str(out)]) == 0
+    (arch,) = json.loads(out.with_suffix(".json").read_text())["archs"]
+    assert arch["task_accuracy"] > 90 and arch["deepunlearn-auto"]["reached_target"]
+    assert "target reached" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
 def test_unlearn_profile_smoke(tmp_path):
     import profile_unlearn
 
