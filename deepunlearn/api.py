@@ -17,7 +17,7 @@ from . import distributed
 from ._batches import DataLike
 from .edit import PlannedEdit, apply_plan, edited_weight, mean_keeping_bias
 from .candidates import candidate_edits
-from .auto_alpha import (HEAD_ALPHA_F, SCORE_CHUNK, TARGET_FORGET_ACCURACY, choice_rank, choose_alphas,
+from .auto_alpha import (CHECK_SAMPLES, HEAD_ALPHA_F, TARGET_FORGET_ACCURACY, choice_rank, choose_alphas,
                          fold_split, holdout_split, make_scorer, materialise, reads_first_position)
 from .weight_side import INVERSE_FACTOR_DEVICES, SideSolver, batched_factors, edited_weight_sides, side_solver, side_way
 from .layers import EditTarget, SkippedLayer, find_targets
@@ -539,7 +539,7 @@ def unlearn(
         stats_f = parts_f[0][min(parts_f[0])]  # every position's where both kinds were collected
         targets, skipped, head = edited_and_head(stats_f)
         if len(parts_f[0]) > 1 and head is not None:
-            class_token = reads_first_position(model, x_r[held_r][:SCORE_CHUNK].to(device), head.module, autocast)
+            class_token = reads_first_position(model, x_r[held_r][:CHECK_SAMPLES].to(device), head.module, autocast)
         only = True if class_token else None
         parts_f += [kinds(x_f[i], "forget", out, only) for i, out in zip(folds_f[1:], outputs_f[1:])]
     else:

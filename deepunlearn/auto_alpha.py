@@ -50,6 +50,8 @@ HEAD_ALPHA_F = tuple(10 ** (k / 2) for k in range(5))  # 1 to 100 in half decade
 # tried beside the body's at every scored pair: where the head forgets hard, the body can forget gently
 # (docs/auto_alpha.md). Scored from the head's input read once per forward pass: a small matrix product per option
 SCORE_CHUNK = 64  # forget samples scored at a time: a candidate that has missed the target stops early
+CHECK_SAMPLES = 16  # held-out samples the structural checks run on (the frozen prefix, the head, the class
+# token): each compares outputs sample by sample, so a few show a mismatch, and each costs forward passes
 REBALANCE_ITERATIONS = 50  # of the head's bias shift; on the suite's models the shares match to 1e-4 in about 20
 REBALANCE_STEP = 0.5  # a damped step: the full one can overshoot where a class's logits are spread widely
 MIN_SHARE = 0.1  # unlabelled data: a class is forgotten if it takes >= 10 % of the forget predictions
@@ -451,7 +453,7 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
             return _model_logits(model, x, autocast)
 
         with _eval_no_grad(model):
-            prefix = find_prefix(model, x_r[:SCORE_CHUNK].to(device), edited, run, sum(map(len, x_f)) + len(x_r))
+            prefix = find_prefix(model, x_r[:CHECK_SAMPLES].to(device), edited, run, sum(map(len, x_f)) + len(x_r))
             if prefix is not None and prefix.composes and not (need_original and orig_f is None):  # the prefix alone
                 for source, x in [*enumerate(x_f), ("retain", x_r)]:
                     prefix.keep_composed(source, [xb.to(device) for xb in x.split(batch_size)])
@@ -626,7 +628,7 @@ def choose_alphas(
         with _eval_no_grad(model):  # once for the whole search, not per scoring call
             if (len(options) > 1 or rebalance) and head is not None:
                 head_reads = HeadReader(head.module, scorer.autocast).reads_the_output(
-                    model, scorer.x_r[:SCORE_CHUNK].to(next(model.parameters()).device))
+                    model, scorer.x_r[:CHECK_SAMPLES].to(next(model.parameters()).device))
                 options = options if head_reads else options[:1]
                 if rebalance and head_reads and head.bias() is not None and len(scorer.forgotten) < head.module.out_features:
                     unedited = scorer.original_retain_logits  # else the model is unedited here
