@@ -585,8 +585,8 @@ def unlearn(
             parts = (folds, parts_r[0][mode], parts_r[1][mode])
             keep = mode if keep_retain_mean is None else keep_retain_mean
             candidates = candidate_edits(targets, forget_fit(0), layer_moments(targets, parts[1], device),
-                                        [functools.partial(forget_fit, k) for k in range(1, len(folds))], head,
-                                        layer_means(targets, parts[1], device) if keep else None)
+                                         [functools.partial(forget_fit, k) for k in range(1, len(folds))], head,
+                                         layer_means(targets, parts[1], device) if keep else None)
             with warnings.catch_warnings(record=True) as caught:  # only the kept mode's warning is shown
                 warnings.simplefilter("always")
                 bound = best[0].retain_prob if best is not None and best[0].reached_target else None

@@ -10,7 +10,7 @@ import deepunlearn
 from conftest import rel_err
 from deepunlearn import api
 from deepunlearn.candidates import FACTOR_SETS_KEPT, FactoredCandidates, SpectralCandidates, candidate_edits, factors_pay
-from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, FORGET_CONFIDENCE, FORGET_FOLDS, SCORE_CHUNK, allowed_forget_hits, smallest_passing,
+from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, FORGET_CONFIDENCE, FORGET_FOLDS, allowed_forget_hits, smallest_passing,
                                     binomial_upper_bound, choose_alphas, fold_split, holdout_split, inferred_forget_classes,
                                     make_scorer, materialise)
 from deepunlearn.layers import find_targets
