@@ -1,6 +1,6 @@
 """Every target's new weight for any candidate ``(alpha_r, alpha_f)`` and forget fold, while α is chosen.
 
-Two ways give the same weights (docs/auto_alpha.md, "Candidates on a GPU"):
+Two ways give the same weights (docs/auto_alpha.md, "What it does", step 2):
 
 * :class:`SpectralCandidates`: each input's second moment decomposed once per side and fold
   (``C = U diag(e) Uᵀ``); a candidate then only rescales the energies. On the CPU the
@@ -32,8 +32,8 @@ FACTORED_DEVICES = frozenset({"cuda"})
 # eigendecompositions take a few milliseconds, chose as fast or faster without (SmallCNN 0.29 s
 # against 0.40 s): each factored candidate adds launches and host syncs to a latency-bound search.
 FACTORED_MIN_WIDTH = 768
-# Scales whose energies or factors are kept at once: the body's alpha_f and each head option's
-# (auto_alpha.HEAD_ALPHA_F has five), so that scoring one candidate never recomputes them.
+# Scales whose rescaled energies SpectralCandidates keeps at once: the body's alpha_f and each head
+# option's (auto_alpha.HEAD_ALPHA_F has five), so that scoring one candidate never recomputes them.
 SCALES_KEPT = 6
 # Factors kept by FactoredCandidates, in whole sets (every input at one scale and fold): the
 # current candidate's and the one before (a retain-side rescoring rewrites a recent pair). A set
