@@ -12,7 +12,6 @@ from test_projection import numpy_reference
 
 import deepunlearn
 from deepunlearn import Statistics, api, collect_statistics
-from deepunlearn.layers import find_targets
 from deepunlearn import statistics
 from deepunlearn.moments import SampleRows, fold_rows, moment_sum
 from deepunlearn.weight_side import SampleSpaceFactor, ScaledFactor, sample_eigenpairs, side_flops, side_solver
