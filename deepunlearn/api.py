@@ -24,7 +24,7 @@ from .layers import EditTarget, SkippedLayer, find_targets
 from .moments import Moment, dense, moment_trace
 from .projection import check_alpha, check_solver
 from .report import LayerReport, UnlearnReport
-from .statistics import Statistics, collect_both_kinds, collect_statistics, model_device
+from .statistics import Statistics, collect_both_kinds, collect_statistics, fingerprint_once, model_device
 
 ProjectionFn = Callable[[torch.Tensor], torch.Tensor]  # (g, d, d) second moment -> (g, d, d) M
 
@@ -530,27 +530,28 @@ def unlearn(
     class_token = False  # the output read from the first position alone (choosing, sequence models): every
     # position's statistics are then collected and scored only where the first position's miss the target
     if choosing:  # the statistics of each forget fold, and of the retain fit and held-out parts
-        x_f, y_f = materialise(forget, batch_size, "forget")
-        x_r, y_r = materialise(retain, batch_size, "retain")
-        folds_f = fold_split(len(x_f), "forget")
-        fit_r, held_r = holdout_split(len(x_r), "retain")
-        outputs_f: list[list] = [[] for _ in folds_f]
-        parts_f = [kinds(x_f[folds_f[0]], "forget", outputs_f[0])]
-        stats_f = parts_f[0][min(parts_f[0])]  # every position's where both kinds were collected
-        targets, skipped, head = edited_and_head(stats_f)
-        if len(parts_f[0]) > 1 and head is not None:
-            class_token = reads_first_position(model, x_r[held_r][:CHECK_SAMPLES].to(device), head.module, autocast)
-        only = True if class_token else None
-        parts_f += [kinds(x_f[i], "forget", out, only) for i, out in zip(folds_f[1:], outputs_f[1:])]
+        with fingerprint_once():  # six collections of the same weights
+            x_f, y_f = materialise(forget, batch_size, "forget")
+            x_r, y_r = materialise(retain, batch_size, "retain")
+            folds_f = fold_split(len(x_f), "forget")
+            fit_r, held_r = holdout_split(len(x_r), "retain")
+            outputs_f: list[list] = [[] for _ in folds_f]
+            parts_f = [kinds(x_f[folds_f[0]], "forget", outputs_f[0])]
+            stats_f = parts_f[0][min(parts_f[0])]  # every position's where both kinds were collected
+            targets, skipped, head = edited_and_head(stats_f)
+            if len(parts_f[0]) > 1 and head is not None:
+                class_token = reads_first_position(model, x_r[held_r][:CHECK_SAMPLES].to(device), head.module, autocast)
+            only = True if class_token else None
+            parts_f += [kinds(x_f[i], "forget", out, only) for i, out in zip(folds_f[1:], outputs_f[1:])]
+            _sync(device)
+            t1 = time.perf_counter()
+            outputs_r: list = []
+            parts_r = [kinds(x_r[fit_r], "retain", None, only), kinds(x_r[held_r], "retain", outputs_r, only)]
     else:
         stats_f = gather_statistics(model, forget, "forget", **kw)
         targets, skipped, head = edited_and_head(stats_f)
-    _sync(device)
-    t1 = time.perf_counter()
-    if choosing:
-        outputs_r: list = []
-        parts_r = [kinds(x_r[fit_r], "retain", None, only), kinds(x_r[held_r], "retain", outputs_r, only)]
-    else:
+        _sync(device)
+        t1 = time.perf_counter()
         stats_r = gather_statistics(model, retain, "retain", **kw)
     _sync(device)
     t2 = t_chosen = time.perf_counter()
@@ -573,9 +574,10 @@ def unlearn(
             if not mode and class_token and best is not None and best[0].reached_target:
                 best[0].every_position_skipped = True
                 break
-            for x, part in [*zip((x_f[i] for i in folds_f), parts_f), (x_r[fit_r], parts_r[0]), (x_r[held_r], parts_r[1])]:
-                if mode not in part:  # a class-token model's first position missed: every position's too
-                    part |= kinds(x, "statistics, every position", None, mode)
+            with fingerprint_once():  # the weights chosen from are back in place
+                for x, part in [*zip((x_f[i] for i in folds_f), parts_f), (x_r[fit_r], parts_r[0]), (x_r[held_r], parts_r[1])]:
+                    if mode not in part:  # a class-token model's first position missed: every position's too
+                        part |= kinds(x, "statistics, every position", None, mode)
             folds = [p[mode] for p in parts_f]
 
             def forget_fit(k: int, folds: list[Statistics] = folds) -> Moments:

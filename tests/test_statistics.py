@@ -204,3 +204,37 @@ def test_the_models_outputs_come_with_the_statistics():
     outputs = []
     collect_statistics(TupleOut(), x, batch_size=8, outputs=outputs)
     assert outputs == [None, None]
+
+
+@pytest.mark.filterwarnings("ignore:no candidate reached")
+def test_fingerprints_are_digested_once_while_the_weights_stay(monkeypatch):
+    """Inside ``fingerprint_once`` a model's fingerprint is digested once (changing its weights
+    there is the caller's error: the first digest stays); outside, every call reads the weights.
+    The automatic call digests the model once for its six collections."""
+    import hashlib
+
+    from deepunlearn import statistics
+    from deepunlearn.statistics import fingerprint_once
+
+    torch.manual_seed(0)
+    m = small_model().eval()
+    fp = model_fingerprint(m)
+    with fingerprint_once():
+        assert model_fingerprint(m) == fp
+        with torch.no_grad():
+            m[0].weight.mul_(2.0)
+        assert model_fingerprint(m) == fp
+    assert model_fingerprint(m) != fp
+
+    digests = []
+    real = hashlib.sha256
+
+    def counted(*args):
+        digests.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(statistics.hashlib, "sha256", counted)
+    import deepunlearn
+
+    deepunlearn.unlearn(m, torch.randn(40, 1, 5, 5) + 1.0, torch.randn(80, 1, 5, 5), inplace=False)
+    assert len(digests) == 1
