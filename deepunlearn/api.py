@@ -19,7 +19,8 @@ from .edit import PlannedEdit, apply_plan, edited_weight, mean_keeping_bias
 from .candidates import candidate_edits
 from .auto_alpha import (CHECK_SAMPLES, HEAD_ALPHA_F, TARGET_FORGET_ACCURACY, choice_rank, choose_alphas,
                          fold_split, holdout_split, make_scorer, materialise, reads_first_position)
-from .weight_side import INVERSE_FACTOR_DEVICES, SideSolver, batched_factors, edited_weight_sides, side_solver, side_way
+from .weight_side import (INVERSE_FACTOR_DEVICES, SOLVE_BATCH_BYTES, SideSolver, edited_weight_sides, factors_by_width,
+                          side_solver, side_way)
 from .layers import EditTarget, SkippedLayer, find_targets
 from .moments import Moment, dense, moment_trace
 from .projection import check_alpha, check_solver
@@ -221,10 +222,6 @@ def plan_edits(
     return plan_edits_with(targets, lambda t: matrix_edit(m_r[t.slots], m_f[t.slots]), traces_f, traces_r)
 
 
-# Bytes of second moments factored in one batched call, by device type. On a GPU one launch per
-# matrix leaves most of the device idle (ViT-B/16: 100 factorisations of 768-3072 wide matrices);
-# on the CPU LAPACK factors a batch one matrix at a time anyway, and solving lazily holds less.
-SOLVE_BATCH_BYTES = {"cuda": 1 << 30}
 
 
 def solved_edits(
@@ -285,28 +282,17 @@ def solved_edits(
     def factor_in_batches() -> None:
         """Every side solved by a Cholesky factor, same widths together (asked for with the first edit,
         once the caller has read the traces)."""
-        by_width: dict[tuple[int, torch.dtype], list[tuple[tuple[int, int], str]]] = {}
+        members = []
         for k in slots_of:
             for side in sides:
                 moment, n = moment_of(k, side)
                 if moment is not None and side_way(moment, rows[k], n, way, solver) == "cholesky":
-                    by_width.setdefault((moment.shape[-1], moment.dtype), []).append((k, side))
-        for (d, dtype), members in by_width.items():
-            per_group = d * d * dtype.itemsize
-            batch: list[tuple[tuple[int, int], str]] = []
-            size = 0
-            for member in [*members, None]:
-                grown = 0 if member is None else size + moment_of(*member)[0].shape[0] * per_group
-                if batch and (member is None or grown > limit):
-                    factors = batched_factors([moment_of(*m)[0] for m in batch], [sides[s][1] for _, s in batch],
-                                              inverse_factor)
-                    factored.update(zip(batch, factors))
-                    for m in batch:
-                        consume(*m)
-                    batch, grown = [], grown - size
-                if member is not None:
-                    batch.append(member)
-                    size = grown
+                    members.append((k, side))
+        for batch in factors_by_width(members, lambda m: moment_of(*m)[0], lambda m: sides[m[1]][1], inverse_factor,
+                                      limit):
+            factored.update(batch)
+            for m, _ in batch:
+                consume(*m)
 
     def solve_side(k: tuple[int, int], side: str, moment: Moment | None, n: int) -> SideSolver | None:
         if (k, side) in factored:

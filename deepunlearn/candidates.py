@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .layers import EditTarget
-from .moments import Moment, SampleRows, dense
+from .moments import Moment, SampleRows
 from .projection import Spectrum, scale_energies
-from .weight_side import (INVERSE_FACTOR_DEVICES, OVERSAMPLE, SideSolver, batched_factors, sample_eigenpairs,
-                          side_solver, side_way, sketched_eigenpairs)
+from .weight_side import (INVERSE_FACTOR_DEVICES, OVERSAMPLE, SOLVE_BATCH_BYTES, SideSolver, factors_by_width,
+                          sample_eigenpairs, side_solver, side_way, sketched_eigenpairs)
 
 # Device types where candidates are solved by factors rather than rescaled from eigendecompositions
 # (module docstring): on a GPU the eigensolver's launches cost more than a factor per candidate...
@@ -209,8 +209,8 @@ class SpectralCandidates(Candidates):
 class FactoredCandidates(Candidates):
     """Candidates solved as the fixed call solves them: ``V = W − W M_r`` per ``alpha_r`` and
     ``W′ = W − V M_f`` per ``alpha_f`` and fold, each side of each input applied by the cheapest way
-    (:func:`~deepunlearn.weight_side.side_solver`), same-width Cholesky factors of every input in one
-    batched call (inverted on the devices of :data:`~deepunlearn.weight_side.INVERSE_FACTOR_DEVICES`).
+    (:func:`~deepunlearn.weight_side.side_solver`), same-width Cholesky factors batched as the fixed call
+    batches them (:func:`~deepunlearn.weight_side.factors_by_width`; inverted on a GPU).
     The most recent factors are kept, at most :data:`FACTOR_SETS_KEPT` sets' worth; the retain side's
     only until ``V`` is made. Arguments as :class:`Candidates`.
     """
@@ -229,6 +229,7 @@ class FactoredCandidates(Candidates):
         self._inputs = max(1, len(rows))  # distinct inputs: the size of one set of factors
         device = self.w[0].device if self.w else torch.device("cpu")
         self._inverse = device.type in INVERSE_FACTOR_DEVICES
+        self._batch_bytes = SOLVE_BATCH_BYTES.get(device.type, 0)  # as the fixed call batches its factors
         self._solvers: dict[tuple[object, float], dict[int, SideSolver]] = {}  # (side, α) -> per input
         self._v: tuple[float, list[torch.Tensor]] | None = None
 
@@ -246,18 +247,18 @@ class FactoredCandidates(Candidates):
         not yet solved at that scale, those by a Cholesky factor batched by width."""
         moments = self._side_moments(side)
         solved = self._solvers.setdefault((side, alpha), {})
-        batched: dict[tuple[int, torch.dtype], dict[int, Moment]] = {}  # by width: inputs to factor together
+        to_factor: dict[int, Moment] = {}  # inputs factored together, by width
         for i in indices:
             cov, n = moments[i]
             if cov is None or id(cov) in solved:
                 continue
             if side_way(cov, self._rows[i], n) == "cholesky":
-                batched.setdefault((cov.shape[-1], cov.dtype), {})[id(cov)] = cov
+                to_factor[id(cov)] = cov
             else:
                 solved[id(cov)] = side_solver(cov, alpha, self._rows[i], n)
-        for members in batched.values():
-            factors = batched_factors([dense(c) for c in members.values()], [alpha] * len(members), self._inverse)
-            solved.update(zip(members, factors))
+        for batch in factors_by_width(list(to_factor), to_factor.__getitem__, lambda _: alpha, self._inverse,
+                                      self._batch_bytes):
+            solved.update(batch)
         out = [None if moments[i][0] is None else solved[id(moments[i][0])] for i in indices]
         budget = FACTOR_SETS_KEPT * self._inputs
         while sum(map(len, self._solvers.values())) > budget and len(self._solvers) > 1:
