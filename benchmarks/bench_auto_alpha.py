@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     sets = a.forget or CLASS_SETS
     train, labels, test = suite_data()
     device = torch.device(a.device)
-    result = {"device_name": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"device_name": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__, "seed": a.seed,
               "targets": QUALITY, "first_token": a.first_token, "rows": []}
     for arch in a.archs:
         original = suite_model(arch, train, a.seed, a.cache_dir).to(device)
@@ -95,7 +95,11 @@ def main(argv=None) -> int:
                        "original_retain_test": orig_r, "original_forget_test": orig_f, "retain_test": r_acc,
                        "forget_test": f_acc, "retain_drop": orig_r - r_acc, "choose_seconds": auto.seconds["choose_alpha"],
                        "auto_seconds": t_auto, "fixed_seconds": t_fixed, "choose_over_fixed": auto.seconds["choose_alpha"] / t_fixed,
-                       "auto_over_fixed": t_auto / t_fixed, "table": c.candidates}
+                       "auto_over_fixed": t_auto / t_fixed, "table": c.candidates,
+                       "head_fix": "re-fitted" if c.head_refit is not None else "rebalanced" if c.head_shift is not None else "none",
+                       "head_refit": None if (h := c.head_refit) is None else {
+                           "retain_acc_before": h.retain_acc_before, "retain_acc_after": h.retain_acc_after,
+                           "forget_hits": h.forget_hits, "forget_weight": h.forget_weight, "forgotten_shift": h.forgotten_shift}}
                 row["meets_targets"] = f_acc <= QUALITY["forget"] and row["retain_drop"] <= QUALITY["retain_drop"]
                 result["rows"].append(row)
                 print(f"[{arch} {classes} {form}] alpha=({c.alpha_r:g}, {c.alpha_f:.3g}, head {'=' if c.alpha_f_head is None else format(c.alpha_f_head, '.3g')}) test retain {r_acc:.2f} "
@@ -111,14 +115,16 @@ def markdown(result: dict) -> str:
              "Test split of Fashion-MNIST; retain drop = original − unlearned retain accuracy (points). Targets: forget "
              f"≤ {QUALITY['forget']:g} %, retain drop ≤ {QUALITY['retain_drop']:g}; choose / fixed = seconds choosing α over "
              "one fixed-α call with the chosen pair (target ≤ 2). Tokens: the statistics of sequence inputs (every position, "
-             "or the first); \"+ mean\": the biases keep the retain samples' mean output.", "",
-             "| arch | classes | data | α_r | α_f | head α_f | tokens | held-out retain / forget | test retain (drop) | test forget | meets | candidates | choose (s) | choose / fixed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "or the first); \"+ mean\": the biases keep the retain samples' mean output. Head: the classifier head's "
+             "correction after the edit (its retained rows re-fitted, or its bias rebalanced).", "",
+             "| arch | classes | data | α_r | α_f | head α_f | tokens | held-out retain / forget | head | test retain (drop) | test forget | meets | candidates | choose (s) | choose / fixed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['arch']} | {','.join(map(str, r['classes']))} | {r['form']} | {r['alpha_r']:g} | {r['alpha_f']:.3g} | "
                      f"{'=' if r.get('alpha_f_head') is None else format(r['alpha_f_head'], 'g')} | "
                      f"{'first' if r.get('first_token') else 'all'}{' + mean' if r.get('keep_retain_mean') else ''} | "
-                     f"{r['held_out_retain']:.1f} / {r['held_out_forget']:.1f} | {r['retain_test']:.2f} ({r['retain_drop']:.2f}) | "
+                     f"{r['held_out_retain']:.1f} / {r['held_out_forget']:.1f} | {r.get('head_fix', '')} | "
+                     f"{r['retain_test']:.2f} ({r['retain_drop']:.2f}) | "
                      f"{r['forget_test']:.2f} | {'yes' if r['meets_targets'] else 'no'} | {r['candidates']} | "
                      f"{r['choose_seconds']:.2f} | {r['choose_over_fixed']:.2f} |")
     rows = result["rows"]

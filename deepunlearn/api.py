@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, Subset
 from . import distributed
 from ._batches import DataLike
 from .edit import PlannedEdit, apply_plan, edited_weight, mean_keeping_bias
+from .head_refit import HeadRefit
 from .candidates import candidate_edits
 from .auto_alpha import (CHECK_SAMPLES, HEAD_ALPHA_F, TARGET_FORGET_ACCURACY, choice_rank, choose_alphas,
                          fold_split, holdout_split, make_scorer, materialise, reads_first_position)
@@ -180,6 +181,24 @@ def rebalanced(plan: list[PlannedEdit], rows: list[LayerReport], head: EditTarge
     edit.new_bias = (bias.double() + torch.tensor(list(shift), dtype=torch.float64, device=bias.device)).to(bias.dtype)
     next(r for r in rows if r.name == head.name).notes.append(
         "bias rebalanced: the held-out retain samples keep the unedited model's shares of the retained classes")
+
+
+def refitted(plan: list[PlannedEdit], rows: list[LayerReport], head: EditTarget, refit: HeadRefit) -> None:
+    """Write the re-fitted retained rows (:class:`~deepunlearn.head_refit.HeadRefit`) into the
+    planned weight and bias of ``head``, and say so in its report row; nothing where the forget
+    data never reached it."""
+    edit = next((p for p in plan if p.target is head), None)
+    if edit is None:
+        return
+    kept = torch.as_tensor(refit.kept, device=edit.new_weight.device)
+    edit.new_weight = edit.new_weight.clone()
+    edit.new_weight[kept] = refit.weight.to(edit.new_weight)
+    if refit.bias is not None:
+        bias = edit.new_bias if edit.new_bias is not None else head.bias().detach()
+        edit.new_bias = bias - refit.forgotten_shift  # the forgotten classes' rows lowered, the others re-fitted
+        edit.new_bias[kept] = refit.bias.to(bias)
+    next(r for r in rows if r.name == head.name).notes.append(
+        "retained classes' rows re-fitted: the retain samples keep the unedited model's logits (head_refit)")
 
 
 CHANGE_CHUNK_ELEMENTS = 1 << 22  # the weight-change sums over slices of 16 MB (float32), not one o × d temporary
@@ -364,7 +383,7 @@ def unlearn(
     skip_first_layer: bool | None = None,
     first_token: bool | None = None,
     keep_retain_mean: bool | None = None,
-    rebalance_head: bool | None = None,
+    refit_head: bool | None = None,
     progress: bool = False,
 ) -> UnlearnReport:
     """Make ``model`` forget the classes that ``forget`` holds, keeping what ``retain`` holds. No training.
@@ -432,14 +451,19 @@ def unlearn(
             statistics when the scales are chosen (on the suite's ViT it lowered the retain cost
             of forgetting two and three classes by 2–3 points; on CNNs, where the inputs of the
             biased layers are post-ReLU features, it cost far more: docs/auto_alpha.md), else off.
-        rebalance_head: shift the classifier head's bias so that the held-out retain samples keep
-            the unedited model's shares of the retained classes (the edit takes probability from
-            classes that share features with the forgotten ones), never raising a forgotten
-            class's logit against a retained one (:func:`~deepunlearn.auto_alpha.rebalanced_shift`;
-            ``report.alpha_choice.head_shift``). Needs the automatic choice (its held-out samples);
-            done where the head has a bias and the model's output is the head's. None (default):
-            on when the scales are chosen (on the suite's 30 cases it brought every retain drop
-            within 0.8 points, docs/auto_alpha.md); True with both scales given is an error.
+        refit_head: correct the classifier head after the edit, which takes from the retained
+            classes the features they share with the forgotten ones. Its retained classes' rows
+            are re-fitted by ridge regression so that the retain samples' logits under the edited
+            body are the unedited model's again, the forget samples' staying as edited
+            (:mod:`~deepunlearn.head_refit`; ``report.alpha_choice.head_refit``), where
+            cross-validation over the folds shows it still forgetting and keeping at least the
+            retain accuracy; else its bias is shifted so that the held-out retain samples keep the
+            unedited model's shares of the retained classes, never raising a forgotten class's
+            logit against a retained one (:func:`~deepunlearn.auto_alpha.rebalanced_shift`;
+            ``report.alpha_choice.head_shift``). Needs the automatic choice (its folds and held-out
+            samples); done where the head has a bias and the model's output is the head's. None
+            (default): on when the scales are chosen (docs/auto_alpha.md); True with both scales
+            given is an error.
         progress: show progress bars while collecting.
 
     With a ``torch.distributed`` process group initialised, every rank calls this with its own
@@ -464,12 +488,12 @@ def unlearn(
     check_solver(solver)
     if keep_retain_mean not in (None, True, False):
         raise ValueError(f"keep_retain_mean must be True, False or None, got {keep_retain_mean!r}")
-    if rebalance_head not in (None, True, False):
-        raise ValueError(f"rebalance_head must be True, False or None, got {rebalance_head!r}")
+    if refit_head not in (None, True, False):
+        raise ValueError(f"refit_head must be True, False or None, got {refit_head!r}")
     choosing = alpha_r is None or alpha_f is None
-    if rebalance_head and not choosing:
-        raise ValueError("rebalance_head=True needs the automatic choice of alpha (it uses its held-out retain samples); "
-                         "leave alpha_r or alpha_f unset, or set rebalance_head=False")
+    if refit_head and not choosing:
+        raise ValueError("refit_head=True needs the automatic choice of alpha (it uses its held-out retain samples); "
+                         "leave alpha_r or alpha_f unset, or set refit_head=False")
     keep_mean = bool(keep_retain_mean)
     if choosing:
         _check_choosing(forget, retain, target_forget_accuracy)
@@ -531,8 +555,8 @@ def unlearn(
             parts_f += [kinds(x_f[i], "forget", out, only) for i, out in zip(folds_f[1:], outputs_f[1:])]
             _sync(device)
             t1 = time.perf_counter()
-            outputs_r: list = []
-            parts_r = [kinds(x_r[fit_r], "retain", None, only), kinds(x_r[held_r], "retain", outputs_r, only)]
+            outputs_r, outputs_fit = [], []
+            parts_r = [kinds(x_r[fit_r], "retain", outputs_fit, only), kinds(x_r[held_r], "retain", outputs_r, only)]
     else:
         stats_f = gather_statistics(model, forget, "forget", **kw)
         targets, skipped, head = edited_and_head(stats_f)
@@ -550,7 +574,10 @@ def unlearn(
                              x_r[held_r], None if y_r is None else y_r[held_r], classes, batch_size, autocast,
                              edited=[getattr(t.module, t.param) for t in targets],
                              original=([logits(o) for o in outputs_f], logits(outputs_r)))
-        del outputs_f, outputs_r
+        logits_fit = logits(outputs_fit)
+        refit_on = None if logits_fit is None or refit_head is False else (
+            x_r[fit_r], logits_fit, y_r[fit_r] if y_r is not None else logits_fit.argmax(-1).cpu())
+        del outputs_f, outputs_r, outputs_fit
         # the first position's statistics first (True): on class-token models they win, and their best
         # held-out retain accuracy then bounds the search with every position's
         modes = sorted(parts_f[0], reverse=True)
@@ -579,7 +606,8 @@ def unlearn(
                 warnings.simplefilter("always")
                 bound = best[0].retain_prob if best is not None and best[0].reached_target else None
                 c = choose_alphas(model, candidates, scorer, alpha_r=alpha_r, alpha_f=alpha_f, target=target_forget_accuracy,
-                                  bound=bound, head_alphas=head_options, rebalance=rebalance_head is not False)
+                                  bound=bound, head_alphas=head_options, rebalance=refit_head is not False,
+                                  refit_on=refit_on)
             del candidates
             c.first_token, c.keep_retain_mean = mode, keep
             if best is None or choice_rank(c) > choice_rank(best[0]):
@@ -587,7 +615,7 @@ def unlearn(
         choice, (folds, fit_sr, held_sr), caught = best
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        del scorer, best, parts_f, parts_r
+        del scorer, best, parts_f, parts_r, refit_on
         alpha_r, alpha_f, alpha_f_head, keep_mean = choice.alpha_r, choice.alpha_f, choice.alpha_f_head, choice.keep_retain_mean
         stats_f, stats_r = functools.reduce(operator.add, folds), fit_sr + held_sr  # the edit uses every sample
         del folds, fit_sr, held_sr
@@ -597,6 +625,7 @@ def unlearn(
 
     samples_f, samples_r = stats_f.samples, stats_r.samples
     shift = None if choice is None else choice.head_shift
+    head_refit = None if choice is None else choice.head_refit
 
     def solve_and_edit() -> tuple[list[LayerReport], float]:
         nonlocal stats_f, stats_r
@@ -615,6 +644,8 @@ def unlearn(
         plan, rows = plan_edits_with(targets, edit_for, traces(moments_f), traces(moments_r), means_r)
         if shift is not None:
             rebalanced(plan, rows, head, shift)
+        if head_refit is not None:
+            refitted(plan, rows, head, head_refit)
         _sync(device)
         t_solved = time.perf_counter()
         apply_plan(plan)
@@ -624,8 +655,8 @@ def unlearn(
     params = [getattr(t.module, t.param) for t in targets]
     if keep_mean:
         params += [b for t in targets if (b := t.bias_parameter()) is not None]
-    if shift is not None:
-        params.append(head.bias_parameter())
+    if shift is not None or head_refit is not None:
+        params += [getattr(head.module, head.param), head.bias_parameter()]
     edited = list({id(p): p for p in params}.values())
     rows, solve_seconds = distributed.on_rank0(solve_and_edit, [p.data for p in edited])
     _sync(device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
@@ -29,6 +29,7 @@ from torch import nn
 from ._batches import DataLike, _first_tensor, iter_raw_batches
 from .frozen_prefix import FrozenPrefix, find_prefix
 from .candidates import Candidates
+from .head_refit import ForgetFold, HeadRefit, lightest_refit
 from .statistics import _autocast_on, _eval_no_grad
 
 TARGET_FORGET_ACCURACY = 1.0  # percent of held-out forget samples still recognised
@@ -100,8 +101,10 @@ class AlphaChoice:
             not scored.
         head_shift: per class, what the edit adds to the classifier head's bias so that the
             held-out retain samples keep the unedited model's shares of the retained classes
-            (:func:`rebalanced_shift`; :func:`deepunlearn.unlearn`'s ``rebalance_head``), or None.
-            The held-out accuracies above are those before the shift.
+            (:func:`rebalanced_shift`; :func:`deepunlearn.unlearn`'s ``refit_head``), where the
+            head was not re-fitted; else None. The held-out accuracies above are those before it.
+        head_refit: the classifier head's retained rows re-fitted to the edited body
+            (:class:`~deepunlearn.head_refit.HeadRefit`, with its cross-validated accuracies), or None.
     """
 
     alpha_r: float
@@ -123,6 +126,7 @@ class AlphaChoice:
     keep_retain_mean: bool = False
     every_position_skipped: bool = False
     head_shift: list[float] | None = None
+    head_refit: HeadRefit | None = None
 
     def __str__(self) -> str:
         how = "reached" if self.reached_target else "NOT reached"
@@ -133,6 +137,7 @@ class AlphaChoice:
                 f"{'every position not searched (the output reads the first alone); ' if self.every_position_skipped else ''}"
                 f"{'retain mean kept; ' if self.keep_retain_mean else ''}"
                 f"{'' if self.head_shift is None else f'head bias rebalanced (shifts up to {max(self.head_shift):.3g}); '}"
+                f"{'' if (r := self.head_refit) is None else f'head re-fitted (cross-validated retain {r.retain_acc_before:.2f} -> {r.retain_acc_after:.2f} %, {r.forget_hits} forget sample(s) recognised); '}"
                 f"{len({(c['alpha_r'], c['alpha_f']) for c in self.candidates})} pairs scored"
                 f"{'' if self.alpha_f_head is None and not any(c.get('head_apart') for c in self.candidates) else ' with each head scale'} "
                 f"by {self.scoring} on {self.held_out[0]} forget samples in {self.folds} folds + {self.held_out[1]} held-out "
@@ -382,23 +387,37 @@ class _Scorer:
     def forget_samples(self) -> int:
         return sum(len(x) for x in self.x_f)
 
-    def _logits(self, model: nn.Module, source: int | str, rows: torch.Tensor,
-                heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None) -> torch.Tensor:
-        """``(len(heads) or 1, len(rows), classes)`` logits (float32, on the model's device) of the
-        samples ``rows`` (indices) of ``source``: a fold's index, or ``"retain"``."""
+    def _batches(self, model: nn.Module, source: int | str, rows: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The samples ``rows`` (indices) of ``source`` (a fold's index, or ``"retain"``) in
+        batches on the model's device, the frozen prefix standing in while each runs."""
         device = next(model.parameters()).device
         x = self.x_r if source == "retain" else self.x_f[source]
-        out = []
         with self.prefix.standing_in() if self.prefix is not None else nullcontext():
             for batch in rows.split(self.batch_size):
                 if self.prefix is not None:
                     self.prefix.kept(source, batch)
-                if heads is None:
-                    out.append(_model_logits(model, x[batch].to(device), self.autocast).float()[None])
-                else:
-                    self.head.logits_of(model, x[batch].to(device))
-                    out.append(self.head.logits(heads))
+                yield x[batch].to(device)
+
+    def _logits(self, model: nn.Module, source: int | str, rows: torch.Tensor,
+                heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None) -> torch.Tensor:
+        """``(len(heads) or 1, len(rows), classes)`` logits (float32, on the model's device) of the
+        samples ``rows`` (indices) of ``source``: a fold's index, or ``"retain"``."""
+        out = []
+        for xb in self._batches(model, source, rows):
+            if heads is None:
+                out.append(_model_logits(model, xb, self.autocast).float()[None])
+            else:
+                self.head.logits_of(model, xb)
+                out.append(self.head.logits(heads))
         return torch.cat(out, dim=1)
+
+    def head_inputs(self, model: nn.Module, source: int | str, reader: HeadReader) -> torch.Tensor:
+        """``(n, d)`` the head's input (``reader``'s module) for every held-out sample of ``source``."""
+        out = []
+        for xb in self._batches(model, source, torch.arange(len(self.x_r if source == "retain" else self.x_f[source]))):
+            reader.logits_of(model, xb)
+            out.append(reader.features)
+        return torch.cat(out)
 
     def forget_recognised(self, model: nn.Module, fold: int, start: int, stop: int,
                           heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> torch.Tensor:
@@ -482,6 +501,38 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
                    forgotten=[int(c) for c in forgotten.tolist()], original_retain_logits=logits_r)
 
 
+def refitted_head(model: nn.Module, candidates: Candidates, pair: tuple[float, float, float | None], scorer: _Scorer,
+                  refit_on: tuple[torch.Tensor, torch.Tensor, torch.Tensor], allowed_hits: int) -> HeadRefit | None:
+    """The classifier head's retained rows re-fitted for the candidate ``pair`` ``(alpha_r,
+    alpha_f, head alpha_f or None)``, recognising at most ``allowed_hits`` forget samples
+    (:func:`~deepunlearn.head_refit.lightest_refit`; None where no anchor weight keeps the retain
+    accuracy), from each forget fold's head inputs under the candidate edited without it and every
+    retain sample's (``refit_on``'s and the held-out ones) under the first fold's candidate. Leaves
+    the first fold's candidate written; expects eval mode without autograd."""
+    head = candidates.targets[candidates.head]
+    reader = HeadReader(head.module, scorer.autocast)
+    device = next(model.parameters()).device
+    x_fit, logits_fit, right_fit = refit_on
+    folds = []
+    for k in reversed(range(len(scorer.x_f))):  # the first fold last: its candidate reads the retain samples
+        edits = candidates.edits(pair[0], pair[1], k, pair[2])
+        for t, (w, b) in zip(candidates.targets, edits):
+            t.write(w, b)
+        w, b = edits[candidates.head]
+        folds.insert(0, ForgetFold(scorer.head_inputs(model, k, reader), (w, head.bias().detach().clone() if b is None else b),
+                                   lambda p, k=k: scorer.forget_hit[k](p, torch.arange(len(p)))))
+    fit = []
+    for xb in x_fit.split(scorer.batch_size):
+        reader.logits_of(model, xb.to(device))
+        fit.append(reader.features)
+    features_r = torch.cat([*fit, scorer.head_inputs(model, "retain", reader)])
+    logits_r = torch.cat([logits_fit.to(device), scorer.original_retain_logits.to(device)]).float()
+    right_r = torch.cat([right_fit.cpu(), scorer.retain_ref.cpu()])
+    kept = [c for c in range(head.module.out_features) if c not in scorer.forgotten]
+    return lightest_refit(features_r, logits_r, right_r, folds[0].head, folds, kept,
+                          fold_split(len(features_r), "retain", len(folds)), allowed_hits)
+
+
 def choose_alphas(
     model: nn.Module,
     candidates: Candidates,
@@ -493,6 +544,7 @@ def choose_alphas(
     bound: float | None = None,
     head_alphas: Sequence[float | None] = (None,),
     rebalance: bool = False,
+    refit_on: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> AlphaChoice:
     """Score candidate pairs on the held-out samples and return the choice; the model is left as it was.
 
@@ -526,9 +578,14 @@ def choose_alphas(
     retain probability of a candidate already chosen elsewhere (the other kind of statistics), the
     bound from the start.
 
-    ``rebalance``: the choice also carries the shift of the head's bias that keeps the retained
-    classes' shares on the held-out retain samples (:func:`rebalanced_shift`, from the chosen
-    candidate's logits), where the head has a bias and the model's output is the head's.
+    ``rebalance``: the choice also carries a correction of the classifier head, where the head has
+    a bias and the model's output is the head's: its retained rows re-fitted (:func:`refitted_head`,
+    ``refit_on``: the retain samples not held out ``(n, ...)``, the unedited model's logits on them
+    ``(n, C)`` and the class counted right for each ``(n,)``) where cross-validation shows the
+    re-fitted head (its forgotten classes' bias lowered as far as needed) recognising no more forget
+    samples than the chosen candidate and keeping at least its retain accuracy, where the target was
+    reached; else the shift of its bias that keeps the retained classes' shares on the held-out
+    retain samples (:func:`rebalanced_shift`, from the chosen candidate's logits).
     """
     t0 = time.perf_counter()
     grid_r = [alpha_r] if alpha_r is not None else list(ALPHA_R_CANDIDATES)
@@ -695,18 +752,23 @@ def choose_alphas(
         warnings.warn(f"no candidate reached the forget-accuracy target of {target:g} % on the held-out samples; "
                       f"chose alpha_r={best['alpha_r']:g}, alpha_f={best['alpha_f']:g}{head} with held-out forget "
                       f"{best['forget_acc']:.2f} %, retain {best['retain_acc']:.2f} %", stacklevel=3)
-    head_shift = None
-    if shares is not None:  # the chosen edit's logits on the held-out retain samples
+    head_shift = head_refit = None
+    if shares is not None:  # the head re-fitted where that keeps forgetting, else its bias rebalanced
+        chosen = (best["alpha_r"], best["alpha_f"], best["alpha_f_head"] if best["head_apart"] else None)
         try:
             with _eval_no_grad(model):
-                for t, (w, b) in zip(candidates.targets, candidates.edits(
-                        best["alpha_r"], best["alpha_f"], 0, best["alpha_f_head"] if best["head_apart"] else None)):
-                    t.write(w, b)
-                logits = scorer.retain_logits(model)
+                if refit_on is not None and scorer.original_retain_logits is not None and reached:
+                    # the re-fitted head may recognise no more forget samples than the chosen edit did
+                    head_refit = refitted_head(model, candidates, chosen, scorer, refit_on, int(best["forget_hits"]))
+                if head_refit is None:  # the chosen edit's logits on the held-out retain samples
+                    for t, (w, b) in zip(candidates.targets, candidates.edits(*chosen[:2], 0, chosen[2])):
+                        t.write(w, b)
+                    logits = scorer.retain_logits(model)
         finally:
             for t, (w, b) in zip(candidates.targets, originals):
                 t.write(w, b)
-        head_shift = rebalanced_shift(logits, shares, scorer.forgotten).tolist()
+        if head_refit is None:
+            head_shift = rebalanced_shift(logits, shares, scorer.forgotten).tolist()
     monotone = all(  # per alpha_r and head option, over the candidates whose first fold was scored whole
         b["forget_acc"] <= a["forget_acc"] + 1e-9
         for rows in _by_option(c for c in table if not math.isnan(c["forget_acc"])).values()
@@ -716,7 +778,7 @@ def choose_alphas(
                        scorer.scoring, (n_f, len(scorer.x_r)), monotone, table, time.perf_counter() - t0, allowed,
                        folds=candidates.folds,
                        alpha_f_head=best["alpha_f_head"] if best["head_apart"] and best["alpha_f_head"] != best["alpha_f"] else None,
-                       retain_prob=best["retain_prob"], head_shift=head_shift)
+                       retain_prob=best["retain_prob"], head_shift=head_shift, head_refit=head_refit)
 
 
 def _by_option(rows) -> dict[tuple[float, float | None], list[dict[str, float]]]:

@@ -215,7 +215,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
                      skip_first_layer={"auto": None, "skip": True, "edit": False}[args.first_layer],
                      first_token={"auto": None, "yes": True, "no": False}[args.first_token],
                      keep_retain_mean={"auto": None, "yes": True, "no": False}[args.keep_retain_mean],
-                     rebalance_head={"auto": None, "yes": True, "no": False}[args.rebalance_head])
+                     refit_head={"auto": None, "yes": True, "no": False}[args.refit_head])
     if choosing:
         alpha_r, alpha_f = report.alpha_r, report.alpha_f
         timings.update({k: report.seconds[k] for k in ("collect_forget", "collect_retain", "choose_alpha")})
@@ -395,9 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--keep-retain-mean", choices=["auto", "yes", "no"], default="auto",
                    help="shift each edited layer's bias so that its mean output over the retain images stays: auto "
                         "(default) with the first position's statistics when alpha is chosen, else no")
-    f.add_argument("--rebalance-head", choices=["auto", "yes", "no"], default="auto",
-                   help="shift the classifier head's bias so that held-out retain images keep the original shares of "
-                        "the retained classes: auto (default) when alpha is chosen; needs the automatic choice")
+    f.add_argument("--refit-head", choices=["auto", "yes", "no"], default="auto",
+                   help="correct the classifier head after the edit: its retained classes' rows re-fitted so that the "
+                        "retain images keep the original logits where cross-validation shows it still forgetting, else "
+                        "its bias shifted to keep the retained classes' shares: auto (default) when alpha is chosen; "
+                        "needs the automatic choice")
     _collect_args(f)
     f.add_argument("--out", required=True, help="the edited model file (same form as the input)")
     f.add_argument("--report", help="JSON report (default: OUT.json)")

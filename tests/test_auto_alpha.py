@@ -419,7 +419,7 @@ def test_the_head_takes_its_own_scale_where_given(trained):
 
 def test_the_automatic_choice_reports_the_heads_scale_and_a_fixed_call_repeats_it(trained):
     forget, retain = forget_and_retain()
-    auto = deepunlearn.unlearn(trained, forget, retain, inplace=False, rebalance_head=False)  # a fixed call cannot rebalance
+    auto = deepunlearn.unlearn(trained, forget, retain, inplace=False, refit_head=False)  # a fixed call cannot rebalance
     c = auto.alpha_choice
     assert auto.alpha_f_head == c.alpha_f_head
     pairs = {(r["alpha_r"], r["alpha_f"]) for r in c.candidates}
@@ -462,12 +462,37 @@ def test_the_rebalanced_shift_keeps_the_retained_shares_and_never_favours_a_forg
     assert not newly_forgotten.any()  # a sample predicted as a forgotten class after was predicted as it before
 
 
-def test_the_default_call_rebalances_the_head_and_nothing_else(trained):
+def test_the_default_call_refits_the_heads_retained_rows_and_nothing_else(trained):
     forget, retain = forget_and_retain()
-    plain = deepunlearn.unlearn(trained, forget, retain, inplace=False, rebalance_head=False)
+    plain = deepunlearn.unlearn(trained, forget, retain, inplace=False, refit_head=False)
+    report = deepunlearn.unlearn(trained, forget, retain, inplace=False)
+    refit = report.alpha_choice.head_refit
+    assert plain.alpha_choice.head_refit is None and plain.alpha_choice.head_shift is None
+    assert refit is not None and report.alpha_choice.head_shift is None and refit.kept == [1, 2, 3]
+    assert refit.forget_hits <= report.alpha_choice.allowed_hits and refit.retain_acc_after >= refit.retain_acc_before
+    head, plain_head = report.model[4], plain.model[4]
+    assert torch.equal(head.weight[1:], refit.weight) and torch.equal(head.bias[1:], refit.bias)
+    assert torch.equal(head.weight[0], plain_head.weight[0])  # the forgotten class's row as edited
+    assert torch.allclose(head.bias[0], plain_head.bias[0] - refit.forgotten_shift)
+    for (name, p), q in zip(report.model.named_parameters(), plain.model.parameters()):
+        if not name.startswith("4."):
+            assert torch.equal(p, q), name  # the same choice, the same body
+    assert "head re-fitted" in str(report.alpha_choice)
+    assert any("re-fitted" in n for r in report.layers if r.name == "4" for n in r.notes)
+    x, y = blobs(500, 7)
+    acc_r, acc_f = accuracies(report.model, x, y)
+    assert acc_f <= 1.0 and acc_r >= accuracies(plain.model, x, y)[0] - 1.0
+
+
+def test_where_no_refit_keeps_forgetting_the_heads_bias_is_rebalanced(trained, monkeypatch):
+    import deepunlearn.head_refit
+
+    monkeypatch.setattr(deepunlearn.head_refit, "FORGET_WEIGHTS", ())  # every anchor weight refused
+    forget, retain = forget_and_retain()
+    plain = deepunlearn.unlearn(trained, forget, retain, inplace=False, refit_head=False)
     report = deepunlearn.unlearn(trained, forget, retain, inplace=False)
     shift = report.alpha_choice.head_shift
-    assert plain.alpha_choice.head_shift is None and shift is not None and len(shift) == 4
+    assert report.alpha_choice.head_refit is None and shift is not None and len(shift) == 4
     assert shift[0] == 0.0 and min(shift[1:]) == 0.0 and max(shift) > 0  # class 0 forgotten: not raised
     head = report.model[4]
     assert torch.allclose(head.bias, plain.model[4].bias + torch.tensor(shift, dtype=head.bias.dtype), atol=1e-6)
@@ -480,15 +505,16 @@ def test_the_default_call_rebalances_the_head_and_nothing_else(trained):
     assert accuracies(report.model, x, y)[1] <= accuracies(plain.model, x, y)[1]  # forgetting never weakened
 
 
-def test_rebalancing_needs_the_choice_and_a_head_bias(trained):
+def test_the_head_correction_needs_the_choice_and_a_head_bias(trained):
     forget, retain = forget_and_retain()
     before = [p.clone() for p in trained.parameters()]
-    with pytest.raises(ValueError, match="rebalance_head=True needs the automatic choice"):
-        deepunlearn.unlearn(trained, forget, retain, alpha_r=30, alpha_f=3, rebalance_head=True)
-    with pytest.raises(ValueError, match="rebalance_head must be True, False or None"):
-        deepunlearn.unlearn(trained, forget, retain, rebalance_head="yes")
+    with pytest.raises(ValueError, match="refit_head=True needs the automatic choice"):
+        deepunlearn.unlearn(trained, forget, retain, alpha_r=30, alpha_f=3, refit_head=True)
+    with pytest.raises(ValueError, match="refit_head must be True, False or None"):
+        deepunlearn.unlearn(trained, forget, retain, refit_head="yes")
     assert all(torch.equal(p, q) for p, q in zip(trained.parameters(), before))
     unbiased = copy.deepcopy(trained)
     unbiased[4] = nn.Linear(32, 4, bias=False)
     unbiased[4].weight.data.copy_(trained[4].weight)
-    assert deepunlearn.unlearn(unbiased, forget, retain, inplace=False).alpha_choice.head_shift is None
+    choice = deepunlearn.unlearn(unbiased, forget, retain, inplace=False).alpha_choice
+    assert choice.head_shift is None and choice.head_refit is None

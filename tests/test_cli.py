@@ -153,7 +153,7 @@ def test_search_picks_alphas_on_held_out_images(tree, pickled_model, tmp_path):
     (["--forget", "123"], "class '123' is neither a folder"),
     (["--forget", FORGET, "--alpha-f", "-1"], "alpha_f must be"),
     (["--forget", FORGET, "--retain-per-class", "0"], "--retain-per-class must be at least 1"),
-    (["--forget", FORGET, "--alpha-r", "100", "--alpha-f", "10", "--rebalance-head", "yes"], "needs the automatic choice"),
+    (["--forget", FORGET, "--alpha-r", "100", "--alpha-f", "10", "--refit-head", "yes"], "needs the automatic choice"),
     (["--forget", FORGET, "--device", "cuda:7"] if not torch.cuda.is_available() else ["--forget", "999999"], "cuda|neither"),
 ])
 def test_bad_requests_exit_2_with_a_message_and_write_nothing(tree, pickled_model, tmp_path, capsys, argv, message):

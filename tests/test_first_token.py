@@ -214,7 +214,7 @@ def test_every_position_statistics_are_collected_only_where_their_search_runs(mo
     torch.manual_seed(0)
     model = TokenNet(True).eval()
     xf, xr = torch.randn(24, 7, 6) + 1.0, torch.randn(48, 7, 6)
-    report = deepunlearn.unlearn(model, xf, xr, inplace=False, rebalance_head=False)
+    report = deepunlearn.unlearn(model, xf, xr, inplace=False, refit_head=False)
     parts = 3 + 2  # three more folds, the retain fit and its held-out part
     assert [c.first_token for c in calls] == ([True] if reaches else [True, False])
     assert collected == [True] * parts + ([] if reaches else [False] * parts)
