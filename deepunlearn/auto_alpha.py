@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,14 @@ class AlphaChoice:
     every_position_skipped: bool = False
     head_shift: list[float] | None = None
     head_refit: HeadRefit | None = None
+
+    def to_dict(self) -> dict:
+        """Every field as JSON-ready values; of :attr:`head_refit`, what it measured (not its rows)."""
+        out = asdict(replace(self, head_refit=None))
+        if self.head_refit is not None:
+            out["head_refit"] = {f.name: getattr(self.head_refit, f.name) for f in fields(self.head_refit)
+                                 if f.name not in ("weight", "bias")}
+        return out
 
     def __str__(self) -> str:
         how = "reached" if self.reached_target else "NOT reached"

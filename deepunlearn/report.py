@@ -83,7 +83,7 @@ class UnlearnReport:
             "keep_retain_mean": self.keep_retain_mean,
             "solver": self.solver,
             "seconds": dict(self.seconds),
-            "alpha_choice": None if self.alpha_choice is None else asdict(self.alpha_choice),
+            "alpha_choice": None if self.alpha_choice is None else self.alpha_choice.to_dict(),
         }
 
     def __str__(self) -> str:

@@ -1,5 +1,6 @@
 """The automatic choice of (alpha_r, alpha_f): held-out scoring, the search, the fallback, bad inputs."""
 import copy
+import json
 
 import pytest
 import torch
@@ -478,6 +479,8 @@ def test_the_default_call_refits_the_heads_retained_rows_and_nothing_else(traine
         if not name.startswith("4."):
             assert torch.equal(p, q), name  # the same choice, the same body
     assert "head re-fitted" in str(report.alpha_choice)
+    saved = json.loads(json.dumps(report.to_dict()))["alpha_choice"]["head_refit"]
+    assert saved["forget_hits"] == refit.forget_hits and "weight" not in saved
     assert any("re-fitted" in n for r in report.layers if r.name == "4" for n in r.notes)
     x, y = blobs(500, 7)
     acc_r, acc_f = accuracies(report.model, x, y)
