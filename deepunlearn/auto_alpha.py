@@ -29,7 +29,7 @@ from torch import nn
 from ._batches import DataLike, _first_tensor, iter_raw_batches
 from .frozen_prefix import FrozenPrefix, find_prefix
 from .candidates import Candidates
-from .head_refit import ForgetFold, HeadRefit, lightest_refit
+from .head_refit import ForgetFold, HeadRefit, best_refit
 from .statistics import _autocast_on, _eval_no_grad
 
 TARGET_FORGET_ACCURACY = 1.0  # percent of held-out forget samples still recognised
@@ -513,7 +513,7 @@ def refitted_head(model: nn.Module, candidates: Candidates, pair: tuple[float, f
                   refit_on: tuple[torch.Tensor, torch.Tensor, torch.Tensor], allowed_hits: int) -> HeadRefit | None:
     """The classifier head's retained rows re-fitted for the candidate ``pair`` ``(alpha_r,
     alpha_f, head alpha_f or None)``, recognising at most ``allowed_hits`` forget samples
-    (:func:`~deepunlearn.head_refit.lightest_refit`; None where no anchor weight keeps the retain
+    (:func:`~deepunlearn.head_refit.best_refit`; None where no anchor weight keeps the retain
     accuracy), from each forget fold's head inputs under the candidate edited without it and every
     retain sample's (``refit_on``'s and the held-out ones) under the first fold's candidate. Leaves
     the first fold's candidate written; expects eval mode without autograd."""
@@ -537,7 +537,7 @@ def refitted_head(model: nn.Module, candidates: Candidates, pair: tuple[float, f
     logits_r = torch.cat([logits_fit.to(device), scorer.original_retain_logits.to(device)]).float()
     right_r = torch.cat([right_fit.cpu(), scorer.retain_ref.cpu()])
     kept = [c for c in range(head.module.out_features) if c not in scorer.forgotten]
-    return lightest_refit(features_r, logits_r, right_r, folds[0].head, folds, kept,
+    return best_refit(features_r, logits_r, right_r, folds[0].head, folds, kept,
                           fold_split(len(features_r), "retain", len(folds)), allowed_hits)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from deepunlearn.head_refit import (FORGET_WEIGHTS, RIDGE, ForgetFold, cross_validated_refit, lightest_refit,
+from deepunlearn.head_refit import (FORGET_WEIGHTS, RIDGE, ForgetFold, cross_validated_refit, best_refit,
                                     lowest_shift, refit_rows)
 
 
@@ -91,8 +91,10 @@ def test_the_cross_validated_refit_keeps_the_allowed_count_and_reports_what_it_m
         assert r.forget_hits <= allowed and r.forget_samples == 160 and r.kept == kept and r.forgotten_shift >= 0
         assert r.retain_acc_after > r.retain_acc_before + 20  # the mixed-up rows re-fitted
         assert r.weight.shape == (4, 9) and r.bias.shape == (4,)
-    best = lightest_refit(f_r, z_r, right, (w, b), folds, kept, parts, 0)
-    assert best is not None and best.forget_weight == FORGET_WEIGHTS[0]
+    best = best_refit(f_r, z_r, right, (w, b), folds, kept, parts, 0)
+    every = [cross_validated_refit(f_r, z_r, right, (w, b), folds, kept, parts, x, 0) for x in FORGET_WEIGHTS]
+    assert best is not None and best.forget_weight in FORGET_WEIGHTS and best.forget_hits == 0
+    assert best.retain_acc_after == max(r.retain_acc_after for r in every)
     # a head whose rows already give the retain logits: re-fitting cannot raise its accuracy, and is kept only if it holds
-    held = lightest_refit(f_r, z_r, right, (true_w, b), folds, kept, parts, 0)
+    held = best_refit(f_r, z_r, right, (true_w, b), folds, kept, parts, 0)
     assert held is None or held.retain_acc_after >= held.retain_acc_before
