@@ -387,6 +387,10 @@ class _Scorer:
     forgotten: list[int] = field(default_factory=list)  # the classes forgotten (labels, given, or inferred)
     original_retain_logits: torch.Tensor | None = None  # (N, C) of the unedited model on x_r, where known
     order: list[torch.Tensor] = field(init=False)  # per fold: the order its samples are scored in next
+    # the head's inputs read while scoring with several head options, per (key, source): the inputs (n, d) and
+    # which rows were read; key: what the model holds now (choose_alphas sets the pair), None: not kept
+    key: tuple | None = field(default=None, init=False)
+    inputs_read: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.order = [torch.arange(len(x)) for x in self.x_f]
@@ -404,25 +408,43 @@ class _Scorer:
             for batch in rows.split(self.batch_size):
                 if self.prefix is not None:
                     self.prefix.kept(source, batch)
-                yield x[batch].to(device)
+                yield batch, x[batch].to(device)
 
     def _logits(self, model: nn.Module, source: int | str, rows: torch.Tensor,
                 heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None) -> torch.Tensor:
         """``(len(heads) or 1, len(rows), classes)`` logits (float32, on the model's device) of the
         samples ``rows`` (indices) of ``source``: a fold's index, or ``"retain"``."""
         out = []
-        for xb in self._batches(model, source, rows):
+        for batch, xb in self._batches(model, source, rows):
             if heads is None:
                 out.append(_model_logits(model, xb, self.autocast).float()[None])
             else:
                 self.head.logits_of(model, xb)
                 out.append(self.head.logits(heads))
+                if self.key is not None:
+                    self._keep_inputs(source, batch, self.head.features)
         return torch.cat(out, dim=1)
 
-    def head_inputs(self, model: nn.Module, source: int | str, reader: HeadReader) -> torch.Tensor:
-        """``(n, d)`` the head's input (``reader``'s module) for every held-out sample of ``source``."""
+    def _size(self, source: int | str) -> int:
+        return len(self.x_r if source == "retain" else self.x_f[source])
+
+    def _keep_inputs(self, source: int | str, rows: torch.Tensor, features: torch.Tensor) -> None:
+        if (self.key, source) not in self.inputs_read:
+            self.inputs_read[self.key, source] = (features.new_empty(self._size(source), features.shape[-1]),
+                                                  torch.zeros(self._size(source), dtype=torch.bool))
+        inputs, read = self.inputs_read[self.key, source]
+        inputs[rows.to(inputs.device)] = features
+        read[rows] = True
+
+    def head_inputs(self, model: nn.Module, source: int | str, reader: HeadReader, key: tuple | None = None) -> torch.Tensor:
+        """``(n, d)`` the head's input (``reader``'s module) for every held-out sample of ``source``:
+        those read while scoring the model as it held ``key`` where every one was, else read now
+        from the model as it is."""
+        inputs, read = self.inputs_read.get((key, source), (None, None))
+        if read is not None and bool(read.all()):
+            return inputs
         out = []
-        for xb in self._batches(model, source, torch.arange(len(self.x_r if source == "retain" else self.x_f[source]))):
+        for _, xb in self._batches(model, source, torch.arange(self._size(source))):
             reader.logits_of(model, xb)
             out.append(reader.features)
         return torch.cat(out)
@@ -523,17 +545,18 @@ def refitted_head(model: nn.Module, candidates: Candidates, pair: tuple[float, f
     x_fit, logits_fit, right_fit = refit_on
     folds = []
     for k in reversed(range(len(scorer.x_f))):  # the first fold last: its candidate reads the retain samples
-        edits = candidates.edits(pair[0], pair[1], k, pair[2])
-        for t, (w, b) in zip(candidates.targets, edits):
-            t.write(w, b)
-        w, b = edits[candidates.head]
-        folds.insert(0, ForgetFold(scorer.head_inputs(model, k, reader), (w, head.bias().detach().clone() if b is None else b),
+        if k == 0 or not scorer.inputs_read.get((pair[:2], k), (None, torch.zeros(1, dtype=torch.bool)))[1].all():
+            for t, (w, b) in zip(candidates.targets, candidates.edits(pair[0], pair[1], k, pair[2])):
+                t.write(w, b)
+        w, b = candidates.edit(candidates.head, pair[0], pair[1] if pair[2] is None else pair[2], k)
+        folds.insert(0, ForgetFold(scorer.head_inputs(model, k, reader, pair[:2]),
+                                   (w, head.bias().detach().clone() if b is None else b),
                                    lambda p, k=k: scorer.forget_hit[k](p, torch.arange(len(p)))))
     fit = []
     for xb in x_fit.split(scorer.batch_size):
         reader.logits_of(model, xb.to(device))
         fit.append(reader.features)
-    features_r = torch.cat([*fit, scorer.head_inputs(model, "retain", reader)])
+    features_r = torch.cat([*fit, scorer.head_inputs(model, "retain", reader, pair[:2])])
     logits_r = torch.cat([logits_fit.to(device), scorer.original_retain_logits.to(device)]).float()
     right_r = torch.cat([right_fit.cpu(), scorer.retain_ref.cpu()])
     kept = [c for c in range(head.module.out_features) if c not in scorer.forgotten]
@@ -647,6 +670,7 @@ def choose_alphas(
                     made[fold] = (candidates.edits(a_r, a_f, fold, options[0]), head_weights(a_r, a_f, fold))
                 for t, (w, b) in zip(candidates.targets, made[fold][0]):
                     t.write(w, b)
+                scorer.key = (a_r, a_f)  # the head's inputs read here are kept for a re-fit (refitted_head)
                 hit = scorer.forget_recognised(model, fold, done[fold], done[fold] + chunk, made[fold][1])
                 for i, n_hit in enumerate(hit.sum(-1).tolist()):
                     if hits[i] <= allowed:
@@ -675,6 +699,7 @@ def choose_alphas(
         if math.isnan(row["retain_acc"]):
             a_r, a_f = row["alpha_r"], row["alpha_f"]
             apply(a_r, a_f)
+            scorer.key = (a_r, a_f)
             for c, (acc, prob) in zip(scored_at[a_r, a_f], scorer.retain_scores(model, head_weights(a_r, a_f, 0))):
                 c["retain_acc"], c["retain_prob"] = acc, prob
         return row["retain_prob"]
@@ -742,6 +767,7 @@ def choose_alphas(
                     apply(c["alpha_r"], c["alpha_f"])
                     rows = scored_at[c["alpha_r"], c["alpha_f"]]
                     whole = len(scorer.x_f[0])
+                    scorer.key = (c["alpha_r"], c["alpha_f"])
                     hit = scorer.forget_recognised(model, 0, 0, whole, head_weights(c["alpha_r"], c["alpha_f"], 0))
                     for row, n_hit in zip(rows, hit.sum(-1).tolist()):
                         row["forget_acc"] = 100.0 * n_hit / whole
@@ -777,6 +803,8 @@ def choose_alphas(
                 t.write(w, b)
         if head_refit is None:
             head_shift = rebalanced_shift(logits, shares, scorer.forgotten).tolist()
+    scorer.key = None
+    scorer.inputs_read.clear()
     monotone = all(  # per alpha_r and head option, over the candidates whose first fold was scored whole
         b["forget_acc"] <= a["forget_acc"] + 1e-9
         for rows in _by_option(c for c in table if not math.isnan(c["forget_acc"])).values()

@@ -27,6 +27,7 @@ RIDGE = 1e-2
 # ones leave room to restore the retain logits. On the suite's ViT, picking from all five instead
 # of the lightest of (0.1, 0.3, 1) that forgets cut the drop on {0, 2} from 1.44 to 0.79 points
 FORGET_WEIGHTS = (0.0, 0.03, 0.1, 0.3, 1.0)
+SHIFT_PAST = 1e-5  # the forgotten bias shift goes this far (relative) past a margin: float32 ties resolve to retained
 
 
 @dataclass
@@ -56,6 +57,46 @@ class HeadRefit:
     forgotten_shift: float = 0.0
 
 
+@dataclass
+class _Normal:
+    """One block of samples' normal equations: ``gram = Xᵀ X`` ``(d', d')`` and ``rhs = Xᵀ Z``
+    ``(d', k)`` in float64, with ``X = [features, 1]`` (the 1 where the head has a bias) and ``Z``
+    the kept classes' target logits; ``n`` samples."""
+
+    gram: torch.Tensor
+    rhs: torch.Tensor
+    n: int
+
+    @staticmethod
+    def of(features: torch.Tensor, logits: torch.Tensor, kept: torch.Tensor, bias: bool) -> _Normal:
+        x = features.to(torch.float64)
+        if bias:
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+        return _Normal(x.T @ x, x.T @ logits.to(torch.float64)[:, kept], len(x))
+
+    @staticmethod
+    def total(blocks: Sequence[_Normal]) -> _Normal:
+        return _Normal(sum(b.gram for b in blocks), sum(b.rhs for b in blocks), sum(b.n for b in blocks))
+
+
+def _solved_rows(retain: _Normal, forget: _Normal, weight: torch.Tensor, bias: torch.Tensor | None,
+                 kept: torch.Tensor, forget_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows minimising the retain blocks' squared error plus ``forget_weight`` (in total,
+    against the retain samples') times the forget blocks', with ridge :data:`RIDGE` towards the
+    given rows ``kept``."""
+    per_f = forget_weight * retain.n / max(1, forget.n)
+    gram, rhs = retain.gram + per_f * forget.gram, retain.rhs + per_f * forget.rhs
+    w0 = weight.to(torch.float64)[kept]
+    if bias is not None:
+        w0 = torch.cat([w0, bias.to(torch.float64)[kept, None]], 1)  # (k, d + 1)
+    ridge = RIDGE * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    solved = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device),
+                                rhs + ridge * w0.T).T  # (k, d [+ 1])
+    if bias is None:
+        return solved.to(weight.dtype), None
+    return solved[:, :-1].to(weight.dtype), solved[:, -1].to(bias.dtype)
+
+
 def refit_rows(features_r: torch.Tensor, logits_r: torch.Tensor, features_f: torch.Tensor, logits_f: torch.Tensor,
                weight: torch.Tensor, bias: torch.Tensor | None, kept: Sequence[int], forget_weight: float
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -63,25 +104,9 @@ def refit_rows(features_r: torch.Tensor, logits_r: torch.Tensor, features_f: tor
     give ``logits_r`` ``(n_r, C)`` and ``features_f`` ``(n_f, d)`` give ``logits_f``, the forget
     samples weighing ``forget_weight`` of the retain samples in total; ridge :data:`RIDGE`
     towards the given rows. Returns ``(weight (k, d), bias (k,) or None)`` in the weight's dtype."""
-    dt = torch.float64
     idx = torch.as_tensor(list(kept), device=weight.device)
-    x = torch.cat([features_r, features_f]).to(dt)
-    if bias is not None:
-        x = torch.cat([x, torch.ones(len(x), 1, dtype=dt, device=x.device)], 1)
-    z = torch.cat([logits_r, logits_f]).to(dt)[:, idx]
-    per_f = forget_weight * len(features_r) / max(1, len(features_f))
-    s = torch.cat([torch.ones(len(features_r), dtype=dt, device=x.device),
-                   torch.full((len(features_f),), per_f, dtype=dt, device=x.device)])[:, None]
-    w0 = weight.to(dt)[idx]
-    if bias is not None:
-        w0 = torch.cat([w0, bias.to(dt)[idx, None]], 1)  # (k, d + 1)
-    gram = x.T @ (s * x)
-    ridge = RIDGE * gram.diagonal().mean().clamp_min(torch.finfo(dt).tiny)
-    solved = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=dt, device=gram.device),
-                                x.T @ (s * z) + ridge * w0.T).T  # (k, d [+ 1])
-    if bias is None:
-        return solved.to(weight.dtype), None
-    return solved[:, :-1].to(weight.dtype), solved[:, -1].to(bias.dtype)
+    return _solved_rows(_Normal.of(features_r, logits_r, idx, bias is not None),
+                        _Normal.of(features_f, logits_f, idx, bias is not None), weight, bias, idx, forget_weight)
 
 
 def _logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -110,9 +135,6 @@ class ForgetFold:
     recognised: Callable[[torch.Tensor], torch.Tensor]
 
 
-SHIFT_STEPS = 40  # bisection steps of the forgotten classes' bias shift: its range / 2^40, far below float32 rounding
-
-
 def _forgotten_lowered(logits: torch.Tensor, forgotten: torch.Tensor, shift: float) -> torch.Tensor:
     out = logits.clone()
     out[:, forgotten] -= shift
@@ -121,56 +143,64 @@ def _forgotten_lowered(logits: torch.Tensor, forgotten: torch.Tensor, shift: flo
 
 def lowest_shift(logits: Sequence[torch.Tensor], recognised: Sequence[Callable[[torch.Tensor], torch.Tensor]],
                  forgotten: torch.Tensor, allowed_hits: int) -> float:
-    """The smallest ``s >= 0`` such that, with ``s`` taken from the forgotten classes' logits, at
-    most ``allowed_hits`` samples are still recognised (``logits[k]`` ``(n_k, C)``, judged by
-    ``recognised[k]``). Lowering them can only move a prediction to a retained class, so the count
-    falls with ``s`` and bisection finds it."""
-    def hits(shift: float) -> int:
-        return sum(int(r(_forgotten_lowered(z, forgotten, shift).argmax(-1).cpu()).sum()) for z, r in zip(logits, recognised))
+    """The smallest ``s >= 0`` (to float32 rounding) such that, with ``s`` taken from the
+    forgotten classes' logits, at most ``allowed_hits`` samples are still recognised
+    (``logits[k]`` ``(n_k, C)``, judged by ``recognised[k]`` from predictions ``(n_k,)``).
 
-    if hits(0.0) <= allowed_hits:
+    Lowering every forgotten class alike keeps their order, so a sample recognised at ``s = 0``
+    stays recognised until ``s`` reaches its margin (its best forgotten logit minus its best
+    retained one) and is predicted as a retained class after; one not recognised never becomes
+    so. The answer is the ``(allowed_hits + 1)``-th largest margin of the recognised samples."""
+    margins = []
+    for z, r in zip(logits, recognised):
+        retained = torch.ones(z.shape[-1], dtype=torch.bool, device=z.device)
+        retained[forgotten] = False
+        hit = r(z.argmax(-1).cpu()).to(z.device)
+        margins.append((z[:, forgotten].max(-1).values - z[:, retained].max(-1).values)[hit])
+    ordered = torch.cat(margins).float().sort(descending=True).values
+    if len(ordered) <= allowed_hits:
         return 0.0
-    lo, hi = 0.0, float(max((z.max() - z.min()).item() for z in logits if len(z))) + 1.0  # past it nothing is recognised
-    for _ in range(SHIFT_STEPS):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if hits(mid) <= allowed_hits else (mid, hi)
-    return hi
+    m = float(ordered[allowed_hits])  # past it, at most allowed_hits margins stay above the shift
+    return max(0.0, m + SHIFT_PAST * max(1.0, abs(m)))
 
 
 def cross_validated_refit(features_r: torch.Tensor, logits_r: torch.Tensor, right_r: torch.Tensor,
                           head_r: tuple[torch.Tensor, torch.Tensor | None], folds: Sequence[ForgetFold],
-                          kept: Sequence[int], parts_r: Sequence[torch.Tensor], forget_weight: float,
-                          allowed_hits: int) -> HeadRefit:
-    """The head's rows ``kept`` re-fitted on every sample (:func:`refit_rows`), and the shift taken
-    from the other (forgotten) classes' bias that keeps at most ``allowed_hits`` forget samples
-    recognised (:func:`lowest_shift`), both measured by cross-validation: forget fold ``k`` and
-    retain part ``parts_r[k]`` are scored by rows fitted on the other folds and parts.
-    ``features_r`` ``(n_r, d)``: the retain samples' head inputs under the body of the head
-    ``head_r``; ``logits_r`` ``(n_r, C)``: the unedited model's logits on them; ``right_r``
-    ``(n_r,)``: the class counted right for each. Needs a head bias."""
-    idx = torch.as_tensor(list(kept), device=head_r[0].device)
-    forgotten = torch.as_tensor([c for c in range(len(head_r[0])) if c not in set(kept)], device=idx.device)
-    anchors = [_logits(f.features, *f.head) for f in folds]
+                          kept: Sequence[int], parts_r: Sequence[torch.Tensor], forget_weights: Sequence[float],
+                          allowed_hits: int) -> list[HeadRefit]:
+    """Per forget weight, the head's rows ``kept`` re-fitted on every sample (:func:`refit_rows`),
+    and the shift taken from the other (forgotten) classes' bias that keeps at most
+    ``allowed_hits`` forget samples recognised (:func:`lowest_shift`), both measured by
+    cross-validation: forget fold ``k`` and retain part ``parts_r[k]`` are scored by rows fitted on
+    the other folds and parts. ``features_r`` ``(n_r, d)``: the retain samples' head inputs under
+    the body of the head ``head_r``; ``logits_r`` ``(n_r, C)``: the unedited model's logits on
+    them; ``right_r`` ``(n_r,)``: the class counted right for each. Every fit adds the same
+    per-part normal equations, formed once."""
+    w_r, b_r = head_r
+    idx = torch.as_tensor(list(kept), device=w_r.device)
+    forgotten = torch.as_tensor([c for c in range(len(w_r)) if c not in set(kept)], device=idx.device)
     right_r = right_r.to(features_r.device)
-    forget_logits, refit_r, before = [], torch.empty_like(logits_r), 0
-    for k, (fold, part) in enumerate(zip(folds, parts_r)):
-        out = torch.ones(len(features_r), dtype=torch.bool, device=features_r.device)
-        out[part] = False
-        others = [j for j in range(len(folds)) if j != k]
-        rows = refit_rows(features_r[out], logits_r[out], torch.cat([folds[j].features for j in others]),
-                          torch.cat([anchors[j] for j in others]), *head_r, kept, forget_weight)
-        forget_logits.append(_logits(fold.features, *_with_rows(*fold.head, idx, rows)))
-        refit_r[part] = _logits(features_r[part], *_with_rows(*head_r, idx, rows)).to(refit_r.dtype)
-        before += int((_logits(features_r[part], *head_r).argmax(-1) == right_r[part]).sum())
-    shift = lowest_shift(forget_logits, [f.recognised for f in folds], forgotten, allowed_hits)
-    hits = sum(int(f.recognised(_forgotten_lowered(z, forgotten, shift).argmax(-1).cpu()).sum())
-               for z, f in zip(forget_logits, folds))
-    after = int((_forgotten_lowered(refit_r, forgotten, shift).argmax(-1) == right_r).sum())
-    weight, bias = refit_rows(features_r, logits_r, torch.cat([f.features for f in folds]), torch.cat(anchors),
-                              *head_r, kept, forget_weight)
+    blocks_r = [_Normal.of(features_r[p], logits_r[p], idx, b_r is not None) for p in parts_r]
+    blocks_f = [_Normal.of(f.features, _logits(f.features, *f.head), idx, b_r is not None) for f in folds]
+    before = sum(int((_logits(features_r[p], *head_r).argmax(-1) == right_r[p]).sum()) for p in parts_r)
     n_r = sum(len(p) for p in parts_r)
-    return HeadRefit(list(kept), weight, bias, 100.0 * before / n_r, 100.0 * after / n_r, hits,
-                     sum(len(f.features) for f in folds), forget_weight, shift)
+    out = []
+    for weight in forget_weights:
+        forget_logits, retain_right = [], []
+        for k, (fold, part) in enumerate(zip(folds, parts_r)):
+            rows = _solved_rows(_Normal.total(blocks_r[:k] + blocks_r[k + 1:]), _Normal.total(blocks_f[:k] + blocks_f[k + 1:]),
+                                w_r, b_r, idx, weight)
+            forget_logits.append(_logits(fold.features, *_with_rows(*fold.head, idx, rows)))
+            retain_logits = _logits(features_r[part], *_with_rows(*head_r, idx, rows))
+            retain_right.append((retain_logits, right_r[part]))
+        shift = lowest_shift(forget_logits, [f.recognised for f in folds], forgotten, allowed_hits)
+        hits = sum(int(f.recognised(_forgotten_lowered(z, forgotten, shift).argmax(-1).cpu()).sum())
+                   for z, f in zip(forget_logits, folds))
+        after = sum(int((_forgotten_lowered(z, forgotten, shift).argmax(-1) == y).sum()) for z, y in retain_right)
+        rows = _solved_rows(_Normal.total(blocks_r), _Normal.total(blocks_f), w_r, b_r, idx, weight)
+        out.append(HeadRefit(list(kept), *rows, 100.0 * before / n_r, 100.0 * after / n_r, hits,
+                             sum(len(f.features) for f in folds), weight, shift))
+    return out
 
 
 def best_refit(features_r: torch.Tensor, logits_r: torch.Tensor, right_r: torch.Tensor,
@@ -179,7 +209,7 @@ def best_refit(features_r: torch.Tensor, logits_r: torch.Tensor, right_r: torch.
     """:func:`cross_validated_refit` with the one of :data:`FORGET_WEIGHTS` whose rows keep the
     highest cross-validated retain accuracy (ties: the heavier anchor), where that is at least the
     accuracy of ``head_r``; None where no weight keeps it."""
-    refits = [cross_validated_refit(features_r, logits_r, right_r, head_r, folds, kept, parts_r, w, allowed_hits)
-              for w in FORGET_WEIGHTS]
+    refits = cross_validated_refit(features_r, logits_r, right_r, head_r, folds, kept, parts_r, FORGET_WEIGHTS,
+                                   allowed_hits)
     kept_acc = [r for r in refits if r.retain_acc_after >= r.retain_acc_before]
     return max(kept_acc, key=lambda r: (r.retain_acc_after, r.forget_weight)) if kept_acc else None

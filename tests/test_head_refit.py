@@ -73,8 +73,13 @@ def test_the_lowest_shift_is_the_smallest_that_keeps_the_allowed_count():
     for allowed in (0, 3, 10):
         s = lowest_shift(logits, recognised, forgotten, allowed)
         assert s > 0 and hits_of(logits, recognised, forgotten, s) <= allowed
-        assert hits_of(logits, recognised, forgotten, s * (1 - 1e-6) - 1e-9) > allowed  # nothing smaller does
+        assert hits_of(logits, recognised, forgotten, s - 1e-3) > allowed  # nothing smaller does
     assert lowest_shift(logits, recognised, forgotten, 10_000) == 0.0
+    # by labels: a sample predicted as another forgotten class is not recognised, and never becomes so
+    labels = [forgotten[torch.randint(0, 2, (60,), generator=g)] for _ in range(3)]  # forget samples: forgotten classes
+    by_label = [lambda p, y=y: p == y for y in labels]
+    s = lowest_shift(logits, by_label, forgotten, 2)
+    assert hits_of(logits, by_label, forgotten, s) <= 2 < hits_of(logits, by_label, forgotten, s - 1e-3)
 
 
 def test_the_cross_validated_refit_keeps_the_allowed_count_and_reports_what_it_measured():
@@ -87,12 +92,16 @@ def test_the_cross_validated_refit_keeps_the_allowed_count_and_reports_what_it_m
     folds = [ForgetFold(part, (w, b), lambda p: p == 0) for part in f_f.split(40)]
     parts = list(torch.randperm(200, generator=torch.Generator().manual_seed(0)).split(50))
     for allowed in (0, 5):
-        r = cross_validated_refit(f_r, z_r, right, (w, b), folds, kept, parts, 0.1, allowed)
-        assert r.forget_hits <= allowed and r.forget_samples == 160 and r.kept == kept and r.forgotten_shift >= 0
-        assert r.retain_acc_after > r.retain_acc_before + 20  # the mixed-up rows re-fitted
-        assert r.weight.shape == (4, 9) and r.bias.shape == (4,)
+        for r, weight in zip(cross_validated_refit(f_r, z_r, right, (w, b), folds, kept, parts, (0.0, 0.1), allowed),
+                             (0.0, 0.1)):
+            assert r.forget_hits <= allowed and r.forget_samples == 160 and r.kept == kept and r.forgotten_shift >= 0
+            assert r.retain_acc_after > r.retain_acc_before + 20  # the mixed-up rows re-fitted
+            assert r.weight.shape == (4, 9) and r.bias.shape == (4,) and r.forget_weight == weight
+            # the rows kept are those fitted on every sample
+            want = refit_rows(f_r, z_r, f_f, torch.cat([fold.features @ w.T + b for fold in folds]), w, b, kept, weight)
+            assert rel_err(r.weight, want[0]) < 1e-5 and rel_err(r.bias, want[1]) < 1e-5
     best = best_refit(f_r, z_r, right, (w, b), folds, kept, parts, 0)
-    every = [cross_validated_refit(f_r, z_r, right, (w, b), folds, kept, parts, x, 0) for x in FORGET_WEIGHTS]
+    every = cross_validated_refit(f_r, z_r, right, (w, b), folds, kept, parts, FORGET_WEIGHTS, 0)
     assert best is not None and best.forget_weight in FORGET_WEIGHTS and best.forget_hits == 0
     assert best.retain_acc_after == max(r.retain_acc_after for r in every)
     # a head whose rows already give the retain logits: re-fitting cannot raise its accuracy, and is kept only if it holds
