@@ -241,8 +241,6 @@ def plan_edits(
     return plan_edits_with(targets, lambda t: matrix_edit(m_r[t.slots], m_f[t.slots]), traces_f, traces_r)
 
 
-
-
 def solved_edits(
     targets: Sequence[EditTarget],
     moments_f: Moments,
@@ -655,8 +653,8 @@ def unlearn(
     params = [getattr(t.module, t.param) for t in targets]
     if keep_mean:
         params += [b for t in targets if (b := t.bias_parameter()) is not None]
-    if shift is not None or head_refit is not None:
-        params += [getattr(head.module, head.param), head.bias_parameter()]
+    if shift is not None or head_refit is not None:  # the head's weight is a target's already
+        params.append(head.bias_parameter())
     edited = list({id(p): p for p in params}.values())
     rows, solve_seconds = distributed.on_rank0(solve_and_edit, [p.data for p in edited])
     _sync(device)

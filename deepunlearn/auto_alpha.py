@@ -436,13 +436,17 @@ class _Scorer:
         inputs[rows.to(inputs.device)] = features
         read[rows] = True
 
+    def read_whole(self, key: tuple, source: int | str) -> bool:
+        """Whether the head's input of every held-out sample of ``source`` was read while scoring
+        the model as it held ``key``."""
+        return (key, source) in self.inputs_read and bool(self.inputs_read[key, source][1].all())
+
     def head_inputs(self, model: nn.Module, source: int | str, reader: HeadReader, key: tuple | None = None) -> torch.Tensor:
         """``(n, d)`` the head's input (``reader``'s module) for every held-out sample of ``source``:
-        those read while scoring the model as it held ``key`` where every one was, else read now
-        from the model as it is."""
-        inputs, read = self.inputs_read.get((key, source), (None, None))
-        if read is not None and bool(read.all()):
-            return inputs
+        those read while scoring the model as it held ``key`` where every one was
+        (:meth:`read_whole`), else read now from the model as it is."""
+        if key is not None and self.read_whole(key, source):
+            return self.inputs_read[key, source][0]
         out = []
         for _, xb in self._batches(model, source, torch.arange(self._size(source))):
             reader.logits_of(model, xb)
@@ -544,8 +548,8 @@ def refitted_head(model: nn.Module, candidates: Candidates, pair: tuple[float, f
     device = next(model.parameters()).device
     x_fit, logits_fit, right_fit = refit_on
     folds = []
-    for k in reversed(range(len(scorer.x_f))):  # the first fold last: its candidate reads the retain samples
-        if k == 0 or not scorer.inputs_read.get((pair[:2], k), (None, torch.zeros(1, dtype=torch.bool)))[1].all():
+    for k in reversed(range(len(scorer.x_f))):  # the first fold last, left written
+        if k == 0 or not scorer.read_whole(pair[:2], k):  # the first fold's candidate reads the retain samples
             for t, (w, b) in zip(candidates.targets, candidates.edits(pair[0], pair[1], k, pair[2])):
                 t.write(w, b)
         w, b = candidates.edit(candidates.head, pair[0], pair[1] if pair[2] is None else pair[2], k)

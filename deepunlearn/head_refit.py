@@ -181,18 +181,21 @@ def cross_validated_refit(features_r: torch.Tensor, logits_r: torch.Tensor, righ
     per-part normal equations, formed once."""
     w_r, b_r = head_r
     idx = torch.as_tensor(list(kept), device=w_r.device)
-    forgotten = torch.as_tensor([c for c in range(len(w_r)) if c not in set(kept)], device=idx.device)
+    retained = set(kept)
+    forgotten = torch.as_tensor([c for c in range(len(w_r)) if c not in retained], device=idx.device)
     right_r = right_r.to(features_r.device)
     blocks_r = [_Normal.of(features_r[p], logits_r[p], idx, b_r is not None) for p in parts_r]
     blocks_f = [_Normal.of(f.features, _logits(f.features, *f.head), idx, b_r is not None) for f in folds]
     before = sum(int((_logits(features_r[p], *head_r).argmax(-1) == right_r[p]).sum()) for p in parts_r)
     n_r = sum(len(p) for p in parts_r)
+    without = [(_Normal.total(blocks_r[:k] + blocks_r[k + 1:]), _Normal.total(blocks_f[:k] + blocks_f[k + 1:]))
+               for k in range(len(folds))]  # each part's fit: every other part's equations
+    every_r, every_f = _Normal.total(blocks_r), _Normal.total(blocks_f)
     out = []
     for weight in forget_weights:
         forget_logits, retain_right = [], []
-        for k, (fold, part) in enumerate(zip(folds, parts_r)):
-            rows = _solved_rows(_Normal.total(blocks_r[:k] + blocks_r[k + 1:]), _Normal.total(blocks_f[:k] + blocks_f[k + 1:]),
-                                w_r, b_r, idx, weight)
+        for (fold, part), (fit_r, fit_f) in zip(zip(folds, parts_r), without):
+            rows = _solved_rows(fit_r, fit_f, w_r, b_r, idx, weight)
             forget_logits.append(_logits(fold.features, *_with_rows(*fold.head, idx, rows)))
             retain_logits = _logits(features_r[part], *_with_rows(*head_r, idx, rows))
             retain_right.append((retain_logits, right_r[part]))
@@ -200,7 +203,7 @@ def cross_validated_refit(features_r: torch.Tensor, logits_r: torch.Tensor, righ
         hits = sum(int(f.recognised(_forgotten_lowered(z, forgotten, shift).argmax(-1).cpu()).sum())
                    for z, f in zip(forget_logits, folds))
         after = sum(int((_forgotten_lowered(z, forgotten, shift).argmax(-1) == y).sum()) for z, y in retain_right)
-        rows = _solved_rows(_Normal.total(blocks_r), _Normal.total(blocks_f), w_r, b_r, idx, weight)
+        rows = _solved_rows(every_r, every_f, w_r, b_r, idx, weight)
         out.append(HeadRefit(list(kept), *rows, 100.0 * before / n_r, 100.0 * after / n_r, hits,
                              sum(len(f.features) for f in folds), weight, shift))
     return out
