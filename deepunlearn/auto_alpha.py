@@ -38,7 +38,7 @@ HOLDOUT_CAP = 512  # held-out samples per side and fold at most: resolves 0.2 % 
 FORGET_FOLDS = 4  # each a quarter, as the retain hold-out; all of them score, so 1 % of 900 forget samples
 # is 9 to count, not 2: the target is shown at confidence with an edit that forgets less (docs/auto_alpha.md)
 HOLDOUT_SEED = 0
-ALPHA_R_CANDIDATES = (10.0, 30.0, 100.0, 300.0, 1000.0)  # the paper's range; ViTs chose its low end
+ALPHA_R_CANDIDATES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)  # half decades to the paper's 1000; below its 100
 ALPHA_F_COARSE = tuple(10 ** (k / 2) for k in range(7))  # half decades, 1 to 1000: the scan stops at the first that
 # forgets. Pairs far from forgetting cost one chunk of samples, so the finer scan is cheap, and it does not step over
 # a window that forgets: past it, over-edited models can predict the forgotten class again (the suite's ViT, {0, 2})
