@@ -276,6 +276,26 @@ def test_a_bound_no_pair_can_beat_cuts_each_pair_after_its_first_round(trained, 
     assert (again.alpha_r, again.alpha_f, len(again.candidates)) == (free.alpha_r, free.alpha_f, len(free.candidates))
 
 
+def test_alpha_r_runs_up_from_the_first_candidate_then_down_from_the_smallest_step(trained, monkeypatch):
+    from deepunlearn import auto_alpha
+
+    monkeypatch.setattr(auto_alpha, "ALPHA_R_CANDIDATES", (90.0, 1e6, 1e7, 3.0, 1.0))
+    model, targets, xf, xr = double_model_and_samples(trained)
+    sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
+    cands = SpectralCandidates(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
+    c = choose_alphas(model, cands, make_scorer(model, [xf], None, xr[:100], None, [0], 64, None))
+    rows = {a: [r for r in c.candidates if r["alpha_r"] == a] for a in auto_alpha.ALPHA_R_CANDIDATES}
+    forgets = {a: any(r["forget_hits"] <= c.allowed_hits for r in rows[a]) for a in rows}
+    assert forgets[90.0] and not forgets[1e6]  # a retain space of 1e6 keeps the forget space whole
+    assert not rows[1e7]  # the upward run stopped at the first scale that never forgot
+    assert list(dict.fromkeys(r["alpha_r"] for r in c.candidates)) == [90.0, 1e6, 3.0, 1.0]
+    coarse_passing = min(r["alpha_f"] for r in rows[90.0] if r["forget_hits"] <= c.allowed_hits
+                         and r["alpha_f"] in ALPHA_F_COARSE)
+    assert coarse_passing > ALPHA_F_COARSE[0]
+    assert rows[1e6][0]["alpha_f"] == coarse_passing  # upwards: from the step where the scale below first forgot
+    assert rows[3.0][0]["alpha_f"] == rows[1.0][0]["alpha_f"] == ALPHA_F_COARSE[0]  # downwards: from the smallest
+
+
 def test_an_unreachable_target_warns_and_keeps_the_best_compromise(trained):
     x, y = blobs(60, 3)
     same = TensorDataset(x, y)  # forget = retain: no edit can forget without forgetting all
