@@ -82,10 +82,10 @@ def test_solver_benchmark_smoke(tmp_path):
 
     out = tmp_path / "solver"
     assert bench_solver.main(["--setting", "vgg11_bn_cifar", "--images", "2", "3", "--batch-size", "2", "--methods",
-                              "deepunlearn", "formed-M-float64", "paper", "forward", "--out", str(out)]) == 0
+                              "deepunlearn", "paper", "forward", "--out", str(out)]) == 0
     (setting,) = json.loads(out.with_suffix(".json").read_text())["settings"]
     assert (setting["forget"], setting["retain"]) == (2, 3)
-    for method in ("deepunlearn", "formed-M-float64", "paper"):  # each in its own process
+    for method in ("deepunlearn", "paper"):  # each in its own process (formed-M-float64 runs as they do)
         r = setting["methods"][method]
         assert r["total"] >= r["solve"] > 0 and r["peak_rss_bytes"] > 100e6, (method, r)
     assert {"paper / deepunlearn time", "deepunlearn / paper peak RSS", "deepunlearn / forward time"} <= set(setting["ratios"])
@@ -196,7 +196,7 @@ def test_gpu_only_benchmark_code_runs_on_tiny_shapes(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, stem, rows", [("bench_auto_alpha", "auto", 1), ("probe_alpha_oracle", "oracle", 3),
+@pytest.mark.parametrize("script, stem, rows", [("bench_auto_alpha", "auto", 1), ("probe_alpha_oracle", "oracle", 1),
                                                 ("check_solver_accuracy", "accuracy", 1), ("probe_alpha_split", "split", 6)])
 def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, rows):
     """Each of the Fashion-MNIST quality scripts, end to end, on an untrained SmallCNN placed where
@@ -218,9 +218,11 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
         args += ["--forms", "unlabelled"]
     if script == "probe_alpha_split":
         args += ["--alpha-r", "100"]
+    if script == "probe_alpha_oracle":
+        args += ["--scopes", "skip-first-token-mean"]  # one scope: the others run the same loop
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an untrained model may reach no target: the choice warns
         assert module.main(args) == 0
-    # three scopes in the oracle probe; six of the head's alpha_f at one alpha_r in the split probe
+    # one scope in the oracle probe; six of the head's alpha_f at one alpha_r in the split probe
     assert len(json.loads(out.with_suffix(".json").read_text())["rows"]) == rows
     assert "smallcnn" in out.with_suffix(".md").read_text()

@@ -36,16 +36,21 @@ def trained(tmp_path_factory):
 def test_forgetting_one_class_meets_the_targets(trained):
     model, full, train, val, test, _ = trained
     forget = [2]  # Pullover: the class most often confused with others
-    before = evaluate_forgetting(model, train, test, forget)
+    g = torch.Generator().manual_seed(2)
+    # measured on random parts of both splits: the attack's SVC costs the square of its samples
+    train_part, test_part = (Subset(d, torch.randperm(len(d), generator=g)[:n].tolist()) for d, n in ((train, 12000), (test, 5000)))
+    before = evaluate_forgetting(model, train_part, test_part, forget)
     assert before["forget_test"] > 70  # the model knew the class
     labels = dataset_labels(train)
     g = torch.Generator().manual_seed(1)
     keep = [c for c in range(10) if c not in forget]
     r_idx = class_balanced_indices(labels, keep, 900, g)
     f_idx = class_balanced_indices(labels, forget, 900, g)
-    search = search_alphas(model, Subset(train, f_idx), Subset(train, r_idx), val, forget)
+    # a coarse grid (15 of the default 70 pairs): the claims are checked, not the grid
+    search = search_alphas(model, Subset(train, f_idx), Subset(train, r_idx), val, forget,
+                           alpha_r_grid=(10.0, 100.0, 1000.0), alpha_f_grid=(1.0, 3.0, 10.0, 30.0, 100.0))
     report = forget_classes(model, train, forget, alpha_r=search.alpha_r, alpha_f=search.alpha_f, inplace=False)
-    after = evaluate_forgetting(report.model, train, test, forget)
+    after = evaluate_forgetting(report.model, train_part, test_part, forget)
     assert after["forget_test"] <= 2.0, (search.alpha_r, search.alpha_f, after)
     assert after["retain_test"] >= before["retain_test"] - 3.0, (before, after)
     assert after["mia"] > before["mia"] + 50  # the forget samples now look unseen to the attack
