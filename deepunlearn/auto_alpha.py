@@ -689,7 +689,8 @@ def choose_alphas(
                     first = (100.0 * torch.cat(seen[0], dim=-1).sum(-1) / sizes[0]).tolist()
             if chunk == SCORE_CHUNK and any(d < n for d, n in zip(done, sizes)) and any(h <= allowed for h in hits):
                 rows_of(a_r, a_f)
-                cut = cannot_win(a_r, a_f)  # the rest would cost more than the retain side
+                # the rest would cost more than the retain side; options that have missed already cannot win
+                cut = cannot_win(a_r, a_f, [h <= allowed for h in hits])
                 if cut:
                     break
             chunk *= 2  # a candidate that has not missed yet is likely near the target: score in larger batches
@@ -711,13 +712,15 @@ def choose_alphas(
                 c["retain_acc"], c["retain_prob"] = acc, prob
         return row["retain_prob"]
 
-    def cannot_win(a_r: float, a_f: float) -> bool:
+    def cannot_win(a_r: float, a_f: float, alive: Sequence[bool] | None = None) -> bool:
         """Whether a pair need not be scored (further) on the forget side: once a candidate has
         reached the target, a pair that keeps less held-out retain probability than it for every
         head option cannot win, and no larger ``alpha_f`` at its ``alpha_r`` can either. The finer
         steps then go below it, as past a pair that forgets; its rows keep no forget hits. Checked
-        before a finer step is scored, and in :func:`score` after a pair's first round."""
-        return best_retain > -math.inf and max(retain_of(c) for c in rows_of(a_r, a_f)) < best_retain
+        before a finer step is scored, and in :func:`score` after a pair's first round, there over
+        the options still ``alive`` (an option that has missed the target cannot win here)."""
+        rows = [c for i, c in enumerate(rows_of(a_r, a_f)) if alive is None or alive[i]]
+        return best_retain > -math.inf and max(retain_of(c) for c in rows) < best_retain
 
     head = None if candidates.head is None else candidates.targets[candidates.head]
     shares = None  # the unedited model's mean predicted probabilities on the held-out retain samples, where the

@@ -276,6 +276,29 @@ def test_a_bound_no_pair_can_beat_cuts_each_pair_after_its_first_round(trained, 
     assert (again.alpha_r, again.alpha_f, len(again.candidates)) == (free.alpha_r, free.alpha_f, len(free.candidates))
 
 
+def test_a_bound_is_checked_against_the_head_options_that_have_not_missed_yet(trained, monkeypatch):
+    from deepunlearn import auto_alpha
+
+    monkeypatch.setattr(auto_alpha, "SCORE_CHUNK", 4)  # the first round: 4 samples of the one fold
+    model, targets, xf, xr = double_model_and_samples(trained)
+    sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
+    head = api.classifier_head(targets, sf)
+
+    def rows(bound):  # a gentle body edit: an edited head forgets, an unedited one recognises at once
+        cands = SpectralCandidates(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU), head=head)
+        return choose_alphas(model, cands, make_scorer(model, [xf], None, xr[:100], None, [0], 64, None), alpha_r=10.0,
+                             alpha_f=0.01, head_alphas=(None, 1e4), bound=bound).candidates
+
+    tied, apart = rows(None)
+    assert tied["forget_scored"] == 4 and tied["forget_hits"] > 0  # missed in its first round
+    assert apart["forget_scored"] == len(xf) and apart["forget_hits"] == 0
+    assert tied["retain_prob"] > apart["retain_prob"]  # the option that missed keeps more retain probability
+    bound = (tied["retain_prob"] + apart["retain_prob"]) / 2  # beats the option still in the running only
+    with pytest.warns(UserWarning, match="no candidate reached"):
+        cut = rows(bound)
+    assert all(r["forget_scored"] == 4 and r["forget_hits"] != r["forget_hits"] for r in cut)  # scored no further
+
+
 def test_alpha_r_runs_up_from_the_first_candidate_then_down_from_the_smallest_step(trained, monkeypatch):
     from deepunlearn import auto_alpha
 
