@@ -735,13 +735,14 @@ def choose_alphas(
                     unedited = scorer.original_retain_logits  # else the model is unedited here
                     shares = (scorer.retain_logits(model) if unedited is None else unedited).softmax(-1).mean(0)
             start = 0  # index into ALPHA_F_COARSE where the scan begins
+            stopped = False  # whether the upward run has met an alpha_r that never forgets
             for k, a_r in enumerate(grid_r):
                 if alpha_f is not None:
                     score(a_r, alpha_f)
                     continue
                 if k > 0 and a_r < grid_r[k - 1]:  # the downward run: a smaller retain space may forget sooner
                     start = 0
-                elif start is None:  # the upward run stopped
+                elif stopped:
                     continue
                 passes = None  # where the scan has no step left
                 failing = ALPHA_F_COARSE[start - 1] if start > 0 else None  # failed at the previous alpha_r
@@ -753,7 +754,7 @@ def choose_alphas(
                         break
                     failing = ALPHA_F_COARSE[i]
                 if passing is None:
-                    start = None  # never forgets in range; a larger alpha_r would forget even less
+                    stopped = True  # never forgets in range; a larger alpha_r would forget even less
                     continue
                 # the finer steps follow the head option that keeps the most retain accuracy where the scan first
                 # forgot (of every option, where it could not win)
