@@ -759,8 +759,8 @@ def choose_alphas(
                 # the finer steps follow the head option that keeps the most retain accuracy where the scan first
                 # forgot (of every option, where it could not win)
                 rows = scored_at[a_r, passing]
-                followed = max((i for i, ok in enumerate(passes or [True] * len(options)) if ok),
-                               key=lambda i: (retain_of(rows[i]), -i))
+                alive = [i for i, ok in enumerate(passes or [True] * len(options)) if ok]
+                followed = alive[0] if len(alive) == 1 else max(alive, key=lambda i: (retain_of(rows[i]), -i))
                 if failing is None:  # forgets at the smallest: step down while it still does
                     for _ in range(BISECTION_STEPS):
                         lower = passing / math.sqrt(10.0)
