@@ -36,9 +36,9 @@ def trained(tmp_path_factory):
 def test_forgetting_one_class_meets_the_targets(trained):
     model, full, train, val, test, _ = trained
     forget = [2]  # Pullover: the class most often confused with others
-    g = torch.Generator().manual_seed(2)
+    parts = torch.Generator().manual_seed(2)
     # measured on random parts of both splits: the attack's SVC costs the square of its samples
-    train_part, test_part = (Subset(d, torch.randperm(len(d), generator=g)[:n].tolist()) for d, n in ((train, 12000), (test, 5000)))
+    train_part, test_part = (Subset(d, torch.randperm(len(d), generator=parts)[:n].tolist()) for d, n in ((train, 12000), (test, 5000)))
     before = evaluate_forgetting(model, train_part, test_part, forget)
     assert before["forget_test"] > 70  # the model knew the class
     labels = dataset_labels(train)
