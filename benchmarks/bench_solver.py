@@ -2,6 +2,7 @@
 
     python benchmarks/bench_solver.py                                   # both settings below, CPU
     python benchmarks/bench_solver.py --setting vgg11_bn_cifar --images 100 100   # a smaller run
+    python benchmarks/bench_solver.py --setting vgg11_bn_cifar --repeat 3          # median of three runs each
 
 Settings (random weights; timing and memory do not depend on them):
 
@@ -128,8 +129,8 @@ def run_one(setting: str, method: str, n_forget: int, n_retain: int, batch_size:
             kw = {}
             if method == "formed-M-float64":  # every M formed, from the d × d sums, in float64
                 solver_of = api.side_solver
-                api.side_solver = lambda moment, alpha, rows, vectors, way, solver: solver_of(
-                    moment, alpha, rows, vectors, "formed", solver)
+                api.side_solver = lambda moment, alpha, rows, vectors, way, solver, **kw: solver_of(
+                    moment, alpha, rows, vectors, "formed", solver, **kw)
                 kw["dtype"] = torch.float64
             report = deepunlearn.unlearn(model, xf, xr, alpha_r=alpha_r, alpha_f=alpha_f, batch_size=batch_size, **kw)
         s = report.seconds
@@ -151,20 +152,34 @@ def child(setting: str, method: str, n_forget: int, n_retain: int, batch_size: i
 def markdown(result: dict) -> str:
     lines = [f"# The solve and its memory on {result['device_name']} (torch {result['torch']})", "",
              f"Each method in a fresh process, {result.get('batch_size', 100)} images per forward pass; seconds and peak "
-             "resident memory (ru_maxrss) of that process.", "",
-             "| setting | images (forget + retain) | method | total (s) | statistics (s) | solve + edit (s) | peak RSS (MB) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "resident memory (ru_maxrss) of that process"
+             + (f"; of {result['repeat']} runs per method, taken in turn, the one of median total time (every run's "
+                "total in the last column)" if result.get("repeat", 1) > 1 else "") + ".", "",
+             "| setting | images (forget + retain) | method | total (s) | statistics (s) | solve + edit (s) | peak RSS (MB) |"
+             + (" runs' totals (s) |" if result.get("repeat", 1) > 1 else ""),
+             "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if result.get("repeat", 1) > 1 else "")]
     for r in result["settings"]:
         for m, x in r["methods"].items():
             if "error" in x:
                 lines.append(f"| {r['setting']} | {r['forget']} + {r['retain']} | {m} | error: {x['error']} | | | |")
                 continue
             lines.append(f"| {r['setting']} | {r['forget']} + {r['retain']} | {m} | {x['total']:.2f} | {x['collect']:.2f} | "
-                         f"{x['solve']:.2f} | {x['peak_rss_bytes'] / 1e6:.0f} |")
+                         f"{x['solve']:.2f} | {x['peak_rss_bytes'] / 1e6:.0f} |"
+                         + (" " + ", ".join(f"{t:.2f}" for t in x["totals"]) + " |" if "totals" in x else ""))
     lines.append("")
     for r in result["settings"]:
         lines.append(f"- {r['setting']}: " + "; ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
     return "\n".join(lines) + "\n"
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median total time (the lower middle one of an even count), with every run's total
+    beside it; an error if any run failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    run = sorted(runs, key=lambda r: r["total"])[(len(runs) - 1) // 2]
+    return run | ({"totals": [r["total"] for r in runs]} if len(runs) > 1 else {})
 
 
 def ratios(methods: dict) -> dict:
@@ -197,16 +212,22 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--images", nargs=2, type=int, metavar=("FORGET", "RETAIN"), help="override the setting's image counts")
     p.add_argument("--batch-size", type=int, default=100, help="images per forward pass (every method)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each method, taken in turn; each method's run of median total time is reported")
     p.add_argument("--out", type=Path, default=RESULTS / "solver_cpu")
     a = p.parse_args(argv)
+    if a.repeat < 1:
+        p.error(f"--repeat must be at least 1, got {a.repeat}")
     result = {"device_name": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "batch_size": a.batch_size, "settings": []}
+              "batch_size": a.batch_size, "repeat": a.repeat, "settings": []}
     for setting in a.setting:
         nf, nr = a.images or SETTINGS[setting][1:]
-        methods = {}
-        for m in a.methods:
-            methods[m] = child(setting, m, nf, nr, a.batch_size)
-            print(setting, m, methods[m], flush=True)
+        runs: dict[str, list[dict]] = {m: [] for m in a.methods}
+        for _ in range(a.repeat):  # in turn, so that a slow spell of the machine falls on every method
+            for m in a.methods:
+                runs[m].append(child(setting, m, nf, nr, a.batch_size))
+                print(setting, m, runs[m][-1], flush=True)
+        methods = {m: median_run(r) for m, r in runs.items()}
         result["settings"].append({"setting": setting, "forget": nf, "retain": nr, "methods": methods, "ratios": ratios(methods)})
         write_results(a.out, result, markdown(result))
     print(markdown(result))

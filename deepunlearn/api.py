@@ -7,7 +7,7 @@ import math
 import operator
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import nn
@@ -251,6 +251,7 @@ def solved_edits(
     way: str = "auto",
     batch_bytes: int | None = None,
     inverse_factor: bool | None = None,
+    spent_sides: Collection[str] = (),
 ) -> Callable[[EditTarget], EditFn]:
     """``edit_for`` for :func:`plan_edits_with`: solves each distinct input once.
 
@@ -264,7 +265,8 @@ def solved_edits(
     factors where ``inverse_factor`` (default: on the devices of :data:`INVERSE_FACTOR_DEVICES`). An input's second
     moments are dropped from ``moments_f`` / ``moments_r`` once solved, and its solution once its
     last layer is planned, so that memory holds the statistics still to solve and the solutions
-    still to apply.
+    still to apply. The sides named in ``spent_sides`` (``"f"``, ``"r"``: statistics the caller
+    collected and needs no more) are factored in their second moments' own memory, without a copy.
     """
     key_of: dict[int, tuple[int, int]] = {}  # id(target) -> its input's key
     slots_of: dict[tuple[int, int], set[tuple[str, ...]]] = {}
@@ -314,7 +316,8 @@ def solved_edits(
     def solve_side(k: tuple[int, int], side: str, moment: Moment | None, n: int) -> SideSolver | None:
         if (k, side) in factored:
             return factored.pop((k, side))
-        return None if moment is None else side_solver(moment, sides[side][1], rows[k], n, way, solver)
+        return None if moment is None else side_solver(moment, sides[side][1], rows[k], n, way, solver,
+                                                        overwrite=side in spent_sides)
 
     def edit_for(t: EditTarget) -> EditFn:
         k = key_of[id(t)]
@@ -633,11 +636,13 @@ def unlearn(
         stats_f = stats_r = None  # statistics collected here are freed as each input is solved
         if all(cov is None for cov, _ in moments_f.values()):
             raise ValueError("the forget data reached none of the editable layers")
+        spent = [side for side, given in (("f", forget), ("r", retain)) if not isinstance(given, Statistics)]
         if alpha_f_head is None:
-            edit_for = solved_edits(targets, moments_f, moments_r, alpha_f, alpha_r, solver)
+            edit_for = solved_edits(targets, moments_f, moments_r, alpha_f, alpha_r, solver, spent_sides=spent)
         else:  # the head solved with its own forget scale, the body with alpha_f
-            body_edit = solved_edits([t for t in targets if t is not head], moments_f, moments_r, alpha_f, alpha_r, solver)
-            head_edit = solved_edits([head], moments_f, moments_r, alpha_f_head, alpha_r, solver)
+            body_edit = solved_edits([t for t in targets if t is not head], moments_f, moments_r, alpha_f, alpha_r, solver,
+                                     spent_sides=spent)
+            head_edit = solved_edits([head], moments_f, moments_r, alpha_f_head, alpha_r, solver, spent_sides=spent)
             edit_for = lambda t: head_edit(t) if t is head else body_edit(t)  # noqa: E731
         plan, rows = plan_edits_with(targets, edit_for, traces(moments_f), traces(moments_r), means_r)
         if shift is not None:

@@ -93,6 +93,20 @@ def test_solver_benchmark_smoke(tmp_path):
     assert "| vgg11_bn_cifar | 2 + 3 | paper |" in out.with_suffix(".md").read_text()
 
 
+def test_solver_benchmark_reports_the_median_run():
+    import bench_solver
+
+    runs = [{"total": t, "solve": t / 2} for t in (3.0, 1.0, 2.0, 5.0)]
+    assert bench_solver.median_run(runs) == {"total": 2.0, "solve": 1.0, "totals": [3.0, 1.0, 2.0, 5.0]}
+    assert bench_solver.median_run(runs[:1]) == runs[0]
+    assert bench_solver.median_run([*runs, {"error": "boom"}]) == {"error": "boom"}
+    result = {"device_name": "cpu", "torch": "x", "batch_size": 100, "repeat": 4,
+              "settings": [{"setting": "s", "forget": 1, "retain": 2, "ratios": {},
+                            "methods": {"deepunlearn": bench_solver.median_run(runs) | {"collect": 0.5, "peak_rss_bytes": 1e9}}}]}
+    table = bench_solver.markdown(result)
+    assert "of 4 runs per method" in table and "| s | 1 + 2 | deepunlearn | 2.00 | 0.50 | 1.00 | 1000 | 3.00, 1.00, 2.00, 5.00 |" in table
+
+
 @pytest.mark.slow
 def test_kernel_benchmark_smoke(tmp_path):
     import bench_kernels

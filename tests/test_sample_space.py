@@ -159,8 +159,8 @@ def test_edit_from_kept_vectors_equals_the_edit_from_dense_statistics(monkeypatc
     ways = []
     real = api.side_solver
 
-    def spy(moment, *args):
-        out = real(moment, *args)
+    def spy(moment, *args, **kw):
+        out = real(moment, *args, **kw)
         ways.append(type(out).__name__)
         return out
 

@@ -14,6 +14,8 @@ import deepunlearn
 from conftest import rel_err
 from deepunlearn import collect_statistics, forget_classes, unlearn
 from deepunlearn.reference import activation_matrices, unlearn_paper
+from deepunlearn.layers import find_targets
+from deepunlearn.moments import dense
 
 FIXED = {"alpha_r": 100.0, "alpha_f": 3.0}  # the fixed-α edit (the default call would choose α)
 
@@ -360,7 +362,6 @@ def test_keeping_the_retain_mean_shifts_each_bias_so_the_mean_output_stays(devic
         pytest.skip("no CUDA device")
     sys.path.insert(0, str(Path(__file__).parent / "helpers"))
     from models_for_tests import fixture_data, fixture_model
-    from deepunlearn.layers import find_targets
 
     xf, xr = (x.to(device) for x in fixture_data())
     plain = fixture_model().to(device)
@@ -384,6 +385,21 @@ def test_keeping_the_retain_mean_shifts_each_bias_so_the_mean_output_stays(devic
         checked += 1
     assert checked == len(targets) == 9
     assert all("bias shifted" in " ".join(r.notes) for r in report.layers)
+
+
+def test_given_statistics_are_left_as_they_were_and_give_the_collected_edit(net):
+    """Statistics the call collected are factored in their own memory; given ones are only read."""
+    sf, sr = collect_statistics(net, X[:4]), collect_statistics(net, X[4:])
+    before = copy.deepcopy((sf, sr))
+    from_data = copy.deepcopy(net)
+    unlearn(from_data, X[:4], X[4:], **FIXED)
+    unlearn(net, sf, sr, **FIXED)
+    targets = find_targets(net)[0]
+    for given, kept in zip((sf, sr), before):
+        for t in targets:
+            assert torch.equal(dense(given.moment(t)[0]), dense(kept.moment(t)[0])), t.name
+    for p, q in zip(net.parameters(), from_data.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_keeping_the_retain_mean_needs_first_moments(net, tmp_path):

@@ -20,14 +20,16 @@ from deepunlearn.weight_side import (FormedProjection, LowRankSpectrum, ScaledFa
 # scale above 1 that takes the difference
 @pytest.mark.parametrize("alpha", [0.25, 0.8, 1.0, 1.1, 1.25, 3.0, 100.0, 1000.0])
 @pytest.mark.parametrize("rank", [None, 4])
-def test_right_multiply_matches_float64_reference(alpha, rank):
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_right_multiply_matches_float64_reference(alpha, rank, overwrite):
     cov = spd(3, 20, rank)
     kept = cov.clone()
     w = torch.randn(3, 7, 20, dtype=torch.float64)
-    got = ScaledFactor.of(cov, alpha).right_multiply(w)
+    got = ScaledFactor.of(cov, alpha, overwrite=overwrite).right_multiply(w)
     assert got.shape == w.shape
-    assert rel_err(got, w @ numpy_reference(cov, alpha)) < 1e-10
-    assert torch.equal(cov, kept)  # the statistics are read, never modified
+    assert rel_err(got, w @ numpy_reference(kept, alpha)) < 1e-10
+    # read, never modified, unless the caller gave C up; near α = 1 the factor keeps C itself
+    assert torch.equal(cov, kept) == (not overwrite or abs(alpha - 1.0) < 0.25)
 
 
 def test_factor_reads_only_the_lower_triangle_and_batches_one_scale_per_member():
@@ -163,8 +165,8 @@ def test_auto_way_follows_the_flop_count(monkeypatch):
     chosen = []
     real = api.side_solver
 
-    def spy(cov, alpha, rows, vectors, way, solver):
-        out = real(cov, alpha, rows, vectors, way, solver)
+    def spy(cov, alpha, rows, vectors, way, solver, **kw):
+        out = real(cov, alpha, rows, vectors, way, solver, **kw)
         chosen.append((cov.shape[-1], vectors, type(out).__name__))
         return out
 
