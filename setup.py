@@ -62,7 +62,8 @@ def cuda_library_flags(cuda_home: str) -> tuple[list[str], list[str]]:
 def extensions():
     if os.environ.get("DEEPUNLEARN_NO_EXT", "0") not in ("", "0"):
         return [], {}
-    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/conv/*.cpp")
+                         + glob.glob("csrc/conv/cpu/*.cpp"))
     if not cpu_sources:
         return [], {}
     import torch

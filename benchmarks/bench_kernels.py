@@ -8,14 +8,14 @@ shapes of ResNet-18 (CIFAR stem), VGG-11-BN and ViT-B/16, on depthwise layers of
 ConvNeXt-T, strided ones (MobileNetV2, the ImageNet ResNet stem) and dilated ones (ResNet-50 at
 output stride 8). Prints a table of ratios (pure time / op time: above 1 means the op is faster)
 and writes ``benchmarks/results/kernels_<device>.json`` and ``.md`` with the device name. A sweep
-then times the conv op with each of its exact forms forced (``DEEPUNLEARN_CONV_SHIFT``,
-``_PHASES``, ``_RESIDUES`` = 0 / 1, ``_WGRAD`` = 1).
+then times the conv op with each of its exact forms forced (its ``form`` argument: ``direct``,
+``shifted``, ``phases``, ``residues``, ``wgrad``) and as chosen (``auto``).
 
 On a GPU it also measures the device's ceilings (bf16 / tf32 / fp32 matrix-multiply rates, copy
 bandwidth) in the same run, adds bf16 rows (the pure path being its float32 twin, as in
 ``deepunlearn.covariance``), tf32 rows (linear: the op with tf32 against the float32 ``addmm``;
-conv: tf32 allowed on both sides), and sweeps the ops' tuning knobs (output tile of the symmetric
-GEMMs, split-K slices, conv chunk size).
+conv: tf32 allowed on both sides), and sweeps the ops' tuning arguments (the linear op's output
+tile and split-K slices, also on the stems' patch matrices; the conv op's chunk size).
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import itertools
 import statistics
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GPU_BLOCK_SECONDS, ceilings, device_name, env, median_time, paired_median_times,  # noqa: E402
+from common import (GPU_BLOCK_SECONDS, ceilings, device_name, median_time, paired_median_times,  # noqa: E402
                     tf32, timed, write_results)
 from shapes import DEPTHWISE, DILATED, RESNET18_CIFAR, STRIDED, VGG11_BN, VIT_B16  # noqa: E402
 
@@ -69,13 +68,6 @@ def cudnn_tf32(dtype: torch.dtype, allow_tf32: bool) -> bool:
     """cuDNN's tf32 switch for a conv row: as cuBLAS's for float32, on (torch's default) for 16-bit
     inputs, which the weight-gradient form widens to float32, exact in tf32."""
     return allow_tf32 or dtype != torch.float32
-
-
-def form_ran(fn) -> bool:
-    """Whether a call of ``fn`` ran the conv op's weight-gradient form (its convolution_backward)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return any(e.key == "aten::convolution_backward" for e in prof.key_averages())
 
 
 @dataclass
@@ -114,7 +106,7 @@ def conv_module(shape) -> torch.nn.Conv2d:
 
 def conv_case(shape, batch, device, dtype=torch.float32, allow_tf32=False, wgrad=False) -> Case:
     """``allow_tf32``: both sides with tf32 allowed (the GPU's float32 GEMMs on the tensor cores);
-    ``wgrad``: the op with its weight-gradient form forced (DEEPUNLEARN_CONV_WGRAD=1)."""
+    ``wgrad``: the op with its weight-gradient form forced (``form="wgrad"``)."""
     x = torch.randn(batch, shape.c_in, shape.size, shape.size, device=device, dtype=dtype)
     geom = deepunlearn.covariance.ConvGeometry.of(conv_module(shape))
     d = shape.d
@@ -130,8 +122,7 @@ def conv_case(shape, batch, device, dtype=torch.float32, allow_tf32=False, wgrad
             cov.baddbmm_(u.transpose(1, 2), u)
 
     def op():
-        with env("DEEPUNLEARN_CONV_WGRAD", "1" if wgrad else None):
-            deepunlearn.covariance.accumulate_conv_(cov, x, geom)
+        deepunlearn.covariance.accumulate_conv_(cov, x, geom, form="wgrad" if wgrad else "auto")
 
     return Case("conv_cov", shape.name, d, _name(dtype) + ("/tf32" if allow_tf32 else ""),
                 under_tf32(pure, allow_tf32), under_tf32(op, allow_tf32, cudnn_tf32(dtype, allow_tf32)),
@@ -192,15 +183,14 @@ def bench(case: Case, device: torch.device, repeat: int) -> dict:
         row["op_tflops_full_gemm_equiv"] = 2.0 * case.info["rows"] * case.d**2 / t_op / 1e12
         if device.type == "cuda":  # the rate of one synchronised call too, launch latency included
             row["op_single_call_s"] = statistics.median(timed(case.run_op, device)[0] for _ in range(repeat))
-    if case.info.get("form") == "wgrad":  # a row's label must not claim a form the op declined
-        row["form_ran"] = form_ran(case.run_op)
     return row
 
 
 def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
-    """GPU only: op time against the CUDA kernels' tuning knobs (env variables read per call) and
-    the linear op's rate against the number of rows."""
+    """GPU only: op time against the CUDA kernels' tuning arguments, and the linear op's rate against
+    the number of rows."""
     rows = []
+    ops = _ext.ops()
 
     def record(knob, value, layer, dtype, t, flops=None):
         rows.append({"knob": knob, "value": value, "layer": layer, "dtype": dtype, "op_s": t}
@@ -211,84 +201,72 @@ def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
         cov = torch.zeros(s.d, s.d, device=device)
         for images in (64, 256, 1000):  # default tiles: rate against the length of the sum
             x = torch.randn(images * s.tokens_per_sample, s.d, device=device, dtype=torch.bfloat16)
-            t = median_time(lambda: _ext.ops().linear_cov_accumulate_(cov, x), device, repeat)
+            t = median_time(lambda: ops.linear_cov_accumulate_(cov, x), device, repeat)
             record("rows (images x 197)", images, s.name, "bfloat16", t, 2.0 * x.shape[0] * s.d**2)
         x16 = torch.randn(vit_batch * s.tokens_per_sample, s.d, device=device, dtype=torch.bfloat16)
         x32 = x16.float()
         for tile in (256, 512, 1024, s.d):
-            with env("DEEPUNLEARN_CUDA_SYRK_TILE", str(tile)):
-                for x, label in ((x16, "bfloat16"), (x32, "float32/tf32")):
-                    with tf32(True):
-                        t = median_time(lambda: _ext.ops().linear_cov_accumulate_(cov, x), device, repeat)
-                    record("DEEPUNLEARN_CUDA_SYRK_TILE", tile, s.name, label, t, 2.0 * x.shape[0] * s.d**2)
+            for x, label in ((x16, "bfloat16"), (x32, "float32/tf32")):
+                with tf32(True):
+                    t = median_time(lambda: ops.linear_cov_accumulate_(cov, x, tile), device, repeat)
+                record("tile", tile, s.name, label, t, 2.0 * x.shape[0] * s.d**2)
     for s in (RESNET18_CIFAR[1], VGG11_BN[1], VGG11_BN[3], VGG11_BN[5]):
         batch = conv_batch[s.name.split(".")[0]]
         geom = deepunlearn.covariance.ConvGeometry.of(conv_module(s))
         cov = torch.zeros(1, s.d, s.d, device=device)
         x = torch.randn(batch, s.c_in, s.size, s.size, device=device, dtype=torch.bfloat16)
-        for tile in (512, 1024, s.d):
-            with env("DEEPUNLEARN_CUDA_SYRK_TILE", str(tile)):
-                t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
-            record("DEEPUNLEARN_CUDA_SYRK_TILE", tile, s.name, "bfloat16", t)
         for chunk in (1 << 24, 1 << 25, 1 << 26, 1 << 27):
-            with env("DEEPUNLEARN_CUDA_CONV_CHUNK", str(chunk)):
-                t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
-            record("DEEPUNLEARN_CUDA_CONV_CHUNK", chunk, s.name, "bfloat16", t)
+            t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom, chunk_elements=chunk), device,
+                            repeat)
+            record("chunk_elements", chunk, s.name, "bfloat16", t)
     for s in (RESNET18_CIFAR[0], VGG11_BN[0]):  # stems, d = 27: a cov of one CTA's tile over millions of rows
-        geom = deepunlearn.covariance.ConvGeometry.of(conv_module(s))
-        cov = torch.zeros(1, s.d, s.d, device=device)
         x16 = torch.randn(conv_batch[s.name.split(".")[0]], s.c_in, s.size, s.size, device=device, dtype=torch.bfloat16)
-        for x, label in ((x16, "bfloat16"), (x16.float(), "float32")):
+        patches = F.unfold(x16, s.kernel, s.dilation, s.padding, s.stride).transpose(1, 2).reshape(-1, s.d)
+        cov = torch.zeros(s.d, s.d, device=device)
+        for x, label in ((patches, "bfloat16"), (patches.float(), "float32")):  # what the conv gather feeds the GEMMs
             for split in (1, 8, 64, 512):
-                with env("DEEPUNLEARN_CUDA_SPLIT_K", str(split)):
-                    t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom), device, repeat)
-                record("DEEPUNLEARN_CUDA_SPLIT_K", split, s.name, label, t)
+                t = median_time(lambda: ops.linear_cov_accumulate_(cov, x, 0, split), device, repeat)
+                record("split_k", split, s.name + " (patches)", label, t)
     s = VIT_B16[0]
     x = torch.randn(vit_batch * s.tokens_per_sample, s.d, device=device, dtype=torch.bfloat16)
     cov = torch.zeros(s.d, s.d, device=device)
     for split in (1, 2, 4, 8):
-        with env("DEEPUNLEARN_CUDA_SPLIT_K", str(split)):
-            t = median_time(lambda: _ext.ops().linear_cov_accumulate_(cov, x), device, repeat)
-        record("DEEPUNLEARN_CUDA_SPLIT_K", split, s.name, "bfloat16", t, 2.0 * x.shape[0] * s.d**2)
+        t = median_time(lambda: ops.linear_cov_accumulate_(cov, x, 0, split), device, repeat)
+        record("split_k", split, s.name, "bfloat16", t, 2.0 * x.shape[0] * s.d**2)
     rows += sweep_conv_forms(device, repeat, conv_batch, [RESNET18_CIFAR[1], VGG11_BN[1], VGG11_BN[3], VGG11_BN[5]] + DILATED)
     return rows
 
 
 def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
-    """Conv covariance with the shifted form forced off, forced on, and as chosen (the settings
-    timed in turn): float32 without tf32, and on a GPU also with tf32 and in bf16 (where the GEMMs
-    run on the tensor cores and the gather is the default);
-    on the CPU, where a group has few channels, also the shifted form with its sums made by GEMMs
-    instead of the fused pass (DEEPUNLEARN_CONV_FUSED=0). Strided layers: the CPU's phase form
-    forced off, on, and as chosen; dilated ones: the residue form. Stride-1, undilated layers also
-    with the weight-gradient form forced (DEEPUNLEARN_CONV_WGRAD=1; "default" lets the op choose)."""
+    """Conv covariance with each form that fits the layer forced, and as chosen ("auto"), timed in
+    turn: float32 without tf32, and on a GPU also with tf32 and in bf16 (where the GEMMs run on the
+    tensor cores and the gather is the default). Stride-1, undilated layers: the direct, shifted and
+    weight-gradient forms, and on the CPU, where a group has few channels, the shifted form with its
+    sums by GEMMs instead of the fused pass ("shifted/gemm"); strided ones: the direct form and the
+    CPU's phase form; dilated ones: the direct and residue forms."""
     rows = []
     variants = [(torch.float32, False)] + ([(torch.float32, True), (torch.bfloat16, False)] if device.type == "cuda" else [])
+    cpu = device.type == "cpu"
     for s, (dtype, allow_tf32) in itertools.product(shapes, variants):
         geom = deepunlearn.covariance.ConvGeometry.of(conv_module(s))
         cov = torch.zeros(s.groups, s.d, s.d, device=device)
         x = torch.randn(conv_batch[s.name.split(".")[0]], s.c_in, s.size, s.size, device=device, dtype=dtype)
-        knob = ("DEEPUNLEARN_CONV_PHASES" if s.stride > 1 else
-                "DEEPUNLEARN_CONV_RESIDUES" if s.dilation > 1 else "DEEPUNLEARN_CONV_SHIFT")
-        no_wgrad = {"DEEPUNLEARN_CONV_WGRAD": "0"}  # a forced form is timed as itself, not replaced by the wgrad form
-        settings = [(knob, "0", no_wgrad), (knob, "1", no_wgrad), (knob, "default", {})]
-        if device.type == "cpu" and s.c_in // s.groups <= 12 and s.stride == 1 and s.dilation == 1:
-            settings.append(("DEEPUNLEARN_CONV_FUSED", "0", {"DEEPUNLEARN_CONV_SHIFT": "1", **no_wgrad}))
-        if s.stride == 1 and s.dilation == 1:
-            settings.append(("DEEPUNLEARN_CONV_WGRAD", "1", {}))
+        if s.stride > 1:
+            forms = ["direct", *(["phases"] if cpu else []), "auto"]
+        elif s.dilation > 1:
+            forms = ["direct", "residues", "auto"]
+        else:
+            forms = ["direct", "shifted", "auto", *(["shifted/gemm"] if cpu and s.c_in // s.groups <= 12 else []), "wgrad"]
 
-        def under(knob, value, also):
+        def under(form):
             def run():
-                with ExitStack() as stack:
-                    for k, v in {**also, knob: None if value == "default" else value}.items():
-                        stack.enter_context(env(k, v))
-                    stack.enter_context(tf32(allow_tf32, cudnn_tf32(dtype, allow_tf32)))
-                    deepunlearn.covariance.accumulate_conv_(cov, x, geom)
+                with tf32(allow_tf32, cudnn_tf32(dtype, allow_tf32)):
+                    deepunlearn.covariance.accumulate_conv_(cov, x, geom, form=form)
             return run
 
-        times = paired_median_times([under(*setting) for setting in settings], device, repeat)  # in turn
-        for (knob, value, _), t in zip(settings, times):
-            rows.append({"knob": knob, "value": value, "layer": s.name,
+        times = paired_median_times([under(form) for form in forms], device, repeat)  # in turn
+        for form, t in zip(forms, times):
+            rows.append({"knob": "form", "value": form, "layer": s.name,
                          "dtype": _name(dtype) + ("/tf32" if allow_tf32 else ""), "op_s": t})
             print(rows[-1], flush=True)
     return rows
@@ -297,7 +275,7 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
 def variant(row: dict) -> str:
     """A row's dtype, and the conv form it forced if any: "bfloat16, wgrad form"."""
     form = row.get("form")
-    return (row.get("dtype") or "") + (f", {form} form" + ("" if row.get("form_ran", True) else " declined") if form else "")
+    return (row.get("dtype") or "") + (f", {form} form" if form else "")
 
 
 def tflops_text(rate: float | None) -> str:

@@ -92,21 +92,6 @@ def tf32(enabled: bool, cudnn: bool | None = None) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-@contextmanager
-def env(name: str, value: str | None) -> Iterator[None]:
-    """Set (or, with None, leave) an environment variable for the block; the ops read their tuning knobs from it."""
-    saved = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
 def ceilings(device: torch.device) -> dict[str, float]:
     """The device's copy bandwidth (GB/s, bytes read + written) and matrix-multiply rates (TFLOP/s),
     each the median of 5 runs on random data."""

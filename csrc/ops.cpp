@@ -3,6 +3,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "conv/forms.h"
 #include "ops.h"
 
 namespace deepunlearn {
@@ -49,8 +50,11 @@ static void check_input_dtype(const at::Tensor& cov, const at::Tensor& x, const 
   TORCH_CHECK(cov.device() == x.device(), op, ": cov is on ", cov.device(), " but x is on ", x.device());
 }
 
-void check_linear_cov_args(const at::Tensor& cov, const at::Tensor& x) {
+void check_linear_cov_args(const at::Tensor& cov, const at::Tensor& x, int64_t tile, int64_t split_k) {
   check_cov(cov, "linear_cov_accumulate_");
+  TORCH_CHECK(tile >= 0 && split_k >= 0, "linear_cov_accumulate_: tile and split_k must be >= 0 (0: the kernel's own "
+              "choice), got ", tile, " and ", split_k);
+
   check_input_dtype(cov, x, "linear_cov_accumulate_");
   TORCH_CHECK(cov.dim() == 2 && cov.size(0) == cov.size(1), "linear_cov_accumulate_: cov must be (d, d), got ",
               cov.sizes());
@@ -89,11 +93,20 @@ at::Tensor projected_edit_impl(const at::Tensor& w, const at::Tensor& m_r, const
 }
 
 TORCH_LIBRARY(deepunlearn, m) {
-  // cov += xᵀ x for x (n, d); cov (d, d) float32 (or float64), symmetric. Lower tiles only, then mirrored.
-  m.def("linear_cov_accumulate_(Tensor(a!) cov, Tensor x) -> ()");
+  // cov += xᵀ x for x (n, d); cov (d, d) float32 (or float64), symmetric. Lower tiles only, then
+  // mirrored. tile, split_k: the CUDA kernel's output tile side and row slices (0: its own choice;
+  // the CPU kernel has neither).
+  m.def("linear_cov_accumulate_(Tensor(a!) cov, Tensor x, int tile=0, int split_k=0) -> ()");
   // cov[g] += Σ patch patchᵀ over every patch of group g of a zero-padded conv1d/2d input, without
-  // materialising the unfolded tensor. padding is (low, high) per spatial dim.
-  m.def("conv_cov_accumulate_(Tensor(a!) cov, Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation) -> ()");
+  // materialising the unfolded tensor. padding is (low, high) per spatial dim. form: "auto" (the
+  // cost model's choice) or one forced (conv/forms.h); chunk_elements: entries of the input's
+  // copies per chunk (0: the device's default; smaller bounds memory, and the tests cover chunking).
+  m.def("conv_cov_accumulate_(Tensor(a!) cov, Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation, "
+        "str form=\"auto\", int chunk_elements=0) -> ()");
+  // The form conv_cov_accumulate_ runs for these arguments, spelt as its form argument ("direct",
+  // "shifted/fused", ...): its choice, made visible.
+  m.def("conv_cov_form(Tensor cov, Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation, "
+        "str form=\"auto\") -> str");
   // W − (W (I − M_r)) M_f per group; w (g, o, d), m_r and m_f (g, d, d).
   m.def("projected_edit(Tensor w, Tensor m_r, Tensor m_f) -> Tensor");
 }
@@ -104,11 +117,27 @@ TORCH_LIBRARY(deepunlearn, m) {
 #define DEEPUNLEARN_TORCH_VERSION "unknown"
 #endif
 
+namespace {
+
+// _C.set_poison_scratch(on) -> the previous setting: scratch memory filled with NaN before use, so
+// that the tests see any entry a kernel leaves unwritten (conv/forms.h: scratch).
+PyObject* set_poison_scratch(PyObject*, PyObject* on) {
+  const int flag = PyObject_IsTrue(on);
+  if (flag < 0) return nullptr;
+  return PyBool_FromLong(deepunlearn::set_poison_scratch(flag == 1));
+}
+
+PyMethodDef methods[] = {
+    {"set_poison_scratch", set_poison_scratch, METH_O, "Fill scratch memory with NaN before use (for tests)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
-// A module with no functions: importing it loads this library, whose static initialisers register
-// the ops with the dispatcher. It records what it was built with.
+// Importing this module loads the library, whose static initialisers register the ops with the
+// dispatcher. It records what it was built with.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "deepunlearn's compiled ops", -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "deepunlearn's compiled ops", -1, methods};
   PyObject* mod = PyModule_Create(&module_def);
   if (mod == nullptr) return nullptr;
   PyModule_AddStringConstant(mod, "BUILT_WITH_TORCH", DEEPUNLEARN_TORCH_VERSION);

@@ -9,7 +9,6 @@
 #include <c10/util/Exception.h>
 
 #include <array>
-#include <cstdlib>
 #include <cstdint>
 
 namespace deepunlearn {
@@ -24,8 +23,9 @@ struct ConvGeom {
 ConvGeom parse_conv_geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation);
 
-// cov: (d, d) float32/float64, contiguous, symmetric. x: (n, d).
-void check_linear_cov_args(const at::Tensor& cov, const at::Tensor& x);
+// cov: (d, d) float32/float64, contiguous, symmetric. x: (n, d). tile, split_k: >= 0 (they tune the
+// CUDA kernel; the CPU's has neither and reads them as 0).
+void check_linear_cov_args(const at::Tensor& cov, const at::Tensor& x, int64_t tile, int64_t split_k);
 // cov: (groups, d_g, d_g); x: (N, C, H, W) or (N, C, L).
 void check_conv_cov_args(const at::Tensor& cov, const at::Tensor& x, const ConvGeom& g);
 // w: (g, o, d); m_r, m_f: (g, d, d); same dtype and device.
@@ -46,45 +46,8 @@ void mirror_lower_to_upper_cpu(at::Tensor& cov);
 // cov (B, d, d) contiguous += a_bᵀ a_b for each a_b (n, d) of a (B, n, d), in cov's dtype, then an
 // exact mirror; each a_b with one unit stride (either), the same stride between them. Where one
 // GEMM covers d: one batched GEMM for all B (a grouped conv's groups), else the lower tiles, per matrix.
-void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a);
+// tile, split_k: the linear op's tuning arguments (0: the kernel's own choice; linear_cov_cuda.cu).
+void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a, int64_t tile = 0, int64_t split_k = 0);
 #endif
-
-// Stride-1 convolutions by shifted cross-correlations (conv_shift.cpp, device-generic ATen):
-// whether that beats the direct patch product into cov (groups, d_g, d_g), on its device, for N
-// images of (H, W) with this geometry (DEEPUNLEARN_CONV_SHIFT=0 / 1 forces it off / on wherever
-// stride and dilation are 1), and the accumulation itself (cov += …, x (N, C, H, W) unpadded)
-// over chunks of about chunk_elements entries of the input's copies, in cov's dtype.
-bool shift_pays(const at::Tensor& cov, const ConvGeom& g, int64_t N, int64_t H, int64_t W);
-// Strided convs on the CPU with few channels per group (stems, strided depthwise): the same
-// statistics from the stride-1 conv over the input's s_h·s_w phase images (channels (c, φ1, φ2),
-// kernel ceil(k/s)), whose shifted form's fused pass is far cheaper than gathering; true where it
-// took the call (DEEPUNLEARN_CONV_PHASES=0 / 1 forces it off / on wherever the geometry allows).
-bool phase_accumulate_cpu(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
-void shift_accumulate_chunked(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
-// Dilated stride-1 convs (device-generic): the outputs of each residue class modulo the dilation
-// are those of an undilated conv over the input's entries of that residue, so the statistics are
-// the shifted form's over the residue images stacked as images; true where it took the call, by
-// the cost model (DEEPUNLEARN_CONV_RESIDUES=0 / 1 forces it off / on wherever the geometry allows).
-bool residue_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
-
-// Stride-1 convs from weight-gradient convolutions (conv_wgrad.cpp, device-generic ATen): the
-// sums over the whole map for every shift in one call, the taps' borders subtracted; true where it
-// took the call (by default only where a GPU measured a win; DEEPUNLEARN_CONV_WGRAD=1 / 0 forces it).
-bool wgrad_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements);
-
-// A tuning knob: the positive integer in environment variable `name`, or 0 when it is unset or
-// not positive (the caller's default then applies). Read per call, so benchmarks can sweep it.
-inline int64_t env_knob(const char* name) {
-  const char* v = std::getenv(name);
-  const long long n = v ? std::atoll(v) : 0;
-  return n > 0 ? n : 0;
-}
-
-// An on/off switch: 1 or 0 where environment variable `name` is "1" or "0", else -1 (unset).
-inline int env_switch(const char* name) {
-  const char* v = std::getenv(name);
-  if (v != nullptr && v[0] != 0 && v[1] == 0 && (v[0] == '0' || v[0] == '1')) return v[0] - '0';
-  return -1;
-}
 
 }  // namespace deepunlearn

@@ -36,11 +36,11 @@ def _register_fakes() -> None:
     """Shape-only (meta) kernels, so torch.compile and torch.library.opcheck can trace the ops."""
 
     @torch.library.register_fake("deepunlearn::linear_cov_accumulate_")
-    def _(cov, x):
+    def _(cov, x, tile=0, split_k=0):
         return None
 
     @torch.library.register_fake("deepunlearn::conv_cov_accumulate_")
-    def _(cov, x, kernel, stride, padding, dilation):
+    def _(cov, x, kernel, stride, padding, dilation, form="auto", chunk_elements=0):
         return None
 
     @torch.library.register_fake("deepunlearn::projected_edit")

@@ -150,9 +150,11 @@ def accumulate_linear_(cov: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return accumulate_linear_reference_(cov, rows)
 
 
-def accumulate_conv_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+def accumulate_conv_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry, form: str = "auto",
+                     chunk_elements: int = 0) -> torch.Tensor:
     """``cov += Σ patch patchᵀ`` per group; the compiled op when available (conv1d/2d, and conv3d
-    through it), else the pure twin."""
+    through it), else the pure twin. ``form`` and ``chunk_elements`` are the op's (its form forced,
+    the entries of its chunks; ignored by the pure twin): every form gives the same statistics."""
     from . import _ext
 
     if not _ext.has_op("conv_cov_accumulate_", x.device):
@@ -160,12 +162,13 @@ def accumulate_conv_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) -> 
     if x.dim() == geom.spatial_dims + 1:
         x = x.unsqueeze(0)
     if geom.spatial_dims == 3:
-        return _accumulate_conv3d_(cov, x, geom)
+        return _accumulate_conv3d_(cov, x, geom, form, chunk_elements)
     if geom.padding_mode == "zeros":  # the op pads with zeros itself, (low, high) per dim in natural order
         pad = [v for i in reversed(range(geom.spatial_dims)) for v in geom.padding[2 * i : 2 * i + 2]]
     else:  # reflect / replicate / circular: pad here (a copy of the input, not of the patches)
         x, pad = _pad(x, geom), [0] * (2 * geom.spatial_dims)
-    _ext.ops().conv_cov_accumulate_(cov, _narrowed(x, cov), list(geom.kernel), list(geom.stride), pad, list(geom.dilation))
+    _ext.ops().conv_cov_accumulate_(cov, _narrowed(x, cov), list(geom.kernel), list(geom.stride), pad, list(geom.dilation),
+                                    form, chunk_elements)
     return cov
 
 
@@ -173,7 +176,8 @@ def accumulate_conv_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) -> 
 _SLAB_CHUNK_ELEMENTS = 1 << 24
 
 
-def _accumulate_conv3d_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+def _accumulate_conv3d_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry, form: str = "auto",
+                        chunk_elements: int = 0) -> torch.Tensor:
     """conv3d through the 2-d op: output depth z reads kd input slices, stacked as the channels
     ``(c, tz)`` of one 2-d input per (image, z), whose 2-d patch at ``(y, x)`` is the 3-d patch at
     ``(z, y, x)``, entries in the weight's ``(c, tz, ty, tx)`` order (and each group's channels
@@ -209,5 +213,5 @@ def _accumulate_conv3d_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) 
         window = x[n0:n1, :, z0 * sd : (z1 - 1) * sd + span]
         slabs = window.unfold(2, span, sd)[..., ::dd]  # (n, C, z, H, W, kd)
         slabs = slabs.permute(0, 2, 1, 5, 3, 4).reshape((n1 - n0) * (z1 - z0), channels * kd, height, width)
-        ops.conv_cov_accumulate_(cov, slabs, [kh, kw], [sh, sw], pad, [dh, dw])
+        ops.conv_cov_accumulate_(cov, slabs, [kh, kw], [sh, sw], pad, [dh, dw], form, chunk_elements)
     return cov

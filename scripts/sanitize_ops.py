@@ -9,29 +9,13 @@ dilation / groups and 1-d input, the shifted, residue and weight-gradient forms,
 """
 from __future__ import annotations
 
-import os
 import sys
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 import deepunlearn  # noqa: F401  (loads the extension)
 from deepunlearn import _ext
-
-
-@contextmanager
-def env(**switches: str):
-    old = {k: os.environ.get(k) for k in switches}
-    os.environ.update(switches)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,24 +41,23 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
 
 def linear_cases(ops) -> None:
     gen = torch.Generator().manual_seed(0)
-    for n, d, dtype, knobs in [
-        (300, 40, torch.float32, {}),                                   # one tile
-        (257, 100, torch.float64, {"DEEPUNLEARN_CUDA_SYRK_TILE": "32"}),  # several tiles, ragged edge
-        (300, 70, torch.bfloat16, {"DEEPUNLEARN_CUDA_SYRK_TILE": "32"}),
-        (1100, 27, torch.float16, {"DEEPUNLEARN_CUDA_SPLIT_K": "4"}),     # split-K, rows left over
-        (1100, 27, torch.float32, {"DEEPUNLEARN_CUDA_SPLIT_K": "4"}),
+    for n, d, dtype, tuning in [
+        (300, 40, torch.float32, {}),                  # one tile
+        (257, 100, torch.float64, {"tile": 32}),       # several tiles, ragged edge
+        (300, 70, torch.bfloat16, {"tile": 32}),
+        (1100, 27, torch.float16, {"split_k": 4}),     # split-K, rows left over
+        (1100, 27, torch.float32, {"split_k": 4}),
     ]:
         x = torch.randn(n, d, generator=gen).to(dtype)
         cov_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         base = torch.randn(d, d, generator=gen, dtype=torch.float64)
         base = base @ base.T
         cov = base.to(cov_dtype).to(DEVICE).clone()  # never an alias of base (the op writes in place)
-        with env(**knobs):
-            ops.linear_cov_accumulate_(cov, x.to(DEVICE))
+        ops.linear_cov_accumulate_(cov, x.to(DEVICE), tuning.get("tile", 0), tuning.get("split_k", 0))
         sync()
         xd = x.double()
         tol = 1e-12 if dtype == torch.float64 else 1e-5
-        check(f"linear n={n} d={d} {dtype} {knobs}", cov, base + xd.T @ xd, tol)
+        check(f"linear n={n} d={d} {dtype} {tuning}", cov, base + xd.T @ xd, tol)
 
 
 def conv_reference(x: torch.Tensor, kernel, stride, padding, dilation, groups: int) -> torch.Tensor:
@@ -90,32 +73,32 @@ def conv_reference(x: torch.Tensor, kernel, stride, padding, dilation, groups: i
 def conv_cases(ops) -> None:
     gen = torch.Generator().manual_seed(1)
     cases = [
-        # (N, C, H, W, kernel, stride, padding, dilation, groups, dtype, knobs)
+        # (N, C, H, W, kernel, stride, padding, dilation, groups, dtype, the op's form and chunk_elements)
         (2, 3, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float32, {}),
         (2, 8, 10, 7, (3, 3), (2, 2), (1, 0), (1, 1), 2, torch.bfloat16, {}),  # batched groups
         (2, 6, 1, 12, (1, 3), (1, 1), (0, 1), (1, 1), 1, torch.float16, {}),   # a 1-d conv as 2-d
         (2, 4, 11, 11, (3, 3), (1, 1), (2, 2), (2, 2), 1, torch.float32, {}),  # dilated
         (2, 8, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 8, torch.float32, {}),    # depthwise
-        (2, 5, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float64, {"DEEPUNLEARN_CONV_SHIFT": "1"}),
+        (2, 5, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float64, {"form": "shifted"}),
         (2, 4, 11, 11, (3, 3), (1, 1), (2, 2), (2, 2), 1, torch.float64,
-         {"DEEPUNLEARN_CONV_SHIFT": "1", "DEEPUNLEARN_CONV_RESIDUES": "1"}),
-        (2, 5, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float32, {"DEEPUNLEARN_CONV_WGRAD": "1"}),
-        (2, 4, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), 2, torch.bfloat16, {"DEEPUNLEARN_CONV_WGRAD": "1"}),
-        (3, 4, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float32, {"DEEPUNLEARN_CUDA_CONV_CHUNK": "700"}),
+         {"form": "residues"}),
+        (2, 5, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float32, {"form": "wgrad"}),
+        (2, 4, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), 2, torch.bfloat16, {"form": "wgrad"}),
+        (3, 4, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float32, {"chunk_elements": 700}),
     ]
-    for N, C, H, W, k, s, p, dil, groups, dtype, knobs in cases:
+    for N, C, H, W, k, s, p, dil, groups, dtype, options in cases:
         x = torch.randn(N, C, H, W, generator=gen).to(dtype)
         dg = C // groups * k[0] * k[1]
         cov_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         base = torch.randn(groups, dg, dg, generator=gen, dtype=torch.float64)
         base = base @ base.transpose(1, 2)
         cov = base.to(cov_dtype).to(DEVICE).clone()  # never an alias of base (the op writes in place)
-        with env(**knobs):
-            ops.conv_cov_accumulate_(cov, x.to(DEVICE), list(k), list(s), [p[0], p[0], p[1], p[1]], list(dil))
+        ops.conv_cov_accumulate_(cov, x.to(DEVICE), list(k), list(s), [p[0], p[0], p[1], p[1]], list(dil),
+                                 options.get("form", "auto"), options.get("chunk_elements", 0))
         sync()
         want = base + conv_reference(x, k, s, p, dil, groups)
         tol = 1e-12 if dtype == torch.float64 else 1e-5
-        check(f"conv {tuple(x.shape)} k={k} s={s} p={p} dil={dil} g={groups} {dtype} {knobs}", cov, want, tol)
+        check(f"conv {tuple(x.shape)} k={k} s={s} p={p} dil={dil} g={groups} {dtype} {options}", cov, want, tol)
 
 
 def edit_cases(ops) -> None:

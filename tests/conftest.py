@@ -4,9 +4,17 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-# The ops' internal scratch memory starts as NaN in the tests, so that an entry a kernel should
-# have written but did not shows in its result.
-os.environ.setdefault("DEEPUNLEARN_POISON_SCRATCH", "1")
+
+
+def pytest_configure(config):
+    # The ops' internal scratch memory starts as NaN in the tests, so that an entry a kernel should
+    # have written but did not shows in its result.
+    from deepunlearn import _ext
+
+    if _ext.loaded():
+        from deepunlearn import _C
+
+        _C.set_poison_scratch(True)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,28 +1,22 @@
-// conv_cov_accumulate_ on the CPU. Two exact algorithms, chosen per call by a cost model (shift_pays):
-//
-// * implicit im2col (any stride, dilation): a chunk of at most chunk_elements() patch entries is
-//   gathered straight from the (any-layout) input, fed to the symmetric rank-k update per group,
-//   and reused for the next chunk; the unfolded (n·positions, C·k²) matrix is never built.
-// * shifted cross-correlations (conv_shift.cpp, shared with the GPU): stride-1 convs directly,
-//   dilated ones over their residue images, strided ones with few channels per group over their
-//   phase images.
+// conv_cov_accumulate_ on the CPU: the form chosen by choose_conv_form (conv/forms.h), the direct
+// one here: a chunk of at most chunk_elements patch entries is gathered straight from the
+// (any-layout) input, fed to the symmetric rank-k update per group, and reused for the next chunk;
+// the unfolded (n·positions, C·k²) matrix is never built.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../conv/forms.h"
 #include "../ops.h"
 
 namespace deepunlearn {
 
 namespace {
 
-// Entries of a gathered chunk, or of a chunk's copies of the input in the shifted form: bounds the
-// extra memory (16 MiB in float32) whatever the batch size. DEEPUNLEARN_CPU_CONV_CHUNK overrides it.
-int64_t chunk_elements() {
-  if (const int64_t e = env_knob("DEEPUNLEARN_CPU_CONV_CHUNK")) return e;
-  return int64_t(1) << 22;
-}
+// Entries of a gathered chunk, or of a chunk's copies of the input in the shifted family: bounds
+// the extra memory (16 MiB in float32) whatever the batch size (the op's chunk_elements overrides it).
+constexpr int64_t kChunkElements = int64_t(1) << 22;
 
 // buf rows (one per output position row0.., in unfold's (c, ky, kx) order) written in order: per
 // channel the kh × kw window, read from the same few cache lines as the neighbouring positions'.
@@ -60,23 +54,25 @@ void gather_patches(const in_t* x, std::array<int64_t, 4> st, int64_t C, int64_t
 }  // namespace
 
 static void conv_cov_accumulate_cpu(at::Tensor cov, const at::Tensor& x_in, at::IntArrayRef kernel,
-                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    c10::string_view form, int64_t chunk_elements) {
   const ConvGeom g = parse_conv_geometry(x_in, kernel, stride, padding, dilation);
   check_conv_cov_args(cov, x_in, g);
   TORCH_CHECK(cov.device().is_cpu(), "conv_cov_accumulate_: CPU kernel called with ", cov.device());
+  TORCH_CHECK(chunk_elements >= 0, "conv_cov_accumulate_: chunk_elements must be >= 0 (0: the default), got ",
+              chunk_elements);
   const at::Tensor x = x_in.dim() == 3 ? x_in.unsqueeze(2) : x_in;  // conv1d as conv2d with H = 1
+  const ConvChoice choice = choose_conv_form(cov, x, g, parse_conv_form(form));
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t ho = g.out_h(H), wo = g.out_w(W), total = N * ho * wo;
   if (total == 0) return;
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
-  if (wgrad_accumulate(cov, x, g, chunk_elements())) return;
-  if (phase_accumulate_cpu(cov, x, g, chunk_elements())) return;
-  if (residue_accumulate(cov, x, g, chunk_elements())) return;
-  if (shift_pays(cov, g, N, H, W)) {
-    shift_accumulate_chunked(cov, x, g, chunk_elements());
+  const int64_t entries = chunk_elements > 0 ? chunk_elements : kChunkElements;
+  if (choice.form != ConvForm::kDirect) {
+    accumulate_by_form(cov, x, g, choice, entries);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(1, std::min(total, chunk_elements() / d));
+  const int64_t chunk = std::max<int64_t>(1, std::min(total, entries / d));
   at::Tensor buf = at::empty({chunk, d}, cov.options());
   const std::array<int64_t, 4> st{x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   for (int64_t row0 = 0; row0 < total; row0 += chunk) {

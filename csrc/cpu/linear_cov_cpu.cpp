@@ -64,8 +64,8 @@ void mirror_lower_to_upper_cpu(at::Tensor& cov) {
                              [&] { mirror<scalar_t>(cov.mutable_data_ptr<scalar_t>(), cov.size(0), cov.stride(0)); });
 }
 
-static void linear_cov_accumulate_cpu(at::Tensor cov, const at::Tensor& x) {
-  check_linear_cov_args(cov, x);
+static void linear_cov_accumulate_cpu(at::Tensor cov, const at::Tensor& x, int64_t tile, int64_t split_k) {
+  check_linear_cov_args(cov, x, tile, split_k);
   TORCH_CHECK(cov.device().is_cpu(), "linear_cov_accumulate_: CPU kernel called with ", cov.device());
   if (x.size(0) == 0) return;
   at::Tensor a = x.to(cov.scalar_type());  // bf16/fp16 → accumulation dtype (no copy when it already is)

@@ -3,16 +3,14 @@
 // input in any memory layout; the symmetric tile GEMMs of linear_cov_cuda.cu accumulate it per
 // group. Extra memory: one chunk buffer, whatever the batch size.
 //
-// Wide stride-1 convs whose GEMMs run on the CUDA cores take the shifted cross-correlation form
-// instead (conv_shift.cpp, shared with the CPU; see shift_allowed), dilated ones over their residue
-// images.
+// The form is chosen by choose_conv_form (conv/forms.h), shared with the CPU: wide stride-1 convs
+// whose GEMMs run on the CUDA cores may take the shifted family or the weight-gradient form instead.
 //
 // The chunk is stored column-major, (d, rows) with the output positions contiguous: consecutive
 // threads read consecutive output positions, which are consecutive input elements of an NCHW
 // tensor at stride 1, and write consecutive buffer elements; each thread writes one output
 // position's entries for a block of columns, so its position is decomposed once for all of them.
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -21,6 +19,7 @@
 
 #include <climits>
 
+#include "../conv/forms.h"
 #include "../ops.h"
 
 namespace deepunlearn {
@@ -32,26 +31,9 @@ struct Strides {
 };
 
 // Patch entries per chunk on the GPU: 128 MiB of buffer (64M bf16 entries). Measured on an H100
-// (knob sweep in benchmarks/results/kernels_cuda.md): the tile GEMMs need long sums (many rows per
-// chunk) to fill the GPU; 4M-entry chunks ran 2-3x slower. DEEPUNLEARN_CUDA_CONV_CHUNK (entries)
-// overrides it.
-int64_t chunk_elements(int64_t element_size) {
-  if (const int64_t e = env_knob("DEEPUNLEARN_CUDA_CONV_CHUNK")) return e;
-  return (int64_t(128) << 20) / element_size;
-}
-
-// Whether the shifted cross-correlation form (conv_shift.cpp) may be used: only where the GEMMs
-// run on the CUDA cores (float32 without tf32, float64), which are compute-bound, so that its fewer
-// multiply-adds pay, and only for wide layers on large maps. Measured on an H100 (float32, VGG-11
-// at 32 images, with the form's first version, which copied every shifted slice): 1.7-1.8x faster
-// than the gather for 256 channels at 56x56 and 512 at 28x28, slower for 64-128 channels or 256 at
-// 28x28; on the tensor cores the gather and its few large GEMMs win. DEEPUNLEARN_CONV_SHIFT=1
-// allows it wherever the geometry does (shift_pays then takes it; =0 switches it off there).
-bool shift_allowed(at::ScalarType t, int64_t channels_per_group, int64_t positions) {
-  if (env_switch("DEEPUNLEARN_CONV_SHIFT") == 1) return true;
-  const bool cuda_cores = t == at::kDouble || (t == at::kFloat && !at::globalContext().allowTF32CuBLAS());
-  return cuda_cores && channels_per_group >= 256 && channels_per_group * positions >= 512 * 28 * 28;
-}
+// (knob sweep in benchmarks/results/kernels_cuda_h100.md): the tile GEMMs need long sums (many rows
+// per chunk) to fill the GPU; 4M-entry chunks ran 2-3x slower. The op's chunk_elements overrides it.
+constexpr int64_t kChunkBytes = int64_t(128) << 20;
 
 // Patch columns each block writes. A thread decomposes its output position once (two integer
 // divisions, which cost more than the copy of one entry) and reuses it for all of them.
@@ -102,31 +84,30 @@ void launch_gather(const at::Tensor& x, const ConvGeom& g, int64_t ho, int64_t w
 }  // namespace
 
 static void conv_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x_in, at::IntArrayRef kernel,
-                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     c10::string_view form, int64_t chunk_elements) {
   const ConvGeom g = parse_conv_geometry(x_in, kernel, stride, padding, dilation);
   check_conv_cov_args(cov, x_in, g);
   TORCH_CHECK(cov.is_cuda(), "conv_cov_accumulate_: CUDA kernel called with ", cov.device());
+  TORCH_CHECK(chunk_elements >= 0, "conv_cov_accumulate_: chunk_elements must be >= 0 (0: the default), got ",
+              chunk_elements);
   const c10::cuda::CUDAGuard guard(cov.device());
   const at::Tensor x = x_in.dim() == 3 ? x_in.unsqueeze(2) : x_in;
+  const ConvChoice choice = choose_conv_form(cov, x, g, parse_conv_form(form));
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t ho = g.out_h(H), wo = g.out_w(W), total = N * ho * wo;
   if (total == 0) return;
   const int64_t groups = cov.size(0), dg = cov.size(1), d = C * g.kh * g.kw;
   // float64 statistics gather in float64; otherwise the chunk keeps the input's dtype.
   const at::ScalarType buf_t = cov.scalar_type() == at::kDouble ? at::kDouble : x.scalar_type();
-  if (wgrad_accumulate(cov, x, g, chunk_elements(c10::elementSize(cov.scalar_type())))) return;
-  if (shift_allowed(buf_t, C / groups, ho * wo) || env_switch("DEEPUNLEARN_CONV_RESIDUES") == 1) {
-    const int64_t shift_chunk = chunk_elements(c10::elementSize(cov.scalar_type()));
-    if (residue_accumulate(cov, x, g, shift_chunk)) return;
-    if (shift_pays(cov, g, N, H, W)) {
-      shift_accumulate_chunked(cov, x, g, shift_chunk);
-      return;
-    }
+  if (choice.form != ConvForm::kDirect) {
+    accumulate_by_form(cov, x, g, choice, chunk_elements > 0 ? chunk_elements : kChunkBytes / cov.element_size());
+    return;
   }
   // Rows per chunk: a multiple of 16 (the buffer's leading dimension), so every column starts
   // 16-byte aligned. Measured on an H100: an odd leading dimension pushed cuBLAS onto kernels
   // 2-3x slower.
-  int64_t chunk = std::max<int64_t>(1, chunk_elements(c10::elementSize(buf_t)) / d);
+  int64_t chunk = std::max<int64_t>(1, (chunk_elements > 0 ? chunk_elements : kChunkBytes / c10::elementSize(buf_t)) / d);
   chunk = chunk >= total ? total : std::max<int64_t>(16, chunk / 16 * 16);
   const at::Tensor xs = x.scalar_type() == buf_t ? x : x.to(buf_t);
   // Column-major chunk (d, rows); its leading dimension is rounded up to 16 elements too.

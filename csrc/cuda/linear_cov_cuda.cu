@@ -54,10 +54,10 @@ cudaDataType_t cuda_type(at::ScalarType t) {
 // sweep): on the tensor cores (16-bit inputs, or float32 with tf32) small tiles starve the GPU (a
 // 256×256 output is 4 CTAs for 132 SMs), so up to d = 1024 one full GEMM beats the half-work
 // triangle and above it 1024 tiles win; on the CUDA cores (float32 without tf32, float64) the
-// GEMMs are compute-bound and the triangle's half work pays from 256 tiles on.
-// DEEPUNLEARN_CUDA_SYRK_TILE overrides it (the benchmark sweeps it).
-int64_t tile_for(int64_t d, at::ScalarType input, bool tf32) {
-  if (const int64_t t = env_knob("DEEPUNLEARN_CUDA_SYRK_TILE")) return std::min<int64_t>(t, d);
+// GEMMs are compute-bound and the triangle's half work pays from 256 tiles on. The linear op's
+// `tile` asks for another (the benchmark sweeps it).
+int64_t tile_for(int64_t d, at::ScalarType input, bool tf32, int64_t asked) {
+  if (asked > 0) return std::min<int64_t>(asked, d);
   const bool tensor_cores = input == at::kBFloat16 || input == at::kHalf || (input == at::kFloat && tf32);
   if (tensor_cores) return d <= 1024 ? d : 1024;
   return d >= 2048 ? 512 : (d >= 512 ? 256 : d);
@@ -70,14 +70,13 @@ int64_t tile_for(int64_t d, at::ScalarType input, bool tf32) {
 // in bf16, while 8 or 64 slices ran 1.4-13x slower (cuBLAS picks poor kernels for those shapes),
 // and at d = 768 any split lost. So the default takes kDefaultSlices for narrow covs (d <=
 // kMaxSplitWidth) with enough rows for every slice to hold kMinSliceRows, else none.
-// DEEPUNLEARN_CUDA_SPLIT_K=S asks for S slices (1: none) wherever cov is one tile; the slices are
+// The linear op's split_k = S asks for S slices (1: none) wherever cov is one tile; the slices are
 // capped so that each has at least kMinSliceRows rows and the partials take at most 64 MiB.
 constexpr int64_t kMinSliceRows = 256;
 constexpr int64_t kDefaultSlices = 512;  // the one count that won in the sweep
 constexpr int64_t kMaxSplitWidth = 32;   // the widest cov the sweep timed (27) rounded up
-int64_t split_for(int64_t d, int64_t n, int64_t tile, int64_t element_size) {
+int64_t split_for(int64_t d, int64_t n, int64_t tile, int64_t element_size, int64_t asked) {
   if (tile < d) return 1;
-  int64_t asked = env_knob("DEEPUNLEARN_CUDA_SPLIT_K");
   if (asked == 0) asked = d <= kMaxSplitWidth && n >= kDefaultSlices * kMinSliceRows ? kDefaultSlices : 1;
   if (asked <= 1) return 1;
   const int64_t most = std::min(n / kMinSliceRows, (int64_t(64) << 20) / (d * d * element_size));
@@ -86,7 +85,7 @@ int64_t split_for(int64_t d, int64_t n, int64_t tile, int64_t element_size) {
 
 }  // namespace
 
-void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
+void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in, int64_t tile, int64_t split_k) {
   const int64_t batch = cov.size(0), d = cov.size(1), n = a_in.size(1);
   if (n == 0 || batch == 0) return;
   at::Tensor a = a_in;
@@ -111,7 +110,7 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
   const int ld = static_cast<int>(std::max<int64_t>(ld64, 1)), ldc = static_cast<int>(d);
   const char* ap = static_cast<const char*>(a.const_data_ptr());
   char* cp = static_cast<char*>(cov.mutable_data_ptr());
-  const int64_t ae = a.element_size(), ce = cov.element_size(), t = tile_for(d, a.scalar_type(), tf32);
+  const int64_t ae = a.element_size(), ce = cov.element_size(), t = tile_for(d, a.scalar_type(), tf32, tile);
   // Row-major C[I, J] (I ≥ J) is, in cuBLAS's column-major view, the (tj × ti) matrix A_Jᵀ A_I,
   // A_J being columns J of a: (tj × n) op N for row-major a, (n × tj) op T for column-major a.
   const cublasOperation_t op_j = row_major ? CUBLAS_OP_N : CUBLAS_OP_T, op_i = row_major ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -139,7 +138,7 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
       }
     }
   };
-  const int64_t split = batch == 1 ? split_for(d, n, t, ce) : 1;
+  const int64_t split = batch == 1 ? split_for(d, n, t, ce, split_k) : 1;
   if (batch > 1 && t == d) {
     // Many small products (a grouped conv's, one per group): one batched call, not one per group.
     whole(ap, batch_step, n, one, cp, batch);
@@ -167,14 +166,14 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in) {
   }
 }
 
-static void linear_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x) {
-  check_linear_cov_args(cov, x);
+static void linear_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x, int64_t tile, int64_t split_k) {
+  check_linear_cov_args(cov, x, tile, split_k);
   TORCH_CHECK(cov.is_cuda(), "linear_cov_accumulate_: CUDA kernel called with ", cov.device());
   const c10::cuda::CUDAGuard guard(cov.device());
   const bool usable = (x.stride(1) == 1 && x.stride(0) >= x.size(1)) || (x.stride(0) == 1 && x.stride(1) >= x.size(0));
   at::Tensor a = usable ? x : x.contiguous();
   at::Tensor cov_batch = cov.unsqueeze(0);
-  syrk_accumulate_cuda(cov_batch, a.unsqueeze(0));
+  syrk_accumulate_cuda(cov_batch, a.unsqueeze(0), tile, split_k);
 }
 
 TORCH_LIBRARY_IMPL(deepunlearn, CUDA, m) { m.impl("linear_cov_accumulate_", &linear_cov_accumulate_cuda); }

@@ -12,20 +12,13 @@
 // over its frame columns, plus those over the frame points in both; those small sums are weight
 // gradients too, one grouped call per kind.
 //
-// Where it is taken by default (wgrad_pays): measured on an H200 (benchmarks/results/kernels_cuda_h200.md,
-// the "wgrad form" rows and the form sweep), it wins only where the GEMMs run on the CUDA cores
-// (float32 without tf32): 1.6-3.6x over the gather or shifted form for 3x3 convs of >= 128
-// channels on maps of >= 14x14 (VGG-11 features.8-22, ResNet-18 layer2), and 1.7x for depthwise 3x3
-// on 56x56; it loses on smaller maps (the frame is most of the map), with fewer channels, and
-// everywhere on the tensor cores (tf32, bf16), where cuDNN's wgrad runs below the gather's GEMM rate.
-// On the CPU (2 threads) it loses everywhere. DEEPUNLEARN_CONV_WGRAD=1 / 0 forces it on / off.
+// Chosen by default only where a GPU measured a win (choose.cpp: wgrad_pays).
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 
 #include <algorithm>
 #include <vector>
 
-#include "ops.h"
+#include "forms.h"
 
 namespace deepunlearn {
 
@@ -96,23 +89,9 @@ at::Tensor index_tensor(const std::vector<int64_t>& v, const at::Device& device)
 
 }  // namespace
 
-// The measured wins (header): CUDA, float32 on the CUDA cores, 3x3, wide layers on maps of >= 14
-// or depthwise on maps of >= 56.
-static bool wgrad_pays(const at::Tensor& x, const ConvGeom& g, int64_t channels_per_group) {
-  if (!x.is_cuda() || x.scalar_type() != at::kFloat || at::globalContext().allowTF32CuBLAS()) return false;
-  if (g.kh != 3 || g.kw != 3) return false;
-  const int64_t side = std::min(x.size(2), x.size(3));
-  return (channels_per_group >= 128 && side >= 14) || (channels_per_group == 1 && side >= 56);
-}
-
-bool wgrad_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements) {
-  if (g.sh != 1 || g.sw != 1 || g.dh != 1 || g.dw != 1 || g.kh * g.kw == 1) return false;
-  const int forced = env_switch("DEEPUNLEARN_CONV_WGRAD");
-  if (forced == 0 || (forced != 1 && !wgrad_pays(x, g, x.size(1) / cov.size(0)))) return false;
-  // The sums run in cov's dtype (16-bit inputs widened: exact under tf32 too). A float32 input on a
-  // GPU keeps the precision torch allows its matrix products: not where cuDNN's tf32 switch differs.
-  at::Context& ctx = at::globalContext();
-  if (x.is_cuda() && x.scalar_type() == at::kFloat && ctx.allowTF32CuDNN() != ctx.allowTF32CuBLAS()) return false;
+void accumulate_wgrad(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, int64_t chunk_elements) {
+  // The sums run in cov's dtype (16-bit inputs widened: exact under tf32 too); the chooser takes this
+  // form for a float32 input on a GPU only where cuDNN may round as cuBLAS may (wgrad_keeps_precision).
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t groups = cov.size(0), cg = C / groups, kh = g.kh, kw = g.kw, kk = kh * kw;
   const int64_t S2 = 2 * kw - 1, S = (2 * kh - 1) * S2;
@@ -198,7 +177,6 @@ bool wgrad_accumulate(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g, i
   const at::Tensor source = at::cat({(d3 + d3.transpose(2, 3)).mul_(0.5), u3, u3.transpose(2, 3)}, 0);
   cov.view({groups, cg, kk, cg, kk})
       .add_(source.index_select(0, to_index(order)).view({kk, kk, groups, cg, cg}).permute({2, 3, 0, 4, 1}));
-  return true;
 }
 
 }  // namespace deepunlearn
