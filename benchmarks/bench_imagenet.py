@@ -38,7 +38,7 @@ from common import ceilings, device_name, timed, write_results  # noqa: E402
 import deepunlearn  # noqa: E402
 from deepunlearn import _ext, candidates  # noqa: E402
 from deepunlearn.reference import unlearn_paper  # noqa: E402
-from deepunlearn.statistics import _eval_no_grad  # noqa: E402
+from deepunlearn.collect import eval_no_grad  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,7 +50,7 @@ def images(n: int, size: int, device: torch.device, seed: int) -> torch.Tensor:
 
 
 def forward_only(model, x: torch.Tensor, batch: int, autocast) -> None:
-    with _eval_no_grad(model), torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+    with eval_no_grad(model), torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
         for xb in x.split(batch):
             model(xb)
 

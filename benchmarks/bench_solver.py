@@ -79,7 +79,7 @@ def plain_float32(model: nn.Module, xf: torch.Tensor, xr: torch.Tensor, alpha_r:
     from deepunlearn.api import layer_moments
     from deepunlearn.layers import find_targets
     from deepunlearn.projection import projection_cholesky
-    from deepunlearn.statistics import collect_statistics
+    from deepunlearn.collect import collect_statistics
 
     t0 = time.perf_counter()
     targets, _ = find_targets(model)

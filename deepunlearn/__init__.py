@@ -13,7 +13,8 @@ from .auto_alpha import AlphaChoice
 from .projection import Spectrum, scaled_projection
 from .report import LayerReport, UnlearnReport
 from .search import AlphaSearch, search_alphas
-from .statistics import SlotStatistics, Statistics, collect_statistics
+from .collect import collect_statistics
+from .statistics import SlotStatistics, Statistics
 from .api import forget_classes, unlearn
 from .class_statistics import ClassStatistics
 

@@ -26,7 +26,8 @@ from .layers import EditTarget, SkippedLayer, find_targets
 from .moments import Moment, dense, moment_trace
 from .projection import check_alpha, check_solver
 from .report import LayerReport, UnlearnReport
-from .statistics import Statistics, collect_both_kinds, collect_statistics, fingerprint_once, model_device
+from .collect import collect_both_kinds, collect_statistics
+from .statistics import Statistics, fingerprint_once, model_device
 
 ProjectionFn = Callable[[torch.Tensor], torch.Tensor]  # (g, d, d) second moment -> (g, d, d) M
 
@@ -515,7 +516,7 @@ def unlearn(
     def kinds(x: torch.Tensor, role: str, outputs: list | None = None, only: bool | None = None) -> dict[bool, Statistics]:
         """The statistics of samples ``x`` by kind (``first_token``): both where both are wanted
         (unless ``only`` names one); ``outputs`` gets the unedited model's logits per batch
-        (:func:`~deepunlearn.statistics.collect_statistics`)."""
+        (:func:`~deepunlearn.collect.collect_statistics`)."""
         if not both_kinds or only is not None:
             one = bool(first_token) if only is None else only
             return {one: collect_statistics(model, x, desc=role, outputs=outputs, **(kw | {"first_token": one}))}

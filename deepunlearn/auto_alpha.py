@@ -30,7 +30,8 @@ from ._batches import DataLike, _first_tensor, iter_raw_batches
 from .frozen_prefix import FrozenPrefix, find_prefix
 from .candidates import Candidates
 from .head_refit import ForgetFold, HeadRefit, best_refit
-from .statistics import _autocast_on, _eval_no_grad
+from .collect import eval_no_grad
+from .hooks import autocast_on
 
 TARGET_FORGET_ACCURACY = 1.0  # percent of held-out forget samples still recognised
 HOLDOUT_FRACTION = 0.25  # of the retain samples, to score candidates (the final edit uses all)
@@ -228,7 +229,7 @@ def allowed_forget_hits(n: int, target: float, confidence: float = FORGET_CONFID
 
 def _model_logits(model: nn.Module, x: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
     """The model's output on one batch ``x`` (already on its device), or its ``.logits``."""
-    with _autocast_on(x.device, autocast):
+    with autocast_on(x.device, autocast):
         y = model(x)
     return getattr(y, "logits", y)
 
@@ -236,7 +237,7 @@ def _model_logits(model: nn.Module, x: torch.Tensor, autocast: torch.dtype | Non
 def predictions(model: nn.Module, x: torch.Tensor, batch_size: int, autocast: torch.dtype | None) -> torch.Tensor:
     """Predicted classes ``(N,)`` on the CPU, in eval mode without autograd."""
     device = next(model.parameters()).device
-    with _eval_no_grad(model):
+    with eval_no_grad(model):
         return torch.cat([_model_logits(model, xb.to(device), autocast).argmax(-1).cpu() for xb in x.split(batch_size)])
 
 
@@ -272,7 +273,7 @@ class HeadReader:
     def logits(self, heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
         """Logits ``(len(heads), N, classes)`` (float32, on the features' device) with each head
         ``(weight, bias)`` on the last features read (bias None: the module's)."""
-        with _autocast_on(self.features.device, self.autocast):
+        with autocast_on(self.features.device, self.autocast):
             return torch.stack([F.linear(self.features, w, self.module.bias if b is None else b) for w, b in heads]).float()
 
     def reads_the_output(self, model: nn.Module, x: torch.Tensor) -> bool:
@@ -321,7 +322,7 @@ def reads_first_position(model: nn.Module, x: torch.Tensor, head: nn.Module, aut
     mode without autograd."""
     if x.shape[0] < 2:
         return False
-    with _eval_no_grad(model):
+    with eval_no_grad(model):
         return _reads_first_position(model, x, head, autocast)
 
 
@@ -371,7 +372,7 @@ def _reads_first_position(model: nn.Module, x: torch.Tensor, head: nn.Module, au
 @dataclass
 class _Scorer:
     """Held-out forget hits per fold and retain accuracy (percent) of the model as it is now; its
-    methods expect the model in eval mode without autograd (:func:`_eval_no_grad`).
+    methods expect the model in eval mode without autograd (:func:`eval_no_grad`).
 
     ``heads``: candidate ``(weight, bias)`` of the classifier head (:attr:`head`); each is scored on
     the same forward pass, as if written into the head. None: the model as it is."""
@@ -508,7 +509,7 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
         def run(x: torch.Tensor) -> torch.Tensor:
             return _model_logits(model, x, autocast)
 
-        with _eval_no_grad(model):
+        with eval_no_grad(model):
             prefix = find_prefix(model, x_r[:CHECK_SAMPLES].to(device), edited, run, sum(map(len, x_f)) + len(x_r))
             if prefix is not None and prefix.composes and not (need_original and orig_f is None):  # the prefix alone
                 for source, x in [*enumerate(x_f), ("retain", x_r)]:
@@ -726,7 +727,7 @@ def choose_alphas(
     shares = None  # the unedited model's mean predicted probabilities on the held-out retain samples, where the
     # head is rebalanced
     try:
-        with _eval_no_grad(model):  # once for the whole search, not per scoring call
+        with eval_no_grad(model):  # once for the whole search, not per scoring call
             if (len(options) > 1 or rebalance) and head is not None:
                 head_reads = HeadReader(head.module, scorer.autocast).reads_the_output(
                     model, scorer.x_r[:CHECK_SAMPLES].to(next(model.parameters()).device))
@@ -806,7 +807,7 @@ def choose_alphas(
     if shares is not None:  # the head re-fitted where that keeps forgetting, else its bias rebalanced
         chosen = (best["alpha_r"], best["alpha_f"], best["alpha_f_head"] if best["head_apart"] else None)
         try:
-            with _eval_no_grad(model):
+            with eval_no_grad(model):
                 if refit_on is not None and scorer.original_retain_logits is not None and reached:
                     # the re-fitted head may recognise no more forget samples than the chosen edit did
                     head_refit = refitted_head(model, candidates, chosen, scorer, refit_on, int(best["forget_hits"]))

@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .api import class_balanced_indices, dataset_labels
-from .statistics import Statistics, _collect, _load_blob, collection_setup, finish_statistics
+from .collect import collect_slots, collection_setup, finish_statistics
+from .statistics import Statistics, load_blob
 
 _FORMAT = "deepunlearn.class_statistics"
 
@@ -78,7 +79,7 @@ class ClassStatistics:
                    disable=not progress, leave=False)
         try:
             for (c, _), batch in zip(batches, data):
-                one, n = _collect(model, [batch], targets, device, dtype, autocast, len(batch[0]), False, f"class {c}")
+                one, n = collect_slots(model, [batch], targets, device, dtype, autocast, len(batch[0]), False, f"class {c}")
                 if c in partial:
                     one, n = partial[c][0] + one, partial[c][1] + n
                 partial[c] = (one, n)
@@ -121,7 +122,7 @@ class ClassStatistics:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ClassStatistics":
         """Read a file written by :meth:`save`; a corrupted class or another format is refused."""
-        return cls.from_blob(_load_blob(path), repr(os.fspath(path)))
+        return cls.from_blob(load_blob(path), repr(os.fspath(path)))
 
     @classmethod
     def from_blob(cls, blob: object, source: str = "class statistics") -> "ClassStatistics":

@@ -327,9 +327,9 @@ def cmd_stats_build(args: argparse.Namespace) -> int:
 
 def cmd_stats_show(args: argparse.Namespace) -> int:
     from . import ClassStatistics, Statistics
-    from .statistics import _load_blob
+    from .statistics import load_blob
 
-    blob = _load_blob(args.file)  # read once; its format field tells the two kinds apart
+    blob = load_blob(args.file)  # read once; its format field tells the two kinds apart
     source = repr(args.file)
     kind = blob.get("format") if isinstance(blob, dict) else None
     if kind == "deepunlearn.class_statistics":

@@ -16,7 +16,8 @@ from torch import nn
 
 from ._batches import DataLike, iter_labelled
 from .extras import require
-from .statistics import _eval_no_grad, model_device
+from .collect import eval_no_grad
+from .statistics import model_device
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,7 +27,7 @@ def predictions(model: nn.Module, data: DataLike, batch_size: int = 512) -> tupl
     """Softmax probabilities ``(N, classes)`` (float32, CPU) and labels ``(N,)`` over labelled ``data``."""
     device = model_device(model)
     probs, labels = [], []
-    with _eval_no_grad(model):
+    with eval_no_grad(model):
         for x, y in iter_labelled(data, batch_size):
             probs.append(torch.softmax(model(x.to(device)).float(), dim=-1).cpu())
             labels.append(y.cpu())

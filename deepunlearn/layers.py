@@ -5,7 +5,7 @@ An *edit target* is one weight matrix (or a row block of one) together with the 
 Usually a target has one slot named after its module. ``nn.MultiheadAttention`` is the
 exception: its packed input projection has one row block each for query, key and value,
 and its ``out_proj`` is applied functionally, so its input is collected by a hook on the
-attention module itself (see :mod:`deepunlearn.statistics`).
+attention module itself (see :mod:`deepunlearn.hooks`).
 """
 from __future__ import annotations
 

@@ -25,11 +25,13 @@ from .edit import apply_plan
 from .layers import find_targets
 from .projection import check_alpha, scale_energies
 from .report import UnlearnReport
-from .statistics import _Collector, collection_setup, model_device, run_with_hooks
+from .collect import collection_setup, run_with_hooks
+from .hooks import Collector
+from .statistics import model_device
 from .api import _sync, plan_edits
 
 
-class _ActivationRecorder(_Collector):
+class _ActivationRecorder(Collector):
     """Keeps every layer's input vectors as ``(groups, n, d)`` activation matrices."""
 
     def __init__(self, targets, device, dtype, conv_crop: bool, max_patches: int | None, generator: torch.Generator):

@@ -13,7 +13,8 @@ from .edit import apply_plan
 from .evaluation import class_accuracies
 from .layers import find_targets
 from .projection import Spectrum, check_alpha
-from .statistics import Statistics, _eval_no_grad, model_device
+from .collect import eval_no_grad
+from .statistics import Statistics, model_device
 from .api import gather_statistics, layer_moments, map_shared, plan_edits, projections, traces
 
 ALPHA_R_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -112,7 +113,7 @@ def search_alphas(
                 m_f = map_shared(spectra_f, lambda s: s.projection(a_f))
                 plan, _ = plan_edits(targets, m_f, m_r, traces_f, traces_r)
                 apply_plan(plan)
-                with _eval_no_grad(model):
+                with eval_no_grad(model):
                     probs = torch.cat([model(x).float().cpu() for x, _ in val])
                 r_acc, f_acc = class_accuracies(probs, y_all, forget_classes)
                 table.append({"alpha_r": a_r, "alpha_f": a_f, "retain_acc": r_acc, "forget_acc": f_acc, "score": r_acc * (100.0 - f_acc)})

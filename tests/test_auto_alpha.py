@@ -15,7 +15,7 @@ from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALP
                                     binomial_upper_bound, choose_alphas, fold_split, holdout_split, inferred_forget_classes,
                                     make_scorer, materialise)
 from deepunlearn.layers import find_targets
-from deepunlearn.statistics import collect_statistics
+from deepunlearn.collect import collect_statistics
 
 CENTRES = 4.5 * torch.eye(4, 6)
 
@@ -409,7 +409,7 @@ def test_head_options_score_as_if_each_were_written_into_the_head(trained):
     from dataclasses import replace
 
     from deepunlearn.auto_alpha import HeadReader
-    from deepunlearn.statistics import _eval_no_grad
+    from deepunlearn.collect import eval_no_grad
 
     model, targets, xf, xr = double_model_and_samples(trained)
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
@@ -422,7 +422,7 @@ def test_head_options_score_as_if_each_were_written_into_the_head(trained):
         cands = SpectralCandidates(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU), head=head,
                                means_r=means)
         assert cands.head == len(targets) - 1
-        with _eval_no_grad(model), torch.no_grad():
+        with eval_no_grad(model), torch.no_grad():
             assert reading.head.reads_the_output(model, xr)
             for t, (w, b) in zip(targets, cands.edits(100.0, 0.1)):  # a gentle body edit: the head decides what is forgotten
                 assert (b is None) == (means is None)
@@ -440,7 +440,7 @@ def test_head_options_score_as_if_each_were_written_into_the_head(trained):
     # a model whose prediction is not the head's (negated after it): the head's input cannot score options
     negated = nn.Sequential(model, nn.Flatten())
     negated.register_forward_hook(lambda m, i, out: -out)
-    with _eval_no_grad(negated):
+    with eval_no_grad(negated):
         assert not HeadReader(head.module, None).reads_the_output(negated, xr)
     c = choose_alphas(negated, cands, plain, head_alphas=(None, 3.0, 30.0))
     assert {row["head_apart"] for row in c.candidates} == {0.0} and c.alpha_f_head is None

@@ -163,11 +163,11 @@ def forced_form(geom, forms: str) -> str:
 def test_unlearning_gives_the_same_model_with_and_without_the_extension(monkeypatch, forms):
     # "forced": the shifted, residue and phase forms wherever the geometry allows them; "wgrad": the
     # weight-gradient form for the stride-1, undilated convs
-    from deepunlearn import statistics
+    from deepunlearn import hooks
     from deepunlearn.covariance import accumulate_conv_
 
     if forms != "chosen":
-        monkeypatch.setattr(statistics, "accumulate_conv_",
+        monkeypatch.setattr(hooks, "accumulate_conv_",
                             lambda cov, x, geom: accumulate_conv_(cov, x, geom, form=forced_form(geom, forms)))
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4, padding_mode="reflect"),

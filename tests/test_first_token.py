@@ -117,7 +117,7 @@ def test_the_automatic_choice_scores_both_ways_for_models_that_read_sequences(mo
 
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_both_kinds_from_one_set_of_forward_passes_equal_two_collections(batch_first):
-    from deepunlearn.statistics import collect_both_kinds
+    from deepunlearn.collect import collect_both_kinds
 
     torch.manual_seed(0)
     model = TokenNet(batch_first).double().eval()

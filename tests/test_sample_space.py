@@ -12,7 +12,7 @@ from test_projection import numpy_reference
 
 import deepunlearn
 from deepunlearn import Statistics, api, collect_statistics
-from deepunlearn import statistics
+from deepunlearn import hooks
 from deepunlearn.moments import SampleRows, fold_rows, moment_sum
 from deepunlearn.weight_side import SampleSpaceFactor, ScaledFactor, sample_eigenpairs, side_flops, side_solver
 
@@ -90,7 +90,7 @@ def test_collection_keeps_vectors_while_fewer_than_the_width_then_folds(monkeypa
         assert rel_err(s.cov, dense_ref.slots[k].cov) < 1e-13, k
     dense_all = collect_statistics(model, x, keep_vectors=False).slots
     folds = []
-    monkeypatch.setattr(statistics, "fold_rows", lambda cov, rows: folds.append(rows.shape) or fold_rows(cov, rows))
+    monkeypatch.setattr(hooks, "fold_rows", lambda cov, rows: folds.append(rows.shape) or fold_rows(cov, rows))
     # the length unknown (an iterator of batches): conv keeps its vectors, then folds them at its 5th
     # batch (40 >= 36); known (a tensor): 50 >= 36 is foreseen and conv streams from the first batch
     for data, folded in ((iter(x.split(8)), [(2, 32, 36)]), (x, [])):

@@ -11,7 +11,7 @@ from test_projection import numpy_reference
 import deepunlearn
 from deepunlearn import api
 from deepunlearn.layers import find_targets
-from deepunlearn.statistics import collect_statistics
+from deepunlearn.collect import collect_statistics
 from deepunlearn.weight_side import (FormedProjection, LowRankSpectrum, ScaledFactor, blocked_cholesky, edited_weight_sides,
                                      inverse_cholesky, side_flops, side_solver)
 
