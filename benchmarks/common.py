@@ -140,8 +140,8 @@ def suite_data():
     from torch.utils.data import Subset
 
     from deepunlearn.api import dataset_labels
-    from deepunlearn.data import fashion_mnist
-    from deepunlearn.suite import VALIDATION
+    from deepunlearn.experiments.fashion_mnist import fashion_mnist
+    from deepunlearn.experiments.suite import VALIDATION
 
     full, test = fashion_mnist("train"), fashion_mnist("test")
     train = Subset(full, range(len(full) - VALIDATION))
@@ -163,6 +163,6 @@ def suite_samples(train, labels: torch.Tensor, classes: Sequence[int], seed: int
 
 def suite_model(arch: str, train, seed: int, cache_dir: Path):
     """The suite's original model of ``arch`` (trained once, then loaded from ``cache_dir``)."""
-    from deepunlearn.suite import cached_model
+    from deepunlearn.experiments.suite import cached_model
 
     return cached_model(arch, train, SUITE_EPOCHS, seed, cache_dir, "original")[0]

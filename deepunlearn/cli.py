@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--json", action="store_true", help="print JSON")
     sh.set_defaults(func=cmd_stats_show)
 
-    sub.add_parser("suite", help="the comparison suite against baselines (python -m deepunlearn.suite; --help there)",
+    sub.add_parser("suite", help="the comparison suite against baselines (python -m deepunlearn.experiments.suite; --help there)",
                    add_help=False)
     return p
 
@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["suite"]:  # its own parser, options passed through untouched
-        from .suite import main as suite_main
+        from .experiments.suite import main as suite_main
 
         return suite_main(argv[1:])
     args = build_parser().parse_args(argv)

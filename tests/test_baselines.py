@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from deepunlearn.baselines import BASELINES, ssd
+from deepunlearn.experiments.baselines import BASELINES, ssd
 from deepunlearn.evaluation import accuracy
 
 

@@ -212,8 +212,8 @@ def test_gpu_only_benchmark_code_runs_on_tiny_shapes(monkeypatch):
 def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, rows):
     """Each of the Fashion-MNIST quality scripts, end to end, on an untrained SmallCNN placed where
     the suite's cache holds its trained one (what is checked is the script, not the numbers)."""
-    from deepunlearn.data import DEBIAN_ROOT
-    from deepunlearn.models import ARCHITECTURES
+    from deepunlearn.experiments.fashion_mnist import DEBIAN_ROOT
+    from deepunlearn.experiments.models import ARCHITECTURES
 
     if not (DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("dataset-fashion-mnist not installed")

@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from deepunlearn.data import DEBIAN_ROOT, fashion_mnist, read_idx
+from deepunlearn.experiments.fashion_mnist import DEBIAN_ROOT, fashion_mnist, read_idx
 
 
 def write_idx(path, arr: np.ndarray, code: int):

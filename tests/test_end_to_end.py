@@ -7,11 +7,11 @@ from torch.utils.data import Subset
 
 from deepunlearn import forget_classes, search_alphas
 from deepunlearn.api import class_balanced_indices, dataset_labels
-from deepunlearn.data import DEBIAN_ROOT, fashion_mnist
-from deepunlearn.demo import VALIDATION, main as demo_main
+from deepunlearn.experiments.fashion_mnist import DEBIAN_ROOT, fashion_mnist
+from deepunlearn.experiments.demo import VALIDATION, main as demo_main
 from deepunlearn.evaluation import evaluate_forgetting
-from deepunlearn.models import SmallCNN
-from deepunlearn.training import train_classifier
+from deepunlearn.experiments.models import SmallCNN
+from deepunlearn.experiments.training import train_classifier
 
 pytestmark = [
     pytest.mark.slow,

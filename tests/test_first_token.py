@@ -9,7 +9,7 @@ from test_covariance import unrolled_attention
 
 import deepunlearn
 from deepunlearn import Statistics, collect_statistics
-from deepunlearn.models import SmallViT
+from deepunlearn.experiments.models import SmallViT
 
 
 class TokenNet(nn.Module):

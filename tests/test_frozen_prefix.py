@@ -7,7 +7,7 @@ from deepunlearn import frozen_prefix
 from deepunlearn.auto_alpha import make_scorer
 from deepunlearn.frozen_prefix import find_prefix
 from deepunlearn.layers import find_targets
-from deepunlearn.models import SmallCNN
+from deepunlearn.experiments.models import SmallCNN
 
 
 def run_of(model):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from deepunlearn.data import DEBIAN_ROOT
+from deepunlearn.experiments.fashion_mnist import DEBIAN_ROOT
 
 pytestmark = [
     pytest.mark.slow,
@@ -16,7 +16,7 @@ pytestmark = [
 def test_quick_suite_runs_every_method_and_writes_results(tmp_path):
     out = tmp_path / "out"
     # its own process: the exact-memory pass changes glibc's allocator settings for good
-    cmd = [sys.executable, "-m", "deepunlearn.suite", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    cmd = [sys.executable, "-m", "deepunlearn.experiments.suite", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "## Targets" in done.stdout

@@ -203,7 +203,7 @@ def test_default_dtype_is_float32_and_close_to_float64():
 def test_float32_default_matches_the_float64_eigen_reference_on_the_suite_models(arch):
     """Every layer of the suite's models: the default (float32 statistics, each side the cheapest
     way) against float64 statistics and M formed by eigh: the weight change within 1e-4 relative."""
-    from deepunlearn.models import ARCHITECTURES
+    from deepunlearn.experiments.models import ARCHITECTURES
 
     torch.manual_seed(0)
     model = ARCHITECTURES[arch]().eval()

@@ -1,6 +1,6 @@
 """The main job: train a small CNN on Fashion-MNIST (cached), forget one class, report.
 
-    python -m deepunlearn.demo --forget-class 0
+    python -m deepunlearn.experiments.demo --forget-class 0
 
 Prints original vs unlearned accuracy on retain and forget classes (train and test),
 SVC-MIA efficacy on the forget samples and the time taken, and writes the same table as
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from . import forget_classes
-from .data import FASHION_MNIST_CLASSES, fashion_mnist
-from .evaluation import evaluate_forgetting, measure
-from .extras import require
+from .. import forget_classes
+from .fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist
+from ..evaluation import evaluate_forgetting, measure
+from ..extras import require
 from .models import SmallCNN
 from .training import train_classifier
 
@@ -32,7 +32,7 @@ ROWS = [("retain_train", "retain acc, train (%)"), ("forget_train", "forget acc,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m deepunlearn.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m deepunlearn.experiments.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--forget-class", type=int, nargs="+", default=[0], help="class index(es) 0-9 to forget (default 0, T-shirt/top)")
     p.add_argument("--alpha-r", type=float, default=None, help="retain scale; with --alpha-f, fixes both (default: chosen automatically)")
     p.add_argument("--alpha-f", type=float, default=None, help="forget scale; with --alpha-r, fixes both")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from .extras import require
+from ..extras import require
 
 np = require("numpy", "metrics", "the Fashion-MNIST loader")
 

@@ -1,7 +1,7 @@
 """The comparison suite: deepunlearn against the methods users would pick instead, on Fashion-MNIST.
 
-    python -m deepunlearn.suite                       # default run (committed in benchmarks/results/)
-    python -m deepunlearn.suite --quick               # a few minutes: one model, one class, small budgets
+    python -m deepunlearn.experiments.suite                       # default run (committed in benchmarks/results/)
+    python -m deepunlearn.experiments.suite --quick               # a few minutes: one model, one class, small budgets
 
 For every architecture and forget class it trains (or loads from the cache) the original model
 and a model retrained without the class, runs every method, and records: retain and forget
@@ -26,14 +26,14 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from . import _ext, search_alphas, unlearn
-from .api import class_balanced_indices, dataset_labels
+from .. import _ext, search_alphas, unlearn
+from ..api import class_balanced_indices, dataset_labels
 from .baselines import BASELINES
-from .data import fashion_mnist
-from .evaluation import evaluate_forgetting, exact_rss_peaks, measure
-from .extras import require
+from .fashion_mnist import fashion_mnist
+from ..evaluation import evaluate_forgetting, exact_rss_peaks, measure
+from ..extras import require
 from .models import ARCHITECTURES
-from .reference import unlearn_paper
+from ..reference import unlearn_paper
 
 np = require("numpy", "metrics", "the suite")
 from .training import train_classifier
@@ -277,7 +277,7 @@ def figures(summary: list[dict], out: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m deepunlearn.suite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m deepunlearn.experiments.suite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one model, one class, small budgets: a few minutes")
     p.add_argument("--archs", nargs="+", choices=sorted(ARCHITECTURES), default=None)
     p.add_argument("--classes", nargs="+", type=int, default=None)

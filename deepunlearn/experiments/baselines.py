@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
-from ._batches import DataLike, iter_labelled
-from .statistics import model_device
+from .._batches import DataLike, iter_labelled
+from ..statistics import model_device
 
 
 @dataclass
