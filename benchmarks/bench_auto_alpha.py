@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                    help="statistics of sequence inputs from position 0 only (auto: the default call's choice)")
     a = p.parse_args(argv)
     sets = a.forget or CLASS_SETS
-    train, labels, test = suite_data()
+    train, labels, test = suite_data(a.data)
     device = torch.device(a.device)
     result = {"device_name": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__, "seed": a.seed,
               "targets": QUALITY, "first_token": a.first_token, "rows": []}

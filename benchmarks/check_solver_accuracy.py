@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     suite_arguments(p, RESULTS / "solver_accuracy_cpu")
     a = p.parse_args(argv)
     sets = a.forget or [[0], [2], [7]]
-    train, labels, test = suite_data()
+    train, labels, test = suite_data(a.data)
     result = {"device_name": device_name(torch.device("cpu")), "torch": torch.__version__, "alphas": ALPHAS, "rows": []}
     for arch in a.archs:
         original = suite_model(arch, train, a.seed, a.cache_dir)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import statistics
 import time
@@ -124,26 +123,28 @@ SUITE_EPOCHS = 4  # the suite's models
 
 
 def suite_arguments(parser, out: Path, archs: Sequence[str] = ("smallcnn", "resnet18", "vit")) -> None:
-    """``--archs``, ``--forget`` (repeatable class sets), ``--seed``, ``--cache-dir``, ``--out``."""
+    """``--archs``, ``--forget`` (repeatable class sets), ``--seed``, ``--cache-dir``, ``--data``, ``--out``."""
+    from deepunlearn.experiments import CACHE_DIR
+
     parser.add_argument("--archs", nargs="+", default=list(archs))
     parser.add_argument("--forget", nargs="+", action="append", type=int, default=None,
                         help="a class set to forget (repeatable); default 0, 2, 7, then {0, 2} and {0, 2, 7}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("DEEPUNLEARN_CACHE", Path.home() / ".cache" / "deepunlearn")))
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="the suite's trained checkpoints")
+    parser.add_argument("--data", type=Path, default=None, help="folder of the Fashion-MNIST IDX files (default: Debian's)")
     parser.add_argument("--out", type=Path, default=out)
 
 
-def suite_data():
+def suite_data(root: Path | None = None):
     """``(train, labels, test)``: the suite's training split (its validation images held back), its
-    labels, and the test split."""
+    labels, and the test split (the IDX files in ``root``, default Debian's)."""
     from torch.utils.data import Subset
 
     from deepunlearn.api import dataset_labels
     from deepunlearn.experiments.fashion_mnist import fashion_mnist
     from deepunlearn.experiments.suite import VALIDATION
 
-    full, test = fashion_mnist("train"), fashion_mnist("test")
+    full, test = fashion_mnist("train", root), fashion_mnist("test", root)
     train = Subset(full, range(len(full) - VALIDATION))
     return train, dataset_labels(train), test
 

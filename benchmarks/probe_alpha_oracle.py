@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                    help="α_f of layer l of L scaled by ((l + 1) / L)^p, per p (0: one α_f)")
     a = p.parse_args(argv)
     sets = a.forget or CLASS_SETS
-    train, labels, test = suite_data()
+    train, labels, test = suite_data(a.data)
     x_test, y_test = stacked(test)
     result = {"device_name": device_name(torch.device("cpu")), "torch": torch.__version__, "alpha_r_grid": ALPHA_R_GRID,
               "rows": []}

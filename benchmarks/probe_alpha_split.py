@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep-retain-mean", action="store_true",
                    help="biases keep the retain samples' mean output (keep_retain_mean=True), part and body alike")
     a = p.parse_args(argv)
-    train, labels, test = suite_data()
+    train, labels, test = suite_data(a.data)
     x_test, y_test = stacked(test)
     result = {"device_name": device_name(torch.device("cpu")), "torch": torch.__version__, "part": a.part,
               "keep_retain_mean": a.keep_retain_mean, "rows": []}

@@ -39,9 +39,10 @@ if [ -d .devcarry ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/devsite .devcarry/*.whl >>"$log" 2>&1
     export PYTHONPATH=$PYTHONPATH:/tmp/devsite
   fi
-  [ -d .devcarry/fashion-mnist ] && export DEEPUNLEARN_FASHION_MNIST=$PWD/.devcarry/fashion-mnist
-  [ -d .devcarry/cache ] && export DEEPUNLEARN_CACHE=$PWD/.devcarry/cache
 fi
+suite_files=()  # the suite's data and checkpoints, where they were carried (the machine has neither)
+[ -d .devcarry/fashion-mnist ] && suite_files+=(--data "$PWD/.devcarry/fashion-mnist")
+[ -d .devcarry/cache ] && suite_files+=(--cache-dir "$PWD/.devcarry/cache")
 
 stage() {  # stage NAME LIMIT COMMAND...: run, log, and record the exit status
   local name=$1 limit=$2
@@ -84,7 +85,7 @@ for s in $stages; do
     unlearn-profile) stage unlearn-profile "${T_UNLEARN_PROFILE:-200}" $PY benchmarks/profile_unlearn.py --choose \
       --out "$out/profile_unlearn_cuda" ${PROFILE_ARGS:-} ;;
     imagenet) stage imagenet "${T_IMAGENET:-360}" $PY benchmarks/bench_imagenet.py --out "$out/imagenet_cuda" ${IMAGENET_ARGS:-} ;;
-    auto-alpha) stage auto-alpha "${T_AUTO_ALPHA:-300}" $PY benchmarks/bench_auto_alpha.py --device cuda --out "$out/auto_alpha_cuda" ;;
+    auto-alpha) stage auto-alpha "${T_AUTO_ALPHA:-300}" $PY benchmarks/bench_auto_alpha.py --device cuda --out "$out/auto_alpha_cuda" "${suite_files[@]}" ;;
     *) echo "unknown stage $s" | tee -a "$log"; exit 2 ;;
   esac
 done

@@ -16,7 +16,7 @@ then
   $PY -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
 
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${DEEPUNLEARN_FASHION_MNIST:-}" ]; then
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   echo "== installing Debian's dataset-fashion-mnist"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

@@ -3,3 +3,6 @@ the suite's models and their training, the demo, the baselines and the compariso
 
 The library (``deepunlearn`` outside this package) imports nothing from here.
 """
+from pathlib import Path
+
+CACHE_DIR = Path.home() / ".cache" / "deepunlearn"  # trained checkpoints, kept between runs (--cache-dir)

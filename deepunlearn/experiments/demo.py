@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import Subset
 
 from .. import forget_classes
+from . import CACHE_DIR
 from .fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist
 from ..evaluation import evaluate_forgetting, measure
 from ..extras import require
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retain-per-class", type=int, default=100, help="retain samples per kept class (paper: 100)")
     p.add_argument("--epochs", type=int, default=4, help="training epochs of the original model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DEEPUNLEARN_CACHE", Path.home() / ".cache" / "deepunlearn")))
+    p.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="folder for demo.json and demo.png")
     p.add_argument("--data", type=Path, default=None, help="folder of the Fashion-MNIST IDX files (default: Debian's)")
     a = p.parse_args(argv)

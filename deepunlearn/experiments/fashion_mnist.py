@@ -68,12 +68,12 @@ def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None, d
 
     Args:
         split: ``"train"`` (60,000 images) or ``"test"`` (10,000).
-        root: folder holding the IDX files; default ``$DEEPUNLEARN_FASHION_MNIST`` or the Debian path.
+        root: folder holding the IDX files; default the Debian package's.
         download: when the files are absent, fetch them with torchvision into ``root`` (needs network).
     """
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(root or os.environ.get("DEEPUNLEARN_FASHION_MNIST", DEBIAN_ROOT))
+    root = Path(root or DEBIAN_ROOT)
     paths = [_find(root, stem) for stem in _FILES[split]]
     if None in paths:
         if not download:

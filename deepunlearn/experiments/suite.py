@@ -15,7 +15,6 @@ import argparse
 from functools import partial
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -27,6 +26,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from .. import _ext, search_alphas, unlearn
+from . import CACHE_DIR
 from ..api import class_balanced_indices, dataset_labels
 from .baselines import BASELINES
 from .fashion_mnist import fashion_mnist
@@ -283,7 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--classes", nargs="+", type=int, default=None)
     p.add_argument("--methods", nargs="+", choices=[m for m in BASELINES if m != "retrain"], default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DEEPUNLEARN_CACHE", Path.home() / ".cache" / "deepunlearn")))
+    p.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/suite[-quick]")
     p.add_argument("--data", type=Path, default=None)
     a = p.parse_args(argv)
