@@ -76,7 +76,7 @@ def plain_float32(model: nn.Module, xf: torch.Tensor, xr: torch.Tensor, alpha_r:
                   batch_size: int) -> dict:
     """Streamed float32 statistics (always the d × d sums), M formed by one Cholesky solve per side,
     the two-GEMM edit."""
-    from deepunlearn.api import layer_moments
+    from deepunlearn.plan import layer_moments
     from deepunlearn.layers import find_targets
     from deepunlearn.projection import projection_cholesky
     from deepunlearn.collect import collect_statistics
@@ -103,7 +103,7 @@ def plain_float32(model: nn.Module, xf: torch.Tensor, xr: torch.Tensor, alpha_r:
 def run_one(setting: str, method: str, n_forget: int, n_retain: int, batch_size: int) -> dict:
     """One method on fresh data, in this process (called in a child process)."""
     import deepunlearn
-    from deepunlearn import api
+    from deepunlearn import plan as planning
     from deepunlearn.reference import unlearn_paper
 
     size, _, _ = SETTINGS[setting]
@@ -128,8 +128,8 @@ def run_one(setting: str, method: str, n_forget: int, n_retain: int, batch_size:
         else:
             kw = {}
             if method == "formed-M-float64":  # every M formed, from the d × d sums, in float64
-                solver_of = api.side_solver
-                api.side_solver = lambda moment, alpha, rows, vectors, way, solver, **kw: solver_of(
+                solver_of = planning.side_solver
+                planning.side_solver = lambda moment, alpha, rows, vectors, way, solver, **kw: solver_of(
                     moment, alpha, rows, vectors, "formed", solver, **kw)
                 kw["dtype"] = torch.float64
             report = deepunlearn.unlearn(model, xf, xr, alpha_r=alpha_r, alpha_f=alpha_f, batch_size=batch_size, **kw)

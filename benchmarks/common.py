@@ -140,7 +140,7 @@ def suite_data(root: Path | None = None):
     labels, and the test split (the IDX files in ``root``, default Debian's)."""
     from torch.utils.data import Subset
 
-    from deepunlearn.api import dataset_labels
+    from deepunlearn.sampling import dataset_labels
     from deepunlearn.experiments.fashion_mnist import fashion_mnist
     from deepunlearn.experiments.suite import VALIDATION
 
@@ -153,7 +153,7 @@ def suite_samples(train, labels: torch.Tensor, classes: Sequence[int], seed: int
     """``(forget, retain)`` Subsets as the suite draws them: 100 images per kept class, as many to forget."""
     from torch.utils.data import Subset
 
-    from deepunlearn.api import class_balanced_indices
+    from deepunlearn.sampling import class_balanced_indices
 
     keep = [k for k in range(10) if k not in classes]
     g = torch.Generator().manual_seed(seed + sum(classes))

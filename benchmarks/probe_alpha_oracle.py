@@ -41,7 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CLASS_SETS, device_name, suite_arguments, suite_data, suite_model, suite_samples, write_results  # noqa: E402
-from deepunlearn import api, collect_statistics  # noqa: E402
+from deepunlearn import collect_statistics  # noqa: E402
+from deepunlearn import plan as planning  # noqa: E402
 from deepunlearn.candidates import SpectralCandidates  # noqa: E402
 from deepunlearn.layers import find_targets  # noqa: E402
 
@@ -133,8 +134,8 @@ def main(argv=None) -> int:
                 layers = list(dict.fromkeys(t.layer for t in targets))  # the suite's models register their stem first
                 kept = {"all": layers, "head": layers[-1:], "last-layers": layers[-2:]}.get(scope, layers[1:])
                 chosen = [t for t in targets if t.layer in kept]
-                means = api.layer_means(chosen, stats_r, cpu) if scope.endswith("-mean") else None
-                cands = SpectralCandidates(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu),
+                means = planning.layer_means(chosen, stats_r, cpu) if scope.endswith("-mean") else None
+                cands = SpectralCandidates(chosen, planning.layer_moments(chosen, stats_f, cpu), planning.layer_moments(chosen, stats_r, cpu),
                                        means_r=means)
                 depth = [kept.index(t.layer) for t in cands.targets]
                 for power in a.depth_powers:

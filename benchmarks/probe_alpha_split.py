@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, suite_arguments, suite_data, suite_model, suite_samples, write_results  # noqa: E402
 from probe_alpha_oracle import accuracy, stacked  # noqa: E402
-from deepunlearn import api, collect_statistics  # noqa: E402
+from deepunlearn import collect_statistics  # noqa: E402
+from deepunlearn import plan as planning  # noqa: E402
 from deepunlearn.candidates import SpectralCandidates  # noqa: E402
 from deepunlearn.layers import find_targets  # noqa: E402
 
@@ -103,8 +104,8 @@ def main(argv=None) -> int:
             chosen = [t for t in targets if t.layer != layers[0]]
             token = any(t.kind.startswith("attention") for t in targets)  # the ViT: the first position's statistics
             stats_f, stats_r = (collect_statistics(model, x, first_token=token) for x in (x_f, x_r))
-            cands = SpectralCandidates(chosen, api.layer_moments(chosen, stats_f, cpu), api.layer_moments(chosen, stats_r, cpu),
-                                   means_r=api.layer_means(chosen, stats_r, cpu) if a.keep_retain_mean else None)
+            cands = SpectralCandidates(chosen, planning.layer_moments(chosen, stats_f, cpu), planning.layer_moments(chosen, stats_r, cpu),
+                                   means_r=planning.layer_means(chosen, stats_r, cpu) if a.keep_retain_mean else None)
             in_part = [t.layer == layers[-1] if a.part == "head" else t.kind.startswith("attention") for t in chosen]
             for a_r in a.alpha_r or ALPHA_R_GRID[arch]:
                 for a_part in PART_ALPHA_F:

@@ -35,7 +35,7 @@ from bench_imagenet import FIXED_ALPHAS, RESULTS, forward_only, images  # noqa: 
 from common import device_name, sync, timed, write_results  # noqa: E402
 
 import deepunlearn  # noqa: E402
-from deepunlearn.api import layer_moments, plan_edits_with, solved_edits, traces  # noqa: E402
+from deepunlearn.plan import layer_moments, plan_edits_with, solved_edits, traces  # noqa: E402
 from deepunlearn.layers import find_targets  # noqa: E402
 
 TOP = 12  # kernels (or host ops) listed per phase

@@ -53,7 +53,7 @@ class Candidates:
         other_folds: for each further fold, a function giving its forget moments.
         head: the classifier head, which may take its own ``alpha_f``; :attr:`head` is its index in
             :attr:`targets` (None where it is not given, not reached, or the only target).
-        means_r: the retain mean input per slot tuple (:func:`~deepunlearn.api.layer_means`): each
+        means_r: the retain mean input per slot tuple (:func:`~deepunlearn.plan.layer_means`): each
             candidate's biases then keep the retain mean output (:meth:`edit`). None: biases kept.
     """
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .api import class_balanced_indices, dataset_labels
+from .sampling import class_balanced_indices, dataset_labels
 from .collect import collect_slots, collection_setup, finish_statistics
 from .statistics import Statistics, load_blob
 

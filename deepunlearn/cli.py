@@ -140,7 +140,7 @@ def _environment(device: torch.device) -> dict:
 # -- forget -----------------------------------------------------------------------------------
 def cmd_forget(args: argparse.Namespace) -> int:
     from . import ClassStatistics, collect_statistics, search_alphas, unlearn
-    from .api import draw_samples
+    from .sampling import draw_samples
     from .distributed import shard
     from .image_tree import image_tree, loader, resolve_classes
     from .model_files import check_output_format, input_normalisation, load_model, save_model

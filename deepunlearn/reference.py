@@ -28,7 +28,7 @@ from .report import UnlearnReport
 from .collect import collection_setup, run_with_hooks
 from .hooks import Collector
 from .statistics import model_device
-from .api import _sync, plan_edits
+from .plan import plan_edits, synchronize
 
 
 class _ActivationRecorder(Collector):
@@ -136,18 +136,18 @@ def unlearn_paper(
     kw = dict(conv_crop=conv_crop, max_patches=max_patches, seed=seed, dtype=dtype)
     t0 = time.perf_counter()
     acts_f = activation_matrices(model, xf, **kw)
-    _sync(device)
+    synchronize(device)
     t1 = time.perf_counter()
     acts_r = activation_matrices(model, xr, **kw)
-    _sync(device)
+    synchronize(device)
     t2 = time.perf_counter()
     m_f, info_f = _svd_projections(targets, acts_f, alpha_f)
     m_r, info_r = _svd_projections(targets, acts_r, alpha_r)
-    _sync(device)
+    synchronize(device)
     t3 = time.perf_counter()
     plan, rows = plan_edits(targets, m_f, m_r, info_f, info_r)
     apply_plan(plan)
-    _sync(device)
+    synchronize(device)
     t4 = time.perf_counter()
     seconds = {"collect_forget": t1 - t0, "collect_retain": t2 - t1, "decompose": t3 - t2, "edit": t4 - t3, "total": t4 - t_start}
     return UnlearnReport(model, rows, [(s.name, s.reason) for s in skipped], xf.shape[0], xr.shape[0], alpha_r, alpha_f, "paper-svd", seconds)

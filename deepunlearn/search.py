@@ -15,7 +15,8 @@ from .layers import find_targets
 from .projection import Spectrum, check_alpha
 from .collect import eval_no_grad
 from .statistics import Statistics, model_device
-from .api import gather_statistics, layer_moments, map_shared, plan_edits, projections, traces
+from .api import gather_statistics
+from .plan import layer_moments, map_shared, plan_edits, projections, traces
 
 ALPHA_R_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 ALPHA_F_GRID = (0.25, 0.5, 0.9, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)

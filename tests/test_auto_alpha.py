@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import deepunlearn
 from conftest import rel_err
 from deepunlearn import api
+from deepunlearn import plan as planning
 from deepunlearn.candidates import FACTOR_SETS_KEPT, FactoredCandidates, SpectralCandidates, candidate_edits, factors_pay
 from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, FORGET_CONFIDENCE, FORGET_FOLDS, allowed_forget_hits, smallest_passing,
                                     binomial_upper_bound, choose_alphas, fold_split, holdout_split, inferred_forget_classes,
@@ -131,8 +132,8 @@ def double_model_and_samples(trained):
 def fixed_call_weights(targets, sf, sr, alpha_r, alpha_f, means=None):
     """The new weights of the fixed-α path (Cholesky solves) from the statistics ``sf``, ``sr``
     (with ``means``: ``(weight, bias)`` pairs, the biases keeping the retain mean)."""
-    mf, mr = api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU)
-    plan, _ = api.plan_edits_with(targets, api.solved_edits(targets, mf, mr, alpha_f, alpha_r), api.traces(mf), api.traces(mr),
+    mf, mr = planning.layer_moments(targets, sf, CPU), planning.layer_moments(targets, sr, CPU)
+    plan, _ = planning.plan_edits_with(targets, planning.solved_edits(targets, mf, mr, alpha_f, alpha_r), planning.traces(mf), planning.traces(mr),
                                   means_r=means)
     return [p.new_weight for p in plan] if means is None else [(p.new_weight, p.new_bias) for p in plan]
 
@@ -141,9 +142,9 @@ def fixed_call_weights(targets, sf, sr, alpha_r, alpha_f, means=None):
 def test_candidates_match_the_final_edit_and_scoring_restores_the_weights(trained, kind):
     model, targets, xf, xr = double_model_and_samples(trained)
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
-    cands = kind(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
-    means = api.layer_means(targets, sr, CPU)
-    with_means = kind(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU),
+    cands = kind(targets, planning.layer_moments(targets, sf, CPU), planning.layer_moments(targets, sr, CPU))
+    means = planning.layer_means(targets, sr, CPU)
+    with_means = kind(targets, planning.layer_moments(targets, sf, CPU), planning.layer_moments(targets, sr, CPU),
                                 means_r=means)
     for a_r, a_f in ((10.0, 1.0), (300.0, 30.0), (10.0, 100.0), (10.0, 3.0)):  # the cached V is per alpha_r
         for w, new in zip(cands.weights(a_r, a_f), fixed_call_weights(targets, sf, sr, a_r, a_f)):
@@ -171,9 +172,9 @@ def test_each_fold_is_scored_by_the_edit_from_the_other_folds(trained, kind):
 
     def lazily(k):
         made.append(k)
-        return api.layer_moments(targets, others(k), CPU)
+        return planning.layer_moments(targets, others(k), CPU)
 
-    cands = kind(targets, api.layer_moments(targets, others(0), CPU), api.layer_moments(targets, sr, CPU),
+    cands = kind(targets, planning.layer_moments(targets, others(0), CPU), planning.layer_moments(targets, sr, CPU),
                  [lambda k=k: lazily(k) for k in range(1, len(folds))])
     assert cands.folds == len(folds) == FORGET_FOLDS and made == []  # decomposed on first use
     for k in (2, 0, 3, 1):
@@ -192,9 +193,9 @@ def test_both_kinds_of_candidates_agree_in_float32_and_choose_alike(trained):
     forget, retain = forget_and_retain()
     xf, xr = forget.tensors[0], retain.tensors[0]
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
-    args = (targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
+    args = (targets, planning.layer_moments(targets, sf, CPU), planning.layer_moments(targets, sr, CPU))
     head = targets[-1]
-    kinds = [k(*args, head=head, means_r=api.layer_means(targets, sr, CPU)) for k in (SpectralCandidates, FactoredCandidates)]
+    kinds = [k(*args, head=head, means_r=planning.layer_means(targets, sr, CPU)) for k in (SpectralCandidates, FactoredCandidates)]
     assert kinds[0].head == kinds[1].head == len(kinds[0].targets) - 1
     for a_r, a_f, a_h in ((10.0, 1.0, None), (100.0, 0.316, 31.6), (30.0, 300.0, 1.0)):
         for (w_s, b_s), (w_f, b_f) in zip(*(k.edits(a_r, a_f, 0, a_h) for k in kinds)):
@@ -228,9 +229,9 @@ def test_the_samples_still_recognised_are_scored_first_and_the_order_changes_no_
 
     def forget_fit(k):
         rest = [s for j, s in enumerate(fold_stats) if j != k]
-        return api.layer_moments(targets, sum(rest[1:], rest[0]), CPU)
+        return planning.layer_moments(targets, sum(rest[1:], rest[0]), CPU)
 
-    cands = SpectralCandidates(targets, forget_fit(0), api.layer_moments(targets, sr, CPU),
+    cands = SpectralCandidates(targets, forget_fit(0), planning.layer_moments(targets, sr, CPU),
                            [lambda k=k: forget_fit(k) for k in range(1, len(folds))])
     natural = make_scorer(model, [xf[i] for i in folds], None, xr[:100], None, [0], 64, None)
     shuffled = make_scorer(model, [xf[i] for i in folds], None, xr[:100], None, [0], 64, None)
@@ -262,7 +263,7 @@ def test_a_bound_no_pair_can_beat_cuts_each_pair_after_its_first_round(trained, 
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
 
     def choose(bound):
-        cands = SpectralCandidates(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
+        cands = SpectralCandidates(targets, planning.layer_moments(targets, sf, CPU), planning.layer_moments(targets, sr, CPU))
         return choose_alphas(model, cands, make_scorer(model, [xf], None, xr[:100], None, None, 64, None), bound=bound)
 
     free = choose(None)
@@ -285,7 +286,7 @@ def test_a_bound_is_checked_against_the_head_options_that_have_not_missed_yet(tr
     head = api.classifier_head(targets, sf)
 
     def rows(bound):  # a gentle body edit: an edited head forgets, an unedited one recognises at once
-        cands = SpectralCandidates(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU), head=head)
+        cands = SpectralCandidates(targets, planning.layer_moments(targets, sf, CPU), planning.layer_moments(targets, sr, CPU), head=head)
         return choose_alphas(model, cands, make_scorer(model, [xf], None, xr[:100], None, [0], 64, None), alpha_r=10.0,
                              alpha_f=0.01, head_alphas=(None, 1e4), bound=bound).candidates
 
@@ -305,7 +306,7 @@ def test_alpha_r_runs_up_from_the_first_candidate_then_down_from_the_smallest_st
     monkeypatch.setattr(auto_alpha, "ALPHA_R_CANDIDATES", (90.0, 1e6, 1e7, 3.0, 1.0))
     model, targets, xf, xr = double_model_and_samples(trained)
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
-    cands = SpectralCandidates(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU))
+    cands = SpectralCandidates(targets, planning.layer_moments(targets, sf, CPU), planning.layer_moments(targets, sr, CPU))
     c = choose_alphas(model, cands, make_scorer(model, [xf], None, xr[:100], None, [0], 64, None))
     rows = {a: [r for r in c.candidates if r["alpha_r"] == a] for a in auto_alpha.ALPHA_R_CANDIDATES}
     forgets = {a: any(r["forget_hits"] <= c.allowed_hits for r in rows[a]) for a in rows}
@@ -418,8 +419,8 @@ def test_head_options_score_as_if_each_were_written_into_the_head(trained):
     plain = make_scorer(model, [xf], None, xr, None, [0], 64, None)
     reading = replace(plain, head=HeadReader(head.module, None))
     before = [p.clone() for p in model.parameters()]
-    for means in (None, api.layer_means(targets, sr, CPU)):  # biases kept, or shifted to keep the retain mean
-        cands = SpectralCandidates(targets, api.layer_moments(targets, sf, CPU), api.layer_moments(targets, sr, CPU), head=head,
+    for means in (None, planning.layer_means(targets, sr, CPU)):  # biases kept, or shifted to keep the retain mean
+        cands = SpectralCandidates(targets, planning.layer_moments(targets, sf, CPU), planning.layer_moments(targets, sr, CPU), head=head,
                                means_r=means)
         assert cands.head == len(targets) - 1
         with eval_no_grad(model), torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import Subset
 
 from deepunlearn import forget_classes, search_alphas
-from deepunlearn.api import class_balanced_indices, dataset_labels
+from deepunlearn.sampling import class_balanced_indices, dataset_labels
 from deepunlearn.experiments.fashion_mnist import DEBIAN_ROOT, fashion_mnist
 from deepunlearn.experiments.demo import VALIDATION, main as demo_main
 from deepunlearn.evaluation import evaluate_forgetting

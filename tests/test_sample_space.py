@@ -13,6 +13,7 @@ from test_projection import numpy_reference
 import deepunlearn
 from deepunlearn import Statistics, api, collect_statistics
 from deepunlearn import hooks
+from deepunlearn import plan as planning
 from deepunlearn.moments import SampleRows, fold_rows, moment_sum
 from deepunlearn.weight_side import SampleSpaceFactor, ScaledFactor, sample_eigenpairs, side_flops, side_solver
 
@@ -157,14 +158,14 @@ def test_edit_from_kept_vectors_equals_the_edit_from_dense_statistics(monkeypatc
     model = Wide().double()
     xf, xr = torch.randn(5, 8, 3, 3, dtype=torch.float64), torch.randn(30, 8, 3, 3, dtype=torch.float64)
     ways = []
-    real = api.side_solver
+    real = planning.side_solver
 
     def spy(moment, *args, **kw):
         out = real(moment, *args, **kw)
         ways.append(type(out).__name__)
         return out
 
-    monkeypatch.setattr(api, "side_solver", spy)
+    monkeypatch.setattr(planning, "side_solver", spy)
     new = {}
     for keep in ("always", False):
         stats = [collect_statistics(model, x, keep_vectors=keep) for x in (xf, xr)]

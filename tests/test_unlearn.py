@@ -249,7 +249,7 @@ def test_model_on_several_devices_is_refused():
 
 
 def test_failure_while_planning_leaves_the_model_untouched(net, monkeypatch):
-    import deepunlearn.api as u
+    import deepunlearn.plan as u
 
     calls = []
     real = u._edited

@@ -10,6 +10,7 @@ from test_projection import numpy_reference
 
 import deepunlearn
 from deepunlearn import api
+from deepunlearn import plan as planning
 from deepunlearn.layers import find_targets
 from deepunlearn.collect import collect_statistics
 from deepunlearn.weight_side import (FormedProjection, LowRankSpectrum, ScaledFactor, blocked_cholesky, edited_weight_sides,
@@ -137,8 +138,8 @@ class Net(nn.Module):
 def _moments(model, xf, xr):
     targets, _ = find_targets(model)
     dev = torch.device("cpu")
-    mf = api.layer_moments(targets, collect_statistics(model, xf, dtype=torch.float64), dev)
-    mr = api.layer_moments(targets, collect_statistics(model, xr, dtype=torch.float64), dev)
+    mf = planning.layer_moments(targets, collect_statistics(model, xf, dtype=torch.float64), dev)
+    mr = planning.layer_moments(targets, collect_statistics(model, xr, dtype=torch.float64), dev)
     return targets, mf, mr
 
 
@@ -150,8 +151,8 @@ def test_every_way_gives_the_formed_projections_model_and_consumed_statistics_ar
     weights = {}
     for w in (way, "formed"):
         targets, mf, mr = _moments(model, xf, xr)
-        edit_for = api.solved_edits(targets, mf, mr, 3.0, 100.0, way=w)
-        plan, _ = api.plan_edits_with(targets, edit_for, api.traces(mf), api.traces(mr))
+        edit_for = planning.solved_edits(targets, mf, mr, 3.0, 100.0, way=w)
+        plan, _ = planning.plan_edits_with(targets, edit_for, planning.traces(mf), planning.traces(mr))
         assert all(cov is None for cov, _ in [*mf.values(), *mr.values()])  # every input consumed
         weights[w] = {p.target.name: p.new_weight for p in plan}
     assert weights[way].keys() == weights["formed"].keys() and len(weights[way]) == len(targets)
@@ -163,14 +164,14 @@ def test_auto_way_follows_the_flop_count(monkeypatch):
     torch.manual_seed(0)
     model = Net()
     chosen = []
-    real = api.side_solver
+    real = planning.side_solver
 
     def spy(cov, alpha, rows, vectors, way, solver, **kw):
         out = real(cov, alpha, rows, vectors, way, solver, **kw)
         chosen.append((cov.shape[-1], vectors, type(out).__name__))
         return out
 
-    monkeypatch.setattr(api, "side_solver", spy)
+    monkeypatch.setattr(planning, "side_solver", spy)
     deepunlearn.unlearn(model, torch.randn(2, 4, 4, 4), torch.randn(30, 4, 4, 4), alpha_r=100, alpha_f=3)
     got = sorted(chosen)
     # by side_flops: conv (18 per group, 3 rows per group), attention (6 wide, 18 and 6 rows) and
@@ -212,10 +213,10 @@ def test_float32_default_matches_the_float64_eigen_reference_on_the_suite_models
     for dtype, solver in ((torch.float32, "cholesky"), (torch.float64, "eigh")):
         targets, _ = find_targets(model)
         cpu = torch.device("cpu")
-        mf = api.layer_moments(targets, collect_statistics(model, xf, dtype=dtype), cpu)
-        mr = api.layer_moments(targets, collect_statistics(model, xr, dtype=dtype), cpu)
-        plan, _ = api.plan_edits_with(targets, api.solved_edits(targets, mf, mr, 3.0, 100.0, solver=solver),
-                                      api.traces(mf), api.traces(mr))
+        mf = planning.layer_moments(targets, collect_statistics(model, xf, dtype=dtype), cpu)
+        mr = planning.layer_moments(targets, collect_statistics(model, xr, dtype=dtype), cpu)
+        plan, _ = planning.plan_edits_with(targets, planning.solved_edits(targets, mf, mr, 3.0, 100.0, solver=solver),
+                                      planning.traces(mf), planning.traces(mr))
         new[solver] = {p.target.name: p.new_weight for p in plan}
     assert new["cholesky"].keys() == new["eigh"].keys() and len(new["eigh"]) == len(targets)
     before = {t.name: t.weight().detach().double() for t in targets}
@@ -277,9 +278,9 @@ def test_batched_factors_give_the_unbatched_edit_and_consume_the_statistics(batc
     new = {}
     for limit in (0, batch_bytes):
         targets, mf, mr = _moments(model, xf, xr)
-        edit_for = api.solved_edits(targets, mf, mr, 3.0, 100.0, way="cholesky", batch_bytes=limit,
+        edit_for = planning.solved_edits(targets, mf, mr, 3.0, 100.0, way="cholesky", batch_bytes=limit,
                                     inverse_factor=inverse_factor and limit > 0)
-        plan, rows = api.plan_edits_with(targets, edit_for, api.traces(mf), api.traces(mr))
+        plan, rows = planning.plan_edits_with(targets, edit_for, planning.traces(mf), planning.traces(mr))
         assert all(cov is None for cov, _ in [*mf.values(), *mr.values()])
         assert all(r.relative_change > 0 and r.forget_vectors > 0 for r in rows)
         new[limit] = {p.target.name: p.new_weight for p in plan}
@@ -294,7 +295,7 @@ def test_non_finite_edit_is_reported_by_layer_and_nothing_planned_is_written():
     targets, mf, mr = _moments(model, torch.randn(2, 4, 4, 4, dtype=torch.float64),
                                torch.randn(3, 4, 4, 4, dtype=torch.float64))
     before = [t.weight().detach().clone() for t in targets]
-    edit_for = api.solved_edits(targets, mf, mr, 3.0, 100.0)
+    edit_for = planning.solved_edits(targets, mf, mr, 3.0, 100.0)
     poisoned = targets[1].name
 
     def edit(t):
@@ -302,15 +303,15 @@ def test_non_finite_edit_is_reported_by_layer_and_nothing_planned_is_written():
         return (lambda w: fn(w) * float("nan")) if t.name == poisoned else fn
 
     with pytest.raises(RuntimeError, match=f"non-finite weights at layer '{poisoned}'"):
-        api.plan_edits_with(targets, edit, api.traces(mf), api.traces(mr))
+        planning.plan_edits_with(targets, edit, planning.traces(mf), planning.traces(mr))
     assert all(torch.equal(t.weight(), b) for t, b in zip(targets, before))
 
 
 def test_to_host_keeps_shapes_and_values():
     parts = [torch.randn(3), torch.randn(2, 2, dtype=torch.float64), torch.tensor([True, False])]
-    for got, want in zip(api.to_host(parts), parts):
+    for got, want in zip(planning.to_host(parts), parts):
         assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
-    assert api.to_host([]) == []
+    assert planning.to_host([]) == []
 
 
 @pytest.mark.cuda
@@ -326,11 +327,11 @@ def test_batched_factors_on_cuda_match_float64_on_the_cpu(inverse_factor):
     for dev, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
         m = copy.deepcopy(model).to(dev, dtype)
         targets, _ = find_targets(m)
-        mf, mr = (api.layer_moments(targets, collect_statistics(m, x.to(dev, dtype), dtype=dtype), torch.device(dev))
+        mf, mr = (planning.layer_moments(targets, collect_statistics(m, x.to(dev, dtype), dtype=dtype), torch.device(dev))
                   for x in (xf, xr))
-        edit_for = api.solved_edits(targets, mf, mr, 3.0, 100.0, way="cholesky",
+        edit_for = planning.solved_edits(targets, mf, mr, 3.0, 100.0, way="cholesky",
                                     inverse_factor=inverse_factor and dev == "cuda")
-        plan, _ = api.plan_edits_with(targets, edit_for, api.traces(mf), api.traces(mr))
+        plan, _ = planning.plan_edits_with(targets, edit_for, planning.traces(mf), planning.traces(mr))
         new[dev] = {p.target.name: p.new_weight for p in plan}
     assert new["cpu"].keys() == new["cuda"].keys() and len(new["cpu"]) == 3
     for name, w in new["cpu"].items():

@@ -27,7 +27,7 @@ from torch.utils.data import Subset
 
 from .. import _ext, search_alphas, unlearn
 from . import CACHE_DIR
-from ..api import class_balanced_indices, dataset_labels
+from ..sampling import class_balanced_indices, dataset_labels
 from .baselines import BASELINES
 from .fashion_mnist import fashion_mnist
 from ..evaluation import evaluate_forgetting, exact_rss_peaks, measure
