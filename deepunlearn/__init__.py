@@ -9,7 +9,7 @@ Quick use::
 See :func:`unlearn`, :func:`forget_classes`, :func:`search_alphas` and :func:`collect_statistics`.
 """
 from ._ext import extension_info
-from .auto_alpha import AlphaChoice
+from .report import AlphaChoice
 from .projection import Spectrum, scaled_projection
 from .report import LayerReport, UnlearnReport
 from .search import AlphaSearch, search_alphas

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 DataLike = Any  # DataLoader | Dataset | Tensor | Iterable of batches
 
 
-def _first_tensor(batch: Any) -> torch.Tensor:
+def first_tensor(batch: Any) -> torch.Tensor:
     """Return the model input of one batch: ``x`` itself or the first item of ``(x, y, ...)``."""
     if isinstance(batch, torch.Tensor):
         return batch
@@ -49,7 +49,7 @@ def iter_batches(data: DataLike, batch_size: int = 256) -> Iterator[torch.Tensor
     """Yield input tensors (batch dimension first): each batch of :func:`iter_raw_batches` as
     ``x`` itself or the first item of ``(x, y, ...)``."""
     for batch in iter_raw_batches(data, batch_size):
-        yield _first_tensor(batch)
+        yield first_tensor(batch)
 
 
 def iter_labelled(data: DataLike, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -15,8 +15,9 @@ from torch.utils.data import Dataset, Subset
 
 from . import distributed
 from ._batches import DataLike
-from .auto_alpha import (CHECK_SAMPLES, HEAD_ALPHA_F, TARGET_FORGET_ACCURACY, choice_rank, choose_alphas,
-                         fold_split, holdout_split, make_scorer, materialise, reads_first_position)
+from .auto_alpha import HEAD_ALPHA_F, TARGET_FORGET_ACCURACY, choice_rank, choose_alphas
+from .sampling import fold_split, holdout_split, materialise
+from .scoring import CHECK_SAMPLES, make_scorer, reads_first_position
 from .candidates import candidate_edits
 from .collect import collect_both_kinds, collect_statistics
 from .edit import apply_plan
@@ -140,7 +141,7 @@ def unlearn(
             cross-validation over the folds shows it still forgetting and keeping at least the
             retain accuracy; else its bias is shifted so that the held-out retain samples keep the
             unedited model's shares of the retained classes, never raising a forgotten class's
-            logit against a retained one (:func:`~deepunlearn.auto_alpha.rebalanced_shift`;
+            logit against a retained one (:func:`~deepunlearn.scoring.rebalanced_shift`;
             ``report.alpha_choice.head_shift``). Needs the automatic choice (its folds and held-out
             samples); done where the head has a bias and the model's output is the head's. None
             (default): on when the scales are chosen (docs/auto_alpha.md); True with both scales

@@ -1,13 +1,13 @@
 """What an unlearning call did, per layer and in total, printable and JSON-ready."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from .auto_alpha import AlphaChoice
+from .head_refit import HeadRefit
 
 
 @dataclass
@@ -40,6 +40,98 @@ class LayerReport:
 
 
 @dataclass
+class AlphaChoice:
+    """How :func:`deepunlearn.unlearn` chose its scales.
+
+    Attributes:
+        alpha_r, alpha_f: the chosen pair.
+        retain_acc, forget_acc: their held-out accuracies (percent).
+        retain_prob: the held-out retain samples' mean probability of their right class (percent),
+            by which candidates that reach the target are ranked.
+        reached_target: whether the forget accuracy reached ``target`` (else the best compromise).
+        target: the forget-accuracy target (percent).
+        scoring: ``"labels"``, ``"classes"`` (the forgotten classes given, no labels) or
+            ``"original predictions"`` (agreement with the unedited model).
+        held_out: samples that scored ``(forget, retain)``: every forget sample (each by the
+            candidate edited from the other folds, at most :data:`HOLDOUT_CAP` a fold) and the
+            held-out retain samples.
+        folds: forget folds (:data:`FORGET_FOLDS`, fewer for fewer samples).
+        monotone: whether held-out forget accuracy never rose with ``alpha_f`` for any ``alpha_r``.
+        candidates: every scored pair (a row per head option): ``alpha_r``, ``alpha_f``,
+            ``retain_acc`` and ``retain_prob`` (scored for the
+            smallest ``alpha_f`` reaching the target per ``alpha_r`` and for the pairs checked
+            against the best of those (:func:`choose_alphas`'s bound), else NaN; for every pair
+            where none reaches it), ``forget_acc`` (percent of the first fold; NaN where scoring stopped
+            early), ``forget_hits`` (forget samples still recognised, of ``forget_scored`` scored:
+            scoring stops, :data:`SCORE_CHUNK` samples at a time, once the pair has missed the target;
+            NaN of 0 for a finer step that could not win, scored on the retain side only).
+        seconds: wall time of decomposing and scoring (not of collecting the statistics).
+        allowed_hits: the most held-out forget samples a candidate may still recognise to count as
+            reaching the target (the target at :data:`FORGET_CONFIDENCE`, given ``held_out[0]``).
+        first_token: whether the chosen edit uses the statistics of sequences' first position only.
+        alpha_f_head: the classifier head's own ``alpha_f`` (the last layer the input reaches), or
+            None where the head is edited with ``alpha_f`` like every other layer. Candidate rows
+            carry ``alpha_f_head`` (the head's scale) and ``head_apart`` (1 where it was set apart).
+        keep_retain_mean: whether the candidates' biases kept the retain samples' mean output
+            (:func:`deepunlearn.unlearn`'s ``keep_retain_mean``).
+        every_position_skipped: whether a model that reads sequences was searched with the first
+            position's statistics only: its output depends on that position alone
+            (:func:`reads_first_position`) and they reached the target, so every position's were
+            not scored.
+        head_shift: per class, what the edit adds to the classifier head's bias so that the
+            held-out retain samples keep the unedited model's shares of the retained classes
+            (:func:`rebalanced_shift`; :func:`deepunlearn.unlearn`'s ``refit_head``), where the
+            head was not re-fitted; else None. The held-out accuracies above are those before it.
+        head_refit: the classifier head's retained rows re-fitted to the edited body
+            (:class:`~deepunlearn.head_refit.HeadRefit`, with its cross-validated accuracies), or None.
+    """
+
+    alpha_r: float
+    alpha_f: float
+    retain_acc: float
+    forget_acc: float
+    reached_target: bool
+    target: float
+    scoring: str
+    held_out: tuple[int, int]
+    monotone: bool
+    candidates: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    allowed_hits: int = 0
+    first_token: bool = False
+    folds: int = 1
+    alpha_f_head: float | None = None
+    retain_prob: float = math.nan
+    keep_retain_mean: bool = False
+    every_position_skipped: bool = False
+    head_shift: list[float] | None = None
+    head_refit: HeadRefit | None = None
+
+    def to_dict(self) -> dict:
+        """Every field as JSON-ready values; of :attr:`head_refit`, what it measured (not its rows)."""
+        out = asdict(replace(self, head_refit=None))
+        if self.head_refit is not None:
+            out["head_refit"] = {f.name: getattr(self.head_refit, f.name) for f in fields(self.head_refit)
+                                 if f.name not in ("weight", "bias")}
+        return out
+
+    def __str__(self) -> str:
+        how = "reached" if self.reached_target else "NOT reached"
+        head = "" if self.alpha_f_head is None else f", alpha_f_head={self.alpha_f_head:g}"
+        return (f"alpha chosen: alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}{head} (held-out retain {self.retain_acc:.2f} %, "
+                f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}, at most {self.allowed_hits} held-out forget "
+                f"sample(s) recognised; {'statistics of the first sequence position; ' if self.first_token else ''}"
+                f"{'every position not searched (the output reads the first alone); ' if self.every_position_skipped else ''}"
+                f"{'retain mean kept; ' if self.keep_retain_mean else ''}"
+                f"{'' if self.head_shift is None else f'head bias rebalanced (shifts up to {max(self.head_shift):.3g}); '}"
+                f"{'' if (r := self.head_refit) is None else f'head re-fitted (cross-validated retain {r.retain_acc_before:.2f} -> {r.retain_acc_after:.2f} %, {r.forget_hits} forget sample(s) recognised); '}"
+                f"{len({(c['alpha_r'], c['alpha_f']) for c in self.candidates})} pairs scored"
+                f"{'' if self.alpha_f_head is None and not any(c.get('head_apart') for c in self.candidates) else ' with each head scale'} "
+                f"by {self.scoring} on {self.held_out[0]} forget samples in {self.folds} folds + {self.held_out[1]} held-out "
+                f"retain samples in {self.seconds:.2f} s)")
+
+
+@dataclass
 class UnlearnReport:
     """Result of :func:`deepunlearn.unlearn`.
 
@@ -51,7 +143,7 @@ class UnlearnReport:
         alpha_r, alpha_f, solver: the settings used.
         seconds: wall time in seconds: ``collect_forget``, ``collect_retain``, ``choose_alpha`` (0 when
             both scales were given), ``decompose``, ``edit``, ``total``.
-        alpha_choice: how the scales were chosen (:class:`~deepunlearn.auto_alpha.AlphaChoice`), or
+        alpha_choice: how the scales were chosen (:class:`AlphaChoice`), or
             None when both were given.
         alpha_f_head: the classifier head's own forget scale, or None where it took ``alpha_f``.
         keep_retain_mean: whether the biases were shifted to keep the retain samples' mean output.

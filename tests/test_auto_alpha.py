@@ -12,9 +12,9 @@ from conftest import rel_err
 from deepunlearn import api
 from deepunlearn import plan as planning
 from deepunlearn.candidates import FACTOR_SETS_KEPT, FactoredCandidates, SpectralCandidates, candidate_edits, factors_pay
-from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, FORGET_CONFIDENCE, FORGET_FOLDS, allowed_forget_hits, smallest_passing,
-                                    binomial_upper_bound, choose_alphas, fold_split, holdout_split, inferred_forget_classes,
-                                    make_scorer, materialise)
+from deepunlearn.auto_alpha import ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, choose_alphas, smallest_passing
+from deepunlearn.sampling import FORGET_FOLDS, fold_split, holdout_split, materialise
+from deepunlearn.scoring import FORGET_CONFIDENCE, allowed_forget_hits, binomial_upper_bound, inferred_forget_classes, make_scorer
 from deepunlearn.layers import find_targets
 from deepunlearn.collect import collect_statistics
 
@@ -409,7 +409,7 @@ def test_a_candidate_recognising_more_held_out_samples_than_allowed_does_not_rea
 def test_head_options_score_as_if_each_were_written_into_the_head(trained):
     from dataclasses import replace
 
-    from deepunlearn.auto_alpha import HeadReader
+    from deepunlearn.scoring import HeadReader
     from deepunlearn.collect import eval_no_grad
 
     model, targets, xf, xr = double_model_and_samples(trained)
@@ -490,7 +490,7 @@ def test_a_head_that_cannot_take_its_own_scale_is_refused_and_the_model_unchange
 
 
 def test_the_rebalanced_shift_keeps_the_retained_shares_and_never_favours_a_forgotten_class():
-    from deepunlearn.auto_alpha import rebalanced_shift
+    from deepunlearn.scoring import rebalanced_shift
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(400, 6, generator=g) * 2.0 + torch.tensor([0.0, 1.0, -1.0, 0.5, 2.0, -0.5])

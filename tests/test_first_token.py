@@ -147,7 +147,7 @@ class PooledTokenNet(TokenNet):
 
 
 def test_a_class_token_model_is_told_from_one_that_pools_its_positions():
-    from deepunlearn.auto_alpha import reads_first_position
+    from deepunlearn.scoring import reads_first_position
 
     torch.manual_seed(0)
     x = torch.randn(8, 7, 6)
@@ -229,7 +229,7 @@ def test_every_position_statistics_are_collected_only_where_their_search_runs(mo
 @pytest.mark.parametrize("pool, want", [("token", True), ("avg", False)])
 def test_a_timm_vit_reads_its_class_token_only_with_token_pooling(pool, want):
     timm = pytest.importorskip("timm")
-    from deepunlearn.auto_alpha import reads_first_position
+    from deepunlearn.scoring import reads_first_position
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from deepunlearn import frozen_prefix
-from deepunlearn.auto_alpha import make_scorer
+from deepunlearn.scoring import make_scorer
 from deepunlearn.frozen_prefix import find_prefix
 from deepunlearn.layers import find_targets
 from deepunlearn.experiments.models import SmallCNN
@@ -196,7 +196,7 @@ def test_scores_with_the_prefix_kept_equal_those_of_whole_passes(device):
     for p in edited:  # a candidate edit: every edited weight moves
         p.mul_(1.0 + 0.3 * torch.randn_like(p))
     heads = [(model.classifier[-1].weight * s, model.classifier[-1].bias * s) for s in (1.0, 0.5)]
-    from deepunlearn.auto_alpha import HeadReader
+    from deepunlearn.scoring import HeadReader
 
     for scorer in (kept, whole):
         scorer.head = HeadReader(model.classifier[-1], None)

@@ -11,7 +11,7 @@ from conftest import rel_err
 from test_projection import numpy_reference
 
 import deepunlearn
-from deepunlearn import Statistics, api, collect_statistics
+from deepunlearn import Statistics, collect_statistics
 from deepunlearn import hooks
 from deepunlearn import plan as planning
 from deepunlearn.moments import SampleRows, fold_rows, moment_sum

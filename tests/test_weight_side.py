@@ -9,7 +9,6 @@ from conftest import rel_err, spd
 from test_projection import numpy_reference
 
 import deepunlearn
-from deepunlearn import api
 from deepunlearn import plan as planning
 from deepunlearn.layers import find_targets
 from deepunlearn.collect import collect_statistics
