@@ -61,7 +61,8 @@ class ConvGeometry:
         return cls(k, per_dim(stride), dil, pad, padding_mode, int(groups))
 
 
-def _pad(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+def pad_input(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """``x`` padded as the conv pads it (any padding mode)."""
     if not any(geom.padding):
         return x
     if geom.padding_mode == "zeros":
@@ -79,7 +80,7 @@ def conv_patches(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
     nd = geom.spatial_dims
     if x.dim() == nd + 1:
         x = x.unsqueeze(0)
-    x = _pad(x, geom)
+    x = pad_input(x, geom)
     for i, (k, s, d) in enumerate(zip(geom.kernel, geom.stride, geom.dilation)):
         x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends the window as a trailing dim
     x = x[(Ellipsis, *(slice(None, None, d) for d in geom.dilation))]
@@ -166,7 +167,7 @@ def accumulate_conv_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry, for
     if geom.padding_mode == "zeros":  # the op pads with zeros itself, (low, high) per dim in natural order
         pad = [v for i in reversed(range(geom.spatial_dims)) for v in geom.padding[2 * i : 2 * i + 2]]
     else:  # reflect / replicate / circular: pad here (a copy of the input, not of the patches)
-        x, pad = _pad(x, geom), [0] * (2 * geom.spatial_dims)
+        x, pad = pad_input(x, geom), [0] * (2 * geom.spatial_dims)
     _ext.ops().conv_cov_accumulate_(cov, _narrowed(x, cov), list(geom.kernel), list(geom.stride), pad, list(geom.dilation),
                                     form, chunk_elements)
     return cov
@@ -194,7 +195,7 @@ def _accumulate_conv3d_(cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry, 
         x = F.pad(x, (0, 0, 0, 0, d_lo, d_hi)) if d_lo or d_hi else x
         pad = [h_lo, h_hi, w_lo, w_hi]
     else:
-        x, pad = _pad(x, geom), [0, 0, 0, 0]
+        x, pad = pad_input(x, geom), [0, 0, 0, 0]
     x = _narrowed(x, cov)
     n_images, channels, depth, height, width = x.shape
     span = dd * (kd - 1) + 1

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._batches import DataLike, iter_batches
-from .covariance import ConvGeometry, _pad, conv_patches
+from .covariance import ConvGeometry, pad_input, conv_patches
 from .edit import apply_plan
 from .layers import find_targets
 from .projection import check_alpha, scale_energies
@@ -54,7 +54,7 @@ class _ActivationRecorder(Collector):
 
     def _crop(self, x: torch.Tensor, geom: ConvGeometry) -> tuple[torch.Tensor, ConvGeometry]:
         """A random window of ``3k`` (dilated kernel extents) per spatial dim of the padded input."""
-        x = _pad(x, geom)
+        x = pad_input(x, geom)
         for i, (k, dil) in enumerate(zip(geom.kernel, geom.dilation)):
             size = x.shape[2 + i]
             win = min(size, 3 * (dil * (k - 1) + 1))

@@ -222,7 +222,7 @@ def test_transformers_models_every_weight_matrix_matches_an_independent_computat
     """Hugging Face models at random init (as the command line's --hf wraps them): every Linear and
     conv weight's statistics against plain hooks (ViT's separate query, key and value share one),
     and every one edited."""
-    from deepunlearn.model_files import HFClassifier
+    from deepunlearn.cli.model_files import HFClassifier
 
     torch.manual_seed(0)
     model = HFClassifier(_hf_models()[name]()).double().eval()

@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 
 import deepunlearn
 from deepunlearn.cli import main
-from deepunlearn.image_tree import image_tree
+from deepunlearn.cli.image_tree import image_tree
 from deepunlearn.search import ALPHA_F_GRID, ALPHA_R_GRID
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
@@ -313,7 +313,7 @@ def test_hugging_face_directory_in_and_out(tree, tmp_path, capsys):
     # equal to the library's edit of the same model on the same draw, with the directory's normalisation
     ds = image_tree(tree, 32, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     f_idx, r_idx = deepunlearn.api.draw_samples(torch.as_tensor(ds.targets), [609], 1, None, 0)
-    from deepunlearn.model_files import HFClassifier
+    from deepunlearn.cli.model_files import HFClassifier
 
     ref = deepunlearn.unlearn(HFClassifier(original), Subset(ds, f_idx), Subset(ds, r_idx), alpha_r=100, alpha_f=10,
                               dtype=torch.float64, inplace=False).model.hf.state_dict()

@@ -47,7 +47,7 @@ def test_require_names_the_extra(monkeypatch):
 
 
 def test_a_safetensors_file_asks_for_safetensors_alone(monkeypatch, tmp_path):
-    from deepunlearn import model_files
+    from deepunlearn.cli import model_files
 
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)

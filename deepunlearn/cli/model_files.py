@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .extras import require
+from ..extras import require
 
 
 @dataclass(frozen=True)
