@@ -1,7 +1,7 @@
 """Scaled subspace projections ``M(C, α) = U diag(λ(α)) Uᵀ`` with ``λ_i = α r_i / ((α−1) r_i + 1)``.
 
 ``r_i = e_i / tr(C)`` are the normalised energies of the second moment ``C``. Three solvers
-give the same matrix (ALGORITHM.md §3):
+give the same matrix (docs/algorithm.md, "The scaled spaces"):
 
 * ``"cholesky"``: no decomposition, ``M = α Ĉ ((α−1)Ĉ + I)⁻¹`` with ``Ĉ = C / tr(C)``; cheapest for one α.
 * ``"eigh"``: decompose ``C`` once (:class:`Spectrum`), then rescale per α; cheapest for many α.

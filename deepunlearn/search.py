@@ -74,7 +74,7 @@ def search_alphas(
         validation: labelled held-out samples of all classes, ``(x, y)`` batches or a Dataset.
             Use samples outside both ``forget``/``retain`` and the test split.
         forget_classes: the class indices being forgotten (to split ``validation``).
-        alpha_r_grid, alpha_f_grid: candidate scales (ALGORITHM.md §4 grids by default).
+        alpha_r_grid, alpha_f_grid: candidate scales (the paper's grids by default, docs/algorithm.md "The scales").
         batch_size, dtype, autocast, progress: as in :func:`deepunlearn.unlearn` (validation runs in
             full precision). Under ``torch.distributed`` the statistics are summed over the ranks;
             give every rank the same ``validation`` data.
