@@ -9,6 +9,12 @@ from torch.utils.data import Dataset, Subset
 
 from ._batches import DataLike, first_tensor, iter_raw_batches
 
+HOLDOUT_FRACTION = 0.25  # of the retain samples, to score candidates (the final edit uses all)
+HOLDOUT_CAP = 512  # held-out samples per side and fold at most: resolves 0.2 % steps, bounds scoring time
+FORGET_FOLDS = 4  # each a quarter, as the retain hold-out; all of them score, so 1 % of 900 forget samples
+# is 9 to count, not 2: the target is shown at confidence with an edit that forgets less (docs/auto_alpha.md)
+HOLDOUT_SEED = 0
+
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor:
     """Integer labels of every sample of a labelled dataset, as a 1-d tensor."""
@@ -60,13 +66,6 @@ def draw_samples(labels: torch.Tensor, classes: int | Sequence[int], retain_per_
         raise ValueError(f"forget_samples must be at least 1, got {forget_samples}")
     forget_idx = class_balanced_indices(labels, forget_set, n_forget, g)
     return forget_idx, retain_idx
-
-
-HOLDOUT_FRACTION = 0.25  # of the retain samples, to score candidates (the final edit uses all)
-HOLDOUT_CAP = 512  # held-out samples per side and fold at most: resolves 0.2 % steps, bounds scoring time
-FORGET_FOLDS = 4  # each a quarter, as the retain hold-out; all of them score, so 1 % of 900 forget samples
-# is 9 to count, not 2: the target is shown at confidence with an edit that forgets less (docs/auto_alpha.md)
-HOLDOUT_SEED = 0
 
 
 def materialise(data: DataLike, batch_size: int, role: str = "given") -> tuple[torch.Tensor, torch.Tensor | None]:
