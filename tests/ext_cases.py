@@ -57,6 +57,11 @@ CONVS = [
 ]
 
 
+def windows_overlap(kernel, stride) -> bool:
+    """Whether a strided conv's windows overlap in some dimension (the phase form's condition)."""
+    return any(k > s for k, s in zip(kernel, stride))
+
+
 def conv_case(conv: nn.Module, images: int, x_dtype: torch.dtype = torch.float64, spatial: tuple[int, ...] | None = None):
     """Input ``x`` (rounded to ``x_dtype``), geometry, a symmetric non-zero starting statistic
     and the float64 oracle's result on the stored values of ``x``."""

@@ -12,7 +12,7 @@ from deepunlearn import _ext
 from ext_cases import DEVICES, device_or_skip, needs_ext, sym_poison
 
 import deepunlearn
-from ext_cases import PURE_BUILD
+from ext_cases import PURE_BUILD, windows_overlap
 
 FIXED = {"alpha_r": 100.0, "alpha_f": 3.0}  # the fixed-α edit (the default call would choose α)
 
@@ -154,8 +154,7 @@ def forced_form(geom, forms: str) -> str:
         return "wgrad" if unit and undilated else "auto"
     if unit:
         return "shifted" if undilated else "residues"
-    overlapping = any(k > s for k, s in zip(geom.kernel, geom.stride))
-    return "phases" if undilated and overlapping else "auto"
+    return "phases" if undilated and windows_overlap(geom.kernel, geom.stride) else "auto"
 
 
 @needs_ext

@@ -5,7 +5,7 @@ from torch import nn
 
 from conftest import rel_err
 from deepunlearn import _ext
-from ext_cases import DEVICES, conv_case, device_or_skip, needs_ext
+from ext_cases import DEVICES, conv_case, device_or_skip, needs_ext, windows_overlap
 from deepunlearn.covariance import accumulate_conv_, accumulate_conv_reference_
 
 
@@ -43,18 +43,13 @@ PHASE_CASES = [
 ]
 
 
-def overlapping(conv: nn.Module) -> bool:
-    """Whether a strided conv's windows overlap in some dimension (the phase form's condition)."""
-    return any(k > s for k, s in zip(conv.kernel_size, conv.stride))
-
-
 @needs_ext
 @pytest.mark.parametrize("form", ["direct", "phases"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("conv,spatial", PHASE_CASES, ids=[f"{i}" for i in range(len(PHASE_CASES))])
 def test_strided_conv_phase_form_matches_float64_oracle(form, dtype, conv, spatial):
     x, geom, start, ref = conv_case(conv, 3, dtype, spatial=spatial)
-    if form == "phases" and not overlapping(conv):
+    if form == "phases" and not windows_overlap(conv.kernel_size, conv.stride):
         with pytest.raises(RuntimeError, match="the phase form needs a strided, undilated conv whose windows overlap"):
             accumulate_conv_(start.to(dtype), x, geom, form=form)
         return

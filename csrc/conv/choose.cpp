@@ -4,7 +4,10 @@
 #include <ATen/Context.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <iterator>
 #include <string>
+#include <utility>
 
 #include "forms.h"
 
@@ -140,20 +143,33 @@ const char* unfit(ConvForm form, const at::Tensor& cov, const at::Tensor& x, con
   }
 }
 
-// The cost of the shifted family's form for x under the cost model (infinite where it cannot run).
-double form_cost(ConvForm form, ShiftSums sums, const at::Tensor& cov, const at::Tensor& x, const ConvGeom& g) {
+// The form argument's spellings, for parsing it and for naming a choice.
+constexpr std::pair<const char*, ConvForm> kFormNames[] = {
+    {"auto", ConvForm::kAuto},         {"direct", ConvForm::kDirect}, {"shifted", ConvForm::kShifted},
+    {"residues", ConvForm::kResidues}, {"phases", ConvForm::kPhases}, {"wgrad", ConvForm::kWgrad}};
+constexpr std::pair<const char*, ShiftSums> kSumsNames[] = {
+    {"fused", ShiftSums::kFused}, {"gemm", ShiftSums::kGemm}, {"generic", ShiftSums::kGeneric}};
+
+// The sums the shifted family's `form` makes for x: resolved for the images it reads (a strided
+// conv's phase images have more channels per group and a smaller kernel than the conv itself).
+ShiftSums image_sums(ConvForm form, ShiftSums requested, const at::Tensor& cov, const at::Tensor& x, const ConvGeom& g) {
+  const int64_t cg = x.size(1) / cov.size(0);
+  if (form != ConvForm::kPhases) return resolve_sums(requested, cov, cg, g.kh * g.kw);
+  const PhaseGeometry p = phase_geometry(g, cg, x.size(2), x.size(3));
+  return resolve_sums(requested, cov, p.channels_per_group, p.conv.kh * p.conv.kw);
+}
+
+// The cost of the shifted family's form for x, its sums chosen automatically, under the cost model.
+double form_cost(ConvForm form, const at::Tensor& cov, const at::Tensor& x, const ConvGeom& g) {
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3), groups = cov.size(0), cg = x.size(1) / groups;
-  const int64_t kk = g.kh * g.kw, bytes = cov.element_size();
-  if (form == ConvForm::kShifted)
-    return shifted_cost(g, N, H, W, cg, groups, resolve_sums(sums, cov, cg, kk) == ShiftSums::kFused, bytes);
+  const int64_t bytes = cov.element_size();
+  const bool fused = image_sums(form, ShiftSums::kAuto, cov, x, g) == ShiftSums::kFused;
+  if (form == ConvForm::kShifted) return shifted_cost(g, N, H, W, cg, groups, fused, bytes);
   if (form == ConvForm::kPhases) {
     const PhaseGeometry p = phase_geometry(g, cg, H, W);
-    const int64_t pk = p.conv.kh * p.conv.kw;
-    return shifted_cost(p.conv, N, p.hp, p.wp, p.channels_per_group, groups,
-                        resolve_sums(sums, cov, p.channels_per_group, pk) == ShiftSums::kFused, bytes);
+    return shifted_cost(p.conv, N, p.hp, p.wp, p.channels_per_group, groups, fused, bytes);
   }
-  const bool fused = resolve_sums(sums, cov, cg, kk) == ShiftSums::kFused;  // residues
-  double cost = 0;
+  double cost = 0;  // residues
   for (const ResidueRun& a : residue_runs(H, g.ph_lo, g.ph_hi, g.kh, g.dh))
     for (const ResidueRun& b : residue_runs(W, g.pw_lo, g.pw_hi, g.kw, g.dw))
       cost += shifted_cost(residue_geometry(g, a, b), N * a.count * b.count, a.real, b.real, cg, groups, fused, bytes);
@@ -167,22 +183,18 @@ ConvChoice parse_conv_form(c10::string_view form) {
   const size_t slash = s.find('/');
   const std::string name = s.substr(0, slash), sums = slash == std::string::npos ? "" : s.substr(slash + 1);
   ConvChoice c{ConvForm::kAuto, ShiftSums::kAuto};
-  if (name == "auto") c.form = ConvForm::kAuto;
-  else if (name == "direct") c.form = ConvForm::kDirect;
-  else if (name == "shifted") c.form = ConvForm::kShifted;
-  else if (name == "residues") c.form = ConvForm::kResidues;
-  else if (name == "phases") c.form = ConvForm::kPhases;
-  else if (name == "wgrad") c.form = ConvForm::kWgrad;
-  else TORCH_CHECK(false, "conv_cov_accumulate_: form must be 'auto', 'direct', 'shifted', 'residues', 'phases' or "
+  const auto form_at = std::find_if(std::begin(kFormNames), std::end(kFormNames), [&](const auto& e) { return name == e.first; });
+  TORCH_CHECK(form_at != std::end(kFormNames), "conv_cov_accumulate_: form must be 'auto', 'direct', 'shifted', 'residues', 'phases' or "
                    "'wgrad' (the last three of the shifted family optionally with '/fused', '/gemm' or '/generic'), "
                    "got '", s, "'");
+  c.form = form_at->second;
   if (slash == std::string::npos) return c;
   const bool family = c.form == ConvForm::kShifted || c.form == ConvForm::kResidues || c.form == ConvForm::kPhases;
   TORCH_CHECK(family, "conv_cov_accumulate_: only 'shifted', 'residues' and 'phases' make sums a chosen way, got '", s, "'");
-  if (sums == "fused") c.sums = ShiftSums::kFused;
-  else if (sums == "gemm") c.sums = ShiftSums::kGemm;
-  else if (sums == "generic") c.sums = ShiftSums::kGeneric;
-  else TORCH_CHECK(false, "conv_cov_accumulate_: the sums must be '/fused', '/gemm' or '/generic', got '", s, "'");
+  const auto sums_at = std::find_if(std::begin(kSumsNames), std::end(kSumsNames), [&](const auto& e) { return sums == e.first; });
+  TORCH_CHECK(sums_at != std::end(kSumsNames), "conv_cov_accumulate_: the sums must be '/fused', '/gemm' or '/generic', got '",
+              s, "'");
+  c.sums = sums_at->second;
   return c;
 }
 
@@ -219,15 +231,14 @@ ConvChoice choose_conv_form(const at::Tensor& cov, const at::Tensor& x, const Co
   } else if (unit_stride(g)) {
     candidate = ConvForm::kResidues;
   } else if (undilated(g) && cov.is_cpu() && unfit(ConvForm::kPhases, cov, x, g) == nullptr) {
-    const PhaseGeometry p = phase_geometry(g, cg, H, W);  // only where the fused pass makes its sums
-    if (resolve_sums(ShiftSums::kAuto, cov, p.channels_per_group, p.conv.kh * p.conv.kw) != ShiftSums::kFused)
-      return direct;
+    // only where the fused pass makes the phase images' sums
+    if (image_sums(ConvForm::kPhases, ShiftSums::kAuto, cov, x, g) != ShiftSums::kFused) return direct;
     candidate = ConvForm::kPhases;
   } else {
     return direct;
   }
   if (!cov.is_cpu() && !shifted_may_pay_on_gpu(cov, x, cg, g.out_h(H) * g.out_w(W))) return direct;
-  if (!(form_cost(candidate, ShiftSums::kAuto, cov, x, g) < direct_cost(g, N, H, W, cg, groups))) return direct;
+  if (!(form_cost(candidate, cov, x, g) < direct_cost(g, N, H, W, cg, groups))) return direct;
   return {candidate, ShiftSums::kAuto};
 }
 
@@ -251,15 +262,11 @@ void accumulate_by_form(at::Tensor& cov, const at::Tensor& x, const ConvGeom& g,
 
 namespace {
 
-const char* form_name(ConvForm form) {
-  switch (form) {
-    case ConvForm::kDirect: return "direct";
-    case ConvForm::kShifted: return "shifted";
-    case ConvForm::kResidues: return "residues";
-    case ConvForm::kPhases: return "phases";
-    case ConvForm::kWgrad: return "wgrad";
-    default: return "auto";
-  }
+template <typename T, size_t n>
+const char* name_of(const std::pair<const char*, T> (&names)[n], T value) {
+  for (const auto& e : names)
+    if (e.second == value) return e.first;
+  return "?";
 }
 
 // conv_cov_form: what conv_cov_accumulate_ would run for these arguments, as the form argument
@@ -270,19 +277,9 @@ std::string conv_cov_form(const at::Tensor& cov, const at::Tensor& x_in, at::Int
   check_conv_cov_args(cov, x_in, g);
   const at::Tensor x = x_in.dim() == 3 ? x_in.unsqueeze(2) : x_in;
   const ConvChoice c = choose_conv_form(cov, x, g, parse_conv_form(form));
-  std::string name = form_name(c.form);
+  const std::string name = name_of(kFormNames, c.form);
   if (c.form != ConvForm::kShifted && c.form != ConvForm::kResidues && c.form != ConvForm::kPhases) return name;
-  int64_t cg = x.size(1) / cov.size(0), kk = g.kh * g.kw;
-  if (c.form == ConvForm::kPhases) {
-    const PhaseGeometry p = phase_geometry(g, cg, x.size(2), x.size(3));
-    cg = p.channels_per_group;
-    kk = p.conv.kh * p.conv.kw;
-  }
-  switch (resolve_sums(c.sums, cov, cg, kk)) {
-    case ShiftSums::kFused: return name + "/fused";
-    case ShiftSums::kGemm: return name + "/gemm";
-    default: return name + "/generic";
-  }
+  return name + "/" + name_of(kSumsNames, image_sums(c.form, c.sums, cov, x, g));
 }
 
 }  // namespace

@@ -113,10 +113,8 @@ void scatter_blocks_generic(at::Tensor& cov_g, const BlockTerms& terms, const at
   }
 }
 
-}  // namespace
+std::atomic<bool> poison{false};  // scratch filled with NaN first (set_poison_scratch)
 
-namespace {
-std::atomic<bool> poison{false};
 }  // namespace
 
 bool set_poison_scratch(bool on) { return poison.exchange(on); }
