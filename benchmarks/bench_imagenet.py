@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ceilings, device_name, timed, write_results  # noqa: E402
 import deepunlearn  # noqa: E402
-from deepunlearn import _ext, candidates  # noqa: E402
+from deepunlearn import candidates, ops as extension  # noqa: E402
 from deepunlearn.reference import unlearn_paper  # noqa: E402
 from deepunlearn.collect import eval_no_grad  # noqa: E402
 
@@ -159,7 +159,7 @@ def bench_arch(arch: str, args, device: torch.device) -> dict:
     runs: dict[str, list[dict]] = {"deepunlearn": [], "pure": []}
     for _ in range(args.repeat):  # interleaved, so that drift on a shared machine hits both alike
         runs["deepunlearn"].append(run_deepunlearn(model, xf, xr, args, device, autocast))
-        with _ext.pure_path():
+        with extension.pure_path():
             runs["pure"].append(run_deepunlearn(model, xf, xr, args, device, autocast))
     for name, tries in runs.items():
         res = min(tries, key=lambda r: r["total"])
@@ -260,8 +260,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     name = device_name(device)
-    print(f"device: {name}; extension: {_ext.extension_info()}", flush=True)
-    result = {"device": str(device), "device_name": name, "torch": torch.__version__, "extension": _ext.extension_info(),
+    print(f"device: {name}; extension: {extension.extension_info()}", flush=True)
+    result = {"device": str(device), "device_name": name, "torch": torch.__version__, "extension": extension.extension_info(),
               "images": args.images, "batch_size": args.batch_size, "autocast": args.autocast, "task": args.task,
               "ceilings": ceilings(device), "archs": []}
     print("ceilings: " + json.dumps(result["ceilings"]), flush=True)

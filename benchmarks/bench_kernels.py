@@ -13,7 +13,7 @@ then times the conv op with each of its exact forms forced (its ``form`` argumen
 
 On a GPU it also measures the device's ceilings (bf16 / tf32 / fp32 matrix-multiply rates, copy
 bandwidth) in the same run, adds bf16 rows (the pure path being its float32 twin, as in
-``deepunlearn.covariance``), tf32 rows (linear: the op with tf32 against the float32 ``addmm``;
+``deepunlearn.ops.covariance``), tf32 rows (linear: the op with tf32 against the float32 ``addmm``;
 conv: tf32 allowed on both sides), and sweeps the ops' tuning arguments (the linear op's output
 tile and split-K slices, also on the stems' patch matrices; the conv op's chunk size).
 """
@@ -38,7 +38,8 @@ from common import (GPU_BLOCK_SECONDS, ceilings, device_name, median_time, paire
 from shapes import DEPTHWISE, DILATED, RESNET18_CIFAR, STRIDED, VGG11_BN, VIT_B16  # noqa: E402
 
 import deepunlearn  # noqa: E402
-from deepunlearn import _ext  # noqa: E402
+import deepunlearn.ops.covariance  # noqa: E402
+from deepunlearn import ops as extension  # noqa: E402
 from deepunlearn.evaluation import exact_rss_peaks, measure  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,7 +94,7 @@ def linear_case(shape, batch, device, dtype, op_tf32=False) -> Case:
         cov.addmm_(xf.T, xf)
 
     def op():
-        _ext.ops().linear_cov_accumulate_(cov, x)
+        extension.library().linear_cov_accumulate_(cov, x)
 
     return Case("linear_cov", shape.name, shape.d, _name(dtype) + ("/tf32" if op_tf32 else ""),
                 under_tf32(pure, False), under_tf32(op, op_tf32), {"rows": n})
@@ -108,7 +109,7 @@ def conv_case(shape, batch, device, dtype=torch.float32, allow_tf32=False, wgrad
     """``allow_tf32``: both sides with tf32 allowed (the GPU's float32 GEMMs on the tensor cores);
     ``wgrad``: the op with its weight-gradient form forced (``form="wgrad"``)."""
     x = torch.randn(batch, shape.c_in, shape.size, shape.size, device=device, dtype=dtype)
-    geom = deepunlearn.covariance.ConvGeometry.of(conv_module(shape))
+    geom = deepunlearn.patches.ConvGeometry.of(conv_module(shape))
     d = shape.d
     cov = torch.zeros(shape.groups, d, d, device=device)
 
@@ -122,7 +123,7 @@ def conv_case(shape, batch, device, dtype=torch.float32, allow_tf32=False, wgrad
             cov.baddbmm_(u.transpose(1, 2), u)
 
     def op():
-        deepunlearn.covariance.accumulate_conv_(cov, x, geom, form="wgrad" if wgrad else "auto")
+        deepunlearn.ops.covariance.accumulate_conv_(cov, x, geom, form="wgrad" if wgrad else "auto")
 
     return Case("conv_cov", shape.name, d, _name(dtype) + ("/tf32" if allow_tf32 else ""),
                 under_tf32(pure, allow_tf32), under_tf32(op, allow_tf32, cudnn_tf32(dtype, allow_tf32)),
@@ -138,7 +139,7 @@ def edit_case(shape, device) -> Case:
         return w - (w - w @ m_r) @ m_f
 
     def op():
-        return _ext.ops().projected_edit(w, m_r, m_f)
+        return extension.library().projected_edit(w, m_r, m_f)
 
     return Case("projected_edit", shape.name, d, None, pure, op, {})
 
@@ -190,7 +191,7 @@ def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
     """GPU only: op time against the CUDA kernels' tuning arguments, and the linear op's rate against
     the number of rows."""
     rows = []
-    ops = _ext.ops()
+    ops = extension.library()
 
     def record(knob, value, layer, dtype, t, flops=None):
         rows.append({"knob": knob, "value": value, "layer": layer, "dtype": dtype, "op_s": t}
@@ -212,11 +213,11 @@ def sweep_knobs(device, repeat, vit_batch, conv_batch) -> list[dict]:
                 record("tile", tile, s.name, label, t, 2.0 * x.shape[0] * s.d**2)
     for s in (RESNET18_CIFAR[1], VGG11_BN[1], VGG11_BN[3], VGG11_BN[5]):
         batch = conv_batch[s.name.split(".")[0]]
-        geom = deepunlearn.covariance.ConvGeometry.of(conv_module(s))
+        geom = deepunlearn.patches.ConvGeometry.of(conv_module(s))
         cov = torch.zeros(1, s.d, s.d, device=device)
         x = torch.randn(batch, s.c_in, s.size, s.size, device=device, dtype=torch.bfloat16)
         for chunk in (1 << 24, 1 << 25, 1 << 26, 1 << 27):
-            t = median_time(lambda: deepunlearn.covariance.accumulate_conv_(cov, x, geom, chunk_elements=chunk), device,
+            t = median_time(lambda: deepunlearn.ops.covariance.accumulate_conv_(cov, x, geom, chunk_elements=chunk), device,
                             repeat)
             record("chunk_elements", chunk, s.name, "bfloat16", t)
     for s in (RESNET18_CIFAR[0], VGG11_BN[0]):  # stems, d = 27: a cov of one CTA's tile over millions of rows
@@ -248,7 +249,7 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
     variants = [(torch.float32, False)] + ([(torch.float32, True), (torch.bfloat16, False)] if device.type == "cuda" else [])
     cpu = device.type == "cpu"
     for s, (dtype, allow_tf32) in itertools.product(shapes, variants):
-        geom = deepunlearn.covariance.ConvGeometry.of(conv_module(s))
+        geom = deepunlearn.patches.ConvGeometry.of(conv_module(s))
         cov = torch.zeros(s.groups, s.d, s.d, device=device)
         x = torch.randn(conv_batch[s.name.split(".")[0]], s.c_in, s.size, s.size, device=device, dtype=dtype)
         if s.stride > 1:
@@ -261,7 +262,7 @@ def sweep_conv_forms(device, repeat, conv_batch, shapes) -> list[dict]:
         def under(form):
             def run():
                 with tf32(allow_tf32, cudnn_tf32(dtype, allow_tf32)):
-                    deepunlearn.covariance.accumulate_conv_(cov, x, geom, form=form)
+                    deepunlearn.ops.covariance.accumulate_conv_(cov, x, geom, form=form)
             return run
 
         times = paired_median_times([under(form) for form in forms], device, repeat)  # in turn
@@ -321,13 +322,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    if not _ext.loaded():
-        sys.exit(f"the extension is not loaded: {_ext.extension_info()}")
+    if not extension.loaded():
+        sys.exit(f"the extension is not loaded: {extension.extension_info()}")
     gpu = device.type == "cuda"
     repeat = 3 if a.quick else (20 if gpu else 9)
     vit_batch, conv_batch = batch_sizes(gpu, a.quick)
     result = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-              "extension": _ext.extension_info(), "quick": a.quick,
+              "extension": extension.extension_info(), "quick": a.quick,
               "ceilings": ceilings(device) if gpu else None, "rows": [], "sweep": []}
     if gpu:
         print("ceilings:", result["ceilings"], flush=True)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import RESULTS, Case, cases, variant  # noqa: E402
 from common import block_time, device_name, sync, write_results  # noqa: E402
 
-from deepunlearn import _ext  # noqa: E402
+from deepunlearn import ops as extension  # noqa: E402
 
 TOP = 5  # kernels (or ATen ops) kept per side
 
@@ -83,12 +83,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    if not _ext.loaded():
-        sys.exit(f"the extension is not loaded: {_ext.extension_info()}")
+    if not extension.loaded():
+        sys.exit(f"the extension is not loaded: {extension.extension_info()}")
     if a.calls < 1:
         sys.exit(f"--calls must be at least 1, got {a.calls}")
     result = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-              "extension": _ext.extension_info(), "quick": a.quick, "calls": a.calls, "rows": []}
+              "extension": extension.extension_info(), "quick": a.quick, "calls": a.calls, "rows": []}
     for case in cases(device, a.quick, lambda layer: not a.layers or any(name in layer for name in a.layers)):
         result["rows"].append(profile_case(case, device, a.calls))
         r = result["rows"][-1]

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepunlearn import _ext
-from deepunlearn.covariance import ConvGeometry, accumulate_conv_
+from deepunlearn import ops as extension
+from deepunlearn.ops.covariance import accumulate_conv_
+from deepunlearn.patches import ConvGeometry
 
-pytestmark = pytest.mark.skipif(not _ext.loaded(), reason="extension not built")
+pytestmark = pytest.mark.skipif(not extension.loaded(), reason="extension not built")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")])]
 
 
@@ -28,7 +29,7 @@ def test_linear_cov(benchmark, device, d, impl):
     benchmark.group = f"linear_cov d={d} {device}"
     x = torch.randn(4 * 197, d, device=device)
     cov = torch.zeros(d, d, device=device)
-    fn = (lambda: cov.addmm_(x.T, x)) if impl == "addmm" else (lambda: _ext.ops().linear_cov_accumulate_(cov, x))
+    fn = (lambda: cov.addmm_(x.T, x)) if impl == "addmm" else (lambda: extension.library().linear_cov_accumulate_(cov, x))
     benchmark(lambda: (fn(), sync(device)))
 
 
@@ -55,5 +56,5 @@ def test_conv_cov(benchmark, device, c, hw, groups, impl):
 def test_projected_edit(benchmark, device, impl):
     benchmark.group = f"projected_edit d=768 {device}"
     w, m_r, m_f = (torch.randn(1, 768, 768, device=device) for _ in range(3))
-    fn = (lambda: w - (w - w @ m_r) @ m_f) if impl == "two-gemm" else (lambda: _ext.ops().projected_edit(w, m_r, m_f))
+    fn = (lambda: w - (w - w @ m_r) @ m_f) if impl == "two-gemm" else (lambda: extension.library().projected_edit(w, m_r, m_f))
     benchmark(lambda: (fn(), sync(device)))

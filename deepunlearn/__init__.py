@@ -8,7 +8,7 @@ Quick use::
 
 See :func:`unlearn`, :func:`forget_classes`, :func:`search_alphas` and :func:`collect_statistics`.
 """
-from ._ext import extension_info
+from .ops import extension_info
 from .report import AlphaChoice
 from .projection import Spectrum, scaled_projection
 from .report import LayerReport, UnlearnReport

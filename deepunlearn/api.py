@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import copy
-import functools
-import math
-import operator
 import time
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -15,36 +11,15 @@ from torch.utils.data import Dataset, Subset
 
 from . import distributed
 from ._batches import DataLike
-from .auto_alpha import HEAD_ALPHA_F, TARGET_FORGET_ACCURACY, choice_rank, choose_alphas
-from .sampling import fold_split, holdout_split, materialise
-from .scoring import CHECK_SAMPLES, make_scorer, reads_first_position
-from .candidates import candidate_edits
-from .collect import collect_both_kinds, collect_statistics
-from .edit import apply_plan
-from .layers import EditTarget, SkippedLayer, find_targets
-from .plan import (Moments, layer_means, layer_moments, plan_edits_with, rebalanced, refitted, solved_edits,
-                   synchronize, traces)
+from .auto_alpha import TARGET_FORGET_ACCURACY
+from .automatic import choose_and_collect
+from .collect import gather_statistics
+from .layers import SkippedLayer, check_head_scale, edited_and_head, find_targets
+from .plan import apply_plan, layer_means, layer_moments, plan_edits_with, rebalanced, refitted, solved_edits, synchronize, traces
 from .projection import check_alpha, check_solver
 from .report import LayerReport, UnlearnReport
 from .sampling import dataset_labels, draw_samples
-from .statistics import Statistics, fingerprint_once, model_device
-
-
-def gather_statistics(model: nn.Module, data: DataLike | Statistics, role: str, **collect_kwargs) -> Statistics:
-    """``data`` as :class:`Statistics` of ``model``: collected, or checked against the model (and
-    ``first_token``) if given."""
-    if isinstance(data, Statistics):
-        data.check_matches(model)
-        if data.samples == 0 or not data.slots:
-            raise ValueError(f"the {role} statistics are empty")
-        wanted = collect_kwargs.get("first_token", False)
-        if data.first_token != wanted:
-            raise ValueError(f"the {role} statistics were collected with first_token={data.first_token}, but the call "
-                             f"has first_token={wanted}")
-        return data
-    if data is None:
-        raise ValueError(f"no {role} data given")
-    return collect_statistics(model, data, desc=role, **collect_kwargs)
+from .statistics import Statistics, model_device
 
 
 def unlearn(
@@ -189,121 +164,30 @@ def unlearn(
     if first_token is None and not choosing:  # statistics given: their kind; else every position (the paper's)
         given = [s.first_token for s in (forget, retain) if isinstance(s, Statistics)]
         first_token = given[0] if given else False
-    kw = dict(batch_size=batch_size, dtype=dtype, autocast=autocast, progress=progress, first_token=bool(first_token))
+    collect = dict(batch_size=batch_size, dtype=dtype, autocast=autocast, progress=progress)
+    skip_first = choosing if skip_first_layer is None else skip_first_layer
 
-    both_kinds = choosing and first_token is None  # every position's and the first position's, in one pass
-
-    def kinds(x: torch.Tensor, role: str, outputs: list | None = None, only: bool | None = None) -> dict[bool, Statistics]:
-        """The statistics of samples ``x`` by kind (``first_token``): both where both are wanted
-        (unless ``only`` names one); ``outputs`` gets the unedited model's logits per batch
-        (:func:`~deepunlearn.collect.collect_statistics`)."""
-        if not both_kinds or only is not None:
-            one = bool(first_token) if only is None else only
-            return {one: collect_statistics(model, x, desc=role, outputs=outputs, **(kw | {"first_token": one}))}
-        full, token = collect_both_kinds(model, x, batch_size=batch_size, dtype=dtype, autocast=autocast,
-                                         progress=progress, desc=role, outputs=outputs)
-        return {False: full} | ({} if token is None else {True: token})
-
-    def logits(outputs: list) -> torch.Tensor | None:
-        return None if not outputs or any(y is None for y in outputs) else torch.cat(outputs)
-
-    def edited_and_head(stats: Statistics) -> tuple[list[EditTarget], list[SkippedLayer], EditTarget | None]:
-        """The targets (the first layer left where asked) and the classifier head, from the order in
-        which the forward passes of ``stats`` reached them."""
-        edited, left = targets, skipped
-        if (choosing if skip_first_layer is None else skip_first_layer) and len({t.layer for t in targets}) > 1:
-            first = first_layer(targets, stats)
-            if first is not None:
-                edited = [t for t in targets if t.layer != first]
-                left = [*skipped, SkippedLayer(first, _FIRST_LAYER)]
-        return edited, left, classifier_head(edited, stats) if choosing or alpha_f_head is not None else None
-
-    t0 = time.perf_counter()
-    class_token = False  # the output read from the first position alone (choosing, sequence models): every
-    # position's statistics are then collected and scored only where the first position's miss the target
-    if choosing:  # the statistics of each forget fold, and of the retain fit and held-out parts
-        with fingerprint_once():  # six collections of the same weights
-            x_f, y_f = materialise(forget, batch_size, "forget")
-            x_r, y_r = materialise(retain, batch_size, "retain")
-            folds_f = fold_split(len(x_f), "forget")
-            fit_r, held_r = holdout_split(len(x_r), "retain")
-            outputs_f: list[list] = [[] for _ in folds_f]
-            parts_f = [kinds(x_f[folds_f[0]], "forget", outputs_f[0])]
-            stats_f = parts_f[0][min(parts_f[0])]  # every position's where both kinds were collected
-            targets, skipped, head = edited_and_head(stats_f)
-            if len(parts_f[0]) > 1 and head is not None:
-                class_token = reads_first_position(model, x_r[held_r][:CHECK_SAMPLES].to(device), head.module, autocast)
-            only = True if class_token else None
-            parts_f += [kinds(x_f[i], "forget", out, only) for i, out in zip(folds_f[1:], outputs_f[1:])]
-            synchronize(device)
-            t1 = time.perf_counter()
-            outputs_r, outputs_fit = [], []
-            parts_r = [kinds(x_r[fit_r], "retain", outputs_fit, only), kinds(x_r[held_r], "retain", outputs_r, only)]
-    else:
-        stats_f = gather_statistics(model, forget, "forget", **kw)
-        targets, skipped, head = edited_and_head(stats_f)
-        synchronize(device)
-        t1 = time.perf_counter()
-        stats_r = gather_statistics(model, retain, "retain", **kw)
-    synchronize(device)
-    t2 = t_chosen = time.perf_counter()
-    if alpha_f_head is not None and head is None:
-        raise ValueError("alpha_f_head was given, but the last layer the input reaches cannot take its own scale (it must "
-                         "be a Linear whose input no other edited weight reads, beside other edited layers)")
     choice = None
     if choosing:
-        scorer = make_scorer(model, [x_f[i] for i in folds_f], None if y_f is None else [y_f[i] for i in folds_f],
-                             x_r[held_r], None if y_r is None else y_r[held_r], classes, batch_size, autocast,
-                             edited=[getattr(t.module, t.param) for t in targets],
-                             original=([logits(o) for o in outputs_f], logits(outputs_r)))
-        logits_fit = logits(outputs_fit)
-        refit_on = None if logits_fit is None or refit_head is False else (
-            x_r[fit_r], logits_fit, y_r[fit_r] if y_r is not None else logits_fit.argmax(-1).cpu())
-        del outputs_f, outputs_r, outputs_fit
-        # the first position's statistics first (True): on class-token models they win, and their best
-        # held-out retain accuracy then bounds the search with every position's
-        modes = sorted(parts_f[0], reverse=True)
-        head_options = (alpha_f_head,) if alpha_f_head is not None else (None,) if alpha_f is not None else (None, *HEAD_ALPHA_F)
-        best = None
-        for mode in modes:
-            if not mode and class_token and best is not None and best[0].reached_target:
-                best[0].every_position_skipped = True
-                break
-            with fingerprint_once():  # the weights chosen from are back in place
-                for x, part in [*zip((x_f[i] for i in folds_f), parts_f), (x_r[fit_r], parts_r[0]), (x_r[held_r], parts_r[1])]:
-                    if mode not in part:  # a class-token model's first position missed: every position's too
-                        part |= kinds(x, "statistics, every position", None, mode)
-            folds = [p[mode] for p in parts_f]
-
-            def forget_fit(k: int, folds: list[Statistics] = folds) -> Moments:
-                """The forget moments of every fold but ``k``."""
-                return layer_moments(targets, functools.reduce(operator.add, folds[:k] + folds[k + 1:]), device)
-
-            parts = (folds, parts_r[0][mode], parts_r[1][mode])
-            keep = mode if keep_retain_mean is None else keep_retain_mean
-            candidates = candidate_edits(targets, forget_fit(0), layer_moments(targets, parts[1], device),
-                                         [functools.partial(forget_fit, k) for k in range(1, len(folds))], head,
-                                         layer_means(targets, parts[1], device) if keep else None)
-            with warnings.catch_warnings(record=True) as caught:  # only the kept mode's warning is shown
-                warnings.simplefilter("always")
-                bound = best[0].retain_prob if best is not None and best[0].reached_target else None
-                c = choose_alphas(model, candidates, scorer, alpha_r=alpha_r, alpha_f=alpha_f, target=target_forget_accuracy,
-                                  bound=bound, head_alphas=head_options, rebalance=refit_head is not False,
-                                  refit_on=refit_on)
-            del candidates
-            c.first_token, c.keep_retain_mean = mode, keep
-            if best is None or choice_rank(c) > choice_rank(best[0]):
-                best = (c, parts, caught)
-        choice, (folds, fit_sr, held_sr), caught = best
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        del scorer, best, parts_f, parts_r, refit_on
+        chosen = choose_and_collect(model, forget, retain, targets, skipped, collect=collect, alpha_r=alpha_r,
+                                    alpha_f=alpha_f, alpha_f_head=alpha_f_head, classes=classes,
+                                    target=target_forget_accuracy, skip_first_layer=skip_first, first_token=first_token,
+                                    keep_retain_mean=keep_retain_mean, refit_head=refit_head)
+        choice, targets, skipped, head = chosen.choice, chosen.targets, chosen.skipped, chosen.head
+        stats_f, stats_r, seconds = chosen.forget, chosen.retain, chosen.seconds
         alpha_r, alpha_f, alpha_f_head, keep_mean = choice.alpha_r, choice.alpha_f, choice.alpha_f_head, choice.keep_retain_mean
-        stats_f, stats_r = functools.reduce(operator.add, folds), fit_sr + held_sr  # the edit uses every sample
-        del folds, fit_sr, held_sr
+        del chosen
+    else:
+        t0 = time.perf_counter()
+        stats_f = gather_statistics(model, forget, "forget", first_token=first_token, **collect)
+        targets, skipped, head = edited_and_head(targets, skipped, stats_f, skip_first, want_head=alpha_f_head is not None)
         synchronize(device)
-        t_chosen = time.perf_counter()
-        choice.seconds = t_chosen - t2  # decomposing and scoring
+        t1 = time.perf_counter()
+        stats_r = gather_statistics(model, retain, "retain", first_token=first_token, **collect)
+        synchronize(device)
+        seconds = {"collect_forget": t1 - t0, "collect_retain": time.perf_counter() - t1, "choose_alpha": 0.0}
+        check_head_scale(head, alpha_f_head)
+    t_chosen = time.perf_counter()
 
     samples_f, samples_r = stats_f.samples, stats_r.samples
     shift = None if choice is None else choice.head_shift
@@ -350,14 +234,7 @@ def unlearn(
     rows = [r for r in rows if r not in unreached]
     skipped = [*skipped, *(SkippedLayer(r.name, _UNREACHED) for r in unreached)]
 
-    seconds = {
-        "collect_forget": t1 - t0,
-        "collect_retain": t2 - t1,
-        "choose_alpha": t_chosen - t2,
-        "decompose": t3 - t_chosen,
-        "edit": t4 - t3,
-        "total": t4 - t_start,
-    }
+    seconds |= {"decompose": t3 - t_chosen, "edit": t4 - t3, "total": t4 - t_start}
     return UnlearnReport(
         model, rows, [(s.name, s.reason) for s in skipped], samples_f, samples_r, alpha_r, alpha_f, solver, seconds,
         choice, alpha_f_head, keep_mean,
@@ -373,37 +250,6 @@ def _check_choosing(forget: object, retain: object, target: float) -> None:
         raise ValueError("under torch.distributed give alpha_r and alpha_f: the automatic choice runs in one process")
     if not (isinstance(target, (int, float)) and 0 < target <= 100):
         raise ValueError(f"target_forget_accuracy must be a percentage in (0, 100], got {target!r}")
-
-
-_FIRST_LAYER = "the first layer the input reaches (skip_first_layer): unchanged"
-
-
-def _reached_at(targets: Sequence[EditTarget], stats: Statistics) -> dict[int, float]:
-    """Per target (by id), the position among ``stats``' slots at which the forward passes first reached its input (inf: never)."""
-    order = {slot: i for i, slot in enumerate(stats.slots)}
-    return {id(t): min((order[s] for s in stats.resolve(t.slots) if s in order), default=math.inf) for t in targets}
-
-
-def first_layer(targets: Sequence[EditTarget], stats: Statistics) -> str | None:
-    """The layer (:attr:`EditTarget.layer`) of ``targets`` whose input the forward passes of
-    ``stats`` reached first, or None if they reached none."""
-    rank = _reached_at(targets, stats)
-    first = min(targets, key=lambda t: rank[id(t)])
-    return first.layer if rank[id(first)] < math.inf else None
-
-
-def classifier_head(targets: Sequence[EditTarget], stats: Statistics) -> EditTarget | None:
-    """The target that may take its own ``alpha_f``: the input the forward passes of ``stats``
-    reached last, where it is a whole ``nn.Linear`` weight that no other target reads the input of,
-    beside at least one other target; else None."""
-    rank = _reached_at(targets, stats)
-    reached = [t for t in targets if rank[id(t)] < math.inf]
-    if len(reached) < 2:
-        return None
-    last = max(reached, key=lambda t: rank[id(t)])
-    alone = all(t is last or not set(stats.resolve(t.slots)) & set(stats.resolve(last.slots)) for t in targets)
-    whole_linear = isinstance(last.module, nn.Linear) and last.param == "weight" and last.rows is None and last.groups == 1
-    return last if alone and whole_linear else None
 
 
 _UNREACHED = ("its module was never called during the forward passes, nor its weight passed to F.linear / F.conv "

@@ -97,7 +97,7 @@ class Candidates:
         (``mean_shift()`` gives ``(W − W′) μ`` as ``(g, o, 1)``) where it keeps the retain mean."""
         shape, dtype = self.forms[i]
         bias = None
-        if self.means[i] is not None:  # edit.mean_keeping_bias
+        if self.means[i] is not None:  # plan.mean_keeping_bias
             b = self.biases[i]
             bias = (b.to(self.dtype).view(new.shape[0], -1, 1) + mean_shift()).reshape(-1).to(b.dtype)
         return new.reshape(shape).to(dtype), bias

@@ -196,6 +196,23 @@ def finish_statistics(model: nn.Module, stats: Statistics, samples: int, error: 
     return stats
 
 
+def gather_statistics(model: nn.Module, data: DataLike | Statistics, role: str, **collect_kwargs) -> Statistics:
+    """``data`` as :class:`Statistics` of ``model``: collected (``collect_kwargs`` as for
+    :func:`collect_statistics`), or checked against the model (and ``first_token``) if given.
+    ``role`` names the data in errors and progress bars."""
+    if isinstance(data, Statistics):
+        data.check_matches(model)
+        if data.samples == 0 or not data.slots:
+            raise ValueError(f"the {role} statistics are empty")
+        wanted = collect_kwargs.get("first_token", False)
+        if data.first_token != wanted:
+            raise ValueError(f"the {role} statistics were collected with first_token={data.first_token}, but the call "
+                             f"has first_token={wanted}")
+        return data
+    if data is None:
+        raise ValueError(f"no {role} data given")
+    return collect_statistics(model, data, desc=role, **collect_kwargs)
+
 def collect_both_kinds(model: nn.Module, data: DataLike, *, batch_size: int = 256, dtype: torch.dtype | None = None,
                        autocast: torch.dtype | None = None, progress: bool = False, desc: str = "statistics",
                        outputs: list[torch.Tensor | None] | None = None) -> tuple[Statistics, Statistics | None]:

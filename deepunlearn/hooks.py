@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from .covariance import ConvGeometry, accumulate_conv_, accumulate_linear_, conv_patches, linear_rows, patch_sums
+from .ops.covariance import accumulate_conv_, accumulate_linear_
+from .patches import ConvGeometry, conv_patches, linear_rows, patch_sums
 from .layers import EditTarget
 from .moments import SampleRows, fold_rows
 from .statistics import SlotStatistics, Statistics

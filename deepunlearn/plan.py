@@ -2,7 +2,7 @@
 
 The second moments of every layer input (:func:`layer_moments`), each side solved once per input
 (:func:`solved_edits`, :mod:`deepunlearn.weight_side`), and the plan (:func:`plan_edits_with`): per
-layer its new weight and its report row, written by :func:`deepunlearn.edit.apply_plan` only once
+layer its new weight and its report row, written by :func:`apply_plan` only once
 every layer is planned, so that an error anywhere leaves the model unchanged.
 """
 from __future__ import annotations
@@ -10,19 +10,48 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .edit import PlannedEdit, edited_weight, mean_keeping_bias
 from .head_refit import HeadRefit
 from .layers import EditTarget
 from .moments import Moment, dense, moment_trace
+from .ops.edit import edited_weight
 from .report import LayerReport
 from .statistics import Statistics
 from .weight_side import (INVERSE_FACTOR_DEVICES, SOLVE_BATCH_BYTES, SideSolver, edited_weight_sides, factors_by_width,
                           side_solver, side_way)
 
 ProjectionFn = Callable[[torch.Tensor], torch.Tensor]  # (g, d, d) second moment -> (g, d, d) M
+
+
+def mean_keeping_bias(bias: torch.Tensor, w: torch.Tensor, new_weight: torch.Tensor,
+                      mean: torch.Tensor) -> torch.Tensor:
+    """The bias under which the edited layer's mean output over inputs of mean ``mean`` stays as it
+    was: ``b + (W − W') μ`` per group (``W x + b`` and ``W' x + b'`` agree at ``x = μ``).
+
+    ``bias``: the target's bias before the edit ``(out,)``; ``w`` / ``new_weight``: its weight
+    before and after (its own shape, or ``(groups, out/groups, d)``); ``mean``: ``(groups, d)``.
+    Returns a new tensor of the bias's shape and dtype.
+    """
+    dtype = torch.promote_types(new_weight.dtype, mean.dtype)
+    delta = (w.to(dtype) - new_weight.to(dtype)).reshape(mean.shape[0], -1, mean.shape[1])  # (g, o/g, d)
+    shift = (delta @ mean.to(device=delta.device, dtype=dtype)[:, :, None]).reshape(-1)
+    return (bias.to(dtype) + shift).to(bias.dtype)
+
+
+@dataclass
+class PlannedEdit:
+    target: EditTarget
+    new_weight: torch.Tensor  # target.weight() shape and dtype
+    new_bias: torch.Tensor | None = None  # target.bias() shape and dtype; None: the bias is kept
+
+
+def apply_plan(plan: list[PlannedEdit]) -> None:
+    """Write every planned weight (and bias) into its parameter (in place, without autograd)."""
+    for p in plan:
+        p.target.write(p.new_weight, p.new_bias)
 
 
 def synchronize(device: torch.device) -> None:
@@ -108,7 +137,7 @@ def plan_edits_with(
     tuple to the per-group energies ``tr(C)`` on the CPU (``None``: the data never reached it) and
     vector counts. ``means_r``: the retain samples' mean input per slot tuple (:func:`layer_means`);
     where given, each edited target with a bias gets the bias that keeps its mean output over the
-    retain samples (:func:`~deepunlearn.edit.mean_keeping_bias`). The weight changes and the
+    retain samples (:func:`mean_keeping_bias`). The weight changes and the
     finiteness checks come back in one transfer at the end.
     """
     plan, sums = [], []

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ._batches import DataLike, iter_batches
-from .covariance import ConvGeometry, pad_input, conv_patches
-from .edit import apply_plan
+from .patches import ConvGeometry, pad_input, conv_patches
+from .plan import apply_plan
 from .layers import find_targets
 from .projection import check_alpha, scale_energies
 from .report import UnlearnReport

@@ -9,14 +9,12 @@ import torch
 from torch import nn
 
 from ._batches import DataLike, iter_labelled
-from .edit import apply_plan
 from .evaluation import class_accuracies
 from .layers import find_targets
 from .projection import Spectrum, check_alpha
-from .collect import eval_no_grad
+from .collect import eval_no_grad, gather_statistics
 from .statistics import Statistics, model_device
-from .api import gather_statistics
-from .plan import layer_moments, map_shared, plan_edits, projections, traces
+from .plan import apply_plan, layer_moments, map_shared, plan_edits, projections, traces
 
 ALPHA_R_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 ALPHA_F_GRID = (0.25, 0.5, 0.9, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .moments import Moment, SampleRows, dense
+from .ops.edit import edited_weight
 from .projection import scale_energies, scaled_projection, symmetric_normalised
 
 OVERSAMPLE = 8  # sketch columns beyond the rank bound: a margin for rounding, as randomized methods use
@@ -422,8 +423,6 @@ def edited_weight_sides(w: torch.Tensor, retain: SideSolver | None, forget: Side
     """``W − V M_f`` with ``V = W − W M_r`` (``retain`` None: ``M_r = 0``); ``w``: ``(g, o, d)``.
     Both sides formed: the extension's fused edit."""
     if isinstance(forget, FormedProjection) and isinstance(retain, FormedProjection):
-        from .edit import edited_weight
-
         return edited_weight(w, retain.m, forget.m)
     # in place on each product (a new tensor): two o × d temporaries at most, not four
     v = w if retain is None else retain.right_multiply(w).neg_().add_(w)

@@ -14,8 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import deepunlearn  # noqa: F401  (loads the extension)
-from deepunlearn import _ext
+from deepunlearn import ops as extension
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -119,12 +118,12 @@ def edit_cases(ops) -> None:
 def main(argv: list[str]) -> int:
     global DEVICE
     DEVICE = torch.device(argv[0] if argv else "cuda")  # "cpu" checks this script where there is no GPU
-    if not _ext.has_op("linear_cov_accumulate_", DEVICE) or (DEVICE.type == "cuda" and not torch.cuda.is_available()):
+    if not extension.has_op("linear_cov_accumulate_", DEVICE) or (DEVICE.type == "cuda" and not torch.cuda.is_available()):
         print(f"no kernels of the extension for {DEVICE}", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    ops = _ext.ops()
+    ops = extension.library()
     linear_cases(ops)
     conv_cases(ops)
     edit_cases(ops)

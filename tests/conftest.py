@@ -9,9 +9,9 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 def pytest_configure(config):
     # The ops' internal scratch memory starts as NaN in the tests, so that an entry a kernel should
     # have written but did not shows in its result.
-    from deepunlearn import _ext
+    from deepunlearn import ops as extension
 
-    if _ext.loaded():
+    if extension.loaded():
         from deepunlearn import _C
 
         _C.set_poison_scratch(True)

@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from deepunlearn import _ext
-from deepunlearn.covariance import ConvGeometry, accumulate_conv_reference_
+from deepunlearn import ops as extension
+from deepunlearn.ops.covariance import accumulate_conv_reference_
+from deepunlearn.patches import ConvGeometry
 
 PURE_BUILD = os.environ.get("DEEPUNLEARN_NO_EXT", "0") not in ("", "0") or os.environ.get("DEEPUNLEARN_DISABLE_EXT", "0") not in ("", "0")
 
 
-needs_ext = pytest.mark.skipif(not _ext.loaded(), reason="extension not built or disabled")
+needs_ext = pytest.mark.skipif(not extension.loaded(), reason="extension not built or disabled")
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -22,7 +23,7 @@ def device_or_skip(device: str) -> torch.device:
     if device == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("no CUDA GPU")
-        if not _ext.has_op("linear_cov_accumulate_", torch.device("cuda")):
+        if not extension.has_op("linear_cov_accumulate_", torch.device("cuda")):
             pytest.fail("a GPU is present but the extension has no CUDA kernels")
     return torch.device(device)
 

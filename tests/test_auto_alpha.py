@@ -9,13 +9,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import deepunlearn
 from conftest import rel_err
-from deepunlearn import api
 from deepunlearn import plan as planning
 from deepunlearn.candidates import FACTOR_SETS_KEPT, FactoredCandidates, SpectralCandidates, candidate_edits, factors_pay
 from deepunlearn.auto_alpha import ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, choose_alphas, smallest_passing
 from deepunlearn.sampling import FORGET_FOLDS, fold_split, holdout_split, materialise
 from deepunlearn.scoring import FORGET_CONFIDENCE, allowed_forget_hits, binomial_upper_bound, inferred_forget_classes, make_scorer
-from deepunlearn.layers import find_targets
+from deepunlearn.layers import classifier_head, find_targets
 from deepunlearn.collect import collect_statistics
 
 CENTRES = 4.5 * torch.eye(4, 6)
@@ -283,7 +282,7 @@ def test_a_bound_is_checked_against_the_head_options_that_have_not_missed_yet(tr
     monkeypatch.setattr(auto_alpha, "SCORE_CHUNK", 4)  # the first round: 4 samples of the one fold
     model, targets, xf, xr = double_model_and_samples(trained)
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
-    head = api.classifier_head(targets, sf)
+    head = classifier_head(targets, sf)
 
     def rows(bound):  # a gentle body edit: an edited head forgets, an unedited one recognises at once
         cands = SpectralCandidates(targets, planning.layer_moments(targets, sf, CPU), planning.layer_moments(targets, sr, CPU), head=head)
@@ -414,7 +413,7 @@ def test_head_options_score_as_if_each_were_written_into_the_head(trained):
 
     model, targets, xf, xr = double_model_and_samples(trained)
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
-    head = api.classifier_head(targets, sf)
+    head = classifier_head(targets, sf)
     assert head is targets[-1] and head.module is model[4]
     plain = make_scorer(model, [xf], None, xr, None, [0], 64, None)
     reading = replace(plain, head=HeadReader(head.module, None))

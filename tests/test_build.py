@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conftest import rel_err
-from deepunlearn import _ext
+from deepunlearn import ops as extension
 from ext_cases import DEVICES, device_or_skip, needs_ext, sym_poison
 
 import deepunlearn
@@ -48,7 +48,7 @@ def test_extension_is_built_and_loaded():
     assert info["extension_loaded"], info
     assert info["built_with_torch"].split("+")[0] == torch.__version__.split("+")[0]
     for op in ("linear_cov_accumulate_", "conv_cov_accumulate_", "projected_edit"):
-        assert _ext.has_op(op, torch.device("cpu")), op
+        assert extension.has_op(op, torch.device("cpu")), op
 
 
 @pytest.mark.skipif(PURE_BUILD or not cuda_build_expected(), reason="no CUDA toolkit or CPU-only torch: CPU-only build")
@@ -76,7 +76,7 @@ def test_disable_switch_forces_the_pure_path(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     dev = device_or_skip(device)
-    ops = _ext.ops()
+    ops = extension.library()
     d = 12
     torch.library.opcheck(ops.linear_cov_accumulate_.default, (sym_poison(d, torch.float32, dev), torch.randn(5, d, device=dev)))
     for form in ("auto", "direct", "shifted"):  # the form is an argument like any other
@@ -98,7 +98,7 @@ def test_ops_compile_in_one_graph(device, backend):
     # fullgraph: any graph break (an op dynamo or the fake kernels cannot trace) is an error; the
     # in-place ops must still write their inputs once functionalised, as in eager mode
     dev = device_or_skip(device)
-    ops = _ext.ops()
+    ops = extension.library()
 
     def step(cov, conv_cov, x, images, w, m_r, m_f):
         ops.linear_cov_accumulate_(cov, 2.0 * x)
@@ -124,7 +124,7 @@ def test_ops_compile_in_one_graph(device, backend):
 @needs_ext
 def test_ops_compile_once_for_every_size():
     # dynamic shapes: the fake kernels hold for symbolic sizes, so new sizes reuse the one graph
-    ops = _ext.ops()
+    ops = extension.library()
 
     def step(cov, conv_cov, x, images, w, m_r, m_f):
         ops.linear_cov_accumulate_(cov, x)
@@ -163,7 +163,7 @@ def test_unlearning_gives_the_same_model_with_and_without_the_extension(monkeypa
     # "forced": the shifted, residue and phase forms wherever the geometry allows them; "wgrad": the
     # weight-gradient form for the stride-1, undilated convs
     from deepunlearn import hooks
-    from deepunlearn.covariance import accumulate_conv_
+    from deepunlearn.ops.covariance import accumulate_conv_
 
     if forms != "chosen":
         monkeypatch.setattr(hooks, "accumulate_conv_",
@@ -176,8 +176,8 @@ def test_unlearning_gives_the_same_model_with_and_without_the_extension(monkeypa
     ).double()
     x = torch.randn(20, 3, 6, 6, dtype=torch.float64)
     with_ext = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False, **FIXED).model
-    monkeypatch.setattr(_ext, "has_op", lambda name, device: False)
-    without = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False, **FIXED).model
+    with extension.pure_path():
+        without = deepunlearn.unlearn(model, x[:8], x[8:], inplace=False, **FIXED).model
     for (n, p), (_, q) in zip(with_ext.named_parameters(), without.named_parameters()):
         assert rel_err(p, q) < 1e-10, n
 

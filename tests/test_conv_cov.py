@@ -4,9 +4,10 @@ import torch
 from torch import nn
 
 from conftest import rel_err
-from deepunlearn import _ext
+from deepunlearn import ops as extension
 from ext_cases import DEVICES, conv_case, device_or_skip, needs_ext
-from deepunlearn.covariance import ConvGeometry, accumulate_conv_, accumulate_conv_reference_
+from deepunlearn.ops.covariance import accumulate_conv_, accumulate_conv_reference_
+from deepunlearn.patches import ConvGeometry
 from ext_cases import CONVS
 
 
@@ -65,7 +66,7 @@ CONV3D_CASES = [
 def test_conv3d_through_the_2d_op_matches_float64_oracle(monkeypatch, device, dtype, chunks, conv, spatial):
     # conv3d as conv2d over depth slabs stacked as channels: the op, never the pure twin, and the
     # same statistics whatever the chunks (one image per chunk; three output depths per chunk)
-    import deepunlearn.covariance as cv
+    import deepunlearn.ops.covariance as cv
 
     dev = device_or_skip(device)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -125,7 +126,7 @@ def test_cuda_conv_cov_64bit_indices():
 
 @needs_ext
 def test_conv_cov_rejects_bad_arguments():
-    ops = _ext.ops()
+    ops = extension.library()
     x = torch.randn(2, 4, 6, 6)
     with pytest.raises(RuntimeError, match="C/groups"):
         ops.conv_cov_accumulate_(torch.zeros(1, 10, 10), x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1])

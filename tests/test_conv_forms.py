@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from conftest import rel_err
-from deepunlearn import _ext
+from deepunlearn import ops as extension
 from ext_cases import DEVICES, conv_case, device_or_skip, needs_ext, windows_overlap
-from deepunlearn.covariance import accumulate_conv_, accumulate_conv_reference_
+from deepunlearn.ops.covariance import accumulate_conv_, accumulate_conv_reference_
 
 
 # Stride-1 geometries for the two exact forms of the conv op, each forced in turn: (conv, map).
@@ -189,7 +189,7 @@ def test_a_form_the_conv_cannot_take_is_refused_by_name(form, geometry, message)
     d = 4 * geometry[0][0] * geometry[0][1]
     cov = torch.zeros(1, d, d)
     with pytest.raises(RuntimeError, match=message):
-        _ext.ops().conv_cov_accumulate_(cov, x, *geometry, form)
+        extension.library().conv_cov_accumulate_(cov, x, *geometry, form)
     assert cov.abs().max() == 0  # nothing written
 
 
@@ -219,6 +219,6 @@ def test_the_cpu_chooses_the_forms_it_measured_fastest(shape, chosen):
     d = channels // groups * k * k
     cov = torch.empty(groups, d, d)
     geometry = ([k, k], [stride, stride], [dilation * (k // 2)] * 4, [dilation, dilation])
-    assert _ext.ops().conv_cov_form(cov, x, *geometry) == chosen
+    assert extension.library().conv_cov_form(cov, x, *geometry) == chosen
     forced = "shifted/generic" if chosen.startswith("shifted") else chosen
-    assert _ext.ops().conv_cov_form(cov, x, *geometry, forced) == forced  # a forced form is taken as asked
+    assert extension.library().conv_cov_form(cov, x, *geometry, forced) == forced  # a forced form is taken as asked

@@ -10,7 +10,8 @@ from torch import nn
 from conftest import rel_err
 import deepunlearn
 from deepunlearn import collect_statistics
-from deepunlearn.covariance import ConvGeometry, accumulate_conv_reference_, conv_patches
+from deepunlearn.ops.covariance import accumulate_conv_reference_
+from deepunlearn.patches import ConvGeometry, conv_patches
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -75,7 +76,7 @@ def test_conv2d_statistics_equal_unfold_statistics():
 
 
 def test_pure_conv_path_chunks_without_changing_the_result(monkeypatch):
-    import deepunlearn.covariance as cv
+    import deepunlearn.ops.covariance as cv
 
     geom = ConvGeometry.of(nn.Conv2d(3, 4, 3, padding=1))
     x = torch.randn(9, 3, 10, 10, dtype=torch.float64)
@@ -289,7 +290,7 @@ def test_conv_weights_applied_through_f_conv_are_collected_with_the_calls_geomet
 ])
 def test_patch_sums_are_the_sums_of_the_unfolded_patches(nd, kw):
     """The first moment's conv path (one summed image unfolded) against every patch unfolded, in float64."""
-    from deepunlearn.covariance import patch_sums
+    from deepunlearn.patches import patch_sums
 
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd](6, 6, 3, **kw).double()
     x = torch.randn(4, 6, *([9] * nd), dtype=torch.float64) + 0.5

@@ -84,17 +84,17 @@ def test_unlearn_with_first_token_on_a_small_vit():
 
 @pytest.mark.filterwarnings("ignore:no candidate reached")  # untrained models: the modes are checked, not the choice
 def test_the_automatic_choice_scores_both_ways_for_models_that_read_sequences(monkeypatch):
-    from deepunlearn import api
+    from deepunlearn import automatic
 
     calls = []
-    real = api.choose_alphas
+    real = automatic.choose_alphas
 
     def spy(*args, **kwargs):
         c = real(*args, **kwargs)
         calls.append(c)
         return c
 
-    monkeypatch.setattr(api, "choose_alphas", spy)
+    monkeypatch.setattr(automatic, "choose_alphas", spy)
     torch.manual_seed(0)
     model = TokenNet(True).eval()
     xf, xr = torch.randn(24, 7, 6) + 1.0, torch.randn(48, 7, 6)
@@ -167,10 +167,10 @@ def test_a_class_token_model_is_told_from_one_that_pools_its_positions():
 @pytest.mark.filterwarnings("ignore:no candidate reached")  # untrained models: the modes are checked, not the choice
 @pytest.mark.parametrize("pooled", [False, True])
 def test_every_position_is_not_searched_where_the_class_token_alone_is_read_and_reached_the_target(monkeypatch, pooled):
-    from deepunlearn import api
+    from deepunlearn import automatic
 
     calls = []
-    real = api.choose_alphas
+    real = automatic.choose_alphas
 
     def reaching(*args, **kwargs):  # the first position's search counts as reaching the target
         c = real(*args, **kwargs)
@@ -178,7 +178,7 @@ def test_every_position_is_not_searched_where_the_class_token_alone_is_read_and_
         calls.append(c)
         return c
 
-    monkeypatch.setattr(api, "choose_alphas", reaching)
+    monkeypatch.setattr(automatic, "choose_alphas", reaching)
     torch.manual_seed(0)
     model = (PooledTokenNet if pooled else TokenNet)(True).eval()
     report = deepunlearn.unlearn(model, torch.randn(24, 7, 6) + 1.0, torch.randn(48, 7, 6), inplace=False)
@@ -194,10 +194,10 @@ def test_every_position_statistics_are_collected_only_where_their_search_runs(mo
     retain parts are collected for the first position alone; every position's follow, for those
     parts, only where the first position's search missed the target. The chosen edit is then the
     fixed call's with the chosen scales and kind."""
-    from deepunlearn import api
+    from deepunlearn import automatic
 
     calls, collected = [], []
-    real_choose, real_collect = api.choose_alphas, api.collect_statistics
+    real_choose, real_collect = automatic.choose_alphas, automatic.collect_statistics
 
     def choose(*args, **kwargs):
         c = real_choose(*args, **kwargs)
@@ -209,8 +209,8 @@ def test_every_position_statistics_are_collected_only_where_their_search_runs(mo
         collected.append(kwargs["first_token"])
         return real_collect(model, data, **kwargs)
 
-    monkeypatch.setattr(api, "choose_alphas", choose)
-    monkeypatch.setattr(api, "collect_statistics", collect)
+    monkeypatch.setattr(automatic, "choose_alphas", choose)
+    monkeypatch.setattr(automatic, "collect_statistics", collect)
     torch.manual_seed(0)
     model = TokenNet(True).eval()
     xf, xr = torch.randn(24, 7, 6) + 1.0, torch.randn(48, 7, 6)
@@ -219,7 +219,7 @@ def test_every_position_statistics_are_collected_only_where_their_search_runs(mo
     assert [c.first_token for c in calls] == ([True] if reaches else [True, False])
     assert collected == [True] * parts + ([] if reaches else [False] * parts)
     c = report.alpha_choice
-    monkeypatch.setattr(api, "collect_statistics", real_collect)
+    monkeypatch.setattr(automatic, "collect_statistics", real_collect)
     fixed = deepunlearn.unlearn(model, xf, xr, inplace=False, alpha_r=c.alpha_r, alpha_f=c.alpha_f, alpha_f_head=c.alpha_f_head,
                                 first_token=c.first_token, keep_retain_mean=c.keep_retain_mean, skip_first_layer=True)
     for p, q in zip(report.model.parameters(), fixed.model.parameters()):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from deepunlearn import _ext
+from deepunlearn import ops as extension
 from ext_cases import DEVICES, TOL, device_or_skip, needs_ext, sym_poison
 
 
@@ -18,7 +18,7 @@ def test_linear_cov_matches_float64_reference(device, x_dtype, cov_dtype, n, d):
     x = torch.randn(n, d, dtype=torch.float64).to(x_dtype)
     cov = sym_poison(d, cov_dtype, dev)
     ref = cov.double().cpu() + x.double().T @ x.double()  # x as stored (already rounded to its dtype)
-    _ext.ops().linear_cov_accumulate_(cov, x.to(dev))
+    extension.library().linear_cov_accumulate_(cov, x.to(dev))
     tol = TOL[x_dtype] if dev.type == "cpu" or x_dtype != torch.float32 else 2e-3  # tf32 on GPUs may be on
     assert rel_err(cov.cpu(), ref) < tol
     assert torch.equal(cov, cov.T)  # exactly symmetric
@@ -32,13 +32,13 @@ def test_linear_cov_non_contiguous_inputs(device):
     for x in (base.T[:, :40].T, base[:, ::2], base.T.contiguous().T):  # strided and transposed views
         cov = sym_poison(x.shape[1], torch.float64, dev)
         ref = cov.clone() + x.double().T @ x.double()
-        _ext.ops().linear_cov_accumulate_(cov, x)
+        extension.library().linear_cov_accumulate_(cov, x)
         assert rel_err(cov, ref) < 1e-6
 
 
 @needs_ext
 def test_linear_cov_rejects_bad_arguments():
-    ops = _ext.ops()
+    ops = extension.library()
     with pytest.raises(RuntimeError, match=r"x must be \(n, 4\)"):
         ops.linear_cov_accumulate_(torch.zeros(4, 4), torch.randn(3, 5))
     with pytest.raises(RuntimeError, match="cov must be float32 or float64"):
@@ -66,5 +66,5 @@ def test_cuda_symmetric_gemm_tuning(tile, split_k, n, d):
             xd = x.to(dtype)
             cov = sym_poison(d, cov_dtype, dev)
             ref = cov.double() + xd.double().T @ xd.double()
-            _ext.ops().linear_cov_accumulate_(cov, xd, tile, split_k)
+            extension.library().linear_cov_accumulate_(cov, xd, tile, split_k)
             assert rel_err(cov, ref) < (1e-13 if cov_dtype == torch.float64 else 2e-3) and torch.equal(cov, cov.T)

@@ -124,7 +124,7 @@ def test_corrupted_statistics_file_is_refused(tmp_path):
 def test_first_moments_are_the_sums_of_the_input_vectors(keep_vectors):
     """Each slot's total is the sum of the very vectors its second moment sums: conv patches
     (padding included) and linear rows, whether the vectors were kept or streamed."""
-    from deepunlearn.covariance import ConvGeometry, conv_patches
+    from deepunlearn.patches import ConvGeometry, conv_patches
     from deepunlearn.layers import find_targets
 
     m = small_model().double().eval()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from .. import _ext, search_alphas, unlearn
+from .. import ops, search_alphas, unlearn
 from . import CACHE_DIR
 from ..sampling import class_balanced_indices, dataset_labels
 from .baselines import BASELINES
@@ -73,7 +73,7 @@ def probe_audit(model: nn.Module, probe_train, forget_test, seed: int = 0) -> fl
 
 def _pure(fn, *args, **kwargs):
     """Call ``fn`` with deepunlearn's compiled ops switched off (the pure-PyTorch path)."""
-    with _ext.pure_path():
+    with ops.pure_path():
         return fn(*args, **kwargs)
 
 
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     summary = summarise(result["rows"])
     meta = {"device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)", "torch": torch.__version__,
-            "extension": _ext.extension_info(), "archs": args.archs, "classes": args.classes, "quick": args.quick,
+            "extension": ops.extension_info(), "archs": args.archs, "classes": args.classes, "quick": args.quick,
             "epochs": args.epochs, "retain_budget_for_training_baselines": args.retain_budget,
             "eval_train_samples": args.eval_train, "wall_seconds": time.perf_counter() - t0}
     checks = targets(summary)

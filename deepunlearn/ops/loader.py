@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .fakes import register_fakes
+
 
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[bool, str]:
@@ -19,7 +21,7 @@ def _load() -> tuple[bool, str]:
     if os.environ.get("DEEPUNLEARN_DISABLE_EXT", "") not in ("", "0"):
         return False, "disabled by DEEPUNLEARN_DISABLE_EXT"
     try:
-        from . import _C  # noqa: F401  (importing registers the ops with torch.library)
+        from .. import _C  # noqa: F401  (importing registers the ops with torch.library)
     except ImportError as exc:
         return False, f"not built ({exc})"
     built = getattr(_C, "BUILT_WITH_TORCH", None)
@@ -28,32 +30,15 @@ def _load() -> tuple[bool, str]:
             f"deepunlearn's extension was built with torch {built} but torch {torch.__version__} is installed; "
             "rebuild it with `pip install --no-build-isolation -e .` (or set DEEPUNLEARN_DISABLE_EXT=1)"
         )
-    _register_fakes()
+    register_fakes()
     return True, ""
-
-
-def _register_fakes() -> None:
-    """Shape-only (meta) kernels, so torch.compile and torch.library.opcheck can trace the ops."""
-
-    @torch.library.register_fake("deepunlearn::linear_cov_accumulate_")
-    def _(cov, x, tile=0, split_k=0):
-        return None
-
-    @torch.library.register_fake("deepunlearn::conv_cov_accumulate_")
-    def _(cov, x, kernel, stride, padding, dilation, form="auto", chunk_elements=0):
-        return None
-
-    @torch.library.register_fake("deepunlearn::projected_edit")
-    def _(w, m_r, m_f):
-        torch._check(w.dim() == 3 and m_r.shape == m_f.shape and m_r.shape[-1] == w.shape[-1])
-        return torch.empty_like(w)
 
 
 def loaded() -> bool:
     return _load()[0]
 
 
-def ops() -> Any:
+def library() -> Any:
     """``torch.ops.deepunlearn``, after loading the extension (error if it cannot be loaded)."""
     ok, why = _load()
     if not ok:
@@ -94,7 +79,7 @@ def extension_info() -> dict[str, Any]:
         info["reason"] = why
         info["cuda_kernels"] = False
         return info
-    from . import _C
+    from .. import _C
 
     info["built_with_torch"] = getattr(_C, "BUILT_WITH_TORCH", None)
     info["built_with_cuda"] = getattr(_C, "BUILT_WITH_CUDA", None)
