@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Set up, then run the test suite. Extra arguments go to pytest (e.g. -m "not slow").
+# Set up, then run the test suite, one pytest-xdist worker per core (tests/conftest.py gives each
+# its share of the threads). Extra arguments go to pytest (e.g. -m "not slow"; -n 0: one process).
 # pytest's exit code 5 (no test collected) is a failure here, never a pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
-"${PYTHON:-python3}" -m pytest tests "$@"
+"${PYTHON:-python3}" -m pytest tests -n auto --dist loadgroup "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "scripts/test.sh: pytest collected no tests: failing" >&2

@@ -26,6 +26,9 @@ def blobs(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return CENTRES[y] + torch.randn(len(y), 6, generator=g), y
 
 
+pytestmark = pytest.mark.xdist_group("test_auto_alpha")  # one worker (-n): its module fixtures built once
+
+
 @pytest.fixture(scope="module")
 def trained():
     """An MLP that tells four Gaussian blobs apart (about 99 % on fresh samples)."""

@@ -8,6 +8,9 @@ from deepunlearn.experiments.baselines import BASELINES, ssd
 from deepunlearn.evaluation import accuracy
 
 
+pytestmark = pytest.mark.xdist_group("test_baselines")  # one worker (-n): its module fixtures built once
+
+
 @pytest.fixture(scope="module")
 def blobs():
     g = torch.Generator().manual_seed(0)

@@ -40,6 +40,9 @@ def foolbox_images() -> list[tuple[int, Path]]:
     return found
 
 
+pytestmark = pytest.mark.xdist_group("test_cli")  # one worker (-n): its module fixtures built once
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("imagenet") / "train"

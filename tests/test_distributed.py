@@ -25,6 +25,9 @@ def torchrun(out: Path, *extra: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+pytestmark = pytest.mark.xdist_group("test_distributed")  # one worker (-n): its module fixtures built once
+
+
 @pytest.fixture(scope="module")
 def single():
     model = fixture_model()

@@ -15,6 +15,7 @@ from deepunlearn.experiments.training import train_classifier
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("test_end_to_end"),  # one worker (-n): the model is trained once
     pytest.mark.skipif(not (DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed"),
 ]
 EPOCHS, SEED = 3, 0

@@ -13,17 +13,20 @@ pytestmark = [
 ]
 
 
-def test_quick_suite_runs_every_method_and_writes_results(tmp_path):
+def test_quick_suite_runs_its_methods_and_writes_results(tmp_path):
+    # every training-free method and two baselines (one trained, one by noise); the others run through
+    # the same loop, and each is checked on its own in test_baselines.py. Its own process: the
+    # exact-memory pass changes glibc's allocator settings for good
     out = tmp_path / "out"
-    # its own process: the exact-memory pass changes glibc's allocator settings for good
-    cmd = [sys.executable, "-m", "deepunlearn.experiments.suite", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    cmd = [sys.executable, "-m", "deepunlearn.experiments.suite", "--quick", "--methods", "finetune", "unsir",
+           "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "## Targets" in done.stdout
     result = json.loads((out / "results.json").read_text())
     methods = {s["method"] for s in result["summary"]}
     assert methods == {"original", "retrain", "deepunlearn", "deepunlearn-auto", "deepunlearn-pure", "paper-procedure", "finetune",
-                       "neggrad", "neggrad+", "random-labels", "unsir", "ssd"}
+                       "unsir"}
     by = {s["method"]: s for s in result["summary"]}
     assert by["original"]["forget_test"] > 50 and by["retrain"]["forget_test"] == 0  # retrain never saw the class
     assert by["deepunlearn"]["forget_test"] < 10 and by["deepunlearn-auto"]["forget_test"] < 10
