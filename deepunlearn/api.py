@@ -14,9 +14,11 @@ from ._batches import DataLike
 from .auto_alpha import TARGET_FORGET_ACCURACY
 from .automatic import choose_and_collect
 from .collect import gather_statistics
-from .layers import SkippedLayer, check_head_scale, edited_and_head, find_targets
-from .plan import apply_plan, layer_means, layer_moments, plan_edits_with, rebalanced, refitted, solved_edits, synchronize, traces
+from .layers import SkippedLayer, find_targets
+from .plan import (apply_plan, layer_means, layer_moments, plan_edits_with, rebalanced, refitted, solved_edits,
+                   synchronize, traces)
 from .projection import check_alpha, check_solver
+from .reach import check_head_scale, edited_and_head
 from .report import LayerReport, UnlearnReport
 from .sampling import dataset_labels, draw_samples
 from .statistics import Statistics, model_device

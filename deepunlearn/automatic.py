@@ -24,8 +24,9 @@ from ._batches import DataLike
 from .auto_alpha import HEAD_ALPHA_F, choice_rank, choose_alphas
 from .candidates import candidate_edits
 from .collect import collect_both_kinds, collect_statistics
-from .layers import EditTarget, SkippedLayer, check_head_scale, edited_and_head
+from .layers import EditTarget, SkippedLayer
 from .plan import Moments, layer_means, layer_moments, synchronize
+from .reach import check_head_scale, edited_and_head
 from .report import AlphaChoice
 from .sampling import fold_split, holdout_split, materialise
 from .scoring import CHECK_SAMPLES, make_scorer, reads_first_position

@@ -14,7 +14,8 @@ from deepunlearn.candidates import FACTOR_SETS_KEPT, FactoredCandidates, Spectra
 from deepunlearn.auto_alpha import ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, choose_alphas, smallest_passing
 from deepunlearn.sampling import FORGET_FOLDS, fold_split, holdout_split, materialise
 from deepunlearn.scoring import FORGET_CONFIDENCE, allowed_forget_hits, binomial_upper_bound, inferred_forget_classes, make_scorer
-from deepunlearn.layers import classifier_head, find_targets
+from deepunlearn.layers import find_targets
+from deepunlearn.reach import classifier_head
 from deepunlearn.collect import collect_statistics
 
 CENTRES = 4.5 * torch.eye(4, 6)
