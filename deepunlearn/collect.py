@@ -213,6 +213,7 @@ def gather_statistics(model: nn.Module, data: DataLike | Statistics, role: str, 
         raise ValueError(f"no {role} data given")
     return collect_statistics(model, data, desc=role, **collect_kwargs)
 
+
 def collect_both_kinds(model: nn.Module, data: DataLike, *, batch_size: int = 256, dtype: torch.dtype | None = None,
                        autocast: torch.dtype | None = None, progress: bool = False, desc: str = "statistics",
                        outputs: list[torch.Tensor | None] | None = None) -> tuple[Statistics, Statistics | None]:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """What a convolution does to its input, enough to rebuild its patches exactly."""

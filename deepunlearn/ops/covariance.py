@@ -21,8 +21,6 @@ from .loader import has_op, library
 _PATCH_CHUNK_ELEMENTS = 1 << 24
 
 
-
-
 def accumulate_linear_reference_(cov: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``cov[0] += rowsᵀ rows`` in ``cov``'s dtype. ``cov``: ``(1, d, d)``; ``rows``: ``(n, d)``."""
     rows = rows.to(cov.dtype)
