@@ -77,8 +77,8 @@ for s in $stages; do
         --log-file "$out/sanitizer_memcheck.log" $PY scripts/sanitize_ops.py
       stage racecheck "${T_RACECHECK:-90}" compute-sanitizer --tool racecheck --error-exitcode 1 \
         --kernel-name kns=mirror_lower_to_upper --log-file "$out/sanitizer_racecheck.log" $PY scripts/sanitize_ops.py ;;
-    cuda-tests) stage cuda-tests "${T_CUDA_TESTS:-240}" $PY -m pytest tests -m cuda -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ;;
-    tests) stage tests "${T_TESTS:-400}" $PY -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ;;
+    cuda-tests) stage cuda-tests "${T_CUDA_TESTS:-240}" $PY -m pytest tests -m cuda -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" --dist loadgroup -p no:benchmark ;;
+    tests) stage tests "${T_TESTS:-400}" $PY -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" --dist loadgroup -p no:benchmark ;;
     kernels) stage kernels "${T_KERNELS:-240}" $PY benchmarks/bench_kernels.py --device cuda --out "$out" ;;
     profile) stage profile "${T_PROFILE:-150}" $PY benchmarks/profile_kernels.py --device cuda --out "$out" ;;
     factor) stage factor "${T_FACTOR:-90}" $PY benchmarks/bench_factor.py --out "$out/factor_cuda" ;;
