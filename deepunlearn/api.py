@@ -14,7 +14,7 @@ from ._batches import DataLike
 from .auto_alpha import TARGET_FORGET_ACCURACY
 from .automatic import choose_and_collect
 from .collect import gather_statistics
-from .layers import SkippedLayer, find_targets
+from .layers import SkippedLayer, editable_targets, find_targets
 from .plan import (apply_plan, layer_means, layer_moments, plan_edits_with, rebalanced, refitted, solved_edits,
                    synchronize, traces)
 from .projection import check_alpha, check_solver
@@ -156,9 +156,7 @@ def unlearn(
     keep_mean = bool(keep_retain_mean)
     if choosing:
         _check_choosing(forget, retain, target_forget_accuracy)
-    targets, skipped = find_targets(model)
-    if not targets:
-        raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
+    targets, skipped = editable_targets(model)
     device = model_device(model)
     if not inplace:
         model = copy.deepcopy(model)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import distributed as dist
 from ._batches import DataLike, iter_batches
 from .hooks import Collector, SharingChanged, autocast_on, check_autocast
-from .layers import EditTarget, find_targets
+from .layers import EditTarget, editable_targets
 from .moments import moment_trace
 from .statistics import Statistics, model_device, model_fingerprint
 
@@ -98,9 +98,7 @@ def collection_setup(model: nn.Module, dtype: torch.dtype | None) -> tuple[list[
     """The model's edit targets, its one device, and the accumulation dtype (default float32, or
     float64 for a model whose weights are float64); ``ValueError`` when nothing is editable or
     devices are mixed."""
-    targets, _ = find_targets(model)
-    if not targets:
-        raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
+    targets, _ = editable_targets(model)
     device = model_device(model)
     return targets, device, dtype or default_dtype(targets)
 

@@ -144,3 +144,11 @@ def find_targets(model: nn.Module) -> tuple[list[EditTarget], list[SkippedLayer]
                                             "(only the weights of Linear, Conv1d/2d/3d and MultiheadAttention are edited)"))
                 covered.add(id(p))
     return targets, skipped
+
+
+def editable_targets(model: nn.Module) -> tuple[list[EditTarget], list[SkippedLayer]]:
+    """:func:`find_targets`, with ``ValueError`` where the model has no layer to edit."""
+    targets, skipped = find_targets(model)
+    if not targets:
+        raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
+    return targets, skipped

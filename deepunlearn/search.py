@@ -10,7 +10,7 @@ from torch import nn
 
 from ._batches import DataLike, iter_labelled
 from .evaluation import class_accuracies
-from .layers import find_targets
+from .layers import editable_targets
 from .projection import Spectrum, check_alpha
 from .collect import eval_no_grad, gather_statistics
 from .statistics import Statistics, model_device
@@ -82,9 +82,7 @@ def search_alphas(
     grid_f = [check_alpha(a, "alpha_f") for a in alpha_f_grid]
     if not grid_r or not grid_f:
         raise ValueError("alpha grids must not be empty")
-    targets, _ = find_targets(model)
-    if not targets:
-        raise ValueError("the model has no layer deepunlearn can edit (Linear, Conv1d/2d/3d, MultiheadAttention)")
+    targets, _ = editable_targets(model)
     device = model_device(model)
     kw = dict(batch_size=batch_size, dtype=dtype, autocast=autocast, progress=progress)
     moments_f = layer_moments(targets, gather_statistics(model, forget, "forget", **kw), device)
