@@ -147,11 +147,20 @@ def choose_alphas(
     if len(options) > 1:
         scorer = replace(scorer, head=HeadReader(candidates.targets[candidates.head].module, scorer.autocast))
 
+    head_apart: dict[tuple[float, float, int], tuple[torch.Tensor, torch.Tensor | None]] = {}  # (alpha_r, option,
+    # fold) -> the head with its own scale: the same for every alpha_f, kept for the last alpha_r
+
     def head_weights(a_r: float, a_f: float, fold: int) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
         """Each option's head ``(weight, bias)``, or None to score the model as written (one option)."""
         if len(options) == 1:
             return None
-        return [candidates.edit(candidates.head, a_r, a_f if h is None else h, fold) for h in options]
+        if any(key[0] != a_r for key in head_apart):
+            head_apart.clear()
+        for h in options:
+            if h is not None and (a_r, h, fold) not in head_apart:
+                head_apart[a_r, h, fold] = candidates.edit(candidates.head, a_r, h, fold)
+        return [candidates.edit(candidates.head, a_r, a_f, fold) if h is None else head_apart[a_r, h, fold]
+                for h in options]
 
     def apply(a_r: float, a_f: float, fold: int = 0) -> None:
         for t, (w, b) in zip(candidates.targets, candidates.edits(a_r, a_f, fold, options[0])):

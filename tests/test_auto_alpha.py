@@ -160,6 +160,31 @@ def test_candidates_match_the_final_edit_and_scoring_restores_the_weights(traine
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def test_same_shaped_small_targets_are_edited_in_stacks_as_each_alone():
+    """Small targets of one shape are edited together (``STACKED_MAX_ELEMENTS``): the same weights
+    and mean-keeping biases as each edited alone and as the fixed call, the head at its own scale."""
+    torch.manual_seed(0)
+    width = 24
+    model = nn.Sequential(nn.Linear(12, width), nn.Tanh(), *[m for _ in range(3) for m in (nn.Linear(width, width), nn.Tanh())],
+                          nn.Linear(width, width)).double().eval()  # the head: one more of the hidden shape
+    xf, xr = torch.randn(200, 12, dtype=torch.float64) + 0.5, torch.randn(300, 12, dtype=torch.float64)
+    targets = find_targets(model)[0]
+    sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
+    means = planning.layer_means(targets, sr, CPU)
+    cands = SpectralCandidates(targets, planning.layer_moments(targets, sf, CPU), planning.layer_moments(targets, sr, CPU),
+                               head=targets[-1], means_r=means)
+    stacks = cands._stacks_of(0)
+    assert [s.members for s in stacks] == [[1, 2, 3, 4]]  # the first layer's shape is its own
+    for a_r, a_f, a_h in ((10.0, 1.0, None), (300.0, 30.0, 3.0), (300.0, 3.0, 100.0)):
+        stacked = cands.edits(a_r, a_f, 0, a_h)
+        alone = [cands.edit(i, a_r, a_h if i == cands.head and a_h is not None else a_f) for i in range(len(targets))]
+        for (w, b), (w1, b1) in zip(stacked, alone):
+            assert w.shape == w1.shape and rel_err(w, w1) < 1e-12 and rel_err(b, b1) < 1e-12
+        if a_h is None:
+            for (w, b), (new, new_b) in zip(stacked, fixed_call_weights(targets, sf, sr, a_r, a_f, means)):
+                assert rel_err(w, new) < 1e-9 and rel_err(b, new_b) < 1e-9
+
+
 @pytest.mark.parametrize("kind", [SpectralCandidates, FactoredCandidates])
 def test_each_fold_is_scored_by_the_edit_from_the_other_folds(trained, kind):
     model, targets, xf, xr = double_model_and_samples(trained)
