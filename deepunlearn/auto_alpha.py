@@ -19,7 +19,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -117,10 +117,16 @@ def choose_alphas(
     finer steps follow the option that keeps the most retain probability where the scan first
     forgot, and :func:`smallest_passing` keeps a candidate per option.
 
-    Branch and bound: once a candidate has reached the target, a pair that comes through its first
-    round (the samples the last candidates still recognised) is scored on the retain side before
-    the rest of its forget samples, and scored no further where it keeps less retain probability
-    for every head option; the search then treats it as a pair that forgets (a larger ``alpha_f``
+    Only the choice is scored whole: a pair that comes through its first round (the samples the
+    last candidates still recognised) is left pending, and the search counts it as forgetting.
+    Afterwards the first candidate, where pending, is scored on, or else a pending pair that keeps
+    more retain probability in some head option than it (were that to miss, its ``alpha_r``'s scan
+    would go on to pairs that might win); then the search runs again, scoring only pairs new to it,
+    until neither is left. Pairs still pending are reported with no forget hits.
+
+    Branch and bound: once a candidate stands (reached the target, or pending), a pending pair is
+    scored on the retain side, and scored no further where it keeps less retain probability for
+    every head option; the search then treats it as a pair that forgets (a larger ``alpha_f``
     keeps less still, a smaller one may win). A finer step is scored on the retain side first, and
     not on the forget side where it cannot win (:func:`cannot_win` inside). ``bound``: the held-out
     retain probability of a candidate already chosen elsewhere (the other kind of statistics), the
@@ -175,50 +181,42 @@ def choose_alphas(
             table.extend(scored_at[a_r, a_f])
         return scored_at[a_r, a_f]
 
-    def score(a_r: float, a_f: float) -> list[bool] | None:
-        """Per head option, whether the pair forgets; its rows get the forget side (the retain side is
-        scored later). The folds are scored in rounds, a chunk of each per round (the samples still
-        recognised by the last candidates first), until every option has missed the target. None:
-        the pair cannot win (:func:`cannot_win`, checked once a candidate has reached the target
-        and the pair has come through its first round, the hardest samples), and was scored no
-        further; its rows keep no forget hits."""
-        hits, scored, first = [0] * len(options), [0] * len(options), [math.nan] * len(options)
-        cut = False
-        sizes = [len(x) for x in scorer.x_f]
-        seen: list[list[torch.Tensor]] = [[] for _ in sizes]  # per fold, per chunk scored: recognised by any option
+    progress: dict[tuple[float, float], _Progress] = {}  # per pair: how far its forget side was scored
+    sizes = [len(x) for x in scorer.x_f]
+
+    def score(a_r: float, a_f: float, finish: bool = False) -> list[bool] | None:
+        """Per head option, whether the pair forgets (so far, where it is pending); its rows get the
+        forget side (the retain side is scored later). The folds are scored in rounds, a chunk of
+        each per round (the samples still recognised by the last candidates first), until every
+        option has missed the target. A pair that comes through its first round (the hardest
+        samples) is left pending there, and scored on (``finish``) only where it may be the choice
+        (the resolution below): only the pair chosen has to be shown to forget on every sample.
+        None: the pair is pending and cannot win (:func:`cannot_win`, checked once a candidate
+        stands), and is scored no further; its rows keep no forget hits."""
+        p = progress.setdefault((a_r, a_f), _Progress.start(len(options), len(sizes)))
         made: dict[int, tuple] = {}  # per fold: its edits and head options, made once and written each round
-        done, chunk = [0] * len(sizes), SCORE_CHUNK
-        while any(d < n for d, n in zip(done, sizes)) and any(h <= allowed for h in hits):
+        while p.open(sizes, allowed) and (finish or p.rounds == 0):
             for fold in range(len(sizes)):
-                if done[fold] == sizes[fold] or all(h > allowed for h in hits):
+                if p.done(fold) == sizes[fold] or not any(p.passing(allowed)):
                     continue
                 if fold not in made:
                     made[fold] = (candidates.edits(a_r, a_f, fold, options[0]), head_weights(a_r, a_f, fold))
                 for t, (w, b) in zip(candidates.targets, made[fold][0]):
                     t.write(w, b)
                 scorer.key = (a_r, a_f)  # the head's inputs read here are kept for a re-fit (refitted_head)
-                hit = scorer.forget_recognised(model, fold, done[fold], done[fold] + chunk, made[fold][1])
-                for i, n_hit in enumerate(hit.sum(-1).tolist()):
-                    if hits[i] <= allowed:
-                        hits[i] += n_hit
-                        scored[i] += hit.shape[-1]
-                seen[fold].append(hit)
-                done[fold] += hit.shape[-1]
-                if fold == 0 and done[0] == sizes[0]:  # the first fold's accuracy, where it was scored whole
-                    first = (100.0 * torch.cat(seen[0], dim=-1).sum(-1) / sizes[0]).tolist()
-            if chunk == SCORE_CHUNK and any(d < n for d, n in zip(done, sizes)) and any(h <= allowed for h in hits):
-                rows_of(a_r, a_f)
-                # the rest would cost more than the retain side; options that have missed already cannot win
-                cut = cannot_win(a_r, a_f, [h <= allowed for h in hits])
-                if cut:
-                    break
-            chunk *= 2  # a candidate that has not missed yet is likely near the target: score in larger batches
-        for fold, parts in enumerate(seen):
-            if parts:
-                scorer.recognised_first(fold, torch.cat(parts, dim=-1).any(0))
+                rows = scorer.next_rows(fold, p.scored_rows(fold), p.chunk)
+                p.add(fold, rows, scorer.rows_recognised(model, fold, rows, made[fold][1]), allowed)
+            p.rounds += 1
+            p.chunk *= 2  # a candidate that has not missed yet is likely near the target: score in larger batches
+        for fold in made:
+            scorer.recognised_first(fold, torch.cat(p.seen[fold], dim=-1).any(0), p.scored_rows(fold))
+        rows_of(a_r, a_f)
+        # the rest would cost more than the retain side; options that have missed already cannot win
+        p.cut = cut = p.open(sizes, allowed) and cannot_win(a_r, a_f, p.passing(allowed))
         for i, row in enumerate(rows_of(a_r, a_f)):
-            row.update(forget_acc=first[i], forget_hits=math.nan if cut else hits[i], forget_scored=scored[i])
-        return None if cut else [h <= allowed for h in hits]
+            row.update(forget_acc=p.first_fold_accuracy(sizes[0])[i], forget_hits=math.nan if cut else p.hits[i],
+                       forget_scored=p.scored[i])
+        return None if cut else p.passing(allowed)
 
     best_retain = -math.inf if bound is None else bound  # of the candidates that reached the target
 
@@ -241,6 +239,71 @@ def choose_alphas(
         rows = [c for i, c in enumerate(rows_of(a_r, a_f)) if alive is None or alive[i]]
         return best_retain > -math.inf and max(retain_of(c) for c in rows) < best_retain
 
+    def unsure_pair() -> tuple[float, float] | None:
+        """The pending pair to score on next, or None once the first candidate (by :func:`preference`)
+        was scored whole: that candidate where it is pending; else the pending pair that keeps the most
+        retain probability in some head option, where that is more than the first candidate's: were it
+        to miss, its ``alpha_r``'s scan would go on past it, to pairs (other options at larger
+        ``alpha_f``, keeping less retain probability than here) that might beat the first."""
+        standing = smallest_passing(table, allowed)
+        for c in standing:
+            retain_of(c)
+        first = max(standing, key=preference, default=None)
+        unsure = [pair for pair, p in progress.items() if p.open(sizes, allowed) and not p.cut]
+        if first is not None and (first["alpha_r"], first["alpha_f"]) in unsure:
+            return first["alpha_r"], first["alpha_f"]
+        bar = -math.inf if first is None else first["retain_prob"]
+        potential = {pair: max(retain_of(c) for c in rows_of(*pair)) for pair in unsure}
+        return max((pair for pair in unsure if potential[pair] > bar), key=potential.get, default=None)
+
+    def search() -> None:
+        """The scan along ``alpha_f`` for every ``alpha_r`` (the function's docstring), pending pairs
+        counted as forgetting; run again after a pending pair is scored on."""
+        nonlocal best_retain
+        best_retain = -math.inf if bound is None else bound
+        start = 0  # index into ALPHA_F_COARSE where the scan begins
+        stopped = False  # whether the upward run has met an alpha_r that never forgets
+        for k, a_r in enumerate(grid_r):
+            if alpha_f is not None:
+                score(a_r, alpha_f)
+                continue
+            if k > 0 and a_r < grid_r[k - 1]:  # the downward run: a smaller retain space may forget sooner
+                start = 0
+            elif stopped:
+                continue
+            passes = None  # where the scan has no step left
+            failing = ALPHA_F_COARSE[start - 1] if start > 0 else None  # failed at the previous alpha_r
+            passing = None
+            for i in range(start, len(ALPHA_F_COARSE)):
+                passes = score(a_r, ALPHA_F_COARSE[i])
+                if passes is None or any(passes):  # forgets, or cannot win: the finer steps go below it
+                    passing, start = ALPHA_F_COARSE[i], i
+                    break
+                failing = ALPHA_F_COARSE[i]
+            if passing is None:
+                stopped = True  # never forgets in range; a larger alpha_r would forget even less
+                continue
+            # the finer steps follow the head option that keeps the most retain accuracy where the scan first
+            # forgot (of every option, where it could not win)
+            rows = scored_at[a_r, passing]
+            alive = [i for i, ok in enumerate(passes or [True] * len(options)) if ok]
+            followed = alive[0] if len(alive) == 1 else max(alive, key=lambda i: (retain_of(rows[i]), -i))
+            if failing is None:  # forgets at the smallest: step down while it still does
+                for _ in range(BISECTION_STEPS):
+                    lower = passing / math.sqrt(10.0)
+                    if not (cannot_win(a_r, lower) or (passes := score(a_r, lower)) is None or passes[followed]):
+                        break
+                    passing = lower
+            else:
+                for _ in range(BISECTION_STEPS):
+                    mid = math.sqrt(failing * passing)  # the log-scale midpoint
+                    if cannot_win(a_r, mid) or (passes := score(a_r, mid)) is None or passes[followed]:
+                        passing = mid
+                    else:
+                        failing = mid
+            for c in smallest_passing([c for c in table if c["alpha_r"] == a_r], allowed):
+                best_retain = max(best_retain, retain_of(c))
+
     head = None if candidates.head is None else candidates.targets[candidates.head]
     shares = None  # the unedited model's mean predicted probabilities on the held-out retain samples, where the
     # head is rebalanced
@@ -253,48 +316,14 @@ def choose_alphas(
                 if rebalance and head_reads and head.bias() is not None and len(scorer.forgotten) < head.module.out_features:
                     unedited = scorer.original_retain_logits  # else the model is unedited here
                     shares = (scorer.retain_logits(model) if unedited is None else unedited).softmax(-1).mean(0)
-            start = 0  # index into ALPHA_F_COARSE where the scan begins
-            stopped = False  # whether the upward run has met an alpha_r that never forgets
-            for k, a_r in enumerate(grid_r):
-                if alpha_f is not None:
-                    score(a_r, alpha_f)
-                    continue
-                if k > 0 and a_r < grid_r[k - 1]:  # the downward run: a smaller retain space may forget sooner
-                    start = 0
-                elif stopped:
-                    continue
-                passes = None  # where the scan has no step left
-                failing = ALPHA_F_COARSE[start - 1] if start > 0 else None  # failed at the previous alpha_r
-                passing = None
-                for i in range(start, len(ALPHA_F_COARSE)):
-                    passes = score(a_r, ALPHA_F_COARSE[i])
-                    if passes is None or any(passes):  # forgets, or cannot win: the finer steps go below it
-                        passing, start = ALPHA_F_COARSE[i], i
-                        break
-                    failing = ALPHA_F_COARSE[i]
-                if passing is None:
-                    stopped = True  # never forgets in range; a larger alpha_r would forget even less
-                    continue
-                # the finer steps follow the head option that keeps the most retain accuracy where the scan first
-                # forgot (of every option, where it could not win)
-                rows = scored_at[a_r, passing]
-                alive = [i for i, ok in enumerate(passes or [True] * len(options)) if ok]
-                followed = alive[0] if len(alive) == 1 else max(alive, key=lambda i: (retain_of(rows[i]), -i))
-                if failing is None:  # forgets at the smallest: step down while it still does
-                    for _ in range(BISECTION_STEPS):
-                        lower = passing / math.sqrt(10.0)
-                        if not (cannot_win(a_r, lower) or (passes := score(a_r, lower)) is None or passes[followed]):
-                            break
-                        passing = lower
-                else:
-                    for _ in range(BISECTION_STEPS):
-                        mid = math.sqrt(failing * passing)  # the log-scale midpoint
-                        if cannot_win(a_r, mid) or (passes := score(a_r, mid)) is None or passes[followed]:
-                            passing = mid
-                        else:
-                            failing = mid
-                for c in smallest_passing([c for c in table if c["alpha_r"] == a_r], allowed):
-                    best_retain = max(best_retain, retain_of(c))
+            search()
+            while pair := unsure_pair():
+                score(*pair, finish=True)
+                search()  # scored pairs are not scored again: only pairs new to this run cost forward passes
+            for (a_r, a_f), p in progress.items():  # pairs left pending were never shown to forget
+                if p.open(sizes, allowed):
+                    for row in rows_of(a_r, a_f):
+                        row["forget_hits"] = math.nan
             reached = smallest_passing(table, allowed)
             for c in reached or table:  # the fallback ranks every candidate by both sides
                 retain_of(c)
@@ -311,8 +340,7 @@ def choose_alphas(
             t.write(w, b)
     if reached:  # the smallest edit that forgets: best retain, then fewer forget samples still recognised, then the
         # head edited like the body, then smaller scales
-        best = max(reached, key=lambda c: (c["retain_prob"], -c["forget_hits"], -c["head_apart"], -c["alpha_f"],
-                                           -c["alpha_f_head"]))
+        best = max(reached, key=preference)
         forget_acc = 100.0 * best["forget_hits"] / n_f
     else:
         best = max(table, key=lambda c: compromise(c["retain_acc"], c["forget_acc"]))
@@ -350,6 +378,69 @@ def choose_alphas(
                        folds=candidates.folds,
                        alpha_f_head=best["alpha_f_head"] if best["head_apart"] and best["alpha_f_head"] != best["alpha_f"] else None,
                        retain_prob=best["retain_prob"], head_shift=head_shift, head_refit=head_refit)
+
+
+def preference(c: dict[str, float]) -> tuple[float, ...]:
+    """The order of candidates that reach the target: best held-out retain probability, then fewer
+    forget samples still recognised, then the head edited like the body, then smaller scales."""
+    return c["retain_prob"], -c["forget_hits"], -c["head_apart"], -c["alpha_f"], -c["alpha_f_head"]
+
+
+@dataclass
+class _Progress:
+    """How far one pair's forget side has been scored (:func:`choose_alphas`).
+
+    Attributes:
+        hits: per head option, the forget samples still recognised, counted until it missed.
+        scored: per head option, the samples counted.
+        rows: per fold, the samples scored (indices), chunk by chunk.
+        seen: per fold, ``(options, chunk)`` whether each of those was recognised.
+        chunk: the samples of each fold the next round scores.
+        rounds: the rounds scored.
+        cut: whether, when last scored, it was left pending as one that cannot win.
+    """
+
+    hits: list[int]
+    scored: list[int]
+    rows: list[list[torch.Tensor]]
+    seen: list[list[torch.Tensor]]
+    chunk: int
+    rounds: int = 0
+    cut: bool = False  # left pending because it cannot win (when last scored)
+
+    @classmethod
+    def start(cls, options: int, folds: int) -> "_Progress":
+        return cls([0] * options, [0] * options, [[] for _ in range(folds)], [[] for _ in range(folds)], SCORE_CHUNK)
+
+    def done(self, fold: int) -> int:
+        return sum(len(r) for r in self.rows[fold])
+
+    def scored_rows(self, fold: int) -> torch.Tensor:
+        return torch.cat(self.rows[fold]) if self.rows[fold] else torch.empty(0, dtype=torch.long)
+
+    def passing(self, allowed: int) -> list[bool]:
+        """Per head option, whether it has not missed the target (yet)."""
+        return [h <= allowed for h in self.hits]
+
+    def open(self, sizes: Sequence[int], allowed: int) -> bool:
+        """Whether scoring on could still change the outcome: some option has not missed and some
+        fold (of ``sizes`` samples each) has samples left."""
+        return any(self.passing(allowed)) and any(self.done(f) < n for f, n in enumerate(sizes))
+
+    def add(self, fold: int, rows: torch.Tensor, hit: torch.Tensor, allowed: int) -> None:
+        """``hit`` ``(options, len(rows))``: whether each of ``fold``'s samples ``rows`` was recognised."""
+        for i, n_hit in enumerate(hit.sum(-1).tolist()):
+            if self.hits[i] <= allowed:
+                self.hits[i] += n_hit
+                self.scored[i] += hit.shape[-1]
+        self.rows[fold].append(rows)
+        self.seen[fold].append(hit)
+
+    def first_fold_accuracy(self, size: int) -> list[float]:
+        """Per head option, the percent of the first fold recognised, where all ``size`` were scored."""
+        if self.done(0) < size:
+            return [math.nan] * len(self.hits)
+        return (100.0 * torch.cat(self.seen[0], dim=-1).sum(-1) / size).tolist()
 
 
 def _by_option(rows) -> dict[tuple[float, float | None], list[dict[str, float]]]:

@@ -294,15 +294,27 @@ class Scorer:
         """``(len(heads) or 1, n)`` bool: whether each held-out forget sample of ``fold`` at
         positions ``start:stop`` of its scoring order (:attr:`order`) is still recognised, per head
         (or by the model as it is)."""
-        rows = self.order[fold][start:stop]
+        return self.rows_recognised(model, fold, self.order[fold][start:stop], heads)
+
+    def rows_recognised(self, model: nn.Module, fold: int, rows: torch.Tensor,
+                        heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> torch.Tensor:
+        """:meth:`forget_recognised` of the samples ``rows`` (indices into ``fold``)."""
         return self.forget_hit[fold](self._logits(model, fold, rows, heads).argmax(-1).cpu(), rows)
 
-    def recognised_first(self, fold: int, recognised: torch.Tensor) -> None:
+    def next_rows(self, fold: int, scored: torch.Tensor, count: int) -> torch.Tensor:
+        """The first ``count`` samples of ``fold`` in its scoring order (:attr:`order`) that are not
+        among ``scored`` (indices)."""
+        order = self.order[fold]
+        return order[~torch.isin(order, scored)][:count]
+
+    def recognised_first(self, fold: int, recognised: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Reorder ``fold`` so that the samples still recognised (``recognised``: ``(n,)`` bool over
-        the first ``n`` positions of its order) are scored first next time, then those not scored,
-        then the rest: a later candidate that misses the target shows it in its first chunk."""
-        order, n = self.order[fold], len(recognised)
-        self.order[fold] = torch.cat([order[:n][recognised], order[n:], order[:n][~recognised]])
+        ``rows``, by default the first ``n`` positions of its order) are scored first next time, then
+        those not scored, then the rest: a later candidate that misses the target shows it in its
+        first chunk."""
+        order = self.order[fold]
+        rows = order[:len(recognised)] if rows is None else rows
+        self.order[fold] = torch.cat([rows[recognised], order[~torch.isin(order, rows)], rows[~recognised]])
 
     def retain_logits(self, model: nn.Module) -> torch.Tensor:
         """``(N, C)`` float32 logits of the model as it is now on the held-out retain samples."""

@@ -11,7 +11,8 @@ import deepunlearn
 from conftest import rel_err
 from deepunlearn import plan as planning
 from deepunlearn.candidates import FACTOR_SETS_KEPT, FactoredCandidates, SpectralCandidates, candidate_edits, factors_pay
-from deepunlearn.auto_alpha import ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, choose_alphas, smallest_passing
+from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, choose_alphas, preference,
+                                    smallest_passing)
 from deepunlearn.sampling import FORGET_FOLDS, fold_split, holdout_split, materialise
 from deepunlearn.scoring import FORGET_CONFIDENCE, allowed_forget_hits, binomial_upper_bound, inferred_forget_classes, make_scorer
 from deepunlearn.layers import find_targets
@@ -283,6 +284,42 @@ def test_the_samples_still_recognised_are_scored_first_and_the_order_changes_no_
     assert scorer.order[0].tolist() == [1, 0, 5, 2, 6, 8, 7, 3, 4, 9]  # recognised, not scored, then the rest
 
 
+@pytest.mark.filterwarnings("ignore:no candidate reached")  # the pairs scored alone: their outcomes are compared
+def test_only_the_chosen_pair_is_scored_whole_and_pending_pairs_change_no_choice(trained, monkeypatch):
+    """Pairs that come through their first round are left pending and scored on only where they
+    would be chosen: every pair shown to forget was scored on every sample, some were left pending,
+    and among the pairs the search scored the choice is the one the rule picks with each scored whole."""
+    from deepunlearn import auto_alpha
+
+    monkeypatch.setattr(auto_alpha, "SCORE_CHUNK", 4)  # several rounds per fold
+    model, targets, xf, xr = double_model_and_samples(trained)
+    folds = fold_split(len(xf), "forget")
+    sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
+    fold_stats = [collect_statistics(model, xf[i]) for i in folds]
+
+    def forget_fit(k):
+        rest = [s for j, s in enumerate(fold_stats) if j != k]
+        return planning.layer_moments(targets, sum(rest[1:], rest[0]), CPU)
+
+    cands = SpectralCandidates(targets, forget_fit(0), planning.layer_moments(targets, sr, CPU),
+                               [lambda k=k: forget_fit(k) for k in range(1, len(folds))], head=classifier_head(targets, sf))
+
+    def choose(**kw):
+        return choose_alphas(model, cands, make_scorer(model, [xf[i] for i in folds], None, xr[:100], None, [0], 64, None),
+                             head_alphas=(None, *HEAD_ALPHA_F), **kw)
+
+    c = choose()
+    assert c.reached_target
+    assert all(r["forget_scored"] == len(xf) for r in c.candidates if r["forget_hits"] <= c.allowed_hits)
+    assert any(r["forget_hits"] != r["forget_hits"] and r["forget_scored"] > 0 for r in c.candidates)  # left pending
+    scored = dict.fromkeys((r["alpha_r"], r["alpha_f"]) for r in c.candidates if r["forget_scored"] > 0)
+    whole = [r for a_r, a_f in scored for r in choose(alpha_r=a_r, alpha_f=a_f).candidates]
+    assert all(r["forget_hits"] == r["forget_hits"] for r in whole)  # each alone: scored until it missed, or whole
+    reference = max(smallest_passing(whole, c.allowed_hits), key=preference)
+    chosen_head = c.alpha_f if c.alpha_f_head is None else c.alpha_f_head
+    assert (c.alpha_r, c.alpha_f, chosen_head) == (reference["alpha_r"], reference["alpha_f"], reference["alpha_f_head"])
+
+
 def test_a_bound_no_pair_can_beat_cuts_each_pair_after_its_first_round(trained, monkeypatch):
     from deepunlearn import auto_alpha
 
@@ -341,7 +378,8 @@ def test_alpha_r_runs_up_from_the_first_candidate_then_down_from_the_smallest_st
     assert forgets[90.0] and not forgets[1e6]  # a retain space of 1e6 keeps the forget space whole
     assert not rows[1e7]  # the upward run stopped at the first scale that never forgot
     assert list(dict.fromkeys(r["alpha_r"] for r in c.candidates)) == [90.0, 1e6, 3.0, 1.0]
-    coarse_passing = min(r["alpha_f"] for r in rows[90.0] if r["forget_hits"] <= c.allowed_hits
+    # the first coarse step that did not miss (left pending, no hits shown, where the finer step below it forgot)
+    coarse_passing = min(r["alpha_f"] for r in rows[90.0] if not r["forget_hits"] > c.allowed_hits
                          and r["alpha_f"] in ALPHA_F_COARSE)
     assert coarse_passing > ALPHA_F_COARSE[0]
     assert rows[1e6][0]["alpha_f"] == coarse_passing  # upwards: from the step where the scale below first forgot
