@@ -218,7 +218,7 @@ def choose_alphas(
                        forget_scored=p.scored[i])
         return None if cut else p.passing(allowed)
 
-    best_retain = -math.inf if bound is None else bound  # of the candidates that reached the target
+    best_retain = -math.inf if bound is None else bound  # of the candidates standing (reached, or pending); per search
 
     def retain_of(row: dict[str, float]) -> float:
         if math.isnan(row["retain_acc"]):

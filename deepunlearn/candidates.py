@@ -42,8 +42,8 @@ SCALES_KEPT = 6
 # counts as one input of a set.
 FACTOR_SETS_KEPT = 2
 # Targets whose weight has at most this many elements per group (out × in) are edited in stacks, the targets of one
-# shape (weight and eigenvectors) together in one batched product: on the suite's ViT (17 targets, none over 192 × 128)
-# each separate edit was a few products of microseconds, dispatch rather than arithmetic, a fifth of choosing. The
+# shape (weight and eigenvectors) together in one batched product: on the suite's ViT (four blocks, no weight over
+# 192 × 128) each separate edit was a few products of microseconds, dispatch rather than arithmetic, a fifth of choosing. The
 # stacks copy these weights and eigenvectors once per fold, so large targets, cheap to dispatch, are left apart.
 STACKED_MAX_ELEMENTS = 1 << 16
 
