@@ -119,10 +119,10 @@ def choose_alphas(
 
     Only the choice is scored whole: a pair that comes through its first round (the samples the
     last candidates still recognised) is left pending, and the search counts it as forgetting.
-    Afterwards the first candidate, where pending, is scored on, or else a pending pair that keeps
-    more retain probability in some head option than it (were that to miss, its ``alpha_r``'s scan
-    would go on to pairs that might win); then the search runs again, scoring only pairs new to it,
-    until neither is left. Pairs still pending are reported with no forget hits.
+    Afterwards the first candidate, where pending, is scored on, or else a pending coarse step that
+    keeps more retain probability in some head option than it (were that to miss, its ``alpha_r``'s
+    scan would go on to pairs that might win); then the search runs again, scoring only pairs new
+    to it, until neither is left. Pairs still pending are reported with no forget hits.
 
     Branch and bound: once a candidate stands (reached the target, or pending), a pending pair is
     scored on the retain side, and scored no further where it keeps less retain probability for
@@ -241,10 +241,11 @@ def choose_alphas(
 
     def unsure_pair() -> tuple[float, float] | None:
         """The pending pair to score on next, or None once the first candidate (by :func:`preference`)
-        was scored whole: that candidate where it is pending; else the pending pair that keeps the most
-        retain probability in some head option, where that is more than the first candidate's: were it
-        to miss, its ``alpha_r``'s scan would go on past it, to pairs (other options at larger
-        ``alpha_f``, keeping less retain probability than here) that might beat the first."""
+        was scored whole: that candidate where it is pending; else the pending coarse step that keeps
+        the most retain probability in some head option, where that is more than the first
+        candidate's: were it to miss, its ``alpha_r``'s scan would go on past it, to pairs (other
+        options at larger ``alpha_f``, keeping less retain probability than here) that might beat the
+        first. (A finer step that misses only leaves its coarse step the candidate.)"""
         standing = smallest_passing(table, allowed)
         for c in standing:
             retain_of(c)
@@ -253,8 +254,9 @@ def choose_alphas(
         if first is not None and (first["alpha_r"], first["alpha_f"]) in unsure:
             return first["alpha_r"], first["alpha_f"]
         bar = -math.inf if first is None else first["retain_prob"]
-        potential = {pair: max(retain_of(c) for c in rows_of(*pair)) for pair in unsure}
-        return max((pair for pair in unsure if potential[pair] > bar), key=potential.get, default=None)
+        coarse = [pair for pair in unsure if alpha_f is None and pair[1] in ALPHA_F_COARSE]
+        potential = {pair: max(retain_of(c) for c in rows_of(*pair)) for pair in coarse}
+        return max((pair for pair in coarse if potential[pair] > bar), key=potential.get, default=None)
 
     def search() -> None:
         """The scan along ``alpha_f`` for every ``alpha_r`` (the function's docstring), pending pairs
