@@ -210,15 +210,13 @@ def choose_alphas(
             p.chunk *= 2  # a candidate that has not missed yet is likely near the target: score in larger batches
         for fold in made:
             scorer.recognised_first(fold, torch.cat(p.seen[fold], dim=-1).any(0), p.scored_rows(fold))
-        rows_of(a_r, a_f)
         # the rest would cost more than the retain side; options that have missed already cannot win
         p.cut = cut = p.open(sizes, allowed) and cannot_win(a_r, a_f, p.passing(allowed))
-        for i, row in enumerate(rows_of(a_r, a_f)):
-            row.update(forget_acc=p.first_fold_accuracy(sizes[0])[i], forget_hits=math.nan if cut else p.hits[i],
-                       forget_scored=p.scored[i])
+        for row, first, hits, scored in zip(rows_of(a_r, a_f), p.first_fold_accuracy(sizes[0]), p.hits, p.scored):
+            row.update(forget_acc=first, forget_hits=math.nan if cut else hits, forget_scored=scored)
         return None if cut else p.passing(allowed)
 
-    best_retain = -math.inf if bound is None else bound  # of the candidates standing (reached, or pending); per search
+    best_retain = -math.inf  # the current search()'s bound: the best standing candidate's retain probability
 
     def retain_of(row: dict[str, float]) -> float:
         if math.isnan(row["retain_acc"]):

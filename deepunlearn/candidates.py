@@ -93,8 +93,11 @@ class Candidates:
     def edits(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None
               ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """:meth:`edit` of every target for the pair; the :attr:`head` with ``alpha_f_head`` where given."""
-        return [self.edit(i, alpha_r, alpha_f_head if i == self.head and alpha_f_head is not None else alpha_f, fold)
-                for i in range(len(self.targets))]
+        return [self.edit(i, alpha_r, self._forget_scale(i, alpha_f, alpha_f_head), fold) for i in range(len(self.targets))]
+
+    def _forget_scale(self, i: int, alpha_f: float, alpha_f_head: float | None) -> float:
+        """Target ``i``'s ``alpha_f``: ``alpha_f_head`` for the :attr:`head` where given."""
+        return alpha_f_head if i == self.head and alpha_f_head is not None else alpha_f
 
     def weights(self, alpha_r: float, alpha_f: float, fold: int = 0, alpha_f_head: float | None = None
                 ) -> list[torch.Tensor]:
@@ -255,8 +258,7 @@ class SpectralCandidates(Candidates):
         for k, stack in enumerate(stacks):
             if (fold, k) not in self._stacked_vu:
                 self._stacked_vu[fold, k] = torch.cat([v[i] for i in stack.members]) @ stack.u
-            scales = [alpha_f_head if i == self.head and alpha_f_head is not None else alpha_f for i in stack.members]
-            lam = torch.cat([self._scaled_f[fold](a)[i] for i, a in zip(stack.members, scales)])
+            lam = torch.cat([self._scaled_f[fold](self._forget_scale(i, alpha_f, alpha_f_head))[i] for i in stack.members])
             thin = self._stacked_vu[fold, k] * lam[:, None, :]  # (W − W′) = thin U_fᵀ, every member at once
             new = torch.baddbmm(stack.w, thin, stack.u.transpose(-1, -2), alpha=-1.0)
             parts = new.split(stack.groups)
@@ -265,8 +267,7 @@ class SpectralCandidates(Candidates):
             for i, part, bias in zip(stack.members, parts, biases):
                 shape, dtype = self.forms[i]
                 out[i] = part.reshape(shape).to(dtype), None if bias is None else bias.reshape(-1).to(self.biases[i].dtype)
-        return [edit if edit is not None else
-                self.edit(i, alpha_r, alpha_f_head if i == self.head and alpha_f_head is not None else alpha_f, fold)
+        return [edit if edit is not None else self.edit(i, alpha_r, self._forget_scale(i, alpha_f, alpha_f_head), fold)
                 for i, edit in enumerate(out)]
 
     def edit(self, i: int, alpha_r: float, alpha_f: float, fold: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -207,6 +207,21 @@ def test_kept_vectors_give_the_fixed_calls_weights_through_either_decomposition(
             assert rel_err(w, new) < 1e-9
 
 
+def cross_fitted(model, targets, xf, xr, head=None):
+    """``(folds, candidates)``: the forget samples' folds, and spectral candidates whose fold ``k``
+    is edited from every other fold's statistics (as the default call makes them)."""
+    folds = fold_split(len(xf), "forget")
+    fold_stats = [collect_statistics(model, xf[i]) for i in folds]
+
+    def forget_fit(k):
+        rest = [s for j, s in enumerate(fold_stats) if j != k]
+        return planning.layer_moments(targets, sum(rest[1:], rest[0]), CPU)
+
+    sr = collect_statistics(model, xr)
+    return folds, SpectralCandidates(targets, forget_fit(0), planning.layer_moments(targets, sr, CPU),
+                                     [lambda k=k: forget_fit(k) for k in range(1, len(folds))], head=head)
+
+
 @pytest.mark.parametrize("kind", [SpectralCandidates, FactoredCandidates])
 def test_each_fold_is_scored_by_the_edit_from_the_other_folds(trained, kind):
     model, targets, xf, xr = double_model_and_samples(trained)
@@ -273,16 +288,7 @@ def test_the_samples_still_recognised_are_scored_first_and_the_order_changes_no_
 
     monkeypatch.setattr(auto_alpha, "SCORE_CHUNK", 4)  # several rounds per fold
     model, targets, xf, xr = double_model_and_samples(trained)
-    folds = fold_split(len(xf), "forget")
-    sr = collect_statistics(model, xr)
-    fold_stats = [collect_statistics(model, xf[i]) for i in folds]
-
-    def forget_fit(k):
-        rest = [s for j, s in enumerate(fold_stats) if j != k]
-        return planning.layer_moments(targets, sum(rest[1:], rest[0]), CPU)
-
-    cands = SpectralCandidates(targets, forget_fit(0), planning.layer_moments(targets, sr, CPU),
-                           [lambda k=k: forget_fit(k) for k in range(1, len(folds))])
+    folds, cands = cross_fitted(model, targets, xf, xr)
     natural = make_scorer(model, [xf[i] for i in folds], None, xr[:100], None, [0], 64, None)
     shuffled = make_scorer(model, [xf[i] for i in folds], None, xr[:100], None, [0], 64, None)
     g = torch.Generator().manual_seed(3)
@@ -314,16 +320,7 @@ def test_only_the_chosen_pair_is_scored_whole_and_pending_pairs_change_no_choice
 
     monkeypatch.setattr(auto_alpha, "SCORE_CHUNK", 4)  # several rounds per fold
     model, targets, xf, xr = double_model_and_samples(trained)
-    folds = fold_split(len(xf), "forget")
-    sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
-    fold_stats = [collect_statistics(model, xf[i]) for i in folds]
-
-    def forget_fit(k):
-        rest = [s for j, s in enumerate(fold_stats) if j != k]
-        return planning.layer_moments(targets, sum(rest[1:], rest[0]), CPU)
-
-    cands = SpectralCandidates(targets, forget_fit(0), planning.layer_moments(targets, sr, CPU),
-                               [lambda k=k: forget_fit(k) for k in range(1, len(folds))], head=classifier_head(targets, sf))
+    folds, cands = cross_fitted(model, targets, xf, xr, head=classifier_head(targets, collect_statistics(model, xf)))
 
     def choose(**kw):
         return choose_alphas(model, cands, make_scorer(model, [xf[i] for i in folds], None, xr[:100], None, [0], 64, None),
