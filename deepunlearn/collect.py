@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -17,16 +17,18 @@ from ._batches import DataLike, iter_batches
 from .hooks import Collector, SharingChanged, autocast_on, check_autocast
 from .layers import EditTarget, editable_targets
 from .moments import moment_trace
+from .pooling import FastPooling, pools_faster
 from .statistics import Statistics, model_device, model_fingerprint
 
 
 @contextmanager
 def eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd inside; every module's own training flag restored after, even on error."""
+    """Eval mode and no autograd inside, max pooling by :mod:`deepunlearn.pooling` where it is
+    faster (the same values); every module's own training flag restored after, even on error."""
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), FastPooling() if pools_faster(model) else nullcontext():
             yield
     finally:
         for m, f in flags.items():

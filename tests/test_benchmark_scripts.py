@@ -246,3 +246,15 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
     # one scope in the oracle probe; six of the head's alpha_f at one alpha_r in the split probe
     assert len(json.loads(out.with_suffix(".json").read_text())["rows"]) == rows
     assert "smallcnn" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_pooling_benchmark_smoke(tmp_path):
+    import bench_pooling
+
+    out = tmp_path / "pooling_cpu"
+    assert bench_pooling.main(["--repeat", "1", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert len(result["layers"]) == len(bench_pooling.LAYERS) and len(result["networks"]) == 3
+    assert all(r["torch_ms"] > 0 and r["ours_ms"] > 0 for r in result["layers"])
+    assert "| vgg11_bn_cifar |" in out.with_suffix(".md").read_text()
