@@ -85,8 +85,7 @@ def main(argv=None) -> int:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Max pooling: torch's kernel and elementwise maxima ({result['device_name']}, {result['threads']} threads, "
-             f"torch {result['torch']})", "", "Medians of paired rounds in one run; the outputs are checked equal.", "",
+    lines = [f"# Max pooling: torch's kernel and elementwise maxima ({result['device_name']}, torch {result['torch']})", "", "Medians of paired rounds in one run; the outputs are checked equal.", "",
              "| layer | input | kernel / stride / padding | torch (ms) | ours (ms) | speedup |", "|---|---|---|---|---|---|"]
     for r in result["layers"]:
         lines.append(f"| {r['layer']} | {'×'.join(map(str, r['shape']))} | {r['kernel']} / {r['stride']} / {r['padding']} | "

@@ -2,11 +2,11 @@
 ``F.max_pool2d``, several times faster.
 
 On the CPU, torch's ``max_pool2d`` of a contiguous ``(N, C, H, W)`` input computes the argmax
-indices too and runs far below memory speed: 17 ms for VGG-11's first ``(100, 64, 32, 32)`` map,
-where the same maxima, taken as elementwise ``torch.maximum`` of the window's strided views (rows
-first, then columns), take 2.5 ms; a fifth to a half of a small CNN's whole forward pass
-(docs/design.md). A maximum is exact in any order, and NaN propagates through both, so the result
-is identical. Collecting statistics, scoring candidates and evaluating run inside
+indices too and runs far below memory speed: 21 ms for VGG-11's first ``(100, 64, 32, 32)``
+map, where the same maxima, taken as elementwise ``torch.maximum`` of the window's strided views
+(rows first, then columns), take 1.9 ms; whole forward passes of VGG-11-BN at 32×32 and of the
+suite's SmallCNN run 1.25× and 2.21× faster (``benchmarks/results/pooling_cpu.md``). A maximum is
+exact in any order, and NaN propagates through both, so the result is identical. Collecting statistics, scoring candidates and evaluating run inside
 :func:`~deepunlearn.collect.eval_no_grad`, which routes ``F.max_pool2d`` here (:class:`FastPooling`)
 for models that have ``nn.MaxPool2d`` layers; every call it does not handle (indices, ceil mode,
 dilation, channels-last or non-CPU inputs) goes to torch unchanged.
