@@ -7,7 +7,8 @@ Per pooling layer shape of the networks the benchmarks use (VGG-11-BN at 32×32,
 SmallCNN, the ImageNet ResNet stem; batch as collected): the median time of ``F.max_pool2d`` on a
 contiguous ``(N, C, H, W)`` map and of :func:`~deepunlearn.pooling.fast_max_pool2d` (the two
 timed in turn), checked equal. Then one forward pass of each whole network at that batch, plain
-and under :class:`~deepunlearn.pooling.FastPooling`, as ``eval_no_grad`` runs it.
+and with its pooling layers by :func:`~deepunlearn.pooling.pooling_by_maxima`, as ``eval_no_grad``
+runs it.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, paired_median_times, write_results  # noqa: E402
 
-from deepunlearn.pooling import FastPooling, fast_max_pool2d  # noqa: E402
+from deepunlearn.pooling import fast_max_pool2d, pooling_by_maxima  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (name, input shape, kernel, stride, padding)
@@ -69,12 +70,12 @@ def main(argv=None) -> int:
             print(f"{name:28s} torch {1e3 * torch_s:8.2f} ms  ours {1e3 * ours_s:7.2f} ms  {torch_s / ours_s:5.1f}x", flush=True)
 
         def pooled(model, x):
-            with FastPooling():
+            with pooling_by_maxima(model):
                 return model(x)
 
         for name, model, x in networks():
             if not torch.equal(model(x), pooled(model, x)):
-                raise AssertionError(f"{name}: the forward pass differs under FastPooling")
+                raise AssertionError(f"{name}: the forward pass differs with pooling by maxima")
             plain_s, ours_s = paired_median_times([lambda: model(x), lambda: pooled(model, x)], cpu, max(3, a.repeat // 3))
             result["networks"].append({"network": name, "batch": x.shape[0], "plain_ms": 1e3 * plain_s,
                                        "pooled_ms": 1e3 * ours_s, "speedup": plain_s / ours_s})

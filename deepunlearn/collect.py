@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from ._batches import DataLike, iter_batches
 from .hooks import Collector, SharingChanged, autocast_on, check_autocast
 from .layers import EditTarget, editable_targets
 from .moments import moment_trace
-from .pooling import FastPooling, pools_faster
+from .pooling import pooling_by_maxima
 from .statistics import Statistics, model_device, model_fingerprint
 
 
@@ -28,7 +28,7 @@ def eval_no_grad(model: nn.Module) -> Iterator[None]:
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad(), FastPooling() if pools_faster(model) else nullcontext():
+        with torch.no_grad(), pooling_by_maxima(model):
             yield
     finally:
         for m, f in flags.items():

@@ -6,18 +6,20 @@ indices too and runs far below memory speed: 21 ms for VGG-11's first ``(100, 64
 map, where the same maxima, taken as elementwise ``torch.maximum`` of the window's strided views
 (rows first, then columns), take 1.9 ms; whole forward passes of VGG-11-BN at 32×32 and of the
 suite's SmallCNN run 1.25× and 2.21× faster (``benchmarks/results/pooling_cpu.md``). A maximum is
-exact in any order, and NaN propagates through both, so the result is identical. Collecting statistics, scoring candidates and evaluating run inside
-:func:`~deepunlearn.collect.eval_no_grad`, which routes ``F.max_pool2d`` here (:class:`FastPooling`)
-for models that have ``nn.MaxPool2d`` layers; every call it does not handle (indices, ceil mode,
-dilation, channels-last or non-CPU inputs) goes to torch unchanged.
+exact in any order, and NaN propagates through both, so the result is identical. Collecting
+statistics, scoring candidates and evaluating run inside :func:`~deepunlearn.collect.eval_no_grad`,
+which has the model's ``nn.MaxPool2d`` layers pool here (:func:`pooling_by_maxima`); every call
+this does not handle (indices, ceil mode, dilation, channels-last or non-CPU inputs) runs the
+layer's own forward.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
-from torch.overrides import TorchFunctionMode
 
 
 def _strided(x: torch.Tensor, dim: int, start: int, count: int, step: int) -> torch.Tensor:
@@ -66,22 +68,25 @@ def fast_max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, di
     return _max_along(rows, -1, kernel[1], step[1], pad[1])
 
 
-class FastPooling(TorchFunctionMode):
-    """Sends ``F.max_pool2d`` calls to :func:`fast_max_pool2d` where it applies; everything else,
-    and every call it does not apply to, runs as it would."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.max_pool2d:
-            out = fast_max_pool2d(*args, **kwargs)
-            if out is not None:
-                return out
-        return func(*args, **kwargs)
+def _pooling_forward(pool: nn.MaxPool2d):
+    def forward(input: torch.Tensor) -> torch.Tensor:
+        out = fast_max_pool2d(input, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                              pool.return_indices)
+        return type(pool).forward(pool, input) if out is None else out
+    return forward
 
 
-def pools_faster(model: nn.Module) -> bool:
-    """Whether :class:`FastPooling` should run ``model``: it has ``nn.MaxPool2d`` layers and no
-    ``nn.MultiheadAttention`` (whose fused fast path any function mode would switch off)."""
-    modules = list(model.modules())
-    return (any(isinstance(m, nn.MaxPool2d) for m in modules)
-            and not any(isinstance(m, nn.MultiheadAttention) for m in modules))
+@contextmanager
+def pooling_by_maxima(model: nn.Module) -> Iterator[None]:
+    """Inside, ``model``'s ``nn.MaxPool2d`` layers pool by :func:`fast_max_pool2d` where it applies
+    (their own forward where not); their forwards are restored after, even on error. A layer whose
+    forward is already replaced on the instance (a stand-in of :mod:`.frozen_prefix`), or of a
+    subclass, is left as it is."""
+    pools = [m for m in model.modules() if type(m) is nn.MaxPool2d and "forward" not in m.__dict__]
+    for m in pools:
+        m.forward = _pooling_forward(m)
+    try:
+        yield
+    finally:
+        for m in pools:
+            m.__dict__.pop("forward", None)

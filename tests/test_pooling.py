@@ -1,4 +1,5 @@
 """Max pooling by elementwise maxima in this package's forward passes: the values of ``F.max_pool2d``."""
+import contextlib
 import itertools
 
 import pytest
@@ -9,8 +10,8 @@ from torch.nn import functional as F
 import deepunlearn
 from deepunlearn import collect
 from deepunlearn.collect import eval_no_grad
-from deepunlearn.experiments.models import ResNet18, SmallCNN, SmallViT
-from deepunlearn.pooling import FastPooling, fast_max_pool2d, pools_faster
+from deepunlearn.experiments.models import SmallCNN
+from deepunlearn.pooling import fast_max_pool2d, pooling_by_maxima
 
 
 def poisoned(shape, dtype, seed=0):
@@ -71,29 +72,36 @@ def test_channels_last_and_five_dimensional_inputs_are_left_to_torch():
     assert fast_max_pool2d(poisoned((1, 2, 3, 8, 8), torch.float32), 2) is None
 
 
-def test_the_mode_pools_by_maxima_and_hands_the_rest_to_torch(monkeypatch):
+def refuse_torchs_pooling(monkeypatch):
+    monkeypatch.setattr(torch, "max_pool2d", lambda *args, **kwargs: pytest.fail("torch's max_pool2d ran"))
+
+
+def test_pooling_layers_pool_by_maxima_inside_and_as_before_after(monkeypatch):
     x = poisoned((2, 3, 8, 8), torch.float32)
-    want = nn.MaxPool2d(2)(x)
-    want_ceil = nn.MaxPool2d(3, 2, ceil_mode=True)(x)
-
-    def refused(*args, **kwargs):
-        raise AssertionError("torch's max_pool2d ran")
-
-    monkeypatch.setattr(torch, "max_pool2d", refused)
-    with FastPooling():
-        assert same_values(nn.MaxPool2d(2)(x), want)  # by maxima: torch's kernel never ran
-        with pytest.raises(AssertionError, match="torch's max_pool2d ran"):
-            nn.MaxPool2d(3, 2, ceil_mode=True)(x)  # not its case: torch's kernel
-    monkeypatch.undo()
-    with FastPooling():
-        assert same_values(nn.MaxPool2d(3, 2, ceil_mode=True)(x), want_ceil)
+    model = nn.Sequential(nn.MaxPool2d(2), nn.Flatten())
+    ceil = nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True))
+    want = model(x)
+    refuse_torchs_pooling(monkeypatch)
+    with pooling_by_maxima(model), pooling_by_maxima(ceil):
+        assert same_values(model(x), want)  # by maxima: torch's kernel never ran
+        with pytest.raises(pytest.fail.Exception, match="torch's max_pool2d ran"):
+            ceil(x)  # not its case: the layer's own forward
+    assert all("forward" not in m.__dict__ for m in [*model.modules(), *ceil.modules()])
+    with pytest.raises(pytest.fail.Exception):
+        model(x)  # the layer's own forward again
 
 
-def test_models_with_max_pooling_and_no_attention_run_it():
-    assert pools_faster(SmallCNN())
-    assert not pools_faster(ResNet18())  # no max pooling
-    assert not pools_faster(SmallViT())  # attention's fused path would be switched off
-    assert not pools_faster(nn.Sequential(nn.MaxPool2d(2), nn.MultiheadAttention(4, 2)))
+def test_forwards_replaced_already_are_kept_and_restored_even_on_error():
+    pool = nn.MaxPool2d(2)
+    stand_in = lambda x: x  # noqa: E731 (as the frozen prefix stands in for a module)
+    pool.forward = stand_in
+    other = nn.MaxPool2d(2)
+    model = nn.Sequential(pool, other)
+    with pytest.raises(RuntimeError, match="inside"):
+        with pooling_by_maxima(model):
+            assert pool.forward is stand_in and "forward" in other.__dict__
+            raise RuntimeError("inside")
+    assert pool.forward is stand_in and "forward" not in other.__dict__
 
 
 def test_our_forward_passes_pool_by_maxima(monkeypatch):
@@ -101,7 +109,7 @@ def test_our_forward_passes_pool_by_maxima(monkeypatch):
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         want = model(x)
-    monkeypatch.setattr(torch, "max_pool2d", lambda *a, **k: pytest.fail("torch's max_pool2d ran"))
+    refuse_torchs_pooling(monkeypatch)
     with eval_no_grad(model):
         assert torch.equal(model(x), want)
 
@@ -111,7 +119,7 @@ def test_the_unlearned_model_is_the_same_bit_for_bit(monkeypatch):
     model = SmallCNN().eval()
     forget, retain = torch.randn(40, 1, 28, 28), torch.randn(60, 1, 28, 28)
     fast = deepunlearn.unlearn(model, forget, retain, alpha_r=30, alpha_f=3, inplace=False).model
-    monkeypatch.setattr(collect, "pools_faster", lambda model: False)
+    monkeypatch.setattr(collect, "pooling_by_maxima", lambda model: contextlib.nullcontext())
     plain = deepunlearn.unlearn(model, forget, retain, alpha_r=30, alpha_f=3, inplace=False).model
     for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(a, b), name
