@@ -18,6 +18,7 @@ from .ops.covariance import accumulate_conv_, accumulate_linear_
 from .patches import ConvGeometry, conv_patches, linear_rows, patch_sums
 from .layers import EditTarget
 from .moments import SampleRows, fold_rows
+from .pixel_moments import accumulate_pixels_, add_patch_moment_, pixels_pay
 from .statistics import SlotStatistics, Statistics
 from .weight_side import vectors_pay
 
@@ -37,6 +38,9 @@ class Collector:
             raise ValueError(f"keep_vectors must be True, False or 'always', got {keep_vectors!r}")
         self.keep_vectors = keep_vectors
         self._kept: dict[int, tuple[SlotStatistics, list[torch.Tensor]]] = {}  # id(slot) -> (slot, vectors so far)
+        # id(sum) -> (a conv slot's dense sum, its maps' second moment so far, their size, the geometry): added to the
+        # sum when the collection ends (pixel_moments)
+        self._maps: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...], ConvGeometry]] = {}
         # samples in the whole data (None: unknown) and in the current batch, set by run_with_hooks
         self.expected_samples: int | None = None
         self.batch_samples = 0
@@ -128,9 +132,30 @@ class Collector:
             s.moment = SampleRows(torch.cat(entry[1], dim=1))
 
     def end_collection(self) -> None:
-        """Join every slot's kept vectors (called once the last batch has run)."""
+        """Join every slot's kept vectors and add the maps' moments to their sums (called once the
+        last batch has run)."""
         for s, _ in list(self._kept.values()):
             self._concatenate(s)
+        for key in list(self._maps):
+            self._add_maps_moment(key)
+
+    def _add_maps_moment(self, key: int) -> None:
+        cov, moment, spatial, geom = self._maps.pop(key)
+        add_patch_moment_(cov, moment, geom, spatial)
+
+    def _accumulate_maps(self, cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) -> None:
+        """``x``'s maps summed for the patch sum ``cov`` (:mod:`~deepunlearn.pixel_moments`), which
+        gets them when the collection ends, or before maps of another size are summed."""
+        spatial = tuple(x.shape[2:])
+        entry = self._maps.get(id(cov))
+        if entry is not None and entry[2] != spatial:
+            self._add_maps_moment(id(cov))
+            entry = None
+        if entry is None:
+            width = cov.shape[-1] // math.prod(geom.kernel) * math.prod(spatial)
+            moment = torch.zeros(geom.groups, width, width, device=cov.device, dtype=cov.dtype)
+            entry = self._maps[id(cov)] = (cov, moment, spatial, geom)
+        accumulate_pixels_(entry[1], x, geom.groups)
 
     def add_rows(self, name: str, rows: torch.Tensor, slots: dict[str, SlotStatistics] | None = None) -> None:
         """Input vectors ``(n, d)`` of a linear map (into ``slots``, default the statistics')."""
@@ -140,8 +165,14 @@ class Collector:
     def add_conv(self, name: str, x: torch.Tensor, geom: ConvGeometry, d: int) -> None:
         """Input ``(N, C, *spatial)`` of a convolution with geometry ``geom``."""
         n = x.shape[0] * _out_positions(x.shape[2:], geom)
-        self._add(name, geom.groups, d, n, lambda: conv_patches(x.to(self.dtype), geom),
-                  lambda cov: accumulate_conv_(cov, x, geom), patch_sums(x, geom, self.dtype), conv=True)
+        if pixels_pay(geom, tuple(x.shape[2:])):  # maps no larger than the kernel: summed whole (pixel_moments)
+            def accumulate(cov: torch.Tensor) -> None:
+                self._accumulate_maps(cov, x, geom)
+        else:
+            def accumulate(cov: torch.Tensor) -> None:
+                accumulate_conv_(cov, x, geom)
+        self._add(name, geom.groups, d, n, lambda: conv_patches(x.to(self.dtype), geom), accumulate,
+                  patch_sums(x, geom, self.dtype), conv=True)
 
     # -- hooks ------------------------------------------------------------------------------
     def _computed(self, x: torch.Tensor) -> torch.Tensor:

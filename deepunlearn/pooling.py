@@ -2,10 +2,10 @@
 ``F.max_pool2d``, several times faster.
 
 On the CPU, torch's ``max_pool2d`` of a contiguous ``(N, C, H, W)`` input computes the argmax
-indices too and runs far below memory speed: 21 ms for VGG-11's first ``(100, 64, 32, 32)``
+indices too and runs far below memory speed: 17 ms for VGG-11's first ``(100, 64, 32, 32)``
 map, where the same maxima, taken as elementwise ``torch.maximum`` of the window's strided views
-(rows first, then columns), take 1.9 ms; whole forward passes of VGG-11-BN at 32×32 and of the
-suite's SmallCNN run 1.25× and 2.21× faster (``benchmarks/results/pooling_cpu.md``). A maximum is
+(rows first, then columns), take 2.1 ms; whole forward passes of VGG-11-BN at 32×32 and of the
+suite's SmallCNN run 1.25× and 2.29× faster (``benchmarks/results/pooling_cpu.md``). A maximum is
 exact in any order, and NaN propagates through both, so the result is identical. Collecting
 statistics, scoring candidates and evaluating run inside :func:`~deepunlearn.collect.eval_no_grad`,
 which has the model's ``nn.MaxPool2d`` layers pool here (:func:`pooling_by_maxima`); every call
