@@ -8,7 +8,7 @@ over the images: ``K`` can be summed batch by batch and turned into the patch su
 end. Where the map is no larger than the kernel (VGG's last layers on 2×2 maps at 32×32, any conv
 on a 1×1 map), ``K`` is no wider than a patch, so summing it costs no more multiply-adds than
 summing the patches' own products, and it skips what dominates the conv op there: scattering its
-per-shift sums into the ``d × d`` sum on every batch (docs/solver.md). The collector
+per-shift sums into the ``d × d`` sum on every batch (docs/kernels.md). The collector
 (:mod:`deepunlearn.hooks`) sums such layers' maps here and adds their patch sums to the statistics
 when the collection ends.
 """
