@@ -8,6 +8,7 @@ import inspect
 import math
 import weakref
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,6 +22,19 @@ from .moments import SampleRows, fold_rows
 from .pixel_moments import accumulate_pixels_, add_patch_moment_, pixels_pay
 from .statistics import SlotStatistics, Statistics
 from .weight_side import vectors_pay
+
+# Inputs of a conv slot held back, at most, before the compiled op sums them (elements; 64 MiB in float32).
+PENDING_MAX_ELEMENTS = 1 << 24
+
+
+@dataclass
+class _Pending:
+    """Inputs of one conv slot held back until one op call sums them (:meth:`Collector._accumulate_conv`)."""
+
+    cov: torch.Tensor  # the slot's dense sum
+    geom: ConvGeometry
+    inputs: list[torch.Tensor] = field(default_factory=list)  # (N, C, *spatial) each, of one map size
+    patches: int = 0  # the patches they hold, per group
 
 
 class Collector:
@@ -41,6 +55,7 @@ class Collector:
         # id(sum) -> (a conv slot's dense sum, its maps' second moment so far, their size, the geometry): added to the
         # sum when the collection ends (pixel_moments)
         self._maps: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...], ConvGeometry]] = {}
+        self._pending: dict[int, _Pending] = {}  # id(sum) -> a conv slot's inputs held back (_accumulate_conv)
         # samples in the whole data (None: unknown) and in the current batch, set by run_with_hooks
         self.expected_samples: int | None = None
         self.batch_samples = 0
@@ -138,6 +153,32 @@ class Collector:
             self._concatenate(s)
         for key in list(self._maps):
             self._add_maps_moment(key)
+        for key in list(self._pending):
+            self._sum_pending(key)
+
+    def _sum_pending(self, key: int) -> None:
+        p = self._pending.pop(key)
+        accumulate_conv_(p.cov, torch.cat(p.inputs) if len(p.inputs) > 1 else p.inputs[0], p.geom)
+
+    def _accumulate_conv(self, cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry, patches: int) -> None:
+        """``x``'s patches (``patches`` of them) into the sum ``cov`` by the compiled op, whose every
+        call also passes over all of ``cov``: inputs that bring fewer patches than ``cov``'s width
+        are held back (copied) and summed together once they reach it (or
+        :data:`PENDING_MAX_ELEMENTS`, or maps of another size come, or the collection ends)."""
+        key, d = id(cov), cov.shape[-1]
+        pending = self._pending.get(key)
+        if pending is not None and pending.inputs[0].shape[1:] != x.shape[1:]:
+            self._sum_pending(key)
+            pending = None
+        if pending is None:
+            if patches >= d:
+                accumulate_conv_(cov, x, geom)
+                return
+            pending = self._pending[key] = _Pending(cov, geom)
+        pending.inputs.append(x.clone())  # the model may overwrite its activations in place later
+        pending.patches += patches
+        if pending.patches >= d or sum(t.numel() for t in pending.inputs) >= PENDING_MAX_ELEMENTS:
+            self._sum_pending(key)
 
     def _add_maps_moment(self, key: int) -> None:
         cov, moment, spatial, geom = self._maps.pop(key)
@@ -170,7 +211,7 @@ class Collector:
                 self._accumulate_maps(cov, x, geom)
         else:
             def accumulate(cov: torch.Tensor) -> None:
-                accumulate_conv_(cov, x, geom)
+                self._accumulate_conv(cov, x, geom, n)
         self._add(name, geom.groups, d, n, lambda: conv_patches(x.to(self.dtype), geom), accumulate,
                   patch_sums(x, geom, self.dtype), conv=True)
 

@@ -93,3 +93,47 @@ def test_maps_of_another_size_are_added_before_they_are_summed():
         accumulate_conv_reference_(want, b.double(), ConvGeometry.of(conv))
     (slot,) = stats.slots.values()
     assert rel_err(slot.stored, want) < 1e-6
+
+
+class InPlaceAfterConv(nn.Module):
+    """A wide conv on a 4×4 map whose input the model then overwrites in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 4, 3, padding=1)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        x.mul_(0.0)  # the activation the conv read is gone once the pass ends
+        return self.head(y.flatten(1))
+
+
+@pytest.mark.parametrize("batches", [[2] * 7, [3, 1, 5, 4, 2, 6]])
+def test_inputs_held_back_until_they_reach_the_width_give_the_same_sum(monkeypatch, batches):
+    """The conv sees 16 patches an image against a width of 72: inputs wait for four or more
+    images, summed by one op call; in uneven batches, and whatever the model does to them after."""
+    torch.manual_seed(0)
+    model = InPlaceAfterConv().eval()
+    gen = torch.Generator().manual_seed(2)
+    data = [torch.randn(n, 8, 4, 4, generator=gen) for n in batches]
+    want = torch.zeros(1, 72, 72, dtype=torch.float64)
+    for b in data:
+        accumulate_conv_reference_(want, b.double(), ConvGeometry.of(model.conv))
+    calls = []
+    real = hooks.accumulate_conv_
+    monkeypatch.setattr(hooks, "accumulate_conv_", lambda cov, x, geom: calls.append(x.shape[0]) or real(cov, x, geom))
+    stats = collect_statistics(model, [b.clone() for b in data], keep_vectors=False)
+    assert rel_err(stats.slots["conv"].stored, want) < 1e-6
+    assert sum(calls) == sum(batches) and len(calls) < len(batches)
+    assert all(n * 16 >= 72 for n in calls[:-1])  # each call but the last has reached the width
+
+
+def test_inputs_that_reach_the_width_alone_are_summed_at_once(monkeypatch):
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    model = nn.Sequential(conv, nn.Flatten()).eval()
+    calls = []
+    real = hooks.accumulate_conv_
+    monkeypatch.setattr(hooks, "accumulate_conv_", lambda cov, x, geom: calls.append(x.shape[0]) or real(cov, x, geom))
+    collect_statistics(model, torch.randn(12, 2, 4, 4), batch_size=4, keep_vectors=False)  # 64 patches a batch, width 18
+    assert calls == [4, 4, 4]
