@@ -8,7 +8,6 @@ import inspect
 import math
 import weakref
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,14 +26,40 @@ from .weight_side import vectors_pay
 PENDING_MAX_ELEMENTS = 1 << 24
 
 
-@dataclass
-class _Pending:
-    """Inputs of one conv slot held back until one op call sums them (:meth:`Collector._accumulate_conv`)."""
+class _HeldInputs:
+    """A conv slot's inputs held back (copied) until one call of the compiled op sums them: every
+    call also passes over all of the ``d × d`` sum, so inputs that bring fewer patches than ``d``
+    wait until together they reach it (or :data:`PENDING_MAX_ELEMENTS`)."""
 
-    cov: torch.Tensor  # the slot's dense sum
-    geom: ConvGeometry
-    inputs: list[torch.Tensor] = field(default_factory=list)  # (N, C, *spatial) each, of one map size
-    patches: int = 0  # the patches they hold, per group
+    def __init__(self, cov: torch.Tensor, geom: ConvGeometry, shape: torch.Size):
+        self.cov, self.geom, self.shape = cov, geom, shape  # shape: (C, *spatial) of the inputs it takes
+        self.inputs: list[torch.Tensor] = []
+        self.patches = 0  # the patches they hold, per group
+
+    def add(self, x: torch.Tensor, patches: int) -> bool:
+        """Hold ``x`` back; whether to sum the inputs held now."""
+        self.inputs.append(x.clone())  # the model may overwrite its activations in place later
+        self.patches += patches
+        return self.patches >= self.cov.shape[-1] or sum(t.numel() for t in self.inputs) >= PENDING_MAX_ELEMENTS
+
+    def finish(self) -> None:
+        accumulate_conv_(self.cov, torch.cat(self.inputs) if len(self.inputs) > 1 else self.inputs[0], self.geom)
+
+
+class _MapMoment:
+    """A conv slot's whole maps summed until its patch sum is made from them (:mod:`~deepunlearn.pixel_moments`)."""
+
+    def __init__(self, cov: torch.Tensor, geom: ConvGeometry, shape: torch.Size):
+        self.cov, self.geom, self.shape = cov, geom, shape
+        width = cov.shape[-1] // math.prod(geom.kernel) * math.prod(shape[1:])
+        self.moment = torch.zeros(geom.groups, width, width, device=cov.device, dtype=cov.dtype)
+
+    def add(self, x: torch.Tensor, patches: int) -> bool:
+        accumulate_pixels_(self.moment, x, self.geom.groups)
+        return False
+
+    def finish(self) -> None:
+        add_patch_moment_(self.cov, self.moment, self.geom, tuple(self.shape[1:]))
 
 
 class Collector:
@@ -52,10 +77,7 @@ class Collector:
             raise ValueError(f"keep_vectors must be True, False or 'always', got {keep_vectors!r}")
         self.keep_vectors = keep_vectors
         self._kept: dict[int, tuple[SlotStatistics, list[torch.Tensor]]] = {}  # id(slot) -> (slot, vectors so far)
-        # id(sum) -> (a conv slot's dense sum, its maps' second moment so far, their size, the geometry): added to the
-        # sum when the collection ends (pixel_moments)
-        self._maps: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...], ConvGeometry]] = {}
-        self._pending: dict[int, _Pending] = {}  # id(sum) -> a conv slot's inputs held back (_accumulate_conv)
+        self._deferred: dict[int, _HeldInputs | _MapMoment] = {}  # id(conv slot's sum) -> what it gets later (_defer)
         # samples in the whole data (None: unknown) and in the current batch, set by run_with_hooks
         self.expected_samples: int | None = None
         self.batch_samples = 0
@@ -147,56 +169,31 @@ class Collector:
             s.moment = SampleRows(torch.cat(entry[1], dim=1))
 
     def end_collection(self) -> None:
-        """Join every slot's kept vectors and add the maps' moments to their sums (called once the
+        """Join every slot's kept vectors and add to the sums what was deferred (called once the
         last batch has run)."""
         for s, _ in list(self._kept.values()):
             self._concatenate(s)
-        for key in list(self._maps):
-            self._add_maps_moment(key)
-        for key in list(self._pending):
-            self._sum_pending(key)
+        for key in list(self._deferred):
+            self._deferred.pop(key).finish()
 
-    def _sum_pending(self, key: int) -> None:
-        p = self._pending.pop(key)
-        accumulate_conv_(p.cov, torch.cat(p.inputs) if len(p.inputs) > 1 else p.inputs[0], p.geom)
-
-    def _accumulate_conv(self, cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry, patches: int) -> None:
-        """``x``'s patches (``patches`` of them) into the sum ``cov`` by the compiled op, whose every
-        call also passes over all of ``cov``: inputs that bring fewer patches than ``cov``'s width
-        are held back (copied) and summed together once they reach it (or
-        :data:`PENDING_MAX_ELEMENTS`, or maps of another size come, or the collection ends)."""
-        key, d = id(cov), cov.shape[-1]
-        pending = self._pending.get(key)
-        if pending is not None and pending.inputs[0].shape[1:] != x.shape[1:]:
-            self._sum_pending(key)
-            pending = None
-        if pending is None:
-            if patches >= d:
+    def _defer(self, kind: type[_HeldInputs] | type[_MapMoment], cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry,
+               patches: int) -> None:
+        """Hand conv input ``x`` (``patches`` patches) to the deferred work of ``kind`` for the sum
+        ``cov``, which adds to ``cov`` when it says so, before inputs of another kind or size, or
+        when the collection ends. Inputs that bring the sum's width of patches alone go straight
+        to the compiled op."""
+        key = id(cov)
+        deferred = self._deferred.get(key)
+        if deferred is not None and (type(deferred) is not kind or deferred.shape != x.shape[1:]):
+            self._deferred.pop(key).finish()
+            deferred = None
+        if deferred is None:
+            if kind is _HeldInputs and patches >= cov.shape[-1]:
                 accumulate_conv_(cov, x, geom)
                 return
-            pending = self._pending[key] = _Pending(cov, geom)
-        pending.inputs.append(x.clone())  # the model may overwrite its activations in place later
-        pending.patches += patches
-        if pending.patches >= d or sum(t.numel() for t in pending.inputs) >= PENDING_MAX_ELEMENTS:
-            self._sum_pending(key)
-
-    def _add_maps_moment(self, key: int) -> None:
-        cov, moment, spatial, geom = self._maps.pop(key)
-        add_patch_moment_(cov, moment, geom, spatial)
-
-    def _accumulate_maps(self, cov: torch.Tensor, x: torch.Tensor, geom: ConvGeometry) -> None:
-        """``x``'s maps summed for the patch sum ``cov`` (:mod:`~deepunlearn.pixel_moments`), which
-        gets them when the collection ends, or before maps of another size are summed."""
-        spatial = tuple(x.shape[2:])
-        entry = self._maps.get(id(cov))
-        if entry is not None and entry[2] != spatial:
-            self._add_maps_moment(id(cov))
-            entry = None
-        if entry is None:
-            width = cov.shape[-1] // math.prod(geom.kernel) * math.prod(spatial)
-            moment = torch.zeros(geom.groups, width, width, device=cov.device, dtype=cov.dtype)
-            entry = self._maps[id(cov)] = (cov, moment, spatial, geom)
-        accumulate_pixels_(entry[1], x, geom.groups)
+            deferred = self._deferred[key] = kind(cov, geom, x.shape[1:])
+        if deferred.add(x, patches):
+            self._deferred.pop(key).finish()
 
     def add_rows(self, name: str, rows: torch.Tensor, slots: dict[str, SlotStatistics] | None = None) -> None:
         """Input vectors ``(n, d)`` of a linear map (into ``slots``, default the statistics')."""
@@ -206,14 +203,11 @@ class Collector:
     def add_conv(self, name: str, x: torch.Tensor, geom: ConvGeometry, d: int) -> None:
         """Input ``(N, C, *spatial)`` of a convolution with geometry ``geom``."""
         n = x.shape[0] * _out_positions(x.shape[2:], geom)
-        if pixels_pay(geom, tuple(x.shape[2:])):  # maps no larger than the kernel: summed whole (pixel_moments)
-            def accumulate(cov: torch.Tensor) -> None:
-                self._accumulate_maps(cov, x, geom)
-        else:
-            def accumulate(cov: torch.Tensor) -> None:
-                self._accumulate_conv(cov, x, geom, n)
-        self._add(name, geom.groups, d, n, lambda: conv_patches(x.to(self.dtype), geom), accumulate,
-                  patch_sums(x, geom, self.dtype), conv=True)
+        # maps no larger than the kernel are summed whole (pixel_moments); other inputs are held back until
+        # they bring the sum's width of patches
+        kind = _MapMoment if pixels_pay(geom, tuple(x.shape[2:])) else _HeldInputs
+        self._add(name, geom.groups, d, n, lambda: conv_patches(x.to(self.dtype), geom),
+                  lambda cov: self._defer(kind, cov, x, geom, n), patch_sums(x, geom, self.dtype), conv=True)
 
     # -- hooks ------------------------------------------------------------------------------
     def _computed(self, x: torch.Tensor) -> torch.Tensor:
