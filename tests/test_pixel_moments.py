@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from conftest import rel_err
+from ext_cases import DEVICES, device_or_skip
 from deepunlearn import collect_statistics
 from deepunlearn import hooks
 from deepunlearn.ops.covariance import accumulate_conv_reference_
@@ -27,23 +28,26 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("conv, spatial", CASES, ids=[f"{c}-{s}" for c, s in CASES])
-def test_patch_sum_from_the_maps_equals_the_patches_own(conv, spatial):
+def test_patch_sum_from_the_maps_equals_the_patches_own(conv, spatial, device):
+    dev = device_or_skip(device)
     geom = ConvGeometry.of(conv)
     assert pixels_pay(geom, spatial)
     g, d = conv.groups, conv.weight[0].numel()
     gen = torch.Generator().manual_seed(0)
     start = torch.randn(g, d, d, generator=gen, dtype=torch.float64)  # added to, not overwritten
     want = start.clone()
+    start = start.to(dev)
     width = conv.in_channels // g * math.prod(spatial)
-    moment = torch.zeros(g, width, width, dtype=torch.float64)
+    moment = torch.zeros(g, width, width, dtype=torch.float64, device=dev)
     for _ in range(3):  # batches
         x = torch.randn(5, conv.in_channels, *spatial, generator=gen, dtype=torch.float64) + 0.5
         accumulate_conv_reference_(want, x, geom)
-        accumulate_pixels_(moment, x, g)
+        accumulate_pixels_(moment, x.to(dev), g)
     got = add_patch_moment_(start, moment, geom, spatial)
     assert got is start
-    assert rel_err(got, want) < 1e-12
+    assert rel_err(got.cpu(), want) < 1e-12
 
 
 def test_only_maps_no_larger_than_the_kernel_with_zero_padding_are_summed_whole():
@@ -67,11 +71,13 @@ class TinyMaps(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("keep_vectors", [False, True])
-def test_collected_statistics_match_the_streamed_ones(monkeypatch, keep_vectors):
+def test_collected_statistics_match_the_streamed_ones(monkeypatch, keep_vectors, device):
+    dev = device_or_skip(device)
     torch.manual_seed(0)
-    model = TinyMaps().eval()
-    x = torch.randn(120, 3, 8, 8)
+    model = TinyMaps().eval().to(dev)
+    x = torch.randn(120, 3, 8, 8, device=dev)
     summed = collect_statistics(model, x, batch_size=25, keep_vectors=keep_vectors)
     monkeypatch.setattr(hooks, "pixels_pay", lambda geom, spatial: False)
     streamed = collect_statistics(model, x, batch_size=25, keep_vectors=keep_vectors)
@@ -109,12 +115,14 @@ class InPlaceAfterConv(nn.Module):
         return self.head(y.flatten(1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batches", [[2] * 7, [3, 1, 5, 4, 2, 6]])
-def test_inputs_held_back_until_they_reach_the_width_give_the_same_sum(monkeypatch, batches):
+def test_inputs_held_back_until_they_reach_the_width_give_the_same_sum(monkeypatch, batches, device):
     """The conv sees 16 patches an image against a width of 72: inputs wait for four or more
     images, summed by one op call; in uneven batches, and whatever the model does to them after."""
+    dev = device_or_skip(device)
     torch.manual_seed(0)
-    model = InPlaceAfterConv().eval()
+    model = InPlaceAfterConv().eval().to(dev)
     gen = torch.Generator().manual_seed(2)
     data = [torch.randn(n, 8, 4, 4, generator=gen) for n in batches]
     want = torch.zeros(1, 72, 72, dtype=torch.float64)
@@ -123,8 +131,8 @@ def test_inputs_held_back_until_they_reach_the_width_give_the_same_sum(monkeypat
     calls = []
     real = hooks.accumulate_conv_
     monkeypatch.setattr(hooks, "accumulate_conv_", lambda cov, x, geom: calls.append(x.shape[0]) or real(cov, x, geom))
-    stats = collect_statistics(model, [b.clone() for b in data], keep_vectors=False)
-    assert rel_err(stats.slots["conv"].stored, want) < 1e-6
+    stats = collect_statistics(model, [b.to(dev) for b in data], keep_vectors=False)
+    assert rel_err(stats.slots["conv"].stored.cpu(), want) < 1e-6
     assert sum(calls) == sum(batches) and len(calls) < len(batches)
     assert all(n * 16 >= 72 for n in calls[:-1])  # each call but the last has reached the width
 
