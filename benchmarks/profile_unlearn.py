@@ -12,7 +12,15 @@ statistics) three phases are timed apart from the profiler, then profiled:
   between collecting and writing), with the paper's ImageNet scales, by the device's default; the
   same with same-width factors batched and inverted (applied by GEMMs), batched and applied by
   triangular solves, and each input factored alone;
-* with ``--choose``, one whole ``unlearn`` call with both scales chosen automatically.
+* with ``--choose``, one whole ``unlearn`` call with both scales chosen automatically, and the
+  choice split into its parts (``deepunlearn/profiled.py``: decompositions or factors, edits,
+  weight writes, forget and retain scoring, the head's re-fit; host wall seconds of each, which
+  on a GPU include the waits for the device).
+
+``--task`` gives the models a 10-class head fitted to class-structured images, as
+``bench_imagenet.py --task`` does, so the choice can reach its target (with random weights it
+scores every candidate); ``--phases`` profiles only the named phases. The results are written
+after every phase, so a run cut short keeps what it measured.
 
 Per phase: wall seconds, the device's busy seconds (the sum of its kernels' times), the kernel
 count, host synchronisations, and the costliest kernels. Wall well above busy means launch
@@ -31,12 +39,13 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_imagenet import FIXED_ALPHAS, RESULTS, forward_only, images  # noqa: E402
+from bench_imagenet import FIXED_ALPHAS, RESULTS, TASK_CLASSES, fit_task_head, forward_only, images, task_images  # noqa: E402
 from common import device_name, sync, timed, write_results  # noqa: E402
 
 import deepunlearn  # noqa: E402
 from deepunlearn.plan import layer_moments, plan_edits_with, solved_edits, traces  # noqa: E402
 from deepunlearn.layers import find_targets  # noqa: E402
+from deepunlearn.profiled import CHOICE_PREFIX  # noqa: E402
 
 TOP = 12  # kernels (or host ops) listed per phase
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::_local_scalar_dense")
@@ -66,9 +75,9 @@ def phases(model, xf, xr, args, autocast):
             **({"unlearn, α chosen": lambda: deepunlearn.unlearn(model, xf, xr, inplace=False, **kw)} if args.choose else {})}
 
 
-def where_time_goes(fn, device: torch.device) -> dict:
+def where_time_goes(fn, device: torch.device, repeat: int = 2) -> dict:
     fn()  # warm
-    wall = min(timed(fn, device)[0] for _ in range(2))
+    wall = min(timed(fn, device)[0] for _ in range(repeat))
     gpu = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
         fn()
@@ -84,8 +93,11 @@ def where_time_goes(fn, device: torch.device) -> dict:
         seconds = {e.key: e.self_cpu_time_total / 1e6 for e in kernels}
     counts = {e.key: e.count for e in kernels}
     top = sorted(seconds, key=seconds.get, reverse=True)[:TOP]
+    parts = {k[len(CHOICE_PREFIX):]: {"s": e.cpu_time_total / 1e6, "count": e.count} for k, e in host.items()
+             if k.startswith(CHOICE_PREFIX)}
     return {"wall_s": wall, "busy_s": sum(seconds.values()) if gpu else None, "kernels": sum(counts.values()),
-            "syncs": syncs, "top": [{"name": k[:110], "s": seconds[k], "count": counts[k]} for k in top]}
+            "syncs": syncs, "top": [{"name": k[:110], "s": seconds[k], "count": counts[k]} for k in top],
+            "parts": dict(sorted(parts.items(), key=lambda kv: -kv[1]["s"]))}
 
 
 def markdown(result: dict) -> str:
@@ -98,6 +110,10 @@ def markdown(result: dict) -> str:
             busy = "—" if p["busy_s"] is None else f"{p['busy_s']:.3f}"
             lines.append(f"| {name} | {p['wall_s']:.3f} | {busy} | {p['kernels']} | {sum(p['syncs'].values())} |")
         for name, p in res.items():
+            if p.get("parts"):
+                lines += ["", f"{name}: the choice by part (host wall of each range, nested ones inside theirs)", "",
+                          "| part | s | times |", "|---|---|---|"]
+                lines += [f"| {k} | {v['s']:.3f} | {v['count']} |" for k, v in p["parts"].items()]
             lines += ["", f"{name}: costliest", "", "| kernel / op | s | count |", "|---|---|---|"]
             lines += [f"| `{t['name']}` | {t['s']:.4f} | {t['count']} |" for t in p["top"]]
         lines.append("")
@@ -113,23 +129,34 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--choose", action="store_true", help="also profile a whole call with both scales chosen")
+    p.add_argument("--task", action="store_true", help="a head fitted to class-structured images (the choice can reach its target)")
+    p.add_argument("--phases", nargs="+", default=None, help="profile only these phases (names as in the table)")
+    p.add_argument("--repeat", type=int, default=2, help="timed runs of each phase (the fastest is kept)")
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/profile_unlearn_<device>")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     autocast = torch.bfloat16
     result = {"device": device_name(device), "device_type": device.type, "images": args.images,
-              "batch_size": args.batch_size, "archs": {}}
+              "batch_size": args.batch_size, "task": args.task, "archs": {}}
+    stem = args.out or RESULTS / f"profile_unlearn_{device.type}"
     for arch in args.archs:
         torch.manual_seed(0)
         model = torchvision.models.get_model(arch, weights=None).to(device).eval()
-        xf, xr = images(args.images, 224, device, 0), images(args.images, 224, device, 1)
-        res = {name: where_time_goes(fn, device) for name, fn in phases(model, xf, xr, args, autocast).items()}
-        result["archs"][arch] = res
-        for name, r in res.items():
-            print(f"{arch} {name}: wall {r['wall_s']:.3f}s busy {r['busy_s']} kernels {r['kernels']} syncs {r['syncs']}",
-                  flush=True)
+        if args.task:
+            xf, _ = task_images(args.images, 224, device, 0, range(1))
+            xr, _ = task_images(args.images, 224, device, 1, range(1, TASK_CLASSES))
+            fit_task_head(model, *task_images(args.images, 224, device, 2, range(TASK_CLASSES)), args.batch_size, autocast)
+        else:
+            xf, xr = images(args.images, 224, device, 0), images(args.images, 224, device, 1)
+        res = result["archs"][arch] = {}
+        for name, fn in phases(model, xf, xr, args, autocast).items():
+            if args.phases is not None and name not in args.phases:
+                continue
+            r = res[name] = where_time_goes(fn, device, args.repeat)
+            print(f"{arch} {name}: wall {r['wall_s']:.3f}s busy {r['busy_s']} kernels {r['kernels']} syncs {r['syncs']}"
+                  + "".join(f"; {k} {v['s']:.3f}s" for k, v in r["parts"].items()), flush=True)
+            write_results(stem, result, markdown(result))  # what was measured so far, in case the run is cut short
         del model, xf, xr
-    stem = args.out or RESULTS / f"profile_unlearn_{device.type}"
     write_results(stem, result, markdown(result))
     return 0
 

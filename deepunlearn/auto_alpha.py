@@ -26,6 +26,7 @@ from torch import nn
 
 from .candidates import Candidates
 from .head_refit import ForgetFold, HeadRefit, best_refit
+from .profiled import part
 from .report import AlphaChoice
 from .collect import eval_no_grad
 from .sampling import fold_split
@@ -200,12 +201,15 @@ def choose_alphas(
                 if p.done(fold) == sizes[fold] or not any(p.passing(allowed)):
                     continue
                 if fold not in made:
-                    made[fold] = (candidates.edits(a_r, a_f, fold, options[0]), head_weights(a_r, a_f, fold))
-                for t, (w, b) in zip(candidates.targets, made[fold][0]):
-                    t.write(w, b)
+                    with part("edit"):
+                        made[fold] = (candidates.edits(a_r, a_f, fold, options[0]), head_weights(a_r, a_f, fold))
+                with part("write"):
+                    for t, (w, b) in zip(candidates.targets, made[fold][0]):
+                        t.write(w, b)
                 scorer.key = (a_r, a_f)  # the head's inputs read here are kept for a re-fit (refitted_head)
                 rows = scorer.next_rows(fold, p.scored_rows(fold), p.chunk)
-                p.add(fold, rows, scorer.rows_recognised(model, fold, rows, made[fold][1]), allowed)
+                with part("score forget"):
+                    p.add(fold, rows, scorer.rows_recognised(model, fold, rows, made[fold][1]), allowed)
             p.rounds += 1
             p.chunk *= 2  # a candidate that has not missed yet is likely near the target: score in larger batches
         for fold in made:
@@ -221,9 +225,13 @@ def choose_alphas(
     def retain_of(row: dict[str, float]) -> float:
         if math.isnan(row["retain_acc"]):
             a_r, a_f = row["alpha_r"], row["alpha_f"]
-            apply(a_r, a_f)
+            with part("edit"):
+                apply(a_r, a_f)
+                heads = head_weights(a_r, a_f, 0)
             scorer.key = (a_r, a_f)
-            for c, (acc, prob) in zip(scored_at[a_r, a_f], scorer.retain_scores(model, head_weights(a_r, a_f, 0))):
+            with part("score retain"):
+                scores = scorer.retain_scores(model, heads)
+            for c, (acc, prob) in zip(scored_at[a_r, a_f], scores):
                 c["retain_acc"], c["retain_prob"] = acc, prob
         return row["retain_prob"]
 
@@ -356,7 +364,8 @@ def choose_alphas(
             with eval_no_grad(model):
                 if refit_on is not None and scorer.original_retain_logits is not None and reached:
                     # the re-fitted head may recognise no more forget samples than the chosen edit did
-                    head_refit = refitted_head(model, candidates, chosen, scorer, refit_on, int(best["forget_hits"]))
+                    with part("head re-fit"):
+                        head_refit = refitted_head(model, candidates, chosen, scorer, refit_on, int(best["forget_hits"]))
                 if head_refit is None:  # the chosen edit's logits on the held-out retain samples
                     for t, (w, b) in zip(candidates.targets, candidates.edits(*chosen[:2], 0, chosen[2])):
                         t.write(w, b)

@@ -21,6 +21,7 @@ import torch
 
 from .layers import EditTarget
 from .moments import Moment, SampleRows, dense
+from .profiled import part
 from .projection import Spectrum, scale_energies
 from .weight_side import (INVERSE_FACTOR_DEVICES, OVERSAMPLE, SOLVE_BATCH_BYTES, SideSolver, factors_by_width,
                           sample_eigenpairs, side_solver, side_way, sketched_eigenpairs)
@@ -205,11 +206,12 @@ class SpectralCandidates(Candidates):
         targets are decomposed once."""
         done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         out = []
-        for t in self.targets:
-            cov, n = moments[t.slots]
-            if cov is not None and id(cov) not in done:
-                done[id(cov)] = _eigenpairs(cov, n)
-            out.append(None if cov is None else done[id(cov)])
+        with part("decompose"):
+            for t in self.targets:
+                cov, n = moments[t.slots]
+                if cov is not None and id(cov) not in done:
+                    done[id(cov)] = _eigenpairs(cov, n)
+                out.append(None if cov is None else done[id(cov)])
         return out
 
     def _forget_pairs(self, fold: int) -> list:
@@ -261,12 +263,12 @@ class SpectralCandidates(Candidates):
             lam = torch.cat([self._scaled_f[fold](self._forget_scale(i, alpha_f, alpha_f_head))[i] for i in stack.members])
             thin = self._stacked_vu[fold, k] * lam[:, None, :]  # (W − W′) = thin U_fᵀ, every member at once
             new = torch.baddbmm(stack.w, thin, stack.u.transpose(-1, -2), alpha=-1.0)
-            parts = new.split(stack.groups)
-            biases = ([None] * len(parts) if stack.u_mean is None else  # plan.mean_keeping_bias, every member at once
+            members = new.split(stack.groups)
+            biases = ([None] * len(members) if stack.u_mean is None else  # plan.mean_keeping_bias, every member at once
                       torch.baddbmm(stack.bias, thin, stack.u_mean).split(stack.groups))
-            for i, part, bias in zip(stack.members, parts, biases):
+            for i, member, bias in zip(stack.members, members, biases):
                 shape, dtype = self.forms[i]
-                out[i] = part.reshape(shape).to(dtype), None if bias is None else bias.reshape(-1).to(self.biases[i].dtype)
+                out[i] = member.reshape(shape).to(dtype), None if bias is None else bias.reshape(-1).to(self.biases[i].dtype)
         return [edit if edit is not None else self.edit(i, alpha_r, self._forget_scale(i, alpha_f, alpha_f_head), fold)
                 for i, edit in enumerate(out)]
 
@@ -336,9 +338,10 @@ class FactoredCandidates(Candidates):
                 to_factor[id(cov)] = cov
             else:
                 solved[id(cov)] = side_solver(cov, alpha, self._rows[i], n)
-        for batch in factors_by_width(list(to_factor), to_factor.__getitem__, lambda _: alpha, self._inverse,
-                                      self._batch_bytes):
-            solved.update(batch)
+        with part("decompose"):
+            for batch in factors_by_width(list(to_factor), to_factor.__getitem__, lambda _: alpha, self._inverse,
+                                          self._batch_bytes):
+                solved.update(batch)
         out = [None if moments[i][0] is None else solved[id(moments[i][0])] for i in indices]
         budget = FACTOR_SETS_KEPT * self._inputs
         while sum(map(len, self._solvers.values())) > budget and len(self._solvers) > 1:

@@ -71,6 +71,23 @@ def test_unlearn_profile_smoke(tmp_path):
         assert p["wall_s"] > 0 and p["kernels"] > 0 and p["busy_s"] is None and p["top"]
     assert phases["collect"]["kernels"] > phases["forward"]["kernels"]  # the statistics' own ops counted
     assert "| solve |" in out.with_suffix(".md").read_text()
+    choice = phases["unlearn, α chosen"]["parts"]
+    assert {"decompose", "edit", "write", "score forget", "score retain"} <= set(choice)
+    assert all(v["s"] > 0 and v["count"] > 0 for v in choice.values()) and not phases["solve"]["parts"]
+
+
+@pytest.mark.slow
+def test_unlearn_profile_of_the_choice_alone_on_a_fitted_task(tmp_path):
+    import profile_unlearn
+
+    out = tmp_path / "profile_task"
+    assert profile_unlearn.main(["--device", "cpu", "--archs", "mobilenet_v3_small", "--images", "8", "--batch-size", "8",
+                                 "--choose", "--task", "--phases", "unlearn, α chosen", "--repeat", "1",
+                                 "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    (phases,) = result["archs"].values()
+    assert result["task"] and list(phases) == ["unlearn, α chosen"] and "score forget" in phases["unlearn, α chosen"]["parts"]
+    assert "the choice by part" in out.with_suffix(".md").read_text()
 
 
 def test_factor_benchmark_smoke(tmp_path):
