@@ -3,7 +3,7 @@
 # build the extension in place against that torch, run the CUDA tests and the whole suite, then
 # the GPU benchmarks. Everything is logged to OUT/log.txt; benchmark results land in OUT.
 #
-#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [sanitize] [tests] [kernels] [profile] [factor] [unlearn-profile] [imagenet] [auto-alpha]
+#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [sanitize] [tests] [kernels] [profile] [factor] [unlearn-profile] [choice-profile] [imagenet] [auto-alpha]
 #
 # A folder .devcarry/ (ignored by git), when present, supplies what the machine lacks: wheels
 # (foolbox, for the CLI test's photographs), fashion-mnist/ (the Debian package's IDX files) and cache/
@@ -12,7 +12,7 @@
 #   mkdir -p .devcarry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .devcarry/fashion-mnist/
 #   pip download --no-deps --only-binary=:all: foolbox==3.3.4 -d .devcarry   (and /.devcarry/ in .git/info/exclude)
 # Each stage runs under its own time limit (seconds: T_BUILD, T_CUDA_TESTS, T_MEMCHECK, T_RACECHECK, T_TESTS, T_KERNELS,
-# T_PROFILE, T_FACTOR, T_UNLEARN_PROFILE, T_IMAGENET, T_AUTO_ALPHA), so one slow stage cannot take the others' results with it. IMAGENET_ARGS goes to
+# T_PROFILE, T_FACTOR, T_UNLEARN_PROFILE, T_CHOICE_PROFILE, T_IMAGENET, T_AUTO_ALPHA), so one slow stage cannot take the others' results with it. IMAGENET_ARGS goes to
 # bench_imagenet.py (e.g. "--archs vit_b_16 resnet50 vgg11_bn --paper-images 500").
 #
 # On the lent device machine (15 minutes of device time per session, a machine start included; a
@@ -84,6 +84,8 @@ for s in $stages; do
     factor) stage factor "${T_FACTOR:-90}" $PY benchmarks/bench_factor.py --out "$out/factor_cuda" ;;
     unlearn-profile) stage unlearn-profile "${T_UNLEARN_PROFILE:-200}" $PY benchmarks/profile_unlearn.py --choose \
       --out "$out/profile_unlearn_cuda" ${PROFILE_ARGS:-} ;;
+    choice-profile) stage choice-profile "${T_CHOICE_PROFILE:-240}" $PY benchmarks/profile_unlearn.py --archs vit_b_16 \
+      --choose --task --phases "unlearn, α chosen" --repeat 1 --out "$out/profile_choice_cuda" ;;
     imagenet) stage imagenet "${T_IMAGENET:-360}" $PY benchmarks/bench_imagenet.py --out "$out/imagenet_cuda" ${IMAGENET_ARGS:-} ;;
     auto-alpha) stage auto-alpha "${T_AUTO_ALPHA:-300}" $PY benchmarks/bench_auto_alpha.py --device cuda --out "$out/auto_alpha_cuda" "${suite_files[@]}" ;;
     *) echo "unknown stage $s" | tee -a "$log"; exit 2 ;;
