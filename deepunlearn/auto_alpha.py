@@ -39,6 +39,9 @@ ALPHA_R_CANDIDATES = (10.0, 30.0, 100.0, 300.0, 1000.0, 3.0, 1.0)  # searched in
 ALPHA_F_COARSE = tuple(10 ** (k / 2) for k in range(7))  # half decades, 1 to 1000: the scan stops at the first that
 # forgets. Pairs far from forgetting cost one chunk of samples, so the finer scan is cheap, and it does not step over
 # a window that forgets: past it, over-edited models can predict the forgotten class again (the suite's ViT, {0, 2})
+DOWNWARD_SKIP_MARGIN = 1.0  # points of held-out retain probability by which a larger alpha_r's candidate must beat the
+# first alpha_r's for the downward run to be skipped: on the suite's models retain probability along alpha_r peaked
+# once, and near ties (a flat profile, rounding) still search downwards
 BISECTION_STEPS = 1  # halves the log step below the first passing α_f: 10 -> 5.6 (below the smallest coarse
 # value: one step down by √10). A second step changed 6 of the 30 benchmark choices, none across a target, once the
 # head is rebalanced, and cost a third of the choosing time
@@ -264,6 +267,18 @@ def choose_alphas(
         potential = {pair: max(retain_of(c) for c in rows_of(*pair)) for pair in coarse}
         return max((pair for pair in coarse if potential[pair] > bar), key=potential.get, default=None)
 
+    def peaked_above_first() -> bool:
+        """Whether a larger ``alpha_r``'s candidate keeps :data:`DOWNWARD_SKIP_MARGIN` points more
+        held-out retain probability than the first ``alpha_r``'s (pending ones counted as forgetting):
+        retain probability then peaks above the first scale, and the scales below it, which keep
+        less of the retain space, are not searched."""
+        best_at: dict[float, float] = {}
+        for c in smallest_passing(table, allowed):
+            best_at[c["alpha_r"]] = max(best_at.get(c["alpha_r"], -math.inf), retain_of(c))
+        first = grid_r[0]
+        return first in best_at and any(p >= best_at[first] + DOWNWARD_SKIP_MARGIN
+                                        for a_r, p in best_at.items() if a_r > first)
+
     def search() -> None:
         """The scan along ``alpha_f`` for every ``alpha_r`` (the function's docstring), pending pairs
         counted as forgetting; run again after a pending pair is scored on."""
@@ -276,6 +291,8 @@ def choose_alphas(
                 score(a_r, alpha_f)
                 continue
             if k > 0 and a_r < grid_r[k - 1]:  # the downward run: a smaller retain space may forget sooner
+                if peaked_above_first():
+                    break
                 start = 0
             elif stopped:
                 continue

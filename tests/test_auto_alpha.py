@@ -404,6 +404,36 @@ def test_alpha_r_runs_up_from_the_first_candidate_then_down_from_the_smallest_st
     assert rows[3.0][0]["alpha_f"] == rows[1.0][0]["alpha_f"] == ALPHA_F_COARSE[0]  # downwards: from the smallest
 
 
+def test_the_downward_run_is_skipped_only_where_a_larger_alpha_r_keeps_clearly_more_retain_probability(trained,
+                                                                                                    monkeypatch):
+    from deepunlearn import auto_alpha
+
+    monkeypatch.setattr(auto_alpha, "ALPHA_R_CANDIDATES", (10.0, 30.0, 100.0, 3.0, 1.0))
+    model, targets, xf, xr = double_model_and_samples(trained)
+    sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
+
+    def choose(margin):
+        monkeypatch.setattr(auto_alpha, "DOWNWARD_SKIP_MARGIN", margin)
+        cands = SpectralCandidates(targets, planning.layer_moments(targets, sf, CPU), planning.layer_moments(targets, sr, CPU))
+        return choose_alphas(model, cands, make_scorer(model, [xf], None, xr[:100], None, [0], 64, None))
+
+    def best_at(c, a_r):
+        return max(r["retain_prob"] for r in c.candidates if r["alpha_r"] == a_r)
+
+    searched = choose(auto_alpha.DOWNWARD_SKIP_MARGIN)  # this model's retain probability is flat along alpha_r
+    assert {3.0, 1.0} <= {r["alpha_r"] for r in searched.candidates}  # a near tie: the run goes down
+    gap = best_at(searched, 30.0) - best_at(searched, 10.0)
+    assert abs(gap) < auto_alpha.DOWNWARD_SKIP_MARGIN
+    skipped = choose(gap - 1.0)  # 30's candidate now counts as clearly better than 10's
+    assert {r["alpha_r"] for r in skipped.candidates} == {10.0, 30.0, 100.0}
+    def upward(c):  # the pairs scored from 10 up, and their retain sides: the same until the downward run
+        return [(r["alpha_r"], r["alpha_f"], r["head_apart"], r["retain_prob"]) for r in c.candidates if r["alpha_r"] >= 10.0]
+
+    assert upward(skipped) == upward(searched)
+    again = choose(gap + 1.0)  # 30's candidate not clearly better: searched as with the default margin
+    assert again.candidates == searched.candidates and (again.alpha_r, again.alpha_f) == (searched.alpha_r, searched.alpha_f)
+
+
 def test_an_unreachable_target_warns_and_keeps_the_best_compromise(trained):
     x, y = blobs(60, 3)
     same = TensorDataset(x, y)  # forget = retain: no edit can forget without forgetting all
