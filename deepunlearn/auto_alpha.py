@@ -108,7 +108,8 @@ def choose_alphas(
     :data:`ALPHA_R_CANDIDATES`, then down through the smaller ones. Upwards a larger retain space
     protects more of the forget space too, so each scan starts at the coarse step where the previous
     ``alpha_r`` first forgot, and the upward run stops at the first ``alpha_r`` that never forgets;
-    each downward scan starts at the smallest step.
+    each downward scan starts at the smallest step, and the downward run is skipped where retain
+    probability peaked above the first ``alpha_r`` (:data:`DOWNWARD_SKIP_MARGIN`).
 
     Candidates that reach the target are ranked by the held-out retain samples' mean probability of
     their right class (then fewer forget samples recognised): accuracy on a few hundred samples
