@@ -136,22 +136,29 @@ def run_paper(model, xf, xr, args, device) -> dict:
     return {"images_per_side": 0, "error": "out of memory even with one image"}
 
 
+def forget_and_retain_images(model: nn.Module, n: int, device: torch.device, seed: int, task: bool, batch: int,
+                             autocast) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """``n`` forget and ``n`` retain images ``(n, 3, 224, 224)``: random ones; or, with ``task``,
+    class 0's and the other classes' of the synthetic task, the model's last linear layer replaced
+    by a head fitted to it (:func:`fit_task_head`), whose training accuracy (percent) comes third
+    (else None)."""
+    if not task:
+        return images(n, 224, device, seed), images(n, 224, device, seed + 1), None
+    xf, _ = task_images(n, 224, device, seed, range(1))
+    xr, _ = task_images(n, 224, device, seed + 1, range(1, TASK_CLASSES))
+    return xf, xr, fit_task_head(model, *task_images(n, 224, device, seed + 2, range(TASK_CLASSES)), batch, autocast)
+
+
 def bench_arch(arch: str, args, device: torch.device) -> dict:
     import torchvision
 
     autocast = _AUTOCAST[args.autocast]
     torch.manual_seed(args.seed)
     model = torchvision.models.get_model(arch, weights=None).to(device).eval()
-    task_accuracy = None
-    if args.task:
-        xf, _ = task_images(args.images, 224, device, args.seed, range(1))
-        xr, _ = task_images(args.images, 224, device, args.seed + 1, range(1, TASK_CLASSES))
-        xt, yt = task_images(args.images, 224, device, args.seed + 2, range(TASK_CLASSES))
-        task_accuracy = fit_task_head(model, xt, yt, args.batch_size, autocast)
+    xf, xr, task_accuracy = forget_and_retain_images(model, args.images, device, args.seed, args.task, args.batch_size,
+                                                     autocast)
+    if task_accuracy is not None:
         print(f"  {arch}: a {TASK_CLASSES}-class head fitted to the task, training accuracy {task_accuracy:.1f} %", flush=True)
-        del xt, yt
-    else:
-        xf, xr = images(args.images, 224, device, args.seed), images(args.images, 224, device, args.seed + 1)
     forward_only(model, xf[: args.batch_size], args.batch_size, autocast)  # warm-up: cuDNN/cuBLAS plans, allocator
     deepunlearn.unlearn(model, xf[:2], xr[:2], inplace=False, dtype=torch.float32, autocast=autocast, **FIXED_ALPHAS)
     fwd, _ = timed(lambda: (forward_only(model, xf, args.batch_size, autocast), forward_only(model, xr, args.batch_size, autocast)), device)

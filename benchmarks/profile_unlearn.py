@@ -39,7 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_imagenet import FIXED_ALPHAS, RESULTS, TASK_CLASSES, fit_task_head, forward_only, images, task_images  # noqa: E402
+from bench_imagenet import FIXED_ALPHAS, RESULTS, forget_and_retain_images, forward_only  # noqa: E402
 from common import device_name, sync, timed, write_results  # noqa: E402
 
 import deepunlearn  # noqa: E402
@@ -48,6 +48,9 @@ from deepunlearn.layers import find_targets  # noqa: E402
 from deepunlearn.profiled import CHOICE_PREFIX  # noqa: E402
 
 TOP = 12  # kernels (or host ops) listed per phase
+CHOICE_PHASE = "unlearn, α chosen"  # profiled with --choose
+PHASES = ("forward", "collect", "solve", "solve, inverse factors", "solve, triangular solves", "solve, one input at a time",
+          CHOICE_PHASE)
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::_local_scalar_dense")
 
 
@@ -66,13 +69,14 @@ def phases(model, xf, xr, args, autocast):
                                 batch_bytes=batch_bytes, inverse_factor=inverse_factor)
         return plan_edits_with(targets, edit_for, traces(moments_f), traces(moments_r))
 
-    return {"forward": lambda: forward_only(model, xf, args.batch_size, autocast),
-            "collect": lambda: deepunlearn.collect_statistics(model, xf, **kw),
-            "solve": solve,
-            "solve, inverse factors": lambda: solve(inverse_factor=True),
-            "solve, triangular solves": lambda: solve(inverse_factor=False),
-            "solve, one input at a time": lambda: solve(batch_bytes=0, inverse_factor=False),
-            **({"unlearn, α chosen": lambda: deepunlearn.unlearn(model, xf, xr, inplace=False, **kw)} if args.choose else {})}
+    calls = [lambda: forward_only(model, xf, args.batch_size, autocast),
+             lambda: deepunlearn.collect_statistics(model, xf, **kw),
+             solve,
+             lambda: solve(inverse_factor=True),
+             lambda: solve(inverse_factor=False),
+             lambda: solve(batch_bytes=0, inverse_factor=False),
+             lambda: deepunlearn.unlearn(model, xf, xr, inplace=False, **kw)]
+    return {name: call for name, call in zip(PHASES, calls) if args.choose or name != CHOICE_PHASE}
 
 
 def where_time_goes(fn, device: torch.device, repeat: int = 2) -> dict:
@@ -130,10 +134,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--choose", action="store_true", help="also profile a whole call with both scales chosen")
     p.add_argument("--task", action="store_true", help="a head fitted to class-structured images (the choice can reach its target)")
-    p.add_argument("--phases", nargs="+", default=None, help="profile only these phases (names as in the table)")
+    p.add_argument("--phases", nargs="+", default=None, choices=PHASES, help="profile only these phases")
     p.add_argument("--repeat", type=int, default=2, help="timed runs of each phase (the fastest is kept)")
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/profile_unlearn_<device>")
     args = p.parse_args(argv)
+    if args.phases is not None and CHOICE_PHASE in args.phases and not args.choose:
+        p.error(f"the phase {CHOICE_PHASE!r} is profiled with --choose")
     device = torch.device(args.device)
     autocast = torch.bfloat16
     result = {"device": device_name(device), "device_type": device.type, "images": args.images,
@@ -142,12 +148,7 @@ def main(argv=None) -> int:
     for arch in args.archs:
         torch.manual_seed(0)
         model = torchvision.models.get_model(arch, weights=None).to(device).eval()
-        if args.task:
-            xf, _ = task_images(args.images, 224, device, 0, range(1))
-            xr, _ = task_images(args.images, 224, device, 1, range(1, TASK_CLASSES))
-            fit_task_head(model, *task_images(args.images, 224, device, 2, range(TASK_CLASSES)), args.batch_size, autocast)
-        else:
-            xf, xr = images(args.images, 224, device, 0), images(args.images, 224, device, 1)
+        xf, xr, _ = forget_and_retain_images(model, args.images, device, 0, args.task, args.batch_size, autocast)
         res = result["archs"][arch] = {}
         for name, fn in phases(model, xf, xr, args, autocast).items():
             if args.phases is not None and name not in args.phases:

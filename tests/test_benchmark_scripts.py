@@ -88,6 +88,10 @@ def test_unlearn_profile_of_the_choice_alone_on_a_fitted_task(tmp_path):
     (phases,) = result["archs"].values()
     assert result["task"] and list(phases) == ["unlearn, α chosen"] and "score forget" in phases["unlearn, α chosen"]["parts"]
     assert "the choice by part" in out.with_suffix(".md").read_text()
+    for bad in (["--phases", "solve, quickly"], ["--phases", "unlearn, α chosen"]):  # no such phase; the choice without --choose
+        with pytest.raises(SystemExit):
+            profile_unlearn.main(["--device", "cpu", "--archs", "mobilenet_v3_small", "--out", str(tmp_path / "bad"), *bad])
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_factor_benchmark_smoke(tmp_path):
