@@ -256,7 +256,7 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
     out = tmp_path / stem
     args = ["--archs", "smallcnn", "--forget", "7", "--cache-dir", str(tmp_path), "--out", str(out)]
     if script == "bench_auto_alpha":
-        args += ["--forms", "unlabelled"]
+        args += ["--forms", "unlabelled", "--per-class", "30"]
     if script == "probe_alpha_split":
         args += ["--alpha-r", "100"]
     if script == "probe_alpha_oracle":
@@ -265,8 +265,12 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
         warnings.simplefilter("ignore")  # an untrained model may reach no target: the choice warns
         assert module.main(args) == 0
     # one scope in the oracle probe; six of the head's alpha_f at one alpha_r in the split probe
-    assert len(json.loads(out.with_suffix(".json").read_text())["rows"]) == rows
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert len(result["rows"]) == rows
     assert "smallcnn" in out.with_suffix(".md").read_text()
+    if script == "bench_auto_alpha":  # the samples per kept class given, and the calls that got them
+        assert result["per_class"] == 30 and "30 images per kept class" in out.with_suffix(".md").read_text()
+        assert result["rows"][0]["samples"] == [270, 270]
 
 
 @pytest.mark.slow
