@@ -79,17 +79,19 @@ def main(argv=None) -> int:
             orig_r, orig_f = test_accuracies(original, test, classes)
             for form in a.forms:
                 f_data, r_data = (forget, retain) if form == "labelled" else (stacked(forget), stacked(retain))
-                autos, auto_times = [], []
+                auto, auto_times, choose_times = None, [], []
                 for _ in range(REPEATS):
                     t0 = time.perf_counter()
-                    autos.append(deepunlearn.unlearn(original, f_data, r_data, inplace=False,
-                                                     first_token={"auto": None, "yes": True, "no": False}[a.first_token]))
+                    run = deepunlearn.unlearn(original, f_data, r_data, inplace=False,
+                                              first_token={"auto": None, "yes": True, "no": False}[a.first_token])
                     synchronize(device)
                     auto_times.append(time.perf_counter() - t0)
-                if len({(x.alpha_r, x.alpha_f, x.alpha_f_head) for x in autos}) != 1:
-                    raise RuntimeError(f"{arch} {classes} {form}: the repeated automatic calls chose different scales")
-                auto, t_auto = autos[0], statistics.median(auto_times)
-                t_choose = statistics.median(x.seconds["choose_alpha"] for x in autos)
+                    choose_times.append(run.seconds["choose_alpha"])
+                    if auto is None:  # the first call's model and choice are reported
+                        auto = run
+                    if (run.alpha_r, run.alpha_f, run.alpha_f_head) != (auto.alpha_r, auto.alpha_f, auto.alpha_f_head):
+                        raise RuntimeError(f"{arch} {classes} {form}: the repeated automatic calls chose different scales")
+                t_auto, t_choose = statistics.median(auto_times), statistics.median(choose_times)
                 fixed_times = []
                 for _ in range(REPEATS):
                     t0 = time.perf_counter()
