@@ -66,9 +66,10 @@ def unlearn(
             None (default): chosen automatically. Choosing splits the forget samples into four
             folds, each scored by candidate pairs edited from the other folds' statistics, and
             holds out a quarter of the retain samples (at most 512); per ``alpha_r`` it keeps the
-            smallest ``alpha_f`` whose forget accuracy over the folds is at most
-            ``target_forget_accuracy``, and of those the one whose held-out retain samples keep the
-            highest mean probability of their right class (else the best
+            smallest ``alpha_f`` whose forget accuracy over the folds is at most a quarter of
+            ``target_forget_accuracy`` (:data:`~deepunlearn.scoring.HELD_OUT_SHARE`), and of those
+            the one whose held-out retain samples keep the highest mean probability of their right
+            class (else the best
             ``retain · (100 − forget)``, with a warning); the edit then uses all samples.
             Accuracies come from the labels where the batches are ``(x, y)``; else from
             ``classes``; else from agreement with the unedited model. The classifier head (the last
@@ -81,7 +82,10 @@ def unlearn(
             shares its input with other weights, is not a ``Linear``, or is the only layer edited),
             giving it is an error.
         classes: the class indices being forgotten, if known (scores the forget side without labels).
-        target_forget_accuracy: held-out forget accuracy (percent) the automatic choice aims at.
+        target_forget_accuracy: forget accuracy (percent) on unseen samples of the forgotten classes
+            the automatic choice aims at. The held-out forget samples are training samples, which an
+            edit forgets more easily, so they must show at most a quarter of it
+            (:data:`~deepunlearn.scoring.HELD_OUT_SHARE`; 0 of 900 at the default 1 %, 2 of 1,800).
         solver: ``"cholesky"`` (default, no decomposition), ``"eigh"`` or ``"svd"``; all give the same result.
         inplace: edit ``model`` itself (default) or a deep copy of it, returned as ``report.model``.
         batch_size: batch size used when ``forget``/``retain`` is a tensor or a Dataset.

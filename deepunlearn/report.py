@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from .head_refit import HeadRefit
+from .scoring import HELD_OUT_SHARE
 
 
 @dataclass
@@ -48,8 +49,9 @@ class AlphaChoice:
         retain_acc, forget_acc: their held-out accuracies (percent).
         retain_prob: the held-out retain samples' mean probability of their right class (percent),
             by which candidates that reach the target are ranked.
-        reached_target: whether the forget accuracy reached ``target`` (else the best compromise).
-        target: the forget-accuracy target (percent).
+        reached_target: whether the held-out forget accuracy reached its bound, ``target`` times
+            :data:`~deepunlearn.scoring.HELD_OUT_SHARE` (else the best compromise).
+        target: the forget-accuracy target on unseen samples (percent).
         scoring: ``"labels"``, ``"classes"`` (the forgotten classes given, no labels) or
             ``"original predictions"`` (agreement with the unedited model).
         held_out: samples that scored ``(forget, retain)``: every forget sample (each by the
@@ -67,7 +69,7 @@ class AlphaChoice:
             NaN of 0 for a finer step that could not win, scored on the retain side only).
         seconds: wall time of decomposing and scoring (not of collecting the statistics).
         allowed_hits: the most held-out forget samples a candidate may still recognise to count as
-            reaching the target (the target at :data:`FORGET_CONFIDENCE`, given ``held_out[0]``).
+            reaching the target (its held-out bound at :data:`FORGET_CONFIDENCE`, given ``held_out[0]``).
         first_token: whether the chosen edit uses the statistics of sequences' first position only.
         alpha_f_head: the classifier head's own ``alpha_f`` (the last layer the input reaches), or
             None where the head is edited with ``alpha_f`` like every other layer. Candidate rows
@@ -119,8 +121,9 @@ class AlphaChoice:
         how = "reached" if self.reached_target else "NOT reached"
         head = "" if self.alpha_f_head is None else f", alpha_f_head={self.alpha_f_head:g}"
         return (f"alpha chosen: alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}{head} (held-out retain {self.retain_acc:.2f} %, "
-                f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}, at most {self.allowed_hits} held-out forget "
-                f"sample(s) recognised; {'statistics of the first sequence position; ' if self.first_token else ''}"
+                f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}: at most {self.allowed_hits} of "
+                f"{self.held_out[0]} held-out forget samples recognised, the bound {self.target * HELD_OUT_SHARE:g} %; "
+                f"{'statistics of the first sequence position; ' if self.first_token else ''}"
                 f"{'every position not searched (the output reads the first alone); ' if self.every_position_skipped else ''}"
                 f"{'retain mean kept; ' if self.keep_retain_mean else ''}"
                 f"{'' if self.head_shift is None else f'head bias rebalanced (shifts up to {max(self.head_shift):.3g}); '}"

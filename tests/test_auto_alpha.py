@@ -13,7 +13,7 @@ from deepunlearn import plan as planning
 from deepunlearn.candidates import (FACTOR_SETS_KEPT, KEPT_EIGEN_MAX_FRACTION, FactoredCandidates, SpectralCandidates,
                                     candidate_edits, factors_pay)
 from deepunlearn.moments import SampleRows
-from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, choose_alphas, preference,
+from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, HELD_OUT_SHARE, choose_alphas, preference,
                                     smallest_passing)
 from deepunlearn.sampling import FORGET_FOLDS, fold_split, holdout_split, materialise
 from deepunlearn.scoring import FORGET_CONFIDENCE, allowed_forget_hits, binomial_upper_bound, inferred_forget_classes, make_scorer
@@ -295,8 +295,9 @@ def test_the_samples_still_recognised_are_scored_first_and_the_order_changes_no_
     shuffled.order = [torch.randperm(len(o), generator=g) for o in shuffled.order]
     outcomes = []
     for a_r, a_f in ((10.0, 0.01), (10.0, 1.0), (100.0, 30.0), (1000.0, 1000.0), (10.0, 0.1)):
-        got = [choose_alphas(model, cands, sc, alpha_r=a_r, alpha_f=a_f).candidates[0] for sc in (natural, shuffled)]
-        passed = [r["forget_hits"] <= allowed_forget_hits(len(xf), 1.0) for r in got]
+        choices = [choose_alphas(model, cands, sc, alpha_r=a_r, alpha_f=a_f) for sc in (natural, shuffled)]
+        got = [c.candidates[0] for c in choices]
+        passed = [r["forget_hits"] <= c.allowed_hits for r, c in zip(got, choices)]
         assert passed[0] == passed[1], (a_r, a_f, got)
         if passed[0]:  # every sample scored: the same count in any order
             assert got[0]["forget_hits"] == got[1]["forget_hits"] and got[0]["forget_scored"] == len(xf)
@@ -483,10 +484,22 @@ def test_the_forget_target_is_held_at_a_confidence_not_as_a_point_estimate():
     # at 90 %: of 225 samples (a quarter of 900), 1 % is 2.25 samples, but only none recognised passes;
     # 512: one (0.76 %); fewer samples than can show 1 %: still none
     assert [allowed_forget_hits(n, 1.0, 0.9) for n in (10, 225, 512, 900)] == [0, 0, 1, 4]
-    # the default: every one of 900 forget samples scores, 6 may still be recognised; at the median, 8
+    # at the default confidence, a bound of 1 %: 6 of 900 forget samples may still be recognised; at the median, 8
     assert FORGET_CONFIDENCE == 0.75 and [allowed_forget_hits(n, 1.0) for n in (10, 100, 225, 900)] == [0, 0, 0, 6]
     assert allowed_forget_hits(900, 1.0, 0.5) == 8
     assert allowed_forget_hits(512, 5.0) > allowed_forget_hits(512, 1.0)
+    # the default call's held-out bound, a quarter of 1 %: none of 900 forget samples, 2 of 1,800
+    assert [allowed_forget_hits(n, 1.0 * HELD_OUT_SHARE) for n in (900, 1800)] == [0, 2]
+
+
+def test_the_held_out_bound_is_a_share_of_the_target(trained):
+    """The held-out forget samples are training samples, which the edit forgets more easily than
+    unseen ones: they must show HELD_OUT_SHARE of the target, at FORGET_CONFIDENCE."""
+    forget, retain = forget_and_retain(n=300)
+    for target in (4.0, 8.0):
+        c = deepunlearn.unlearn(trained, forget, retain, inplace=False, target_forget_accuracy=target).alpha_choice
+        assert c.target == target and c.held_out[0] == 300
+        assert c.allowed_hits == allowed_forget_hits(300, target * HELD_OUT_SHARE) < allowed_forget_hits(300, target)
 
 
 def test_a_candidate_recognising_more_held_out_samples_than_allowed_does_not_reach_the_target(trained):
@@ -516,7 +529,8 @@ def test_a_candidate_recognising_more_held_out_samples_than_allowed_does_not_rea
         if row["forget_acc"] > 0:  # the first fold already missed: no other was scored
             assert row["forget_scored"] == 25 and row["forget_hits"] == round(row["forget_acc"] / 4), row
     assert any(row["forget_acc"] > 0 for row in c.candidates) and any(row["forget_hits"] == 0 for row in c.candidates)
-    assert "at most 0 held-out forget sample(s) recognised" in str(c) and "100 forget samples in 4 folds" in str(c)
+    assert "at most 0 of 100 held-out forget samples recognised, the bound 0.25 %" in str(c)
+    assert "100 forget samples in 4 folds" in str(c)
 
 
 @pytest.mark.filterwarnings("ignore:no candidate reached")  # the negated model is checked for its options, not its choice
