@@ -5,11 +5,11 @@ statistics (cross-fitting: every forget sample scores, none scores an edit it sh
 of the retain samples is held out. Each candidate pair's new weights (:mod:`.candidates`) are
 applied to the model and scored on the held-out samples. The rule is the smallest edit that
 forgets: per ``alpha_r``, the smallest ``alpha_f`` whose forget accuracy over the folds is at most
-a quarter of the target (:data:`HELD_OUT_SHARE`: the held-out samples are training samples, which the
-edit forgets more easily than unseen ones); of those, the one whose held-out retain samples keep the highest mean probability of
-their right class wins (continuous, where accuracies on a few hundred samples tie in steps); if
-none reaches the target, the best
-``retain · (100 − forget)`` wins, with a warning. Along ``alpha_f`` the forget accuracy falls as the
+a quarter of the target (:data:`HELD_OUT_SHARE`: the held-out samples are training samples, which
+the edit forgets more easily than unseen ones); of those, the one whose held-out retain samples
+keep the highest mean probability of their right class wins (continuous, where accuracies on a few
+hundred samples tie in steps); if none reaches the target, the best ``retain · (100 − forget)``
+wins, with a warning. Along ``alpha_f`` the forget accuracy falls as the
 forget space grows, so for each ``alpha_r`` a coarse scan stops at the first passing ``alpha_f`` and
 bisection (in log scale) narrows the step below it. The classifier head may take its own
 ``alpha_f`` (:data:`HEAD_ALPHA_F`), scored on the same forward passes.
