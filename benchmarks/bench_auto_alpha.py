@@ -31,8 +31,9 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CLASS_SETS, SUITE_PER_CLASS, device_name, suite_arguments, suite_data, suite_model, suite_samples, write_results  # noqa: E402
+from common import CLASS_SETS, device_name, suite_arguments, suite_data, suite_model, suite_samples, write_results  # noqa: E402
 import deepunlearn  # noqa: E402
+from deepunlearn.experiments import SUITE_PER_CLASS  # noqa: E402
 from deepunlearn.evaluation import class_accuracies, predictions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
 def markdown(result: dict) -> str:
     lines = [f"# Automatic α on the suite's models ({result['device_name']})", "",
              "Test split of Fashion-MNIST; retain drop = original − unlearned retain accuracy (points). Targets: forget "
-             f"≤ {QUALITY['forget']:g} %, retain drop ≤ {QUALITY['retain_drop']:g}; {result.get('per_class', SUITE_PER_CLASS)} "
+             f"≤ {QUALITY['forget']:g} %, retain drop ≤ {QUALITY['retain_drop']:g}; {result['per_class']} "
              "images per kept class, as many to forget; choose / fixed = seconds choosing α (the median of three automatic "
              "calls) over the median of three fixed-α calls with the chosen pair (target ≤ 2). Tokens: the statistics of sequence inputs (every position, "
              "or the first); \"+ mean\": the biases keep the retain samples' mean output. Head: the classifier head's "

@@ -120,7 +120,6 @@ def write_results(stem: Path, result: dict, table: str) -> None:
 
 CLASS_SETS = ([0], [2], [7], [0, 2], [0, 2, 7])  # one class at a time, then two and three at once
 SUITE_EPOCHS = 4  # the suite's models
-SUITE_PER_CLASS = 100  # images per kept class the suite's unlearning calls get (deepunlearn.experiments.suite)
 
 
 def suite_arguments(parser, out: Path, archs: Sequence[str] = ("smallcnn", "resnet18", "vit")) -> None:
@@ -150,12 +149,15 @@ def suite_data(root: Path | None = None):
     return train, dataset_labels(train), test
 
 
-def suite_samples(train, labels: torch.Tensor, classes: Sequence[int], seed: int, per_class: int = SUITE_PER_CLASS):
-    """``(forget, retain)`` Subsets as the suite draws them: ``per_class`` images per kept class, as
-    many to forget."""
+def suite_samples(train, labels: torch.Tensor, classes: Sequence[int], seed: int, per_class: int | None = None):
+    """``(forget, retain)`` Subsets as the suite draws them: ``per_class`` images per kept class (the
+    suite's ``SUITE_PER_CLASS`` by default), as many to forget."""
     from torch.utils.data import Subset
 
+    from deepunlearn.experiments import SUITE_PER_CLASS
     from deepunlearn.sampling import class_balanced_indices
+
+    per_class = SUITE_PER_CLASS if per_class is None else per_class
 
     keep = [k for k in range(10) if k not in classes]
     g = torch.Generator().manual_seed(seed + sum(classes))

@@ -5,11 +5,11 @@ statistics (cross-fitting: every forget sample scores, none scores an edit it sh
 of the retain samples is held out. Each candidate pair's new weights (:mod:`.candidates`) are
 applied to the model and scored on the held-out samples. The rule is the smallest edit that
 forgets: per ``alpha_r``, the smallest ``alpha_f`` whose forget accuracy over the folds is at most
-a quarter of the target (:data:`HELD_OUT_SHARE`: the held-out samples are training samples, which
-the edit forgets more easily than unseen ones); of those, the one whose held-out retain samples
-keep the highest mean probability of their right class wins (continuous, where accuracies on a few
-hundred samples tie in steps); if none reaches the target, the best ``retain · (100 − forget)``
-wins, with a warning. Along ``alpha_f`` the forget accuracy falls as the
+a quarter of the target (:func:`~deepunlearn.scoring.held_out_bound`: the held-out samples are
+training samples, which the edit forgets more easily than unseen ones); of those, the one whose
+held-out retain samples keep the highest mean probability of their right class wins (continuous,
+where accuracies on a few hundred samples tie in steps); if none reaches the target, the best
+``retain · (100 − forget)`` wins, with a warning. Along ``alpha_f`` the forget accuracy falls as the
 forget space grows, so for each ``alpha_r`` a coarse scan stops at the first passing ``alpha_f`` and
 bisection (in log scale) narrows the step below it. The classifier head may take its own
 ``alpha_f`` (:data:`HEAD_ALPHA_F`), scored on the same forward passes.
@@ -31,7 +31,7 @@ from .profiled import part
 from .report import AlphaChoice
 from .collect import eval_no_grad
 from .sampling import fold_split
-from .scoring import CHECK_SAMPLES, HELD_OUT_SHARE, HeadReader, Scorer, allowed_forget_hits, rebalanced_shift
+from .scoring import CHECK_SAMPLES, HeadReader, Scorer, allowed_forget_hits, held_out_bound, rebalanced_shift
 
 TARGET_FORGET_ACCURACY = 1.0  # percent of unseen forget-class samples still recognised
 ALPHA_R_CANDIDATES = (10.0, 30.0, 100.0, 300.0, 1000.0, 3.0, 1.0)  # searched in this order: up from 10, where
@@ -102,7 +102,7 @@ def choose_alphas(
 
     ``alpha_r`` / ``alpha_f``: a given value is kept fixed and only the other is searched.
     ``target``: the forget accuracy (percent) the edit should leave on unseen samples; the held-out
-    samples, training samples, must show :data:`HELD_OUT_SHARE` of it. A candidate reaches the
+    samples, training samples, must show :func:`held_out_bound` of it. A candidate reaches the
     target when at most :func:`allowed_forget_hits` forget samples, over every fold, are still
     recognised: the held-out bound holds at :data:`FORGET_CONFIDENCE`. The folds are
     scored in rounds and stop once more are recognised. Per ``alpha_r`` the smallest ``alpha_f`` that
@@ -156,7 +156,7 @@ def choose_alphas(
     table: list[dict[str, float]] = []
     scored_at: dict[tuple[float, float], list[dict[str, float]]] = {}  # (alpha_r, alpha_f) -> a row per option
     n_f = scorer.forget_samples
-    allowed = allowed_forget_hits(n_f, target * HELD_OUT_SHARE)
+    allowed = allowed_forget_hits(n_f, held_out_bound(target))
     options = list(head_alphas) if candidates.head is not None else [None]
     if len(options) > 1:
         scorer = replace(scorer, head=HeadReader(candidates.targets[candidates.head].module, scorer.autocast))
@@ -376,7 +376,7 @@ def choose_alphas(
         forget_acc = best["forget_acc"]
         head = f", alpha_f_head={best['alpha_f_head']:g}" if best["head_apart"] else ""
         warnings.warn(f"no candidate reached the forget-accuracy target of {target:g} % (at most "
-                      f"{target * HELD_OUT_SHARE:g} % of the held-out forget samples recognised); "
+                      f"{held_out_bound(target):g} % of the held-out forget samples recognised); "
                       f"chose alpha_r={best['alpha_r']:g}, alpha_f={best['alpha_f']:g}{head} with held-out forget "
                       f"{best['forget_acc']:.2f} %, retain {best['retain_acc']:.2f} %", stacklevel=3)
     head_shift = head_refit = None

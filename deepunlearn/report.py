@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from .head_refit import HeadRefit
-from .scoring import HELD_OUT_SHARE
+from .scoring import held_out_bound
 
 
 @dataclass
@@ -122,7 +122,7 @@ class AlphaChoice:
         head = "" if self.alpha_f_head is None else f", alpha_f_head={self.alpha_f_head:g}"
         return (f"alpha chosen: alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}{head} (held-out retain {self.retain_acc:.2f} %, "
                 f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}: at most {self.allowed_hits} of "
-                f"{self.held_out[0]} held-out forget samples recognised, the bound {self.target * HELD_OUT_SHARE:g} %; "
+                f"{self.held_out[0]} held-out forget samples recognised, the bound {held_out_bound(self.target):g} %; "
                 f"{'statistics of the first sequence position; ' if self.first_token else ''}"
                 f"{'every position not searched (the output reads the first alone); ' if self.every_position_skipped else ''}"
                 f"{'retain mean kept; ' if self.keep_retain_mean else ''}"

@@ -13,10 +13,10 @@ from deepunlearn import plan as planning
 from deepunlearn.candidates import (FACTOR_SETS_KEPT, KEPT_EIGEN_MAX_FRACTION, FactoredCandidates, SpectralCandidates,
                                     candidate_edits, factors_pay)
 from deepunlearn.moments import SampleRows
-from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, HELD_OUT_SHARE, choose_alphas, preference,
+from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, choose_alphas, preference,
                                     smallest_passing)
 from deepunlearn.sampling import FORGET_FOLDS, fold_split, holdout_split, materialise
-from deepunlearn.scoring import FORGET_CONFIDENCE, allowed_forget_hits, binomial_upper_bound, inferred_forget_classes, make_scorer
+from deepunlearn.scoring import FORGET_CONFIDENCE, HELD_OUT_SHARE, allowed_forget_hits, binomial_upper_bound, inferred_forget_classes, make_scorer
 from deepunlearn.layers import find_targets
 from deepunlearn.reach import classifier_head
 from deepunlearn.collect import collect_statistics
@@ -427,6 +427,7 @@ def test_the_downward_run_is_skipped_only_where_a_larger_alpha_r_keeps_clearly_m
     assert abs(gap) < auto_alpha.DOWNWARD_SKIP_MARGIN
     skipped = choose(gap - 1.0)  # 30's candidate now counts as clearly better than 10's
     assert {r["alpha_r"] for r in skipped.candidates} == {10.0, 30.0, 100.0}
+
     def upward(c):  # the pairs scored from 10 up, and their retain sides: the same until the downward run
         return [(r["alpha_r"], r["alpha_f"], r["head_apart"], r["retain_prob"]) for r in c.candidates if r["alpha_r"] >= 10.0]
 

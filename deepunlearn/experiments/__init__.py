@@ -6,3 +6,4 @@ The library (``deepunlearn`` outside this package) imports nothing from here.
 from pathlib import Path
 
 CACHE_DIR = Path.home() / ".cache" / "deepunlearn"  # trained checkpoints, kept between runs (--cache-dir)
+SUITE_PER_CLASS = 100  # images per kept class the suite's unlearning calls get, as many to forget

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from .. import ops, search_alphas, unlearn
-from . import CACHE_DIR
+from . import CACHE_DIR, SUITE_PER_CLASS
 from ..sampling import class_balanced_indices, dataset_labels
 from .baselines import BASELINES
 from .fashion_mnist import fashion_mnist
@@ -116,8 +116,8 @@ def run(args: argparse.Namespace) -> dict:
             retain_all = [i for i, y in enumerate(labels.tolist()) if y != c]
             forget_all = [i for i, y in enumerate(labels.tolist()) if y == c]
             gc = torch.Generator().manual_seed(args.seed + c)
-            retain_sample = Subset(train, class_balanced_indices(labels, keep, 100 * len(keep), gc))
-            forget_sample = Subset(train, class_balanced_indices(labels, [c], 100 * len(keep), gc))
+            retain_sample = Subset(train, class_balanced_indices(labels, keep, SUITE_PER_CLASS * len(keep), gc))
+            forget_sample = Subset(train, class_balanced_indices(labels, [c], SUITE_PER_CLASS * len(keep), gc))
             retain_budget = Subset(train, sorted(torch.tensor(retain_all)[torch.randperm(len(retain_all), generator=gc)[: args.retain_budget]].tolist()))
             forget_set = Subset(train, forget_all)
             forget_test = Subset(test, torch.nonzero(test_labels == c).flatten().tolist())
