@@ -256,7 +256,7 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
     out = tmp_path / stem
     args = ["--archs", "smallcnn", "--forget", "7", "--cache-dir", str(tmp_path), "--out", str(out)]
     if script == "bench_auto_alpha":
-        args += ["--forms", "unlabelled", "--per-class", "30"]
+        args += ["--forms", "unlabelled", "--per-class", "30", "--alpha-f-only"]
     if script == "probe_alpha_split":
         args += ["--alpha-r", "100"]
     if script == "probe_alpha_oracle":
@@ -271,6 +271,9 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
     if script == "bench_auto_alpha":  # the samples per kept class given, and the calls that got them
         assert result["per_class"] == 30 and "30 images per kept class" in out.with_suffix(".md").read_text()
         assert result["rows"][0]["samples"] == [270, 270]
+        row = result["rows"][0]  # the choice repeated with its alpha_r given: alpha_f searched alone
+        assert row["alpha_f_only"]["seconds"] > 0 and row["alpha_f_only"]["candidates"] >= 1
+        assert "α_f alone / fixed" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.slow
