@@ -87,7 +87,8 @@ for s in $stages; do
     choice-profile) stage choice-profile "${T_CHOICE_PROFILE:-240}" $PY benchmarks/profile_unlearn.py --archs vit_b_16 \
       --choose --task --phases "unlearn, α chosen" --repeat 1 --out "$out/profile_choice_cuda" ;;
     imagenet) stage imagenet "${T_IMAGENET:-360}" $PY benchmarks/bench_imagenet.py --out "$out/imagenet_cuda" ${IMAGENET_ARGS:-} ;;
-    auto-alpha) stage auto-alpha "${T_AUTO_ALPHA:-300}" $PY benchmarks/bench_auto_alpha.py --device cuda --out "$out/auto_alpha_cuda" "${suite_files[@]}" ;;
+    auto-alpha) stage auto-alpha "${T_AUTO_ALPHA:-300}" $PY benchmarks/bench_auto_alpha.py --device cuda --alpha-f-only \
+      --out "$out/auto_alpha_cuda" "${suite_files[@]}" ;;
     *) echo "unknown stage $s" | tee -a "$log"; exit 2 ;;
   esac
 done
