@@ -104,9 +104,9 @@ def main(argv=None) -> int:
                     runs = [deepunlearn.unlearn(original, f_data, r_data, inplace=False, alpha_r=auto.alpha_r,
                                                 first_token=auto.alpha_choice.first_token) for _ in range(REPEATS)]
                     synchronize(device)
-                    c = runs[0].alpha_choice
-                    alpha_f_only = {"seconds": statistics.median(r.alpha_choice.seconds for r in runs), "alpha_f": c.alpha_f,
-                                    "alpha_f_head": c.alpha_f_head, "candidates": len(c.candidates)}
+                    alone = runs[0].alpha_choice
+                    alpha_f_only = {"seconds": statistics.median(r.alpha_choice.seconds for r in runs), "alpha_f": alone.alpha_f,
+                                    "alpha_f_head": alone.alpha_f_head, "candidates": len(alone.candidates)}
                 fixed_times = []
                 for _ in range(REPEATS):
                     t0 = time.perf_counter()

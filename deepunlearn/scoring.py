@@ -20,8 +20,9 @@ from .hooks import autocast_on
 from .sampling import HOLDOUT_CAP
 
 FORGET_CONFIDENCE = 0.75  # a candidate forgets if its held-out bound holds at this one-sided confidence (at a bound
-# of 1 %, 6 of 900 may be recognised). Picked on the suite's 30 cases: with the head's own scale searched, 0.65 (7 of 900) let the chosen
-# edits, each the gentlest of more candidates that pass, leave 1.2-1.4 % of unseen forget samples in 3 cases
+# of 1 %, 6 of 900 may be recognised). Picked on the suite's 30 cases: with the head's own scale searched, 0.65
+# (7 of 900) let the chosen edits, each the gentlest of more candidates that pass, leave 1.2-1.4 % of unseen forget
+# samples in 3 cases
 HELD_OUT_SHARE = 0.25  # the held-out forget samples may show at most this share of the target: they are training
 # samples, and a class's unseen samples were recognised up to four times as often (the suite's SmallCNN, class 7 at
 # 200 per kept class: 0.33 % held out, 1.40 % of the test split); docs/auto_alpha.md

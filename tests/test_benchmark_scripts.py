@@ -270,8 +270,9 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
     assert "smallcnn" in out.with_suffix(".md").read_text()
     if script == "bench_auto_alpha":  # the samples per kept class given, and the calls that got them
         assert result["per_class"] == 30 and "30 images per kept class" in out.with_suffix(".md").read_text()
-        assert result["rows"][0]["samples"] == [270, 270]
-        row = result["rows"][0]  # the choice repeated with its alpha_r given: alpha_f searched alone
+        row = result["rows"][0]
+        assert row["samples"] == [270, 270]
+        # the choice repeated with its alpha_r given: alpha_f searched alone
         assert row["alpha_f_only"]["seconds"] > 0 and row["alpha_f_only"]["candidates"] >= 1
         assert "α_f alone / fixed" in out.with_suffix(".md").read_text()
 
