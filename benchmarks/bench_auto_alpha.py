@@ -17,7 +17,9 @@ to one fixed-α call with the chosen pair (each the median of three calls, timed
 automatic calls must choose alike; target ≤ 2). ``--per-class`` gives every call more (or fewer) samples.
 ``--alpha-f-only`` also times the choice with the chosen ``α_r`` given, so that only ``α_f`` (and the head's
 scale) is searched: what choosing costs beyond the search along ``α_r`` (the same held-out scoring, proof,
-decompositions and head re-fit). Results:
+decompositions and head re-fit). ``--parts`` makes one more automatic call with its parts timed
+(:func:`deepunlearn.profiled.part_times`: decompositions, edits, weight writes, each side's scoring, the head's
+re-fit, each exclusive of the parts nested in it; the rest is set-up and bookkeeping). Results:
 ``benchmarks/results/auto_alpha_cpu.json`` and ``.md``. On a GPU each architecture is first unlearned once
 untimed (the CUDA libraries' start-up) and every timed call ends with a device synchronisation.
 """
@@ -38,9 +40,12 @@ from common import CLASS_SETS, device_name, suite_arguments, suite_data, suite_m
 import deepunlearn  # noqa: E402
 from deepunlearn.experiments import SUITE_PER_CLASS  # noqa: E402
 from deepunlearn.evaluation import class_accuracies, predictions  # noqa: E402
+from deepunlearn.profiled import part_times  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUALITY = {"forget": 1.0, "retain_drop": 1.0}  # the issue's targets: test forget <= 1 %, retain within 1 point
+PARTS = ("decompose", "edit", "write", "score forget", "score retain", "head re-fit")  # the choice's parts, in the order
+# they first run (deepunlearn.profiled)
 REPEATS = 3  # automatic and fixed calls timed per case, each the median kept: one call alone once took four times its
 # usual time
 
@@ -68,9 +73,11 @@ def main(argv=None) -> int:
                    help="images per kept class (as many to forget); the suite's calls get %(default)s")
     p.add_argument("--alpha-f-only", action="store_true",
                    help="also time the choice with the chosen alpha_r given (only alpha_f searched)")
+    p.add_argument("--parts", action="store_true", help="also time one automatic call's choice by part")
     p.add_argument("--first-token", choices=["auto", "yes", "no"], default="auto",
                    help="statistics of sequence inputs from position 0 only (auto: the default call's choice)")
     a = p.parse_args(argv)
+    first_token = {"auto": None, "yes": True, "no": False}[a.first_token]  # the unlearn() keyword
     sets = a.forget or CLASS_SETS
     train, labels, test = suite_data(a.data)
     device = torch.device(a.device)
@@ -89,8 +96,7 @@ def main(argv=None) -> int:
                 auto, auto_times, choose_times = None, [], []
                 for _ in range(REPEATS):
                     t0 = time.perf_counter()
-                    run = deepunlearn.unlearn(original, f_data, r_data, inplace=False,
-                                              first_token={"auto": None, "yes": True, "no": False}[a.first_token])
+                    run = deepunlearn.unlearn(original, f_data, r_data, inplace=False, first_token=first_token)
                     synchronize(device)
                     auto_times.append(time.perf_counter() - t0)
                     choose_times.append(run.seconds["choose_alpha"])
@@ -107,6 +113,12 @@ def main(argv=None) -> int:
                     alone = runs[0].alpha_choice
                     alpha_f_only = {"seconds": statistics.median(r.alpha_choice.seconds for r in runs), "alpha_f": alone.alpha_f,
                                     "alpha_f_head": alone.alpha_f_head, "candidates": len(alone.candidates)}
+                parts = None
+                if a.parts:  # one more automatic call, its parts timed (device synchronised at their edges)
+                    with part_times(device) as seconds:
+                        timed = deepunlearn.unlearn(original, f_data, r_data, inplace=False, first_token=first_token)
+                    parts = {"choose_seconds": timed.seconds["choose_alpha"],
+                             "seconds": {k: v[0] for k, v in seconds.items()}, "calls": {k: v[1] for k, v in seconds.items()}}
                 fixed_times = []
                 for _ in range(REPEATS):
                     t0 = time.perf_counter()
@@ -129,7 +141,7 @@ def main(argv=None) -> int:
                        "forget_test": f_acc, "retain_drop": orig_r - r_acc, "choose_seconds": t_choose,
                        "auto_seconds": t_auto, "fixed_seconds": t_fixed, "choose_over_fixed": t_choose / t_fixed,
                        "auto_over_fixed": t_auto / t_fixed, "table": c.candidates,
-                       "alpha_f_only": alpha_f_only,
+                       "alpha_f_only": alpha_f_only, "parts": parts,
                        "head_fix": "re-fitted" if c.head_refit is not None else "rebalanced" if c.head_shift is not None else "none",
                        "head_refit": None if (h := c.head_refit) is None else {
                            "retain_acc_before": h.retain_acc_before, "retain_acc_after": h.retain_acc_after,
@@ -175,6 +187,18 @@ def markdown(result: dict) -> str:
             ratios = [r["alpha_f_only"]["seconds"] / r["fixed_seconds"] for r in rows]
             lines.append(f"- α_f alone: the choice with the chosen α_r given (only α_f and the head's scale searched), its "
                          f"seconds over the same fixed call: {min(ratios):.2f}–{max(ratios):.2f}.")
+    timed = [r for r in rows if r.get("parts")]
+    if timed:
+        names = [*PARTS, *sorted({k for r in timed for k in r["parts"]["seconds"]} - set(PARTS))]
+        lines += ["", "Where choosing's time went: one more automatic call, each part's seconds (exclusive of the parts "
+                      "nested in it; the device synchronised at their edges); rest: set-up and bookkeeping.", "",
+                  "| arch | classes | data | fixed (s) | choose (s) | " + " | ".join(names) + " | rest |",
+                  "|---|---|---|---|---|" + "---|" * (len(names) + 1)]
+        for r in timed:
+            spent = r["parts"]["seconds"]
+            lines.append(f"| {r['arch']} | {','.join(map(str, r['classes']))} | {r['form']} | {r['fixed_seconds']:.3f} | "
+                         f"{r['parts']['choose_seconds']:.3f} | " + " | ".join(f"{spent.get(k, 0.0):.3f}" for k in names)
+                         + f" | {r['parts']['choose_seconds'] - sum(spent.values()):.3f} |")
     return "\n".join(lines) + "\n"
 
 

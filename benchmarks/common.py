@@ -155,15 +155,11 @@ def suite_samples(train, labels: torch.Tensor, classes: Sequence[int], seed: int
     from torch.utils.data import Subset
 
     from deepunlearn.experiments import SUITE_PER_CLASS
-    from deepunlearn.sampling import class_balanced_indices
+    from deepunlearn.sampling import draw_samples
 
-    per_class = SUITE_PER_CLASS if per_class is None else per_class
-
-    keep = [k for k in range(10) if k not in classes]
-    g = torch.Generator().manual_seed(seed + sum(classes))
-    retain = Subset(train, class_balanced_indices(labels, keep, per_class * len(keep), g))
-    forget = Subset(train, class_balanced_indices(labels, list(classes), per_class * len(keep), g))
-    return forget, retain
+    forget, retain = draw_samples(labels, classes, SUITE_PER_CLASS if per_class is None else per_class, None,
+                                  seed + sum(classes))
+    return Subset(train, forget), Subset(train, retain)
 
 
 def suite_model(arch: str, train, seed: int, cache_dir: Path):

@@ -40,12 +40,14 @@ def class_balanced_indices(labels: torch.Tensor, classes: Sequence[int], total: 
 
 
 def draw_samples(labels: torch.Tensor, classes: int | Sequence[int], retain_per_class: int,
-                 forget_samples: int | None, seed: int) -> tuple[list[int], list[int]]:
+                 forget_samples: int | None, seed: int | torch.Generator) -> tuple[list[int], list[int]]:
     """The paper's sample draw: ``(forget indices, retain indices)`` into a dataset with ``labels``.
 
     ``retain_per_class`` random samples of every class not in ``classes``, and ``forget_samples``
     samples of the ``classes`` spread evenly over them (default: as many as the retain sample,
-    capped by what the classes hold). Raises ``ValueError`` naming what is wrong with the request.
+    capped by what the classes hold), the retain sample drawn first. ``seed``: an int, or a
+    generator to draw from (left advanced, for draws that follow). Raises ``ValueError`` naming
+    what is wrong with the request.
     """
     forget_set = sorted({int(c) for c in ([classes] if isinstance(classes, int) else classes)})
     if not forget_set:
@@ -59,7 +61,7 @@ def draw_samples(labels: torch.Tensor, classes: int | Sequence[int], retain_per_
     keep = sorted(present - set(forget_set))
     if not keep:
         raise ValueError("forgetting every class leaves nothing to retain")
-    g = torch.Generator().manual_seed(seed)
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     retain_idx = class_balanced_indices(labels, keep, retain_per_class * len(keep), g)
     n_forget = retain_per_class * len(keep) if forget_samples is None else int(forget_samples)
     if n_forget < 1:

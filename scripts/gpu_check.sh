@@ -24,7 +24,8 @@
 # its sweeps 53 s, memcheck and racecheck 5 s each, ImageNet shapes 108-113 s; the whole suite
 # (stage tests) needs .devcarry for its data and about 60 s with -n 12). The kernel benchmark prints
 # each row to the log as it goes and writes its rows before the sweep, so a stage cut off by its
-# limit still leaves its measured rows.
+# limit still leaves its measured rows. Stage auto-alpha took 117 s on an H100 (2026-11-27, with
+# --alpha-f-only; --parts adds one automatic call per case).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUT [stages...]}
@@ -87,7 +88,7 @@ for s in $stages; do
     choice-profile) stage choice-profile "${T_CHOICE_PROFILE:-240}" $PY benchmarks/profile_unlearn.py --archs vit_b_16 \
       --choose --task --phases "unlearn, α chosen" --repeat 1 --out "$out/profile_choice_cuda" ;;
     imagenet) stage imagenet "${T_IMAGENET:-360}" $PY benchmarks/bench_imagenet.py --out "$out/imagenet_cuda" ${IMAGENET_ARGS:-} ;;
-    auto-alpha) stage auto-alpha "${T_AUTO_ALPHA:-300}" $PY benchmarks/bench_auto_alpha.py --device cuda --alpha-f-only \
+    auto-alpha) stage auto-alpha "${T_AUTO_ALPHA:-300}" $PY benchmarks/bench_auto_alpha.py --device cuda --alpha-f-only --parts \
       --out "$out/auto_alpha_cuda" "${suite_files[@]}" ;;
     *) echo "unknown stage $s" | tee -a "$log"; exit 2 ;;
   esac

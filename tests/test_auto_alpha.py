@@ -472,6 +472,33 @@ def test_the_choice_is_deterministic(trained):
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
 
 
+def test_part_times_split_the_choice_into_exclusive_parts_and_change_nothing(trained):
+    """Inside part_times every part of the choice is timed, a nested part apart from the one around
+    it (the decompositions run inside edits), within the choosing time; the choice is the same."""
+    import time
+
+    from deepunlearn import profiled
+
+    forget, retain = forget_and_retain()
+    plain = deepunlearn.unlearn(trained, forget, retain, inplace=False)
+    with profiled.part_times(torch.device("cpu")) as seconds:
+        timed = deepunlearn.unlearn(trained, forget, retain, inplace=False)
+        with pytest.raises(RuntimeError, match="already active"):
+            with profiled.part_times(torch.device("cpu")):
+                pass
+    assert timed.alpha_choice.candidates == plain.alpha_choice.candidates
+    assert {"decompose", "edit", "write", "score forget", "score retain"} <= set(seconds)
+    assert all(s >= 0 and calls >= 1 for s, calls in seconds.values())
+    assert seconds["write"][1] >= 1 and sum(s for s, _ in seconds.values()) <= timed.seconds["choose_alpha"]
+    assert profiled._timer is None  # the block's end restores plain profiler ranges
+    with profiled.part_times(torch.device("cpu")) as seconds:  # nesting: the outer part's own time only
+        with profiled.part("outer"):
+            time.sleep(0.02)
+            with profiled.part("inner"):
+                time.sleep(0.05)
+    assert 0.02 <= seconds["outer"][0] < 0.05 <= seconds["inner"][0] and seconds["outer"][1] == 1
+
+
 def test_the_forget_target_is_held_at_a_confidence_not_as_a_point_estimate():
     # no hit of n: the bound solves (1 − u)^n = 1 − confidence
     for n in (10, 225, 512):

@@ -256,7 +256,7 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
     out = tmp_path / stem
     args = ["--archs", "smallcnn", "--forget", "7", "--cache-dir", str(tmp_path), "--out", str(out)]
     if script == "bench_auto_alpha":
-        args += ["--forms", "unlabelled", "--per-class", "30", "--alpha-f-only"]
+        args += ["--forms", "unlabelled", "--per-class", "30", "--alpha-f-only", "--parts"]
     if script == "probe_alpha_split":
         args += ["--alpha-r", "100"]
     if script == "probe_alpha_oracle":
@@ -275,6 +275,10 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
         # the choice repeated with its alpha_r given: alpha_f searched alone
         assert row["alpha_f_only"]["seconds"] > 0 and row["alpha_f_only"]["candidates"] >= 1
         assert "α_f alone / fixed" in out.with_suffix(".md").read_text()
+        # one more call timed by part: the parts' seconds within its choosing time
+        parts = row["parts"]
+        assert parts["seconds"]["score forget"] > 0 and sum(parts["seconds"].values()) <= parts["choose_seconds"]
+        assert "Where choosing's time went" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.slow

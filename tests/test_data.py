@@ -45,3 +45,25 @@ def test_real_fashion_mnist_from_debian_package():
     assert x.shape == (10000, 1, 28, 28) and y.shape == (10000,)
     assert sorted(y.unique().tolist()) == list(range(10)) and (y.bincount() == 1000).all()
     assert abs(float(x.mean())) < 0.05 and 0.9 < float(x.std()) < 1.1  # normalised with train statistics
+
+
+def test_the_sample_draw_is_class_balanced_and_a_generator_draws_on():
+    """draw_samples: every kept class equally in the retain sample, the forget sample spread over the
+    forgotten classes; a seed and a generator seeded alike draw the same, the generator left advanced
+    (the suite draws its other samples from it); bad requests are refused by name."""
+    import torch
+
+    from deepunlearn.sampling import draw_samples
+
+    labels = torch.arange(5).repeat_interleave(40)[torch.randperm(200, generator=torch.Generator().manual_seed(3))]
+    forget, retain = draw_samples(labels, [1, 3], 7, None, 11)
+    assert torch.bincount(labels[retain], minlength=5).tolist() == [7, 0, 7, 0, 7]
+    assert torch.bincount(labels[forget], minlength=5).tolist() == [0, 11, 0, 10, 0]  # 21 spread over two classes
+    g = torch.Generator().manual_seed(11)
+    assert draw_samples(labels, [1, 3], 7, None, g) == (forget, retain)
+    assert not torch.equal(torch.randperm(50, generator=g), torch.randperm(50, generator=torch.Generator().manual_seed(11)))
+    for classes, per_class, n_forget, match in (([], 7, None, "no class"), ([9], 7, None, "do not occur"),
+                                                ([1], 0, None, "retain_per_class"), ([1], 7, 0, "forget_samples"),
+                                                ([0, 1, 2, 3, 4], 7, None, "nothing to retain")):
+        with pytest.raises(ValueError, match=match):
+            draw_samples(labels, classes, per_class, n_forget, 0)

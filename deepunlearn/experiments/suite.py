@@ -27,7 +27,7 @@ from torch.utils.data import Subset
 
 from .. import ops, search_alphas, unlearn
 from . import CACHE_DIR, SUITE_PER_CLASS
-from ..sampling import class_balanced_indices, dataset_labels
+from ..sampling import dataset_labels, draw_samples
 from .baselines import BASELINES
 from .fashion_mnist import fashion_mnist
 from ..evaluation import evaluate_forgetting, exact_rss_peaks, measure
@@ -112,12 +112,11 @@ def run(args: argparse.Namespace) -> dict:
         original, _ = cached_model(arch, train, args.epochs[arch], args.seed, args.cache_dir, "original")
         print(f"[{arch}] original model ready", flush=True)
         for c in args.classes:
-            keep = [k for k in range(10) if k != c]
             retain_all = [i for i, y in enumerate(labels.tolist()) if y != c]
             forget_all = [i for i, y in enumerate(labels.tolist()) if y == c]
             gc = torch.Generator().manual_seed(args.seed + c)
-            retain_sample = Subset(train, class_balanced_indices(labels, keep, SUITE_PER_CLASS * len(keep), gc))
-            forget_sample = Subset(train, class_balanced_indices(labels, [c], SUITE_PER_CLASS * len(keep), gc))
+            forget_idx, retain_idx = draw_samples(labels, c, SUITE_PER_CLASS, None, gc)  # gc draws on below
+            retain_sample, forget_sample = Subset(train, retain_idx), Subset(train, forget_idx)
             retain_budget = Subset(train, sorted(torch.tensor(retain_all)[torch.randperm(len(retain_all), generator=gc)[: args.retain_budget]].tolist()))
             forget_set = Subset(train, forget_all)
             forget_test = Subset(test, torch.nonzero(test_labels == c).flatten().tolist())
