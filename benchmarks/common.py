@@ -162,8 +162,25 @@ def suite_samples(train, labels: torch.Tensor, classes: Sequence[int], seed: int
     return Subset(train, forget), Subset(train, retain)
 
 
+# Models from timm, which this project did not design or tune the automatic choice on: "timm-<key>" in --archs.
+# Each is made for Fashion-MNIST's 1×28×28 images and trained as the suite trains its own.
+TIMM_MODELS = {
+    "resnet10t": {"model_name": "resnet10t"},  # BatchNorm, a three-convolution stem, 1×1 after its last stage
+    # timm's ViT-Ti blocks (192 wide, three heads), six of them on 16 patches of 7×7 and a class token (twelve blocks
+    # on 49 patches would train for two hours on two cores)
+    "vit_tiny": {"model_name": "vit_tiny_patch16_224", "img_size": 28, "patch_size": 7, "depth": 6},
+}
+
+
 def suite_model(arch: str, train, seed: int, cache_dir: Path):
-    """The suite's original model of ``arch`` (trained once, then loaded from ``cache_dir``)."""
+    """The suite's original model of ``arch`` (trained once, then loaded from ``cache_dir``); "timm-<key>"
+    names a model of :data:`TIMM_MODELS`, trained on ``train`` the same way."""
     from deepunlearn.experiments.suite import cached_model
 
-    return cached_model(arch, train, SUITE_EPOCHS, seed, cache_dir, "original")[0]
+    build = None
+    if arch.startswith("timm-"):
+        import timm
+
+        options = TIMM_MODELS[arch[len("timm-"):]]
+        build = lambda: timm.create_model(**options, in_chans=1, num_classes=10)  # noqa: E731
+    return cached_model(arch, train, SUITE_EPOCHS, seed, cache_dir, "original", build)[0]

@@ -281,6 +281,24 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
         assert "Where choosing's time went" in out.with_suffix(".md").read_text()
 
 
+def test_timm_models_are_named_in_archs_and_trained_or_loaded_as_the_suites(tmp_path):
+    """"timm-<key>" builds the timm model for Fashion-MNIST's images (1 channel, 10 classes) and
+    loads it from the suite's cache under that name (a checkpoint placed there: nothing trains)."""
+    pytest.importorskip("timm")
+    import timm
+    from torch.utils.data import TensorDataset
+
+    from common import SUITE_EPOCHS, TIMM_MODELS, suite_model
+
+    for key, options in TIMM_MODELS.items():
+        torch.manual_seed(0)
+        built = timm.create_model(**options, in_chans=1, num_classes=10)
+        torch.save({"state": built.state_dict(), "seconds": 1.0}, tmp_path / f"suite_timm-{key}_original_e{SUITE_EPOCHS}_s0.pt")
+        model = suite_model(f"timm-{key}", TensorDataset(torch.zeros(1, 1, 28, 28), torch.zeros(1)), 0, tmp_path)
+        assert not model.training and model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), built.state_dict().values()))
+
+
 @pytest.mark.slow
 def test_pooling_benchmark_smoke(tmp_path):
     import bench_pooling

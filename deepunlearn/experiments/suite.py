@@ -12,6 +12,7 @@ features?), wall time and peak memory. Writes ``results.json``, ``results.md`` a
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from functools import partial
 import json
 import math
@@ -77,10 +78,12 @@ def _pure(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def cached_model(arch: str, train, epochs: int, seed: int, cache: Path, tag: str) -> tuple[nn.Module, float]:
-    """Train ``arch`` on ``train`` (or load it), returning the model and the training seconds."""
+def cached_model(arch: str, train, epochs: int, seed: int, cache: Path, tag: str,
+                 build: Callable[[], nn.Module] | None = None) -> tuple[nn.Module, float]:
+    """Train ``arch`` on ``train`` (or load it), returning the model and the training seconds.
+    ``build``: makes the untrained model (default: the suite's architecture named ``arch``)."""
     path = cache / f"suite_{arch}_{tag}_e{epochs}_s{seed}.pt"
-    model = ARCHITECTURES[arch]()
+    model = (ARCHITECTURES[arch] if build is None else build)()
     if path.exists():
         blob = torch.load(path, weights_only=True)
         model.load_state_dict(blob["state"])
