@@ -13,7 +13,7 @@ samples, spread over the forgotten classes), given two ways:
 * ``unlabelled``: plain image tensors, scored by agreement with the unedited model.
 
 ``timm-<key>`` names a timm model of ``common.TIMM_MODELS`` instead (one the choice was not developed
-on), trained on the suite's split as the suite trains its own (about 15 minutes each on two cores).
+on), trained on the suite's split as the suite trains its own (5 to 6 minutes each on two cores).
 
 Reported per case: the chosen pair, its held-out accuracies, the test split's retain accuracy (drop
 from the original) and forget accuracy, the seconds spent choosing, and the ratio of choosing time

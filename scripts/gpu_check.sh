@@ -24,7 +24,7 @@
 # its sweeps 53 s, memcheck and racecheck 5 s each, ImageNet shapes 108-113 s; the whole suite
 # (stage tests) needs .devcarry for its data and about 60 s with -n 12). The kernel benchmark prints
 # each row to the log as it goes and writes its rows before the sweep, so a stage cut off by its
-# limit still leaves its measured rows. Stage auto-alpha took 117 s on an H100 (2026-11-27, with
+# limit still leaves its measured rows. Stage auto-alpha takes about 120 s on an H100 (with
 # --alpha-f-only; --parts adds one automatic call per case).
 set -uo pipefail
 cd "$(dirname "$0")/.."
