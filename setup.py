@@ -37,26 +37,31 @@ def find_cuda_home() -> str | None:
 
 
 def cuda_library_flags(cuda_home: str) -> tuple[list[str], list[str]]:
-    """Include dirs and link flags for cuBLAS.
+    """Include dirs and link flags for cuBLAS and cuSOLVER.
 
     A full toolkit has them under CUDA_HOME; a minimal one (compiler and runtime only) relies on
     the headers and libraries of the nvidia-* wheels that a CUDA build of torch installs.
     """
-    if (Path(cuda_home) / "include" / "cublas_v2.h").exists():
-        return [], ["-lcublas"]
+    wanted = {"cublas": "cublas_v2.h", "cusolver": "cusolverDn.h"}
+    if all((Path(cuda_home) / "include" / header).exists() for header in wanted.values()):
+        return [], [f"-l{name}" for name in wanted]
     try:
         import nvidia  # namespace package of the nvidia-* wheels
 
         roots = [Path(p) for p in nvidia.__path__]
     except ImportError:
         roots = []
-    for root in roots:
-        for inc in sorted(root.glob("*/include/cublas_v2.h")):
-            libs = sorted(inc.parent.parent.glob("lib/libcublas.so*"))
-            if libs:
-                lib = libs[0]
-                return [str(inc.parent)], [f"-L{lib.parent}", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
-    sys.exit(f"deepunlearn: no cuBLAS headers under {cuda_home} nor in the nvidia wheels; set DEEPUNLEARN_CUDA=0 to skip CUDA")
+    include_dirs, link = [], []
+    for name, header in wanted.items():
+        found = [(inc, libs[0]) for root in roots for inc in sorted(root.glob(f"*/include/{header}"))
+                 if (libs := sorted(inc.parent.parent.glob(f"lib/lib{name}.so*")))]
+        if not found:
+            sys.exit(f"deepunlearn: no {name} headers under {cuda_home} nor in the nvidia wheels; "
+                     "set DEEPUNLEARN_CUDA=0 to skip CUDA")
+        inc, lib = found[0]
+        include_dirs += [str(inc.parent)] if str(inc.parent) not in include_dirs else []
+        link += [f"-L{lib.parent}", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
+    return include_dirs, link
 
 
 def extensions():

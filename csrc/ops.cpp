@@ -85,6 +85,26 @@ void check_edit_args(const at::Tensor& w, const at::Tensor& m_r, const at::Tenso
   TORCH_CHECK(w.device() == m_r.device() && w.device() == m_f.device(), "projected_edit: tensors on different devices");
 }
 
+void check_eigh_args(const at::Tensor& a) {
+  TORCH_CHECK(a.dim() == 3 && a.size(1) == a.size(2), "symmetric_eigh: a must be a stack (b, d, d) of square matrices, got ",
+              a.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+              "symmetric_eigh: a must be float32 or float64, got ", a.scalar_type());
+}
+
+void check_eigh_results(const at::Tensor& values, const at::Tensor& info) {
+  // one transfer for both: a row of the solver's flags (zeros where it has none) and one of finiteness
+  const at::Tensor flags = info.defined() ? info.to(at::kInt) : at::zeros({values.size(0)}, values.options().dtype(at::kInt));
+  const at::Tensor host = at::stack({flags, values.isfinite().all(1).to(at::kInt)}).cpu();
+  const int* solver = host.data_ptr<int>();
+  const int* finite = solver + values.size(0);
+  for (int64_t k = 0; k < values.size(0); ++k) {
+    TORCH_CHECK(solver[k] >= 0, "symmetric_eigh: the solver rejected its argument ", -solver[k], " (matrix ", k, ")");
+    TORCH_CHECK(solver[k] == 0 && finite[k], "symmetric_eigh: matrix ", k, " of ", values.size(0),
+                " gave no finite spectrum (solver flag ", solver[k], "); are its entries finite?");
+  }
+}
+
 at::Tensor projected_edit_impl(const at::Tensor& w, const at::Tensor& m_r, const at::Tensor& m_f) {
   check_edit_args(w, m_r, m_f);
   // T = W − W M_r in one GEMM (beta = 1, alpha = −1), then W − T M_f in a second: one intermediate.
@@ -109,6 +129,10 @@ TORCH_LIBRARY(deepunlearn, m) {
         "str form=\"auto\") -> str");
   // W − (W (I − M_r)) M_f per group; w (g, o, d), m_r and m_f (g, d, d).
   m.def("projected_edit(Tensor w, Tensor m_r, Tensor m_f) -> Tensor");
+  // Eigenvalues (b, d), ascending, and eigenvectors (b, d, d), as columns, of a stack a (b, d, d)
+  // of symmetric float32/float64 matrices (its lower triangles read), as torch.linalg.eigh gives
+  // them; on CUDA in one batched cuSOLVER call where torch.linalg.eigh loops past 32 wide.
+  m.def("symmetric_eigh(Tensor a) -> (Tensor eigenvalues, Tensor eigenvectors)");
 }
 
 }  // namespace deepunlearn

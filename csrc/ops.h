@@ -31,6 +31,12 @@ void check_conv_cov_args(const at::Tensor& cov, const at::Tensor& x, const ConvG
 // w: (g, o, d); m_r, m_f: (g, d, d); same dtype and device.
 void check_edit_args(const at::Tensor& w, const at::Tensor& m_r, const at::Tensor& m_f);
 
+// a: (b, d, d), float32 or float64.
+void check_eigh_args(const at::Tensor& a);
+// Every matrix's eigenvalues values (b, d) finite and its solver flag info (b,) zero (info undefined:
+// no flags); waits for the device. An error names the first matrix that failed.
+void check_eigh_results(const at::Tensor& values, const at::Tensor& info);
+
 // W − (W − W M_r) M_f with two batched GEMMs and one intermediate (device-generic ATen).
 at::Tensor projected_edit_impl(const at::Tensor& w, const at::Tensor& m_r, const at::Tensor& m_f);
 

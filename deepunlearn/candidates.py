@@ -3,8 +3,8 @@
 Two ways give the same weights (docs/auto_alpha.md, "What it does", step 2):
 
 * :class:`SpectralCandidates`: each input's second moment decomposed once per side and fold
-  (``C = U diag(e) Uᵀ``); a candidate then only rescales the energies. On the CPU the
-  decompositions of the suite's models cost a few hundredths of a second.
+  (``C = U diag(e) Uᵀ``; those of one width in one call); a candidate then only rescales the
+  energies. On the CPU the decompositions of the suite's models cost a few hundredths of a second.
 * :class:`FactoredCandidates`: each candidate solved as the fixed call solves, by one Cholesky
   factor per input, side and scale (batched by width, kept inverted on a GPU). cuSOLVER's symmetric
   eigensolver runs as thousands of small launches (ViT-B/16 on an H200: about 2.5 s of a 6.3 s
@@ -121,17 +121,29 @@ class Candidates:
         return self.w[i].reshape(shape).to(dtype), None if self.means[i] is None else self.biases[i]
 
 
-def _eigenpairs(cov: Moment, vectors_seen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U, r)`` of a second moment: from its vectors where they were kept and are few enough
-    (:data:`KEPT_EIGEN_MAX_FRACTION`), by the sketch where it saw fewer vectors than half its width,
-    else by a full eigendecomposition (of ``RᵀR`` formed from kept vectors)."""
-    d = cov.shape[-1]
-    if isinstance(cov, SampleRows) and cov.vectors < KEPT_EIGEN_MAX_FRACTION * d:
-        return sample_eigenpairs(cov.rows)
-    if vectors_seen + OVERSAMPLE < d // 2:
-        return sketched_eigenpairs(dense(cov), vectors_seen)
-    s = Spectrum.of(dense(cov))
-    return s.vectors, s.energies
+def _eigenpairs(sides: Sequence[Sequence[tuple[Moment | None, int]]]) -> list[list[tuple[torch.Tensor, torch.Tensor] | None]]:
+    """``(U, r)`` of every second moment of every side (a side: ``(moment, vectors seen)`` per
+    input; None for a moment the side never reached): from its vectors where they were kept and
+    are few enough (:data:`KEPT_EIGEN_MAX_FRACTION`), by the sketch where it saw fewer vectors than
+    half its width, else by a full eigendecomposition (of ``RᵀR`` formed from kept vectors), all
+    sides' of one width in one call (:meth:`Spectrum.of_many`)."""
+    out: list[list] = [[None] * len(side) for side in sides]
+    full: list[tuple[int, int]] = []
+    for s, side in enumerate(sides):
+        for i, (cov, n) in enumerate(side):
+            if cov is None:
+                continue
+            d = cov.shape[-1]
+            if isinstance(cov, SampleRows) and cov.vectors < KEPT_EIGEN_MAX_FRACTION * d:
+                out[s][i] = sample_eigenpairs(cov.rows)
+            elif n + OVERSAMPLE < d // 2:
+                out[s][i] = sketched_eigenpairs(dense(cov), n)
+            else:
+                full.append((s, i))
+    spectra = Spectrum.of_many([dense(sides[s][i][0]) for s, i in full])
+    for (s, i), spectrum in zip(full, spectra):
+        out[s][i] = spectrum.vectors, spectrum.energies
+    return out
 
 
 class _ScaledEnergies:
@@ -177,8 +189,8 @@ class _Stack:
 
 
 class SpectralCandidates(Candidates):
-    """Candidates from one decomposition per input and side (per fold on the forget side, made on
-    first use).
+    """Candidates from one decomposition per input and side (the retain side and every forget fold,
+    all made at once).
 
     With ``C = U diag(e) Uᵀ`` per side, ``W M = ((W U) diag(λ(α))) Uᵀ``: a candidate costs two thin
     products per side and layer; ``W U_r`` is kept per layer and ``V = W − W M_r`` per ``alpha_r``
@@ -190,10 +202,11 @@ class SpectralCandidates(Candidates):
                  other_folds: Sequence[Callable[[], dict]] = (), head: EditTarget | None = None,
                  means_r: dict | None = None):
         super().__init__(targets, moments_f, moments_r, other_folds, head, means_r)
-        self.retain = self._pairs(moments_r)
-        self._forget: list[list | Callable[[], dict]] = [self._pairs(moments_f), *other_folds]
+        # every side at once, so that equal widths share a call: a fold not scored yet is rare
+        # (every fold scores the choice), and on a GPU the calls, not the work, cost
+        self.retain, *self._forget = self._pairs([moments_r, moments_f, *(fold() for fold in other_folds)])
         self._scaled_r = _ScaledEnergies(self.retain)
-        self._scaled_f: dict[int, _ScaledEnergies] = {}  # per fold, made with its pairs
+        self._scaled_f = [_ScaledEnergies(pairs) for pairs in self._forget]
         self.wu_r = [None if r is None else w @ r[0] for w, r in zip(self.w, self.retain)]
         self._v: tuple[float, list[torch.Tensor]] | None = None
         self._vu: dict[tuple[int, int], torch.Tensor] = {}  # (fold, target) -> V U_f, for the last alpha_r
@@ -201,25 +214,17 @@ class SpectralCandidates(Candidates):
         self._stacks: dict[int, list[_Stack]] = {}  # per fold: the small targets edited together
         self._stacked_vu: dict[tuple[int, int], torch.Tensor] = {}  # (fold, stack) -> V U_f stacked, for the last alpha_r
 
-    def _pairs(self, moments: dict) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Each target's ``(U, e)`` (None where the side never reached it); inputs shared by several
-        targets are decomposed once."""
-        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        out = []
+    def _pairs(self, sides: Sequence[dict]) -> list[list[tuple[torch.Tensor, torch.Tensor] | None]]:
+        """Per side, each target's ``(U, e)`` (None where the side never reached it); inputs shared
+        by several targets are decomposed once."""
         with part("decompose"):
-            for t in self.targets:
-                cov, n = moments[t.slots]
-                if cov is not None and id(cov) not in done:
-                    done[id(cov)] = _eigenpairs(cov, n)
-                out.append(None if cov is None else done[id(cov)])
-        return out
-
-    def _forget_pairs(self, fold: int) -> list:
-        if callable(self._forget[fold]):
-            self._forget[fold] = self._pairs(self._forget[fold]())
-        if fold not in self._scaled_f:
-            self._scaled_f[fold] = _ScaledEnergies(self._forget[fold])
-        return self._forget[fold]
+            firsts = []  # per side: each distinct input's first target
+            for moments in sides:
+                seen: dict[int, int] = {}
+                firsts.append([seen.setdefault(id(moments[t.slots][0]), i) for i, t in enumerate(self.targets)])
+            pairs = _eigenpairs([[moments[t.slots] if f[i] == i else (None, 0) for i, t in enumerate(self.targets)]
+                                 for moments, f in zip(sides, firsts)])
+            return [[p[f[i]] for i in range(len(self.targets))] for p, f in zip(pairs, firsts)]
 
     def _retain_side(self, alpha_r: float) -> list[torch.Tensor]:
         """``V = W − W M_r`` per target, kept for the last ``alpha_r``."""
@@ -234,7 +239,7 @@ class SpectralCandidates(Candidates):
         """The fold's stacks: targets of at most :data:`STACKED_MAX_ELEMENTS` weight elements per group,
         two or more of one shape (weight, eigenvectors, whether the bias keeps the retain mean)."""
         if fold not in self._stacks:
-            pairs = self._forget_pairs(fold)
+            pairs = self._forget[fold]
             by_shape: dict[tuple, list[int]] = {}
             for i, (w, f) in enumerate(zip(self.w, pairs)):
                 if f is not None and w.shape[-2] * w.shape[-1] <= STACKED_MAX_ELEMENTS:
@@ -273,7 +278,7 @@ class SpectralCandidates(Candidates):
                 for i, edit in enumerate(out)]
 
     def edit(self, i: int, alpha_r: float, alpha_f: float, fold: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        v, f = self._retain_side(alpha_r)[i], self._forget_pairs(fold)[i]
+        v, f = self._retain_side(alpha_r)[i], self._forget[fold][i]
         if f is None:
             return self._unedited(i)
         if (fold, i) not in self._vu:  # the scan and bisection try several alpha_f per alpha_r

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .ops.eigh import symmetric_eigh
+
 SOLVERS = ("cholesky", "eigh", "svd")
+# Most bytes of normalised second moments decomposed in one call by Spectrum.of_many: bounds the
+# stack's copy (and the eigenvectors it yields) for wide inputs, while the suite's models' five sides
+# of every width (at most 576 wide, 1.3 MiB a matrix) go in one call.
+EIGH_STACK_BYTES = 256 << 20
 
 
 def check_alpha(alpha: float, name: str = "alpha") -> float:
@@ -84,12 +90,37 @@ class Spectrum:
 
     @classmethod
     def of(cls, cov: torch.Tensor, method: str = "eigh") -> "Spectrum":
-        c_hat = symmetric_normalised(cov)
-        if method == "svd":
-            u, s, _ = torch.linalg.svd(c_hat)
-        else:
-            s, u = torch.linalg.eigh(c_hat)
+        if method != "svd":
+            return cls.of_many([cov])[0]
+        u, s, _ = torch.linalg.svd(symmetric_normalised(cov))
         return cls(u, s.clamp(0.0, 1.0))
+
+    @classmethod
+    def of_many(cls, covs: list[torch.Tensor]) -> list["Spectrum"]:
+        """One :class:`Spectrum` per second moment ``(g, d, d)`` of ``covs``, those of one width, dtype
+        and device decomposed together (:func:`~deepunlearn.ops.eigh.symmetric_eigh`: on a GPU one
+        batched call instead of one per matrix), at most :data:`EIGH_STACK_BYTES` a call."""
+        out: list[Spectrum | None] = [None] * len(covs)
+        kinds: dict[tuple, list[int]] = {}
+        for i, c in enumerate(covs):
+            kinds.setdefault((c.shape[-1], c.dtype, c.device), []).append(i)
+        for (d, dtype, _), members in kinds.items():
+            per_matrix = d * d * torch.empty((), dtype=dtype).element_size()
+            start = 0
+            while start < len(members):
+                taken, matrices = [], 0
+                for i in members[start:]:  # at least one moment a call, however large
+                    if taken and (matrices + covs[i].shape[0]) * per_matrix > EIGH_STACK_BYTES:
+                        break
+                    taken.append(i)
+                    matrices += covs[i].shape[0]
+                start += len(taken)
+                stack = torch.cat([symmetric_normalised(covs[i]) for i in taken])
+                energies, vectors = symmetric_eigh(stack)
+                groups = [covs[i].shape[0] for i in taken]
+                for i, e, u in zip(taken, energies.clamp(0.0, 1.0).split(groups), vectors.split(groups)):
+                    out[i] = cls(u, e)
+        return out
 
     def projection(self, alpha: float) -> torch.Tensor:
         """``M(C, α)`` as ``(g, d, d)``."""

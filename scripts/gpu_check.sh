@@ -3,7 +3,7 @@
 # build the extension in place against that torch, run the CUDA tests and the whole suite, then
 # the GPU benchmarks. Everything is logged to OUT/log.txt; benchmark results land in OUT.
 #
-#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [sanitize] [tests] [kernels] [profile] [factor] [unlearn-profile] [choice-profile] [imagenet] [auto-alpha]
+#   bash scripts/gpu_check.sh OUT [build] [cuda-tests] [sanitize] [tests] [kernels] [profile] [factor] [unlearn-profile] [choice-profile] [imagenet] [auto-alpha] [eigh]
 #
 # A folder .devcarry/ (ignored by git), when present, supplies what the machine lacks: wheels
 # (foolbox, for the CLI test's photographs), fashion-mnist/ (the Debian package's IDX files) and cache/
@@ -12,7 +12,7 @@
 #   mkdir -p .devcarry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .devcarry/fashion-mnist/
 #   pip download --no-deps --only-binary=:all: foolbox==3.3.4 -d .devcarry   (and /.devcarry/ in .git/info/exclude)
 # Each stage runs under its own time limit (seconds: T_BUILD, T_CUDA_TESTS, T_MEMCHECK, T_RACECHECK, T_TESTS, T_KERNELS,
-# T_PROFILE, T_FACTOR, T_UNLEARN_PROFILE, T_CHOICE_PROFILE, T_IMAGENET, T_AUTO_ALPHA), so one slow stage cannot take the others' results with it. IMAGENET_ARGS goes to
+# T_PROFILE, T_FACTOR, T_UNLEARN_PROFILE, T_CHOICE_PROFILE, T_IMAGENET, T_AUTO_ALPHA, T_EIGH), so one slow stage cannot take the others' results with it. IMAGENET_ARGS goes to
 # bench_imagenet.py (e.g. "--archs vit_b_16 resnet50 vgg11_bn --paper-images 500").
 #
 # On the lent device machine (15 minutes of device time per session, a machine start included; a
@@ -72,7 +72,7 @@ for s in $stages; do
       stage info 60 $PY -c "import deepunlearn, json; print(json.dumps(deepunlearn.extension_info()))" || exit 1
       ldd deepunlearn/_C*.so | grep -E "stdc|gcc_s|gomp" >>"$log" 2>&1 ;;
     sanitize)
-      # memcheck over every CUDA path of the three ops (cuBLAS / cuDNN kernels included), then
+      # memcheck over every CUDA path of the ops (cuBLAS / cuDNN kernels included), then
       # racecheck on the one kernel with shared memory; logs land in OUT, zero errors expected.
       stage memcheck "${T_MEMCHECK:-150}" compute-sanitizer --tool memcheck --error-exitcode 1 \
         --log-file "$out/sanitizer_memcheck.log" $PY scripts/sanitize_ops.py
@@ -83,6 +83,8 @@ for s in $stages; do
     kernels) stage kernels "${T_KERNELS:-240}" $PY benchmarks/bench_kernels.py --device cuda --out "$out" ;;
     profile) stage profile "${T_PROFILE:-150}" $PY benchmarks/profile_kernels.py --device cuda --out "$out" ;;
     factor) stage factor "${T_FACTOR:-90}" $PY benchmarks/bench_factor.py --out "$out/factor_cuda" ;;
+    eigh) stage eigh "${T_EIGH:-90}" $PY benchmarks/bench_eigh.py --device cuda --shapes 128x5 144x5 288x5 576x5 64x60 \
+      1152x10 768x10 2304x5 --out "$out/eigh_cuda" ;;
     unlearn-profile) stage unlearn-profile "${T_UNLEARN_PROFILE:-200}" $PY benchmarks/profile_unlearn.py --choose \
       --out "$out/profile_unlearn_cuda" ${PROFILE_ARGS:-} ;;
     choice-profile) stage choice-profile "${T_CHOICE_PROFILE:-240}" $PY benchmarks/profile_unlearn.py --archs vit_b_16 \

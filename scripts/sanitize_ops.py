@@ -1,11 +1,12 @@
-"""Drive every CUDA code path of the three ops once, on small shapes, for compute-sanitizer.
+"""Drive every CUDA code path of the ops once, on small shapes, for compute-sanitizer.
 
 Run as ``compute-sanitizer --tool memcheck python3 scripts/sanitize_ops.py`` (and racecheck). Each
 call is also checked against a float64 CPU reference, so a run that the sanitizer passes but that
 computes wrong numbers still fails (exit 1). Shapes are small because the sanitizer slows every
 kernel by orders of magnitude; they are chosen so that each path is taken: one tile and several
 (d not a multiple of the tile), split-K, batched groups, the gather with stride / padding /
-dilation / groups and 1-d input, the shifted, residue and weight-gradient forms, and the edit.
+dilation / groups and 1-d input, the shifted, residue and weight-gradient forms, the edit, and the
+batched eigensolver.
 """
 from __future__ import annotations
 
@@ -115,6 +116,20 @@ def edit_cases(ops) -> None:
         check(f"edit g={groups} out={out} d={d} {dtype}", got, want, tol)
 
 
+def eigh_cases(ops) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for b, d, dtype in [(1, 9, torch.float32), (5, 40, torch.float64), (3, 130, torch.float32)]:
+        q = torch.linalg.qr(torch.randn(b, d, d, generator=gen, dtype=torch.float64))[0]
+        e = torch.linspace(0.5, 3.0, d, dtype=torch.float64).expand(b, d)
+        a = (q * e[:, None, :]) @ q.transpose(-1, -2)
+        values, vectors = ops.symmetric_eigh(a.to(dtype).to(DEVICE))
+        sync()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        check(f"eigh values b={b} d={d} {dtype}", values, e, tol)
+        u = vectors.double().cpu()
+        check(f"eigh vectors b={b} d={d} {dtype}", (u * values.double().cpu()[:, None, :]) @ u.transpose(-1, -2), a, tol)
+
+
 def main(argv: list[str]) -> int:
     global DEVICE
     DEVICE = torch.device(argv[0] if argv else "cuda")  # "cpu" checks this script where there is no GPU
@@ -127,6 +142,7 @@ def main(argv: list[str]) -> int:
     linear_cases(ops)
     conv_cases(ops)
     edit_cases(ops)
+    eigh_cases(ops)
     print(f"{len(failures)} failed" if failures else "all passed", flush=True)
     return 1 if failures else 0
 

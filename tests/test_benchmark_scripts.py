@@ -106,6 +106,18 @@ def test_factor_benchmark_smoke(tmp_path):
     assert "| 40 | 3 | 20 | inverse/16 |" in out.with_suffix(".md").read_text()
 
 
+def test_eigh_benchmark_smoke(tmp_path):
+    import bench_eigh
+
+    out = tmp_path / "eigh_cpu"
+    assert bench_eigh.main(["--device", "cpu", "--shapes", "30x4", "7x2", "--repeat", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["d"], r["way"]) for r in rows] == [(d, w) for d in (30, 7) for w in ("per matrix", "torch stack", "op")]
+    assert all(r["seconds"] > 0 and 0 < r["rel_err"] < 1e-5 for r in rows)
+    assert all(r["per_matrix_over_way"] == 1.0 for r in rows if r["way"] == "per matrix")
+    assert "| 30 | 4 | op |" in out.with_suffix(".md").read_text()
+
+
 @pytest.mark.slow
 def test_solver_benchmark_smoke(tmp_path):
     import bench_solver

@@ -47,7 +47,7 @@ def test_extension_is_built_and_loaded():
     info = deepunlearn.extension_info()
     assert info["extension_loaded"], info
     assert info["built_with_torch"].split("+")[0] == torch.__version__.split("+")[0]
-    for op in ("linear_cov_accumulate_", "conv_cov_accumulate_", "projected_edit"):
+    for op in ("linear_cov_accumulate_", "conv_cov_accumulate_", "projected_edit", "symmetric_eigh"):
         assert extension.has_op(op, torch.device("cpu")), op
 
 
@@ -55,7 +55,7 @@ def test_extension_is_built_and_loaded():
 def test_cuda_kernels_are_really_in_the_binary():
     info = deepunlearn.extension_info()
     assert info["cuda_kernels"] and info["built_with_cuda"] == torch.version.cuda, info
-    for op in ("linear_cov_accumulate_", "conv_cov_accumulate_", "projected_edit"):
+    for op in ("linear_cov_accumulate_", "conv_cov_accumulate_", "projected_edit", "symmetric_eigh"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"deepunlearn::{op}", "CUDA"), op
     from deepunlearn import _C
 
@@ -89,6 +89,8 @@ def test_opcheck(device):
         ops.projected_edit.default,
         (torch.randn(2, 3, d, device=dev), torch.randn(2, d, d, device=dev), torch.randn(2, d, d, device=dev)),
     )
+    spd = torch.randn(3, d, 2 * d, device=dev)
+    torch.library.opcheck(ops.symmetric_eigh.default, (spd @ spd.transpose(1, 2),))
 
 
 @needs_ext

@@ -6,6 +6,7 @@
 * :mod:`.fakes`: the ops' shape-only kernels, for torch.compile and opcheck.
 * :mod:`.covariance`: ``C += Σ x xᵀ`` of linear rows and conv patches.
 * :mod:`.edit`: the fused weight edit from formed projections.
+* :mod:`.eigh`: eigendecompositions of stacks of symmetric matrices, one call per stack.
 
 Every seam runs the op when it has a kernel for the input's device, else its pure twin.
 """

@@ -20,3 +20,9 @@ def register_fakes() -> None:
     def _(w, m_r, m_f):
         torch._check(w.dim() == 3 and m_r.shape == m_f.shape and m_r.shape[-1] == w.shape[-1])
         return torch.empty_like(w)
+
+    @torch.library.register_fake("deepunlearn::symmetric_eigh")
+    def _(a):
+        torch._check(a.dim() == 3 and a.shape[1] == a.shape[2])
+        # the kernels return the eigenvectors as the transpose of a contiguous stack, as torch.linalg.eigh does
+        return a.new_empty(a.shape[:2]), torch.empty_like(a, memory_format=torch.contiguous_format).transpose(-2, -1)
