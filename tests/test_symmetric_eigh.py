@@ -80,6 +80,14 @@ def test_the_seam_falls_back_to_its_twin():
     assert rel_err(values, e) < 1e-12 and torch.equal(values, torch.linalg.eigh(a)[0])
 
 
+def test_the_seam_keeps_gradients():
+    a, _ = known_spectrum(2, 6)
+    a.requires_grad_(True)
+    values, _ = symmetric_eigh(a)
+    values.sum().backward()  # d(Σλ)/dA = I: the trace
+    assert torch.allclose(a.grad, torch.eye(6, dtype=torch.float64).expand(2, 6, 6))
+
+
 @pytest.mark.parametrize("stack_bytes", [projection.EIGH_STACK_BYTES, 1])
 def test_spectra_of_many_moments_match_one_at_a_time(monkeypatch, stack_bytes):
     # moments of mixed widths, dtypes and group counts; stack_bytes = 1: one moment a call
