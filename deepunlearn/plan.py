@@ -16,14 +16,13 @@ import torch
 
 from .head_refit import HeadRefit
 from .layers import EditTarget
-from .moments import Moment, dense, moment_trace
+from .moments import Moment, moment_trace
 from .ops.edit import edited_weight
 from .report import LayerReport
 from .statistics import Statistics
 from .weight_side import (INVERSE_FACTOR_DEVICES, SOLVE_BATCH_BYTES, SideSolver, edited_weight_sides, factors_by_width,
                           side_solver, side_way)
 
-ProjectionFn = Callable[[torch.Tensor], torch.Tensor]  # (g, d, d) second moment -> (g, d, d) M
 
 
 def mean_keeping_bias(bias: torch.Tensor, w: torch.Tensor, new_weight: torch.Tensor,
@@ -366,8 +365,3 @@ def map_shared(values: dict, fn: Callable) -> dict:
             done[id(v)] = fn(v)
         out[k] = None if v is None else done[id(v)]
     return out
-
-
-def projections(moments: Moments, proj: ProjectionFn) -> dict[tuple[str, ...], torch.Tensor | None]:
-    """``proj`` of every second moment (in the dense form), solved once per distinct tensor."""
-    return map_shared({k: cov for k, (cov, _) in moments.items()}, lambda c: proj(dense(c)))

@@ -14,7 +14,8 @@ from .layers import editable_targets
 from .projection import Spectrum, check_alpha
 from .collect import eval_no_grad, gather_statistics
 from .statistics import Statistics, model_device
-from .plan import apply_plan, layer_moments, map_shared, plan_edits, projections, traces
+from .moments import dense
+from .plan import Moments, apply_plan, layer_moments, map_shared, plan_edits, traces
 
 ALPHA_R_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 ALPHA_F_GRID = (0.25, 0.5, 0.9, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -43,6 +44,16 @@ class AlphaSearch:
 
 def _cache_labelled(data: DataLike, device: torch.device, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x.to(device), y) for x, y in iter_labelled(data, batch_size)]
+
+
+def spectra(sides: Sequence[Moments]) -> list[dict[tuple[str, ...], Spectrum | None]]:
+    """Per side, every slot's :class:`Spectrum` (None where the side never reached it): each
+    distinct second moment decomposed once, those of one width on every side in one call
+    (:meth:`Spectrum.of_many`)."""
+    covs = [{k: cov for k, (cov, _) in moments.items()} for moments in sides]
+    distinct = list({id(c): c for side in covs for c in side.values() if c is not None}.values())
+    by_id = {id(c): s for c, s in zip(distinct, Spectrum.of_many([dense(c) for c in distinct]))}
+    return [{k: None if c is None else by_id[id(c)] for k, c in side.items()} for side in covs]
 
 
 def search_alphas(
@@ -87,8 +98,7 @@ def search_alphas(
     kw = dict(batch_size=batch_size, dtype=dtype, autocast=autocast, progress=progress)
     moments_f = layer_moments(targets, gather_statistics(model, forget, "forget", **kw), device)
     moments_r = layer_moments(targets, gather_statistics(model, retain, "retain", **kw), device)
-    spectra_f = projections(moments_f, Spectrum.of)
-    spectra_r = projections(moments_r, Spectrum.of)
+    spectra_f, spectra_r = spectra([moments_f, moments_r])
     traces_f, traces_r = traces(moments_f), traces(moments_r)
     val = _cache_labelled(validation, device, batch_size)
     if not val:

@@ -50,3 +50,24 @@ def test_search_needs_both_sides_in_validation():
         search_alphas(model, x[:50], x[50:100], only_retain, [0], alpha_r_grid=[10], alpha_f_grid=[3])
     with pytest.raises(ValueError, match="alpha_f"):
         search_alphas(model, x[:50], x[50:100], only_retain, [0], alpha_r_grid=[10], alpha_f_grid=[0])
+
+
+def test_spectra_decompose_each_distinct_moment_once_over_both_sides():
+    from deepunlearn.projection import Spectrum
+    from deepunlearn.search import spectra
+
+    def moment(d, seed):
+        x = torch.randn(20, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return (x.T @ x)[None]
+
+    shared, other, wide = moment(5, 1), moment(5, 2), moment(7, 3)
+    forget = {("a",): (shared, 20), ("b",): (shared, 20), ("c",): (None, 0)}
+    retain = {("a",): (other, 20), ("b",): (wide, 20), ("c",): (shared, 20)}
+    spectra_f, spectra_r = spectra([forget, retain])
+    assert spectra_f[("a",)] is spectra_f[("b",)] is spectra_r[("c",)] and spectra_f[("c",)] is None
+    for side, moments in ((spectra_f, forget), (spectra_r, retain)):
+        for key, (cov, _) in moments.items():
+            if cov is not None:
+                alone = Spectrum.of(cov)
+                assert torch.allclose(side[key].energies, alone.energies, atol=1e-14)
+                assert torch.allclose(side[key].projection(3.0), alone.projection(3.0), atol=1e-12)
