@@ -121,28 +121,23 @@ class Candidates:
         return self.w[i].reshape(shape).to(dtype), None if self.means[i] is None else self.biases[i]
 
 
-def _eigenpairs(sides: Sequence[Sequence[tuple[Moment | None, int]]]) -> list[list[tuple[torch.Tensor, torch.Tensor] | None]]:
-    """``(U, r)`` of every second moment of every side (a side: ``(moment, vectors seen)`` per
-    input; None for a moment the side never reached): from its vectors where they were kept and
-    are few enough (:data:`KEPT_EIGEN_MAX_FRACTION`), by the sketch where it saw fewer vectors than
-    half its width, else by a full eigendecomposition (of ``RᵀR`` formed from kept vectors), all
-    sides' of one width in one call (:meth:`Spectrum.of_many`)."""
-    out: list[list] = [[None] * len(side) for side in sides]
-    full: list[tuple[int, int]] = []
-    for s, side in enumerate(sides):
-        for i, (cov, n) in enumerate(side):
-            if cov is None:
-                continue
-            d = cov.shape[-1]
-            if isinstance(cov, SampleRows) and cov.vectors < KEPT_EIGEN_MAX_FRACTION * d:
-                out[s][i] = sample_eigenpairs(cov.rows)
-            elif n + OVERSAMPLE < d // 2:
-                out[s][i] = sketched_eigenpairs(dense(cov), n)
-            else:
-                full.append((s, i))
-    spectra = Spectrum.of_many([dense(sides[s][i][0]) for s, i in full])
-    for (s, i), spectrum in zip(full, spectra):
-        out[s][i] = spectrum.vectors, spectrum.energies
+def _eigenpairs(moments: Sequence[tuple[Moment, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(U, r)`` of each second moment, given with the vectors it saw: from its vectors where they
+    were kept and are few enough (:data:`KEPT_EIGEN_MAX_FRACTION`), by the sketch where it saw fewer
+    vectors than half its width, else by a full eigendecomposition (of ``RᵀR`` formed from kept
+    vectors), all those of one width in one call (:meth:`Spectrum.of_many`)."""
+    out: list = [None] * len(moments)
+    full: list[int] = []
+    for i, (cov, n) in enumerate(moments):
+        d = cov.shape[-1]
+        if isinstance(cov, SampleRows) and cov.vectors < KEPT_EIGEN_MAX_FRACTION * d:
+            out[i] = sample_eigenpairs(cov.rows)
+        elif n + OVERSAMPLE < d // 2:
+            out[i] = sketched_eigenpairs(dense(cov), n)
+        else:
+            full.append(i)
+    for i, spectrum in zip(full, Spectrum.of_many([dense(moments[i][0]) for i in full])):
+        out[i] = spectrum.vectors, spectrum.energies
     return out
 
 
@@ -218,13 +213,10 @@ class SpectralCandidates(Candidates):
         """Per side, each target's ``(U, e)`` (None where the side never reached it); inputs shared
         by several targets are decomposed once."""
         with part("decompose"):
-            firsts = []  # per side: each distinct input's first target
-            for moments in sides:
-                seen: dict[int, int] = {}
-                firsts.append([seen.setdefault(id(moments[t.slots][0]), i) for i, t in enumerate(self.targets)])
-            pairs = _eigenpairs([[moments[t.slots] if f[i] == i else (None, 0) for i, t in enumerate(self.targets)]
-                                 for moments, f in zip(sides, firsts)])
-            return [[p[f[i]] for i in range(len(self.targets))] for p, f in zip(pairs, firsts)]
+            entries = [[moments[t.slots] for t in self.targets] for moments in sides]
+            distinct = list({id(cov): (cov, n) for side in entries for cov, n in side if cov is not None}.values())
+            pairs = {id(cov): pair for (cov, _), pair in zip(distinct, _eigenpairs(distinct))}
+            return [[None if cov is None else pairs[id(cov)] for cov, _ in side] for side in entries]
 
     def _retain_side(self, alpha_r: float) -> list[torch.Tensor]:
         """``V = W − W M_r`` per target, kept for the last ``alpha_r``."""
