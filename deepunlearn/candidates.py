@@ -22,9 +22,9 @@ import torch
 from .layers import EditTarget
 from .moments import Moment, SampleRows, dense
 from .profiled import part
-from .projection import Spectrum, scale_energies
+from .projection import Spectrum, scale_weighted
 from .weight_side import (INVERSE_FACTOR_DEVICES, OVERSAMPLE, SOLVE_BATCH_BYTES, SideSolver, factors_by_width,
-                          sample_eigenpairs, side_solver, side_way, sketched_eigenpairs)
+                          sample_basis, side_solver, side_way, sketched_eigenpairs)
 
 # Device types where candidates are solved by factors rather than rescaled from eigendecompositions
 # (module docstring): on a GPU the eigensolver's launches cost more than a factor per candidate...
@@ -42,10 +42,11 @@ SCALES_KEPT = 6
 # is the size of the model's second moments (ViT-B/16: 0.54 GB in float32); a head option's factor
 # counts as one input of a set.
 FACTOR_SETS_KEPT = 2
-# Kept input vectors R (n × d) are decomposed through their thin QR (4·d·n² flops, an n × n eigenproblem) while n is
-# below this fraction of d; past it forming RᵀR and its full eigendecomposition is faster. Measured on the 2-core CPU,
-# the two meet at n ≈ 0.72·d for d = 576 and 768 (SmallCNN's 525 of 576: 19 ms by QR against 12.5 ms).
-KEPT_EIGEN_MAX_FRACTION = 0.7
+# Kept input vectors R (n × d) are decomposed through their n × n Gram matrix (2·d·n² flops for it and as many for
+# the basis, an n × n eigenproblem) while n is below this fraction of d; past it the full d × d eigendecomposition of
+# RᵀR is faster. Measured on the 2-core CPU: 15 against 19 ms at 0.8·576, 20 against 19 at 0.9 (SmallCNN's 525 of
+# 576); 0.72 against 0.80 s at 0.8·2304, 0.94 against 0.80 at 0.9.
+KEPT_GRAM_MAX_FRACTION = 0.8
 # Targets whose weight has at most this many elements per group (out × in) are edited in stacks, the targets of one
 # shape (weight and eigenvectors) together in one batched product: on the suite's ViT (four blocks, no weight over
 # 192 × 128) each separate edit was a few products of microseconds, dispatch rather than arithmetic, a fifth of choosing. The
@@ -121,43 +122,51 @@ class Candidates:
         return self.w[i].reshape(shape).to(dtype), None if self.means[i] is None else self.biases[i]
 
 
-def _eigenpairs(moments: Sequence[tuple[Moment, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(U, r)`` of each second moment, given with the vectors it saw: from its vectors where they
-    were kept and are few enough (:data:`KEPT_EIGEN_MAX_FRACTION`), by the sketch where it saw fewer
-    vectors than half its width, else by a full eigendecomposition (of ``RᵀR`` formed from kept
-    vectors), all those of one width in one call (:meth:`Spectrum.of_many`)."""
+def _eigenpairs(moments: Sequence[tuple[Moment, int]]) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """``(B, r, weighted)`` of each second moment, given with the vectors it saw: ``B`` ``(g, d, k)``
+    and ``r`` ``(g, k)`` with ``Ĉ = C / tr C = B diag(r) Bᵀ`` (eigenpairs), or, where ``weighted``,
+    ``Ĉ = B Bᵀ`` with ``r`` its eigenvalues (:func:`~deepunlearn.weight_side.sample_basis`). Kept vectors
+    that are few enough (:data:`KEPT_GRAM_MAX_FRACTION`) go through their Gram matrix; a sum that saw
+    fewer vectors than half its width through the sketch; the rest by a full eigendecomposition.
+    Every symmetric eigenproblem of one width (Gram matrices and full moments alike) is solved in
+    one call (:meth:`Spectrum.of_many`)."""
     out: list = [None] * len(moments)
-    full: list[int] = []
+    solved: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (index, matrix, kept vectors or None)
     for i, (cov, n) in enumerate(moments):
         d = cov.shape[-1]
-        if isinstance(cov, SampleRows) and cov.vectors < KEPT_EIGEN_MAX_FRACTION * d:
-            out[i] = sample_eigenpairs(cov.rows)
+        if isinstance(cov, SampleRows) and cov.vectors < KEPT_GRAM_MAX_FRACTION * d:
+            solved.append((i, cov.rows @ cov.rows.transpose(-1, -2), cov.rows))
         elif n + OVERSAMPLE < d // 2:
-            out[i] = sketched_eigenpairs(dense(cov), n)
+            out[i] = (*sketched_eigenpairs(dense(cov), n), False)
         else:
-            full.append(i)
-    for i, spectrum in zip(full, Spectrum.of_many([dense(moments[i][0]) for i in full])):
-        out[i] = spectrum.vectors, spectrum.energies
+            solved.append((i, dense(cov), None))
+    for (i, _, rows), spectrum in zip(solved, Spectrum.of_many([matrix for _, matrix, _ in solved])):
+        if rows is None:
+            out[i] = spectrum.vectors, spectrum.energies, False
+        else:
+            out[i] = sample_basis(rows, spectrum.vectors), spectrum.energies, True
     return out
 
 
 class _ScaledEnergies:
-    """Every target's scaled energies ``λ(α)`` on one side (retain, or a forget fold), computed for
-    all targets at once per ``α`` (one elementwise pass instead of one per target)."""
+    """Every target's scales on one side (retain, or a forget fold): ``λ(α)``, or ``λ(α) / r`` for a
+    weighted basis (:func:`_eigenpairs`), computed for all targets at once per ``α`` (one elementwise
+    pass instead of one per target)."""
 
-    def __init__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor] | None]):
-        energies = [None if p is None else p[1] for p in pairs]
-        present = [e for e in energies if e is not None]
-        self._flat = torch.cat([e.reshape(-1) for e in present]) if present else None
-        self._layout = energies
+    def __init__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor, bool] | None]):
+        present = [p for p in pairs if p is not None]
+        self._flat = torch.cat([p[1].reshape(-1) for p in present]) if present else None
+        self._weighted = torch.cat([torch.full((p[1].numel(),), p[2], device=p[1].device)
+                                    for p in present]) if present else None
+        self._layout = [None if p is None else p[1] for p in pairs]
         self._cache: dict[float, list[torch.Tensor | None]] = {}
 
     def __call__(self, alpha: float) -> list[torch.Tensor | None]:
         if alpha not in self._cache:
             if len(self._cache) >= SCALES_KEPT:
                 self._cache.clear()
-            parts = iter(scale_energies(self._flat, alpha).split([e.numel() for e in self._layout if e is not None])
-                         if self._flat is not None else ())
+            parts = iter(scale_weighted(self._flat, alpha, self._weighted).split(
+                [e.numel() for e in self._layout if e is not None]) if self._flat is not None else ())
             self._cache[alpha] = [None if e is None else next(parts).view(e.shape) for e in self._layout]
         return self._cache[alpha]
 
@@ -170,7 +179,7 @@ class _Stack:
         members: the targets' indices.
         groups: each member's number of groups ``g``.
         w: ``(Σg, o, d)`` their original weights, stacked.
-        u: ``(Σg, d, k)`` their forget-side eigenvectors ``U_f``, stacked.
+        u: ``(Σg, d, k)`` their forget-side bases ``U_f`` (eigenvectors, or a weighted basis), stacked.
         u_mean: ``(Σg, k, 1)`` ``U_fᵀ μ_r`` where the members' biases keep the retain mean, else None.
         bias: ``(Σg, o, 1)`` their original biases there, else None.
     """
@@ -187,7 +196,8 @@ class SpectralCandidates(Candidates):
     """Candidates from one decomposition per input and side (the retain side and every forget fold,
     all made at once).
 
-    With ``C = U diag(e) Uᵀ`` per side, ``W M = ((W U) diag(λ(α))) Uᵀ``: a candidate costs two thin
+    With ``C = U diag(e) Uᵀ`` per side, ``W M = ((W U) diag(λ(α))) Uᵀ`` (with a weighted basis from
+    kept vectors, :func:`_eigenpairs`, the same with ``λ(α) / r``): a candidate costs two thin
     products per side and layer; ``W U_r`` is kept per layer and ``V = W − W M_r`` per ``alpha_r``
     (shared by the folds, which differ in the forget side only). :meth:`edits` edits small targets of
     one shape in stacks (:data:`STACKED_MAX_ELEMENTS`). Arguments as :class:`Candidates`.
@@ -209,9 +219,9 @@ class SpectralCandidates(Candidates):
         self._stacks: dict[int, list[_Stack]] = {}  # per fold: the small targets edited together
         self._stacked_vu: dict[tuple[int, int], torch.Tensor] = {}  # (fold, stack) -> V U_f stacked, for the last alpha_r
 
-    def _pairs(self, sides: Sequence[dict]) -> list[list[tuple[torch.Tensor, torch.Tensor] | None]]:
-        """Per side, each target's ``(U, e)`` (None where the side never reached it); inputs shared
-        by several targets are decomposed once."""
+    def _pairs(self, sides: Sequence[dict]) -> list[list[tuple[torch.Tensor, torch.Tensor, bool] | None]]:
+        """Per side, each target's ``(U, r, weighted)`` (:func:`_eigenpairs`; None where the side never
+        reached it); inputs shared by several targets are decomposed once."""
         with part("decompose"):
             entries = [[moments[t.slots] for t in self.targets] for moments in sides]
             distinct = list({id(cov): (cov, n) for side in entries for cov, n in side if cov is not None}.values())

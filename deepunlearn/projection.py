@@ -76,6 +76,13 @@ def scale_energies(r: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * r / ((alpha - 1.0) * r + 1.0)
 
 
+def scale_weighted(r: torch.Tensor, alpha: float, weighted: torch.Tensor | bool = True) -> torch.Tensor:
+    """``λ(α) / r = α / ((α−1) r + 1)`` where ``weighted`` (a basis whose columns are ``√r_i u_i``,
+    :func:`~deepunlearn.weight_side.sample_basis`), else ``λ(α)``; elementwise, ``r`` in [0, 1]."""
+    numerator = alpha * torch.where(torch.as_tensor(weighted, device=r.device), torch.ones_like(r), r)
+    return numerator / ((alpha - 1.0) * r + 1.0)
+
+
 @dataclass
 class Spectrum:
     """Eigen-decomposition of a batch of second moments, reusable for any α.

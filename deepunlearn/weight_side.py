@@ -256,16 +256,16 @@ class SampleSpaceFactor:
         return z.mul_(self.scale[:, None, None]) @ self.rows
 
 
-def sample_eigenpairs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvectors ``(g, d, n)`` and normalised energies ``(g, n)`` of ``C = Rᵀ R`` from its
-    ``(g, n, d)`` vectors: ``Rᵀ = Q S`` (thin QR), ``C = Q (S Sᵀ) Qᵀ``, and the ``n × n``
-    eigenproblem of ``S Sᵀ / t`` (backward stable; about 4·d·n² flops)."""
-    q, s = torch.linalg.qr(rows.transpose(-1, -2))  # (g, d, n), (g, n, n)
-    b = s @ s.transpose(-1, -2)
-    t = b.diagonal(dim1=-2, dim2=-1).sum(-1)
-    b = b / torch.where(t > 0, t, torch.ones_like(t))[:, None, None]
-    e, v = torch.linalg.eigh(0.5 * (b + b.transpose(-1, -2)))
-    return q @ v, e.clamp(0.0, 1.0)
+def sample_basis(rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``B = Rᵀ V / √t`` ``(g, d, n)`` from kept vectors ``R`` ``(g, n, d)`` and the eigenvectors ``V``
+    ``(g, n, n)`` of their normalised Gram matrix ``R Rᵀ / t`` (``t = tr C = ‖R‖²_F``; eigenvalues
+    ``r``, those of ``Ĉ = C / t``). Column ``i`` is ``√r_i u_i`` for ``Ĉ``'s eigenvector ``u_i``, so
+    ``M(C, α) = B diag(α / ((α−1) r + 1)) Bᵀ`` (:func:`~deepunlearn.projection.scale_weighted`): no
+    division by a small eigenvalue, and the rounding of the Gram route is that of the Cholesky way,
+    about ``α·ε`` (docs/solver.md). A zero group gives ``B = 0``."""
+    t = rows.square().sum((-1, -2))
+    scale = torch.where(t > 0, t, torch.ones_like(t)).rsqrt()
+    return (rows.transpose(-1, -2) @ vectors) * scale[:, None, None]
 
 
 def sketched_eigenpairs(cov: torch.Tensor, rank_bound: int) -> tuple[torch.Tensor, torch.Tensor]:

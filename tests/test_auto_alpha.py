@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import deepunlearn
 from conftest import rel_err
 from deepunlearn import plan as planning
-from deepunlearn.candidates import (FACTOR_SETS_KEPT, KEPT_EIGEN_MAX_FRACTION, FactoredCandidates, SpectralCandidates,
+from deepunlearn.candidates import (FACTOR_SETS_KEPT, KEPT_GRAM_MAX_FRACTION, FactoredCandidates, SpectralCandidates,
                                     candidate_edits, factors_pay)
 from deepunlearn.moments import SampleRows
 from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, choose_alphas, preference,
@@ -188,10 +188,10 @@ def test_same_shaped_small_targets_are_edited_in_stacks_as_each_alone():
                 assert rel_err(w, new) < 1e-9 and rel_err(b, new_b) < 1e-9
 
 
-@pytest.mark.parametrize("n_forget", [20, 56])  # below and above KEPT_EIGEN_MAX_FRACTION of the 64-wide input
+@pytest.mark.parametrize("n_forget", [20, 56])  # below and above KEPT_GRAM_MAX_FRACTION of the 64-wide input
 def test_kept_vectors_give_the_fixed_calls_weights_through_either_decomposition(n_forget):
-    """A layer whose forget side kept its vectors (fewer than its width) is decomposed from them by
-    a thin QR while they are few, else from ``RᵀR``: the same candidates as the fixed call either way."""
+    """A layer whose forget side kept its vectors (fewer than its width) is decomposed through their
+    Gram matrix while they are few, else from ``RᵀR``: the same candidates as the fixed call either way."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 3)).double().eval()
     xf, xr = torch.randn(n_forget, 8, dtype=torch.float64) + 1.0, torch.randn(300, 8, dtype=torch.float64)
@@ -200,7 +200,7 @@ def test_kept_vectors_give_the_fixed_calls_weights_through_either_decomposition(
     moments_f = planning.layer_moments(targets, sf, CPU)
     wide = moments_f[targets[1].slots][0]
     assert isinstance(wide, SampleRows) and wide.vectors == n_forget
-    assert (wide.vectors < KEPT_EIGEN_MAX_FRACTION * 64) == (n_forget == 20)
+    assert (wide.vectors < KEPT_GRAM_MAX_FRACTION * 64) == (n_forget == 20)
     cands = SpectralCandidates(targets, moments_f, planning.layer_moments(targets, sr, CPU))
     for a_r, a_f in ((10.0, 1.0), (300.0, 30.0)):
         for w, new in zip(cands.weights(a_r, a_f), fixed_call_weights(targets, sf, sr, a_r, a_f)):

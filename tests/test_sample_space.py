@@ -15,7 +15,8 @@ from deepunlearn import Statistics, collect_statistics
 from deepunlearn import hooks
 from deepunlearn import plan as planning
 from deepunlearn.moments import SampleRows, fold_rows, moment_sum
-from deepunlearn.weight_side import SampleSpaceFactor, ScaledFactor, sample_eigenpairs, side_flops, side_solver
+from deepunlearn.projection import Spectrum, scale_weighted
+from deepunlearn.weight_side import SampleSpaceFactor, ScaledFactor, sample_basis, side_flops, side_solver
 
 
 def spread_rows(g: int, n: int, d: int, dtype=torch.float64) -> torch.Tensor:
@@ -34,14 +35,30 @@ def test_sample_space_factor_matches_float64_reference(alpha, n):
     assert rel_err(got32.double(), want) < 1e-4  # cond B <= α, as for the Cholesky way
 
 
-def test_sample_eigenpairs_give_the_reference_projection():
-    r = spread_rows(2, 9, 30)
-    u, e = sample_eigenpairs(r)
-    assert u.shape == (2, 30, 9) and e.shape == (2, 9)
-    from deepunlearn.projection import scale_energies
+def weighted_basis(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, r)`` of kept vectors ``(g, n, d)``: the normalised Gram matrix's eigenvalues and
+    :func:`sample_basis`, as the automatic choice decomposes them."""
+    spectrum = Spectrum.of_many([rows @ rows.transpose(-1, -2)])[0]
+    return sample_basis(rows, spectrum.vectors), spectrum.energies
 
-    m = (u * scale_energies(e, 10.0)[:, None, :]) @ u.transpose(1, 2)
-    assert rel_err(m, numpy_reference(r.transpose(1, 2) @ r, 10.0)) < 1e-10
+
+def weighted_projection(rows: torch.Tensor, alpha: float) -> torch.Tensor:
+    b, r = weighted_basis(rows)
+    return (b * scale_weighted(r, alpha)[:, None, :]) @ b.transpose(1, 2)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 1.0, 10.0, 1000.0])
+def test_sample_basis_gives_the_reference_projection(alpha):
+    r = spread_rows(2, 9, 30)
+    b, e = weighted_basis(r)
+    assert b.shape == (2, 30, 9) and e.shape == (2, 9)
+    want = numpy_reference(r.transpose(1, 2) @ r, alpha)
+    assert rel_err(weighted_projection(r, alpha), want) < 1e-10
+    assert rel_err(weighted_projection(r.float(), alpha).double(), want) < 1e-4  # about α·ε, as the Cholesky way
+    # the columns carry √r: B Bᵀ is Ĉ itself; unweighted, the scale is λ(α)
+    c_hat = r.transpose(1, 2) @ r / r.square().sum((1, 2))[:, None, None]
+    assert rel_err(b @ b.transpose(1, 2), c_hat) < 1e-10
+    assert torch.equal(scale_weighted(e, alpha, False), alpha * e / ((alpha - 1) * e + 1))
 
 
 def test_zero_group_projects_nothing():
@@ -50,8 +67,8 @@ def test_zero_group_projects_nothing():
     w = torch.randn(2, 3, 12, dtype=torch.float64)
     out = SampleSpaceFactor.of(r, 10.0).right_multiply(w)
     assert torch.isfinite(out).all() and out[1].abs().max() == 0 and out[0].abs().max() > 0
-    u, e = sample_eigenpairs(r)
-    assert torch.isfinite(u).all() and e[1].abs().max() == 0
+    b, e = weighted_basis(r)
+    assert torch.isfinite(b).all() and b[1].abs().max() == 0 and e[1].abs().max() == 0
 
 
 def test_side_solver_uses_the_sample_space_for_kept_vectors():
@@ -186,12 +203,10 @@ def test_a_layer_wider_than_memory_allows_densely_is_solved_from_its_vectors():
     before = model[1].weight.detach().double().clone()
     r = deepunlearn.unlearn(model, xf, xr, alpha_r=100, alpha_f=3)
     assert r.layers[0].d == 200_000
-    # reference in the sample space of all 6 vectors, in float64: M = U diag(λ) Uᵀ on each side
-    from deepunlearn.projection import scale_energies
-
+    # reference in the sample space of all 6 vectors, in float64: M = B diag(λ / r) Bᵀ on each side
     def apply(rows, alpha, w):
-        u, e = sample_eigenpairs(rows[None].double())
-        return ((w @ u[0]) * scale_energies(e[0], alpha)) @ u[0].T
+        b, e = weighted_basis(rows[None].double())
+        return ((w @ b[0]) * scale_weighted(e[0], alpha)) @ b[0].T
 
     v = before - apply(xr.flatten(1), 100.0, before)
     want = before - apply(xf.flatten(1), 3.0, v)
