@@ -188,23 +188,31 @@ def test_same_shaped_small_targets_are_edited_in_stacks_as_each_alone():
                 assert rel_err(w, new) < 1e-9 and rel_err(b, new_b) < 1e-9
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("n_forget", [20, 56])  # below and above KEPT_GRAM_MAX_FRACTION of the 64-wide input
-def test_kept_vectors_give_the_fixed_calls_weights_through_either_decomposition(n_forget):
+def test_kept_vectors_give_the_fixed_calls_weights_through_either_decomposition(n_forget, device):
     """A layer whose forget side kept its vectors (fewer than its width) is decomposed through their
-    Gram matrix while they are few, else from ``RᵀR``: the same candidates as the fixed call either way."""
+    Gram matrix while they are few, else from ``RᵀR``: the same candidates as the fixed call either
+    way (on a GPU, every eigenproblem of a width in one cuSOLVER call, against the CPU's fixed call)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 3)).double().eval()
     xf, xr = torch.randn(n_forget, 8, dtype=torch.float64) + 1.0, torch.randn(300, 8, dtype=torch.float64)
     targets = find_targets(model)[0]
     sf, sr = collect_statistics(model, xf), collect_statistics(model, xr)
-    moments_f = planning.layer_moments(targets, sf, CPU)
+    want = {(a_r, a_f): fixed_call_weights(targets, sf, sr, a_r, a_f) for a_r, a_f in ((10.0, 1.0), (300.0, 30.0))}
+    dev = torch.device(device)
+    model.to(dev)
+    sf, sr = collect_statistics(model, xf.to(dev)), collect_statistics(model, xr.to(dev))
+    moments_f = planning.layer_moments(targets, sf, dev)
     wide = moments_f[targets[1].slots][0]
     assert isinstance(wide, SampleRows) and wide.vectors == n_forget
     assert (wide.vectors < KEPT_GRAM_MAX_FRACTION * 64) == (n_forget == 20)
-    cands = SpectralCandidates(targets, moments_f, planning.layer_moments(targets, sr, CPU))
-    for a_r, a_f in ((10.0, 1.0), (300.0, 30.0)):
-        for w, new in zip(cands.weights(a_r, a_f), fixed_call_weights(targets, sf, sr, a_r, a_f)):
-            assert rel_err(w, new) < 1e-9
+    cands = SpectralCandidates(targets, moments_f, planning.layer_moments(targets, sr, dev))
+    for (a_r, a_f), weights in want.items():
+        for w, new in zip(cands.weights(a_r, a_f), weights):
+            assert w.device.type == device and rel_err(w.cpu(), new) < 1e-9
 
 
 def cross_fitted(model, targets, xf, xr, head=None):
