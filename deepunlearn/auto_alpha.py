@@ -178,9 +178,27 @@ def choose_alphas(
         return [candidates.edit(candidates.head, a_r, a_f, fold) if h is None else head_apart[a_r, h, fold]
                 for h in options]
 
-    def apply(a_r: float, a_f: float, fold: int = 0) -> None:
-        for t, (w, b) in zip(candidates.targets, candidates.edits(a_r, a_f, fold, options[0])):
-            t.write(w, b)
+    last_edited: list = [None, {}]  # the last pair edited, and its edits and head options per fold: a pair's
+    # retain side is mostly scored right after its forget side, from the first fold's edits
+
+    def edits_of(a_r: float, a_f: float, fold: int) -> tuple[list, list | None]:
+        """The pair's edits of every target for ``fold`` and its head options (:func:`head_weights`),
+        made once while it is the last pair edited (the previous pair's are dropped first)."""
+        if last_edited[0] != (a_r, a_f):
+            last_edited[:] = [(a_r, a_f), {}]
+        made = last_edited[1]
+        if fold not in made:
+            with part("edit"):
+                made[fold] = (candidates.edits(a_r, a_f, fold, options[0]), head_weights(a_r, a_f, fold))
+        return made[fold]
+
+    def apply(a_r: float, a_f: float, fold: int = 0) -> list | None:
+        """Writes the pair's edits for ``fold``; returns its head options."""
+        edits, heads = edits_of(a_r, a_f, fold)
+        with part("write"):
+            for t, (w, b) in zip(candidates.targets, edits):
+                t.write(w, b)
+        return heads
 
     def rows_of(a_r: float, a_f: float) -> list[dict[str, float]]:
         """The pair's row per head option in ``table``, made (nothing scored yet) on first use."""
@@ -204,24 +222,20 @@ def choose_alphas(
         None: the pair is pending and cannot win (:func:`cannot_win`, checked once a candidate
         stands), and is scored no further; its rows keep no forget hits."""
         p = progress.setdefault((a_r, a_f), _Progress.start(len(options), len(sizes)))
-        made: dict[int, tuple] = {}  # per fold: its edits and head options, made once and written each round
+        scored_folds = set()
         while p.open(sizes, allowed) and (finish or p.rounds == 0):
             for fold in range(len(sizes)):
                 if p.done(fold) == sizes[fold] or not any(p.passing(allowed)):
                     continue
-                if fold not in made:
-                    with part("edit"):
-                        made[fold] = (candidates.edits(a_r, a_f, fold, options[0]), head_weights(a_r, a_f, fold))
-                with part("write"):
-                    for t, (w, b) in zip(candidates.targets, made[fold][0]):
-                        t.write(w, b)
+                heads = apply(a_r, a_f, fold)
                 scorer.key = (a_r, a_f)  # the head's inputs read here are kept for a re-fit (refitted_head)
                 rows = scorer.next_rows(fold, p.scored_rows(fold), p.chunk)
                 with part("score forget"):
-                    p.add(fold, rows, scorer.rows_recognised(model, fold, rows, made[fold][1]), allowed)
+                    p.add(fold, rows, scorer.rows_recognised(model, fold, rows, heads), allowed)
+                scored_folds.add(fold)
             p.rounds += 1
             p.chunk *= 2  # a candidate that has not missed yet is likely near the target: score in larger batches
-        for fold in made:
+        for fold in scored_folds:
             scorer.recognised_first(fold, torch.cat(p.seen[fold], dim=-1).any(0), p.scored_rows(fold))
         # the rest would cost more than the retain side; options that have missed already cannot win
         p.cut = cut = p.open(sizes, allowed) and cannot_win(a_r, a_f, p.passing(allowed))
@@ -234,9 +248,7 @@ def choose_alphas(
     def retain_of(row: dict[str, float]) -> float:
         if math.isnan(row["retain_acc"]):
             a_r, a_f = row["alpha_r"], row["alpha_f"]
-            with part("edit"):
-                apply(a_r, a_f)
-                heads = head_weights(a_r, a_f, 0)
+            heads = apply(a_r, a_f)
             scorer.key = (a_r, a_f)
             with part("score retain"):
                 scores = scorer.retain_scores(model, heads)
@@ -359,11 +371,11 @@ def choose_alphas(
             for c in reached or table:  # the fallback ranks every candidate by both sides
                 retain_of(c)
                 if not reached and math.isnan(c["forget_acc"]):
-                    apply(c["alpha_r"], c["alpha_f"])
+                    heads = apply(c["alpha_r"], c["alpha_f"])
                     rows = scored_at[c["alpha_r"], c["alpha_f"]]
                     whole = len(scorer.x_f[0])
                     scorer.key = (c["alpha_r"], c["alpha_f"])
-                    hit = scorer.forget_recognised(model, 0, 0, whole, head_weights(c["alpha_r"], c["alpha_f"], 0))
+                    hit = scorer.forget_recognised(model, 0, 0, whole, heads)
                     for row, n_hit in zip(rows, hit.sum(-1).tolist()):
                         row["forget_acc"] = 100.0 * n_hit / whole
     finally:
@@ -381,6 +393,7 @@ def choose_alphas(
                       f"{held_out_bound(target):g} % of the held-out forget samples recognised); "
                       f"chose alpha_r={best['alpha_r']:g}, alpha_f={best['alpha_f']:g}{head} with held-out forget "
                       f"{best['forget_acc']:.2f} %, retain {best['retain_acc']:.2f} %", stacklevel=3)
+    last_edited[:] = [None, {}]  # the correction below edits one fold at a time
     head_shift = head_refit = None
     if shares is not None:  # the head re-fitted where that keeps forgetting, else its bias rebalanced
         chosen = (best["alpha_r"], best["alpha_f"], best["alpha_f_head"] if best["head_apart"] else None)
