@@ -25,6 +25,7 @@ from .auto_alpha import HEAD_ALPHA_F, choice_rank, choose_alphas
 from .candidates import candidate_edits
 from .collect import collect_both_kinds, collect_statistics
 from .layers import EditTarget, SkippedLayer
+from .moments import SampleRows
 from .plan import Moments, layer_means, layer_moments, synchronize
 from .reach import check_head_scale, edited_and_head
 from .report import AlphaChoice
@@ -128,6 +129,7 @@ def choose_and_collect(
                 if mode not in part:  # a class-token model's first position missed: every position's too
                     part |= kinds(x, "statistics, every position", None, mode)
         folds = [p[mode] for p in parts_f]
+        _dense_once(folds)
 
         def forget_fit(k: int, folds: list[Statistics] = folds) -> Moments:
             """The forget moments of every fold but ``k``."""
@@ -157,6 +159,24 @@ def choose_and_collect(
     choice.seconds = t_chosen - t2  # decomposing and scoring
     return Chosen(choice, targets, skipped, head, functools.reduce(operator.add, folds), fit_sr + held_sr,
                   {"collect_forget": t1 - t0, "collect_retain": t2 - t1, "choose_alpha": t_chosen - t2})
+
+
+def _dense_once(parts: Sequence[Statistics]) -> None:
+    """Makes a slot kept as vectors (:class:`~deepunlearn.moments.SampleRows`) dense in place, in every
+    part, where every sum of all the parts but one holds at least the slot's width of vectors: the sums
+    (each fold's forget fit, the final forget side) would otherwise fold the same vectors again for
+    each sum they are in. ResNet-18 at 224 with 40 images a side: its three 2,304-wide inputs of
+    layer3 folded 1,960 vectors 36 times (4 s), now 12 times."""
+    for name, slot in parts[0].slots.items():
+        moments = [p.slots[name].moment for p in parts if name in p.slots]
+        if len(moments) < len(parts) or not any(isinstance(m, SampleRows) for m in moments):
+            continue
+        d = slot.moment.shape[-1]
+        vectors = [m.vectors if isinstance(m, SampleRows) else d for m in moments]
+        if sum(vectors) - max(vectors) >= d:
+            for p in parts:
+                if isinstance(p.slots[name].moment, SampleRows):
+                    p.slots[name].moment = p.slots[name].moment.dense()
 
 
 def _logits(outputs: list) -> torch.Tensor | None:
