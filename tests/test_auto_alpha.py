@@ -215,6 +215,28 @@ def test_kept_vectors_give_the_fixed_calls_weights_through_either_decomposition(
             assert w.device.type == device and rel_err(w.cpu(), new) < 1e-9
 
 
+@pytest.mark.parametrize("per_fold", [15, 30])  # leave-one-out sums of 45 (under the 64-wide input) and of 90
+def test_fold_vectors_are_made_dense_once_where_every_sum_would_fold_them(per_fold):
+    """Each fold's kept vectors of an input become its dense sum where every sum of the other folds
+    would see at least the input's width, and stay vectors where those sums stay below it; either
+    way every sum of folds is the same second moment."""
+    from deepunlearn.automatic import _dense_once
+    from deepunlearn.moments import dense
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 3)).double().eval()
+    folds = [collect_statistics(model, torch.randn(per_fold, 8, dtype=torch.float64), keep_vectors="always")
+             for _ in range(4)]
+    wide = find_targets(model)[0][1].slots[0]  # the 64-wide input
+    assert all(isinstance(f.slots[wide].moment, SampleRows) for f in folds)
+    want = [dense((folds[1] + folds[2] + folds[3]).slots[wide].moment), dense(sum(folds[1:], folds[0]).slots[wide].moment)]
+    _dense_once(folds)
+    assert all(isinstance(f.slots[wide].moment, SampleRows) == (per_fold == 15) for f in folds)
+    got = [dense((folds[1] + folds[2] + folds[3]).slots[wide].moment), dense(sum(folds[1:], folds[0]).slots[wide].moment)]
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-12
+
+
 def cross_fitted(model, targets, xf, xr, head=None):
     """``(folds, candidates)``: the forget samples' folds, and spectral candidates whose fold ``k``
     is edited from every other fold's statistics (as the default call makes them)."""
