@@ -100,8 +100,11 @@ void check_eigh_results(const at::Tensor& values, const at::Tensor& info) {
   const int* finite = solver + values.size(0);
   for (int64_t k = 0; k < values.size(0); ++k) {
     TORCH_CHECK(solver[k] >= 0, "symmetric_eigh: the solver rejected its argument ", -solver[k], " (matrix ", k, ")");
-    TORCH_CHECK(solver[k] == 0 && finite[k], "symmetric_eigh: matrix ", k, " of ", values.size(0),
+    TORCH_CHECK(finite[k], "symmetric_eigh: matrix ", k, " of ", values.size(0),
                 " gave no finite spectrum (solver flag ", solver[k], "); are its entries finite?");
+    // finite but not converged: a LinAlgError, as torch.linalg.eigh raises, so that callers can solve again
+    TORCH_CHECK_LINALG(solver[k] == 0, "symmetric_eigh: the solver did not converge on matrix ", k, " of ",
+                       values.size(0), " (flag ", solver[k], ")");
   }
 }
 

@@ -24,6 +24,11 @@ SOLVERS = ("cholesky", "eigh", "svd")
 # stack's copy (and the eigenvectors it yields) for wide inputs, while the suite's models' five sides
 # of every width (at most 576 wide, 1.3 MiB a matrix) go in one call.
 EIGH_STACK_BYTES = 256 << 20
+# Given to the diagonal of a normalised second moment's rows and columns of zeros (a dead unit, a conv
+# tap that read only padding): exactly decoupled, each is then an eigenvector of its own, away from
+# the energies' [0, 1] (its energy clamps to 0). float32 divide and conquer (LAPACK's ssyevd) failed
+# to converge on such matrices: regnetx_002's 3×3 group convolutions at 1×1, densenet121's at 2×2
+ZERO_ROW_EIGENVALUE = -1.0
 
 
 def check_alpha(alpha: float, name: str = "alpha") -> float:
@@ -55,6 +60,22 @@ def symmetric_normalised(cov: torch.Tensor) -> torch.Tensor:
     """``Ĉ = C / tr(C)`` per group, made exactly symmetric (for the symmetric solvers)."""
     c_hat, _ = normalised(cov)
     return 0.5 * (c_hat + c_hat.transpose(-1, -2))
+
+
+def normalised_eigh(c_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues ``(b, d)`` and eigenvectors ``(b, d, d)`` of the symmetric normalised second
+    moments ``c_hat`` ``(b, d, d)`` (:func:`symmetric_normalised`; overwritten), as
+    :func:`~deepunlearn.ops.eigh.symmetric_eigh` gives them, but for rows of zeros: those get
+    :data:`ZERO_ROW_EIGENVALUE`. Solved again in float64 where float32 does not converge."""
+    zero_rows = (c_hat == 0).all(-1)
+    c_hat.diagonal(dim1=-2, dim2=-1).masked_fill_(zero_rows, ZERO_ROW_EIGENVALUE)
+    try:
+        return symmetric_eigh(c_hat)
+    except torch.linalg.LinAlgError:
+        if c_hat.dtype == torch.float64:
+            raise
+        values, vectors = symmetric_eigh(c_hat.double())
+        return values.to(c_hat.dtype), vectors.to(c_hat.dtype)
 
 
 def scaled_cholesky(cov: torch.Tensor, alpha: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +144,7 @@ class Spectrum:
                     matrices += covs[i].shape[0]
                 start += len(taken)
                 stack = torch.cat([symmetric_normalised(covs[i]) for i in taken])
-                energies, vectors = symmetric_eigh(stack)
+                energies, vectors = normalised_eigh(stack)
                 groups = [covs[i].shape[0] for i in taken]
                 for i, e, u in zip(taken, energies.clamp(0.0, 1.0).split(groups), vectors.split(groups)):
                     out[i] = cls(u, e)

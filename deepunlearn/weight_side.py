@@ -27,7 +27,7 @@ import torch
 
 from .moments import Moment, SampleRows, dense
 from .ops.edit import edited_weight
-from .projection import scale_energies, scaled_projection, symmetric_normalised
+from .projection import normalised_eigh, scale_energies, scaled_projection, symmetric_normalised
 
 OVERSAMPLE = 8  # sketch columns beyond the rank bound: a margin for rounding, as randomized methods use
 SKETCH_SEED = 0  # a fixed sketch, so that the same statistics always give the same edit
@@ -285,7 +285,7 @@ def sketched_eigenpairs(cov: torch.Tensor, rank_bound: int) -> tuple[torch.Tenso
     omega = torch.randn(g, d, k, generator=gen, device=cov.device, dtype=cov.dtype)
     q = torch.linalg.qr(c_hat @ omega)[0]  # (g, d, k)
     b = q.transpose(-1, -2) @ (c_hat @ q)
-    e, v = torch.linalg.eigh(0.5 * (b + b.transpose(-1, -2)))
+    e, v = normalised_eigh(0.5 * (b + b.transpose(-1, -2)))  # b's eigenvalues are energies too
     return q @ v, e.clamp(0.0, 1.0)
 
 

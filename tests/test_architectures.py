@@ -113,6 +113,22 @@ def test_unlearn_runs_unchanged_on_mobilenet_v3_small():
     assert all(torch.isfinite(p).all() for p in r.model.parameters())
 
 
+def test_the_automatic_call_runs_on_regnet_y_400mf_whose_group_convolutions_run_at_1x1():
+    # at 32×32 the last stage's 3×3 group convolutions see one position: only their centre taps read
+    # data, the rest of each group's second moment is zeros, on which float32 divide and conquer
+    # failed to converge here (projection.ZERO_ROW_EIGENVALUE)
+    torch.manual_seed(0)
+    model = tv.regnet_y_400mf(num_classes=4).eval()
+    gen = torch.Generator().manual_seed(0)
+    forget, retain = torch.randn(40, 3, 32, 32, generator=gen) + 0.5, torch.randn(120, 3, 32, 32, generator=gen)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = unlearn(model, forget, retain, inplace=False, classes=[0], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert r.alpha_choice is not None and r.alpha_choice.alpha_r > 0
+    assert any(layer.groups > 1 and layer.relative_change > 0 for layer in r.layers)
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())
+
+
 @pytest.mark.slow
 def test_vgg11_bn_statistics_including_its_25088_wide_classifier_and_the_edit():
     """VGG-11-BN's first classifier layer has d = 25,088 (a 2.5 GB float32 second moment): from two

@@ -104,3 +104,45 @@ def test_spectra_of_many_moments_match_one_at_a_time(monkeypatch, stack_bytes):
         tol = 1e-12 if cov.dtype == torch.float64 else 1e-5
         assert rel_err(s.energies, alone.energies.clamp(0.0, 1.0)) < tol
         assert rel_err(s.projection(3.0), alone.projection(3.0)) < tol
+
+
+def group_conv_tap_moments(count: int) -> torch.Tensor:
+    """``(count, 72, 72)`` float32 second moments of a 3×3 convolution's groups of 8 channels run at
+    1×1: only the centre taps (and one more) see data, the other rows and columns are zeros. Taken
+    from regnetx_002's, on which float32 divide and conquer (MKL's ssyevd) failed to converge."""
+    rows = torch.tensor([4, 22, 31, 40, 49, 58, 67])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(count, 50, len(rows), generator=gen) ** 3  # skewed, as ReLU outputs are
+    block = x.transpose(-1, -2) @ x
+    cov = torch.zeros(count, 72, 72)
+    cov[:, rows[:, None], rows[None, :]] = block
+    return cov
+
+
+def test_spectra_of_moments_with_rows_of_zeros_match_float64():
+    cov = group_conv_tap_moments(64)
+    s = Spectrum.of(cov)
+    want = Spectrum(*reversed(torch.linalg.eigh(projection.symmetric_normalised(cov.double()))))
+    assert s.energies.dtype == torch.float32 and float(s.energies.min()) >= 0.0
+    zero_rows = (cov == 0).all(-1)
+    assert float(s.projection(1000.0)[zero_rows].abs().max()) < 1e-6  # what the data never reached is left alone
+    for alpha in (0.3, 10.0, 1000.0):
+        assert rel_err(s.projection(alpha).double(), want.projection(alpha)) < 1e-5
+
+
+def test_a_stack_float32_does_not_solve_is_solved_in_float64(monkeypatch):
+    def float64_only(a):
+        if a.dtype != torch.float64:
+            raise torch.linalg.LinAlgError("did not converge")
+        return symmetric_eigh(a)
+
+    monkeypatch.setattr(projection, "symmetric_eigh", float64_only)
+    x = torch.randn(3, 40, 20, dtype=torch.float64)
+    cov = x.transpose(-1, -2) @ x
+    s = Spectrum.of(cov.float())
+    want = Spectrum(*reversed(torch.linalg.eigh(projection.symmetric_normalised(cov))))
+    assert s.energies.dtype == s.vectors.dtype == torch.float32
+    assert rel_err(s.projection(10.0).double(), want.projection(10.0)) < 1e-5
+    with pytest.raises(torch.linalg.LinAlgError):
+        monkeypatch.setattr(projection, "symmetric_eigh", lambda a: float64_only(a.float()))
+        Spectrum.of(cov)
