@@ -5,7 +5,7 @@ without autograd, its edited layers' inputs streamed into per-layer second momen
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -87,11 +87,28 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: Collector, batch
     return samples
 
 
+def output_logits(output: object) -> torch.Tensor:
+    """The logits in a model's output: the output itself where it is a tensor, else its ``.logits``
+    (transformers' outputs, torchvision's ``InceptionOutputs``) or its ``["logits"]``. ``TypeError``
+    otherwise: the classes a model predicts must be readable to score or evaluate it."""
+    if isinstance(output, torch.Tensor):
+        return output
+    y = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"the model returned a {type(output).__name__}, not a logits tensor (N, classes) nor an output "
+                        "with .logits or ['logits']; wrap it so that it returns its logits (or give alpha_r and "
+                        "alpha_f: only the automatic choice and the evaluation read the output)")
+    return y
+
+
 def batch_logits(output: object, rows: int) -> torch.Tensor | None:
-    """A model's output on a batch of ``rows`` samples as float32 logits ``(rows, classes)`` (its
-    ``.logits`` where it has them), or None where it is not such a tensor."""
-    y = getattr(output, "logits", output)
-    if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != rows:
+    """A model's output on a batch of ``rows`` samples as float32 logits ``(rows, classes)``
+    (:func:`output_logits`), or None where it is not such a tensor."""
+    try:
+        y = output_logits(output)
+    except TypeError:
+        return None
+    if y.ndim != 2 or y.shape[0] != rows:
         return None
     return y.detach().float()
 

@@ -232,6 +232,7 @@ class Collector:
 
     def linear_input(self, name: str, d: int, x: torch.Tensor) -> None:
         """Input ``x`` (``(..., d)``) of linear layer ``name``, from its module or a functional call."""
+        _check_floating(name, x)
         if self.share_inputs and self._shared_owner(name, x) is not None:
             return
         sequence = x.dim() == 3  # (batch, sequence, features): where the first position can be taken
@@ -282,6 +283,13 @@ class Collector:
 
     def conv_input(self, name: str, geom: ConvGeometry, d: int, x: torch.Tensor) -> None:
         """Input ``x`` of convolution ``name`` with geometry ``geom``, from its module or a functional call."""
+        channels = d * geom.groups // math.prod(geom.kernel)
+        batched = x.dim() == geom.spatial_dims + 2
+        if not (batched or x.dim() == geom.spatial_dims + 1) or x.shape[1 if batched else 0] != channels:
+            raise ValueError(f"layer '{name}', a convolution over {channels} channel(s), got an input of shape "
+                             f"{tuple(x.shape)}: a batch holds its samples along its first dimension, and a list "
+                             "of single samples is read as a list of batches (stack them, or give a Dataset)")
+        _check_floating(name, x)
         x = self._computed(x)
         with autocast_off(self.device):
             self.add_conv(name, x if x.dim() == geom.spatial_dims + 2 else x.unsqueeze(0), geom, d)
@@ -337,6 +345,14 @@ def autocast_on(device: torch.device, dtype: torch.dtype | None):
 
 class SharingChanged(RuntimeError):
     """The input sharing seen in the first forward pass did not hold in a later one."""
+
+
+def _check_floating(name: str, x: torch.Tensor) -> None:
+    """``TypeError`` naming layer ``name`` unless its input ``x`` is floating point (the model's own
+    call would fail on it too, less clearly)."""
+    if not x.is_floating_point():
+        raise TypeError(f"layer '{name}' got {x.dtype} inputs; the data must be given as the model computes, "
+                        "in floating point (images, for example, as x.float() / 255)")
 
 
 def _out_positions(spatial: torch.Size, geom: ConvGeometry) -> int:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .collect import eval_no_grad
+from .collect import eval_no_grad, output_logits
 from .frozen_prefix import FrozenPrefix, find_prefix
 from .hooks import autocast_on
 from .sampling import HOLDOUT_CAP
@@ -71,10 +71,9 @@ def allowed_forget_hits(n: int, target: float, confidence: float = FORGET_CONFID
 
 
 def _model_logits(model: nn.Module, x: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
-    """The model's output on one batch ``x`` (already on its device), or its ``.logits``."""
+    """The model's logits on one batch ``x`` (already on its device): :func:`~deepunlearn.collect.output_logits`."""
     with autocast_on(x.device, autocast):
-        y = model(x)
-    return getattr(y, "logits", y)
+        return output_logits(model(x))
 
 
 def predictions(model: nn.Module, x: torch.Tensor, batch_size: int, autocast: torch.dtype | None) -> torch.Tensor:

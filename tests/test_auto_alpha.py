@@ -20,6 +20,7 @@ from deepunlearn.scoring import FORGET_CONFIDENCE, HELD_OUT_SHARE, allowed_forge
 from deepunlearn.layers import find_targets
 from deepunlearn.reach import classifier_head
 from deepunlearn.collect import collect_statistics
+from deepunlearn.evaluation import accuracy
 
 CENTRES = 4.5 * torch.eye(4, 6)
 
@@ -122,6 +123,46 @@ def test_bad_inputs_for_choosing_are_refused_and_leave_the_model_unchanged(train
     for bad in (0, -1, 101, "1"):
         with pytest.raises(ValueError, match="target_forget_accuracy"):
             deepunlearn.unlearn(model, forget, retain, target_forget_accuracy=bad)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+class _Outputs(nn.Module):
+    """The trained MLP with its logits returned as ``kind``: a dict, or a tuple beside a copy."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, x):
+        y = self.model(x)
+        return {"logits": y} if self.kind == "dict" else (y, y.detach())
+
+
+def test_a_model_whose_logits_cannot_be_read_is_refused_and_a_dict_of_logits_is_read(trained):
+    forget, retain = forget_and_retain()
+    wrapped = _Outputs(copy.deepcopy(trained), "tuple")
+    before = [p.clone() for p in wrapped.parameters()]
+    with pytest.raises(TypeError, match="returned a tuple, not a logits tensor"):
+        deepunlearn.unlearn(wrapped, forget, retain)
+    assert all(torch.equal(p, q) for p, q in zip(wrapped.parameters(), before))
+    deepunlearn.unlearn(wrapped, forget, retain, alpha_r=30, alpha_f=3, inplace=False)  # the output is not read
+    as_dict = deepunlearn.unlearn(_Outputs(copy.deepcopy(trained), "dict"), forget, retain, inplace=False)
+    plain = deepunlearn.unlearn(trained, forget, retain, inplace=False)
+    assert (as_dict.alpha_choice.alpha_r, as_dict.alpha_choice.alpha_f) == (plain.alpha_choice.alpha_r,
+                                                                            plain.alpha_choice.alpha_f)
+    assert accuracy(as_dict.model, retain) == accuracy(plain.model, retain)
+
+
+def test_integer_data_and_a_list_of_single_samples_are_refused_naming_the_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    before = [p.clone() for p in model.parameters()]
+    x = torch.rand(12, 2, 6, 6)
+    with pytest.raises(TypeError, match="layer '0' got torch.uint8 inputs"):
+        deepunlearn.unlearn(model, (255 * x[:4]).to(torch.uint8), (255 * x[4:]).to(torch.uint8))
+    # single samples (2, 6, 6) read as batches: the choice joins them along their first dimension
+    with pytest.raises(ValueError, match=r"layer '0', a convolution over 2 channel\(s\), got an input of shape"):
+        deepunlearn.unlearn(model, list(x[:6]), list(x[6:]))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 

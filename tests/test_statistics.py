@@ -98,7 +98,7 @@ def test_collection_leaves_the_model_exactly_as_it_was(fail):
     before = model_state(m)
     data = [torch.randn(4, 1, 5, 5), torch.randn(4, 2, 5, 5) if fail else torch.randn(4, 1, 5, 5)]
     if fail:
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ValueError, match="a convolution over 1 channel.*got an input of shape \\(4, 2, 5, 5\\)"):
             collect_statistics(m, data)
     else:
         collect_statistics(m, data)
