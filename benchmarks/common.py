@@ -169,6 +169,9 @@ TIMM_MODELS = {
     # timm's ViT-Ti blocks (192 wide, three heads), six of them on 16 patches of 7×7 and a class token (twelve blocks
     # on 49 patches would train for two hours on two cores)
     "vit_tiny": {"model_name": "vit_tiny_patch16_224", "img_size": 28, "patch_size": 7, "depth": 6},
+    # group convolutions (8 channels a group), whose 3×3 taps past the map's edge read only padding: its last
+    # stage runs at 1×1, where only the centre taps see data
+    "regnetx_002": {"model_name": "regnetx_002"},
 }
 
 

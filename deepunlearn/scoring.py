@@ -71,9 +71,14 @@ def allowed_forget_hits(n: int, target: float, confidence: float = FORGET_CONFID
 
 
 def _model_logits(model: nn.Module, x: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
-    """The model's logits on one batch ``x`` (already on its device): :func:`~deepunlearn.collect.output_logits`."""
+    """The model's logits ``(N, classes)`` on one batch ``x`` (already on its device):
+    :func:`~deepunlearn.collect.output_logits`; ``TypeError`` for logits of another shape."""
     with autocast_on(x.device, autocast):
-        return output_logits(model(x))
+        y = output_logits(model(x))
+    if y.dim() != 2 or y.shape[0] != x.shape[0]:
+        raise TypeError(f"choosing alpha scores class predictions: the model's logits must be (N, classes), got "
+                        f"{tuple(y.shape)} for {x.shape[0]} samples; give alpha_r and alpha_f")
+    return y
 
 
 def predictions(model: nn.Module, x: torch.Tensor, batch_size: int, autocast: torch.dtype | None) -> torch.Tensor:

@@ -127,7 +127,8 @@ def test_bad_inputs_for_choosing_are_refused_and_leave_the_model_unchanged(train
 
 
 class _Outputs(nn.Module):
-    """The trained MLP with its logits returned as ``kind``: a dict, or a tuple beside a copy."""
+    """The trained MLP with its logits returned as ``kind``: a dict, a tuple beside a copy, or
+    repeated over three positions ``(N, classes, 3)``."""
 
     def __init__(self, model: nn.Module, kind: str):
         super().__init__()
@@ -135,6 +136,8 @@ class _Outputs(nn.Module):
 
     def forward(self, x):
         y = self.model(x)
+        if self.kind == "per position":
+            return y[:, :, None].expand(-1, -1, 3)
         return {"logits": y} if self.kind == "dict" else (y, y.detach())
 
 
@@ -144,6 +147,8 @@ def test_a_model_whose_logits_cannot_be_read_is_refused_and_a_dict_of_logits_is_
     before = [p.clone() for p in wrapped.parameters()]
     with pytest.raises(TypeError, match="returned a tuple, not a logits tensor"):
         deepunlearn.unlearn(wrapped, forget, retain)
+    with pytest.raises(TypeError, match=r"logits must be \(N, classes\), got \(\d+, 4, 3\)"):
+        deepunlearn.unlearn(_Outputs(wrapped.model, "per position"), forget, retain)
     assert all(torch.equal(p, q) for p, q in zip(wrapped.parameters(), before))
     deepunlearn.unlearn(wrapped, forget, retain, alpha_r=30, alpha_f=3, inplace=False)  # the output is not read
     as_dict = deepunlearn.unlearn(_Outputs(copy.deepcopy(trained), "dict"), forget, retain, inplace=False)
