@@ -4,6 +4,7 @@
     python benchmarks/bench_auto_alpha.py --archs smallcnn --forget 2   # one case
     python benchmarks/bench_auto_alpha.py --device cuda --out benchmarks/results/auto_alpha_cuda_h100
     python benchmarks/bench_auto_alpha.py --archs timm-resnet10t timm-vit_tiny --out benchmarks/results/auto_alpha_timm_cpu
+    python benchmarks/bench_auto_alpha.py --archs timm-regnetx_002 --alpha-f-only --out benchmarks/results/auto_alpha_timm_regnet_cpu
 
 For each architecture the suite's original model (trained on Fashion-MNIST, cached as the suite
 caches it) forgets each class set from the suite's samples (100 per kept class; as many forget
