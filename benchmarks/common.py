@@ -172,6 +172,8 @@ TIMM_MODELS = {
     # group convolutions (8 channels a group), whose 3×3 taps past the map's edge read only padding: its last
     # stage runs at 1×1, where only the centre taps see data
     "regnetx_002": {"model_name": "regnetx_002"},
+    # depthwise 3×3 and 5×5 convolutions, squeeze-and-excitation 1×1 convolutions on pooled features, hard-swish
+    "mobilenetv3_small_100": {"model_name": "mobilenetv3_small_100"},
 }
 
 
