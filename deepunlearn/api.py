@@ -14,7 +14,7 @@ from ._batches import DataLike
 from .auto_alpha import TARGET_FORGET_ACCURACY
 from .automatic import choose_and_collect
 from .collect import gather_statistics
-from .layers import SkippedLayer, editable_targets, find_targets
+from .layers import SkippedLayer, eager_module, editable_targets, find_targets
 from .plan import (apply_plan, layer_means, layer_moments, plan_edits_with, rebalanced, refitted, solved_edits,
                    synchronize, traces)
 from .projection import check_alpha, check_solver
@@ -160,11 +160,12 @@ def unlearn(
     keep_mean = bool(keep_retain_mean)
     if choosing:
         _check_choosing(forget, retain, target_forget_accuracy)
-    targets, skipped = editable_targets(model)
+    targets, skipped = editable_targets(eager_module(model))
     device = model_device(model)
     if not inplace:
         model = copy.deepcopy(model)
-        targets, skipped = find_targets(model)
+        targets, skipped = find_targets(eager_module(model))
+    returned, model = model, eager_module(model)  # the user's torch.compile wrapper comes back as given
     if first_token is None and not choosing:  # statistics given: their kind; else every position (the paper's)
         given = [s.first_token for s in (forget, retain) if isinstance(s, Statistics)]
         first_token = given[0] if given else False
@@ -240,7 +241,7 @@ def unlearn(
 
     seconds |= {"decompose": t3 - t_chosen, "edit": t4 - t3, "total": t4 - t_start}
     return UnlearnReport(
-        model, rows, [(s.name, s.reason) for s in skipped], samples_f, samples_r, alpha_r, alpha_f, solver, seconds,
+        returned, rows, [(s.name, s.reason) for s in skipped], samples_f, samples_r, alpha_r, alpha_f, solver, seconds,
         choice, alpha_f_head, keep_mean,
     )
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import distributed as dist
 from ._batches import DataLike, iter_batches
 from .hooks import Collector, SharingChanged, autocast_on, check_autocast
-from .layers import EditTarget, editable_targets
+from .layers import EditTarget, eager_module, editable_targets
 from .moments import moment_trace
 from .pooling import pooling_by_maxima
 from .statistics import Statistics, model_device, model_fingerprint
@@ -174,6 +174,7 @@ def collect_statistics(
         ValueError: empty data, no editable layer, the model on several devices, or non-finite
             statistics (the message names the first layer, in execution order, that saw them).
     """
+    model = eager_module(model)
     targets, device, dtype = collection_setup(model, dtype)
     check_autocast(autocast)
     ranks = dist.world() if distributed else None

@@ -9,6 +9,7 @@ attention module itself (see :mod:`deepunlearn.hooks`).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def eager_module(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper runs (its parameters are the wrapper's), else ``model``:
+    statistics are collected and candidates scored eagerly, where the wrapper would compile again for
+    every hook and batch shape (SmallCNN's automatic call: 70 s against 0.8 s), with the same result."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # a compiled module means torch._dynamo is loaded
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return model._orig_mod
+    return model
 
 
 @dataclass(frozen=True)

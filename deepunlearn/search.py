@@ -10,7 +10,7 @@ from torch import nn
 
 from ._batches import DataLike, iter_labelled
 from .evaluation import class_accuracies
-from .layers import editable_targets
+from .layers import eager_module, editable_targets
 from .projection import Spectrum, check_alpha
 from .collect import eval_no_grad, gather_statistics, output_logits
 from .statistics import Statistics, model_device
@@ -93,6 +93,7 @@ def search_alphas(
     grid_f = [check_alpha(a, "alpha_f") for a in alpha_f_grid]
     if not grid_r or not grid_f:
         raise ValueError("alpha grids must not be empty")
+    model = eager_module(model)
     targets, _ = editable_targets(model)
     device = model_device(model)
     kw = dict(batch_size=batch_size, dtype=dtype, autocast=autocast, progress=progress)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import EditTarget, find_targets
+from .layers import EditTarget, eager_module, find_targets
 from .moments import Moment, SampleRows, dense, moment_sum, moment_trace
 
 _FORMAT = "deepunlearn.statistics"
@@ -95,6 +95,7 @@ def model_fingerprint(model: nn.Module) -> str:
     Rounding keeps the fingerprint equal for the same model on another device or after a
     save/load round trip, while a different architecture or other weights change it.
     """
+    model = eager_module(model)  # a torch.compile wrapper's fingerprint is its module's
     memo = _FINGERPRINT_MEMO.get()
     if memo is not None and id(model) in memo:
         return memo[id(model)]

@@ -106,6 +106,29 @@ def test_inplace_false_returns_an_edited_copy_and_keeps_the_original():
     assert r2.model is model and torch.allclose(model.head.weight, r.model.head.weight, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("alphas", [FIXED, {}])
+def test_a_compiled_model_is_edited_through_its_module_without_running_the_wrapper(alphas):
+    # the wrapper would compile again for every hook and batch shape; its module shares its parameters
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    compiled = torch.compile(copy.deepcopy(model))
+
+    def never(module, args):
+        raise AssertionError("the torch.compile wrapper ran")
+
+    compiled.register_forward_pre_hook(never)
+    x = torch.randn(40, 2, 5, 5)
+    x[:16] += 1.0
+    want = unlearn(model, x[:16], x[16:], inplace=False, **alphas)
+    for inplace in (False, True):
+        got = unlearn(compiled, x[:16], x[16:], inplace=inplace, **alphas)
+        assert type(got.model) is type(compiled) and (got.model is compiled) == inplace
+        assert [layer.name for layer in got.layers] == [layer.name for layer in want.layers]
+        for p, q in zip(got.model._orig_mod.parameters(), want.model.parameters()):
+            assert torch.equal(p, q)
+    collect_statistics(compiled, x).check_matches(compiled._orig_mod)  # the wrapper's fingerprint is its module's
+
 def test_report_contents_and_json():
     model = Mixed()
     x = torch.randn(6, 2, 5, 5)
