@@ -24,6 +24,7 @@ from .sampling import dataset_labels, draw_samples
 from .statistics import Statistics, model_device
 
 
+@torch.inference_mode(False)  # called under inference mode: statistics need version counters, edits normal tensors
 def unlearn(
     model: nn.Module,
     forget: DataLike | Statistics,
@@ -162,6 +163,9 @@ def unlearn(
         _check_choosing(forget, retain, target_forget_accuracy)
     targets, skipped = editable_targets(eager_module(model))
     device = model_device(model)
+    if inplace and any(p.is_inference() for p in model.parameters()):
+        raise ValueError("the model's parameters are inference tensors (made under torch.inference_mode), which "
+                         "cannot be changed in place; pass inplace=False for an edited copy")
     if not inplace:
         model = copy.deepcopy(model)
         targets, skipped = find_targets(eager_module(model))

@@ -128,6 +128,7 @@ def default_dtype(targets: list[EditTarget]) -> torch.dtype:
     return torch.float64 if any(t.weight().dtype == torch.float64 for t in targets) else torch.float32
 
 
+@torch.inference_mode(False)  # called under inference mode: the hooks read version counters
 def collect_statistics(
     model: nn.Module,
     data: DataLike,

@@ -247,7 +247,7 @@ class Collector:
         Raises :class:`SharingChanged` when a sharing decided in the first pass does not hold.
         """
         entry = self._inputs.get(id(x))
-        seen_by = entry[2] if entry is not None and entry[0]() is x and entry[1] == x._version else None
+        seen_by = entry[2] if entry is not None and entry[0]() is x and entry[1] == _version(x) else None
         alias = self.stats.aliases.get(name)
         owner = seen_by
         if alias is not None:
@@ -258,7 +258,7 @@ class Collector:
         else:
             owner = None
             if seen_by is None:  # first reader of x in this pass
-                self._inputs[id(x)] = (weakref.ref(x), x._version, name)
+                self._inputs[id(x)] = (weakref.ref(x), _version(x), name)
         self._calls[name] = self._calls.get(name, 0) + 1
         return owner
 
@@ -345,6 +345,12 @@ def autocast_on(device: torch.device, dtype: torch.dtype | None):
 
 class SharingChanged(RuntimeError):
     """The input sharing seen in the first forward pass did not hold in a later one."""
+
+
+def _version(x: torch.Tensor) -> int:
+    """``x``'s version counter (bumped by in-place changes); -1 for an inference tensor, which has none
+    (it cannot be changed in place outside inference mode, where the forward passes run)."""
+    return -1 if x.is_inference() else x._version
 
 
 def _check_floating(name: str, x: torch.Tensor) -> None:

@@ -56,6 +56,7 @@ def spectra(sides: Sequence[Moments]) -> list[dict[tuple[str, ...], Spectrum | N
     return [{k: None if c is None else by_id[id(c)] for k, c in side.items()} for side in covs]
 
 
+@torch.inference_mode(False)  # called under inference mode: statistics need version counters, edits normal tensors
 def search_alphas(
     model: nn.Module,
     forget: DataLike | Statistics,

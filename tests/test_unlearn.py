@@ -129,6 +129,25 @@ def test_a_compiled_model_is_edited_through_its_module_without_running_the_wrapp
             assert torch.equal(p, q)
     collect_statistics(compiled, x).check_matches(compiled._orig_mod)  # the wrapper's fingerprint is its module's
 
+
+@pytest.mark.parametrize("alphas", [FIXED, {}])
+def test_a_call_under_inference_mode_gives_the_same_edit(alphas):
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    x = torch.randn(40, 2, 5, 5)
+    x[:16] += 1.0
+    want = unlearn(model, x[:16], x[16:], inplace=False, **alphas)
+    with torch.inference_mode():
+        data = x.clone()  # an inference tensor: it has no version counter
+        got = unlearn(model, data[:16], data[16:], inplace=False, **alphas)
+        frozen = copy.deepcopy(model)  # its parameters inference tensors: they cannot be written in place
+    for p, q in zip(got.model.parameters(), want.model.parameters()):
+        assert torch.equal(p, q) and not p.is_inference()
+    with pytest.raises(ValueError, match="inference tensors .* pass inplace=False"):
+        unlearn(frozen, x[:16], x[16:], **alphas)
+    assert all(torch.equal(p, q) for p, q in zip(frozen.parameters(), model.parameters()))
+    got.model(x).sum().backward()  # trainable as before
+
 def test_report_contents_and_json():
     model = Mixed()
     x = torch.randn(6, 2, 5, 5)
