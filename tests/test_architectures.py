@@ -116,7 +116,7 @@ def test_unlearn_runs_unchanged_on_mobilenet_v3_small():
 def test_the_automatic_call_runs_on_regnet_y_400mf_whose_group_convolutions_run_at_1x1():
     # at 32×32 the last stage's 3×3 group convolutions see one position: only their centre taps read
     # data, the rest of each group's second moment is zeros, on which float32 divide and conquer
-    # failed to converge here (projection.ZERO_ROW_EIGENVALUE)
+    # need not converge (projection.ZERO_ROW_EIGENVALUE)
     torch.manual_seed(0)
     model = tv.regnet_y_400mf(num_classes=4).eval()
     gen = torch.Generator().manual_seed(0)
