@@ -42,6 +42,7 @@ def unlearn(
     autocast: torch.dtype | None = None,
     skip_first_layer: bool | None = None,
     first_token: bool | None = None,
+    token_position: int | None = None,
     keep_retain_mean: bool | None = None,
     refit_head: bool | None = None,
     progress: bool = False,
@@ -106,6 +107,11 @@ def unlearn(
             mean kept, ``keep_retain_mean``) and the better kept (on the suite's ViT the first
             position's statistics cut the retain cost of forgetting several-fold, docs/auto_alpha.md); with both scales given, the kind of the :class:`Statistics` given, else
             every position (the paper's procedure).
+        token_position: the one position ``first_token`` keeps: 0 (a class token) or -1 (the last
+            position, which GPT-2's sequence classifiers read on unpadded inputs). None (default):
+            when the scales are chosen, the position the model's output is read from where it reads
+            one alone (``report.alpha_choice.token_position``), else 0; with both scales given, that
+            of the :class:`Statistics` given, else 0.
         keep_retain_mean: shift the bias of every edited layer that has one so that its mean
             output over the retain samples stays as it was: ``b ← b + (W − W') μ_r``, with ``μ_r``
             the retain samples' mean input of the layer (of the first position, with
@@ -154,6 +160,8 @@ def unlearn(
         raise ValueError(f"keep_retain_mean must be True, False or None, got {keep_retain_mean!r}")
     if refit_head not in (None, True, False):
         raise ValueError(f"refit_head must be True, False or None, got {refit_head!r}")
+    if token_position is not None and (isinstance(token_position, bool) or not isinstance(token_position, int)):
+        raise ValueError(f"token_position must be a sequence position (0, -1) or None, got {token_position!r}")
     choosing = alpha_r is None or alpha_f is None
     if refit_head and not choosing:
         raise ValueError("refit_head=True needs the automatic choice of alpha (it uses its held-out retain samples); "
@@ -173,6 +181,9 @@ def unlearn(
     if first_token is None and not choosing:  # statistics given: their kind; else every position (the paper's)
         given = [s.first_token for s in (forget, retain) if isinstance(s, Statistics)]
         first_token = given[0] if given else False
+    if token_position is None and not choosing:
+        given = [s.token_position for s in (forget, retain) if isinstance(s, Statistics)]
+        token_position = given[0] if given else 0
     collect = dict(batch_size=batch_size, dtype=dtype, autocast=autocast, progress=progress)
     skip_first = choosing if skip_first_layer is None else skip_first_layer
 
@@ -181,6 +192,7 @@ def unlearn(
         chosen = choose_and_collect(model, forget, retain, targets, skipped, collect=collect, alpha_r=alpha_r,
                                     alpha_f=alpha_f, alpha_f_head=alpha_f_head, classes=classes,
                                     target=target_forget_accuracy, skip_first_layer=skip_first, first_token=first_token,
+                                    token_position=token_position,
                                     keep_retain_mean=keep_retain_mean, refit_head=refit_head)
         choice, targets, skipped, head = chosen.choice, chosen.targets, chosen.skipped, chosen.head
         stats_f, stats_r, seconds = chosen.forget, chosen.retain, chosen.seconds
@@ -188,11 +200,13 @@ def unlearn(
         del chosen
     else:
         t0 = time.perf_counter()
-        stats_f = gather_statistics(model, forget, "forget", first_token=first_token, **collect)
+        stats_f = gather_statistics(model, forget, "forget", first_token=first_token, token_position=token_position,
+                                    **collect)
         targets, skipped, head = edited_and_head(targets, skipped, stats_f, skip_first, want_head=alpha_f_head is not None)
         synchronize(device)
         t1 = time.perf_counter()
-        stats_r = gather_statistics(model, retain, "retain", first_token=first_token, **collect)
+        stats_r = gather_statistics(model, retain, "retain", first_token=first_token, token_position=token_position,
+                                    **collect)
         synchronize(device)
         seconds = {"collect_forget": t1 - t0, "collect_retain": time.perf_counter() - t1, "choose_alpha": 0.0}
         check_head_scale(head, alpha_f_head)

@@ -30,7 +30,7 @@ from .plan import Moments, layer_means, layer_moments, synchronize
 from .reach import check_head_scale, edited_and_head
 from .report import AlphaChoice
 from .sampling import fold_split, holdout_split, materialise
-from .scoring import CHECK_SAMPLES, make_scorer, reads_first_position
+from .scoring import CHECK_SAMPLES, make_scorer, read_position
 from .statistics import Statistics, fingerprint_once, model_device
 
 
@@ -62,6 +62,7 @@ def choose_and_collect(
     target: float,
     skip_first_layer: bool,
     first_token: bool | None,
+    token_position: int | None,
     keep_retain_mean: bool | None,
     refit_head: bool | None,
 ) -> Chosen:
@@ -72,20 +73,23 @@ def choose_and_collect(
     ``skip_first_layer`` resolved), already checked.
     """
     device = model_device(model)
-    both_kinds = first_token is None  # every position's and the first position's, in one pass
+    both_kinds = first_token is None  # every position's and one position's, in one pass
+    # the one position of the token kind: given, else where the model reads its output from (read_position)
+    position = 0 if token_position is None else token_position
 
     def kinds(x: torch.Tensor, role: str, outputs: list | None = None, only: bool | None = None) -> dict[bool, Statistics]:
         """The statistics of samples ``x`` by kind (``first_token``): both where both are wanted
         (unless ``only`` names one); ``outputs`` gets the unedited model's logits per batch."""
         if not both_kinds or only is not None:
             one = bool(first_token) if only is None else only
-            return {one: collect_statistics(model, x, desc=role, outputs=outputs, first_token=one, **collect)}
-        full, token = collect_both_kinds(model, x, desc=role, outputs=outputs, **collect)
+            return {one: collect_statistics(model, x, desc=role, outputs=outputs, first_token=one, token_position=position,
+                                            **collect)}
+        full, token = collect_both_kinds(model, x, desc=role, outputs=outputs, token_position=position, **collect)
         return {False: full} | ({} if token is None else {True: token})
 
     t0 = time.perf_counter()
-    class_token = False  # the output read from the first position alone (sequence models): every position's
-    # statistics are then collected and scored only where the first position's miss the target
+    class_token = False  # the output read from one position alone (sequence models): every position's
+    # statistics are then collected and scored only where that position's miss the target
     with fingerprint_once():  # six collections of the same weights
         x_f, y_f = materialise(forget, collect["batch_size"], "forget")
         x_r, y_r = materialise(retain, collect["batch_size"], "retain")
@@ -95,9 +99,12 @@ def choose_and_collect(
         parts_f = [kinds(x_f[folds_f[0]], "forget", outputs_f[0])]
         targets, skipped, head = edited_and_head(targets, skipped, parts_f[0][min(parts_f[0])], skip_first_layer,
                                                  want_head=True)
-        if len(parts_f[0]) > 1 and head is not None:
-            class_token = reads_first_position(model, x_r[held_r][:CHECK_SAMPLES].to(device), head.module,
-                                               collect["autocast"])
+        if True in parts_f[0] and head is not None and parts_f[0][True].sequence_inputs:
+            read = read_position(model, x_r[held_r][:CHECK_SAMPLES].to(device), head.module, collect["autocast"])
+            if token_position is None and read == -1:  # the last position is read: the first fold's token statistics from it
+                position = -1
+                parts_f[0] |= kinds(x_f[folds_f[0]], "forget", None, True)
+            class_token = read is not None and read == position
         only = True if class_token else None
         parts_f += [kinds(x_f[i], "forget", out, only) for i, out in zip(folds_f[1:], outputs_f[1:])]
         synchronize(device)
@@ -148,6 +155,7 @@ def choose_and_collect(
                               refit_on=refit_on)
         del candidates
         c.first_token, c.keep_retain_mean = mode, keep
+        c.token_position = position if mode else 0
         if best is None or choice_rank(c) > choice_rank(best[0]):
             best = (c, parts, caught)
     choice, (folds, fit_sr, held_sr), caught = best

@@ -139,6 +139,7 @@ def collect_statistics(
     distributed: bool = True,
     keep_vectors: bool | str = True,
     first_token: bool = False,
+    token_position: int = 0,
     progress: bool = False,
     desc: str = "statistics",
     outputs: list[torch.Tensor | None] | None = None,
@@ -165,6 +166,8 @@ def collect_statistics(
             ``nn.Linear`` input of shape ``(batch, sequence, features)`` and every
             ``nn.MultiheadAttention`` input and output (in its own layout). For classifiers that
             read a class token at position 0 (ViT, DeiT): the statistics of what the head sees.
+        token_position: the position ``first_token`` keeps: 0, or -1 for classifiers that read the
+            last position (GPT-2's sequence classifiers, inputs without right padding).
         progress: show a progress bar (images and images per second).
         desc: progress bar label.
         outputs: a list that is emptied, then given the model's output on each batch as float32
@@ -181,7 +184,7 @@ def collect_statistics(
     ranks = dist.world() if distributed else None
     try:
         stats, samples = collect_slots(model, data, targets, device, dtype, autocast, batch_size, progress, desc, keep_vectors,
-                                  first_token, outputs)
+                                  first_token, outputs, token_position)
     except Exception as exc:
         if ranks is None:
             raise
@@ -227,6 +230,10 @@ def gather_statistics(model: nn.Module, data: DataLike | Statistics, role: str, 
         if data.first_token != wanted:
             raise ValueError(f"the {role} statistics were collected with first_token={data.first_token}, but the call "
                              f"has first_token={wanted}")
+        position = collect_kwargs.get("token_position", 0)
+        if wanted and data.token_position != position:
+            raise ValueError(f"the {role} statistics were collected with token_position={data.token_position}, but the "
+                             f"call has token_position={position}")
         return data
     if data is None:
         raise ValueError(f"no {role} data given")
@@ -235,14 +242,16 @@ def gather_statistics(model: nn.Module, data: DataLike | Statistics, role: str, 
 
 def collect_both_kinds(model: nn.Module, data: DataLike, *, batch_size: int = 256, dtype: torch.dtype | None = None,
                        autocast: torch.dtype | None = None, progress: bool = False, desc: str = "statistics",
-                       outputs: list[torch.Tensor | None] | None = None) -> tuple[Statistics, Statistics | None]:
-    """Every position's statistics and the first position's (``first_token``), from one set of
-    forward passes; the second is None when no edited layer read a sequence. Slots that never saw a
-    sequence are the same objects in both. In one process (not summed over ranks). ``outputs`` as
-    for :func:`collect_statistics`."""
+                       outputs: list[torch.Tensor | None] | None = None,
+                       token_position: int = 0) -> tuple[Statistics, Statistics | None]:
+    """Every position's statistics and one position's (``first_token``, at ``token_position``), from
+    one set of forward passes; the second is None when no edited layer read a sequence. Slots that
+    never saw a sequence are the same objects in both. In one process (not summed over ranks).
+    ``outputs`` as for :func:`collect_statistics`."""
     targets, device, dtype = collection_setup(model, dtype)
     check_autocast(autocast)
-    collector = Collector(targets, device, dtype, autocast=autocast, keep_vectors="always", both_kinds=True)
+    collector = Collector(targets, device, dtype, autocast=autocast, keep_vectors="always", both_kinds=True,
+                          token_position=token_position)
     try:
         samples = run_with_hooks(model, data, collector, batch_size, progress, desc, outputs)
     except SharingChanged:  # rare: collect each kind with one slot per layer
@@ -251,20 +260,22 @@ def collect_both_kinds(model: nn.Module, data: DataLike, *, batch_size: int = 25
         if not full.sequence_inputs:
             return full, None
         return full, collect_statistics(model, data, batch_size=batch_size, dtype=dtype, autocast=autocast,
-                                        distributed=False, first_token=True, progress=progress, desc=desc)
+                                        distributed=False, first_token=True, token_position=token_position,
+                                        progress=progress, desc=desc)
     full = finish_statistics(model, collector.stats, samples, None, False, desc)
     if not full.sequence_inputs:
         return full, None
     token = Statistics({k: collector.token_slots.get(k, v) for k, v in full.slots.items()}, samples, "",
-                       dict(full.aliases), first_token=True, sequence_inputs=True)
+                       dict(full.aliases), first_token=True, sequence_inputs=True, token_position=token_position)
     return full, finish_statistics(model, token, samples, None, False, desc)
 
 
 def collect_slots(model, data, targets, device, dtype, autocast, batch_size, progress, desc,
              keep_vectors: bool | str = True, first_token: bool = False,
-             outputs: list[torch.Tensor | None] | None = None) -> tuple[Statistics, int]:
-    collector = Collector(targets, device, dtype, autocast=autocast, keep_vectors=keep_vectors, first_token=first_token)
-    collector.stats.first_token = first_token
+             outputs: list[torch.Tensor | None] | None = None, token_position: int = 0) -> tuple[Statistics, int]:
+    collector = Collector(targets, device, dtype, autocast=autocast, keep_vectors=keep_vectors, first_token=first_token,
+                          token_position=token_position)
+    collector.stats.first_token, collector.stats.token_position = first_token, token_position if first_token else 0
     try:
         samples = run_with_hooks(model, data, collector, batch_size, progress, desc, outputs)
     except SharingChanged as exc:
@@ -274,7 +285,7 @@ def collect_slots(model, data, targets, device, dtype, autocast, batch_size, pro
                              "not a one-shot iterator) so the statistics can be collected again per layer") from exc
         warnings.warn(f"{exc}: collecting again with one statistic per layer", RuntimeWarning, stacklevel=3)
         collector = Collector(targets, device, dtype, share_inputs=False, autocast=autocast, keep_vectors=keep_vectors,
-                               first_token=first_token)
-        collector.stats.first_token = first_token
+                               first_token=first_token, token_position=token_position)
+        collector.stats.first_token, collector.stats.token_position = first_token, token_position if first_token else 0
         samples = run_with_hooks(model, data, collector, batch_size, progress, desc, outputs)
     return collector.stats, samples

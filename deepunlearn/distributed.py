@@ -98,7 +98,8 @@ def all_reduce_statistics(stats: Statistics, samples: int, error: BaseException 
         slots[k].count = n
     order = [k for k in stats.slots if k in slots] + [k for k in slots if k not in stats.slots]
     samples = int(total[-1])
-    return (Statistics({k: slots[k] for k in order}, samples, stats.fingerprint, aliases, stats.first_token, sequence_inputs),
+    return (Statistics({k: slots[k] for k in order}, samples, stats.fingerprint, aliases, stats.first_token, sequence_inputs,
+                       stats.token_position),
             samples)
 
 

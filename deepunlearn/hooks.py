@@ -71,7 +71,7 @@ class Collector:
 
     def __init__(self, targets: list[EditTarget], device: torch.device, dtype: torch.dtype, share_inputs: bool = True,
                  autocast: torch.dtype | None = None, keep_vectors: bool | str = True, first_token: bool = False,
-                 both_kinds: bool = False):
+                 both_kinds: bool = False, token_position: int = 0):
         self.stats = Statistics()
         if keep_vectors not in (True, False, "always"):
             raise ValueError(f"keep_vectors must be True, False or 'always', got {keep_vectors!r}")
@@ -82,7 +82,8 @@ class Collector:
         self.expected_samples: int | None = None
         self.batch_samples = 0
         self.first_token = first_token
-        # both_kinds: also the first position's statistics of every sequence slot, in the same passes
+        self.token_position = token_position  # the one position first_token keeps: 0, or -1 (the last)
+        # both_kinds: also that position's statistics of every sequence slot, in the same passes
         self.token_slots: dict[str, SlotStatistics] | None = {} if both_kinds else None
         self.device, self.dtype = device, dtype
         self.autocast = check_autocast(autocast)
@@ -239,7 +240,7 @@ class Collector:
         self.stats.sequence_inputs |= sequence
         for slots, first in (self._sinks() if sequence else [(None, False)]):
             with autocast_off(self.device):
-                self.add_rows(name, linear_rows(self._computed(x[:, 0] if first else x), d), slots)
+                self.add_rows(name, linear_rows(self._computed(x[:, self.token_position] if first else x), d), slots)
 
     def _shared_owner(self, name: str, x: torch.Tensor) -> str | None:
         """The slot already holding ``x`` in this forward pass if ``name`` shares it, else ``None``.
@@ -302,7 +303,8 @@ class Collector:
         self.stats.sequence_inputs = True
         for slots, first in self._sinks():
             def rows(t: torch.Tensor, computed: bool = True) -> torch.Tensor:
-                t = t[:1] if first else _batch_major(t)  # position 0 leads; all positions in any order
+                # sequence first: the one position kept, or all positions in any order
+                t = t[self.token_position][None] if first else _batch_major(t)
                 return linear_rows(self._computed(t) if computed else t, t.shape[-1])
 
             with autocast_off(self.device):

@@ -19,6 +19,14 @@ from torch.nn.utils import parametrize
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _transposed_linear_types() -> tuple[type, ...]:
+    """Layers computing ``x @ W + b`` with ``W`` stored ``(in, out)``: transformers' ``Conv1D`` (the
+    GPT-2 family, ImageGPT), where transformers is loaded (a model holding one has imported it)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return (conv1d,) if isinstance(conv1d, type) else ()
+
+
 def eager_module(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile`` wrapper runs (its parameters are the wrapper's), else ``model``:
     statistics are collected and candidates scored eagerly, where the wrapper would compile again for
@@ -43,6 +51,8 @@ class EditTarget:
         kind: ``"linear"``, ``"conv{1,2,3}d"``, ``"attention-in"`` or ``"attention-out"``.
         layer: qualified name of the model layer it belongs to (the attention module for both
             attention kinds).
+        transposed: the parameter is stored ``(in, out)`` (transformers' ``Conv1D``); :meth:`weight`
+            gives the ``(out, in)`` view the edit works on, and writes go through it.
     """
 
     name: str
@@ -53,10 +63,12 @@ class EditTarget:
     slots: tuple[str, ...]
     kind: str
     layer: str
+    transposed: bool = False
 
     def weight(self) -> torch.Tensor:
-        """The (possibly row-sliced) parameter tensor, as stored (a view, not a copy)."""
+        """The (possibly row-sliced) weight matrix, ``(out, in)`` (a view of the parameter, not a copy)."""
         w = getattr(self.module, self.param)
+        w = w.t() if self.transposed else w
         return w if self.rows is None else w[self.rows[0] : self.rows[1]]
 
     def bias_parameter(self) -> torch.Tensor | None:
@@ -119,10 +131,12 @@ def find_targets(model: nn.Module) -> tuple[list[EditTarget], list[SkippedLayer]
     """Return the edit targets of ``model`` in module order, and the weighted layers left alone.
 
     Editable: ``nn.Linear`` (the classifier head included), ``nn.Conv1d/2d/3d`` (any
-    padding mode, stride, dilation, groups), ``nn.MultiheadAttention``. Every other module
+    padding mode, stride, dilation, groups), ``nn.MultiheadAttention``, and transformers'
+    ``Conv1D`` (a linear layer with its weight stored transposed). Every other module
     holding a parameter of two or more dimensions (embeddings, transposed convs, RNNs,
     parametrized weights...) is returned as skipped, with the reason.
     """
+    transposed_linear = _transposed_linear_types()
     targets: list[EditTarget] = []
     skipped: list[SkippedLayer] = []
     covered: set[int] = set()  # ids of parameters a target edits
@@ -143,6 +157,9 @@ def find_targets(model: nn.Module) -> tuple[list[EditTarget], list[SkippedLayer]
             new = [EditTarget(name, module, "weight", None, 1, (name,), "linear", name)]
         elif isinstance(module, _CONV_TYPES):
             new = [EditTarget(name, module, "weight", None, module.groups, (name,), f"conv{module.weight.dim() - 2}d", name)]
+        elif isinstance(module, transposed_linear) and isinstance(getattr(module, "weight", None), nn.Parameter) \
+                and module.weight.dim() == 2:
+            new = [EditTarget(name, module, "weight", None, 1, (name,), "linear", name, transposed=True)]
         else:
             new = []
         for t in new:
@@ -152,7 +169,8 @@ def find_targets(model: nn.Module) -> tuple[list[EditTarget], list[SkippedLayer]
             if p.dim() >= 2 and id(p) not in covered:
                 skipped.append(SkippedLayer(f"{name}.{pname}" if name else pname,
                                             f"a {p.dim()}-d parameter of {type(module).__name__}, which is not a supported layer type "
-                                            "(only the weights of Linear, Conv1d/2d/3d and MultiheadAttention are edited)"))
+                                            "(only the weights of Linear, Conv1d/2d/3d, MultiheadAttention and "
+                                            "transformers' Conv1D are edited)"))
                 covered.add(id(p))
     return targets, skipped
 

@@ -70,7 +70,8 @@ class AlphaChoice:
         seconds: wall time of decomposing and scoring (not of collecting the statistics).
         allowed_hits: the most held-out forget samples a candidate may still recognise to count as
             reaching the target (its held-out bound at :data:`FORGET_CONFIDENCE`, given ``held_out[0]``).
-        first_token: whether the chosen edit uses the statistics of sequences' first position only.
+        first_token: whether the chosen edit uses the statistics of one sequence position only,
+            ``token_position``: 0 (a class token) or -1 (a model that reads its last position).
         alpha_f_head: the classifier head's own ``alpha_f`` (the last layer the input reaches), or
             None where the head is edited with ``alpha_f`` like every other layer. Candidate rows
             carry ``alpha_f_head`` (the head's scale) and ``head_apart`` (1 where it was set apart).
@@ -78,8 +79,8 @@ class AlphaChoice:
             (:func:`deepunlearn.unlearn`'s ``keep_retain_mean``).
         every_position_skipped: whether a model that reads sequences was searched with the first
             position's statistics only: its output depends on that position alone
-            (:func:`reads_first_position`) and they reached the target, so every position's were
-            not scored.
+            (:func:`~deepunlearn.scoring.read_position`) and they reached the target, so every
+            position's were not scored.
         head_shift: per class, what the edit adds to the classifier head's bias so that the
             held-out retain samples keep the unedited model's shares of the retained classes
             (:func:`rebalanced_shift`; :func:`deepunlearn.unlearn`'s ``refit_head``), where the
@@ -108,6 +109,7 @@ class AlphaChoice:
     every_position_skipped: bool = False
     head_shift: list[float] | None = None
     head_refit: HeadRefit | None = None
+    token_position: int = 0
 
     def to_dict(self) -> dict:
         """Every field as JSON-ready values; of :attr:`head_refit`, what it measured (not its rows)."""
@@ -123,8 +125,8 @@ class AlphaChoice:
         return (f"alpha chosen: alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}{head} (held-out retain {self.retain_acc:.2f} %, "
                 f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}: at most {self.allowed_hits} of "
                 f"{self.held_out[0]} held-out forget samples recognised, the bound {held_out_bound(self.target):g} %; "
-                f"{'statistics of the first sequence position; ' if self.first_token else ''}"
-                f"{'every position not searched (the output reads the first alone); ' if self.every_position_skipped else ''}"
+                f"{'' if not self.first_token else 'statistics of the first sequence position; ' if self.token_position == 0 else f'statistics of sequence position {self.token_position}; '}"
+                f"{'every position not searched (the output reads one alone); ' if self.every_position_skipped else ''}"
                 f"{'retain mean kept; ' if self.keep_retain_mean else ''}"
                 f"{'' if self.head_shift is None else f'head bias rebalanced (shifts up to {max(self.head_shift):.3g}); '}"
                 f"{'' if (r := self.head_refit) is None else f'head re-fitted (cross-validated retain {r.retain_acc_before:.2f} -> {r.retain_acc_after:.2f} %, {r.forget_hits} forget sample(s) recognised); '}"

@@ -160,20 +160,21 @@ def rebalanced_shift(logits: torch.Tensor, shares: torch.Tensor, forgotten: Sequ
     return shift
 
 
-def reads_first_position(model: nn.Module, x: torch.Tensor, head: nn.Module, autocast: torch.dtype | None) -> bool:
-    """Whether ``model``'s output on ``x`` depends on the first sequence position alone after the
-    last batch-first sequence ``(N, S, d)`` a module returns before ``head`` runs: a class-token
-    model (a ViT whose head reads ``[:, 0]``), not one that pools its tokens. The other positions
-    of that output are replaced by other samples' and the output must stay the same. False where
-    it cannot tell (fewer than 2 samples, no such output, ``head`` never called). Runs in eval
-    mode without autograd."""
+def read_position(model: nn.Module, x: torch.Tensor, head: nn.Module, autocast: torch.dtype | None) -> int | None:
+    """The one sequence position ``model``'s output on ``x`` depends on after the last batch-first
+    sequence ``(N, S, d)`` a module returns before ``head`` runs (``head`` itself where it reads
+    every position): 0 for a class-token model (a ViT whose head reads ``[:, 0]``), -1 for one
+    that reads its last position (GPT-2's sequence classifiers on unpadded inputs), None for one
+    that pools its positions, or where it cannot tell (fewer than 2 samples, no such output, ``head``
+    never called). The other positions of that output are replaced by other samples' and the
+    output must stay the same. Runs in eval mode without autograd."""
     if x.shape[0] < 2:
-        return False
+        return None
     with eval_no_grad(model):
-        return _reads_first_position(model, x, head, autocast)
+        return _read_position(model, x, head, autocast)
 
 
-def _reads_first_position(model: nn.Module, x: torch.Tensor, head: nn.Module, autocast: torch.dtype | None) -> bool:
+def _read_position(model: nn.Module, x: torch.Tensor, head: nn.Module, autocast: torch.dtype | None) -> int | None:
     last: list[tuple[nn.Module, int]] = []  # (module, its call number) of the last sequence output so far
     calls: dict[nn.Module, int] = {}
     head_ran = [False]
@@ -195,25 +196,30 @@ def _reads_first_position(model: nn.Module, x: torch.Tensor, head: nn.Module, au
         for h in handles:
             h.remove()
     if not head_ran[0] or not last or not isinstance(want, torch.Tensor):
-        return False
+        return None
     module, nth = last[0]
-    seen = [0]
+    for position in (0, -1):
+        seen = [0]
 
-    def swapped(m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        seen[0] += 1
-        if seen[0] != nth:
-            return None
-        out = out.clone()
-        out[:, 1:] = out[:, 1:].roll(1, 0)  # every later position from the previous sample
-        return out
+        def swapped(m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            seen[0] += 1
+            if seen[0] != nth:
+                return None
+            others = out.clone()
+            keep = out[:, position]
+            others = others.roll(1, 0)  # every other position from the previous sample
+            others[:, position] = keep
+            return others
 
-    handle = module.register_forward_hook(swapped)
-    try:
-        got = _model_logits(model, x, autocast)
-    finally:
-        handle.remove()
-    # the same to rounding: each row of a matrix product is computed apart from the others
-    return bool((got.float() - want.float()).abs().max() <= 1e-5 * want.float().abs().max().clamp_min(1e-30))
+        handle = module.register_forward_hook(swapped)
+        try:
+            got = _model_logits(model, x, autocast)
+        finally:
+            handle.remove()
+        # the same to rounding: each row of a matrix product is computed apart from the others
+        if (got.float() - want.float()).abs().max() <= 1e-5 * want.float().abs().max().clamp_min(1e-30):
+            return position
+    return None
 
 
 @dataclass

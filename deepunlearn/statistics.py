@@ -121,8 +121,10 @@ class Statistics:
         aliases: slot name -> the slot that holds its statistics, for ``nn.Linear`` layers that
             read the very same input tensor as an earlier one in every forward pass (separate
             query/key/value projections): one buffer is accumulated for all of them.
-        first_token: whether sequence inputs contributed their first position only
+        first_token: whether sequence inputs contributed one position only, ``token_position``
             (:func:`collect_statistics`'s ``first_token``).
+        token_position: that position: 0 (a class token), or -1 (models that read their last
+            position, as GPT-2's sequence classifiers do).
         sequence_inputs: whether an edited layer read sequences (an ``nn.Linear`` input of shape
             ``(batch, sequence, features)``, or ``nn.MultiheadAttention``): where ``first_token`` matters.
     """
@@ -133,6 +135,7 @@ class Statistics:
     aliases: dict[str, str] = field(default_factory=dict)
     first_token: bool = False
     sequence_inputs: bool = False
+    token_position: int = 0
 
     # -- combination and movement ---------------------------------------------------------
     def __add__(self, other: "Statistics") -> "Statistics":
@@ -143,8 +146,11 @@ class Statistics:
                 f"cannot add statistics of different models (fingerprints {self.fingerprint} and {other.fingerprint})"
             )
         if self.first_token != other.first_token:
-            raise ValueError("cannot add statistics of all sequence positions to statistics of the first position only "
+            raise ValueError("cannot add statistics of all sequence positions to statistics of one position only "
                              "(collected with different first_token)")
+        if self.first_token and self.token_position != other.token_position:
+            raise ValueError(f"cannot add statistics of sequence position {self.token_position} to those of position "
+                             f"{other.token_position} (collected with different token_position)")
         a, b = (self, other) if self.aliases == other.aliases else (self.expanded(), other.expanded())
         slots: dict[str, SlotStatistics] = {}
         for name, mine in a.slots.items():
@@ -163,14 +169,15 @@ class Statistics:
             slots[name] = SlotStatistics(moment_sum([mine.moment, theirs.moment]), mine.count + theirs.count, total)
         slots.update({name: theirs.copy() for name, theirs in b.slots.items() if name not in slots})
         return Statistics(slots, a.samples + b.samples, a.fingerprint, dict(a.aliases), self.first_token,
-                          self.sequence_inputs or other.sequence_inputs)
+                          self.sequence_inputs or other.sequence_inputs, self.token_position)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Statistics":
         """A copy with every buffer moved to ``device`` and/or cast to ``dtype``."""
         return Statistics({k: SlotStatistics(v.moment.to(device=device, dtype=dtype), v.count,
                                              None if v.total is None else v.total.to(device=device, dtype=dtype))
                            for k, v in self.slots.items()},
-                          self.samples, self.fingerprint, dict(self.aliases), self.first_token, self.sequence_inputs)
+                          self.samples, self.fingerprint, dict(self.aliases), self.first_token, self.sequence_inputs,
+                          self.token_position)
 
     def expanded(self) -> "Statistics":
         """The same statistics with every alias turned into a slot of its own (sharing the buffer)."""
@@ -178,7 +185,7 @@ class Statistics:
         for name, owner in self.aliases.items():
             slots[name] = self.slots[owner]
         return Statistics(slots, self.samples, self.fingerprint, first_token=self.first_token,
-                          sequence_inputs=self.sequence_inputs)
+                          sequence_inputs=self.sequence_inputs, token_position=self.token_position)
 
     def resolve(self, slots: tuple[str, ...]) -> tuple[str, ...]:
         """The stored slots that hold the statistics of ``slots`` (aliases followed, duplicates dropped)."""
@@ -235,7 +242,8 @@ class Statistics:
     def checksum(self) -> str:
         """SHA-256 of the metadata and every buffer's bytes (as stored on the CPU)."""
         head = ([self.fingerprint, self.samples] + ([sorted(self.aliases.items())] if self.aliases else [])
-                + (["first_token"] if self.first_token else []))
+                + (["first_token"] if self.first_token else [])
+                + ([self.token_position] if self.first_token and self.token_position else []))
         h = hashlib.sha256(json.dumps(head).encode())
         for name, s in self.slots.items():
             t = s.stored.detach().cpu().contiguous()
@@ -259,6 +267,7 @@ class Statistics:
             "aliases": dict(self.aliases),
             "first_token": self.first_token,
             "sequence_inputs": self.sequence_inputs,
+            "token_position": self.token_position,
             "checksum": self.checksum(),
         }
 
@@ -274,7 +283,7 @@ class Statistics:
                      for k, v in blob["slots"].items()}
             aliases = {str(k): str(v) for k, v in blob.get("aliases", {}).items()}
             stats = cls(slots, int(blob["samples"]), str(blob["fingerprint"]), aliases, bool(blob.get("first_token", False)),
-                        bool(blob.get("sequence_inputs", False)))
+                        bool(blob.get("sequence_inputs", False)), int(blob.get("token_position", 0)))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{source} is malformed: {exc}") from exc
         if any(owner not in slots for owner in aliases.values()):

@@ -32,19 +32,21 @@ class TokenNet(nn.Module):
         return self.head(t[:, 0])
 
 
+@pytest.mark.parametrize("position", [0, -1])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_first_position_statistics_match_an_independent_computation(batch_first):
+def test_one_position_statistics_match_an_independent_computation(batch_first, position):
     torch.manual_seed(0)
     model = TokenNet(batch_first).double().eval()
     x = torch.randn(5, 7, 6, dtype=torch.float64)
-    stats = collect_statistics(model, x, first_token=True)
+    stats = collect_statistics(model, x, first_token=True, token_position=position)
     with torch.no_grad():
         t = model.embed(x)
         out = unrolled_attention(model.attn, t, t, t).reshape(5, 7, 16)
         t2 = t + out @ model.attn.out_proj.weight.T + model.attn.out_proj.bias
         t3 = t2 + torch.relu(model.mlp(t2))
-    want = {"embed": x[:, 0], "attn.in_proj": t[:, 0], "attn.out_proj": out[:, 0], "mlp": t2[:, 0], "head": t3[:, 0]}
-    assert stats.first_token and set(stats.slots) == set(want)
+    p = position
+    want = {"embed": x[:, p], "attn.in_proj": t[:, p], "attn.out_proj": out[:, p], "mlp": t2[:, p], "head": t3[:, 0]}
+    assert stats.first_token and stats.token_position == position and set(stats.slots) == set(want)
     for name, rows in want.items():
         assert stats.slots[name].count == 5, name  # one vector per sample
         assert rel_err(stats.slots[name].cov[0], rows.T @ rows) < 1e-12, name
@@ -57,10 +59,19 @@ def test_first_position_statistics_are_kept_apart(tmp_path):
     model = TokenNet(True).eval()
     x = torch.randn(4, 7, 6)
     first, every = collect_statistics(model, x, first_token=True), collect_statistics(model, x)
-    with pytest.raises(ValueError, match="first position only"):
+    with pytest.raises(ValueError, match="one position only"):
         first + every
+    last = collect_statistics(model, x, first_token=True, token_position=-1)
+    with pytest.raises(ValueError, match="sequence position 0 to those of position -1"):
+        first + last
     first.save(tmp_path / "s.pt")
     assert Statistics.load(tmp_path / "s.pt").first_token
+    last.save(tmp_path / "last.pt")
+    assert Statistics.load(tmp_path / "last.pt").token_position == -1
+    with pytest.raises(ValueError, match="collected with token_position=-1, but the call has token_position=0"):
+        deepunlearn.unlearn(model, last, x, alpha_r=100, alpha_f=3, first_token=True, token_position=0)
+    with pytest.raises(ValueError, match="token_position must be a sequence position"):
+        deepunlearn.unlearn(model, x, x, alpha_r=100, alpha_f=3, first_token=True, token_position=True)
     with pytest.raises(ValueError, match="collected with first_token=True, but the call has first_token=False"):
         deepunlearn.unlearn(model, first, every, alpha_r=100, alpha_f=3, first_token=False)
     with pytest.raises(ValueError, match="collected with first_token=False, but the call has first_token=True"):
@@ -146,22 +157,33 @@ class PooledTokenNet(TokenNet):
         return self.head(t.mean(1))
 
 
+class LastTokenNet(TokenNet):
+    """TokenNet whose head reads the last position (as GPT-2's sequence classifiers do)."""
+
+    def forward(self, x):
+        t = self.embed(x)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        t = t + torch.relu(self.mlp(t))
+        return self.head(t[:, -1])
+
+
 def test_a_class_token_model_is_told_from_one_that_pools_its_positions():
-    from deepunlearn.scoring import reads_first_position
+    from deepunlearn.scoring import read_position
 
     torch.manual_seed(0)
     x = torch.randn(8, 7, 6)
-    for model, want in [(TokenNet(True), True), (TokenNet(False), True), (PooledTokenNet(True), False), (SmallViT(), True)]:
+    for model, want in [(TokenNet(True), 0), (TokenNet(False), 0), (PooledTokenNet(True), None), (SmallViT(), 0),
+                        (LastTokenNet(True), -1)]:
         model.train()  # restored after
         before = [p.clone() for p in model.parameters()]
         inputs = torch.randn(8, 1, 28, 28) if isinstance(model, SmallViT) else x
-        got = reads_first_position(model, inputs, model.head, None)
-        assert got is want, type(model).__name__
+        got = read_position(model, inputs, model.head, None)
+        assert got == want, type(model).__name__
         assert model.training and all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-        assert not reads_first_position(model, inputs[:1], model.head, None)  # one sample: cannot tell
+        assert read_position(model, inputs[:1], model.head, None) is None  # one sample: cannot tell
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
-    assert not reads_first_position(cnn, torch.randn(8, 1, 6, 6), cnn[-1], None)  # no sequence at all
+    assert read_position(cnn, torch.randn(8, 1, 6, 6), cnn[-1], None) is None  # no sequence at all
 
 
 @pytest.mark.filterwarnings("ignore:no candidate reached")  # untrained models: the modes are checked, not the choice
@@ -226,12 +248,12 @@ def test_every_position_statistics_are_collected_only_where_their_search_runs(mo
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("pool, want", [("token", True), ("avg", False)])
+@pytest.mark.parametrize("pool, want", [("token", 0), ("avg", None)])
 def test_a_timm_vit_reads_its_class_token_only_with_token_pooling(pool, want):
     timm = pytest.importorskip("timm")
-    from deepunlearn.scoring import reads_first_position
+    from deepunlearn.scoring import read_position
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                               num_classes=5, global_pool=pool).eval()
-    assert reads_first_position(model, torch.randn(4, 3, 32, 32), model.head, None) is want
+    assert read_position(model, torch.randn(4, 3, 32, 32), model.head, None) == want
