@@ -257,3 +257,20 @@ def test_a_timm_vit_reads_its_class_token_only_with_token_pooling(pool, want):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                               num_classes=5, global_pool=pool).eval()
     assert read_position(model, torch.randn(4, 3, 32, 32), model.head, None) == want
+
+
+@pytest.mark.parametrize("arch, want", [("bert", 0), ("gpt2", -1)])
+def test_hugging_face_text_classifiers_read_their_class_token_or_their_last_position(arch, want):
+    transformers = pytest.importorskip("transformers")
+    from deepunlearn.scoring import read_position
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=40, num_labels=3)
+    if arch == "bert":  # the pooler reads [CLS], position 0
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, **common))
+    else:  # the score of the last non-padding position
+        model = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+            n_embd=16, n_layer=1, n_head=2, pad_token_id=0, bos_token_id=None, eos_token_id=None, **common))
+    x = torch.randint(1, 40, (6, 9))  # no padding token
+    assert read_position(model.eval(), x, model.classifier if arch == "bert" else model.score, None) == want
