@@ -181,6 +181,8 @@ def collect_statistics(
     model = eager_module(model)
     targets, device, dtype = collection_setup(model, dtype)
     check_autocast(autocast)
+    if isinstance(token_position, bool) or not isinstance(token_position, int):
+        raise ValueError(f"token_position must be a sequence position (0, -1), got {token_position!r}")
     ranks = dist.world() if distributed else None
     try:
         stats, samples = collect_slots(model, data, targets, device, dtype, autocast, batch_size, progress, desc, keep_vectors,

@@ -240,7 +240,15 @@ class Collector:
         self.stats.sequence_inputs |= sequence
         for slots, first in (self._sinks() if sequence else [(None, False)]):
             with autocast_off(self.device):
-                self.add_rows(name, linear_rows(self._computed(x[:, self.token_position] if first else x), d), slots)
+                kept = x[:, self._position(name, x.shape[1])] if first else x
+                self.add_rows(name, linear_rows(self._computed(kept), d), slots)
+
+    def _position(self, name: str, length: int) -> int:
+        """:attr:`token_position`, checked against the ``length`` positions layer ``name`` read."""
+        if not -length <= self.token_position < length:
+            raise ValueError(f"token_position={self.token_position}, but layer '{name}' read sequences of {length} "
+                             "position(s)")
+        return self.token_position
 
     def _shared_owner(self, name: str, x: torch.Tensor) -> str | None:
         """The slot already holding ``x`` in this forward pass if ``name`` shares it, else ``None``.
@@ -304,7 +312,7 @@ class Collector:
         for slots, first in self._sinks():
             def rows(t: torch.Tensor, computed: bool = True) -> torch.Tensor:
                 # sequence first: the one position kept, or all positions in any order
-                t = t[self.token_position][None] if first else _batch_major(t)
+                t = t[self._position(name, t.shape[0])][None] if first else _batch_major(t)
                 return linear_rows(self._computed(t) if computed else t, t.shape[-1])
 
             with autocast_off(self.device):

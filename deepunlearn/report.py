@@ -77,8 +77,8 @@ class AlphaChoice:
             carry ``alpha_f_head`` (the head's scale) and ``head_apart`` (1 where it was set apart).
         keep_retain_mean: whether the candidates' biases kept the retain samples' mean output
             (:func:`deepunlearn.unlearn`'s ``keep_retain_mean``).
-        every_position_skipped: whether a model that reads sequences was searched with the first
-            position's statistics only: its output depends on that position alone
+        every_position_skipped: whether a model that reads sequences was searched with one
+            position's statistics only (``token_position``): its output depends on that position alone
             (:func:`~deepunlearn.scoring.read_position`) and they reached the target, so every
             position's were not scored.
         head_shift: per class, what the edit adds to the classifier head's bias so that the

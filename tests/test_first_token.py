@@ -72,6 +72,12 @@ def test_first_position_statistics_are_kept_apart(tmp_path):
         deepunlearn.unlearn(model, last, x, alpha_r=100, alpha_f=3, first_token=True, token_position=0)
     with pytest.raises(ValueError, match="token_position must be a sequence position"):
         deepunlearn.unlearn(model, x, x, alpha_r=100, alpha_f=3, first_token=True, token_position=True)
+    with pytest.raises(ValueError, match="token_position must be a sequence position"):
+        collect_statistics(model, x, first_token=True, token_position=0.5)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"token_position=7, but layer 'embed' read sequences of 7 position\(s\)"):
+        deepunlearn.unlearn(model, x, x, alpha_r=100, alpha_f=3, first_token=True, token_position=7)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     with pytest.raises(ValueError, match="collected with first_token=True, but the call has first_token=False"):
         deepunlearn.unlearn(model, first, every, alpha_r=100, alpha_f=3, first_token=False)
     with pytest.raises(ValueError, match="collected with first_token=False, but the call has first_token=True"):
