@@ -20,6 +20,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -76,9 +77,14 @@ def refitted_head(model: nn.Module, candidates: Candidates, pair: tuple[float, f
                                    (w, head.bias().detach().clone() if b is None else b),
                                    lambda p, k=k: scorer.forget_hit[k](p, torch.arange(len(p)))))
     fit = []
-    for xb in x_fit.split(scorer.batch_size):
-        reader.logits_of(model, xb.to(device))
-        fit.append(reader.features)
+    prefix = scorer.prefix if scorer.prefix is not None and "fit" in scorer.prefix.outputs else None
+    with nullcontext() if prefix is None else prefix.standing_in():  # the fit samples' kept prefix outputs
+        for start in range(0, len(x_fit), scorer.batch_size):
+            rows = slice(start, start + scorer.batch_size)
+            if prefix is not None:
+                prefix.kept("fit", rows)
+            reader.logits_of(model, x_fit[rows].to(device))
+            fit.append(reader.features)
     features_r = torch.cat([*fit, scorer.head_inputs(model, "retain", reader, pair[:2])])
     logits_r = torch.cat([logits_fit.to(device), scorer.original_retain_logits.to(device)]).float()
     right_r = torch.cat([right_fit.cpu(), scorer.retain_ref.cpu()])

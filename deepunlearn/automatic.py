@@ -14,6 +14,7 @@ import operator
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from .plan import Moments, layer_means, layer_moments, synchronize
 from .reach import check_head_scale, edited_and_head
 from .report import AlphaChoice
 from .sampling import fold_split, holdout_split, materialise
-from .scoring import CHECK_SAMPLES, make_scorer, read_position
+from .scoring import CHECK_SAMPLES, held_out_prefix, make_scorer, read_position
 from .statistics import Statistics, fingerprint_once, model_device
 
 
@@ -106,18 +107,32 @@ def choose_and_collect(
                 parts_f[0] |= kinds(x_f[folds_f[0]], "forget", None, True)
             class_token = read is not None and read == position
         only = True if class_token else None
-        parts_f += [kinds(x_f[i], "forget", out, only) for i, out in zip(folds_f[1:], outputs_f[1:])]
+        # the unedited start of the forward pass, whose outputs the scoring keeps: from here on the
+        # collection passes keep them (the first fold's are computed when the scorer is made)
+        edited = [getattr(t.module, t.param) for t in targets]
+        prefix = held_out_prefix(model, x_r[held_r][:CHECK_SAMPLES].to(device), edited, collect["autocast"],
+                                 len(x_f) + len(x_r))
+
+        def keeping(source: object, samples: int):
+            return nullcontext() if prefix is None or source is None else prefix.capturing(source, samples)
+
+        for k, (i, out) in enumerate(zip(folds_f[1:], outputs_f[1:]), 1):
+            with keeping(k, len(i)):
+                parts_f.append(kinds(x_f[i], "forget", out, only))
         synchronize(device)
         t1 = time.perf_counter()
         outputs_r, outputs_fit = [], []
-        parts_r = [kinds(x_r[fit_r], "retain", outputs_fit, only), kinds(x_r[held_r], "retain", outputs_r, only)]
+        with keeping("fit" if refit_head is not False else None, len(fit_r)):
+            parts_r = [kinds(x_r[fit_r], "retain", outputs_fit, only)]
+        with keeping("retain", len(held_r)):
+            parts_r.append(kinds(x_r[held_r], "retain", outputs_r, only))
     synchronize(device)
     t2 = time.perf_counter()
     check_head_scale(head, alpha_f_head)
     scorer = make_scorer(model, [x_f[i] for i in folds_f], None if y_f is None else [y_f[i] for i in folds_f],
                          x_r[held_r], None if y_r is None else y_r[held_r], classes, collect["batch_size"],
-                         collect["autocast"], edited=[getattr(t.module, t.param) for t in targets],
-                         original=([_logits(o) for o in outputs_f], _logits(outputs_r)))
+                         collect["autocast"], original=([_logits(o) for o in outputs_f], _logits(outputs_r)),
+                         prefix=prefix)  # searched for above
     logits_fit = _logits(outputs_fit)
     refit_on = None if logits_fit is None or refit_head is False else (
         x_r[fit_r], logits_fit, y_r[fit_r] if y_r is not None else logits_fit.argmax(-1).cpu())

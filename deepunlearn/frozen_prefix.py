@@ -132,6 +132,21 @@ class FrozenPrefix:
         the rest of the model does not run."""
         self.outputs[source] = torch.cat([self._stored(self.compose(x, self.input_format)) for x in xs])
 
+    @contextmanager
+    def capturing(self, source: object, samples: int) -> Iterator[None]:
+        """Keep the last member's outputs of the forward passes run inside as ``source``'s, where
+        they come to ``samples`` rows (the passes ran over exactly the source's samples, in order,
+        once); else keep nothing for it. The passes must run the model as :func:`find_prefix`'s
+        ``run`` does (eval mode, no autograd, the same batches)."""
+        kept: list[torch.Tensor] = []
+        handle = self.members[-1].register_forward_hook(lambda module, args, out: kept.append(self._stored(out)))
+        try:
+            yield
+        finally:
+            handle.remove()
+        if kept and sum(len(k) for k in kept) == samples:
+            self.outputs[source] = torch.cat(kept)
+
     def capture(self, run: Callable[[torch.Tensor], torch.Tensor], source: object,
                 xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``run`` (a whole forward pass) on each batch of ``xs``, keeping the last member's outputs

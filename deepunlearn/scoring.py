@@ -351,35 +351,54 @@ class Scorer:
         return list(zip((100.0 * right).tolist(), (100.0 * prob).tolist()))
 
 
+def held_out_prefix(model: nn.Module, x: torch.Tensor, edited: Sequence[torch.Tensor], autocast: torch.dtype | None,
+                    samples: int) -> FrozenPrefix | None:
+    """:func:`find_prefix` of the modules before the first of the parameters ``edited``, checked on
+    ``x`` (a few held-out samples on the model's device), for ``samples`` held-out samples in all."""
+    with eval_no_grad(model):
+        return find_prefix(model, x, edited, lambda xb: _model_logits(model, xb, autocast), samples)
+
+
 def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[torch.Tensor] | None, x_r: torch.Tensor,
                 y_r: torch.Tensor | None, classes: Sequence[int] | None, batch_size: int,
                 autocast: torch.dtype | None, edited: Sequence[torch.Tensor] | None = None,
-                original: tuple[Sequence[torch.Tensor | None], torch.Tensor | None] | None = None) -> Scorer:
+                original: tuple[Sequence[torch.Tensor | None], torch.Tensor | None] | None = None,
+                prefix: FrozenPrefix | None = None) -> Scorer:
     """Scores folds ``x_f`` (labels ``y_f`` per fold, or None) and held-out retain samples ``x_r``:
     by the labels where the data carry them; by the forgotten classes where given; else by
     agreement with the unedited model (forget: predicted as one of :func:`inferred_forget_classes`).
     At most :data:`HOLDOUT_CAP` samples of each fold score. ``edited``: the parameters candidates
-    change; the modules before the first of them run once per held-out sample (:func:`find_prefix`).
-    ``original``: the unedited model's logits on every sample of each fold and on ``x_r``, where
-    known (None entries: computed here)."""
+    change; the modules before the first of them run once per held-out sample (:func:`find_prefix`;
+    ``prefix``: that chain found already, with the outputs of some sources kept: fold ``k``'s every
+    sample, ``"retain"``'s). ``original``: the unedited model's logits on every sample of each fold
+    and on ``x_r``, where known (None entries: computed here)."""
     x_f = [x[:HOLDOUT_CAP] for x in x_f]
     device = next(model.parameters()).device
-    prefix = orig_f = orig_r = None
+    orig_f = orig_r = None
     logits_f, logits_r = original if original is not None else ([None] * len(x_f), None)
     if logits_r is not None and all(y is not None for y in logits_f):
         orig_f = torch.cat([y[:HOLDOUT_CAP].argmax(-1).cpu() for y in logits_f])
         orig_r = logits_r.argmax(-1).cpu()
     need_original = y_r is None or (y_f is None and classes is None)  # the unedited predictions
-    if edited is not None:
+    if edited is not None and prefix is None:
+        prefix = held_out_prefix(model, x_r[:CHECK_SAMPLES].to(device), edited, autocast, sum(map(len, x_f)) + len(x_r))
+    if prefix is not None:
+        for k in range(len(x_f)):
+            if k in prefix.outputs:
+                prefix.outputs[k] = prefix.outputs[k][:HOLDOUT_CAP]
+
         def run(x: torch.Tensor) -> torch.Tensor:
             return _model_logits(model, x, autocast)
 
+        missing = [(source, x) for source, x in [*enumerate(x_f), ("retain", x_r)] if source not in prefix.outputs]
         with eval_no_grad(model):
-            prefix = find_prefix(model, x_r[:CHECK_SAMPLES].to(device), edited, run, sum(map(len, x_f)) + len(x_r))
-            if prefix is not None and prefix.composes and not (need_original and orig_f is None):  # the prefix alone
-                for source, x in [*enumerate(x_f), ("retain", x_r)]:
+            if prefix.composes and not (need_original and orig_f is None):  # the prefix alone
+                for source, x in missing:
                     prefix.keep_composed(source, [xb.to(device) for xb in x.split(batch_size)])
-            elif prefix is not None:  # one whole pass over the held-out samples keeps the prefix's outputs
+            elif orig_f is not None:  # whole passes keep the missing outputs
+                for source, x in missing:
+                    prefix.capture(run, source, [xb.to(device) for xb in x.split(batch_size)])
+            else:  # one whole pass over the held-out samples keeps the prefix's outputs and the predictions
                 def kept_predictions(source: int | str, x: torch.Tensor) -> torch.Tensor:
                     return torch.cat([y.argmax(-1).cpu() for y in
                                       prefix.capture(run, source, [xb.to(device) for xb in x.split(batch_size)])])

@@ -230,3 +230,62 @@ def test_the_unedited_logits_given_spare_the_whole_pass():
     assert torch.equal(given.retain_ref, computed.retain_ref) and given.forgotten == computed.forgotten
     assert given.scoring == computed.scoring == "original predictions"
     assert torch.equal(given.original_retain_logits, original[1])
+
+
+@torch.no_grad()
+def test_capturing_keeps_the_outputs_of_passes_over_exactly_the_sources_samples():
+    model = SmallCNN().eval()
+    x = torch.randn(10, 1, 28, 28)
+    prefix = find_prefix(model, x, edited_params(model), run_of(model), 100)
+    with prefix.capturing("a", 10):
+        model(x[:6])
+        model(x[6:])
+    whole = prefix.capture(run_of(model), "b", [x])
+    assert torch.equal(prefix.outputs["a"], prefix.outputs["b"]) and len(whole) == 1
+    with prefix.capturing("c", 10):  # a pass too many (collected again): nothing kept
+        model(x)
+        model(x)
+    assert "c" not in prefix.outputs and not model.features[3]._forward_hooks
+
+
+def test_the_automatic_call_keeps_the_stems_outputs_from_its_statistics_passes(monkeypatch):
+    """The stem's outputs of every part but the first fold come from the statistics' passes, and
+    the head's re-fit reads its retain samples through them: the same choice and, to float32
+    rounding, the same edit as with every part's outputs computed for the scoring alone."""
+    import deepunlearn
+    from contextlib import nullcontext
+    torch.manual_seed(0)
+    templates = torch.randn(3, 1, 28, 28)  # three classes: a pattern each, under noise
+
+    def draw(c: torch.Tensor) -> torch.Tensor:
+        return templates[c] + 0.8 * torch.randn(len(c), 1, 28, 28)
+
+    model = SmallCNN(num_classes=3)
+    optimiser = torch.optim.Adam(model.parameters(), 3e-3)
+    with torch.enable_grad():
+        for _ in range(40):
+            y = torch.randint(0, 3, (64,))
+            loss = nn.functional.cross_entropy(model(draw(y)), y)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    model.eval()
+    forget, retain = draw(torch.zeros(600, dtype=torch.long)), draw(torch.arange(1, 3).repeat(100))
+    composed, read = [], set()
+    real_compose, real_kept = frozen_prefix.FrozenPrefix.keep_composed, frozen_prefix.FrozenPrefix.kept
+    monkeypatch.setattr(frozen_prefix.FrozenPrefix, "keep_composed",
+                        lambda self, source, xs: composed.append(source) or real_compose(self, source, xs))
+    monkeypatch.setattr(frozen_prefix.FrozenPrefix, "kept",
+                        lambda self, source, rows: read.add(source) or real_kept(self, source, rows))
+    report = deepunlearn.unlearn(model, forget, retain, inplace=False)
+    assert composed == [0] and "fit" in read  # only the first fold, collected before the stem was known
+    composed.clear()
+    read.clear()
+    monkeypatch.setattr(frozen_prefix.FrozenPrefix, "capturing", lambda self, source, samples: nullcontext())
+    without = deepunlearn.unlearn(model, forget, retain, inplace=False)
+    assert composed == [0, 1, 2, 3, "retain"] and "fit" not in read
+    c, w = report.alpha_choice, without.alpha_choice
+    assert c.reached_target and c.head_refit is not None  # the re-fit ran, through the kept outputs
+    assert (c.alpha_r, c.alpha_f, c.alpha_f_head) == (w.alpha_r, w.alpha_f, w.alpha_f_head)
+    for p, q in zip(report.model.parameters(), without.model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
