@@ -94,6 +94,8 @@ def _solved_many(problems: Sequence[tuple[_Normal, _Normal, float]], weight: tor
                  kept: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """:func:`_solved_rows` of each ``(retain, forget, forget_weight)``, in one batched solve (the
     cross-validation's 25 small systems in one call, not 25)."""
+    if not problems:
+        return []
     grams, rhss = [], []
     for retain, forget, forget_weight in problems:
         per_f = forget_weight * retain.n / max(1, forget.n)
