@@ -100,6 +100,8 @@ def choose_and_collect(
         parts_f = [kinds(x_f[folds_f[0]], "forget", outputs_f[0])]
         targets, skipped, head = edited_and_head(targets, skipped, parts_f[0][min(parts_f[0])], skip_first_layer,
                                                  want_head=True)
+        synchronize(device)
+        t_probe = time.perf_counter()  # the probes below serve the choice: their time is choosing's
         if True in parts_f[0] and head is not None and parts_f[0][True].sequence_inputs:
             read = read_position(model, x_r[held_r][:CHECK_SAMPLES].to(device), head.module, collect["autocast"])
             if token_position is None and read == -1:  # the last position is read: the first fold's token statistics from it
@@ -112,6 +114,8 @@ def choose_and_collect(
         edited = [getattr(t.module, t.param) for t in targets]
         prefix = held_out_prefix(model, x_r[held_r][:CHECK_SAMPLES].to(device), edited, collect["autocast"],
                                  len(x_f) + len(x_r))
+        synchronize(device)
+        probing = time.perf_counter() - t_probe
 
         def keeping(source: object, samples: int):
             return nullcontext() if prefix is None or source is None else prefix.capturing(source, samples)
@@ -179,9 +183,9 @@ def choose_and_collect(
     del scorer, best, parts_f, parts_r, refit_on
     synchronize(device)
     t_chosen = time.perf_counter()
-    choice.seconds = t_chosen - t2  # decomposing and scoring
+    choice.seconds = t_chosen - t2 + probing  # probing the model, decomposing and scoring
     return Chosen(choice, targets, skipped, head, functools.reduce(operator.add, folds), fit_sr + held_sr,
-                  {"collect_forget": t1 - t0, "collect_retain": t2 - t1, "choose_alpha": t_chosen - t2})
+                  {"collect_forget": t1 - t0 - probing, "collect_retain": t2 - t1, "choose_alpha": choice.seconds})
 
 
 def _dense_once(parts: Sequence[Statistics]) -> None:
