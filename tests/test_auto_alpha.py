@@ -763,6 +763,11 @@ def test_the_default_call_refits_the_heads_retained_rows_and_nothing_else(traine
     x, y = blobs(500, 7)
     acc_r, acc_f = accuracies(report.model, x, y)
     assert acc_f <= 1.0 and acc_r >= accuracies(plain.model, x, y)[0] - 1.0
+    # the search ran in inference mode: nothing made there reaches the caller as an inference tensor
+    assert not refit.weight.is_inference() and not refit.bias.is_inference()
+    assert not any(p.is_inference() for p in report.model.parameters())
+    nn.functional.cross_entropy(report.model(x), y).backward()  # the edited model trains on
+    assert all(p.grad is not None for p in report.model.parameters())
 
 
 def test_where_no_refit_keeps_forgetting_the_heads_bias_is_rebalanced(trained, monkeypatch):
