@@ -14,6 +14,7 @@ from ._batches import DataLike
 from .auto_alpha import TARGET_FORGET_ACCURACY
 from .automatic import choose_and_collect
 from .collect import gather_statistics
+from .hooks import check_token_position
 from .layers import SkippedLayer, eager_module, editable_targets, find_targets
 from .plan import (apply_plan, layer_means, layer_moments, plan_edits_with, rebalanced, refitted, solved_edits,
                    synchronize, traces)
@@ -160,8 +161,8 @@ def unlearn(
         raise ValueError(f"keep_retain_mean must be True, False or None, got {keep_retain_mean!r}")
     if refit_head not in (None, True, False):
         raise ValueError(f"refit_head must be True, False or None, got {refit_head!r}")
-    if token_position is not None and (isinstance(token_position, bool) or not isinstance(token_position, int)):
-        raise ValueError(f"token_position must be a sequence position (0, -1) or None, got {token_position!r}")
+    if token_position is not None:
+        check_token_position(token_position)
     choosing = alpha_r is None or alpha_f is None
     if refit_head and not choosing:
         raise ValueError("refit_head=True needs the automatic choice of alpha (it uses its held-out retain samples); "

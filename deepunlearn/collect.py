@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist
 from ._batches import DataLike, iter_batches
-from .hooks import Collector, SharingChanged, autocast_on, check_autocast
+from .hooks import Collector, SharingChanged, autocast_on, check_autocast, check_token_position
 from .layers import EditTarget, eager_module, editable_targets
 from .moments import moment_trace
 from .pooling import pooling_by_maxima
@@ -184,8 +184,7 @@ def collect_statistics(
     model = eager_module(model)
     targets, device, dtype = collection_setup(model, dtype)
     check_autocast(autocast)
-    if isinstance(token_position, bool) or not isinstance(token_position, int):
-        raise ValueError(f"token_position must be a sequence position (0, -1), got {token_position!r}")
+    check_token_position(token_position)
     ranks = dist.world() if distributed else None
     try:
         stats, samples = collect_slots(model, data, targets, device, dtype, autocast, batch_size, progress, desc, keep_vectors,
@@ -280,7 +279,6 @@ def collect_slots(model, data, targets, device, dtype, autocast, batch_size, pro
              outputs: list[torch.Tensor | None] | None = None, token_position: int = 0) -> tuple[Statistics, int]:
     collector = Collector(targets, device, dtype, autocast=autocast, keep_vectors=keep_vectors, first_token=first_token,
                           token_position=token_position)
-    collector.stats.first_token, collector.stats.token_position = first_token, token_position if first_token else 0
     try:
         samples = run_with_hooks(model, data, collector, batch_size, progress, desc, outputs)
     except SharingChanged as exc:
@@ -291,6 +289,5 @@ def collect_slots(model, data, targets, device, dtype, autocast, batch_size, pro
         warnings.warn(f"{exc}: collecting again with one statistic per layer", RuntimeWarning, stacklevel=3)
         collector = Collector(targets, device, dtype, share_inputs=False, autocast=autocast, keep_vectors=keep_vectors,
                                first_token=first_token, token_position=token_position)
-        collector.stats.first_token, collector.stats.token_position = first_token, token_position if first_token else 0
         samples = run_with_hooks(model, data, collector, batch_size, progress, desc, outputs)
     return collector.stats, samples

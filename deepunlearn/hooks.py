@@ -82,7 +82,8 @@ class Collector:
         self.expected_samples: int | None = None
         self.batch_samples = 0
         self.first_token = first_token
-        self.token_position = token_position  # the one position first_token keeps: 0, or -1 (the last)
+        self.token_position = check_token_position(token_position)  # the one position first_token keeps
+        self.stats.first_token, self.stats.token_position = first_token, token_position if first_token else 0
         # both_kinds: also that position's statistics of every sequence slot, in the same passes
         self.token_slots: dict[str, SlotStatistics] | None = {} if both_kinds else None
         self.device, self.dtype = device, dtype
@@ -335,6 +336,13 @@ class Collector:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+def check_token_position(position: int) -> int:
+    """``position`` if it can name one sequence position (0 the first, -1 the last): an int, not a bool."""
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise ValueError(f"token_position must be a sequence position (0, -1), got {position!r}")
+    return position
 
 
 def check_autocast(dtype: torch.dtype | None) -> torch.dtype | None:

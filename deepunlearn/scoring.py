@@ -205,10 +205,8 @@ def _read_position(model: nn.Module, x: torch.Tensor, head: nn.Module, autocast:
             seen[0] += 1
             if seen[0] != nth:
                 return None
-            others = out.clone()
-            keep = out[:, position]
-            others = others.roll(1, 0)  # every other position from the previous sample
-            others[:, position] = keep
+            others = out.roll(1, 0)  # every other position from the previous sample (a new tensor)
+            others[:, position] = out[:, position]
             return others
 
         handle = module.register_forward_hook(swapped)
