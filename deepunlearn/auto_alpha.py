@@ -357,8 +357,8 @@ def choose_alphas(
     shares = None  # the unedited model's mean predicted probabilities on the held-out retain samples, where the
     # head is rebalanced
     try:
-        # once for the whole search, not per scoring call; inference mode: 4-9 % less choosing time than
-        # no_grad on the suite's SmallCNN and ViT (its many small passes), the same choices
+        # once for the whole search, not per scoring call; inference mode: less dispatch overhead per op
+        # than no_grad on its many small passes (docs/auto_alpha.md), and nothing here needs autograd
         with eval_no_grad(model, inference=True):
             if (len(options) > 1 or rebalance) and head is not None:
                 head_reads = HeadReader(head.module, scorer.autocast).reads_the_output(

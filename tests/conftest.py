@@ -10,8 +10,8 @@ WORKER_THREADS = max(1, THREADS // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT
 # The ops' tests run their parallel loops on two threads or more whatever the share, so that work
 # split across threads (and any race between them) is still what they check.
 KERNEL_TEST_THREADS = max(2, WORKER_THREADS)
-# (Not test_symmetric_eigh: its CPU kernel is LAPACK's own, and two OpenMP threads beside a busy
-# worker made its 300-wide case take 22 s instead of 0.1 s.)
+# (Not test_symmetric_eigh: its CPU kernel is LAPACK's own, whose OpenMP threads stall when they
+# outnumber the cores a busy neighbour leaves them.)
 KERNEL_TEST_MODULES = {"test_build", "test_conv_cov", "test_conv_forms", "test_linear_cov", "test_projected_edit"}
 torch.set_num_threads(WORKER_THREADS)
 if WORKER_THREADS < THREADS:

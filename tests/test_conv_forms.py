@@ -107,7 +107,7 @@ def test_each_form_matches_float64_oracle(monkeypatch, device, form, dtype, conv
     run = lambda: accumulate_conv_(start, x.to(dev), geom, form=form, chunk_elements=chunk)  # noqa: E731
     # The weight-gradient form ran exactly where it was asked for. Profiled once per geometry and form
     # (the forms' control flow does not depend on the dtype), and not on the generic forms: profiling
-    # their thousands of small ATen calls takes 0.5-2.5 s a case, and they call no convolution.
+    # their thousands of small ATen calls costs seconds a case, and they call no convolution.
     profiled = form == "wgrad" or (dtype == torch.float64 and not form.endswith("/generic"))
     got, ran = with_wgrad_check(run) if profiled else (run(), False)
     tol = 1e-13 if dtype == torch.float64 else 1e-5
