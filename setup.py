@@ -90,10 +90,14 @@ def extensions():
     # old ABI would build an extension that crashes when an op's error crosses into torch).
     abi = ("_GLIBCXX_USE_CXX11_ABI", str(int(torch._C._GLIBCXX_USE_CXX11_ABI)))
     define = [("DEEPUNLEARN_TORCH_VERSION", f'"{torch.__version__}"'), ("Py_LIMITED_API", "0x030A0000"), abi]
-    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for (C++20 from torch 2.13)
+    # -g0 overrides the -g of Python's own CFLAGS: debug information for torch's headers doubled
+    # every file's compile time. The C++ standard is the one torch asks for (C++20 from torch 2.13).
+    cxx = ["-O3", "-g0", "-fopenmp"]
     sources = list(cpu_sources)
     if use_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # the ops' host code (.cpp) is compiled once by the C++ compiler; only the kernels (.cu, no
+        # torch header) go through nvcc, which parses a file once more per GPU architecture
+        sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         define += [("DEEPUNLEARN_WITH_CUDA", "1"), ("DEEPUNLEARN_CUDA_VERSION", f'"{torch.version.cuda}"')]
         include_dirs, link = cuda_library_flags(cuda_home)
         ext = cpp_extension.CUDAExtension(

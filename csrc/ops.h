@@ -11,14 +11,9 @@
 #include <array>
 #include <cstdint>
 
-namespace deepunlearn {
+#include "conv_geometry.h"
 
-// Geometry of a 1-d or 2-d convolution, as seen by the covariance ops (1-d is 2-d with H = 1).
-struct ConvGeom {
-  int64_t kh, kw, sh, sw, ph_lo, ph_hi, pw_lo, pw_hi, dh, dw;
-  int64_t out_h(int64_t h) const { return (h + ph_lo + ph_hi - dh * (kh - 1) - 1) / sh + 1; }
-  int64_t out_w(int64_t w) const { return (w + pw_lo + pw_hi - dw * (kw - 1) - 1) / sw + 1; }
-};
+namespace deepunlearn {
 
 ConvGeom parse_conv_geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation);
@@ -52,7 +47,7 @@ void mirror_lower_to_upper_cpu(at::Tensor& cov);
 // cov (B, d, d) contiguous += a_bᵀ a_b for each a_b (n, d) of a (B, n, d), in cov's dtype, then an
 // exact mirror; each a_b with one unit stride (either), the same stride between them. Where one
 // GEMM covers d: one batched GEMM for all B (a grouped conv's groups), else the lower tiles, per matrix.
-// tile, split_k: the linear op's tuning arguments (0: the kernel's own choice; linear_cov_cuda.cu).
+// tile, split_k: the linear op's tuning arguments (0: the kernel's own choice; linear_cov_cuda.cpp).
 void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a, int64_t tile = 0, int64_t split_k = 0);
 #endif
 

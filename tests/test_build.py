@@ -59,7 +59,11 @@ def test_cuda_kernels_are_really_in_the_binary():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"deepunlearn::{op}", "CUDA"), op
     from deepunlearn import _C
 
-    assert ".nv_fatbin" in elf_section_names(Path(_C.__file__)), "no device code in the extension"
+    binary = Path(_C.__file__)
+    assert ".nv_fatbin" in elf_section_names(binary), "no device code in the extension"
+    code = binary.read_bytes()
+    for kernel in (b"gather_patches_colmajor", b"mirror_lower_to_upper_tiles"):  # csrc/cuda/*_kernels.cu
+        assert kernel in code, f"the kernel {kernel.decode()} is not in {binary.name}"
 
 
 def test_disable_switch_forces_the_pure_path(monkeypatch):

@@ -2,7 +2,7 @@
 // (choose.cpp). Every form makes the same statistics exactly; they differ in speed only.
 //
 // * direct: the patches gathered in bounded chunks and summed by symmetric GEMMs; any geometry
-//   (the device's own file: cpu/conv_cov_cpu.cpp, cuda/conv_cov_cuda.cu).
+//   (the device's own file: cpu/conv_cov_cpu.cpp, cuda/conv_cov_cuda.cpp).
 // * shifted: stride-1, undilated convs by shifted cross-correlations (shift_plan.h, shifted.cpp).
 // * residues: dilated stride-1 convs: the shifted form over the input's residue images (images.cpp).
 // * phases: strided, undilated convs with overlapping windows: the shifted form over the input's

@@ -1,7 +1,7 @@
 // linear_cov_accumulate_ on CUDA: GEMMs on the tiles on and below the diagonal with cuBLAS on the
 // tensor cores (bf16/fp16 inputs with float32 accumulation; tf32 for float32 inputs when torch
 // allows it: torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision), then a kernel
-// that mirrors the strict lower triangle into the upper one. Runs on the current stream.
+// (linear_cov_kernels.cu) that mirrors the strict lower triangle into the upper one. Runs on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -12,33 +12,11 @@
 #include <torch/library.h>
 
 #include "../ops.h"
+#include "kernels.h"
 
 namespace deepunlearn {
 
 namespace {
-
-constexpr int kMirrorTile = 32;
-
-constexpr int64_t kMaxGridZ = 65535;
-
-// c_z[i][j] = c_z[j][i] for i < j, matrix z = blockIdx.z of (d × d) matrices d² apart, through a
-// shared-memory tile so reads and writes are coalesced.
-template <typename T>
-__global__ void mirror_lower_to_upper(T* __restrict__ c, int64_t d) {
-  __shared__ T tile[kMirrorTile][kMirrorTile + 1];
-  c += static_cast<int64_t>(blockIdx.z) * d * d;
-  const int64_t tr = blockIdx.y, tc = blockIdx.x;  // destination tile (row, col)
-  if (tr > tc) return;                              // lower tiles are sources only
-  for (int j = threadIdx.y; j < kMirrorTile; j += blockDim.y) {
-    const int64_t row = tc * kMirrorTile + j, col = tr * kMirrorTile + threadIdx.x;
-    if (row < d && col < d) tile[j][threadIdx.x] = c[row * d + col];
-  }
-  __syncthreads();
-  for (int j = threadIdx.y; j < kMirrorTile; j += blockDim.y) {
-    const int64_t row = tr * kMirrorTile + j, col = tc * kMirrorTile + threadIdx.x;
-    if (row < d && col < d && col > row) c[row * d + col] = tile[threadIdx.x][j];
-  }
-}
 
 cudaDataType_t cuda_type(at::ScalarType t) {
   switch (t) {
@@ -153,17 +131,8 @@ void syrk_accumulate_cuda(at::Tensor& cov, const at::Tensor& a_in, int64_t tile,
   } else {
     for (int64_t b = 0; b < batch; ++b) lower_tiles(b, 0, n);
   }
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t tiles = (d + kMirrorTile - 1) / kMirrorTile;
-  for (int64_t b0 = 0; b0 < batch; b0 += kMaxGridZ) {
-    const dim3 grid(tiles, tiles, static_cast<unsigned>(std::min(kMaxGridZ, batch - b0))), block(kMirrorTile, 8);
-    if (dbl) {
-      mirror_lower_to_upper<double><<<grid, block, 0, stream>>>(cov.mutable_data_ptr<double>() + b0 * d * d, d);
-    } else {
-      mirror_lower_to_upper<float><<<grid, block, 0, stream>>>(cov.mutable_data_ptr<float>() + b0 * d * d, d);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  C10_CUDA_CHECK(kernels::mirror_lower_to_upper(cov.mutable_data_ptr(), d, batch, static_cast<int>(ce),
+                                                at::cuda::getCurrentCUDAStream()));
 }
 
 static void linear_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x, int64_t tile, int64_t split_k) {
