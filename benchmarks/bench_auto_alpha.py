@@ -42,7 +42,7 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CLASS_SETS, device_name, suite_arguments, suite_data, suite_model, suite_samples, write_results  # noqa: E402
+from common import CLASS_SETS, device_name, suite_arguments, suite_data, suite_model, suite_samples, measured_split_note, write_results  # noqa: E402
 import deepunlearn  # noqa: E402
 from deepunlearn.experiments import SUITE_PER_CLASS  # noqa: E402
 from deepunlearn.evaluation import class_accuracies, predictions  # noqa: E402
@@ -85,9 +85,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     first_token = {"auto": None, "yes": True, "no": False}[a.first_token]  # the unlearn() keyword
     sets = a.forget or CLASS_SETS
-    train, labels, test = suite_data(a.data)
+    train, labels, test = suite_data(a.data, a.test_images)
     device = torch.device(a.device)
     result = {"device_name": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__, "seed": a.seed,
+              "test_images": len(test),
               "per_class": a.per_class, "targets": QUALITY, "first_token": a.first_token, "alpha_f_only": a.alpha_f_only,
               "rows": []}
     for arch in a.archs:
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
 
 def markdown(result: dict) -> str:
     split = all(r.get("alpha_f_only") for r in result["rows"]) and bool(result["rows"])
-    lines = [f"# Automatic α on the suite's models ({result['device_name']})", "",
+    lines = [f"# Automatic α on the suite's models ({result['device_name']})", "", *measured_split_note(result),
              "Test split of Fashion-MNIST; retain drop = original − unlearned retain accuracy (points). Targets: forget "
              f"≤ {QUALITY['forget']:g} %, retain drop ≤ {QUALITY['retain_drop']:g}; {result['per_class']} "
              "images per kept class, as many to forget; choose / fixed = seconds choosing α (the median of three automatic "

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, suite_arguments, suite_data, suite_model, suite_samples, write_results  # noqa: E402
+from common import device_name, suite_arguments, suite_data, suite_model, suite_samples, measured_split_note, write_results  # noqa: E402
 import deepunlearn  # noqa: E402
 from deepunlearn.evaluation import class_accuracies, predictions  # noqa: E402
 from deepunlearn.layers import find_targets  # noqa: E402
@@ -40,8 +40,9 @@ def main(argv=None) -> int:
     suite_arguments(p, RESULTS / "solver_accuracy_cpu")
     a = p.parse_args(argv)
     sets = a.forget or [[0], [2], [7]]
-    train, labels, test = suite_data(a.data)
-    result = {"device_name": device_name(torch.device("cpu")), "torch": torch.__version__, "alphas": ALPHAS, "rows": []}
+    train, labels, test = suite_data(a.data, a.test_images)
+    result = {"device_name": device_name(torch.device("cpu")), "torch": torch.__version__, "alphas": ALPHAS,
+              "test_images": len(test), "rows": []}
     for arch in a.archs:
         original = suite_model(arch, train, a.seed, a.cache_dir)
         for classes in sets:
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Default solve against the float64 eigen reference ({result['device_name']})", "",
+    lines = [f"# Default solve against the float64 eigen reference ({result['device_name']})", "", *measured_split_note(result),
              f"Test split of Fashion-MNIST, α_r = {result['alphas']['alpha_r']:g}, α_f = {result['alphas']['alpha_f']:g}; "
              f"accuracies in %, target: within {TARGET_POINTS} point.", "",
              "| arch | class | retain: default / reference | forget: default / reference | worst layer, change rel. diff |",

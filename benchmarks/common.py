@@ -132,12 +132,16 @@ def suite_arguments(parser, out: Path, archs: Sequence[str] = ("smallcnn", "resn
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="the suite's trained checkpoints")
     parser.add_argument("--data", type=Path, default=None, help="folder of the Fashion-MNIST IDX files (default: Debian's)")
+    parser.add_argument("--test-images", type=int, default=None,
+                        help="measure on this many test-split images, as many of each class, the first ones "
+                             "(default: all 10,000; fewer for a quick look, and the tables say so)")
     parser.add_argument("--out", type=Path, default=out)
 
 
-def suite_data(root: Path | None = None):
+def suite_data(root: Path | None = None, test_images: int | None = None):
     """``(train, labels, test)``: the suite's training split (its validation images held back), its
-    labels, and the test split (the IDX files in ``root``, default Debian's)."""
+    labels, and the test split (the IDX files in ``root``, default Debian's), or of the test split
+    the first ``test_images // 10`` images of each class."""
     from torch.utils.data import Subset
 
     from deepunlearn.sampling import dataset_labels
@@ -146,7 +150,21 @@ def suite_data(root: Path | None = None):
 
     full, test = fashion_mnist("train", root), fashion_mnist("test", root)
     train = Subset(full, range(len(full) - VALIDATION))
+    if test_images is not None:
+        test_labels = dataset_labels(test)
+        classes = test_labels.unique()
+        if not len(classes) <= test_images <= len(test):
+            raise SystemExit(f"--test-images must be from {len(classes)} to {len(test)}, got {test_images}")
+        first = [(test_labels == c).nonzero().flatten()[: test_images // len(classes)] for c in classes]
+        test = Subset(test, torch.cat(first).sort().values.tolist())
     return train, dataset_labels(train), test
+
+
+def measured_split_note(result: dict) -> list[str]:
+    """The tables' line saying that only part of the test split was measured (none for all of it)."""
+    n = result.get("test_images")
+    return [] if n is None or n >= 10000 else [f"Measured on {n} images of the test split ({n // 10} from each class), "
+                                               "not all 10,000: a quick look, not a result.", ""]
 
 
 def suite_samples(train, labels: torch.Tensor, classes: Sequence[int], seed: int, per_class: int | None = None):

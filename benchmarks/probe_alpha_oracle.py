@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CLASS_SETS, device_name, suite_arguments, suite_data, suite_model, suite_samples, write_results  # noqa: E402
+from common import CLASS_SETS, device_name, suite_arguments, suite_data, suite_model, suite_samples, measured_split_note, write_results  # noqa: E402
 from deepunlearn import collect_statistics  # noqa: E402
 from deepunlearn import plan as planning  # noqa: E402
 from deepunlearn.candidates import SpectralCandidates  # noqa: E402
@@ -113,9 +113,10 @@ def main(argv=None) -> int:
                    help="α_f of layer l of L scaled by ((l + 1) / L)^p, per p (0: one α_f)")
     a = p.parse_args(argv)
     sets = a.forget or CLASS_SETS
-    train, labels, test = suite_data(a.data)
+    train, labels, test = suite_data(a.data, a.test_images)
     x_test, y_test = stacked(test)
     result = {"device_name": device_name(torch.device("cpu")), "torch": torch.__version__, "alpha_r_grid": ALPHA_R_GRID,
+              "test_images": len(test),
               "rows": []}
     for arch in a.archs:
         model = suite_model(arch, train, a.seed, a.cache_dir).eval()
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
 
 def markdown(result: dict) -> str:
     grid = result["alpha_r_grid"]
-    lines = [f"# The best single pair, with the test split as oracle ({result['device_name']})", "",
+    lines = [f"# The best single pair, with the test split as oracle ({result['device_name']})", "", *measured_split_note(result),
              "Test retain drop (points) at the smallest α_f whose test forget accuracy is at most 1 %, per α_r ('-': "
              "never forgets with α_f ≤ 10⁴); best = the smallest drop over α_r.", "",
              "| arch | classes | scope | depth power | " + " | ".join(f"α_r={g}" for g in grid) + " | best (α_r, α_f) | best drop |",

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, suite_arguments, suite_data, suite_model, suite_samples, write_results  # noqa: E402
+from common import device_name, suite_arguments, suite_data, suite_model, suite_samples, measured_split_note, write_results  # noqa: E402
 from probe_alpha_oracle import accuracy, stacked  # noqa: E402
 from deepunlearn import collect_statistics  # noqa: E402
 from deepunlearn import plan as planning  # noqa: E402
@@ -86,9 +86,10 @@ def main(argv=None) -> int:
     p.add_argument("--keep-retain-mean", action="store_true",
                    help="biases keep the retain samples' mean output (keep_retain_mean=True), part and body alike")
     a = p.parse_args(argv)
-    train, labels, test = suite_data(a.data)
+    train, labels, test = suite_data(a.data, a.test_images)
     x_test, y_test = stacked(test)
     result = {"device_name": device_name(torch.device("cpu")), "torch": torch.__version__, "part": a.part,
+              "test_images": len(test),
               "keep_retain_mean": a.keep_retain_mean, "rows": []}
     cpu = torch.device("cpu")
     for arch in a.archs:
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
 def markdown(result: dict) -> str:
     kept = ", the retain mean kept" if result.get("keep_retain_mean") else ""
     lines = [f"# Two forget scales, the {result['part']} apart from the body{kept}, test split as oracle "
-             f"({result['device_name']})", "",
+             f"({result['device_name']})", "", *measured_split_note(result),
              "Per α_r and the part's α_f ('unedited': the part left as it was), the test retain drop (points) at the "
              "smallest body α_f whose test forget accuracy is at most 1 % ('-': never); best per case in bold.", "",
              "| arch | classes | α_r | part α_f | body α_f | retain drop | test forget (%) |", "|---|---|---|---|---|---|---|"]

@@ -266,7 +266,8 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
                tmp_path / "suite_smallcnn_original_e4_s0.pt")
     module = importlib.import_module(script)
     out = tmp_path / stem
-    args = ["--archs", "smallcnn", "--forget", "7", "--cache-dir", str(tmp_path), "--out", str(out)]
+    # a tenth of the test split, as many of each class: the scripts' loops, not their numbers
+    args = ["--archs", "smallcnn", "--forget", "7", "--cache-dir", str(tmp_path), "--out", str(out), "--test-images", "1000"]
     if script == "bench_auto_alpha":
         args += ["--forms", "unlabelled", "--per-class", "30", "--alpha-f-only", "--parts"]
     if script == "probe_alpha_split":
@@ -278,8 +279,9 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
         assert module.main(args) == 0
     # one scope in the oracle probe; six of the head's alpha_f at one alpha_r in the split probe
     result = json.loads(out.with_suffix(".json").read_text())
-    assert len(result["rows"]) == rows
+    assert len(result["rows"]) == rows and result["test_images"] == 1000
     assert "smallcnn" in out.with_suffix(".md").read_text()
+    assert "Measured on 1000 images of the test split (100 from each class)" in out.with_suffix(".md").read_text()
     if script == "bench_auto_alpha":  # the samples per kept class given, and the calls that got them
         assert result["per_class"] == 30 and "30 images per kept class" in out.with_suffix(".md").read_text()
         row = result["rows"][0]
@@ -291,6 +293,22 @@ def test_quality_scripts_run_on_a_cached_suite_model(tmp_path, script, stem, row
         parts = row["parts"]
         assert parts["seconds"]["score forget"] > 0 and sum(parts["seconds"].values()) <= parts["choose_seconds"]
         assert "Where choosing's time went" in out.with_suffix(".md").read_text()
+
+
+def test_part_of_the_test_split_is_as_many_images_of_each_class_and_a_bad_count_is_named():
+    from deepunlearn.experiments.fashion_mnist import DEBIAN_ROOT
+    from deepunlearn.sampling import dataset_labels
+
+    if not (DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("dataset-fashion-mnist not installed")
+    import common
+
+    *_, test = common.suite_data(None, 250)
+    assert dataset_labels(test).bincount().tolist() == [25] * 10
+    assert len(common.suite_data()[2]) == 10000
+    for bad in (5, 10001):
+        with pytest.raises(SystemExit, match=f"--test-images must be from 10 to 10000, got {bad}"):
+            common.suite_data(None, bad)
 
 
 def test_timm_models_are_named_in_archs_and_trained_or_loaded_as_the_suites(tmp_path):
