@@ -1,6 +1,6 @@
 """Each compiled op against the pure-PyTorch path it replaces, side by side in one run.
 
-    python benchmarks/bench_kernels.py [--device cpu|cuda] [--quick]
+    python benchmarks/bench_kernels.py [--device cpu|cuda] [--quick] [--layers NAME ...]
 
 Compares linear covariance with ``cov.addmm_(xᵀ, x)``, conv covariance with ``F.unfold`` +
 ``addmm`` (per group), and the fused edit with the two-GEMM torch expression, on the real layer
@@ -319,6 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small batches, few repeats (smoke run)")
     p.add_argument("--no-sweep", action="store_true", help="skip the tuning-knob sweep")
+    p.add_argument("--layers", nargs="*", help="only the rows whose layer name contains one of these")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -334,11 +335,13 @@ def main(argv=None) -> int:
         print("ceilings:", result["ceilings"], flush=True)
     rows = result["rows"]
     pending = []  # (row, pure, op): peak memory is measured after every timing
-    for case in cases(device, a.quick):
+    for case in cases(device, a.quick, lambda layer: not a.layers or any(name in layer for name in a.layers)):
         rows.append(bench(case, device, repeat))
         print(rows[-1], flush=True)
         if case.op != "linear_cov":
             pending.append((rows[-1], case.pure, case.run_op))
+    if not rows:
+        sys.exit(f"no benchmark row matches --layers {a.layers}")
     stem = a.out / (f"kernels_{device.type}" + ("_quick" if a.quick else ""))
     write_results(stem, result, markdown(result))  # the rows so far, in case the sweep is cut short
     if not a.quick and not a.no_sweep:

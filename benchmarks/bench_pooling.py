@@ -1,7 +1,7 @@
 """Max pooling in the package's forward passes (``deepunlearn.pooling``) against torch's kernel, and
 what it does to whole forward passes, in one run on the CPU.
 
-    python benchmarks/bench_pooling.py [--out benchmarks/results/pooling_cpu]
+    python benchmarks/bench_pooling.py [--networks NAME ...] [--out benchmarks/results/pooling_cpu]
 
 Per pooling layer shape of the networks the benchmarks use (VGG-11-BN at 32×32, the suite's
 SmallCNN, the ImageNet ResNet stem; batch as collected): the median time of ``F.max_pool2d`` on a
@@ -38,21 +38,28 @@ LAYERS = [
 ]
 
 
-def networks() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
+NETWORKS = ("vgg11_bn_cifar", "smallcnn", "resnet18_224")
+
+
+def networks(names: tuple[str, ...] = NETWORKS) -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
+    """``(name, model, input batch)`` of the networks named, in the order of ``NETWORKS``."""
     import torchvision
 
     from bench_solver import build_model
     from deepunlearn.experiments.models import SmallCNN
 
     torch.manual_seed(0)
-    return [("vgg11_bn_cifar", build_model("vgg11_bn_cifar"), torch.randn(100, 3, 32, 32)),
-            ("smallcnn", SmallCNN().eval(), torch.randn(225, 1, 28, 28)),
-            ("resnet18_224", torchvision.models.resnet18(weights=None).eval(), torch.randn(25, 3, 224, 224))]
+    make = {"vgg11_bn_cifar": lambda: (build_model("vgg11_bn_cifar"), torch.randn(100, 3, 32, 32)),
+            "smallcnn": lambda: (SmallCNN().eval(), torch.randn(225, 1, 28, 28)),
+            "resnet18_224": lambda: (torchvision.models.resnet18(weights=None).eval(), torch.randn(25, 3, 224, 224))}
+    return [(name, *make[name]()) for name in NETWORKS if name in names]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=15, help="timed rounds per pair (medians)")
+    p.add_argument("--networks", nargs="*", choices=NETWORKS, default=list(NETWORKS),
+                   help="the whole networks timed (none: the pooling layers alone)")
     p.add_argument("--out", type=Path, default=RESULTS / "pooling_cpu")
     a = p.parse_args(argv)
     cpu = torch.device("cpu")
@@ -73,7 +80,7 @@ def main(argv=None) -> int:
             with pooling_by_maxima(model):
                 return model(x)
 
-        for name, model, x in networks():
+        for name, model, x in networks(tuple(a.networks)):
             if not torch.equal(model(x), pooled(model, x)):
                 raise AssertionError(f"{name}: the forward pass differs with pooling by maxima")
             plain_s, ours_s = paired_median_times([lambda: model(x), lambda: pooled(model, x)], cpu, max(3, a.repeat // 3))

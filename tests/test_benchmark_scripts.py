@@ -63,7 +63,7 @@ def test_unlearn_profile_smoke(tmp_path):
 
     out = tmp_path / "profile_unlearn_cpu"
     assert profile_unlearn.main(["--device", "cpu", "--archs", "mobilenet_v3_small", "--images", "2", "--batch-size", "2",
-                                 "--choose", "--out", str(out)]) == 0
+                                 "--choose", "--repeat", "1", "--out", str(out)]) == 0
     (phases,) = json.loads(out.with_suffix(".json").read_text())["archs"].values()
     assert list(phases) == ["forward", "collect", "solve", "solve, inverse factors", "solve, triangular solves",
                             "solve, one input at a time", "unlearn, α chosen"]
@@ -154,15 +154,22 @@ def test_kernel_benchmark_smoke(tmp_path):
     import bench_kernels
     import shapes
 
-    assert bench_kernels.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    # a linear layer and a conv of each kind (stride 1, strided, depthwise, strided depthwise, dilated)
+    layers = ["vit_b16.d768", "resnet18.layer1", "resnet18.layer2.0.conv1", "mobilenet_v2.features.3.",
+              "mobilenet_v2.features.4.", "resnet50_os8.layer4.1.conv2"]
+    assert bench_kernels.main(["--device", "cpu", "--quick", "--layers", *layers, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "kernels_cpu_quick.json").read_text())
     convs = shapes.RESNET18_CIFAR + shapes.VGG11_BN + shapes.DEPTHWISE + shapes.STRIDED + shapes.DILATED
-    assert [r["layer"] for r in result["rows"]] == [s.name for s in shapes.VIT_B16 + convs + shapes.VIT_B16]
+    kept = [s.name for s in shapes.VIT_B16 + convs + shapes.VIT_B16 if any(name in s.name for name in layers)]
+    assert [r["layer"] for r in result["rows"]] == kept and len(kept) == 7
+    assert [r["op"] for r in result["rows"]] == ["linear_cov"] + ["conv_cov"] * 5 + ["projected_edit"]
     for r in result["rows"]:
         assert r["pure_s"] > 0 and r["op_s"] > 0 and r["speedup"] == r["pure_s"] / r["op_s"]
         assert "op_single_call_s" not in r  # a GPU-only column
     table = (tmp_path / "kernels_cpu_quick.md").read_text()
     assert "| conv_cov | resnet50_os8.layer4.1.conv2 (float32) | 4608 |" in table and "back-to-back" not in table
+    with pytest.raises(SystemExit, match="no benchmark row matches"):
+        bench_kernels.main(["--device", "cpu", "--quick", "--layers", "no_such_layer", "--out", str(tmp_path / "none")])
 
 
 def test_gpu_times_are_per_call_within_blocks_of_back_to_back_calls(monkeypatch):
@@ -334,8 +341,9 @@ def test_pooling_benchmark_smoke(tmp_path):
     import bench_pooling
 
     out = tmp_path / "pooling_cpu"
-    assert bench_pooling.main(["--repeat", "1", "--out", str(out)]) == 0
+    assert bench_pooling.main(["--repeat", "1", "--networks", "vgg11_bn_cifar", "smallcnn", "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
-    assert len(result["layers"]) == len(bench_pooling.LAYERS) and len(result["networks"]) == 3
+    assert len(result["layers"]) == len(bench_pooling.LAYERS)
+    assert [r["network"] for r in result["networks"]] == ["vgg11_bn_cifar", "smallcnn"]
     assert all(r["torch_ms"] > 0 and r["ours_ms"] > 0 for r in result["layers"])
     assert "| vgg11_bn_cifar |" in out.with_suffix(".md").read_text()

@@ -46,6 +46,41 @@ def test_refit_rows_solves_the_weighted_ridge_problem(with_bias):
         assert got_b is None
 
 
+def test_wide_refits_in_one_batch_solve_on_two_threads():
+    """Twenty-five 301-wide systems at once, in a process on two threads: torch.linalg.solve's
+    batched CPU path failed there (an MKL parameter error) once torch.set_num_threads had been
+    called; each system's rows must solve its own ridge problem."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from deepunlearn.head_refit import _Normal, _solved_many, RIDGE
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+d, kept = 300, torch.arange(0, 40, 2)
+w, b = torch.randn(40, d, generator=g), torch.randn(40, generator=g)
+problems, worst = [], 0.0
+for k in range(25):
+    f_r, f_f = torch.randn(50 + k, d, generator=g).relu(), torch.randn(30, d, generator=g).relu()
+    z_r, z_f = torch.randn(50 + k, 40, generator=g), torch.randn(30, 40, generator=g)
+    problems.append((_Normal.of(f_r, z_r, kept, True), _Normal.of(f_f, z_f, kept, True), 0.1 * (k % 5)))
+for (r, f, weight), (rows_w, rows_b) in zip(problems, _solved_many(problems, w, b, kept)):
+    per_f = weight * r.n / f.n
+    gram, rhs = r.gram + per_f * f.gram, r.rhs + per_f * f.rhs
+    ridge = RIDGE * gram.diagonal().mean()
+    w0 = torch.cat([w.double()[kept], b.double()[kept, None]], 1)
+    rows = torch.cat([rows_w.double(), rows_b.double()[:, None]], 1)  # (k, d + 1)
+    residual = (gram + ridge * torch.eye(d + 1, dtype=torch.float64)) @ rows.T - (rhs + ridge * w0.T)
+    worst = max(worst, float(residual.norm() / (rhs + ridge * w0.T).norm()))
+print("worst", worst)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # float32 rows (the head's dtype) against the float64 system
+    assert float(done.stdout.split("worst")[-1]) < 1e-5, done.stdout
+
+
 def test_refit_rows_restores_a_head_that_explains_the_retain_logits():
     f_r, _, f_f, _, w, b = problem(1)
     true_w, true_b = w.flip(0), b.flip(0)
