@@ -59,7 +59,9 @@ def main(argv=None) -> int:
     for shape in args.shapes:
         d, g, rows = (int(v) for v in shape.split("x"))
         b64, w64 = problem(d, g, rows, device)
-        want = torch.linalg.solve(b64, w64.mT).mT  # W B⁻¹ (B symmetric)
+        # W B⁻¹ (B symmetric positive definite), by float64 Cholesky: torch.linalg.solve's batched CPU
+        # path fails from 257 wide on two threads (docs/testing.md)
+        want = torch.cholesky_solve(w64.mT, torch.linalg.cholesky(b64)).mT
         b, w = b64.float(), w64.float()
 
         def triangular():
