@@ -109,7 +109,8 @@ def _solved_many(problems: Sequence[tuple[_Normal, _Normal, float]], weight: tor
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     # Symmetric positive definite (a Gram matrix plus a positive ridge): Cholesky, at half an LU's
     # cost, and not torch.linalg.solve, whose batched CPU path (torch 2.14, MKL) fails on systems
-    # 257 wide or more once torch.set_num_threads has set two threads or more
+    # 257 wide or more once torch.set_num_threads has set two threads or more (its LU runs
+    # LAPACK's getrf in several threads at once: pytorch/pytorch#142815)
     factor, info = torch.linalg.cholesky_ex(gram + ridge * eye)
     if bool((info != 0).any()):
         raise ValueError("the head's re-fit met features that are not finite (its normal equations have no "
