@@ -74,6 +74,13 @@ void check_conv_cov_args(const at::Tensor& cov, const at::Tensor& x, const ConvG
               " but C/groups * prod(kernel) = ", c / groups * g.kh * g.kw);
 }
 
+ConvCall checked_conv_call(const at::Tensor& cov, const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const ConvGeom g = parse_conv_geometry(x, kernel, stride, padding, dilation);
+  check_conv_cov_args(cov, x, g);
+  return {g, x.dim() == 3 ? x.unsqueeze(2) : x};
+}
+
 void check_edit_args(const at::Tensor& w, const at::Tensor& m_r, const at::Tensor& m_f) {
   TORCH_CHECK(w.dim() == 3 && m_r.dim() == 3 && m_f.dim() == 3, "projected_edit: w must be (g, o, d) and m_r, m_f (g, d, d)");
   TORCH_CHECK(m_r.sizes() == m_f.sizes() && m_r.size(0) == w.size(0) && m_r.size(1) == w.size(2) &&

@@ -23,6 +23,14 @@ ConvGeom parse_conv_geometry(const at::Tensor& x, at::IntArrayRef kernel, at::In
 void check_linear_cov_args(const at::Tensor& cov, const at::Tensor& x, int64_t tile, int64_t split_k);
 // cov: (groups, d_g, d_g); x: (N, C, H, W) or (N, C, L).
 void check_conv_cov_args(const at::Tensor& cov, const at::Tensor& x, const ConvGeom& g);
+// The conv op's arguments as each of its kernels (and conv_cov_form) starts from: the geometry
+// parsed, the arguments checked, and x as (N, C, H, W) (conv1d's (N, C, L) with H = 1).
+struct ConvCall {
+  ConvGeom g;
+  at::Tensor x;
+};
+ConvCall checked_conv_call(const at::Tensor& cov, const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation);
 // w: (g, o, d); m_r, m_f: (g, d, d); same dtype and device.
 void check_edit_args(const at::Tensor& w, const at::Tensor& m_r, const at::Tensor& m_f);
 

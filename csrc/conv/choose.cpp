@@ -273,9 +273,7 @@ const char* name_of(const std::pair<const char*, T> (&names)[n], T value) {
 // that forces it ("shifted/fused", "direct", ...): the choice made visible to tests and benchmarks.
 std::string conv_cov_form(const at::Tensor& cov, const at::Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view form) {
-  const ConvGeom g = parse_conv_geometry(x_in, kernel, stride, padding, dilation);
-  check_conv_cov_args(cov, x_in, g);
-  const at::Tensor x = x_in.dim() == 3 ? x_in.unsqueeze(2) : x_in;
+  const auto [g, x] = checked_conv_call(cov, x_in, kernel, stride, padding, dilation);
   const ConvChoice c = choose_conv_form(cov, x, g, parse_conv_form(form));
   const std::string name = name_of(kFormNames, c.form);
   if (c.form != ConvForm::kShifted && c.form != ConvForm::kResidues && c.form != ConvForm::kPhases) return name;

@@ -56,12 +56,10 @@ void gather_patches(const in_t* x, std::array<int64_t, 4> st, int64_t C, int64_t
 static void conv_cov_accumulate_cpu(at::Tensor cov, const at::Tensor& x_in, at::IntArrayRef kernel,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                     c10::string_view form, int64_t chunk_elements) {
-  const ConvGeom g = parse_conv_geometry(x_in, kernel, stride, padding, dilation);
-  check_conv_cov_args(cov, x_in, g);
+  const auto [g, x] = checked_conv_call(cov, x_in, kernel, stride, padding, dilation);
   TORCH_CHECK(cov.device().is_cpu(), "conv_cov_accumulate_: CPU kernel called with ", cov.device());
   TORCH_CHECK(chunk_elements >= 0, "conv_cov_accumulate_: chunk_elements must be >= 0 (0: the default), got ",
               chunk_elements);
-  const at::Tensor x = x_in.dim() == 3 ? x_in.unsqueeze(2) : x_in;  // conv1d as conv2d with H = 1
   const ConvChoice choice = choose_conv_form(cov, x, g, parse_conv_form(form));
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t ho = g.out_h(H), wo = g.out_w(W), total = N * ho * wo;

@@ -31,13 +31,11 @@ constexpr int64_t kChunkBytes = int64_t(128) << 20;
 static void conv_cov_accumulate_cuda(at::Tensor cov, const at::Tensor& x_in, at::IntArrayRef kernel,
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                      c10::string_view form, int64_t chunk_elements) {
-  const ConvGeom g = parse_conv_geometry(x_in, kernel, stride, padding, dilation);
-  check_conv_cov_args(cov, x_in, g);
+  const auto [g, x] = checked_conv_call(cov, x_in, kernel, stride, padding, dilation);
   TORCH_CHECK(cov.is_cuda(), "conv_cov_accumulate_: CUDA kernel called with ", cov.device());
   TORCH_CHECK(chunk_elements >= 0, "conv_cov_accumulate_: chunk_elements must be >= 0 (0: the default), got ",
               chunk_elements);
   const c10::cuda::CUDAGuard guard(cov.device());
-  const at::Tensor x = x_in.dim() == 3 ? x_in.unsqueeze(2) : x_in;
   const ConvChoice choice = choose_conv_form(cov, x, g, parse_conv_form(form));
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t ho = g.out_h(H), wo = g.out_w(W), total = N * ho * wo;
