@@ -66,6 +66,32 @@ def test_cuda_kernels_are_really_in_the_binary():
         assert kernel in code, f"the kernel {kernel.decode()} is not in {binary.name}"
 
 
+def test_the_sdist_holds_every_source_and_header_of_the_extension(tmp_path):
+    """An sdist builds on its own only if it carries csrc/ whole (headers and the CUDA sources too,
+    whatever the machine that makes it); made from a copy of the files the build reads."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    root = Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree"
+    shutil.copytree(root / "csrc", tree / "csrc")
+    shutil.copytree(root / "deepunlearn", tree / "deepunlearn", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
+        shutil.copy(root / name, tree / name)
+    env = dict(os.environ, DEEPUNLEARN_CUDA="0")  # as on a machine without a toolkit
+    done = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        packed = {Path(*Path(n).parts[1:]).as_posix() for n in tar.getnames()}
+    sources = {p.relative_to(root).as_posix() for p in (root / "csrc").rglob("*") if p.suffix in (".h", ".cpp", ".cu")}
+    assert any(s.endswith(".h") for s in sources) and any(s.endswith(".cu") for s in sources)
+    assert sources <= packed, sorted(sources - packed)
+
+
 def test_disable_switch_forces_the_pure_path(monkeypatch):
     import subprocess
     import sys
