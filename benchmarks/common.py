@@ -123,7 +123,8 @@ SUITE_EPOCHS = 4  # the suite's models
 
 
 def suite_arguments(parser, out: Path, archs: Sequence[str] = ("smallcnn", "resnet18", "vit")) -> None:
-    """``--archs``, ``--forget`` (repeatable class sets), ``--seed``, ``--cache-dir``, ``--data``, ``--out``."""
+    """``--archs``, ``--forget`` (repeatable class sets), ``--seed``, ``--cache-dir``, ``--data``, ``--test-images``,
+    ``--out``."""
     from deepunlearn.experiments import CACHE_DIR
 
     parser.add_argument("--archs", nargs="+", default=list(archs))
