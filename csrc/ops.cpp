@@ -8,8 +8,8 @@
 
 namespace deepunlearn {
 
-ConvGeom parse_conv_geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
-                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+static ConvGeom parse_conv_geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation) {
   const int64_t nd = static_cast<int64_t>(kernel.size());
   TORCH_CHECK(nd == 1 || nd == 2, "conv_cov_accumulate_: 1 or 2 spatial dims supported, got ", nd);
   TORCH_CHECK(x.dim() == nd + 2, "conv_cov_accumulate_: x must be (N, C, *spatial) with ", nd,
@@ -62,7 +62,7 @@ void check_linear_cov_args(const at::Tensor& cov, const at::Tensor& x, int64_t t
               "), got ", x.sizes());
 }
 
-void check_conv_cov_args(const at::Tensor& cov, const at::Tensor& x, const ConvGeom& g) {
+static void check_conv_cov_args(const at::Tensor& cov, const at::Tensor& x, const ConvGeom& g) {
   check_cov(cov, "conv_cov_accumulate_");
   check_input_dtype(cov, x, "conv_cov_accumulate_");
   TORCH_CHECK(cov.dim() == 3 && cov.size(1) == cov.size(2), "conv_cov_accumulate_: cov must be (groups, d, d), got ",

@@ -15,16 +15,12 @@
 
 namespace deepunlearn {
 
-ConvGeom parse_conv_geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
-                             at::IntArrayRef padding, at::IntArrayRef dilation);
-
 // cov: (d, d) float32/float64, contiguous, symmetric. x: (n, d). tile, split_k: >= 0 (they tune the
 // CUDA kernel; the CPU's has neither and reads them as 0).
 void check_linear_cov_args(const at::Tensor& cov, const at::Tensor& x, int64_t tile, int64_t split_k);
-// cov: (groups, d_g, d_g); x: (N, C, H, W) or (N, C, L).
-void check_conv_cov_args(const at::Tensor& cov, const at::Tensor& x, const ConvGeom& g);
 // The conv op's arguments as each of its kernels (and conv_cov_form) starts from: the geometry
-// parsed, the arguments checked, and x as (N, C, H, W) (conv1d's (N, C, L) with H = 1).
+// parsed, the arguments checked (cov: (groups, d_g, d_g); x: (N, C, H, W) or (N, C, L)), and x as
+// (N, C, H, W) (conv1d's (N, C, L) with H = 1).
 struct ConvCall {
   ConvGeom g;
   at::Tensor x;
