@@ -1,31 +1,46 @@
 """Turn whatever the caller passes as data into a stream of input batches."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .inputs import TokenInputs, mapping_input, mapping_labels
+
 DataLike = Any  # DataLoader | Dataset | Tensor | Iterable of batches
+ModelInput = torch.Tensor | TokenInputs  # what one batch gives the model
 
 
-def first_tensor(batch: Any) -> torch.Tensor:
-    """Return the model input of one batch: ``x`` itself or the first item of ``(x, y, ...)``."""
-    if isinstance(batch, torch.Tensor):
+def first_tensor(batch: Any) -> ModelInput:
+    """Return the model input of one batch: ``x`` itself, the first item of ``(x, y, ...)``, or a
+    mapping's entries but its labels (:class:`~deepunlearn.inputs.TokenInputs`, passed as keywords)."""
+    if isinstance(batch, (torch.Tensor, TokenInputs)):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         return batch[0]
+    if isinstance(batch, Mapping):
+        return mapping_input(batch)
     raise TypeError(
-        "each batch must be a tensor x or a tuple/list (x, y, ...) whose first item is a tensor; "
-        f"got {type(batch).__name__}"
+        "each batch must be a tensor x, a tuple/list (x, y, ...) whose first item is a tensor, or a mapping of "
+        f"model inputs (input_ids, attention_mask, ..., labels); got {type(batch).__name__}"
     )
+
+
+def batch_labels(batch: Any) -> torch.Tensor | None:
+    """One batch's labels: ``y`` of ``(x, y, ...)``, a mapping's ``labels``, else None."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return torch.as_tensor(batch[1])
+    if isinstance(batch, Mapping):
+        return mapping_labels(batch)
+    return None
 
 
 def iter_raw_batches(data: DataLike, batch_size: int = 256) -> Iterator[Any]:
     """Yield the batches of a DataLoader, Dataset, tensor or iterable as they come.
 
-    A tensor is split along dim 0 into chunks of ``batch_size``; a map-style Dataset is
+    A tensor (or :class:`~deepunlearn.inputs.TokenInputs`) is split along dim 0 into chunks of ``batch_size``; a map-style Dataset is
     wrapped in a DataLoader without shuffling; anything else is iterated as given.
     """
     if batch_size < 1:
@@ -33,6 +48,9 @@ def iter_raw_batches(data: DataLike, batch_size: int = 256) -> Iterator[Any]:
     if isinstance(data, torch.Tensor):
         if data.dim() == 0:
             raise ValueError("a data tensor needs a batch dimension; got a 0-d tensor")
+        yield from data.split(batch_size)
+        return
+    if isinstance(data, TokenInputs):
         yield from data.split(batch_size)
         return
     if isinstance(data, Dataset):  # map-style or iterable: both yield samples, batch them
@@ -45,18 +63,20 @@ def iter_raw_batches(data: DataLike, batch_size: int = 256) -> Iterator[Any]:
     yield from data
 
 
-def iter_batches(data: DataLike, batch_size: int = 256) -> Iterator[torch.Tensor]:
-    """Yield input tensors (batch dimension first): each batch of :func:`iter_raw_batches` as
-    ``x`` itself or the first item of ``(x, y, ...)``."""
+def iter_batches(data: DataLike, batch_size: int = 256) -> Iterator[ModelInput]:
+    """Yield model inputs (batch dimension first): each batch of :func:`iter_raw_batches` as
+    :func:`first_tensor` reads it."""
     for batch in iter_raw_batches(data, batch_size):
         yield first_tensor(batch)
 
 
-def iter_labelled(data: DataLike, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(x, y)`` batches from a labelled DataLoader, Dataset or iterable of ``(x, y, ...)``."""
+def iter_labelled(data: DataLike, batch_size: int = 256) -> Iterator[tuple[ModelInput, torch.Tensor]]:
+    """Yield ``(x, y)`` batches from a labelled DataLoader, Dataset or iterable of ``(x, y, ...)``
+    batches or of mappings with ``labels``."""
     if isinstance(data, Dataset):
         data = DataLoader(data, batch_size=batch_size, shuffle=False)
     for batch in data:
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-            raise TypeError("labelled data must yield (x, y, ...) batches")
-        yield batch[0], torch.as_tensor(batch[1])
+        y = batch_labels(batch)
+        if y is None:
+            raise TypeError("labelled data must yield (x, y, ...) batches or mappings with 'labels'")
+        yield first_tensor(batch), y

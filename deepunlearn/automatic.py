@@ -92,8 +92,8 @@ def choose_and_collect(
     class_token = False  # the output read from one position alone (sequence models): every position's
     # statistics are then collected and scored only where that position's miss the target
     with fingerprint_once():  # six collections of the same weights
-        x_f, y_f = materialise(forget, collect["batch_size"], "forget")
-        x_r, y_r = materialise(retain, collect["batch_size"], "retain")
+        x_f, y_f = materialise(forget, collect["batch_size"], "forget", model)
+        x_r, y_r = materialise(retain, collect["batch_size"], "retain", model)
         folds_f = fold_split(len(x_f), "forget")
         fit_r, held_r = holdout_split(len(x_r), "retain")
         outputs_f: list[list] = [[] for _ in folds_f]

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist
 from ._batches import DataLike, iter_batches
+from .inputs import TokenInputs, call_model
 from .hooks import Collector, SharingChanged, autocast_on, check_autocast, check_token_position
 from .layers import EditTarget, eager_module, editable_targets
 from .moments import moment_trace
@@ -40,7 +41,7 @@ def eval_no_grad(model: nn.Module, inference: bool = False) -> Iterator[None]:
 
 def _length(data: DataLike) -> int | None:
     """Number of samples in ``data`` when it is known without iterating (for the progress bar)."""
-    if isinstance(data, torch.Tensor):
+    if isinstance(data, (torch.Tensor, TokenInputs)):
         return data.shape[0]
     if isinstance(data, DataLoader):
         data = data.dataset
@@ -75,8 +76,10 @@ def run_with_hooks(model: nn.Module, data: DataLike, collector: Collector, batch
                 if x.shape[0] == 0:
                     continue
                 collector.batch_samples = x.shape[0]
+                x = x.to(device, non_blocking=True)
+                collector.mask = x.mask if isinstance(x, TokenInputs) else None
                 with autocast_on(device, collector.autocast), collector.capture():
-                    y = model(x.to(device, non_blocking=True))
+                    y = call_model(model, x)
                 collector.end_forward()
                 if outputs is not None:
                     outputs.append(batch_logits(y, x.shape[0]))

@@ -17,6 +17,7 @@ from torch import nn
 from ._batches import DataLike, iter_labelled
 from .extras import require
 from .collect import eval_no_grad, output_logits
+from .inputs import call_model
 from .statistics import model_device
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ def predictions(model: nn.Module, data: DataLike, batch_size: int = 512) -> tupl
     probs, labels = [], []
     with eval_no_grad(model):
         for x, y in iter_labelled(data, batch_size):
-            probs.append(torch.softmax(output_logits(model(x.to(device))).float(), dim=-1).cpu())
+            probs.append(torch.softmax(output_logits(call_model(model, x.to(device))).float(), dim=-1).cpu())
             labels.append(y.cpu())
     if not probs:
         raise ValueError("no labelled samples to evaluate")

@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from .ops.covariance import accumulate_conv_, accumulate_linear_
 from .patches import ConvGeometry, conv_patches, linear_rows, patch_sums
+from .inputs import token_positions
 from .layers import EditTarget
 from .moments import SampleRows, fold_rows
 from .pixel_moments import accumulate_pixels_, add_patch_moment_, pixels_pay
@@ -81,6 +82,9 @@ class Collector:
         # samples in the whole data (None: unknown) and in the current batch, set by run_with_hooks
         self.expected_samples: int | None = None
         self.batch_samples = 0
+        # (batch, positions) bool, the current batch's attention mask (mapping batches): a sequence input
+        # of those positions counts only its tokens, and "a position" counts tokens only
+        self.mask: torch.Tensor | None = None
         self.first_token = first_token
         self.token_position = check_token_position(token_position)  # the one position first_token keeps
         self.stats.first_token, self.stats.token_position = first_token, token_position if first_token else 0
@@ -239,9 +243,16 @@ class Collector:
             return
         sequence = x.dim() == 3  # (batch, sequence, features): where the first position can be taken
         self.stats.sequence_inputs |= sequence
+        mask = self.mask if sequence and self.mask is not None and x.shape[:2] == self.mask.shape else None
         for slots, first in (self._sinks() if sequence else [(None, False)]):
             with autocast_off(self.device):
-                kept = x[:, self._position(name, x.shape[1])] if first else x
+                if mask is None:
+                    kept = x[:, self._position(name, x.shape[1])] if first else x
+                elif first:  # each sample's own token at that position, wherever its padding is
+                    self._position(name, x.shape[1])
+                    kept = x[torch.arange(x.shape[0], device=x.device), token_positions(mask, self.token_position)]
+                else:
+                    kept = x[mask]
                 self.add_rows(name, linear_rows(self._computed(kept), d), slots)
 
     def _position(self, name: str, length: int) -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ._batches import DataLike, first_tensor, iter_raw_batches
+from ._batches import DataLike, ModelInput, batch_labels, first_tensor, iter_raw_batches
+from .inputs import TokenInputs
 
 HOLDOUT_FRACTION = 0.25  # of the retain samples, to score candidates (the final edit uses all)
 HOLDOUT_CAP = 512  # held-out samples per side and fold at most: resolves 0.2 % steps, bounds scoring time
@@ -70,22 +72,27 @@ def draw_samples(labels: torch.Tensor, classes: int | Sequence[int], retain_per_
     return forget_idx, retain_idx
 
 
-def materialise(data: DataLike, batch_size: int, role: str = "given") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """All samples of ``data`` as one input tensor ``(N, ...)`` and their labels ``(N,)``, or None
-    where the batches carry no labels. ``role`` ("forget", "retain") names the data in errors."""
+def materialise(data: DataLike, batch_size: int, role: str = "given",
+                model: nn.Module | None = None) -> tuple[ModelInput, torch.Tensor | None]:
+    """All samples of ``data`` as one model input ``(N, ...)`` (mapping batches as one
+    :class:`~deepunlearn.inputs.TokenInputs`, their sequences padded to the longest; ``model``'s
+    config may say the pad token) and their labels ``(N,)``, or None where the batches carry no
+    labels. ``role`` ("forget", "retain") names the data in errors."""
     if data is None:
         raise ValueError(f"no {role} data given")
     xs, ys = [], []
     for batch in iter_raw_batches(data, batch_size):
         xs.append(first_tensor(batch))
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            y = torch.as_tensor(batch[1])
-            ys.append(y if y.dim() == 1 and y.shape[0] == xs[-1].shape[0] and not y.is_floating_point() else None)
-        else:
-            ys.append(None)
+        y = batch_labels(batch)
+        ys.append(y if y is not None and y.dim() == 1 and y.shape[0] == len(xs[-1]) and not y.is_floating_point()
+                  else None)
     if not xs:
         return torch.empty(0), None
     labels = None if any(y is None for y in ys) else torch.cat(ys).long().cpu()
+    if any(isinstance(x, TokenInputs) for x in xs):
+        if not all(isinstance(x, TokenInputs) for x in xs):
+            raise TypeError(f"the {role} data mixes mapping batches with tensor batches")
+        return TokenInputs.cat(xs, model), labels
     return torch.cat(xs), labels
 
 

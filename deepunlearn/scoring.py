@@ -17,6 +17,7 @@ from torch import nn
 from .collect import eval_no_grad, output_logits
 from .frozen_prefix import FrozenPrefix, find_prefix
 from .hooks import autocast_on
+from .inputs import TokenInputs, call_model, cat_inputs, token_positions
 from .sampling import HOLDOUT_CAP
 
 FORGET_CONFIDENCE = 0.75  # a candidate forgets if its held-out bound holds at this one-sided confidence (at a bound
@@ -74,7 +75,7 @@ def _model_logits(model: nn.Module, x: torch.Tensor, autocast: torch.dtype | Non
     """The model's logits ``(N, classes)`` on one batch ``x`` (already on its device):
     :func:`~deepunlearn.collect.output_logits`; ``TypeError`` for logits of another shape."""
     with autocast_on(x.device, autocast):
-        y = output_logits(model(x))
+        y = output_logits(call_model(model, x))
     if y.dim() != 2 or y.shape[0] != x.shape[0]:
         raise TypeError(f"choosing alpha scores class predictions: the model's logits must be (N, classes), got "
                         f"{tuple(y.shape)} for {x.shape[0]} samples; give alpha_r and alpha_f")
@@ -198,6 +199,7 @@ def _read_position(model: nn.Module, x: torch.Tensor, head: nn.Module, autocast:
     if not head_ran[0] or not last or not isinstance(want, torch.Tensor):
         return None
     module, nth = last[0]
+    mask = x.mask if isinstance(x, TokenInputs) else None
     for position in (0, -1):
         seen = [0]
 
@@ -206,7 +208,12 @@ def _read_position(model: nn.Module, x: torch.Tensor, head: nn.Module, autocast:
             if seen[0] != nth:
                 return None
             others = out.roll(1, 0)  # every other position from the previous sample (a new tensor)
-            others[:, position] = out[:, position]
+            if mask is not None and mask.shape == out.shape[:2]:  # each sample's own token at that position
+                rows = torch.arange(out.shape[0], device=out.device)
+                at = token_positions(mask, position)
+                others[rows, at] = out[rows, at]
+            else:
+                others[:, position] = out[:, position]
             return others
 
         handle = module.register_forward_hook(swapped)
@@ -352,7 +359,10 @@ class Scorer:
 def held_out_prefix(model: nn.Module, x: torch.Tensor, edited: Sequence[torch.Tensor], autocast: torch.dtype | None,
                     samples: int) -> FrozenPrefix | None:
     """:func:`find_prefix` of the modules before the first of the parameters ``edited``, checked on
-    ``x`` (a few held-out samples on the model's device), for ``samples`` held-out samples in all."""
+    ``x`` (a few held-out samples on the model's device), for ``samples`` held-out samples in all.
+    None for mapping inputs (their passes are not split)."""
+    if isinstance(x, TokenInputs):
+        return None
     with eval_no_grad(model):
         return find_prefix(model, x, edited, lambda xb: _model_logits(model, xb, autocast), samples)
 
@@ -404,7 +414,7 @@ def make_scorer(model: nn.Module, x_f: Sequence[torch.Tensor], y_f: Sequence[tor
                 orig_f = torch.cat([kept_predictions(k, x) for k, x in enumerate(x_f)])
                 orig_r = kept_predictions("retain", x_r)
     if need_original and orig_f is None:
-        orig_f = predictions(model, torch.cat(x_f), batch_size, autocast)
+        orig_f = predictions(model, cat_inputs(x_f), batch_size, autocast)
         orig_r = predictions(model, x_r, batch_size, autocast)
     if y_f is not None:
         forget_hit, scoring = [lambda p, rows, y=y[:HOLDOUT_CAP]: p == y[rows] for y in y_f], "labels"

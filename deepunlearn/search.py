@@ -13,6 +13,7 @@ from .evaluation import class_accuracies
 from .layers import eager_module, editable_targets
 from .projection import Spectrum, check_alpha
 from .collect import eval_no_grad, gather_statistics, output_logits
+from .inputs import call_model
 from .statistics import Statistics, model_device
 from .moments import dense
 from .plan import Moments, apply_plan, layer_moments, map_shared, plan_edits, traces
@@ -123,7 +124,7 @@ def search_alphas(
                 plan, _ = plan_edits(targets, m_f, m_r, traces_f, traces_r)
                 apply_plan(plan)
                 with eval_no_grad(model):
-                    probs = torch.cat([output_logits(model(x)).float().cpu() for x, _ in val])
+                    probs = torch.cat([output_logits(call_model(model, x)).float().cpu() for x, _ in val])
                 r_acc, f_acc = class_accuracies(probs, y_all, forget_classes)
                 table.append({"alpha_r": a_r, "alpha_f": a_f, "retain_acc": r_acc, "forget_acc": f_acc, "score": r_acc * (100.0 - f_acc)})
                 with torch.no_grad():

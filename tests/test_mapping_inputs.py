@@ -1,0 +1,229 @@
+"""Batches given as mappings (``input_ids``, ``attention_mask``, ``labels``), as Hugging Face
+tokenizers and collators make them: the model called with keywords, padding left out of the
+statistics, the labels used, and the default call on a trained text classifier."""
+import pytest
+import torch
+
+from conftest import rel_err
+
+import deepunlearn
+from deepunlearn import collect_statistics
+from deepunlearn.evaluation import predictions
+from deepunlearn.inputs import TokenInputs, token_positions
+from deepunlearn.sampling import materialise
+from deepunlearn.scoring import read_position
+
+transformers = pytest.importorskip("transformers")
+
+CLASSES, VOCAB, CLS, PAD = 4, 60, 1, 0  # token 1 starts every sequence, 0 pads
+
+
+def text_batches(n: int, classes, seed: int, batch: int = 50, side: str = "right", lengths=(4, 13)) -> list[dict]:
+    """Padded mapping batches of a token task: a sequence of class ``c`` draws 40 % of its tokens
+    from the class's own eight, the rest from 24 shared ones."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(list(classes))[torch.randint(len(classes), (n,), generator=g)]
+    out = []
+    for i in range(0, n, batch):
+        y = labels[i:i + batch]
+        sizes = torch.randint(*lengths, (len(y),), generator=g)
+        ids = torch.full((len(y), int(sizes.max())), PAD)
+        mask = torch.zeros_like(ids)
+        for r, (c, size) in enumerate(zip(y.tolist(), sizes.tolist())):
+            own = 4 + 8 * c + torch.randint(8, (size - 1,), generator=g)
+            shared = 36 + torch.randint(24, (size - 1,), generator=g)
+            tokens = torch.cat([torch.tensor([CLS]), torch.where(torch.rand(size - 1, generator=g) < 0.4, own, shared)])
+            at = slice(0, size) if side == "right" else slice(ids.shape[1] - size, None)
+            ids[r, at], mask[r, at] = tokens, 1
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": y})
+    return out
+
+
+def tiny(arch: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    if arch == "bert":
+        config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, num_labels=CLASSES, pad_token_id=PAD)
+        model = transformers.BertForSequenceClassification(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, num_labels=CLASSES,
+                                         pad_token_id=PAD, bos_token_id=None, eos_token_id=None)
+        model = transformers.GPT2ForSequenceClassification(config)
+    return model.to(dtype).eval()
+
+
+def one_by_one(batches: list[dict]) -> list[torch.Tensor]:
+    """Every sample of ``batches`` alone, without its padding: ``(1, tokens)``."""
+    return [ids[m.bool()][None] for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"])]
+
+
+def token_rows(model, batches: list[dict], position: int | None) -> dict[str, torch.Tensor]:
+    """Independently of the package: every edited layer's input vectors over ``batches`` as the
+    model reads them, ``(n, d)``: of a sequence input ``(N, S, d)`` the tokens only (by the mask),
+    or each sample's token number ``position``; of a ``(N, d)`` input every row."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    mask = [None]
+
+    def keep(name):
+        def hook(module, args):
+            x = args[0]
+            if x.dim() == 3:
+                m = mask[0]
+                if position is None:
+                    x = x[m]
+                else:  # the position-th True of each row of the mask
+                    x = torch.stack([x[i, m[i].nonzero().flatten()[position]] for i in range(len(x))])
+            rows.setdefault(name, []).append(x.reshape(-1, x.shape[-1]))
+        return hook
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+    handles = [m.register_forward_pre_hook(keep(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                mask[0] = b["attention_mask"].bool()
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(r) for n, r in rows.items()}
+
+
+@pytest.mark.parametrize("arch, side", [("bert", "right"), ("gpt2", "right"), ("gpt2", "left")])
+@pytest.mark.parametrize("kind", ["every", "first", "last"])
+def test_statistics_of_padded_mapping_batches_match_an_independent_computation_over_tokens(arch, side, kind):
+    model = tiny(arch, torch.float64)
+    batches = text_batches(40, range(CLASSES), 0, batch=16, side=side)
+    options = {"every": {}, "first": {"first_token": True}, "last": {"first_token": True, "token_position": -1}}[kind]
+    got = collect_statistics(model, batches, **options)
+    want = token_rows(model, batches, options.get("token_position", 0) if options else None)
+    assert got.slots and set(got.slots) <= set(want)
+    for name, slot in got.slots.items():
+        rows = want[name]
+        assert slot.count == len(rows), name
+        assert rel_err(slot.cov[0], rows.T @ rows) < 1e-12, name
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    # BERT's pooler and head read one vector a sample; GPT-2's head reads every position and keeps the last
+    assert {s.count for s in got.slots.values()} == ({40} if kind != "every" else {40, tokens} if arch == "bert" else {tokens})
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_right_padding_changes_no_statistic(arch):
+    """The same samples one at a time, unpadded, as plain token tensors: the same statistics."""
+    model = tiny(arch, torch.float64)
+    batches = text_batches(30, range(CLASSES), 5, batch=16)
+    for options in ({}, {"first_token": True, "token_position": -1 if arch == "gpt2" else 0}):
+        got = collect_statistics(model, batches, **options)
+        want = None
+        for x in one_by_one(batches):
+            s = collect_statistics(model, x, **options)
+            want = s if want is None else want + s
+        for name, slot in got.slots.items():
+            assert slot.count == want.slots[name].count and rel_err(slot.cov, want.slots[name].cov) < 1e-10, name
+
+
+def test_a_fixed_edit_from_mapping_batches_equals_the_edit_from_the_unpadded_samples():
+    model = tiny("bert", torch.float64)
+    forget, retain = text_batches(30, [0], 1, batch=8), text_batches(45, [1, 2, 3], 2, batch=8)
+    got = deepunlearn.unlearn(model, forget, retain, alpha_r=100, alpha_f=10, inplace=False)
+    stats = [None, None]
+    for i, data in enumerate((forget, retain)):
+        for x in one_by_one(data):
+            s = collect_statistics(model, x)
+            stats[i] = s if stats[i] is None else stats[i] + s
+    want = deepunlearn.unlearn(model, *stats, alpha_r=100, alpha_f=10, inplace=False)
+    changed = 0
+    for (name, p), q, o in zip(got.model.named_parameters(), want.model.parameters(), model.parameters()):
+        assert rel_err(p, q) < 1e-9, name
+        changed += not torch.equal(p, o)
+    assert changed >= 8
+
+
+def test_joined_batches_are_padded_to_the_longest_on_their_side_with_their_pad_values():
+    model = tiny("gpt2")
+    for side in ("right", "left"):
+        batches = text_batches(20, range(CLASSES), 3, batch=7, side=side)
+        x, y = materialise(batches, 64, "forget", model)
+        assert isinstance(x, TokenInputs) and x.padding_side == side and len(x) == 20
+        assert torch.equal(y, torch.cat([b["labels"] for b in batches]))
+        length = max(b["input_ids"].shape[1] for b in batches)
+        assert x.tensors["input_ids"].shape == (20, length) and "labels" not in x.tensors
+        assert torch.equal(x.tensors["input_ids"][x.mask], torch.cat([b["input_ids"][b["attention_mask"].bool()]
+                                                                          for b in batches]))
+        assert (x.tensors["input_ids"][~x.mask] == PAD).all()
+        edge = x.mask[:, -1] if side == "right" else x.mask[:, 0]
+        assert not edge.all()  # padding only where the batches had it: on their side
+    # no padding anywhere but lengths that differ: the pad token comes from the model's config
+    a = {"input_ids": torch.full((2, 3), 5), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    b = {"input_ids": torch.full((2, 5), 6), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    x, _ = materialise([a, b], 64, "retain", model)
+    assert x.tensors["input_ids"][:2, 3:].eq(PAD).all() and x.tensors["attention_mask"][:2, 3:].eq(0).all()
+
+
+def test_mapping_batches_that_cannot_be_joined_are_named_and_leave_the_model_unchanged():
+    model = tiny("bert")
+    before = [p.clone() for p in model.parameters()]
+    right, left = text_batches(10, [0], 1, batch=5), text_batches(10, [0], 2, batch=5, side="left")
+    retain = text_batches(20, [1, 2], 3)
+    with pytest.raises(ValueError, match="padded on the left and some on the right"):
+        deepunlearn.unlearn(model, right + left, retain)
+    unpadded = [{"input_ids": torch.full((2, n), 5), "attention_mask": torch.ones(2, n, dtype=torch.long)} for n in (3, 5)]
+    model.config.pad_token_id = None
+    with pytest.raises(ValueError, match="none shows what 'input_ids' holds at a padded position"):
+        deepunlearn.unlearn(model, unpadded, retain)
+    model.config.pad_token_id = PAD
+    with pytest.raises(ValueError, match="every batch must give the same model inputs"):
+        deepunlearn.unlearn(model, [right[0], {"input_ids": right[1]["input_ids"]}], retain)
+    with pytest.raises(TypeError, match="mixes mapping batches with tensor batches"):
+        deepunlearn.unlearn(model, [right[0], right[1]["input_ids"]], retain)
+    with pytest.raises(ValueError, match="same number of samples"):
+        deepunlearn.unlearn(model, [{"input_ids": torch.ones(3, 4, dtype=torch.long),
+                                     "attention_mask": torch.ones(2, 4, dtype=torch.long)}], retain, alpha_r=100, alpha_f=3)
+    short = {"input_ids": torch.tensor([[1, 5, 5, 0, 0], [1, 5, 5, 5, 5]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    with pytest.raises(ValueError, match="token_position=-5, but some sample holds only 3 token"):
+        deepunlearn.unlearn(model, [short], retain, alpha_r=100, alpha_f=3, first_token=True, token_position=-5)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_token_positions_count_tokens_only():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    assert token_positions(mask, 0).tolist() == [0, 1, 2]
+    assert token_positions(mask, -1).tolist() == [2, 3, 2]
+    assert token_positions(mask[:2], 1).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("arch, want", [("bert", 0), ("gpt2", -1)])
+def test_the_read_position_counts_tokens_in_padded_batches(arch, want):
+    model = tiny(arch)
+    x, _ = materialise(text_batches(12, range(CLASSES), 4, batch=6), 64, "retain", model)
+    assert not x.mask.all()
+    head = model.classifier if arch == "bert" else model.score
+    assert read_position(model, x, head, None) == want
+
+
+def test_the_default_call_forgets_a_class_of_a_trained_text_classifier_given_as_padded_mapping_batches():
+    model = tiny("bert")
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(3):
+        for batch in text_batches(2000, range(CLASSES), 0):
+            loss = model(**batch).loss
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    model.eval()
+    test = text_batches(1000, range(CLASSES), 9)
+
+    def accuracies(m):
+        probs, labels = predictions(m, test)
+        right = probs.argmax(1) == labels
+        return 100 * float(right[labels == 0].float().mean()), 100 * float(right[labels != 0].float().mean())
+
+    forget_before, retain_before = accuracies(model)
+    assert forget_before > 80 and retain_before > 80
+    report = deepunlearn.unlearn(model, text_batches(200, [0], 1), text_batches(300, [1, 2, 3], 2), inplace=False)
+    choice = report.alpha_choice
+    assert choice.scoring == "labels" and choice.reached_target
+    forget_after, retain_after = accuracies(report.model)
+    assert forget_after <= 1.0 and retain_after >= retain_before - 1.0
