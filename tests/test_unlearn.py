@@ -249,7 +249,9 @@ def test_bad_arguments(net, kwargs, match):
 
 def test_wrong_batch_type_is_named(net):
     with pytest.raises(TypeError, match="each batch must be a tensor"):
-        unlearn(net, [{"x": X}], X, **FIXED)
+        unlearn(net, [("x", X)], X, **FIXED)
+    with pytest.raises(TypeError, match="each batch must be a tensor"):
+        unlearn(net, [{X}], X, **FIXED)
 
 
 def test_model_without_supported_layer():
