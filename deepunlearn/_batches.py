@@ -13,7 +13,7 @@ DataLike = Any  # DataLoader | Dataset | Tensor | Iterable of batches
 ModelInput = torch.Tensor | TokenInputs  # what one batch gives the model
 
 
-def first_tensor(batch: Any) -> ModelInput:
+def batch_input(batch: Any) -> ModelInput:
     """Return the model input of one batch: ``x`` itself, the first item of ``(x, y, ...)``, or a
     mapping's entries but its labels (:class:`~deepunlearn.inputs.TokenInputs`, passed as keywords)."""
     if isinstance(batch, (torch.Tensor, TokenInputs)):
@@ -65,9 +65,9 @@ def iter_raw_batches(data: DataLike, batch_size: int = 256) -> Iterator[Any]:
 
 def iter_batches(data: DataLike, batch_size: int = 256) -> Iterator[ModelInput]:
     """Yield model inputs (batch dimension first): each batch of :func:`iter_raw_batches` as
-    :func:`first_tensor` reads it."""
+    :func:`batch_input` reads it."""
     for batch in iter_raw_batches(data, batch_size):
-        yield first_tensor(batch)
+        yield batch_input(batch)
 
 
 def iter_labelled(data: DataLike, batch_size: int = 256) -> Iterator[tuple[ModelInput, torch.Tensor]]:
@@ -79,4 +79,4 @@ def iter_labelled(data: DataLike, batch_size: int = 256) -> Iterator[tuple[Model
         y = batch_labels(batch)
         if y is None:
             raise TypeError("labelled data must yield (x, y, ...) batches or mappings with 'labels'")
-        yield first_tensor(batch), y
+        yield batch_input(batch), y

@@ -112,6 +112,10 @@ class TokenInputs:
                     pad = t.new_full((t.shape[0], missing, *t.shape[2:]), pad_values[k])
                     t = torch.cat([t, pad] if side == "right" else [pad, t], dim=1)
                 parts.append(t)
+            if len({t.shape[1:] for t in parts}) > 1:
+                raise ValueError(f"the batches' '{k}' differ in shape beyond their samples "
+                                 f"({sorted({tuple(t.shape[1:]) for t in parts})}) and no attention_mask says which "
+                                 "positions are padding; give each batch's attention_mask")
             joined[k] = torch.cat(parts)
         return cls(joined, side, pad_values)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ._batches import DataLike, ModelInput, batch_labels, first_tensor, iter_raw_batches
+from ._batches import DataLike, ModelInput, batch_labels, batch_input, iter_raw_batches
 from .inputs import TokenInputs
 
 HOLDOUT_FRACTION = 0.25  # of the retain samples, to score candidates (the final edit uses all)
@@ -82,7 +82,7 @@ def materialise(data: DataLike, batch_size: int, role: str = "given",
         raise ValueError(f"no {role} data given")
     xs, ys = [], []
     for batch in iter_raw_batches(data, batch_size):
-        xs.append(first_tensor(batch))
+        xs.append(batch_input(batch))
         y = batch_labels(batch)
         ys.append(y if y is not None and y.dim() == 1 and y.shape[0] == len(xs[-1]) and not y.is_floating_point()
                   else None)

@@ -122,10 +122,28 @@ def test_right_padding_changes_no_statistic(arch):
             assert slot.count == want.slots[name].count and rel_err(slot.cov, want.slots[name].cov) < 1e-10, name
 
 
+def padding_loader(batches: list[dict], batch_size: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over the samples of ``batches``, unpadded, with a collate function that pads
+    each batch to its longest sample (as transformers' DataCollatorWithPadding does)."""
+    samples = [{"input_ids": ids[m.bool()], "labels": y} for b in batches
+               for ids, m, y in zip(b["input_ids"], b["attention_mask"], b["labels"])]
+
+    def collate(items):
+        length = max(len(i["input_ids"]) for i in items)
+        ids = torch.full((len(items), length), PAD)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(items):
+            ids[r, :len(i["input_ids"])], mask[r, :len(i["input_ids"])] = i["input_ids"], 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([i["labels"] for i in items])}
+
+    return torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=collate)
+
+
 def test_a_fixed_edit_from_mapping_batches_equals_the_edit_from_the_unpadded_samples():
     model = tiny("bert", torch.float64)
     forget, retain = text_batches(30, [0], 1, batch=8), text_batches(45, [1, 2, 3], 2, batch=8)
-    got = deepunlearn.unlearn(model, forget, retain, alpha_r=100, alpha_f=10, inplace=False)
+    got = deepunlearn.unlearn(model, padding_loader(forget, 7), padding_loader(retain, 7), alpha_r=100, alpha_f=10,
+                              inplace=False)
     stats = [None, None]
     for i, data in enumerate((forget, retain)):
         for x in one_by_one(data):
@@ -174,6 +192,8 @@ def test_mapping_batches_that_cannot_be_joined_are_named_and_leave_the_model_unc
     model.config.pad_token_id = PAD
     with pytest.raises(ValueError, match="every batch must give the same model inputs"):
         deepunlearn.unlearn(model, [right[0], {"input_ids": right[1]["input_ids"]}], retain)
+    with pytest.raises(ValueError, match="'input_ids' differ in shape beyond their samples"):
+        deepunlearn.unlearn(model, [{"input_ids": u["input_ids"]} for u in unpadded], retain)
     with pytest.raises(TypeError, match="mixes mapping batches with tensor batches"):
         deepunlearn.unlearn(model, [right[0], right[1]["input_ids"]], retain)
     with pytest.raises(ValueError, match="same number of samples"):
