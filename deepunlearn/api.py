@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed
 from ._batches import DataLike
@@ -24,6 +24,8 @@ from .report import LayerReport, UnlearnReport
 from .sampling import dataset_labels, draw_samples
 from .statistics import Statistics, model_device
 
+DEFAULT_BATCH_SIZE = 256  # samples per forward pass while collecting and scoring: fills a GPU, bounds activations
+
 
 @torch.inference_mode(False)  # called under inference mode: statistics need version counters, edits normal tensors
 def unlearn(
@@ -38,7 +40,7 @@ def unlearn(
     target_forget_accuracy: float = TARGET_FORGET_ACCURACY,
     solver: str = "cholesky",
     inplace: bool = True,
-    batch_size: int = 256,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     dtype: torch.dtype | None = None,
     autocast: torch.dtype | None = None,
     skip_first_layer: bool | None = None,
@@ -288,6 +290,7 @@ def forget_classes(
     retain_per_class: int = 100,
     forget_samples: int | None = None,
     seed: int = 0,
+    collate_fn: Callable | None = None,
     **unlearn_kwargs,
 ) -> UnlearnReport:
     """Forget whole ``classes`` using samples drawn from a labelled ``dataset``.
@@ -298,16 +301,21 @@ def forget_classes(
 
     Args:
         model: as in :func:`unlearn`.
-        dataset: a labelled map-style dataset yielding ``(x, y, ...)``; labels are read from its
-            ``targets`` attribute when it has one.
+        dataset: a labelled map-style dataset yielding ``(x, y, ...)`` or mappings of model inputs
+            with ``labels`` (or ``label``); labels are read from its ``targets`` attribute when it has one.
         classes: the class index, or indices, to forget (several in one call).
         retain_per_class: retain samples per kept class.
         forget_samples: total forget samples; default ``retain_per_class * number of kept classes``.
         seed: seed of the random draw (under ``torch.distributed`` each rank streams its share of the draw).
+        collate_fn: joins samples into a batch (a DataLoader's ``collate_fn``, e.g. one that pads
+            token sequences); default: the DataLoader's own.
         **unlearn_kwargs: passed to :func:`unlearn` (``alpha_r``, ``alpha_f``, ``solver``, ``inplace``...).
     """
     forget_idx, retain_idx = draw_samples(dataset_labels(dataset), classes, retain_per_class, forget_samples, seed)
     unlearn_kwargs.setdefault("classes", [classes] if isinstance(classes, int) else list(classes))
     # Under torch.distributed every rank draws the same indices (same seed) and streams its share.
-    return unlearn(model, Subset(dataset, distributed.shard(forget_idx)), Subset(dataset, distributed.shard(retain_idx)),
-                   **unlearn_kwargs)
+    forget, retain = Subset(dataset, distributed.shard(forget_idx)), Subset(dataset, distributed.shard(retain_idx))
+    if collate_fn is not None:
+        batch = unlearn_kwargs.get("batch_size", DEFAULT_BATCH_SIZE)
+        forget, retain = (DataLoader(part, batch_size=batch, collate_fn=collate_fn) for part in (forget, retain))
+    return unlearn(model, forget, retain, **unlearn_kwargs)

@@ -9,12 +9,13 @@ rounding of the summation order).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ._batches import batch_input
 from .sampling import class_balanced_indices, dataset_labels
 from .collect import collect_slots, collection_setup, finish_statistics
 from .statistics import Statistics, load_blob
@@ -50,10 +51,11 @@ class ClassStatistics:
     @classmethod
     def collect(cls, model: nn.Module, dataset: Dataset, *, per_class: int = 100, seed: int = 0,
                 batch_size: int = 256, dtype: torch.dtype | None = None, autocast: torch.dtype | None = None,
-                workers: int = 0, progress: bool = False) -> "ClassStatistics":
+                workers: int = 0, progress: bool = False, collate_fn: Callable | None = None) -> "ClassStatistics":
         """Collect ``per_class`` random samples' statistics for every class of a labelled ``dataset``.
 
-        One pass over one DataLoader (``workers`` loader processes) whose batches never mix two
+        One pass over one DataLoader (``workers`` loader processes; ``collate_fn`` joins its samples
+        into a batch, e.g. padding token sequences) whose batches never mix two
         classes. ``batch_size``, ``dtype``, ``autocast``, ``progress`` are as in
         :func:`deepunlearn.collect_statistics`. Under ``torch.distributed`` each rank streams its
         share of every class's draw and gets the sums.
@@ -72,14 +74,15 @@ class ClassStatistics:
         batches = [(c, mine[i : i + batch_size]) for c in classes
                    for mine in [distributed.shard(idx[c])] for i in range(0, len(mine), batch_size)]
         data = DataLoader(dataset, batch_sampler=[b for _, b in batches], num_workers=workers,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda", collate_fn=collate_fn)
         partial: dict[int, tuple[Statistics, int]] = {}
         error = None
         bar = tqdm(total=sum(len(b) for _, b in batches), desc="class statistics", unit="img", unit_scale=True,
                    disable=not progress, leave=False)
         try:
             for (c, _), batch in zip(batches, data):
-                one, n = collect_slots(model, [batch], targets, device, dtype, autocast, len(batch[0]), False, f"class {c}")
+                one, n = collect_slots(model, [batch], targets, device, dtype, autocast, len(batch_input(batch)), False,
+                                     f"class {c}")
                 if c in partial:
                     one, n = partial[c][0] + one, partial[c][1] + n
                 partial[c] = (one, n)

@@ -2,14 +2,14 @@
 split into the parts that fit and score candidates while α is chosen."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ._batches import DataLike, ModelInput, batch_labels, batch_input, iter_raw_batches
-from .inputs import TokenInputs
+from .inputs import TokenInputs, mapping_labels
 
 HOLDOUT_FRACTION = 0.25  # of the retain samples, to score candidates (the final edit uses all)
 HOLDOUT_CAP = 512  # held-out samples per side and fold at most: resolves 0.2 % steps, bounds scoring time
@@ -19,15 +19,25 @@ HOLDOUT_SEED = 0
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor:
-    """Integer labels of every sample of a labelled dataset, as a 1-d tensor."""
+    """Integer labels of every sample of a labelled dataset (``targets``, else each sample's
+    ``y`` of ``(x, y, ...)`` or mapping's ``labels``), as a 1-d tensor."""
     if isinstance(dataset, Subset):
         return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
     targets = getattr(dataset, "targets", None)
     if targets is None and hasattr(dataset, "tensors") and len(dataset.tensors) > 1:
         targets = dataset.tensors[1]
     if targets is None:
-        targets = [int(dataset[i][1]) for i in range(len(dataset))]
+        targets = [int(_sample_label(dataset[i], i)) for i in range(len(dataset))]
     return torch.as_tensor(targets, dtype=torch.long).flatten()
+
+
+def _sample_label(sample, i: int):
+    """The label of one sample: ``y`` of ``(x, y, ...)``, or a mapping's ``labels`` / ``label``."""
+    y = mapping_labels(sample) if isinstance(sample, Mapping) else sample[1] if isinstance(sample, (tuple, list)) else None
+    if y is None:
+        raise TypeError(f"sample {i} of the dataset carries no label: a labelled dataset yields (x, y, ...) or "
+                        f"mappings with 'labels' (or has .targets); got {type(sample).__name__}")
+    return y
 
 
 def class_balanced_indices(labels: torch.Tensor, classes: Sequence[int], total: int, generator: torch.Generator) -> list[int]:

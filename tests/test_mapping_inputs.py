@@ -1,6 +1,9 @@
 """Batches given as mappings (``input_ids``, ``attention_mask``, ``labels``), as Hugging Face
 tokenizers and collators make them: the model called with keywords, padding left out of the
 statistics, the labels used, and the default call on a trained text classifier."""
+import functools
+import operator
+
 import pytest
 import torch
 
@@ -122,21 +125,33 @@ def test_right_padding_changes_no_statistic(arch):
             assert slot.count == want.slots[name].count and rel_err(slot.cov, want.slots[name].cov) < 1e-10, name
 
 
+class TokenDataset(torch.utils.data.Dataset):
+    """Unpadded token sequences with labels, one mapping a sample (as a tokenised Hugging Face dataset)."""
+
+    def __init__(self, batches: list[dict]):
+        self.samples = [{"input_ids": ids[m.bool()], "labels": y} for b in batches
+                        for ids, m, y in zip(b["input_ids"], b["attention_mask"], b["labels"])]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+def pad_collate(items: list[dict]) -> dict:
+    """Pads each batch to its longest sample, as transformers' DataCollatorWithPadding does."""
+    length = max(len(i["input_ids"]) for i in items)
+    ids = torch.full((len(items), length), PAD)
+    mask = torch.zeros_like(ids)
+    for r, i in enumerate(items):
+        ids[r, :len(i["input_ids"])], mask[r, :len(i["input_ids"])] = i["input_ids"], 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([i["labels"] for i in items])}
+
+
 def padding_loader(batches: list[dict], batch_size: int) -> torch.utils.data.DataLoader:
-    """A DataLoader over the samples of ``batches``, unpadded, with a collate function that pads
-    each batch to its longest sample (as transformers' DataCollatorWithPadding does)."""
-    samples = [{"input_ids": ids[m.bool()], "labels": y} for b in batches
-               for ids, m, y in zip(b["input_ids"], b["attention_mask"], b["labels"])]
-
-    def collate(items):
-        length = max(len(i["input_ids"]) for i in items)
-        ids = torch.full((len(items), length), PAD)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(items):
-            ids[r, :len(i["input_ids"])], mask[r, :len(i["input_ids"])] = i["input_ids"], 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([i["labels"] for i in items])}
-
-    return torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=collate)
+    """A DataLoader over the samples of ``batches``, unpadded, padding each batch of its own."""
+    return torch.utils.data.DataLoader(TokenDataset(batches), batch_size=batch_size, collate_fn=pad_collate)
 
 
 def test_a_fixed_edit_from_mapping_batches_equals_the_edit_from_the_unpadded_samples():
@@ -247,3 +262,32 @@ def test_the_default_call_forgets_a_class_of_a_trained_text_classifier_given_as_
     assert choice.scoring == "labels" and choice.reached_target
     forget_after, retain_after = accuracies(report.model)
     assert forget_after <= 1.0 and retain_after >= retain_before - 1.0
+
+
+
+def test_a_dataset_of_mapping_samples_serves_forget_classes_and_class_statistics():
+    from torch.utils.data import DataLoader, Subset
+
+    from deepunlearn import ClassStatistics
+    from deepunlearn.sampling import dataset_labels, draw_samples
+
+    model = tiny("bert", torch.float64)
+    dataset = TokenDataset(text_batches(160, range(CLASSES), 6))
+    labels = dataset_labels(dataset)
+    assert torch.equal(labels, torch.stack([s["labels"] for s in dataset.samples]))
+    got = deepunlearn.forget_classes(model, dataset, 0, retain_per_class=12, collate_fn=pad_collate, alpha_r=100,
+                                     alpha_f=10, inplace=False, batch_size=9)
+    forget_idx, retain_idx = draw_samples(labels, [0], 12, None, 0)
+    want = deepunlearn.unlearn(model, DataLoader(Subset(dataset, forget_idx), batch_size=5, collate_fn=pad_collate),
+                               DataLoader(Subset(dataset, retain_idx), batch_size=5, collate_fn=pad_collate),
+                               alpha_r=100, alpha_f=10, inplace=False)
+    for p, q in zip(got.model.parameters(), want.model.parameters()):
+        assert rel_err(p, q) < 1e-9
+    per_class = ClassStatistics.collect(model, dataset, per_class=7, batch_size=4, collate_fn=pad_collate)
+    for c in (0, 2):
+        rows = [dataset.samples[i]["input_ids"][None] for i in per_class.indices[c]]
+        direct = functools.reduce(operator.add, [collect_statistics(model, x) for x in rows])
+        for name, slot in per_class.per_class[c].slots.items():
+            assert slot.count == direct.slots[name].count and rel_err(slot.cov, direct.slots[name].cov) < 1e-10, name
+    with pytest.raises(TypeError, match="sample 0 of the dataset carries no label"):
+        dataset_labels([{"input_ids": torch.ones(3, dtype=torch.long)}])
