@@ -27,13 +27,10 @@ class TokenInputs:
     Args:
         tensors: name -> ``(N, ...)`` tensor; all with the same ``N``. ``attention_mask``, where
             present, is ``(N, S)``.
-        padding_side: where padding goes when samples of different lengths are joined ("right" or
-            "left"), as the batches given had it.
-        pad_values: name -> the value of padded positions (``attention_mask``: 0).
+        padding_side: the side the batches given padded on ("right" or "left").
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], padding_side: str = "right",
-                 pad_values: Mapping[str, float] | None = None):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], padding_side: str = "right"):
         if not tensors:
             raise ValueError("a mapping batch needs at least one model input besides its labels")
         bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor) or v.dim() == 0]
@@ -48,7 +45,6 @@ class TokenInputs:
             raise ValueError(f"'{MASK_KEY}' must be (samples, positions), got shape {tuple(mask.shape)}")
         self.tensors = dict(tensors)
         self.padding_side = padding_side
-        self.pad_values = dict(pad_values or {})
 
     # -- what a batch tensor offers ---------------------------------------------------------------
     def __len__(self) -> int:
@@ -64,7 +60,7 @@ class TokenInputs:
         return next(iter(self.tensors.values())).device
 
     def _like(self, tensors: Mapping[str, torch.Tensor]) -> "TokenInputs":
-        return TokenInputs(tensors, self.padding_side, self.pad_values)
+        return TokenInputs(tensors, self.padding_side)
 
     def __getitem__(self, index) -> "TokenInputs":
         return self._like({k: v[index] for k, v in self.tensors.items()})
@@ -117,7 +113,7 @@ class TokenInputs:
                                  f"({sorted({tuple(t.shape[1:]) for t in parts})}) and no attention_mask says which "
                                  "positions are padding; give each batch's attention_mask")
             joined[k] = torch.cat(parts)
-        return cls(joined, side, pad_values)
+        return cls(joined, side)
 
 
 def _length(b: TokenInputs) -> int:
