@@ -291,3 +291,19 @@ def test_a_dataset_of_mapping_samples_serves_forget_classes_and_class_statistics
             assert slot.count == direct.slots[name].count and rel_err(slot.cov, direct.slots[name].cov) < 1e-10, name
     with pytest.raises(TypeError, match="sample 0 of the dataset carries no label"):
         dataset_labels([{"input_ids": torch.ones(3, dtype=torch.long)}])
+
+
+def test_image_batches_as_mappings_edit_as_their_pixel_tensors_do():
+    """Hugging Face image datasets' batches, ``{"pixel_values", "labels"}``: no mask, the same edit as the tensors."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=48, num_labels=3)
+    model = transformers.ViTForImageClassification(config).eval()
+    forget = [{"pixel_values": torch.randn(8, 3, 32, 32), "labels": torch.zeros(8, dtype=torch.long)} for _ in range(3)]
+    retain = [{"pixel_values": torch.randn(8, 3, 32, 32), "labels": torch.tensor([1, 2] * 4)} for _ in range(3)]
+    got = deepunlearn.unlearn(model, forget, retain, alpha_r=100, alpha_f=3, inplace=False)
+    want = deepunlearn.unlearn(model, [b["pixel_values"] for b in forget], [b["pixel_values"] for b in retain],
+                               alpha_r=100, alpha_f=3, inplace=False)
+    assert all(torch.equal(p, q) for p, q in zip(got.model.parameters(), want.model.parameters()))
+    chosen = deepunlearn.unlearn(model, forget, retain, inplace=False)
+    assert chosen.alpha_choice.scoring == "labels"
