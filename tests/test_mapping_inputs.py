@@ -307,3 +307,19 @@ def test_image_batches_as_mappings_edit_as_their_pixel_tensors_do():
     assert all(torch.equal(p, q) for p, q in zip(got.model.parameters(), want.model.parameters()))
     chosen = deepunlearn.unlearn(model, forget, retain, inplace=False)
     assert chosen.alpha_choice.scoring == "labels"
+
+
+@pytest.mark.cuda
+def test_mapping_batches_on_a_gpu_give_the_cpu_s_statistics():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    batches = text_batches(40, range(CLASSES), 0, batch=16)
+    cpu, gpu = tiny("bert", torch.float64), tiny("bert", torch.float64).cuda()
+    for options in ({}, {"first_token": True}):
+        want, got = collect_statistics(cpu, batches, **options), collect_statistics(gpu, batches, **options)
+        for name, slot in want.slots.items():
+            assert got.slots[name].count == slot.count and rel_err(got.slots[name].cov.cpu(), slot.cov) < 1e-10, name
+    x, _ = materialise(batches, 64, "retain", gpu)
+    assert read_position(gpu, x.to("cuda"), gpu.classifier, None) == 0
+    report = deepunlearn.unlearn(gpu.float(), batches[:1], batches[1:], inplace=False)
+    assert report.alpha_choice.scoring == "labels"
