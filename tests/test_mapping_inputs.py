@@ -117,10 +117,7 @@ def test_right_padding_changes_no_statistic(arch):
     batches = text_batches(30, range(CLASSES), 5, batch=16)
     for options in ({}, {"first_token": True, "token_position": -1 if arch == "gpt2" else 0}):
         got = collect_statistics(model, batches, **options)
-        want = None
-        for x in one_by_one(batches):
-            s = collect_statistics(model, x, **options)
-            want = s if want is None else want + s
+        want = functools.reduce(operator.add, [collect_statistics(model, x, **options) for x in one_by_one(batches)])
         for name, slot in got.slots.items():
             assert slot.count == want.slots[name].count and rel_err(slot.cov, want.slots[name].cov) < 1e-10, name
 
@@ -159,11 +156,8 @@ def test_a_fixed_edit_from_mapping_batches_equals_the_edit_from_the_unpadded_sam
     forget, retain = text_batches(30, [0], 1, batch=8), text_batches(45, [1, 2, 3], 2, batch=8)
     got = deepunlearn.unlearn(model, padding_loader(forget, 7), padding_loader(retain, 7), alpha_r=100, alpha_f=10,
                               inplace=False)
-    stats = [None, None]
-    for i, data in enumerate((forget, retain)):
-        for x in one_by_one(data):
-            s = collect_statistics(model, x)
-            stats[i] = s if stats[i] is None else stats[i] + s
+    stats = [functools.reduce(operator.add, [collect_statistics(model, x) for x in one_by_one(data)])
+             for data in (forget, retain)]
     want = deepunlearn.unlearn(model, *stats, alpha_r=100, alpha_f=10, inplace=False)
     changed = 0
     for (name, p), q, o in zip(got.model.named_parameters(), want.model.parameters(), model.parameters()):
