@@ -323,8 +323,16 @@ class Collector:
         self.stats.sequence_inputs = True
         for slots, first in self._sinks():
             def rows(t: torch.Tensor, computed: bool = True) -> torch.Tensor:
-                # sequence first: the one position kept, or all positions in any order
-                t = t[self._position(name, t.shape[0])][None] if first else _batch_major(t)
+                # sequence first: the one position kept, or all positions in any order; with the
+                # batch's attention mask (positions × samples the mask's), its tokens only
+                mask = self.mask if self.mask is not None and t.dim() == 3 and t.shape[1::-1] == self.mask.shape else None
+                if not first:
+                    t = _batch_major(t) if mask is None else t.transpose(0, 1)[mask]
+                elif mask is None:
+                    t = t[self._position(name, t.shape[0])][None]
+                else:
+                    at = token_positions(mask, self._position(name, t.shape[0]))
+                    t = t[at, torch.arange(t.shape[1], device=t.device)]
                 return linear_rows(self._computed(t) if computed else t, t.shape[-1])
 
             with autocast_off(self.device):

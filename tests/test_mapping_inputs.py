@@ -317,3 +317,46 @@ def test_mapping_batches_on_a_gpu_give_the_cpu_s_statistics():
     assert read_position(gpu, x.to("cuda"), gpu.classifier, None) == 0
     report = deepunlearn.unlearn(gpu.float(), batches[:1], batches[1:], inplace=False)
     assert report.alpha_choice.scoring == "labels"
+
+
+class MaskedTokenNet(torch.nn.Module):
+    """nn.MultiheadAttention (batch first or not) told the padding by ``key_padding_mask``, an MLP on
+    every token, a head on token 0: called as ``model(x=..., attention_mask=...)``."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 16)
+        self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.mlp = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 3)
+        self.batch_first = batch_first
+
+    def forward(self, x, attention_mask=None):
+        t = self.embed(x)
+        a = t if self.batch_first else t.transpose(0, 1)
+        padding = None if attention_mask is None else attention_mask == 0
+        a = self.attn(a, a, a, key_padding_mask=padding, need_weights=False)[0]
+        t = t + (a if self.batch_first else a.transpose(0, 1))
+        t = t + torch.relu(self.mlp(t))
+        return self.head(t[:, 0])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_layers_count_only_tokens_too(batch_first):
+    torch.manual_seed(0)
+    model = MaskedTokenNet(batch_first).double().eval()
+    lengths = [[5, 3, 7], [2, 6]]
+    batches = []
+    for sizes in lengths:
+        x = torch.zeros(len(sizes), max(sizes), 6, dtype=torch.float64)
+        mask = torch.zeros(len(sizes), max(sizes), dtype=torch.long)
+        for r, n in enumerate(sizes):
+            x[r, :n], mask[r, :n] = torch.randn(n, 6, dtype=torch.float64), 1
+        batches.append({"x": x, "attention_mask": mask, "labels": torch.arange(len(sizes)) % 3})
+    alone = [b["x"][r, :n][None] for b, sizes in zip(batches, lengths) for r, n in enumerate(sizes)]
+    for options in ({}, {"first_token": True}, {"first_token": True, "token_position": -1}):
+        got = collect_statistics(model, batches, **options)
+        want = functools.reduce(operator.add, [collect_statistics(model, x, **options) for x in alone])
+        assert set(got.slots) == set(want.slots) == {"embed", "attn.in_proj", "attn.out_proj", "mlp", "head"}
+        for name, slot in got.slots.items():
+            assert slot.count == want.slots[name].count and rel_err(slot.cov, want.slots[name].cov) < 1e-10, name
