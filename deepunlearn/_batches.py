@@ -40,8 +40,9 @@ def batch_labels(batch: Any) -> torch.Tensor | None:
 def iter_raw_batches(data: DataLike, batch_size: int = 256) -> Iterator[Any]:
     """Yield the batches of a DataLoader, Dataset, tensor or iterable as they come.
 
-    A tensor (or :class:`~deepunlearn.inputs.TokenInputs`) is split along dim 0 into chunks of ``batch_size``; a map-style Dataset is
-    wrapped in a DataLoader without shuffling; anything else is iterated as given.
+    A tensor, a :class:`~deepunlearn.inputs.TokenInputs` or a mapping of tensors (a tokenizer's whole
+    output, its labels included) is split along dim 0 into chunks of ``batch_size``; a map-style
+    Dataset is wrapped in a DataLoader without shuffling; anything else is iterated as given.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -52,6 +53,15 @@ def iter_raw_batches(data: DataLike, batch_size: int = 256) -> Iterator[Any]:
         return
     if isinstance(data, TokenInputs):
         yield from data.split(batch_size)
+        return
+    if isinstance(data, Mapping):  # one batch of every sample, not an iterable of batches (its keys)
+        bad = [k for k, v in data.items() if not isinstance(v, torch.Tensor) or v.dim() == 0]
+        if bad or not data:
+            raise TypeError("data given as one mapping must hold tensors with a batch dimension (as a tokenizer's "
+                            f"output with return_tensors='pt'); {', '.join(map(repr, bad)) or 'it is empty'}")
+        n = len(next(iter(data.values())))
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in data.items()}
         return
     if isinstance(data, Dataset):  # map-style or iterable: both yield samples, batch them
         data = DataLoader(data, batch_size=batch_size, shuffle=False)

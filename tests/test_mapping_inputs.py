@@ -360,3 +360,18 @@ def test_attention_layers_count_only_tokens_too(batch_first):
         assert set(got.slots) == set(want.slots) == {"embed", "attn.in_proj", "attn.out_proj", "mlp", "head"}
         for name, slot in got.slots.items():
             assert slot.count == want.slots[name].count and rel_err(slot.cov, want.slots[name].cov) < 1e-10, name
+
+
+def test_one_mapping_of_every_sample_is_split_into_batches():
+    """A tokenizer's whole output (``tokenizer(texts, padding=True, return_tensors="pt")``) as the data."""
+    model = tiny("bert", torch.float64)
+    batches = text_batches(30, range(CLASSES), 7, batch=30)  # one batch: every sample, padded alike
+    whole = batches[0]
+    got = collect_statistics(model, whole, batch_size=8)
+    want = collect_statistics(model, batches)
+    for name, slot in want.slots.items():
+        assert got.slots[name].count == slot.count and rel_err(got.slots[name].cov, slot.cov) < 1e-10, name
+    x, y = materialise(whole, 8, "forget", model)
+    assert len(x) == 30 and torch.equal(y, whole["labels"])
+    with pytest.raises(TypeError, match="must hold tensors with a batch dimension.*'input_ids'"):
+        collect_statistics(model, {"input_ids": [[1, 2, 3]]})
