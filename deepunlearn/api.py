@@ -62,7 +62,10 @@ def unlearn(
     Args:
         model: a trained classifier on one device (CPU or CUDA). Not wrapped or modified in structure.
         forget: samples of the classes to forget: a DataLoader, a Dataset, a tensor ``(N, ...)``, an
-            iterable of batches ``x`` or ``(x, y, ...)``, or :class:`Statistics` collected on this model.
+            iterable of batches ``x``, ``(x, y, ...)`` or mappings of model inputs (``input_ids``,
+            ``attention_mask``, ..., ``labels``: given to the model as keywords, padding left out by the
+            mask; :mod:`deepunlearn.inputs`), one such mapping of every sample, or :class:`Statistics`
+            collected on this model.
         retain: samples of the classes to keep, in any of the same forms (the paper uses about
             100 per retain class).
         alpha_r: scale of the retain space, > 0 (paper: 100 for CIFAR-10 and ImageNet, 1000 for CIFAR-100).

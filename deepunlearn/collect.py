@@ -154,8 +154,9 @@ def collect_statistics(
 
     Args:
         model: the classifier; left exactly as it was (weights, training flags, hooks, requires_grad).
-        data: a DataLoader, Dataset, tensor ``(N, ...)`` or iterable of batches ``x`` or ``(x, y, ...)``;
-            batches are moved to the model's device.
+        data: a DataLoader, Dataset, tensor ``(N, ...)`` or iterable of batches ``x``, ``(x, y, ...)`` or
+            mappings of model inputs (as :func:`deepunlearn.unlearn` takes them); batches are moved to
+            the model's device.
         batch_size: batch size used when ``data`` is a tensor or a Dataset.
         dtype: accumulation dtype; default float32 (float64 for a float64 model).
         autocast: run the forward passes under ``torch.autocast`` with this dtype (``torch.bfloat16``
