@@ -18,41 +18,7 @@ from deepunlearn.scoring import read_position
 
 transformers = pytest.importorskip("transformers")
 
-CLASSES, VOCAB, CLS, PAD = 4, 60, 1, 0  # token 1 starts every sequence, 0 pads
-
-
-def text_batches(n: int, classes, seed: int, batch: int = 50, side: str = "right", lengths=(4, 13)) -> list[dict]:
-    """Padded mapping batches of a token task: a sequence of class ``c`` draws 40 % of its tokens
-    from the class's own eight, the rest from 24 shared ones."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.tensor(list(classes))[torch.randint(len(classes), (n,), generator=g)]
-    out = []
-    for i in range(0, n, batch):
-        y = labels[i:i + batch]
-        sizes = torch.randint(*lengths, (len(y),), generator=g)
-        ids = torch.full((len(y), int(sizes.max())), PAD)
-        mask = torch.zeros_like(ids)
-        for r, (c, size) in enumerate(zip(y.tolist(), sizes.tolist())):
-            own = 4 + 8 * c + torch.randint(8, (size - 1,), generator=g)
-            shared = 36 + torch.randint(24, (size - 1,), generator=g)
-            tokens = torch.cat([torch.tensor([CLS]), torch.where(torch.rand(size - 1, generator=g) < 0.4, own, shared)])
-            at = slice(0, size) if side == "right" else slice(ids.shape[1] - size, None)
-            ids[r, at], mask[r, at] = tokens, 1
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": y})
-    return out
-
-
-def tiny(arch: str, dtype=torch.float32):
-    torch.manual_seed(0)
-    if arch == "bert":
-        config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=64, num_labels=CLASSES, pad_token_id=PAD)
-        model = transformers.BertForSequenceClassification(config)
-    else:
-        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, num_labels=CLASSES,
-                                         pad_token_id=PAD, bos_token_id=None, eos_token_id=None)
-        model = transformers.GPT2ForSequenceClassification(config)
-    return model.to(dtype).eval()
+from deepunlearn.experiments.token_task import CLASSES, PAD, text_batches, text_classifier, train_text_classifier  # noqa: E402
 
 
 def one_by_one(batches: list[dict]) -> list[torch.Tensor]:
@@ -95,7 +61,7 @@ def token_rows(model, batches: list[dict], position: int | None) -> dict[str, to
 @pytest.mark.parametrize("arch, side", [("bert", "right"), ("gpt2", "right"), ("gpt2", "left")])
 @pytest.mark.parametrize("kind", ["every", "first", "last"])
 def test_statistics_of_padded_mapping_batches_match_an_independent_computation_over_tokens(arch, side, kind):
-    model = tiny(arch, torch.float64)
+    model = text_classifier(arch, dtype=torch.float64)
     batches = text_batches(40, range(CLASSES), 0, batch=16, side=side)
     options = {"every": {}, "first": {"first_token": True}, "last": {"first_token": True, "token_position": -1}}[kind]
     got = collect_statistics(model, batches, **options)
@@ -113,7 +79,7 @@ def test_statistics_of_padded_mapping_batches_match_an_independent_computation_o
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_right_padding_changes_no_statistic(arch):
     """The same samples one at a time, unpadded, as plain token tensors: the same statistics."""
-    model = tiny(arch, torch.float64)
+    model = text_classifier(arch, dtype=torch.float64)
     batches = text_batches(30, range(CLASSES), 5, batch=16)
     for options in ({}, {"first_token": True, "token_position": -1 if arch == "gpt2" else 0}):
         got = collect_statistics(model, batches, **options)
@@ -152,7 +118,7 @@ def padding_loader(batches: list[dict], batch_size: int) -> torch.utils.data.Dat
 
 
 def test_a_fixed_edit_from_mapping_batches_equals_the_edit_from_the_unpadded_samples():
-    model = tiny("bert", torch.float64)
+    model = text_classifier("bert", dtype=torch.float64)
     forget, retain = text_batches(30, [0], 1, batch=8), text_batches(45, [1, 2, 3], 2, batch=8)
     got = deepunlearn.unlearn(model, padding_loader(forget, 7), padding_loader(retain, 7), alpha_r=100, alpha_f=10,
                               inplace=False)
@@ -167,7 +133,7 @@ def test_a_fixed_edit_from_mapping_batches_equals_the_edit_from_the_unpadded_sam
 
 
 def test_joined_batches_are_padded_to_the_longest_on_their_side_with_their_pad_values():
-    model = tiny("gpt2")
+    model = text_classifier("gpt2")
     for side in ("right", "left"):
         batches = text_batches(20, range(CLASSES), 3, batch=7, side=side)
         x, y = materialise(batches, 64, "forget", model)
@@ -188,7 +154,7 @@ def test_joined_batches_are_padded_to_the_longest_on_their_side_with_their_pad_v
 
 
 def test_mapping_batches_that_cannot_be_joined_are_named_and_leave_the_model_unchanged():
-    model = tiny("bert")
+    model = text_classifier("bert")
     before = [p.clone() for p in model.parameters()]
     right, left = text_batches(10, [0], 1, batch=5), text_batches(10, [0], 2, batch=5, side="left")
     retain = text_batches(20, [1, 2], 3)
@@ -224,7 +190,7 @@ def test_token_positions_count_tokens_only():
 
 @pytest.mark.parametrize("arch, want", [("bert", 0), ("gpt2", -1)])
 def test_the_read_position_counts_tokens_in_padded_batches(arch, want):
-    model = tiny(arch)
+    model = text_classifier(arch)
     x, _ = materialise(text_batches(12, range(CLASSES), 4, batch=6), 64, "retain", model)
     assert not x.mask.all()
     head = model.classifier if arch == "bert" else model.score
@@ -232,16 +198,7 @@ def test_the_read_position_counts_tokens_in_padded_batches(arch, want):
 
 
 def test_the_default_call_forgets_a_class_of_a_trained_text_classifier_given_as_padded_mapping_batches():
-    model = tiny("bert")
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(3):
-        for batch in text_batches(2000, range(CLASSES), 0):
-            loss = model(**batch).loss
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    model.eval()
+    model = train_text_classifier(text_classifier("bert"), text_batches(2000, range(CLASSES), 0))
     test = text_batches(1000, range(CLASSES), 9)
 
     def accuracies(m):
@@ -265,7 +222,7 @@ def test_a_dataset_of_mapping_samples_serves_forget_classes_and_class_statistics
     from deepunlearn import ClassStatistics
     from deepunlearn.sampling import dataset_labels, draw_samples
 
-    model = tiny("bert", torch.float64)
+    model = text_classifier("bert", dtype=torch.float64)
     dataset = TokenDataset(text_batches(160, range(CLASSES), 6))
     labels = dataset_labels(dataset)
     assert torch.equal(labels, torch.stack([s["labels"] for s in dataset.samples]))
@@ -308,7 +265,7 @@ def test_mapping_batches_on_a_gpu_give_the_cpu_s_statistics():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     batches = text_batches(40, range(CLASSES), 0, batch=16)
-    cpu, gpu = tiny("bert", torch.float64), tiny("bert", torch.float64).cuda()
+    cpu, gpu = text_classifier("bert", dtype=torch.float64), text_classifier("bert", dtype=torch.float64).cuda()
     for options in ({}, {"first_token": True}):
         want, got = collect_statistics(cpu, batches, **options), collect_statistics(gpu, batches, **options)
         for name, slot in want.slots.items():
@@ -364,7 +321,7 @@ def test_attention_layers_count_only_tokens_too(batch_first):
 
 def test_one_mapping_of_every_sample_is_split_into_batches():
     """A tokenizer's whole output (``tokenizer(texts, padding=True, return_tensors="pt")``) as the data."""
-    model = tiny("bert", torch.float64)
+    model = text_classifier("bert", dtype=torch.float64)
     batches = text_batches(30, range(CLASSES), 7, batch=30)  # one batch: every sample, padded alike
     whole = batches[0]
     got = collect_statistics(model, whole, batch_size=8)
