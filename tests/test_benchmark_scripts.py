@@ -347,3 +347,16 @@ def test_pooling_benchmark_smoke(tmp_path):
     assert [r["network"] for r in result["networks"]] == ["vgg11_bn_cifar", "smallcnn"]
     assert all(r["torch_ms"] > 0 and r["ours_ms"] > 0 for r in result["layers"])
     assert "| vgg11_bn_cifar |" in out.with_suffix(".md").read_text()
+
+
+def test_text_benchmark_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    import bench_text
+
+    out = tmp_path / "text_cpu"
+    assert bench_text.main(["--archs", "bert", "--blocks", "1", "--seeds", "0", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["classes"] for r in rows] == [[0], [2], [0, 2]]
+    assert all(r["first_token"] and r["token_position"] == 0 and r["choose_seconds"] > 0 for r in rows)  # BERT's [CLS]
+    assert all(r["original_forget"] > 80 and r["meets_targets"] for r in rows)
+    assert "| bert | 1 | 0 | 0,2 |" in out.with_suffix(".md").read_text()
