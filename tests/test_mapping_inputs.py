@@ -332,3 +332,31 @@ def test_one_mapping_of_every_sample_is_split_into_batches():
     assert len(x) == 30 and torch.equal(y, whole["labels"])
     with pytest.raises(TypeError, match="must hold tensors with a batch dimension.*'input_ids'"):
         collect_statistics(model, {"input_ids": [[1, 2, 3]]})
+
+
+def test_a_tokenised_dataset_forgets_through_transformers_own_padding_collator(tmp_path):
+    """As a tokenised ``datasets.Dataset`` gives samples (python lists, a ``label`` column), padded by
+    ``DataCollatorWithPadding`` with a real tokenizer (built offline from a vocabulary file)."""
+    from deepunlearn.experiments.token_task import VOCAB
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[CLS]", "[SEP]", "[UNK]", *map(str, range(4, VOCAB))]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+
+    class Tokenised(torch.utils.data.Dataset):
+        def __init__(self, batches):
+            self.rows = [{"input_ids": ids[m.bool()].tolist(), "attention_mask": [1] * int(m.sum()), "label": int(y)}
+                         for b in batches for ids, m, y in zip(b["input_ids"], b["attention_mask"], b["labels"])]
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    model = train_text_classifier(text_classifier("bert"), text_batches(2000, range(CLASSES), 0))
+    report = deepunlearn.forget_classes(model, Tokenised(text_batches(2000, range(CLASSES), 5)), classes=[3],
+                                        collate_fn=transformers.DataCollatorWithPadding(tokenizer), inplace=False)
+    assert report.alpha_choice.scoring == "labels" and report.alpha_choice.reached_target
+    probs, labels = predictions(report.model, text_batches(1000, range(CLASSES), 9))
+    right = probs.argmax(1) == labels
+    assert float(right[labels == 3].float().mean()) <= 0.01 and float(right[labels != 3].float().mean()) > 0.9
