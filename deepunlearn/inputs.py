@@ -27,10 +27,9 @@ class TokenInputs:
     Args:
         tensors: name -> ``(N, ...)`` tensor; all with the same ``N``. ``attention_mask``, where
             present, is ``(N, S)``.
-        padding_side: the side the batches given padded on ("right" or "left").
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], padding_side: str = "right"):
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
         if not tensors:
             raise ValueError("a mapping batch needs at least one model input besides its labels")
         bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor) or v.dim() == 0]
@@ -44,7 +43,6 @@ class TokenInputs:
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"'{MASK_KEY}' must be (samples, positions), got shape {tuple(mask.shape)}")
         self.tensors = dict(tensors)
-        self.padding_side = padding_side
 
     # -- what a batch tensor offers ---------------------------------------------------------------
     def __len__(self) -> int:
@@ -59,23 +57,26 @@ class TokenInputs:
     def device(self) -> torch.device:
         return next(iter(self.tensors.values())).device
 
-    def _like(self, tensors: Mapping[str, torch.Tensor]) -> "TokenInputs":
-        return TokenInputs(tensors, self.padding_side)
-
     def __getitem__(self, index) -> "TokenInputs":
-        return self._like({k: v[index] for k, v in self.tensors.items()})
+        return TokenInputs({k: v[index] for k, v in self.tensors.items()})
 
     def split(self, size: int) -> list["TokenInputs"]:
         return [self[i:i + size] for i in range(0, len(self), size)]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TokenInputs":
-        return self._like({k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()})
+        return TokenInputs({k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()})
 
     @property
     def mask(self) -> torch.Tensor | None:
         """``(N, S)`` bool: the positions holding tokens; None where no attention mask was given."""
         mask = self.tensors.get(MASK_KEY)
         return None if mask is None else mask != 0
+
+    @property
+    def padding_side(self) -> str | None:
+        """Where the mask shows padding: "left" or "right" (None: no padding, or no mask)."""
+        sides = _padded_sides(self.mask)
+        return "left" if "left" in sides else "right" if sides else None
 
     # -- joining batches --------------------------------------------------------------------------
     @classmethod
@@ -113,7 +114,7 @@ class TokenInputs:
                                  f"({sorted({tuple(t.shape[1:]) for t in parts})}) and no attention_mask says which "
                                  "positions are padding; give each batch's attention_mask")
             joined[k] = torch.cat(parts)
-        return cls(joined, side)
+        return cls(joined)
 
 
 def _length(b: TokenInputs) -> int:
@@ -161,13 +162,7 @@ def _config_pad(model: nn.Module | None, key: str) -> float:
 
 def mapping_input(batch: Mapping) -> TokenInputs:
     """The model inputs of a mapping batch: every entry but its labels (:data:`LABEL_KEYS`)."""
-    return TokenInputs({k: v for k, v in batch.items() if k not in LABEL_KEYS},
-                       "left" if "left" in _padded_sides(_mask_of(batch)) else "right")
-
-
-def _mask_of(batch: Mapping) -> torch.Tensor | None:
-    mask = batch.get(MASK_KEY)
-    return None if not isinstance(mask, torch.Tensor) or mask.dim() != 2 else mask != 0
+    return TokenInputs({k: v for k, v in batch.items() if k not in LABEL_KEYS})
 
 
 def mapping_labels(batch: Mapping) -> torch.Tensor | None:
