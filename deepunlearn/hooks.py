@@ -243,17 +243,23 @@ class Collector:
             return
         sequence = x.dim() == 3  # (batch, sequence, features): where the first position can be taken
         self.stats.sequence_inputs |= sequence
-        mask = self.mask if sequence and self.mask is not None and x.shape[:2] == self.mask.shape else None
         for slots, first in (self._sinks() if sequence else [(None, False)]):
             with autocast_off(self.device):
-                if mask is None:
-                    kept = x[:, self._position(name, x.shape[1])] if first else x
-                elif first:  # each sample's own token at that position, wherever its padding is
-                    self._position(name, x.shape[1])
-                    kept = x[torch.arange(x.shape[0], device=x.device), token_positions(mask, self.token_position)]
-                else:
-                    kept = x[mask]
+                kept = self._tokens(name, x, first) if sequence else x
                 self.add_rows(name, linear_rows(self._computed(kept), d), slots)
+
+    def _tokens(self, name: str, x: torch.Tensor, first: bool, every: torch.Tensor | None = None) -> torch.Tensor:
+        """The vectors layer ``name`` reads in batch-major ``x`` ``(N, S, d)``: every position's
+        (``every``: the same vectors in a cheaper layout, where given) or, where ``first``, each
+        sample's :attr:`token_position`; by the current batch's attention mask where it covers ``x``
+        (its tokens only; the position counted over each sample's own tokens)."""
+        mask = self.mask if self.mask is not None and x.shape[:2] == self.mask.shape else None
+        if not first:
+            return x[mask] if mask is not None else x if every is None else every
+        position = self._position(name, x.shape[1])
+        if mask is None:
+            return x[:, position]
+        return x[torch.arange(x.shape[0], device=x.device), token_positions(mask, position)]
 
     def _position(self, name: str, length: int) -> int:
         """:attr:`token_position`, checked against the ``length`` positions layer ``name`` read."""
@@ -323,16 +329,8 @@ class Collector:
         self.stats.sequence_inputs = True
         for slots, first in self._sinks():
             def rows(t: torch.Tensor, computed: bool = True) -> torch.Tensor:
-                # sequence first: the one position kept, or all positions in any order; with the
-                # batch's attention mask (positions × samples the mask's), its tokens only
-                mask = self.mask if self.mask is not None and t.dim() == 3 and t.shape[1::-1] == self.mask.shape else None
-                if not first:
-                    t = _batch_major(t) if mask is None else t.transpose(0, 1)[mask]
-                elif mask is None:
-                    t = t[self._position(name, t.shape[0])][None]
-                else:
-                    at = token_positions(mask, self._position(name, t.shape[0]))
-                    t = t[at, torch.arange(t.shape[1], device=t.device)]
+                # sequence first (unbatched: one sample); every position's in any order, as a view
+                t = self._tokens(name, t.transpose(0, 1) if t.dim() == 3 else t[None], first, every=_batch_major(t))
                 return linear_rows(self._computed(t) if computed else t, t.shape[-1])
 
             with autocast_off(self.device):
