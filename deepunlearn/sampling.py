@@ -2,14 +2,14 @@
 split into the parts that fit and score candidates while α is chosen."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ._batches import DataLike, ModelInput, batch_labels, batch_input, iter_raw_batches
-from .inputs import TokenInputs, mapping_labels
+from .inputs import TokenInputs
 
 HOLDOUT_FRACTION = 0.25  # of the retain samples, to score candidates (the final edit uses all)
 HOLDOUT_CAP = 512  # held-out samples per side and fold at most: resolves 0.2 % steps, bounds scoring time
@@ -31,9 +31,9 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     return torch.as_tensor(targets, dtype=torch.long).flatten()
 
 
-def _sample_label(sample, i: int):
-    """The label of one sample: ``y`` of ``(x, y, ...)``, or a mapping's ``labels`` / ``label``."""
-    y = mapping_labels(sample) if isinstance(sample, Mapping) else sample[1] if isinstance(sample, (tuple, list)) else None
+def _sample_label(sample, i: int) -> torch.Tensor:
+    """The label of one sample, read as a batch's (:func:`~deepunlearn._batches.batch_labels`)."""
+    y = batch_labels(sample)
     if y is None:
         raise TypeError(f"sample {i} of the dataset carries no label: a labelled dataset yields (x, y, ...) or "
                         f"mappings with 'labels' (or has .targets); got {type(sample).__name__}")
