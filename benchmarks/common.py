@@ -118,6 +118,14 @@ def write_results(stem: Path, result: dict, table: str) -> None:
 
 # -- the suite's Fashion-MNIST cases, shared by the quality benchmarks --------------------------
 
+QUALITY = {"forget": 1.0, "retain_drop": 1.0}  # the automatic choice's targets: test forget <= 1 %, retain within 1 point
+
+
+def meets_quality(forget: float, retain_drop: float) -> bool:
+    """Whether test forget accuracy and retain drop (percent, points) meet :data:`QUALITY`."""
+    return forget <= QUALITY["forget"] and retain_drop <= QUALITY["retain_drop"]
+
+
 CLASS_SETS = ([0], [2], [7], [0, 2], [0, 2, 7])  # one class at a time, then two and three at once
 SUITE_EPOCHS = 4  # the suite's models
 
