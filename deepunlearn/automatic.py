@@ -30,7 +30,7 @@ from .moments import SampleRows
 from .plan import Moments, layer_means, layer_moments, synchronize
 from .reach import check_head_scale, edited_and_head
 from .report import AlphaChoice
-from .sampling import fold_split, holdout_split, materialise
+from .sampling import content_order, fold_split, holdout_split, materialise
 from .scoring import CHECK_SAMPLES, held_out_prefix, make_scorer, read_position
 from .statistics import Statistics, fingerprint_once, model_device
 
@@ -94,8 +94,10 @@ def choose_and_collect(
     with fingerprint_once():  # six collections of the same weights
         x_f, y_f = materialise(forget, collect["batch_size"], "forget", model)
         x_r, y_r = materialise(retain, collect["batch_size"], "retain", model)
-        folds_f = fold_split(len(x_f), "forget")
-        fit_r, held_r = holdout_split(len(x_r), "retain")
+        # parts drawn over the samples in the order of their content: the same samples in any order, the same choice
+        order_f, order_r = content_order(x_f, y_f), content_order(x_r, y_r)
+        folds_f = [order_f[i] for i in fold_split(len(x_f), "forget")]
+        fit_r, held_r = (order_r[i] for i in holdout_split(len(x_r), "retain"))
         outputs_f: list[list] = [[] for _ in folds_f]
         parts_f = [kinds(x_f[folds_f[0]], "forget", outputs_f[0])]
         targets, skipped, head = edited_and_head(targets, skipped, parts_f[0][min(parts_f[0])], skip_first_layer,

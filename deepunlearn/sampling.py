@@ -16,6 +16,9 @@ HOLDOUT_CAP = 512  # held-out samples per side and fold at most: resolves 0.2 % 
 FORGET_FOLDS = 4  # each a quarter, as the retain hold-out; all of them score, so 1 % of 900 forget samples
 # is 9 to count, not 2: the target is shown at confidence with an edit that forgets less (docs/auto_alpha.md)
 HOLDOUT_SEED = 0
+DIGEST_SEED = 0  # the multipliers of content_order's digest
+DIGEST_CHUNK = 256  # samples digested at a time: bounds the int64 copy of their elements (8 bytes each)
+_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # element bits read as an integer
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor:
@@ -104,6 +107,42 @@ def materialise(data: DataLike, batch_size: int, role: str = "given",
             raise TypeError(f"the {role} data mixes mapping batches with tensor batches")
         return TokenInputs.cat(xs, model), labels
     return torch.cat(xs), labels
+
+
+def content_order(x: ModelInput, labels: torch.Tensor | None) -> torch.Tensor:
+    """The indices of the samples of ``x`` ``(N, ...)`` (with their ``labels`` ``(N,)``, or None),
+    ordered by a digest of each sample's bits and label: the same samples given in any order (a
+    shuffling DataLoader) come out in one order, so they are split into the same parts and the
+    choice of α is the same. The digest is a sum of the elements' bits, read as integers, times fixed
+    random odd multipliers, in int64 arithmetic that wraps: exact, so no reduction order changes it.
+    Samples alike in every bit and label tie, and a stable sort keeps them in the order given."""
+    n = len(x)
+    entries = sorted(x.tensors.items()) if isinstance(x, TokenInputs) else [("", x)]
+    key = torch.zeros(n, dtype=torch.int64)
+    g = torch.Generator().manual_seed(DIGEST_SEED)
+    for _, t in entries:
+        key += _digest(t, g)
+    if labels is not None:
+        key += labels.long().cpu() * _odd_multipliers(1, g)
+    return torch.sort(key, stable=True).indices
+
+
+def _odd_multipliers(count: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(-(1 << 62), 1 << 62, (count,), generator=generator) * 2 + 1
+
+
+def _digest(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``(N,)`` int64 on the CPU: each sample's elements of ``t`` ``(N, ...)``, their bits read as
+    integers, times multipliers drawn from ``generator``, summed with wrap-around."""
+    if len(t) == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    flat = (torch.view_as_real(t) if t.is_complex() else t).reshape(len(t), -1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    elif flat.is_floating_point():
+        flat = flat.contiguous().view(_INTEGER_OF_SIZE[flat.element_size()])
+    multipliers = _odd_multipliers(flat.shape[1], generator).to(flat.device)
+    return torch.cat([(chunk.long() * multipliers).sum(1).cpu() for chunk in flat.split(DIGEST_CHUNK)])
 
 
 def _shuffled(n: int, role: str, seed: int) -> torch.Tensor:

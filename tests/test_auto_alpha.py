@@ -15,7 +15,8 @@ from deepunlearn.candidates import (FACTOR_SETS_KEPT, KEPT_GRAM_MAX_FRACTION, Fa
 from deepunlearn.moments import SampleRows
 from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, choose_alphas, preference,
                                     smallest_passing)
-from deepunlearn.sampling import FORGET_FOLDS, fold_split, holdout_split, materialise
+from deepunlearn.inputs import TokenInputs
+from deepunlearn.sampling import FORGET_FOLDS, content_order, fold_split, holdout_split, materialise
 from deepunlearn.scoring import FORGET_CONFIDENCE, HELD_OUT_SHARE, allowed_forget_hits, binomial_upper_bound, inferred_forget_classes, make_scorer
 from deepunlearn.layers import find_targets
 from deepunlearn.reach import classifier_head
@@ -548,6 +549,44 @@ def test_the_choice_is_deterministic(trained):
     a, b = (deepunlearn.unlearn(trained, forget, retain, inplace=False) for _ in range(2))
     assert a.alpha_choice.candidates == b.alpha_choice.candidates
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_the_choice_does_not_depend_on_the_order_the_samples_come_in(trained):
+    """The parts are drawn over the samples in the order of their content: the same samples from a
+    shuffling DataLoader make the same choice, and an edit equal but for the order of the sums."""
+    forget, retain = forget_and_retain()
+    given = deepunlearn.unlearn(trained, forget, retain, inplace=False)
+    g = torch.Generator().manual_seed(3)
+    shuffled = [deepunlearn.unlearn(trained, *(DataLoader(d, batch_size=32, shuffle=True, generator=g) for d in (forget, retain)),
+                                    inplace=False) for _ in range(2)]
+    for run in shuffled:
+        assert [(c["alpha_r"], c["alpha_f"], c["alpha_f_head"], c["forget_hits"], c["forget_scored"])
+                for c in run.alpha_choice.candidates] == [(c["alpha_r"], c["alpha_f"], c["alpha_f_head"], c["forget_hits"],
+                                                           c["forget_scored"]) for c in given.alpha_choice.candidates]
+        assert run.alpha_choice.retain_prob == pytest.approx(given.alpha_choice.retain_prob, rel=1e-5)
+        assert all(rel_err(p, q) < 1e-5 for p, q in zip(run.model.parameters(), given.model.parameters()))
+
+
+def test_content_order_is_the_same_for_the_same_samples_in_any_order():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 3, 4, generator=g), torch.randint(0, 5, (50,), generator=g)
+    x[7], y[7] = x[3], (y[3] + 1) % 5  # alike but for the label: told apart by it
+    x[9], y[9] = x[3], y[3]  # alike in every bit: a tie, which either order serves
+    tokens = TokenInputs({"input_ids": torch.randint(0, 100, (50, 6), generator=g),
+                          "attention_mask": torch.ones(50, 6, dtype=torch.long)})
+
+    def picked(data, index):
+        return [data.tensors[k][index] for k in sorted(data.tensors)] if isinstance(data, TokenInputs) else [data[index]]
+
+    for data, labels in [(x, y), (x, None), (x.double(), y), (x.half(), y), (x > 0, y), (tokens, y)]:
+        order = content_order(data, labels)
+        assert sorted(order.tolist()) == list(range(50))
+        for seed in range(3):
+            perm = torch.randperm(50, generator=torch.Generator().manual_seed(seed))
+            again = perm[content_order(data[perm], None if labels is None else labels[perm])]
+            assert all(torch.equal(a, b) for a, b in zip(picked(data, again), picked(data, order)))
+            assert labels is None or torch.equal(labels[again], labels[order])
+    assert content_order(torch.empty(0, 3), None).numel() == 0
 
 
 def test_part_times_split_the_choice_into_exclusive_parts_and_change_nothing(trained):
