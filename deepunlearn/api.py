@@ -135,8 +135,8 @@ def unlearn(
             cross-validation over the folds shows it still forgetting and keeping at least the
             retain accuracy; else its bias is shifted so that the held-out retain samples keep the
             unedited model's shares of the retained classes, never raising a forgotten class's
-            logit against a retained one (:func:`~deepunlearn.scoring.rebalanced_shift`;
-            ``report.alpha_choice.head_shift``). Needs the automatic choice (its folds and held-out
+            logit against a retained one, where that leaves no fewer of them right
+            (:func:`~deepunlearn.scoring.rebalanced_shift`; ``report.alpha_choice.head_shift``). Needs the automatic choice (its folds and held-out
             samples); done where the head has a bias and the model's output is the head's. None
             (default): on when the scales are chosen (docs/auto_alpha.md); True with both scales
             given is an error.

@@ -84,7 +84,11 @@ class AlphaChoice:
         head_shift: per class, what the edit adds to the classifier head's bias so that the
             held-out retain samples keep the unedited model's shares of the retained classes
             (:func:`rebalanced_shift`; :func:`deepunlearn.unlearn`'s ``refit_head``), where the
-            head was not re-fitted; else None. The held-out accuracies above are those before it.
+            head was not re-fitted and the shift leaves no fewer held-out retain samples right; else
+            None. The held-out accuracies above are those before it.
+        samples_to_show: the held-out forget samples with which none recognised shows the target at
+            :data:`FORGET_CONFIDENCE`; with fewer (``held_out[0]``) a candidate reaches the target by
+            none recognised, which cannot show it (the call warns).
         head_refit: the classifier head's retained rows re-fitted to the edited body
             (:class:`~deepunlearn.head_refit.HeadRefit`, with its cross-validated accuracies), or None.
     """
@@ -110,6 +114,7 @@ class AlphaChoice:
     head_shift: list[float] | None = None
     head_refit: HeadRefit | None = None
     token_position: int = 0
+    samples_to_show: int = 1
 
     def to_dict(self) -> dict:
         """Every field as JSON-ready values; of :attr:`head_refit`, what it measured (not its rows)."""
@@ -124,7 +129,8 @@ class AlphaChoice:
         head = "" if self.alpha_f_head is None else f", alpha_f_head={self.alpha_f_head:g}"
         return (f"alpha chosen: alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}{head} (held-out retain {self.retain_acc:.2f} %, "
                 f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}: at most {self.allowed_hits} of "
-                f"{self.held_out[0]} held-out forget samples recognised, the bound {held_out_bound(self.target):g} %; "
+                f"{self.held_out[0]} held-out forget samples recognised, the bound {held_out_bound(self.target):g} %"
+                f"{'' if self.held_out[0] >= self.samples_to_show else f' (not shown: {self.samples_to_show} would show it)'}; "
                 f"{'' if not self.first_token else 'statistics of the first sequence position; ' if self.token_position == 0 else f'statistics of sequence position {self.token_position}; '}"
                 f"{'every position not searched (the output reads one alone); ' if self.every_position_skipped else ''}"
                 f"{'retain mean kept; ' if self.keep_retain_mean else ''}"

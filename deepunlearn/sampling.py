@@ -17,8 +17,8 @@ FORGET_FOLDS = 4  # each a quarter, as the retain hold-out; all of them score, s
 # is 9 to count, not 2: the target is shown at confidence with an edit that forgets less (docs/auto_alpha.md)
 HOLDOUT_SEED = 0
 DIGEST_SEED = 0  # the multipliers of content_order's digest
-DIGEST_CHUNK = 256  # samples digested at a time: bounds the int64 copy of their elements (8 bytes each)
-_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # element bits read as an integer
+DIGEST_CHUNK_ELEMENTS = 1 << 22  # elements digested at a time: their products stay within 16 MiB
+_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16}  # narrow elements' bits read as integers
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor:
@@ -113,36 +113,34 @@ def content_order(x: ModelInput, labels: torch.Tensor | None) -> torch.Tensor:
     """The indices of the samples of ``x`` ``(N, ...)`` (with their ``labels`` ``(N,)``, or None),
     ordered by a digest of each sample's bits and label: the same samples given in any order (a
     shuffling DataLoader) come out in one order, so they are split into the same parts and the
-    choice of α is the same. The digest is a sum of the elements' bits, read as integers, times fixed
-    random odd multipliers, in int64 arithmetic that wraps: exact, so no reduction order changes it.
-    Samples alike in every bit and label tie, and a stable sort keeps them in the order given."""
-    n = len(x)
-    entries = sorted(x.tensors.items()) if isinstance(x, TokenInputs) else [("", x)]
-    key = torch.zeros(n, dtype=torch.int64)
-    g = torch.Generator().manual_seed(DIGEST_SEED)
-    for _, t in entries:
-        key += _digest(t, g)
+    choice of α is the same. The digest sums the elements' bits, read as 32-bit integers, times
+    fixed random odd multipliers (products wrap at 32 bits, sums are exact in int64): integer
+    arithmetic, so no reduction order changes it. Samples alike in every bit and label tie, and a
+    stable sort keeps them in the order given."""
+    entries = [v for _, v in sorted(x.tensors.items())] if isinstance(x, TokenInputs) else [x]
     if labels is not None:
-        key += labels.long().cpu() * _odd_multipliers(1, g)
+        entries.append(labels.reshape(len(x), 1))
+    g = torch.Generator().manual_seed(DIGEST_SEED)
+    key = sum((_digest(t, g) for t in entries), torch.zeros(len(x), dtype=torch.int64))
     return torch.sort(key, stable=True).indices
 
 
-def _odd_multipliers(count: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(-(1 << 62), 1 << 62, (count,), generator=generator) * 2 + 1
-
-
 def _digest(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``(N,)`` int64 on the CPU: each sample's elements of ``t`` ``(N, ...)``, their bits read as
-    integers, times multipliers drawn from ``generator``, summed with wrap-around."""
+    """``(N,)`` int64 on the CPU: each sample's elements of ``t`` ``(N, ...)``, as 32-bit integers
+    (an 8-byte element as its two halves), times odd multipliers drawn from ``generator``, summed."""
     if len(t) == 0:
         return torch.zeros(0, dtype=torch.int64)
-    flat = (torch.view_as_real(t) if t.is_complex() else t).reshape(len(t), -1)
+    flat = (torch.view_as_real(t) if t.is_complex() else t).reshape(len(t), -1).contiguous()
     if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    elif flat.is_floating_point():
-        flat = flat.contiguous().view(_INTEGER_OF_SIZE[flat.element_size()])
-    multipliers = _odd_multipliers(flat.shape[1], generator).to(flat.device)
-    return torch.cat([(chunk.long() * multipliers).sum(1).cpu() for chunk in flat.split(DIGEST_CHUNK)])
+        flat = flat.to(torch.int32)
+    elif flat.element_size() in (4, 8):
+        flat = flat.view(torch.int32)
+    else:
+        flat = flat.view(_INTEGER_OF_SIZE[flat.element_size()]).to(torch.int32)
+    multipliers = (torch.randint(-(1 << 30), 1 << 30, (flat.shape[1],), generator=generator) * 2 + 1).to(
+        device=flat.device, dtype=torch.int32)
+    per_chunk = max(1, DIGEST_CHUNK_ELEMENTS // max(1, flat.shape[1]))
+    return torch.cat([(chunk * multipliers).sum(1, dtype=torch.int64).cpu() for chunk in flat.split(per_chunk)])
 
 
 def _shuffled(n: int, role: str, seed: int) -> torch.Tensor:

@@ -62,6 +62,13 @@ def held_out_bound(target: float) -> float:
     return target * HELD_OUT_SHARE
 
 
+def forget_samples_to_show(target: float, confidence: float = FORGET_CONFIDENCE) -> int:
+    """The fewest held-out forget samples with which none recognised shows a forget accuracy of at
+    most ``target`` percent at ``confidence`` (none of ``n`` bounds it at ``1 − (1 − confidence)^(1/n)``);
+    with fewer, :func:`allowed_forget_hits` asks for none, which cannot show it."""
+    return max(1, math.ceil(math.log1p(-confidence) / math.log1p(-target / 100.0))) if target < 100 else 1
+
+
 def allowed_forget_hits(n: int, target: float, confidence: float = FORGET_CONFIDENCE) -> int:
     """The most held-out forget samples (of ``n``) still recognised for which the forget accuracy is
     at most ``target`` percent at ``confidence``; 0 where even none cannot show it (few samples)."""

@@ -17,7 +17,8 @@ from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALP
                                     smallest_passing)
 from deepunlearn.inputs import TokenInputs
 from deepunlearn.sampling import FORGET_FOLDS, content_order, fold_split, holdout_split, materialise
-from deepunlearn.scoring import FORGET_CONFIDENCE, HELD_OUT_SHARE, allowed_forget_hits, binomial_upper_bound, inferred_forget_classes, make_scorer
+from deepunlearn.scoring import (FORGET_CONFIDENCE, HELD_OUT_SHARE, allowed_forget_hits, binomial_upper_bound, forget_samples_to_show,
+                                inferred_forget_classes, make_scorer)
 from deepunlearn.layers import find_targets
 from deepunlearn.reach import classifier_head
 from deepunlearn.collect import collect_statistics
@@ -544,6 +545,28 @@ def test_inferred_forget_classes_and_materialise_and_holdout():
     assert torch.equal(torch.cat(fold_split(10, "forget")), torch.cat(folds))  # the same for the same seed
 
 
+def test_too_few_forget_samples_to_show_the_target_are_named():
+    """None of n recognised bounds the rate at 1 − (1 − confidence)^(1/n): the fewest samples that show a
+    bound are those where the Clopper–Pearson bound of no hit first falls to it."""
+    for bound in (0.25, 1.0, 2.5, 25.0):
+        n = forget_samples_to_show(bound)
+        assert 100 * binomial_upper_bound(0, n, FORGET_CONFIDENCE) <= bound < 100 * binomial_upper_bound(0, n - 1, FORGET_CONFIDENCE)
+    assert forget_samples_to_show(0.25) == 554  # 900 forget samples show the default target; the tests' 100 do not
+
+
+def test_a_choice_from_too_few_forget_samples_warns_that_it_cannot_show_the_target(trained):
+    forget, retain = forget_and_retain()  # 100 forget samples: none recognised bounds the rate at 1.4 %, not 0.25 %
+    with pytest.warns(UserWarning, match="100 forget samples are too few to show the forget-accuracy target of 1 %.*554"):
+        c = deepunlearn.unlearn(trained, forget, retain, inplace=False).alpha_choice
+    assert c.reached_target and c.allowed_hits == 0 and c.samples_to_show == 554
+    assert "(not shown: 554 would show it)" in str(c)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a target of 10 %: 55 samples show its bound, 2.5 %
+        c = deepunlearn.unlearn(trained, forget, retain, inplace=False, target_forget_accuracy=10).alpha_choice
+    assert c.samples_to_show == 55 and "not shown" not in str(c)
+
+
 def test_the_choice_is_deterministic(trained):
     forget, retain = forget_and_retain()
     a, b = (deepunlearn.unlearn(trained, forget, retain, inplace=False) for _ in range(2))
@@ -828,6 +851,23 @@ def test_where_no_refit_keeps_forgetting_the_heads_bias_is_rebalanced(trained, m
     assert any("bias rebalanced" in n for r in report.layers if r.name == "4" for n in r.notes)
     x, y = blobs(500, 7)
     assert accuracies(report.model, x, y)[1] <= accuracies(plain.model, x, y)[1]  # forgetting never weakened
+
+
+def test_a_rebalancing_that_costs_held_out_retain_samples_is_refused(trained, monkeypatch):
+    """The shift matches mean probabilities, not predictions: one that would leave fewer held-out retain
+    samples right (here a retained class raised far above the others) is not applied."""
+    import deepunlearn.auto_alpha
+    import deepunlearn.head_refit
+
+    monkeypatch.setattr(deepunlearn.head_refit, "FORGET_WEIGHTS", ())  # no re-fit: the rebalancing's turn
+    monkeypatch.setattr(deepunlearn.auto_alpha, "rebalanced_shift",
+                        lambda logits, shares, forgotten: torch.tensor([0.0, 50.0, 0.0, 0.0], dtype=torch.float64))
+    forget, retain = forget_and_retain()
+    plain = deepunlearn.unlearn(trained, forget, retain, inplace=False, refit_head=False)
+    report = deepunlearn.unlearn(trained, forget, retain, inplace=False)
+    assert report.alpha_choice.head_shift is None and report.alpha_choice.head_refit is None
+    assert all(torch.equal(p, q) for p, q in zip(report.model.parameters(), plain.model.parameters()))
+    assert "head bias rebalanced" not in str(report.alpha_choice)
 
 
 def test_the_head_correction_needs_the_choice_and_a_head_bias(trained):
