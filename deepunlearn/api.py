@@ -94,6 +94,8 @@ def unlearn(
             the automatic choice aims at. The held-out forget samples are training samples, which an
             edit forgets more easily, so they must show at most a quarter of it
             (:data:`~deepunlearn.scoring.HELD_OUT_SHARE`; 0 of 900 at the default 1 %, 2 of 1,800).
+            Fewer than 554 forget samples cannot show it at the default (none recognised is then
+            asked for, and the call warns).
         solver: ``"cholesky"`` (default, no decomposition), ``"eigh"`` or ``"svd"``; all give the same result.
         inplace: edit ``model`` itself (default) or a deep copy of it, returned as ``report.model``.
         batch_size: batch size used when ``forget``/``retain`` is a tensor or a Dataset.
@@ -136,8 +138,9 @@ def unlearn(
             retain accuracy; else its bias is shifted so that the held-out retain samples keep the
             unedited model's shares of the retained classes, never raising a forgotten class's
             logit against a retained one, where that leaves no fewer of them right
-            (:func:`~deepunlearn.scoring.rebalanced_shift`; ``report.alpha_choice.head_shift``). Needs the automatic choice (its folds and held-out
-            samples); done where the head has a bias and the model's output is the head's. None
+            (:func:`~deepunlearn.scoring.rebalanced_shift`; ``report.alpha_choice.head_shift``).
+            Needs the automatic choice (its folds and held-out samples); done where the head has a
+            bias and the model's output is the head's. None
             (default): on when the scales are chosen (docs/auto_alpha.md); True with both scales
             given is an error.
         progress: show progress bars while collecting.

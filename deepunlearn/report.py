@@ -130,7 +130,7 @@ class AlphaChoice:
         return (f"alpha chosen: alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}{head} (held-out retain {self.retain_acc:.2f} %, "
                 f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}: at most {self.allowed_hits} of "
                 f"{self.held_out[0]} held-out forget samples recognised, the bound {held_out_bound(self.target):g} %"
-                f"{'' if self.held_out[0] >= self.samples_to_show else f' (not shown: {self.samples_to_show} would show it)'}; "
+                f"{'' if not self.reached_target or self.held_out[0] >= self.samples_to_show else f' (not shown: {self.samples_to_show} would show it)'}; "
                 f"{'' if not self.first_token else 'statistics of the first sequence position; ' if self.token_position == 0 else f'statistics of sequence position {self.token_position}; '}"
                 f"{'every position not searched (the output reads one alone); ' if self.every_position_skipped else ''}"
                 f"{'retain mean kept; ' if self.keep_retain_mean else ''}"
