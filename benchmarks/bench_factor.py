@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             err = float((fn().double() - want).norm() / want.norm())
             rows_out.append({"d": d, "batch": g, "rows": rows, "way": name, "seconds": t, "rel_err": err})
             print(f"d={d} g={g} rows={rows} {name}: {t * 1e3:.2f} ms, rel err {err:.1e}", flush=True)
-        del b64, w64, want, b, w
+        b64 = w64 = want = b = w = None  # freed before the next shape is made
     result = {"device": device_name(device), "rows": rows_out}
     lines = [f"# Batched factors applied to a layer's rows on {result['device']}", "",
              "float32; time of factoring the batch and computing every W B⁻¹ (median of paired blocks); "
