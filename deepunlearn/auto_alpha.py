@@ -412,6 +412,7 @@ def choose_alphas(
                       f"{best['forget_acc']:.2f} %, retain {best['retain_acc']:.2f} %", stacklevel=3)
     last_edited[:] = [None, {}]  # the correction below edits one fold at a time
     head_shift = head_refit = None
+    shift_refused = False
     if shares is not None:  # the head re-fitted where that keeps forgetting, else its bias rebalanced
         chosen = (best["alpha_r"], best["alpha_f"], best["alpha_f_head"] if best["head_apart"] else None)
         try:
@@ -434,6 +435,8 @@ def choose_alphas(
             # bench_text.py: 97.5 -> 80 % of its retain sequences right)
             if _right(logits + shift.to(logits), scorer.retain_ref) >= _right(logits, scorer.retain_ref):
                 head_shift = shift.tolist()
+            else:
+                shift_refused = True
         else:  # rows made in inference mode, as ordinary tensors for the caller
             head_refit = replace(head_refit, weight=head_refit.weight.clone(),
                                  bias=None if head_refit.bias is None else head_refit.bias.clone())
@@ -448,7 +451,8 @@ def choose_alphas(
                        scorer.scoring, (n_f, len(scorer.x_r)), monotone, table, time.perf_counter() - t0, allowed,
                        folds=candidates.folds,
                        alpha_f_head=best["alpha_f_head"] if best["head_apart"] and best["alpha_f_head"] != best["alpha_f"] else None,
-                       retain_prob=best["retain_prob"], head_shift=head_shift, head_refit=head_refit, samples_to_show=needed)
+                       retain_prob=best["retain_prob"], head_shift=head_shift, head_refit=head_refit, samples_to_show=needed,
+                       head_shift_refused=shift_refused)
 
 
 def _right(logits: torch.Tensor, reference: torch.Tensor) -> int:

@@ -86,6 +86,8 @@ class AlphaChoice:
             (:func:`rebalanced_shift`; :func:`deepunlearn.unlearn`'s ``refit_head``), where the
             head was not re-fitted and the shift leaves no fewer held-out retain samples right; else
             None. The held-out accuracies above are those before it.
+        head_shift_refused: whether a rebalancing was made and not applied, since it left fewer held-out
+            retain samples right (the head is then left as the chosen edit made it).
         samples_to_show: the held-out forget samples with which none recognised shows the target at
             :data:`FORGET_CONFIDENCE`; with fewer (``held_out[0]``) a candidate reaches the target by
             none recognised, which cannot show it (the call warns).
@@ -115,6 +117,7 @@ class AlphaChoice:
     head_refit: HeadRefit | None = None
     token_position: int = 0
     samples_to_show: int = 1
+    head_shift_refused: bool = False
 
     def to_dict(self) -> dict:
         """Every field as JSON-ready values; of :attr:`head_refit`, what it measured (not its rows)."""
@@ -135,6 +138,7 @@ class AlphaChoice:
                 f"{'every position not searched (the output reads one alone); ' if self.every_position_skipped else ''}"
                 f"{'retain mean kept; ' if self.keep_retain_mean else ''}"
                 f"{'' if self.head_shift is None else f'head bias rebalanced (shifts up to {max(self.head_shift):.3g}); '}"
+                f"{'head left as edited (its rebalancing would have cost held-out retain samples); ' if self.head_shift_refused else ''}"
                 f"{'' if (r := self.head_refit) is None else f'head re-fitted (cross-validated retain {r.retain_acc_before:.2f} -> {r.retain_acc_after:.2f} %, {r.forget_hits} forget sample(s) recognised); '}"
                 f"{len({(c['alpha_r'], c['alpha_f']) for c in self.candidates})} pairs scored"
                 f"{'' if self.alpha_f_head is None and not any(c.get('head_apart') for c in self.candidates) else ' with each head scale'} "

@@ -841,6 +841,7 @@ def test_where_no_refit_keeps_forgetting_the_heads_bias_is_rebalanced(trained, m
     report = deepunlearn.unlearn(trained, forget, retain, inplace=False)
     shift = report.alpha_choice.head_shift
     assert report.alpha_choice.head_refit is None and shift is not None and len(shift) == 4
+    assert not report.alpha_choice.head_shift_refused
     assert shift[0] == 0.0 and min(shift[1:]) == 0.0 and max(shift) > 0  # class 0 forgotten: not raised
     head = report.model[4]
     assert torch.allclose(head.bias, plain.model[4].bias + torch.tensor(shift, dtype=head.bias.dtype), atol=1e-6)
@@ -867,7 +868,8 @@ def test_a_rebalancing_that_costs_held_out_retain_samples_is_refused(trained, mo
     report = deepunlearn.unlearn(trained, forget, retain, inplace=False)
     assert report.alpha_choice.head_shift is None and report.alpha_choice.head_refit is None
     assert all(torch.equal(p, q) for p, q in zip(report.model.parameters(), plain.model.parameters()))
-    assert "head bias rebalanced" not in str(report.alpha_choice)
+    assert "head bias rebalanced" not in str(report.alpha_choice) and report.alpha_choice.head_shift_refused
+    assert "its rebalancing would have cost held-out retain samples" in str(report.alpha_choice)
 
 
 def test_the_head_correction_needs_the_choice_and_a_head_bias(trained):
