@@ -433,7 +433,7 @@ def choose_alphas(
             # kept where it keeps at least as many held-out retain samples right: fitted to mean probabilities, it
             # can trade a retained class for another that the edit left close to it (a two-block BERT of
             # bench_text.py: 97.5 -> 80 % of its retain sequences right)
-            if _right(logits + shift.to(logits), scorer.retain_ref) >= _right(logits, scorer.retain_ref):
+            if scorer.retain_right(logits + shift.to(logits)).sum() >= scorer.retain_right(logits).sum():
                 head_shift = shift.tolist()
             else:
                 shift_refused = True
@@ -453,11 +453,6 @@ def choose_alphas(
                        alpha_f_head=best["alpha_f_head"] if best["head_apart"] and best["alpha_f_head"] != best["alpha_f"] else None,
                        retain_prob=best["retain_prob"], head_shift=head_shift, head_refit=head_refit, samples_to_show=needed,
                        head_shift_refused=shift_refused)
-
-
-def _right(logits: torch.Tensor, reference: torch.Tensor) -> int:
-    """How many rows of ``logits`` ``(N, C)`` predict their class of ``reference`` ``(N,)``."""
-    return int((logits.argmax(-1).cpu() == reference).sum())
 
 
 def preference(c: dict[str, float]) -> tuple[float, ...]:

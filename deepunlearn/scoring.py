@@ -352,12 +352,16 @@ class Scorer:
         """``(N, C)`` float32 logits of the model as it is now on the held-out retain samples."""
         return self._logits(model, "retain", torch.arange(len(self.x_r)), None)[0]
 
+    def retain_right(self, logits: torch.Tensor) -> torch.Tensor:
+        """Which held-out retain samples logits ``(..., N, C)`` predict as counted right, ``(..., N)`` bool on the CPU."""
+        return logits.argmax(-1).cpu() == self.retain_ref
+
     def retain_scores(self, model: nn.Module, heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None
                       ) -> list[tuple[float, float]]:
         """Per head (or the model as it is), ``(accuracy, probability)``: the percent of held-out
         retain samples still right, and their mean probability (percent) of the class counted right."""
         logits = self._logits(model, "retain", torch.arange(len(self.x_r)), heads)
-        right = (logits.argmax(-1).cpu() == self.retain_ref).float().mean(-1)
+        right = self.retain_right(logits).float().mean(-1)
         ref = self.retain_ref.to(logits.device).expand(logits.shape[:2])
         prob = logits.softmax(-1).gather(-1, ref[..., None])[..., 0].mean(-1)
         return list(zip((100.0 * right).tolist(), (100.0 * prob).tolist()))
