@@ -201,6 +201,12 @@ TIMM_MODELS = {
     "regnetx_002": {"model_name": "regnetx_002"},
     # depthwise 3×3 and 5×5 convolutions, squeeze-and-excitation 1×1 convolutions on pooled features, hard-swish
     "mobilenetv3_small_100": {"model_name": "mobilenetv3_small_100"},
+    # ConvNeXt blocks as convnext_tiny builds them: depthwise 7×7 convolutions, LayerNorm over channels, the MLP's
+    # Linear layers on channels-last maps (conv_mlp off), layer scale; narrower and shallower than convnext_atto
+    # (24-192 channels, two blocks a stage) and without the stem's stride (28×28 maps would run out by the last stage),
+    # whose last two stages run their 7×7 kernels on 7×7 and 3×3 maps
+    "convnext": {"model_name": "convnext_atto", "patch_size": 1, "depths": (2, 2, 2, 2), "dims": (24, 48, 96, 192),
+                 "conv_mlp": False},
 }
 
 

@@ -44,31 +44,31 @@ def add_patch_moment_(cov: torch.Tensor, moment: torch.Tensor, geom: ConvGeometr
     taps, pixels = math.prod(geom.kernel), math.prod(spatial)
     channels = d // taps
     patch = cov.view(groups, channels, taps, channels, taps)
-    maps = moment.view(groups, channels, pixels, channels, pixels)
-    for hits in _positions(geom, spatial):  # per output position, (tap, pixel) of the taps inside the map
-        for t1, p1 in hits:
-            for t2, p2 in hits:
-                patch[:, :, t1, :, t2] += maps[:, :, p1, :, p2]
+    # one more pixel, always zero, stands for the padding a tap reads outside the map
+    padded = moment.new_zeros(groups, channels, pixels + 1, channels, pixels + 1)
+    padded[:, :, :pixels, :, :pixels] = moment.view(groups, channels, pixels, channels, pixels)
+    for pixel_of_tap in _tap_pixels(geom, spatial).to(moment.device):  # per output position: S_o moment S_oᵀ
+        patch += padded.index_select(2, pixel_of_tap).index_select(4, pixel_of_tap)
     return cov
 
 
-def _positions(geom: ConvGeometry, spatial: tuple[int, ...]) -> list[list[tuple[int, int]]]:
-    """Per output position, the ``(tap, pixel)`` flat indices of its kernel taps that land inside
-    the map (the others read padding, zeros)."""
+def _tap_pixels(geom: ConvGeometry, spatial: tuple[int, ...]) -> torch.Tensor:
+    """``(output positions, taps)``: the flat index of the map pixel each kernel tap of each output
+    position reads, ``prod(spatial)`` where it reads padding (zeros)."""
     nd = geom.spatial_dims
     low = [geom.padding[2 * (nd - 1 - i)] for i in range(nd)]
     high = [geom.padding[2 * (nd - 1 - i) + 1] for i in range(nd)]
     outs = [(n + lo + hi - dl * (k - 1) - 1) // s + 1
             for n, lo, hi, dl, k, s in zip(spatial, low, high, geom.dilation, geom.kernel, geom.stride)]
-    positions = []
+    padding = math.prod(spatial)
+    rows = []
     for o in itertools.product(*(range(n) for n in outs)):
-        hits = []
+        row = []
         for t in itertools.product(*(range(k) for k in geom.kernel)):
             u = [oi * s + ti * dl - lo for oi, ti, s, dl, lo in zip(o, t, geom.stride, geom.dilation, low)]
-            if all(0 <= ui < n for ui, n in zip(u, spatial)):
-                hits.append((_flat(t, geom.kernel), _flat(u, spatial)))
-        positions.append(hits)
-    return positions
+            row.append(_flat(u, spatial) if all(0 <= ui < n for ui, n in zip(u, spatial)) else padding)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), math.prod(geom.kernel))
 
 
 def _flat(index, sizes) -> int:

@@ -25,6 +25,9 @@ CASES = [
     (nn.Conv2d(6, 4, 3, padding=1, groups=2), (2, 2)),
     (nn.Conv2d(6, 4, 3), (3, 3)),  # no padding: one position
     (nn.Conv1d(6, 4, 3, padding=1), (3,)),
+    (nn.Conv2d(6, 6, 7, padding=3, groups=6), (7, 7)),  # ConvNeXt's depthwise convs on its last stage's maps
+    (nn.Conv2d(6, 6, 7, padding=3, groups=6), (3, 3)),
+    (nn.Conv2d(4, 4, 5, padding=2, groups=4), (2, 3)),  # MobileNetV3's
 ]
 
 
