@@ -6,6 +6,7 @@
     python benchmarks/bench_auto_alpha.py --archs timm-resnet10t timm-vit_tiny --out benchmarks/results/auto_alpha_timm_cpu
     python benchmarks/bench_auto_alpha.py --archs timm-regnetx_002 --alpha-f-only --out benchmarks/results/auto_alpha_timm_regnet_cpu
     python benchmarks/bench_auto_alpha.py --archs timm-mobilenetv3_small_100 --out benchmarks/results/auto_alpha_timm_mobilenet_cpu
+    python benchmarks/bench_auto_alpha.py --archs timm-convnext --parts --out benchmarks/results/auto_alpha_timm_convnext_cpu
 
 For each architecture the suite's original model (trained on Fashion-MNIST, cached as the suite
 caches it) forgets each class set from the suite's samples (100 per kept class; as many forget
