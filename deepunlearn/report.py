@@ -50,7 +50,8 @@ class AlphaChoice:
         retain_prob: the held-out retain samples' mean probability of their right class (percent),
             by which candidates that reach the target are ranked.
         reached_target: whether the held-out forget accuracy reached its bound, ``target`` times
-            :data:`~deepunlearn.scoring.HELD_OUT_SHARE` (else the best compromise).
+            :data:`~deepunlearn.scoring.HELD_OUT_SHARE`, by the chosen edit (else the best compromise was
+            chosen) or with the head's bias rebalanced (:attr:`forget_acc_rebalanced`).
         target: the forget-accuracy target on unseen samples (percent).
         scoring: ``"labels"``, ``"classes"`` (the forgotten classes given, no labels) or
             ``"original predictions"`` (agreement with the unedited model).
@@ -86,6 +87,10 @@ class AlphaChoice:
             (:func:`rebalanced_shift`; :func:`deepunlearn.unlearn`'s ``refit_head``), where the
             head was not re-fitted and the shift leaves no fewer held-out retain samples right; else
             None. The held-out accuracies above are those before it.
+        forget_acc_rebalanced: where no candidate reached the target and the head's bias was
+            rebalanced, the percent of held-out forget samples (every fold, each by its own
+            candidate) still recognised with the rebalancing; else None. The rebalancing lowers the
+            forgotten classes against the kept ones, so it can reach the target the edit missed.
         head_shift_refused: whether a rebalancing was made and not applied, since it left fewer held-out
             retain samples right (the head is then left as the chosen edit made it).
         samples_to_show: the held-out forget samples with which none recognised shows the target at
@@ -118,6 +123,7 @@ class AlphaChoice:
     token_position: int = 0
     samples_to_show: int = 1
     head_shift_refused: bool = False
+    forget_acc_rebalanced: float | None = None
 
     def to_dict(self) -> dict:
         """Every field as JSON-ready values; of :attr:`head_refit`, what it measured (not its rows)."""
@@ -129,6 +135,8 @@ class AlphaChoice:
 
     def __str__(self) -> str:
         how = "reached" if self.reached_target else "NOT reached"
+        if self.forget_acc_rebalanced is not None:  # the chosen edit alone missed it
+            how += f" (held-out forget {self.forget_acc_rebalanced:.2f} % with the head's bias rebalanced)"
         head = "" if self.alpha_f_head is None else f", alpha_f_head={self.alpha_f_head:g}"
         return (f"alpha chosen: alpha_r={self.alpha_r:g}, alpha_f={self.alpha_f:g}{head} (held-out retain {self.retain_acc:.2f} %, "
                 f"forget {self.forget_acc:.2f} %; target {self.target:g} % {how}: at most {self.allowed_hits} of "

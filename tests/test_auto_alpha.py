@@ -1,6 +1,7 @@
 """The automatic choice of (alpha_r, alpha_f): held-out scoring, the search, the fallback, bad inputs."""
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -870,6 +871,47 @@ def test_a_rebalancing_that_costs_held_out_retain_samples_is_refused(trained, mo
     assert all(torch.equal(p, q) for p, q in zip(report.model.parameters(), plain.model.parameters()))
     assert "head bias rebalanced" not in str(report.alpha_choice) and report.alpha_choice.head_shift_refused
     assert "its rebalancing would have cost held-out retain samples" in str(report.alpha_choice)
+
+
+@pytest.mark.parametrize("lift", [50.0, 1e-3])
+def test_where_no_edit_reaches_the_target_the_rebalanced_head_is_scored_on_the_forget_folds(trained, monkeypatch, lift):
+    """The rebalancing lowers the forgotten classes against the kept ones, so it can forget what no
+    candidate forgot: the report says what the edit with it leaves of the held-out forget samples, and
+    only where that misses the target is the choice said to have missed it."""
+    import deepunlearn.auto_alpha
+    import deepunlearn.automatic
+    import deepunlearn.head_refit
+
+    monkeypatch.setattr(deepunlearn.head_refit, "FORGET_WEIGHTS", ())  # no re-fit: the rebalancing's turn
+    monkeypatch.setattr(deepunlearn.auto_alpha, "ALPHA_R_CANDIDATES", (10.0,))
+    monkeypatch.setattr(deepunlearn.auto_alpha, "ALPHA_F_COARSE", (1e-4,))  # edits too gentle to forget
+    monkeypatch.setattr(deepunlearn.automatic, "HEAD_ALPHA_F", (1e-4,))
+    monkeypatch.setattr(deepunlearn.auto_alpha, "rebalanced_shift",  # every kept class lifted alike
+                        lambda logits, shares, forgotten: torch.tensor([0.0, lift, lift, lift], dtype=torch.float64))
+    forget, retain = forget_and_retain()
+    before = [p.clone() for p in trained.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = deepunlearn.unlearn(trained, forget, retain, inplace=False)
+    c = report.alpha_choice
+    missed = [w for w in caught if "no candidate reached" in str(w.message)]
+    assert c.head_shift == [0.0, lift, lift, lift] and c.forget_acc > 50.0  # the edit alone still recognises class 0
+    x, y = blobs(500, 7)  # fresh samples
+    forget_acc = accuracies(report.model, x, y)[1]
+    if lift == 50.0:  # no sample is predicted as the forgotten class any more
+        assert c.reached_target and c.forget_acc_rebalanced == 0.0 and not missed and forget_acc == 0.0
+        assert "reached (held-out forget 0.00 % with the head's bias rebalanced)" in str(c)
+    else:  # the same as without it
+        assert not c.reached_target and c.forget_acc_rebalanced > 50.0 and forget_acc > 50.0
+        assert len(missed) == 1 and f"{c.forget_acc_rebalanced:.2f} % with the head's bias rebalanced" in str(missed[0].message)
+        assert "NOT reached (held-out forget" in str(c)
+    assert c.to_dict()["forget_acc_rebalanced"] == c.forget_acc_rebalanced
+    assert all(torch.equal(p, q) for p, q in zip(trained.parameters(), before))  # inplace=False: left as it was
+    fixed = deepunlearn.unlearn(trained, forget, retain, alpha_r=c.alpha_r, alpha_f=c.alpha_f, alpha_f_head=c.alpha_f_head,
+                                skip_first_layer=True, inplace=False).model  # the same edit, its head not rebalanced
+    # the statistics summed over the folds in another order: the same weights to float32 rounding
+    assert all(rel_err(p, q) < 1e-6 for p, q in zip(list(report.model.parameters())[:-1], list(fixed.parameters())[:-1]))
+    assert torch.allclose(report.model[4].bias, fixed[4].bias + torch.tensor([0.0, lift, lift, lift]), rtol=0, atol=1e-5)
 
 
 def test_the_head_correction_needs_the_choice_and_a_head_bias(trained):
