@@ -22,6 +22,11 @@ import torch
 from .patches import ConvGeometry
 
 
+PAIR_BLOCK_ELEMENTS = 8192  # a pair of taps' (group, channel, channel) block from this size is added in place, one op
+# per pair (VGG's 512 channels on 2×2 maps: 21 ms, 16× less than gathering); smaller blocks go through one gather per
+# output position (a 7×7 depthwise conv on a 7×7 map: 18 ms against 0.44 s for an add per pair)
+
+
 def pixels_pay(geom: ConvGeometry, spatial: tuple[int, ...]) -> bool:
     """Whether a conv with ``geom`` on maps of size ``spatial`` sums whole maps: 1-d or 2-d, zero
     padding, and a map of no more pixels than its kernel has taps."""
@@ -43,13 +48,33 @@ def add_patch_moment_(cov: torch.Tensor, moment: torch.Tensor, geom: ConvGeometr
     groups, d = cov.shape[0], cov.shape[-1]
     taps, pixels = math.prod(geom.kernel), math.prod(spatial)
     channels = d // taps
-    patch = cov.view(groups, channels, taps, channels, taps)
-    # one more pixel, always zero, stands for the padding a tap reads outside the map
-    padded = moment.new_zeros(groups, channels, pixels + 1, channels, pixels + 1)
-    padded[:, :, :pixels, :, :pixels] = moment.view(groups, channels, pixels, channels, pixels)
-    for pixel_of_tap in _tap_pixels(geom, spatial).to(moment.device):  # per output position: S_o moment S_oᵀ
-        patch += padded.index_select(2, pixel_of_tap).index_select(4, pixel_of_tap)
+    maps = moment.view(groups, channels, pixels, channels, pixels)
+    if groups * channels * channels >= PAIR_BLOCK_ELEMENTS:  # an add per pair of taps inside the map
+        patch = cov.view(groups, channels, taps, channels, taps)
+        for tap, pixel in _inside(geom, spatial, torch.device("cpu")):
+            for t1, p1 in zip(tap.tolist(), pixel.tolist()):
+                for t2, p2 in zip(tap.tolist(), pixel.tolist()):
+                    patch[:, :, t1, :, t2] += maps[:, :, p1, :, p2]
+        return cov
+    # small blocks: per pair of taps (t1 · taps + t2) its (group, channel, channel) block, one gather and one
+    # index_add per output position over its taps inside the map
+    pairs = moment.new_zeros(taps * taps, groups, channels, channels)
+    for tap, pixel in _inside(geom, spatial, moment.device):
+        block = maps.index_select(2, pixel).index_select(4, pixel)  # (groups, c, n, c, n): S_o moment S_oᵀ
+        pairs.index_add_(0, (tap[:, None] * taps + tap[None, :]).reshape(-1),
+                         block.permute(2, 4, 0, 1, 3).reshape(-1, groups, channels, channels))
+    cov.view(groups, channels, taps, channels, taps).add_(pairs.view(taps, taps, groups, channels, channels)
+                                                          .permute(2, 3, 0, 4, 1))
     return cov
+
+
+def _inside(geom: ConvGeometry, spatial: tuple[int, ...], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per output position, ``(taps, pixels)``: the flat indices of its kernel taps that land inside
+    the map and of the pixels they read (the others read padding, zeros), on ``device``."""
+    reads = _tap_pixels(geom, spatial)
+    taps = torch.arange(reads.shape[1])
+    kept = [(taps[row < math.prod(spatial)], row[row < math.prod(spatial)]) for row in reads]
+    return [(t.to(device), p.to(device)) for t, p in kept if len(t)]
 
 
 def _tap_pixels(geom: ConvGeometry, spatial: tuple[int, ...]) -> torch.Tensor:

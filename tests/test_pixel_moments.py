@@ -16,6 +16,7 @@ from deepunlearn.pixel_moments import accumulate_pixels_, add_patch_moment_, pix
 # (conv, input map): maps no larger than the kernel, with padding low and high, stride, dilation, groups
 CASES = [
     (nn.Conv2d(6, 4, 3, padding=1), (2, 2)),  # VGG's last layers at 32×32
+    (nn.Conv2d(96, 4, 3, padding=1), (2, 2)),  # blocks of 96² channels: added per pair of taps (PAIR_BLOCK_ELEMENTS)
     (nn.Conv2d(6, 4, 3, padding=1), (1, 1)),
     (nn.Conv2d(6, 4, 3, padding=1), (3, 3)),
     (nn.Conv2d(6, 4, 3, padding=1), (2, 3)),
