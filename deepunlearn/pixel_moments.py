@@ -49,17 +49,19 @@ def add_patch_moment_(cov: torch.Tensor, moment: torch.Tensor, geom: ConvGeometr
     taps, pixels = math.prod(geom.kernel), math.prod(spatial)
     channels = d // taps
     maps = moment.view(groups, channels, pixels, channels, pixels)
+    positions = _positions(geom, spatial)
     if groups * channels * channels >= PAIR_BLOCK_ELEMENTS:  # an add per pair of taps inside the map
         patch = cov.view(groups, channels, taps, channels, taps)
-        for tap, pixel in _inside(geom, spatial, torch.device("cpu")):
-            for t1, p1 in zip(tap.tolist(), pixel.tolist()):
-                for t2, p2 in zip(tap.tolist(), pixel.tolist()):
+        for hits in positions:
+            for t1, p1 in hits:
+                for t2, p2 in hits:
                     patch[:, :, t1, :, t2] += maps[:, :, p1, :, p2]
         return cov
     # small blocks: per pair of taps (t1 · taps + t2) its (group, channel, channel) block, one gather and one
     # index_add per output position over its taps inside the map
     pairs = moment.new_zeros(taps * taps, groups, channels, channels)
-    for tap, pixel in _inside(geom, spatial, moment.device):
+    for hits in positions:
+        tap, pixel = torch.tensor(hits, dtype=torch.long, device=moment.device).T
         block = maps.index_select(2, pixel).index_select(4, pixel)  # (groups, c, n, c, n): S_o moment S_oᵀ
         pairs.index_add_(0, (tap[:, None] * taps + tap[None, :]).reshape(-1),
                          block.permute(2, 4, 0, 1, 3).reshape(-1, groups, channels, channels))
@@ -68,32 +70,24 @@ def add_patch_moment_(cov: torch.Tensor, moment: torch.Tensor, geom: ConvGeometr
     return cov
 
 
-def _inside(geom: ConvGeometry, spatial: tuple[int, ...], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per output position, ``(taps, pixels)``: the flat indices of its kernel taps that land inside
-    the map and of the pixels they read (the others read padding, zeros), on ``device``."""
-    reads = _tap_pixels(geom, spatial)
-    taps = torch.arange(reads.shape[1])
-    kept = [(taps[row < math.prod(spatial)], row[row < math.prod(spatial)]) for row in reads]
-    return [(t.to(device), p.to(device)) for t, p in kept if len(t)]
-
-
-def _tap_pixels(geom: ConvGeometry, spatial: tuple[int, ...]) -> torch.Tensor:
-    """``(output positions, taps)``: the flat index of the map pixel each kernel tap of each output
-    position reads, ``prod(spatial)`` where it reads padding (zeros)."""
+def _positions(geom: ConvGeometry, spatial: tuple[int, ...]) -> list[list[tuple[int, int]]]:
+    """Per output position with a tap inside the map, the ``(tap, pixel)`` flat indices of its kernel
+    taps that land inside it (the others read padding, zeros)."""
     nd = geom.spatial_dims
     low = [geom.padding[2 * (nd - 1 - i)] for i in range(nd)]
     high = [geom.padding[2 * (nd - 1 - i) + 1] for i in range(nd)]
     outs = [(n + lo + hi - dl * (k - 1) - 1) // s + 1
             for n, lo, hi, dl, k, s in zip(spatial, low, high, geom.dilation, geom.kernel, geom.stride)]
-    padding = math.prod(spatial)
-    rows = []
+    positions = []
     for o in itertools.product(*(range(n) for n in outs)):
-        row = []
+        hits = []
         for t in itertools.product(*(range(k) for k in geom.kernel)):
             u = [oi * s + ti * dl - lo for oi, ti, s, dl, lo in zip(o, t, geom.stride, geom.dilation, low)]
-            row.append(_flat(u, spatial) if all(0 <= ui < n for ui, n in zip(u, spatial)) else padding)
-        rows.append(row)
-    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), math.prod(geom.kernel))
+            if all(0 <= ui < n for ui, n in zip(u, spatial)):
+                hits.append((_flat(t, geom.kernel), _flat(u, spatial)))
+        if hits:
+            positions.append(hits)
+    return positions
 
 
 def _flat(index, sizes) -> int:
