@@ -23,8 +23,8 @@ from .layers import EditTarget
 from .moments import Moment, SampleRows, dense
 from .profiled import part
 from .projection import Spectrum, scale_weighted
-from .weight_side import (INVERSE_FACTOR_DEVICES, OVERSAMPLE, SOLVE_BATCH_BYTES, SideSolver, factors_by_width,
-                          sample_basis, side_solver, side_way, sketched_eigenpairs)
+from .weight_side import (INVERSE_FACTOR_DEVICES, OVERSAMPLE, SOLVE_BATCH_BYTES, LowRankSpectrum, SampleSpaceFactor,
+                          SideSolver, factors_by_width, sample_basis, side_solver, side_way, sketched_eigenpairs)
 
 # Device types where candidates are solved by factors rather than rescaled from eigendecompositions
 # (module docstring): on a GPU the eigensolver's launches cost more than a factor per candidate...
@@ -301,7 +301,9 @@ class FactoredCandidates(Candidates):
     (:func:`~deepunlearn.weight_side.side_solver`), same-width Cholesky factors batched as the fixed call
     batches them (:func:`~deepunlearn.weight_side.factors_by_width`; inverted on a GPU).
     The most recent factors are kept, at most :data:`FACTOR_SETS_KEPT` sets' worth; the retain side's
-    only until ``V`` is made. Arguments as :class:`Candidates`.
+    only until ``V`` is made. What no scale changes is made once per moment and kept
+    (:meth:`_alpha_free_of`: kept vectors' Gram matrix or their sum ``RᵀR``, a sketch's eigenpairs;
+    each at most the size of a dense second moment). Arguments as :class:`Candidates`.
     """
 
     def __init__(self, targets: Sequence[EditTarget], moments_f: dict, moments_r: dict,
@@ -320,6 +322,7 @@ class FactoredCandidates(Candidates):
         self._inverse = device.type in INVERSE_FACTOR_DEVICES
         self._batch_bytes = SOLVE_BATCH_BYTES.get(device.type, 0)  # as the fixed call batches its factors
         self._solvers: dict[tuple[object, float], dict[int, SideSolver]] = {}  # (side, α) -> per input
+        self._alpha_free: dict[int, object] = {}  # per moment (id): what its solver at any α starts from
         self._v: tuple[float, list[torch.Tensor]] | None = None
 
     def _side_moments(self, side: object) -> list[tuple[Moment | None, int]]:
@@ -341,19 +344,46 @@ class FactoredCandidates(Candidates):
             cov, n = moments[i]
             if cov is None or id(cov) in solved:
                 continue
-            if side_way(cov, self._rows[i], n) == "cholesky":
+            way = side_way(cov, self._rows[i], n)
+            if way == "cholesky":
                 to_factor[id(cov)] = cov
             else:
-                solved[id(cov)] = side_solver(cov, alpha, self._rows[i], n)
+                solved[id(cov)] = self._solved_apart(cov, way, alpha, n)
         with part("decompose"):
-            for batch in factors_by_width(list(to_factor), to_factor.__getitem__, lambda _: alpha, self._inverse,
-                                          self._batch_bytes):
+            for batch in factors_by_width(list(to_factor), lambda key: self._alpha_free_of(to_factor[key], "dense"),
+                                          lambda _: alpha, self._inverse, self._batch_bytes):
                 solved.update(batch)
         out = [None if moments[i][0] is None else solved[id(moments[i][0])] for i in indices]
         budget = FACTOR_SETS_KEPT * self._inputs
         while sum(map(len, self._solvers.values())) > budget and len(self._solvers) > 1:
             del self._solvers[next(k for k in self._solvers if k != (side, alpha))]  # the oldest other scale
         return out
+
+    def _alpha_free_of(self, cov: Moment, what: str, rank_bound: int = 0) -> object:
+        """The part of ``cov``'s solvers that no scale changes, made on first use and kept: its dense
+        form (``"dense"``: ``Rᵀ R`` for kept vectors, the moment itself otherwise), its vectors' Gram
+        matrix (``"gram"``) or its sketched eigenpairs (``"spectrum"``, of rank at most ``rank_bound``)."""
+        if what == "dense" and not isinstance(cov, SampleRows):
+            return cov
+        if id(cov) not in self._alpha_free:
+            with part("decompose"):
+                if what == "dense":
+                    made = cov.dense()
+                elif what == "gram":
+                    made = cov.rows @ cov.rows.transpose(-1, -2)
+                else:
+                    made = sketched_eigenpairs(dense(cov), rank_bound)
+            self._alpha_free[id(cov)] = made
+        return self._alpha_free[id(cov)]
+
+    def _solved_apart(self, cov: Moment, way: str, alpha: float, vectors: int) -> SideSolver:
+        """``cov``'s solver at ``alpha`` by ``way`` (not a batched Cholesky factor), from its scale-free
+        part (:meth:`_alpha_free_of`): the search asks for many scales of one moment."""
+        if way == "sample-space":
+            return SampleSpaceFactor.of(cov.rows, alpha, self._alpha_free_of(cov, "gram"))
+        if way == "low-rank":
+            return LowRankSpectrum.scaled(*self._alpha_free_of(cov, "spectrum", vectors), alpha)
+        return side_solver(cov, alpha, 0, vectors, way)
 
     def _retain_side(self, alpha_r: float) -> list[torch.Tensor]:
         """``V = W − W M_r`` per target, kept for the last ``alpha_r``."""

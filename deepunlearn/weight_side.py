@@ -244,9 +244,12 @@ class SampleSpaceFactor:
     chol: torch.Tensor
 
     @classmethod
-    def of(cls, rows: torch.Tensor, alpha: float) -> "SampleSpaceFactor":
-        gram = rows @ rows.transpose(-1, -2)  # (g, n, n); only its lower triangle is read
-        chol, shift, t = shifted_cholesky(gram, gram.new_full(gram.shape[:1], alpha), overwrite=True)
+    def of(cls, rows: torch.Tensor, alpha: float, gram: torch.Tensor | None = None) -> "SampleSpaceFactor":
+        """``gram``: ``R Rᵀ`` where already made (read only), else made here."""
+        made = gram is None
+        if made:
+            gram = rows @ rows.transpose(-1, -2)  # (g, n, n); only its lower triangle is read
+        chol, shift, t = shifted_cholesky(gram, gram.new_full(gram.shape[:1], alpha), overwrite=made)
         scale = torch.where(t > 0, alpha * shift / torch.where(t > 0, t, torch.ones_like(t)), torch.zeros_like(t))
         return cls(rows, scale, chol)
 
@@ -304,7 +307,11 @@ class LowRankSpectrum:
     @classmethod
     def of(cls, cov: torch.Tensor, alpha: float, rank_bound: int) -> "LowRankSpectrum":
         """By :func:`sketched_eigenpairs` of ``cov`` (``(g, d, d)``, rank <= ``rank_bound``)."""
-        vectors, energies = sketched_eigenpairs(cov, rank_bound)
+        return cls.scaled(*sketched_eigenpairs(cov, rank_bound), alpha)
+
+    @classmethod
+    def scaled(cls, vectors: torch.Tensor, energies: torch.Tensor, alpha: float) -> "LowRankSpectrum":
+        """From eigenpairs already made (:func:`sketched_eigenpairs`), at scale ``alpha``."""
         return cls(vectors, scale_energies(energies, alpha))
 
     def right_multiply(self, w: torch.Tensor) -> torch.Tensor:

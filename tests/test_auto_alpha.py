@@ -14,6 +14,7 @@ from deepunlearn import plan as planning
 from deepunlearn.candidates import (FACTOR_SETS_KEPT, KEPT_GRAM_MAX_FRACTION, FactoredCandidates, SpectralCandidates,
                                     candidate_edits, factors_pay)
 from deepunlearn.moments import SampleRows
+from deepunlearn.weight_side import side_way
 from deepunlearn.auto_alpha import (ALPHA_F_COARSE, ALPHA_R_CANDIDATES, HEAD_ALPHA_F, choose_alphas, preference,
                                     smallest_passing)
 from deepunlearn.inputs import TokenInputs
@@ -361,6 +362,31 @@ def test_both_kinds_of_candidates_agree_in_float32_and_choose_alike(trained):
     assert isinstance(candidate_edits(*args), SpectralCandidates)  # the CPU's form
     assert isinstance(candidate_edits(*args, factored=True), FactoredCandidates)
     assert factors_pay("cuda", 3072) and not factors_pay("cuda", 576) and not factors_pay("cpu", 3072)
+
+
+@pytest.mark.parametrize("n_forget,keep_vectors,way", [(10, True, "sample-space"), (90, True, "cholesky"),
+                                                        (10, False, "low-rank")])
+def test_factored_candidates_make_what_no_scale_changes_once(n_forget, keep_vectors, way):
+    """A wide input's forget side applied from its kept vectors' Gram matrix (few vectors), from their
+    sum ``RᵀR`` by a Cholesky factor (nearly as many as its width), or from the sketched eigenpairs
+    of a streamed sum of few vectors: the fixed call's weights at every scale, from that scale-free
+    part made once and reused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 96), nn.Tanh(), nn.Linear(96, 200), nn.Tanh(), nn.Linear(200, 3)).double().eval()
+    xf, xr = torch.randn(n_forget, 8, dtype=torch.float64) + 1.0, torch.randn(300, 8, dtype=torch.float64)
+    targets = find_targets(model)[0]
+    sf, sr = collect_statistics(model, xf, keep_vectors=keep_vectors), collect_statistics(model, xr)
+    moments_f = planning.layer_moments(targets, sf, CPU)
+    wide, vectors = moments_f[targets[1].slots]
+    assert isinstance(wide, SampleRows) == keep_vectors and vectors == n_forget
+    assert side_way(wide, targets[1].as_matrices(targets[1].weight()).shape[1], vectors) == way
+    cands = FactoredCandidates(targets, moments_f, planning.layer_moments(targets, sr, CPU))
+    made = None
+    for a_r, a_f in ((10.0, 1.0), (10.0, 30.0), (300.0, 30.0), (300.0, 0.5), (10.0, 1.0)):
+        for w, new in zip(cands.weights(a_r, a_f), fixed_call_weights(targets, sf, sr, a_r, a_f)):
+            assert rel_err(w, new) < 1e-9
+        made = cands._alpha_free[id(wide)] if made is None else made
+        assert cands._alpha_free[id(wide)] is made
 
 
 @pytest.mark.filterwarnings("ignore:no candidate reached")  # single pairs: their outcomes are compared
