@@ -324,6 +324,8 @@ class FactoredCandidates(Candidates):
         self._solvers: dict[tuple[object, float], dict[int, SideSolver]] = {}  # (side, α) -> per input
         self._alpha_free: dict[int, object] = {}  # per moment (id): what its solver at any α starts from
         self._v: tuple[float, list[torch.Tensor]] | None = None
+        self._projected: dict[tuple[int, int], torch.Tensor] = {}  # (fold, target) -> V projected on the forget
+        # side's vectors or eigenvectors, for the last alpha_r: the scan and bisection try several alpha_f per alpha_r
 
     def _side_moments(self, side: object) -> list[tuple[Moment | None, int]]:
         """``"r"``, or a fold's index: each target's ``(moment, vectors)``."""
@@ -390,6 +392,7 @@ class FactoredCandidates(Candidates):
         if self._v is None or self._v[0] != alpha_r:
             solvers = self._solver("r", alpha_r, range(len(self.targets)))
             self._v = (alpha_r, [w if s is None else w - s.right_multiply(w) for w, s in zip(self.w, solvers)])
+            self._projected = {}
             del self._solvers["r", alpha_r], solvers
         return self._v[1]
 
@@ -404,7 +407,12 @@ class FactoredCandidates(Candidates):
         forget = self._solver(fold, alpha_f, [i])[0]
         if forget is None:
             return self._unedited(i)
-        removed = forget.right_multiply(v)  # (W − W′) = V M_f
+        if isinstance(forget, (SampleSpaceFactor, LowRankSpectrum)):
+            if (fold, i) not in self._projected:
+                self._projected[fold, i] = forget.projected(v)
+            removed = forget.right_multiply(v, self._projected[fold, i])  # (W − W′) = V M_f
+        else:
+            removed = forget.right_multiply(v)
         return self._finished(i, self.w[i] - removed, lambda: removed @ self.means[i].to(removed)[:, :, None])
 
 

@@ -253,9 +253,14 @@ class SampleSpaceFactor:
         scale = torch.where(t > 0, alpha * shift / torch.where(t > 0, t, torch.ones_like(t)), torch.zeros_like(t))
         return cls(rows, scale, chol)
 
-    def right_multiply(self, w: torch.Tensor) -> torch.Tensor:
-        """``W M`` for ``w`` of shape ``(g, o, d)``, as ``(g, o, d)``."""
-        z = right_solve(self.chol, w @ self.rows.transpose(-1, -2))  # (g, o, n)
+    def projected(self, w: torch.Tensor) -> torch.Tensor:
+        """``W Rᵀ`` ``(g, o, n)``: what :meth:`right_multiply` starts from, the same at every α."""
+        return w @ self.rows.transpose(-1, -2)
+
+    def right_multiply(self, w: torch.Tensor, projected: torch.Tensor | None = None) -> torch.Tensor:
+        """``W M`` for ``w`` of shape ``(g, o, d)``, as ``(g, o, d)`` (``projected``: :meth:`projected`
+        of ``w``, where already made; read only)."""
+        z = right_solve(self.chol, self.projected(w) if projected is None else projected)  # (g, o, n)
         return z.mul_(self.scale[:, None, None]) @ self.rows
 
 
@@ -314,9 +319,14 @@ class LowRankSpectrum:
         """From eigenpairs already made (:func:`sketched_eigenpairs`), at scale ``alpha``."""
         return cls(vectors, scale_energies(energies, alpha))
 
-    def right_multiply(self, w: torch.Tensor) -> torch.Tensor:
-        """``W M`` for ``w`` of shape ``(g, o, d)``."""
-        return ((w @ self.vectors) * self.scaled[:, None, :]) @ self.vectors.transpose(-1, -2)
+    def projected(self, w: torch.Tensor) -> torch.Tensor:
+        """``W U`` ``(g, o, k)``: what :meth:`right_multiply` starts from, the same at every α."""
+        return w @ self.vectors
+
+    def right_multiply(self, w: torch.Tensor, projected: torch.Tensor | None = None) -> torch.Tensor:
+        """``W M`` for ``w`` of shape ``(g, o, d)`` (``projected``: :meth:`projected` of ``w``, where
+        already made)."""
+        return ((self.projected(w) if projected is None else projected) * self.scaled[:, None, :]) @ self.vectors.mT
 
 
 @dataclass
