@@ -143,7 +143,7 @@ def unlearn(
             bias and the model's output is the head's. None
             (default): on when the scales are chosen (docs/auto_alpha.md); True with both scales
             given is an error.
-        progress: show progress bars while collecting.
+        progress: show progress bars while collecting, and while choosing the scales (pairs scored).
 
     With a ``torch.distributed`` process group initialised, every rank calls this with its own
     shard of ``forget`` and ``retain``: the statistics are summed over the ranks, rank 0 solves and

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -106,6 +106,7 @@ def choose_alphas(
     head_alphas: Sequence[float | None] = (None,),
     rebalance: bool = False,
     refit_on: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    new_pair: Callable[[], object] | None = None,
 ) -> AlphaChoice:
     """Score candidate pairs on the held-out samples and return the choice; the model is left as it was.
 
@@ -157,6 +158,8 @@ def choose_alphas(
     samples than the chosen candidate and keeping at least its retain accuracy, where the target was
     reached; else the shift of its bias that keeps the retained classes' shares on the held-out
     retain samples (:func:`rebalanced_shift`, from the chosen candidate's logits).
+
+    ``new_pair``: called as each pair is first scored (a progress bar's step).
     """
     t0 = time.perf_counter()
     grid_r = [alpha_r] if alpha_r is not None else list(ALPHA_R_CANDIDATES)
@@ -215,6 +218,8 @@ def choose_alphas(
                                     "head_apart": float(h is not None), "retain_acc": math.nan, "retain_prob": math.nan,
                                     "forget_acc": math.nan, "forget_hits": math.nan, "forget_scored": 0} for h in options]
             table.extend(scored_at[a_r, a_f])
+            if new_pair is not None:
+                new_pair()
         return scored_at[a_r, a_f]
 
     progress: dict[tuple[float, float], _Progress] = {}  # per pair: how far its forget side was scored

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ._batches import DataLike
 from .auto_alpha import HEAD_ALPHA_F, choice_rank, choose_alphas
@@ -148,37 +149,41 @@ def choose_and_collect(
     modes = sorted(parts_f[0], reverse=True)
     head_options = (alpha_f_head,) if alpha_f_head is not None else (None,) if alpha_f is not None else (None, *HEAD_ALPHA_F)
     best = None
-    for mode in modes:
-        if not mode and class_token and best is not None and best[0].reached_target:
-            best[0].every_position_skipped = True
-            break
-        with fingerprint_once():  # the weights chosen from are back in place
-            for x, part in [*zip((x_f[i] for i in folds_f), parts_f), (x_r[fit_r], parts_r[0]), (x_r[held_r], parts_r[1])]:
-                if mode not in part:  # a class-token model's first position missed: every position's too
-                    part |= kinds(x, "statistics, every position", None, mode)
-        folds = [p[mode] for p in parts_f]
-        _dense_once(folds)
+    # on wide inputs the decompositions and the search can take longer than the collection
+    with tqdm(desc="choosing alpha", unit=" pairs", disable=not collect["progress"], leave=False) as bar:
+        for mode in modes:
+            if not mode and class_token and best is not None and best[0].reached_target:
+                best[0].every_position_skipped = True
+                break
+            with fingerprint_once():  # the weights chosen from are back in place
+                for x, part in [*zip((x_f[i] for i in folds_f), parts_f), (x_r[fit_r], parts_r[0]), (x_r[held_r], parts_r[1])]:
+                    if mode not in part:  # a class-token model's first position missed: every position's too
+                        part |= kinds(x, "statistics, every position", None, mode)
+            folds = [p[mode] for p in parts_f]
+            _dense_once(folds)
 
-        def forget_fit(k: int, folds: list[Statistics] = folds) -> Moments:
-            """The forget moments of every fold but ``k``."""
-            return layer_moments(targets, functools.reduce(operator.add, folds[:k] + folds[k + 1:]), device)
+            def forget_fit(k: int, folds: list[Statistics] = folds) -> Moments:
+                """The forget moments of every fold but ``k``."""
+                return layer_moments(targets, functools.reduce(operator.add, folds[:k] + folds[k + 1:]), device)
 
-        parts = (folds, parts_r[0][mode], parts_r[1][mode])
-        keep = mode if keep_retain_mean is None else keep_retain_mean
-        candidates = candidate_edits(targets, forget_fit(0), layer_moments(targets, parts[1], device),
-                                     [functools.partial(forget_fit, k) for k in range(1, len(folds))], head,
-                                     layer_means(targets, parts[1], device) if keep else None)
-        with warnings.catch_warnings(record=True) as caught:  # only the kept mode's warning is shown
-            warnings.simplefilter("always")
-            bound = best[0].retain_prob if best is not None and best[0].reached_target else None
-            c = choose_alphas(model, candidates, scorer, alpha_r=alpha_r, alpha_f=alpha_f, target=target,
-                              bound=bound, head_alphas=head_options, rebalance=refit_head is not False,
-                              refit_on=refit_on)
-        del candidates
-        c.first_token, c.keep_retain_mean = mode, keep
-        c.token_position = position if mode else 0
-        if best is None or choice_rank(c) > choice_rank(best[0]):
-            best = (c, parts, caught)
+            parts = (folds, parts_r[0][mode], parts_r[1][mode])
+            keep = mode if keep_retain_mean is None else keep_retain_mean
+            bar.set_postfix_str("decomposing")
+            candidates = candidate_edits(targets, forget_fit(0), layer_moments(targets, parts[1], device),
+                                         [functools.partial(forget_fit, k) for k in range(1, len(folds))], head,
+                                         layer_means(targets, parts[1], device) if keep else None)
+            with warnings.catch_warnings(record=True) as caught:  # only the kept mode's warning is shown
+                warnings.simplefilter("always")
+                bound = best[0].retain_prob if best is not None and best[0].reached_target else None
+                bar.set_postfix_str("scoring")
+                c = choose_alphas(model, candidates, scorer, alpha_r=alpha_r, alpha_f=alpha_f, target=target,
+                                  bound=bound, head_alphas=head_options, rebalance=refit_head is not False,
+                                  refit_on=refit_on, new_pair=bar.update)
+            del candidates
+            c.first_token, c.keep_retain_mean = mode, keep
+            c.token_position = position if mode else 0
+            if best is None or choice_rank(c) > choice_rank(best[0]):
+                best = (c, parts, caught)
     choice, (folds, fit_sr, held_sr), caught = best
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -80,6 +80,23 @@ def test_default_call_chooses_the_scales_and_forgets(trained):
     assert "alpha chosen" in str(report) and report.to_dict()["alpha_choice"]["alpha_f"] == c.alpha_f
 
 
+def test_progress_shows_the_choice_a_step_per_pair(trained, capsys, monkeypatch):
+    from deepunlearn import automatic
+
+    forget, retain = forget_and_retain()
+    quiet = deepunlearn.unlearn(trained, forget, retain, inplace=False)
+    assert "choosing alpha" not in capsys.readouterr().err
+    steps = []
+    real = automatic.choose_alphas
+    monkeypatch.setattr(automatic, "choose_alphas", lambda *a, new_pair, **k: real(
+        *a, new_pair=lambda: (steps.append(1), new_pair()), **k))
+    shown = deepunlearn.unlearn(trained, forget, retain, inplace=False, progress=True)
+    err = capsys.readouterr().err
+    assert "choosing alpha" in err and "scoring" in err
+    assert len(steps) == len({(c["alpha_r"], c["alpha_f"]) for c in shown.alpha_choice.candidates}) >= 2
+    assert (shown.alpha_r, shown.alpha_f, shown.alpha_f_head) == (quiet.alpha_r, quiet.alpha_f, quiet.alpha_f_head)
+
+
 def test_unlabelled_samples_are_scored_by_the_original_predictions(trained):
     forget, retain = forget_and_retain()
     xf, xr = forget.tensors[0], retain.tensors[0]
