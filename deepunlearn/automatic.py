@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ._batches import DataLike
 from .auto_alpha import HEAD_ALPHA_F, choice_rank, choose_alphas
@@ -149,6 +148,8 @@ def choose_and_collect(
     modes = sorted(parts_f[0], reverse=True)
     head_options = (alpha_f_head,) if alpha_f_head is not None else (None,) if alpha_f is not None else (None, *HEAD_ALPHA_F)
     best = None
+    from tqdm.auto import tqdm  # as collect.py: only where a bar is made
+
     # on wide inputs the decompositions and the search can take longer than the collection
     with tqdm(desc="choosing alpha", unit=" pairs", disable=not collect["progress"], leave=False) as bar:
         for mode in modes:

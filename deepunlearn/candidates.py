@@ -135,7 +135,7 @@ def _eigenpairs(moments: Sequence[tuple[Moment, int]]) -> list[tuple[torch.Tenso
     for i, (cov, n) in enumerate(moments):
         d = cov.shape[-1]
         if isinstance(cov, SampleRows) and cov.vectors < KEPT_GRAM_MAX_FRACTION * d:
-            solved.append((i, cov.rows @ cov.rows.transpose(-1, -2), cov.rows))
+            solved.append((i, cov.gram(), cov.rows))
         elif n + OVERSAMPLE < d // 2:
             out[i] = (*sketched_eigenpairs(dense(cov), n), False)
         else:
@@ -322,7 +322,7 @@ class FactoredCandidates(Candidates):
         self._inverse = device.type in INVERSE_FACTOR_DEVICES
         self._batch_bytes = SOLVE_BATCH_BYTES.get(device.type, 0)  # as the fixed call batches its factors
         self._solvers: dict[tuple[object, float], dict[int, SideSolver]] = {}  # (side, α) -> per input
-        self._alpha_free: dict[int, object] = {}  # per moment (id): what its solver at any α starts from
+        self._alpha_free: dict[tuple[int, str], object] = {}  # (moment id, what): its solvers' start at any α
         self._v: tuple[float, list[torch.Tensor]] | None = None
         self._projected: dict[tuple[int, int], torch.Tensor] = {}  # (fold, target) -> V projected on the forget
         # side's vectors or eigenvectors, for the last alpha_r: the scan and bisection try several alpha_f per alpha_r
@@ -367,16 +367,17 @@ class FactoredCandidates(Candidates):
         matrix (``"gram"``) or its sketched eigenpairs (``"spectrum"``, of rank at most ``rank_bound``)."""
         if what == "dense" and not isinstance(cov, SampleRows):
             return cov
-        if id(cov) not in self._alpha_free:
+        key = (id(cov), what)
+        if key not in self._alpha_free:
             with part("decompose"):
                 if what == "dense":
                     made = cov.dense()
                 elif what == "gram":
-                    made = cov.rows @ cov.rows.transpose(-1, -2)
+                    made = cov.gram()
                 else:
                     made = sketched_eigenpairs(dense(cov), rank_bound)
-            self._alpha_free[id(cov)] = made
-        return self._alpha_free[id(cov)]
+            self._alpha_free[key] = made
+        return self._alpha_free[key]
 
     def _solved_apart(self, cov: Moment, way: str, alpha: float, vectors: int) -> SideSolver:
         """``cov``'s solver at ``alpha`` by ``way`` (not a batched Cholesky factor), from its scale-free

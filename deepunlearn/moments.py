@@ -50,6 +50,10 @@ class SampleRows:
         """``(g, d, d)``: ``Rᵀ R`` per group."""
         return self.rows.transpose(-1, -2) @ self.rows
 
+    def gram(self) -> torch.Tensor:
+        """``(g, n, n)``: the Gram matrix ``R Rᵀ`` per group, with ``Rᵀ R``'s nonzero eigenvalues."""
+        return self.rows @ self.rows.transpose(-1, -2)
+
     def trace(self) -> torch.Tensor:
         """``(g,)``: ``tr C = ‖R‖²_F`` per group."""
         return self.rows.square().sum((-1, -2))
